@@ -1,0 +1,719 @@
+//! Configuration in two stages: serde structs with documented defaults (`RawConfig`), then
+//! `validate()` into a checked `Config` with allow lists loaded. Errors name the file and line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::engine::{AllowLists, Engine, Mode, Origin, Policy};
+use crate::proto::policy::Limits;
+
+/// Where greygate looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/greygate/greygate.toml";
+/// Where the embedded store lives when neither config nor `--db` says otherwise.
+pub const DEFAULT_DB_PATH: &str = "/var/lib/greygate/greygate.redb";
+
+/// A duration written as whole seconds (`300`) or with a unit (`"5m"`, `"2d"`, `"500ms"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Secs(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Either::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<u64>() {
+            return Ok(Dur(Duration::from_secs(secs)));
+        }
+        humantime::parse_duration(s)
+            .map(Dur)
+            .map_err(|e| format!("bad duration {s:?} ({e}); write e.g. 300, \"5m\", \"2d\""))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// `enforce` defers unknown triplets; `learn` records and logs but always accepts.
+    pub mode: Mode,
+    /// Host name in the `X-Greylist` header; default: the system's host name.
+    pub hostname: Option<String>,
+    pub greylist: RawGreylist,
+    pub policy: RawPolicyServer,
+    pub store: RawStore,
+    pub allow: RawAllow,
+    pub log: RawLog,
+}
+
+/// `[greylist]`: the decision parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawGreylist {
+    /// How long an unknown triplet is deferred.
+    pub delay: Dur,
+    /// How long after the first attempt a retry still ends greylisting.
+    pub retry_window: Dur,
+    /// How long a passed triplet is remembered after it was last seen.
+    pub max_age: Dur,
+    /// Counted passes (one per hour at most) after which a client group skips greylisting; 0 = never.
+    pub auto_allow_after: u32,
+    /// How long an auto-allowed client group stays allowed after it was last seen.
+    pub auto_allow_lifetime: Dur,
+    /// IPv4 prefix length of a client group (32 = exact host).
+    pub ipv4_prefix: u8,
+    /// IPv6 prefix length of a client group (128 = exact host).
+    pub ipv6_prefix: u8,
+    /// Characters that start an address extension, as Postfix's `recipient_delimiter`.
+    pub recipient_delimiter: String,
+    /// Add an `X-Greylist` header to mail that passed after a delay.
+    pub x_greylist_header: bool,
+}
+
+impl Default for RawGreylist {
+    fn default() -> Self {
+        let p = Policy::default();
+        RawGreylist {
+            delay: Dur(Duration::from_secs(p.delay)),
+            retry_window: Dur(Duration::from_secs(p.retry_window)),
+            max_age: Dur(Duration::from_secs(p.max_age)),
+            auto_allow_after: p.auto_allow_after,
+            auto_allow_lifetime: Dur(Duration::from_secs(p.auto_allow_lifetime)),
+            ipv4_prefix: p.ipv4_prefix,
+            ipv6_prefix: p.ipv6_prefix,
+            recipient_delimiter: p.recipient_delimiter,
+            x_greylist_header: true,
+        }
+    }
+}
+
+/// `[policy]`: the Postfix policy delegation listener(s).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPolicyServer {
+    /// Addresses to listen on: `127.0.0.1:10023`, `[::1]:10023`, `unix:/path/to/socket`.
+    pub listen: Vec<String>,
+    /// How a deferral is answered: `DEFER_IF_PERMIT`, `DEFER`, or an explicit 4xx code such as `451 4.7.1`.
+    pub defer_action: String,
+    /// Text of the deferral; `{remaining}` is replaced by the seconds until a retry passes.
+    pub defer_text: String,
+    /// File mode of Unix sockets (octal).
+    pub socket_mode: String,
+    /// Concurrent connections per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Close a connection with no request for this long.
+    pub idle_timeout: Dur,
+    /// Close a connection that takes this long to finish a started request or to take a reply.
+    pub io_timeout: Dur,
+    /// Longest request line in bytes.
+    pub max_line_length: usize,
+    /// Most attributes in one request.
+    pub max_attributes: usize,
+}
+
+impl Default for RawPolicyServer {
+    fn default() -> Self {
+        let l = Limits::default();
+        RawPolicyServer {
+            listen: vec!["127.0.0.1:10023".into()],
+            defer_action: "DEFER_IF_PERMIT".into(),
+            defer_text: "Greylisted, please try again in {remaining} seconds".into(),
+            socket_mode: "0666".into(),
+            max_connections: 512,
+            idle_timeout: Dur(Duration::from_secs(600)),
+            io_timeout: Dur(Duration::from_secs(10)),
+            max_line_length: l.max_line,
+            max_attributes: l.max_attributes,
+        }
+    }
+}
+
+/// `[store]`: the trust database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawStore {
+    /// `embedded` (one crash-safe file) or `memory` (lost on restart).
+    pub backend: String,
+    /// File of the embedded store.
+    pub path: PathBuf,
+    /// How often the embedded store commits changes; a hard kill loses at most this much.
+    pub flush_interval: Dur,
+    /// A store answer slower than this counts as a store failure.
+    pub timeout: Dur,
+    /// On store failure: `open` accepts the mail (and says so), `closed` defers it with 4.3.0.
+    pub fail_mode: FailMode,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: "embedded".into(),
+            path: DEFAULT_DB_PATH.into(),
+            flush_interval: Dur(Duration::from_secs(1)),
+            timeout: Dur(Duration::from_secs(1)),
+            fail_mode: FailMode::Open,
+        }
+    }
+}
+
+/// What to answer when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
+}
+
+/// `[allow]`: static allow lists, inline and in files (one entry per line, `#` comments).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAllow {
+    /// Client IPs, CIDR networks, host names, `.suffix`es and `/regex/`es.
+    pub clients: Vec<String>,
+    pub client_files: Vec<PathBuf>,
+    /// Recipients: `user@domain`, `@domain`, `user@`.
+    pub recipients: Vec<String>,
+    pub recipient_files: Vec<PathBuf>,
+    /// Senders, same forms as recipients. Empty by default: senders are easily forged.
+    pub senders: Vec<String>,
+    pub sender_files: Vec<PathBuf>,
+}
+
+impl Default for RawAllow {
+    fn default() -> Self {
+        RawAllow {
+            clients: Vec::new(),
+            client_files: Vec::new(),
+            // RFC 5321 wants postmaster reachable; abuse reports must not wait either.
+            recipients: vec!["postmaster@".into(), "abuse@".into()],
+            recipient_files: Vec::new(),
+            senders: Vec::new(),
+            sender_files: Vec::new(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    /// `error`, `warn`, `info` (one line per decision), `debug`; or a tracing filter.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A listener address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("unix socket path must be absolute: {s:?}"));
+            }
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        if s.starts_with('/') {
+            return Ok(ListenAddr::Unix(s.into()));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?} is not host:port (e.g. 127.0.0.1:10023) or unix:/path"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How a deferral is spelled in a policy reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeferAction {
+    DeferIfPermit,
+    Defer,
+    /// An explicit reply code, e.g. `451 4.7.1`.
+    Code(String),
+}
+
+impl DeferAction {
+    /// The reply action for `text`, with `dsn` overriding the enhanced status code of an
+    /// explicit code (used for 4.3.0 on store failure).
+    pub fn reply(&self, text: &str, dsn: Option<&str>) -> String {
+        match (self, dsn) {
+            (DeferAction::DeferIfPermit, None) => format!("DEFER_IF_PERMIT {text}"),
+            (DeferAction::Defer, None) => format!("DEFER {text}"),
+            (DeferAction::DeferIfPermit, Some(d)) => format!("DEFER_IF_PERMIT {d} {text}"),
+            (DeferAction::Defer, Some(d)) => format!("DEFER {d} {text}"),
+            (DeferAction::Code(c), None) => format!("{c} {text}"),
+            (DeferAction::Code(c), Some(d)) => {
+                let code = c.split_whitespace().next().unwrap_or("451");
+                format!("{code} {d} {text}")
+            }
+        }
+    }
+}
+
+impl FromStr for DeferAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s.to_ascii_uppercase().as_str() {
+            "DEFER_IF_PERMIT" => return Ok(DeferAction::DeferIfPermit),
+            "DEFER" => return Ok(DeferAction::Defer),
+            _ => {}
+        }
+        let mut parts = s.split_whitespace();
+        let code = parts.next().unwrap_or("");
+        let dsn = parts.next();
+        let code_ok =
+            code.len() == 3 && code.starts_with('4') && code.bytes().all(|b| b.is_ascii_digit());
+        let dsn_ok = dsn.is_none_or(|d| {
+            let f: Vec<&str> = d.split('.').collect();
+            f.len() == 3
+                && f[0] == "4"
+                && f.iter()
+                    .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if code_ok && dsn_ok && parts.next().is_none() {
+            Ok(DeferAction::Code(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not DEFER_IF_PERMIT, DEFER or a 4xx code such as \"451 4.7.1\""
+            ))
+        }
+    }
+}
+
+/// The store the daemon runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Embedded(PathBuf),
+}
+
+/// The checked configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub hostname: String,
+    pub engine: Engine,
+    pub x_greylist_header: bool,
+    pub listen: Vec<ListenAddr>,
+    pub defer_action: DeferAction,
+    pub defer_text: String,
+    pub socket_mode: u32,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub io_timeout: Duration,
+    pub limits: Limits,
+    pub store: StoreKind,
+    pub flush_interval: Duration,
+    pub store_timeout: Duration,
+    pub fail_mode: FailMode,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+/// One configuration problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `file:line:column` or `file:line` when known, else the file or setting name.
+    pub location: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.location.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.location, self.message)
+        }
+    }
+}
+
+/// All problems found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The source of a configuration: its text and where it came from.
+pub struct Source<'a> {
+    pub name: &'a str,
+    pub text: &'a str,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Finds `table.key` in the TOML text, for pointing at a value that failed validation.
+fn locate(src: &Source<'_>, path: &[&str]) -> String {
+    let found = toml_edit::Document::parse(src.text).ok().and_then(|doc| {
+        let mut item = doc.as_item();
+        for p in path {
+            item = item.get(p)?;
+        }
+        item.span()
+    });
+    match found {
+        Some(span) => {
+            let (l, c) = line_col(src.text, span.start);
+            format!("{}:{l}:{c}", src.name)
+        }
+        None => format!("{} [{}]", src.name, path.join(".")),
+    }
+}
+
+impl RawConfig {
+    /// Parses TOML; a syntax or type error points at its line and column.
+    pub fn parse(src: &Source<'_>) -> Result<RawConfig, ConfigErrors> {
+        toml::from_str(src.text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(src.text, span.start);
+                    format!("{}:{l}:{c}", src.name)
+                }
+                None => src.name.to_string(),
+            };
+            ConfigErrors(vec![ConfigError {
+                location,
+                message: e.message().trim().to_string(),
+            }])
+        })
+    }
+
+    /// Checks every setting and loads the allow-list files, reporting all problems at once.
+    /// `src` is the configuration text, for locating bad values (None: built-in defaults).
+    pub fn validate(self, src: Option<&Source<'_>>) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut err = |path: &[&str], message: String| {
+            let location = match src {
+                Some(s) => locate(s, path),
+                None => path.join("."),
+            };
+            errors.push(ConfigError { location, message });
+        };
+        let g = &self.greylist;
+        let secs = |d: Dur| d.0.as_secs();
+        if secs(g.retry_window) < secs(g.delay) {
+            err(
+                &["greylist", "retry_window"],
+                format!(
+                    "retry_window ({}) must not be shorter than delay ({})",
+                    g.retry_window, g.delay
+                ),
+            );
+        }
+        if secs(g.max_age) == 0 {
+            err(&["greylist", "max_age"], "max_age must be positive".into());
+        }
+        if g.ipv4_prefix > 32 {
+            err(
+                &["greylist", "ipv4_prefix"],
+                format!("ipv4_prefix {} is over 32", g.ipv4_prefix),
+            );
+        }
+        if g.ipv6_prefix > 128 {
+            err(
+                &["greylist", "ipv6_prefix"],
+                format!("ipv6_prefix {} is over 128", g.ipv6_prefix),
+            );
+        }
+        if g.recipient_delimiter
+            .chars()
+            .any(|c| c == '@' || c.is_whitespace())
+        {
+            err(
+                &["greylist", "recipient_delimiter"],
+                "recipient_delimiter must not contain '@' or spaces".into(),
+            );
+        }
+        let policy = Policy {
+            delay: secs(g.delay),
+            retry_window: secs(g.retry_window),
+            max_age: secs(g.max_age),
+            auto_allow_after: g.auto_allow_after,
+            auto_allow_lifetime: secs(g.auto_allow_lifetime),
+            ipv4_prefix: g.ipv4_prefix.min(32),
+            ipv6_prefix: g.ipv6_prefix.min(128),
+            recipient_delimiter: g.recipient_delimiter.clone(),
+        };
+
+        let p = &self.policy;
+        let mut listen = Vec::new();
+        if p.listen.is_empty() {
+            err(
+                &["policy", "listen"],
+                "at least one listen address is needed".into(),
+            );
+        }
+        for l in &p.listen {
+            match l.parse() {
+                Ok(a) => listen.push(a),
+                Err(e) => err(&["policy", "listen"], e),
+            }
+        }
+        let defer_action = p.defer_action.parse().unwrap_or_else(|e| {
+            err(&["policy", "defer_action"], e);
+            DeferAction::DeferIfPermit
+        });
+        if p.defer_text.contains(['\r', '\n']) || p.defer_text.trim().is_empty() {
+            err(
+                &["policy", "defer_text"],
+                "defer_text must be one non-empty line".into(),
+            );
+        }
+        let socket_mode = u32::from_str_radix(p.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .unwrap_or_else(|| {
+                err(
+                    &["policy", "socket_mode"],
+                    format!(
+                        "{:?} is not an octal file mode like \"0660\"",
+                        p.socket_mode
+                    ),
+                );
+                0o666
+            });
+        if p.max_connections == 0 {
+            err(
+                &["policy", "max_connections"],
+                "max_connections must be at least 1".into(),
+            );
+        }
+        for (name, d) in [
+            ("idle_timeout", p.idle_timeout),
+            ("io_timeout", p.io_timeout),
+        ] {
+            if d.0.is_zero() {
+                err(&["policy", name], format!("{name} must be positive"));
+            }
+        }
+        if p.max_line_length < 256 {
+            err(
+                &["policy", "max_line_length"],
+                "max_line_length below 256 would refuse ordinary Postfix requests".into(),
+            );
+        }
+        if p.max_attributes < 32 {
+            err(
+                &["policy", "max_attributes"],
+                "max_attributes below 32 would refuse ordinary Postfix requests".into(),
+            );
+        }
+
+        let s = &self.store;
+        let store = match s.backend.as_str() {
+            "embedded" => StoreKind::Embedded(s.path.clone()),
+            "memory" => StoreKind::Memory,
+            other => {
+                err(
+                    &["store", "backend"],
+                    format!("unknown store backend {other:?} (embedded or memory)"),
+                );
+                StoreKind::Memory
+            }
+        };
+        if s.flush_interval.0.is_zero() || s.timeout.0.is_zero() {
+            err(
+                &["store"],
+                "flush_interval and timeout must be positive".into(),
+            );
+        }
+
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            err(
+                &["log", "format"],
+                format!("log format {:?} is not text or json", self.log.format),
+            );
+        }
+        if let Some(h) = &self.hostname
+            && (h.is_empty() || h.contains(|c: char| c.is_whitespace() || c.is_control()))
+        {
+            err(&["hostname"], format!("{h:?} is not a host name"));
+        }
+
+        let mut allow = AllowLists::default();
+        let mut file_errors = Vec::new();
+        let a = &self.allow;
+        type Add = fn(&mut AllowLists, &str, Origin) -> Result<(), String>;
+        let inline: [(&str, &Vec<String>, Add); 3] = [
+            ("clients", &a.clients, AllowLists::add_client),
+            ("recipients", &a.recipients, AllowLists::add_recipient),
+            ("senders", &a.senders, AllowLists::add_sender),
+        ];
+        for (name, entries, add) in inline {
+            for e in entries {
+                let origin = Origin {
+                    source: "config".into(),
+                    line: 0,
+                    entry: e.clone(),
+                };
+                if let Err(m) = add(&mut allow, e, origin) {
+                    err(&["allow", name], m);
+                }
+            }
+        }
+        let files: [(&str, &Vec<PathBuf>, Add); 3] = [
+            ("client_files", &a.client_files, AllowLists::add_client),
+            (
+                "recipient_files",
+                &a.recipient_files,
+                AllowLists::add_recipient,
+            ),
+            ("sender_files", &a.sender_files, AllowLists::add_sender),
+        ];
+        for (name, paths, add) in files {
+            for path in paths {
+                match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        if let Err(list) = allow.add_file(path, &text, add) {
+                            file_errors.extend(list.into_iter().map(|e| ConfigError {
+                                location: format!("{}:{}", e.source_name, e.line),
+                                message: e.message,
+                            }));
+                        }
+                    }
+                    Err(e) => err(
+                        &["allow", name],
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
+            }
+        }
+
+        errors.extend(file_errors);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let hostname = self
+            .hostname
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+        Ok(Config {
+            mode: self.mode,
+            hostname,
+            engine: Engine::new(policy, allow),
+            x_greylist_header: g.x_greylist_header,
+            listen,
+            defer_action,
+            defer_text: p.defer_text.clone(),
+            socket_mode,
+            max_connections: p.max_connections,
+            idle_timeout: p.idle_timeout.0,
+            io_timeout: p.io_timeout.0,
+            limits: Limits {
+                max_line: p.max_line_length,
+                max_attributes: p.max_attributes,
+            },
+            store,
+            flush_interval: s.flush_interval.0,
+            store_timeout: s.timeout.0,
+            fail_mode: s.fail_mode,
+            log_level: self.log.level.clone(),
+            log_json: self.log.format == "json",
+        })
+    }
+}
+
+/// Reads the configuration file. `explicit` is true when the user named it: then a missing
+/// file is an error; the default path may be absent (built-in defaults apply).
+pub fn load_raw(path: &Path, explicit: bool) -> Result<(RawConfig, Option<String>), ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let name = path.display().to_string();
+            let raw = RawConfig::parse(&Source {
+                name: &name,
+                text: &text,
+            })?;
+            Ok((raw, Some(text)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok((RawConfig::default(), None))
+        }
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            location: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        }])),
+    }
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            mode: Mode::Enforce,
+            hostname: None,
+            greylist: RawGreylist::default(),
+            policy: RawPolicyServer::default(),
+            store: RawStore::default(),
+            allow: RawAllow::default(),
+            log: RawLog::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Configuration parsing and validation tests.

@@ -1,0 +1,1 @@
+//! Engine tests: every rule, normalisation through the key, boundaries, learn mode, properties.

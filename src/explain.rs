@@ -1,0 +1,147 @@
+//! Explanations: what greygate would decide for a request and why, from the stored state,
+//! without changing it.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::engine::{Classified, ClientRecord, Decision, Engine, Request, State, Triplet};
+use crate::store::{Store, StoreError};
+
+/// A decision with its context, ready to print.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub now: u64,
+    pub decision: Decision,
+    /// The policy reply an MTA would get.
+    pub reply: String,
+    /// What the store would hold afterwards (not written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triplet_after: Option<Triplet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_after: Option<ClientRecord>,
+    pub auto_allow_after: u32,
+    pub delay: u64,
+}
+
+/// Why an explanation could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(
+        "this request is decided by the stored state, which cannot be read: {0}\n\
+         (stop the daemon to let `explain` read its store file)"
+    )]
+    Store(#[from] StoreError),
+    #[error("this request is decided by the stored state, and {0}")]
+    NoStore(String),
+}
+
+/// Explains `req` at `now`. `store` is `Err(why)` when it could not be opened: requests
+/// that the static rules decide are still explained.
+pub async fn explain(
+    engine: &Engine,
+    store: Result<&dyn Store, String>,
+    req: &Request,
+    now: u64,
+    reply: impl Fn(&Decision) -> String,
+) -> Result<Explanation, ExplainError> {
+    let mut state = State::default();
+    if let Classified::Lookup(key) = engine.classify(req) {
+        let store = store.map_err(ExplainError::NoStore)?;
+        state.client = store.get_client(&key.client).await?;
+        state.triplet = store.get_triplet(&key).await?;
+    }
+    let (decision, after) = engine.decide(req, &state, now);
+    Ok(Explanation {
+        now,
+        reply: reply(&decision),
+        triplet_after: after.triplet.filter(|t| Some(*t) != state.triplet),
+        client_after: after.client.filter(|c| Some(*c) != state.client),
+        decision,
+        auto_allow_after: engine.policy.auto_allow_after,
+        delay: engine.policy.delay,
+    })
+}
+
+fn when(t: u64, now: u64) -> String {
+    let date = jiff::Timestamp::from_second(i64::try_from(t).unwrap_or(i64::MAX)).map_or_else(
+        |_| t.to_string(),
+        |ts| ts.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    );
+    let rel = if t <= now {
+        format!("{} s ago", now - t)
+    } else {
+        format!("in {} s", t - now)
+    };
+    format!("{date} ({rel})")
+}
+
+impl Explanation {
+    /// A human-readable explanation.
+    pub fn to_text(&self) -> String {
+        let d = &self.decision;
+        let mut s = String::new();
+        let _ = writeln!(s, "decision:   {} (rule: {})", d.verdict.as_str(), d.rule);
+        let _ = writeln!(s, "reply:      {}", self.reply);
+        if let Some(detail) = &d.detail {
+            let _ = writeln!(s, "because:    {detail}");
+        }
+        if let Some(k) = &d.key {
+            let _ = writeln!(s, "key:        client {}", k.client);
+            let _ = writeln!(s, "            sender {}", k.sender);
+            let _ = writeln!(s, "            recipient {}", k.recipient);
+            match &d.record {
+                None => {
+                    let _ = writeln!(s, "record:     none (first sighting)");
+                }
+                Some(t) => {
+                    let state = if t.passed { "passed" } else { "pending" };
+                    let _ = writeln!(
+                        s,
+                        "record:     {state}; first seen {}; last seen {}; {} deferred attempt(s), {} pass(es); expires {}",
+                        when(t.first_seen, self.now),
+                        when(t.last_seen, self.now),
+                        t.attempts,
+                        t.passes,
+                        when(t.expires_at, self.now)
+                    );
+                }
+            }
+            match &d.client_record {
+                Some(c) if self.auto_allow_after > 0 => {
+                    let _ = writeln!(
+                        s,
+                        "auto-allow: {} of {} counted passes; last seen {}",
+                        c.passes,
+                        self.auto_allow_after,
+                        when(c.last_seen, self.now)
+                    );
+                }
+                _ if self.auto_allow_after == 0 => {
+                    let _ = writeln!(s, "auto-allow: off");
+                }
+                _ => {
+                    let _ = writeln!(
+                        s,
+                        "auto-allow: 0 of {} counted passes",
+                        self.auto_allow_after
+                    );
+                }
+            }
+        }
+        if let Some(r) = d.remaining {
+            let _ = writeln!(
+                s,
+                "remaining:  {r} s until a retry passes (delay {} s)",
+                self.delay
+            );
+        }
+        if let Some(by) = d.delayed {
+            let _ = writeln!(
+                s,
+                "delayed:    {by} s in all; this attempt ends greylisting"
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,13 @@
+//! greygate: a greylisting gateway for Postfix and other MTAs.
+//!
+//! Layers, in one direction: `server` (listeners, connections) → `proto` (pure codecs) →
+//! `service` (engine + store + failure policy) → `engine` (pure decisions) and `store`.
+//! See ARCHITECTURE.md for the map and the invariants.
+
+pub mod config;
+pub mod engine;
+pub mod explain;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,334 @@
+//! The `greygate` binary: CLI dispatch, logging, signals and exit codes (anyhow only here).
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration, 3 the store is
+//! held by a running daemon.
+
+mod cli;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use cli::{Cli, Command, ExplainArgs, ServeArgs};
+use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
+use greygate::engine::{Mode, Request};
+use greygate::server::{self, Bound, ConnLimits, StoreOpener, policy::Replies};
+use greygate::service::{Greylister, Outcome, ServiceOptions, StoreSlot, unix_now};
+use greygate::store::{EmbeddedReader, EmbeddedStore, MemoryStore, Store, StoreError};
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_STORE_BUSY: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(&args),
+        Command::Explain(args) => explain(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("greygate: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// Reads and validates the configuration; `tweak` applies command-line overrides first.
+fn load_config(
+    args: &cli::ConfigArgs,
+    tweak: impl FnOnce(&mut RawConfig),
+) -> Result<Config, ConfigErrors> {
+    let (path, explicit) = args.path();
+    let (mut raw, text) = config::load_raw(&path, explicit)?;
+    tweak(&mut raw);
+    let name = path.display().to_string();
+    let src = text.as_deref().map(|text| Source { name: &name, text });
+    raw.validate(src.as_ref())
+}
+
+fn config_failed(e: &ConfigErrors) -> ExitCode {
+    eprintln!("greygate: invalid configuration:\n{e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn check_config(args: &cli::ConfigArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(args, |_| {}) {
+        Ok(c) => c,
+        Err(e) => return Ok(config_failed(&e)),
+    };
+    let (path, _) = args.path();
+    let (clients, recipients, senders) = cfg.engine.allow.counts();
+    let p = &cfg.engine.policy;
+    let store = match &cfg.store {
+        StoreKind::Memory => "memory".to_string(),
+        StoreKind::Embedded(path) => format!("embedded {}", path.display()),
+    };
+    println!("{}: configuration OK", path.display());
+    println!(
+        "  mode {:?}, delay {} s, retry window {} s, max age {} s, auto-allow after {} passes",
+        cfg.mode, p.delay, p.retry_window, p.max_age, p.auto_allow_after
+    );
+    println!(
+        "  client groups IPv4 /{} IPv6 /{}; store {store}; fail mode {:?}",
+        p.ipv4_prefix, p.ipv6_prefix, cfg.fail_mode
+    );
+    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    println!("  policy listeners: {}", listen.join(", "));
+    println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("GREYGATE_LOG")
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&args.config, |raw| {
+        if !args.listen.is_empty() {
+            raw.policy.listen = args.listen.clone();
+        }
+        if let Some(db) = &args.db {
+            raw.store.backend = "embedded".into();
+            raw.store.path = db.clone();
+        }
+        if args.memory {
+            raw.store.backend = "memory".into();
+        }
+        if let Some(d) = args.delay {
+            raw.greylist.delay = d;
+            if raw.greylist.retry_window.0 < d.0 {
+                raw.greylist.retry_window = d;
+            }
+        }
+        if args.learn {
+            raw.mode = Mode::Learn;
+        }
+    });
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => return Ok(config_failed(&e)),
+    };
+    init_logging(&cfg.log_level, cfg.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run_daemon(cfg))
+}
+
+fn store_opener(kind: &StoreKind) -> StoreOpener {
+    match kind {
+        StoreKind::Memory => {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            Arc::new(move || Ok(store.clone()))
+        }
+        StoreKind::Embedded(path) => {
+            let path = path.clone();
+            Arc::new(move || {
+                let s = EmbeddedStore::open(&path, unix_now())?;
+                let r = s.load_report();
+                tracing::info!(
+                    path = %path.display(), triplets = r.triplets, clients = r.clients,
+                    expired = r.expired, undecodable = r.undecodable, "store loaded"
+                );
+                Ok(Arc::new(s) as Arc<dyn Store>)
+            })
+        }
+    }
+}
+
+async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
+    let opener = store_opener(&cfg.store);
+    let slot = {
+        let open = opener.clone();
+        match tokio::task::spawn_blocking(move || open()).await? {
+            Ok(store) => StoreSlot::new(store),
+            Err(e) => {
+                tracing::error!(
+                    error = %e, fail_mode = ?cfg.fail_mode,
+                    "store unavailable at start; answering per fail_mode and retrying"
+                );
+                StoreSlot::missing(e.to_string())
+            }
+        }
+    };
+
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let bound = Bound::bind(addr, cfg.socket_mode)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(bound);
+    }
+
+    let options = ServiceOptions {
+        mode: cfg.mode,
+        fail_mode: cfg.fail_mode,
+        store_timeout: cfg.store_timeout,
+    };
+    let svc = Arc::new(Greylister::new(cfg.engine, slot, options));
+    let replies = Arc::new(Replies {
+        defer_action: cfg.defer_action,
+        defer_text: cfg.defer_text,
+        header_host: cfg.x_greylist_header.then_some(cfg.hostname),
+    });
+    let limits = ConnLimits {
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.idle_timeout,
+        io_timeout: cfg.io_timeout,
+        codec: cfg.limits,
+    };
+    for l in &listeners {
+        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "policy listener ready");
+    }
+
+    let shutdown = CancellationToken::new();
+    let maintenance = tokio::spawn(server::maintain_store(
+        svc.clone(),
+        cfg.flush_interval,
+        Some(opener),
+        shutdown.clone(),
+    ));
+    let serving = tokio::spawn(server::serve_policy(
+        listeners,
+        svc.clone(),
+        replies,
+        limits,
+        shutdown.clone(),
+    ));
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new connections, finishing open requests");
+    shutdown.cancel();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still busy after 5 s; closing them");
+    }
+    let _ = maintenance.await;
+    if let Ok(store) = svc.store.get() {
+        store.flush().await.context("final store flush failed")?;
+        tracing::info!(store = %store.describe(), "store flushed");
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    let ts: jiff::Timestamp = s
+        .parse()
+        .with_context(|| format!("--at {s:?} is neither Unix seconds nor an RFC 3339 time"))?;
+    u64::try_from(ts.as_second()).context("--at is before 1970")
+}
+
+fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(&args.config, |raw| {
+        if let Some(db) = &args.db {
+            raw.store.backend = "embedded".into();
+            raw.store.path = db.clone();
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => return Ok(config_failed(&e)),
+    };
+    let now = match &args.at {
+        Some(t) => parse_time(t)?,
+        None => unix_now(),
+    };
+    let req = Request {
+        stage: "RCPT".into(),
+        client_ip: Some(args.client),
+        client_name: args.name.clone(),
+        helo: String::new(),
+        sender: args.from.clone(),
+        recipient: args.to.clone(),
+        sasl_username: args.sasl_user.clone(),
+    };
+    let (reader, busy) = match &cfg.store {
+        StoreKind::Embedded(path) => match EmbeddedReader::open(path) {
+            Ok(r) => (Ok(r), false),
+            Err(e) => {
+                let busy = matches!(e, StoreError::Locked { .. });
+                (Err(e.to_string()), busy)
+            }
+        },
+        StoreKind::Memory => (
+            Err("the memory store lives only inside the running daemon".to_string()),
+            false,
+        ),
+    };
+    let replies = Replies {
+        defer_action: cfg.defer_action.clone(),
+        defer_text: cfg.defer_text.clone(),
+        header_host: cfg.x_greylist_header.then(|| cfg.hostname.clone()),
+    };
+    let enforced = cfg.mode == Mode::Enforce;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store_ref = reader
+        .as_ref()
+        .map(|r| r as &dyn Store)
+        .map_err(Clone::clone);
+    let result = rt.block_on(greygate::explain::explain(
+        &cfg.engine,
+        store_ref,
+        &req,
+        now,
+        |d| {
+            replies.action(
+                &Outcome {
+                    decision: d.clone(),
+                    enforced,
+                },
+                now,
+            )
+        },
+    ));
+    match result {
+        Ok(x) if args.json => println!("{}", serde_json::to_string_pretty(&x)?),
+        Ok(x) => print!("{}", x.to_text()),
+        Err(e) => {
+            eprintln!("greygate: {e}");
+            return Ok(ExitCode::from(if busy {
+                EXIT_STORE_BUSY
+            } else {
+                EXIT_RUNTIME
+            }));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,3 @@
+//! Pure protocol codecs: bytes in, typed items out, bounded. **Codecs never touch a socket.**
+
+pub mod policy;

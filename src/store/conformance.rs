@@ -1,0 +1,227 @@
+//! The store conformance suite: every backend, now and later, must pass it.
+//!
+//! Call [`run`] from a test with a fresh, empty store. It checks atomic updates under
+//! concurrency, first-sighting races, expiry and counts, using the engine's own step
+//! functions as update closures.
+
+use std::sync::Arc;
+
+use crate::engine::{ClientRecord, Engine, Triplet, TripletKey, TripletOutcome};
+
+use super::Store;
+
+fn key(i: usize) -> TripletKey {
+    TripletKey {
+        client: format!("192.0.{}.0/24", i % 250),
+        sender: format!("sender{i}@example.net"),
+        recipient: "rcpt@example.org".into(),
+    }
+}
+
+/// Runs every check against `store`, which must start empty. Panics with a message naming
+/// the failed check.
+pub async fn run(store: Arc<dyn Store>) {
+    missing_records_read_as_none(&*store).await;
+    update_returns_old_and_writes_new(&*store).await;
+    none_from_update_writes_nothing(&*store).await;
+    concurrent_updates_are_atomic(store.clone()).await;
+    first_sighting_race_has_one_winner(store.clone()).await;
+    keys_with_odd_characters(&*store).await;
+    expiry_removes_only_dead_records(&*store).await;
+    store.flush().await.expect("flush");
+}
+
+async fn missing_records_read_as_none(s: &dyn Store) {
+    assert_eq!(
+        s.get_triplet(&key(0)).await.unwrap(),
+        None,
+        "missing triplet"
+    );
+    assert_eq!(
+        s.get_client("203.0.113.0/24").await.unwrap(),
+        None,
+        "missing client"
+    );
+}
+
+async fn update_returns_old_and_writes_new(s: &dyn Store) {
+    let engine = Engine::default();
+    let k = key(1);
+    let old = s
+        .update_triplet(&k, &|old| Some(engine.triplet_step(old, 1000).1))
+        .await
+        .unwrap();
+    assert_eq!(old, None, "first update sees no record");
+    let stored = s.get_triplet(&k).await.unwrap().expect("record written");
+    assert_eq!(
+        (stored.first_seen, stored.attempts, stored.passed),
+        (1000, 1, false)
+    );
+    let old = s
+        .update_triplet(&k, &|old| Some(engine.triplet_step(old, 1400).1))
+        .await
+        .unwrap();
+    assert_eq!(old, Some(stored), "second update sees the first record");
+    let passed = s.get_triplet(&k).await.unwrap().unwrap();
+    assert!(passed.passed, "record passed after the delay");
+    assert_eq!(passed.first_seen, 1000, "first_seen kept");
+
+    let c = ClientRecord {
+        passes: 3,
+        last_counted: 10,
+        last_seen: 20,
+        expires_at: 30,
+    };
+    assert_eq!(
+        s.update_client("198.51.100.0/24", &|_| Some(c))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        s.get_client("198.51.100.0/24").await.unwrap(),
+        Some(c),
+        "client written"
+    );
+}
+
+async fn none_from_update_writes_nothing(s: &dyn Store) {
+    let k = key(2);
+    assert_eq!(s.update_triplet(&k, &|_| None).await.unwrap(), None);
+    assert_eq!(
+        s.get_triplet(&k).await.unwrap(),
+        None,
+        "None must not create a record"
+    );
+}
+
+async fn concurrent_updates_are_atomic(store: Arc<dyn Store>) {
+    const TASKS: u32 = 64;
+    let mut handles = Vec::new();
+    for _ in 0..TASKS {
+        let s = store.clone();
+        handles.push(tokio::spawn(async move {
+            s.update_client("192.0.2.0/24", &|old: Option<&ClientRecord>| {
+                let mut c = old.copied().unwrap_or(ClientRecord {
+                    passes: 0,
+                    last_counted: 0,
+                    last_seen: 0,
+                    expires_at: u64::MAX,
+                });
+                c.passes += 1;
+                Some(c)
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let c = store.get_client("192.0.2.0/24").await.unwrap().unwrap();
+    assert_eq!(c.passes, TASKS, "no increment may be lost");
+}
+
+async fn first_sighting_race_has_one_winner(store: Arc<dyn Store>) {
+    let engine = Arc::new(Engine::default());
+    let k = key(3);
+    let mut handles = Vec::new();
+    for i in 0..32u64 {
+        let (s, e, k) = (store.clone(), engine.clone(), k.clone());
+        handles.push(tokio::spawn(async move {
+            let now = 5000 + i % 3;
+            let old = s
+                .update_triplet(&k, &|old| Some(e.triplet_step(old, now).1))
+                .await
+                .unwrap();
+            e.triplet_step(old.as_ref(), now).0
+        }));
+    }
+    let mut news = 0;
+    for h in handles {
+        if h.await.unwrap() == TripletOutcome::New {
+            news += 1;
+        }
+    }
+    assert_eq!(news, 1, "exactly one request may see the first sighting");
+    let t: Triplet = store.get_triplet(&k).await.unwrap().unwrap();
+    assert_eq!(t.attempts, 32, "every attempt counted once");
+}
+
+async fn keys_with_odd_characters(s: &dyn Store) {
+    let k = TripletKey {
+        client: "2001:db8::/64".into(),
+        sender: "\"we ird\"@exämple.net".into(),
+        recipient: "a=b/c%d@example.org".into(),
+    };
+    let engine = Engine::default();
+    s.update_triplet(&k, &|old| Some(engine.triplet_step(old, 7).1))
+        .await
+        .unwrap();
+    assert!(
+        s.get_triplet(&k).await.unwrap().is_some(),
+        "odd key stored and found"
+    );
+    let other = TripletKey {
+        recipient: "a=b/c%d@example.orG".into(),
+        ..k.clone()
+    };
+    assert_eq!(s.get_triplet(&other).await.unwrap(), None, "keys are exact");
+}
+
+async fn expiry_removes_only_dead_records(s: &dyn Store) {
+    let live = key(100);
+    let dead = key(101);
+    let rec = |expires_at| Triplet {
+        first_seen: 1,
+        last_seen: 1,
+        expires_at,
+        attempts: 1,
+        passes: 0,
+        passed: false,
+    };
+    s.update_triplet(&live, &|_| Some(rec(u64::MAX - 1)))
+        .await
+        .unwrap();
+    s.update_triplet(&dead, &|_| Some(rec(50_000)))
+        .await
+        .unwrap();
+    let gone = ClientRecord {
+        passes: 1,
+        last_counted: 1,
+        last_seen: 1,
+        expires_at: 50_000,
+    };
+    s.update_client("203.0.113.0/24", &|_| Some(gone))
+        .await
+        .unwrap();
+    let now = 50_001;
+    let mut removed = 0;
+    for _ in 0..100_000 {
+        let step = s.expire(now, 64).await.unwrap();
+        removed += step.removed;
+        if step.cycle_done {
+            break;
+        }
+    }
+    assert!(removed >= 2, "expired records removed (removed {removed})");
+    assert_eq!(
+        s.get_triplet(&dead).await.unwrap(),
+        None,
+        "dead triplet gone"
+    );
+    assert_eq!(
+        s.get_client("203.0.113.0/24").await.unwrap(),
+        None,
+        "dead client gone"
+    );
+    assert!(
+        s.get_triplet(&live).await.unwrap().is_some(),
+        "live triplet kept"
+    );
+    let counts = s.counts().await.unwrap();
+    assert!(
+        counts.triplets_pending >= 1,
+        "counts see the live record: {counts:?}"
+    );
+}

@@ -1,0 +1,327 @@
+//! The embedded default backend: one redb file, hot state in memory, group commit.
+//!
+//! Requests touch only memory. `flush` (called every `flush_interval` by the daemon, and at
+//! shutdown) writes what changed since the previous flush in one redb transaction with
+//! immediate durability, so a hard kill loses at most one interval of updates and redb's
+//! copy-on-write commits never leave a corrupt file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{
+    Database, DatabaseError, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition,
+};
+
+use super::hot::{Change, HotMap};
+use super::memory::MemoryStore;
+use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use crate::engine::record::Record;
+use crate::engine::{ClientRecord, Triplet, TripletKey};
+
+const TRIPLETS: TableDefinition<&str, &[u8]> = TableDefinition::new("triplets");
+const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_error(path: &Path, e: DatabaseError) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+            path: path.display().to_string(),
+        },
+        other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+    }
+}
+
+/// What loading the file found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub triplets: usize,
+    pub clients: usize,
+    /// Records that were already expired and were not loaded.
+    pub expired: usize,
+    /// Records that could not be decoded (skipped and removed at the next flush).
+    pub undecodable: usize,
+}
+
+/// The embedded store.
+pub struct EmbeddedStore {
+    path: PathBuf,
+    db: Arc<Database>,
+    hot: MemoryStore,
+    // Flushes must not overlap: an older batch committed after a newer one would win.
+    flush_lock: tokio::sync::Mutex<()>,
+    load: LoadReport,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the file and loads its live records into memory. `now` decides
+    /// which records are already expired.
+    pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| open_error(path, e))?;
+        let hot = MemoryStore::with_dirty_tracking(true);
+        let mut load = LoadReport::default();
+        {
+            let tx = db.begin_write().map_err(backend)?;
+            // Creating the tables up front lets readers (explain) open them without writing.
+            tx.open_table(TRIPLETS).map_err(backend)?;
+            tx.open_table(CLIENTS).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
+        let tx = db.begin_read().map_err(backend)?;
+        load_table(&tx, TRIPLETS, &hot.triplets, now, &mut load, |l| {
+            l.triplets += 1
+        })?;
+        load_table(&tx, CLIENTS, &hot.clients, now, &mut load, |l| {
+            l.clients += 1
+        })?;
+        Ok(EmbeddedStore {
+            path: path.to_path_buf(),
+            db: Arc::new(db),
+            hot,
+            flush_lock: tokio::sync::Mutex::new(()),
+            load,
+        })
+    }
+
+    pub fn load_report(&self) -> LoadReport {
+        self.load
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn load_table<R: Record>(
+    tx: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    into: &HotMap<R>,
+    now: u64,
+    load: &mut LoadReport,
+    count: fn(&mut LoadReport),
+) -> Result<(), StoreError> {
+    let table = tx.open_table(def).map_err(backend)?;
+    for item in table.iter().map_err(backend)? {
+        let (k, v) = item.map_err(backend)?;
+        match R::from_bytes(v.value()) {
+            Ok(rec) if rec.expires_at() >= now => {
+                into.load(k.value(), rec);
+                count(load);
+            }
+            Ok(_) => load.expired += 1,
+            Err(_) => load.undecodable += 1,
+        }
+        if !matches!(R::from_bytes(v.value()), Ok(rec) if rec.expires_at() >= now) {
+            // Mark for removal: the next flush deletes dead and unreadable rows.
+            into.update(k.value(), &|_| None);
+        }
+    }
+    Ok(())
+}
+
+fn write_changes<R: Record>(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    changes: &[Change<R>],
+) -> Result<(), StoreError> {
+    let mut table = tx.open_table(def).map_err(backend)?;
+    for (key, value) in changes {
+        match value {
+            Some(rec) => {
+                table
+                    .insert(&**key, rec.to_bytes().as_slice())
+                    .map_err(backend)?;
+            }
+            None => {
+                table.remove(&**key).map_err(backend)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded {}", self.path.display())
+    }
+
+    async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+        self.hot.get_triplet(key).await
+    }
+
+    async fn update_triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        self.hot.update_triplet(key, f).await
+    }
+
+    async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.hot.get_client(client).await
+    }
+
+    async fn update_client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        self.hot.update_client(client, f).await
+    }
+
+    async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {
+        Ok(self.hot.expire_now(now, max_scan))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let _serial = self.flush_lock.lock().await;
+        let triplets = self.hot.triplets.take_dirty();
+        let clients = self.hot.clients.take_dirty();
+        if triplets.is_empty() && clients.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let outcome = (|| {
+                let mut tx = db.begin_write().map_err(backend)?;
+                tx.set_durability(Durability::Immediate).map_err(backend)?;
+                write_changes(&tx, TRIPLETS, &triplets)?;
+                write_changes(&tx, CLIENTS, &clients)?;
+                tx.commit().map_err(backend)
+            })();
+            (outcome, triplets, clients)
+        })
+        .await;
+        match result {
+            Ok((Ok(()), _, _)) => Ok(()),
+            Ok((Err(e), triplets, clients)) => {
+                // Keep the changes pending: the next flush tries again.
+                self.hot.triplets.restore_dirty(triplets);
+                self.hot.clients.restore_dirty(clients);
+                Err(e)
+            }
+            Err(join) => Err(backend(format!("flush task failed: {join}"))),
+        }
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Ok(self.hot.count())
+    }
+}
+
+/// Read-only access to an embedded store file that no daemon holds (for `explain`).
+pub struct EmbeddedReader {
+    path: PathBuf,
+    db: ReadOnlyDatabase,
+}
+
+impl EmbeddedReader {
+    /// Opens without writing. A file left by a hard kill needs redb's repair first, which a
+    /// read-only open refuses: that case opens it writable once, repairs, and reopens.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Unavailable(format!(
+                "{} does not exist (no daemon has used it yet)",
+                path.display()
+            )));
+        }
+        let db = match ReadOnlyDatabase::open(path) {
+            Err(DatabaseError::RepairAborted) => {
+                drop(Database::open(path).map_err(|e| open_error(path, e))?);
+                ReadOnlyDatabase::open(path)
+            }
+            other => other,
+        }
+        .map_err(|e| open_error(path, e))?;
+        Ok(EmbeddedReader {
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+
+    fn get<R: Record>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<R>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let table = match tx.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(backend(e)),
+        };
+        match table.get(key).map_err(backend)? {
+            Some(v) => R::from_bytes(v.value()).map(Some).map_err(backend),
+            None => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedReader {
+    fn describe(&self) -> String {
+        format!("embedded {} (read-only)", self.path.display())
+    }
+
+    async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+        self.get(TRIPLETS, &key.joined())
+    }
+
+    async fn update_triplet(
+        &self,
+        _: &TripletKey,
+        _: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+
+    async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.get(CLIENTS, client)
+    }
+
+    async fn update_client(
+        &self,
+        _: &str,
+        _: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+
+    async fn expire(&self, _: u64, _: usize) -> Result<ExpireStep, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let mut counts = Counts::default();
+        let triplets = tx.open_table(TRIPLETS).map_err(backend)?;
+        for item in triplets.iter().map_err(backend)? {
+            let (_, v) = item.map_err(backend)?;
+            match Triplet::from_bytes(v.value()) {
+                Ok(t) if t.passed => counts.triplets_passed += 1,
+                Ok(_) => counts.triplets_pending += 1,
+                Err(_) => {}
+            }
+        }
+        counts.clients = tx
+            .open_table(CLIENTS)
+            .map_err(backend)?
+            .len()
+            .map_err(backend)?;
+        Ok(counts)
+    }
+}
