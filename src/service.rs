@@ -189,10 +189,11 @@ impl Greylister {
             Verdict::Defer => &self.stats.defer,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let client = req.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
-        let group = d.key.as_ref().map_or("", |k| k.client.as_str());
-        let detail = d.detail.as_deref().unwrap_or("");
-        let would = if o.enforced { "" } else { d.verdict.as_str() };
+        let client = req.client_ip.map(tracing::field::display);
+        // Empty fields stay out of the line (tracing skips `None`).
+        let group = d.key.as_ref().map(|k| k.client.as_str());
+        let detail = d.detail.as_deref();
+        let would = (!o.enforced).then(|| d.verdict.as_str());
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(

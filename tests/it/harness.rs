@@ -1,0 +1,415 @@
+//! Test harness: starts the real daemon on free loopback ports and temp Unix sockets, reads
+//! its log, and speaks the policy protocol to it. Later peers (Postfix, Redis, ...) get their
+//! starters here too, so every test group shares one way of running them.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the greygate binary under test.
+pub fn greygate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_greygate")
+}
+
+/// Runs `greygate ARGS` to completion and returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(greygate_bin())
+        .args(args)
+        .env_remove("GREYGATE_LOG")
+        .output()
+        .expect("run greygate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running daemon. Killed on drop.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    /// Listener addresses as the daemon reported them (`127.0.0.1:PORT`, `unix:/path`).
+    pub listeners: Vec<String>,
+    pub dir: PathBuf,
+}
+
+/// How to start a daemon.
+pub struct DaemonConfig {
+    /// Directory for the config file, the store and sockets.
+    pub dir: PathBuf,
+    /// TOML written to `dir/greygate.toml` (the listen list is added by the harness).
+    pub toml: String,
+    /// Listen addresses; default one TCP listener on a free port.
+    pub listen: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl DaemonConfig {
+    pub fn new(dir: &Path) -> Self {
+        DaemonConfig {
+            dir: dir.to_path_buf(),
+            toml: String::new(),
+            listen: vec!["127.0.0.1:0".into()],
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn toml(mut self, toml: &str) -> Self {
+        self.toml = toml.to_string();
+        self
+    }
+
+    pub fn listen(mut self, addrs: &[&str]) -> Self {
+        self.listen = addrs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("greygate.redb")
+    }
+
+    pub fn start(&self) -> Daemon {
+        let config = self.dir.join("greygate.toml");
+        std::fs::write(&config, &self.toml).expect("write config");
+        let mut cmd = Command::new(greygate_bin());
+        cmd.arg("serve").arg("--config").arg(&config);
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a == "--memory" || a == "--db")
+        {
+            cmd.arg("--db").arg(self.db_path());
+        }
+        for l in &self.listen {
+            cmd.arg("--listen").arg(l);
+        }
+        cmd.args(&self.extra_args)
+            .env("GREYGATE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn greygate");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut d = Daemon {
+            child,
+            log,
+            listeners: Vec::new(),
+            dir: self.dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while d.listeners.len() < self.listen.len() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("greygate exited early ({status}):\n{}", d.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "greygate did not report its listeners:\n{}",
+                d.log()
+            );
+            d.listeners = d
+                .log()
+                .lines()
+                .filter(|l| l.contains("policy listener ready"))
+                .filter_map(|l| l.split("listener=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+                .collect();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+impl Daemon {
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; returns whether it did within `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Asserts that the log comes to contain `needle` (log lines arrive through a pipe,
+    /// a little after the reply they belong to).
+    #[track_caller]
+    pub fn expect_log(&self, needle: &str) {
+        assert!(
+            self.wait_log(needle, Duration::from_secs(5)),
+            "log never contained {needle:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// The first TCP listener.
+    pub fn tcp(&self) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find_map(|l| l.parse().ok())
+            .expect("a TCP listener")
+    }
+
+    /// A connected policy client on the first TCP listener.
+    pub fn client(&self) -> PolicyClient {
+        PolicyClient::tcp(self.tcp())
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we own; no memory is shared.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait(Duration::from_secs(15));
+        (status, self.log())
+    }
+
+    /// SIGKILL: no chance to flush.
+    pub fn kill9(mut self) -> String {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(15));
+        self.log()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the log reader drain the pipe.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "greygate did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A policy request for a triplet at RCPT stage, with Postfix's usual attributes.
+pub fn rcpt_request(client: &str, sender: &str, recipient: &str) -> String {
+    request_with(client, sender, recipient, &[])
+}
+
+/// Like [`rcpt_request`] with extra or overriding attributes.
+pub fn request_with(client: &str, sender: &str, recipient: &str, extra: &[(&str, &str)]) -> String {
+    let mut attrs: Vec<(String, String)> = [
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("protocol_name", "ESMTP"),
+        ("client_address", client),
+        ("client_name", "unknown"),
+        ("reverse_client_name", "unknown"),
+        ("helo_name", "helo.example.net"),
+        ("sender", sender),
+        ("recipient", recipient),
+        ("recipient_count", "0"),
+        ("queue_id", ""),
+        ("instance", "1234.5678.9.0"),
+        ("size", "0"),
+        ("sasl_method", ""),
+        ("sasl_username", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        match attrs.iter_mut().find(|(n, _)| n == k) {
+            Some(slot) => slot.1 = v.to_string(),
+            None => attrs.push((k.to_string(), v.to_string())),
+        }
+    }
+    let mut s = String::new();
+    for (k, v) in attrs {
+        s.push_str(&format!("{k}={v}\n"));
+    }
+    s.push('\n');
+    s
+}
+
+/// The captured Postfix 3.7 request from `shared/fixtures`.
+pub fn fixture_request() -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/postfix-3.7-rcpt-request.txt"
+    ))
+    .expect("read fixture");
+    // The fixture ends with the empty line that ends the request, then a `----` marker.
+    let end = text.find("\n\n").expect("fixture has an empty line") + 2;
+    text[..end].to_string()
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A blocking policy protocol client.
+pub struct PolicyClient {
+    conn: Conn,
+}
+
+impl PolicyClient {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).expect("connect to greygate");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        PolicyClient { conn: Conn::Tcp(s) }
+    }
+
+    pub fn unix(path: &Path) -> Self {
+        let s = UnixStream::connect(path).expect("connect to greygate socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        PolicyClient {
+            conn: Conn::Unix(s),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Duration) {
+        match &self.conn {
+            Conn::Tcp(s) => s.set_read_timeout(Some(t)).unwrap(),
+            Conn::Unix(s) => s.set_read_timeout(Some(t)).unwrap(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.conn {
+            Conn::Tcp(s) => s.write_all(bytes),
+            Conn::Unix(s) => s.write_all(bytes),
+        }
+    }
+
+    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.conn {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+
+    /// Reads `n` replies; returns their `action=` values.
+    pub fn read_replies(&mut self, n: usize) -> Vec<String> {
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        while count_replies(&data) < n {
+            let got = self.read_some(&mut buf).expect("read reply");
+            assert!(
+                got > 0,
+                "connection closed; got {:?}",
+                String::from_utf8_lossy(&data)
+            );
+            data.extend_from_slice(&buf[..got]);
+        }
+        String::from_utf8(data)
+            .expect("utf-8 reply")
+            .split("\n\n")
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                r.strip_prefix("action=")
+                    .unwrap_or_else(|| panic!("reply without action=: {r:?}"))
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Sends one request and returns its `action=` value.
+    pub fn ask(&mut self, request: &str) -> String {
+        self.send(request.as_bytes()).expect("send request");
+        self.read_replies(1).remove(0)
+    }
+
+    /// Sends one request; returns its `action=` value, or `None` if the server closed the
+    /// connection instead of answering.
+    pub fn try_ask(&mut self, request: &str) -> Option<String> {
+        self.send(request.as_bytes()).ok()?;
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        while count_replies(&data) < 1 {
+            match self.read_some(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&data);
+        text.strip_prefix("action=")
+            .map(|r| r.trim_end().to_string())
+    }
+
+    /// Whether the server closes the connection within `timeout` (reading and discarding).
+    /// Returns the bytes received before the close, or `None` if it stayed open.
+    pub fn closed_within(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        self.set_read_timeout(Duration::from_millis(100));
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.read_some(&mut buf) {
+                Ok(0) => return Some(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                // A reset also means closed (the server dropped unread input).
+                Err(_) => return Some(got),
+            }
+        }
+        None
+    }
+}
+
+fn count_replies(data: &[u8]) -> usize {
+    data.windows(2).filter(|w| w == b"\n\n").count()
+}
+
+/// True when the variable that makes missing peers fatal is set (the README's test command
+/// sets it); plain `cargo test` skips such tests with a printed reason instead.
+pub fn peers_required() -> bool {
+    std::env::var_os("GREYGATE_REQUIRE_PEERS").is_some_and(|v| v == "1")
+}
