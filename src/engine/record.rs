@@ -72,8 +72,19 @@ fn check(bytes: &[u8], len: usize) -> Result<Reader<'_>, DecodeRecordError> {
     }
 }
 
-impl Triplet {
-    pub fn to_bytes(&self) -> Vec<u8> {
+/// Records the stores hold; lets one generic store implementation serve both kinds.
+pub trait Record: Copy + PartialEq + Send + Sync + 'static {
+    fn expires_at(&self) -> u64;
+    fn to_bytes(&self) -> Vec<u8>;
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError>;
+}
+
+impl Record for Triplet {
+    fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(TRIPLET_LEN);
         out.push(VERSION);
         out.extend_from_slice(&self.first_seen.to_le_bytes());
@@ -85,7 +96,7 @@ impl Triplet {
         out
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
         let mut r = check(bytes, TRIPLET_LEN)?;
         Ok(Triplet {
             first_seen: r.u64(),
@@ -98,8 +109,12 @@ impl Triplet {
     }
 }
 
-impl ClientRecord {
-    pub fn to_bytes(&self) -> Vec<u8> {
+impl Record for ClientRecord {
+    fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(CLIENT_LEN);
         out.push(VERSION);
         out.extend_from_slice(&self.passes.to_le_bytes());
@@ -109,7 +124,7 @@ impl ClientRecord {
         out
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
         let mut r = check(bytes, CLIENT_LEN)?;
         Ok(ClientRecord {
             passes: r.u32(),
@@ -117,37 +132,6 @@ impl ClientRecord {
             last_seen: r.u64(),
             expires_at: r.u64(),
         })
-    }
-}
-
-/// Records the stores hold; lets one generic store implementation serve both kinds.
-pub trait Record: Copy + PartialEq + Send + Sync + 'static {
-    fn expires_at(&self) -> u64;
-    fn to_bytes(&self) -> Vec<u8>;
-    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError>;
-}
-
-impl Record for Triplet {
-    fn expires_at(&self) -> u64 {
-        self.expires_at
-    }
-    fn to_bytes(&self) -> Vec<u8> {
-        Triplet::to_bytes(self)
-    }
-    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
-        Triplet::from_bytes(bytes)
-    }
-}
-
-impl Record for ClientRecord {
-    fn expires_at(&self) -> u64 {
-        self.expires_at
-    }
-    fn to_bytes(&self) -> Vec<u8> {
-        ClientRecord::to_bytes(self)
-    }
-    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError> {
-        ClientRecord::from_bytes(bytes)
     }
 }
 

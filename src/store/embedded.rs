@@ -116,14 +116,13 @@ fn load_table<R: Record>(
             Ok(rec) if rec.expires_at() >= now => {
                 into.load(k.value(), rec);
                 count(load);
+                continue;
             }
             Ok(_) => load.expired += 1,
             Err(_) => load.undecodable += 1,
         }
-        if !matches!(R::from_bytes(v.value()), Ok(rec) if rec.expires_at() >= now) {
-            // Mark for removal: the next flush deletes dead and unreadable rows.
-            into.update(k.value(), &|_| None);
-        }
+        // Dead and unreadable rows are marked changed-to-nothing: the next flush deletes them.
+        into.mark_removed(k.value());
     }
     Ok(())
 }

@@ -62,6 +62,15 @@ impl<R: Record> HotMap<R> {
         self.shard(key).map.insert(key.into(), value);
     }
 
+    /// Records that `key` is gone, so the next flush deletes it on disk.
+    pub(crate) fn mark_removed(&self, key: &str) {
+        let mut shard = self.shard(key);
+        shard.map.remove(key);
+        if self.track_dirty {
+            shard.dirty.insert(key.into());
+        }
+    }
+
     pub(crate) fn update(&self, key: &str, f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
         let mut shard = self.shard(key);
         let old = shard.map.get(key).copied();
