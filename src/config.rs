@@ -23,16 +23,25 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Secs(u64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration: whole seconds (300) or text with a unit (\"5m\", \"2d\", \"500ms\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|v| Dur(Duration::from_secs(v)))
+                    .map_err(|_| E::custom(format!("duration {v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
+                v.parse().map_err(E::custom)
+            }
         }
-        match Either::deserialize(d)? {
-            Either::Secs(s) => Ok(Dur(Duration::from_secs(s))),
-            Either::Text(t) => t.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -258,7 +267,9 @@ impl FromStr for ListenAddr {
         }
         s.parse()
             .map(ListenAddr::Tcp)
-            .map_err(|_| format!("{s:?} is not host:port (e.g. 127.0.0.1:10023) or unix:/path"))
+            .map_err(|_| {
+                format!("{s:?} is not IP:port (e.g. 127.0.0.1:10023, [::1]:10023; no host names) or unix:/path")
+            })
     }
 }
 
@@ -320,7 +331,9 @@ impl FromStr for DeferAction {
                     .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
         });
         if code_ok && dsn_ok && parts.next().is_none() {
-            Ok(DeferAction::Code(s.to_string()))
+            Ok(DeferAction::Code(
+                s.split_whitespace().collect::<Vec<_>>().join(" "),
+            ))
         } else {
             Err(format!(
                 "{s:?} is not DEFER_IF_PERMIT, DEFER or a 4xx code such as \"451 4.7.1\""
@@ -408,11 +421,20 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Finds `table.key` in the TOML text, for pointing at a value that failed validation.
+/// Finds `table.key` (or `table.key.INDEX` for an array element) in the TOML text, for
+/// pointing at a value that failed validation.
 fn locate(src: &Source<'_>, path: &[&str]) -> String {
     let found = toml_edit::Document::parse(src.text).ok().and_then(|doc| {
         let mut item = doc.as_item();
-        for p in path {
+        for (i, p) in path.iter().enumerate() {
+            if let (Ok(index), Some(array)) = (p.parse::<usize>(), item.as_array()) {
+                let value = array.get(index)?;
+                return if i + 1 == path.len() {
+                    value.span()
+                } else {
+                    None
+                };
+            }
             item = item.get(p)?;
         }
         item.span()
@@ -466,6 +488,26 @@ impl RawConfig {
                 ),
             );
         }
+        for (name, d) in [
+            ("delay", g.delay),
+            ("retry_window", g.retry_window),
+            ("max_age", g.max_age),
+            ("auto_allow_lifetime", g.auto_allow_lifetime),
+        ] {
+            if d.0.subsec_nanos() != 0 {
+                err(
+                    &["greylist", name],
+                    format!("{name} ({d}) must be whole seconds"),
+                );
+            }
+        }
+        if g.auto_allow_after > 0 && secs(g.auto_allow_lifetime) == 0 {
+            err(
+                &["greylist", "auto_allow_lifetime"],
+                "auto_allow_lifetime must be positive (auto_allow_after = 0 turns auto-allow off)"
+                    .into(),
+            );
+        }
         if secs(g.max_age) == 0 {
             err(&["greylist", "max_age"], "max_age must be positive".into());
         }
@@ -509,10 +551,10 @@ impl RawConfig {
                 "at least one listen address is needed".into(),
             );
         }
-        for l in &p.listen {
+        for (i, l) in p.listen.iter().enumerate() {
             match l.parse() {
                 Ok(a) => listen.push(a),
-                Err(e) => err(&["policy", "listen"], e),
+                Err(e) => err(&["policy", "listen", &i.to_string()], e),
             }
         }
         let defer_action = p.defer_action.parse().unwrap_or_else(|e| {
@@ -525,8 +567,12 @@ impl RawConfig {
                 "defer_text must be one non-empty line".into(),
             );
         }
-        let socket_mode = u32::from_str_radix(p.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
+        let digits = p.socket_mode.strip_prefix("0o").unwrap_or(&p.socket_mode);
+        let socket_mode = Some(digits)
+            .filter(|d| {
+                !d.is_empty() && d.len() <= 4 && d.bytes().all(|b| (b'0'..=b'7').contains(&b))
+            })
+            .and_then(|d| u32::from_str_radix(d, 8).ok())
             .filter(|m| *m <= 0o777)
             .unwrap_or_else(|| {
                 err(
@@ -577,11 +623,10 @@ impl RawConfig {
                 StoreKind::Memory
             }
         };
-        if s.flush_interval.0.is_zero() || s.timeout.0.is_zero() {
-            err(
-                &["store"],
-                "flush_interval and timeout must be positive".into(),
-            );
+        for (name, d) in [("flush_interval", s.flush_interval), ("timeout", s.timeout)] {
+            if d.0.is_zero() {
+                err(&["store", name], format!("{name} must be positive"));
+            }
         }
 
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -606,14 +651,14 @@ impl RawConfig {
             ("senders", &a.senders, AllowLists::add_sender),
         ];
         for (name, entries, add) in inline {
-            for e in entries {
+            for (i, e) in entries.iter().enumerate() {
                 let origin = Origin {
                     source: "config".into(),
                     line: 0,
                     entry: e.clone(),
                 };
                 if let Err(m) = add(&mut allow, e, origin) {
-                    err(&["allow", name], m);
+                    err(&["allow", name, &i.to_string()], m);
                 }
             }
         }

@@ -1,1 +1,734 @@
 //! Configuration parsing and validation tests.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+
+use super::*;
+use crate::engine::{Classified, Request, Rule};
+
+const NAME: &str = "greygate.toml";
+
+fn source(text: &str) -> Source<'_> {
+    Source { name: NAME, text }
+}
+
+/// Parses and validates `text` as the file `greygate.toml`.
+fn check(text: &str) -> Result<Config, ConfigErrors> {
+    let src = source(text);
+    RawConfig::parse(&src)?.validate(Some(&src))
+}
+
+fn valid(text: &str) -> Config {
+    check(text).unwrap_or_else(|e| panic!("config should be valid:\n{text}\n---\n{e}"))
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match check(text) {
+        Ok(_) => panic!("config should be invalid:\n{text}"),
+        Err(ConfigErrors(list)) => list,
+    }
+}
+
+/// The only error of `text`.
+fn single_error(text: &str) -> ConfigError {
+    let mut list = errors(text);
+    assert_eq!(
+        list.len(),
+        1,
+        "one error expected for:\n{text}\ngot {list:?}"
+    );
+    list.remove(0)
+}
+
+/// `greygate.toml:LINE:` — the part of a location that names file and line.
+fn at_line(line: usize) -> String {
+    format!("{NAME}:{line}:")
+}
+
+fn temp_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(text.as_bytes()).expect("write temp file");
+    f
+}
+
+/// Path of a temp file as written in TOML (a literal string, no escapes needed).
+fn toml_path(f: &tempfile::NamedTempFile) -> String {
+    f.path().display().to_string()
+}
+
+fn rcpt(recipient: &str) -> Request {
+    Request {
+        stage: "RCPT".into(),
+        client_ip: Some("203.0.113.9".parse().expect("ip")),
+        client_name: "unknown".into(),
+        sender: "someone@sender.example".into(),
+        recipient: recipient.into(),
+        ..Request::default()
+    }
+}
+
+fn rule_for(config: &Config, req: &Request) -> Option<Rule> {
+    match config.engine.classify(req) {
+        Classified::Decided(d) => Some(d.rule),
+        Classified::Lookup(_) => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Defaults and a full sample
+// ---------------------------------------------------------------------------------------
+
+fn assert_default_config(c: &Config) {
+    assert_eq!(c.mode, Mode::Enforce);
+    assert_eq!(c.engine.policy, Policy::default());
+    assert_eq!(
+        c.listen,
+        vec![ListenAddr::Tcp("127.0.0.1:10023".parse().expect("addr"))]
+    );
+    assert_eq!(c.store, StoreKind::Embedded(DEFAULT_DB_PATH.into()));
+    assert_eq!(c.defer_action, DeferAction::DeferIfPermit);
+    assert!(c.defer_text.contains("{remaining}"));
+    assert!(c.x_greylist_header);
+    assert_eq!(c.socket_mode, 0o666);
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.fail_mode, FailMode::Open);
+    assert_eq!(c.flush_interval, Duration::from_secs(1));
+    assert_eq!(c.store_timeout, Duration::from_secs(1));
+    assert_eq!((c.log_level.as_str(), c.log_json), ("info", false));
+    assert!(!c.hostname.is_empty(), "defaults to the system host name");
+    // Only postmaster@ and abuse@ are allow-listed.
+    assert_eq!(c.engine.allow.counts(), (0, 2, 0));
+    for allowed in ["postmaster@rcpt.example", "Abuse+x@Other.Example"] {
+        assert_eq!(
+            rule_for(c, &rcpt(allowed)),
+            Some(Rule::AllowRecipient),
+            "{allowed}"
+        );
+    }
+    assert_eq!(rule_for(c, &rcpt("bob@rcpt.example")), None);
+}
+
+#[test]
+fn built_in_defaults_validate() {
+    let c = RawConfig::default()
+        .validate(None)
+        .expect("defaults are valid");
+    assert_default_config(&c);
+}
+
+#[test]
+fn empty_and_comment_only_files_give_the_defaults() {
+    for text in [
+        "",
+        "# nothing here\n\n",
+        "[greylist]\n[policy]\n[store]\n[allow]\n[log]\n",
+    ] {
+        assert_default_config(&valid(text));
+    }
+}
+
+#[test]
+fn full_sample_with_every_field_parses() {
+    let clients = temp_file("192.0.2.0/24\n.partner.example\n");
+    let recipients = temp_file("@rcpt.example\n");
+    let senders = temp_file("@trusted.example\n");
+    let text = format!(
+        r#"
+mode = "learn"
+hostname = "mx1.rcpt.example"
+
+[greylist]
+delay = "10m"
+retry_window = "1d"
+max_age = "60d"
+auto_allow_after = 3
+auto_allow_lifetime = "30d"
+ipv4_prefix = 28
+ipv6_prefix = 56
+recipient_delimiter = "+-"
+x_greylist_header = false
+
+[policy]
+listen = ["127.0.0.1:10023", "[::1]:10024", "unix:/run/greygate/policy.sock"]
+defer_action = "451 4.7.1"
+defer_text = "Come back in {{remaining}}s"
+socket_mode = "0660"
+max_connections = 64
+idle_timeout = "2m"
+io_timeout = 5
+max_line_length = 2048
+max_attributes = 64
+
+[store]
+backend = "memory"
+path = "/tmp/unused.redb"
+flush_interval = "250ms"
+timeout = "2s"
+fail_mode = "closed"
+
+[allow]
+clients = ["198.51.100.7", "/^mx[0-9]+\\.big\\.example$/"]
+client_files = ['{clients}']
+recipients = ["postmaster@"]
+recipient_files = ['{recipients}']
+senders = ["ceo@partner.example"]
+sender_files = ['{senders}']
+
+[log]
+level = "debug"
+format = "json"
+"#,
+        clients = toml_path(&clients),
+        recipients = toml_path(&recipients),
+        senders = toml_path(&senders),
+    );
+    let c = valid(&text);
+    assert_eq!(c.mode, Mode::Learn);
+    assert_eq!(c.hostname, "mx1.rcpt.example");
+    assert_eq!(
+        c.engine.policy,
+        Policy {
+            delay: 600,
+            retry_window: 86_400,
+            max_age: 60 * 86_400,
+            auto_allow_after: 3,
+            auto_allow_lifetime: 30 * 86_400,
+            ipv4_prefix: 28,
+            ipv6_prefix: 56,
+            recipient_delimiter: "+-".into(),
+        }
+    );
+    assert!(!c.x_greylist_header);
+    assert_eq!(
+        c.listen,
+        vec![
+            ListenAddr::Tcp("127.0.0.1:10023".parse().expect("addr")),
+            ListenAddr::Tcp("[::1]:10024".parse().expect("addr")),
+            ListenAddr::Unix("/run/greygate/policy.sock".into()),
+        ]
+    );
+    assert_eq!(c.defer_action, DeferAction::Code("451 4.7.1".into()));
+    assert_eq!(c.defer_text, "Come back in {remaining}s");
+    assert_eq!(c.socket_mode, 0o660);
+    assert_eq!(c.max_connections, 64);
+    assert_eq!(c.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.io_timeout, Duration::from_secs(5));
+    assert_eq!(
+        c.limits,
+        Limits {
+            max_line: 2048,
+            max_attributes: 64
+        }
+    );
+    assert_eq!(c.store, StoreKind::Memory);
+    assert_eq!(c.flush_interval, Duration::from_millis(250));
+    assert_eq!(c.store_timeout, Duration::from_secs(2));
+    assert_eq!(c.fail_mode, FailMode::Closed);
+    assert_eq!((c.log_level.as_str(), c.log_json), ("debug", true));
+    // Inline entries and file entries are both loaded: 2+2 clients, 1+1 recipients, 1+1 senders.
+    assert_eq!(c.engine.allow.counts(), (4, 2, 2));
+    let from = |ip: &str, name: &str, sender: &str, recipient: &str| Request {
+        client_ip: Some(ip.parse::<IpAddr>().expect("ip")),
+        client_name: name.into(),
+        sender: sender.into(),
+        ..rcpt(recipient)
+    };
+    #[rustfmt::skip]
+    let cases = [
+        (from("192.0.2.9", "unknown", "a@b.example", "x@y.example"), Some(Rule::AllowClientAddress)),
+        (from("203.0.113.1", "mx7.big.example", "a@b.example", "x@y.example"), Some(Rule::AllowClientName)),
+        (from("203.0.113.1", "out.partner.example", "a@b.example", "x@y.example"), Some(Rule::AllowClientName)),
+        (from("203.0.113.1", "unknown", "a@b.example", "bob@rcpt.example"), Some(Rule::AllowRecipient)),
+        (from("203.0.113.1", "unknown", "a@b.example", "abuse@y.example"), None),
+        (from("203.0.113.1", "unknown", "x@trusted.example", "x@y.example"), Some(Rule::AllowSender)),
+        (from("203.0.113.1", "unknown", "ceo@partner.example", "x@y.example"), Some(Rule::AllowSender)),
+    ];
+    for (req, want) in cases {
+        assert_eq!(rule_for(&c, &req), want, "{req:?}");
+    }
+}
+
+#[test]
+fn setting_recipients_replaces_the_default_allow_list() {
+    let c = valid("[allow]\nrecipients = []\n");
+    assert_eq!(c.engine.allow.counts(), (0, 0, 0));
+    assert_eq!(rule_for(&c, &rcpt("postmaster@rcpt.example")), None);
+}
+
+// ---------------------------------------------------------------------------------------
+// Durations
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn durations_are_integers_or_humantime() {
+    #[rustfmt::skip]
+    let cases = [
+        ("300", Duration::from_secs(300)),
+        ("0", Duration::ZERO),
+        ("\"300\"", Duration::from_secs(300)),
+        ("\"5m\"", Duration::from_secs(300)),
+        ("\"2d\"", Duration::from_secs(2 * 86_400)),
+        ("\"1h 30m\"", Duration::from_secs(5_400)),
+        ("\"500ms\"", Duration::from_millis(500)),
+        ("\" 5s \"", Duration::from_secs(5)),
+    ];
+    for (value, want) in cases {
+        let raw = RawConfig::parse(&source(&format!("[store]\ntimeout = {value}\n")))
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+        assert_eq!(raw.store.timeout.0, want, "{value}");
+    }
+    // Through validation into the policy (whole seconds).
+    let c = valid("[greylist]\ndelay = \"5m\"\nretry_window = \"2d\"\nmax_age = 3024000\n");
+    assert_eq!(
+        (
+            c.engine.policy.delay,
+            c.engine.policy.retry_window,
+            c.engine.policy.max_age
+        ),
+        (300, 172_800, 3_024_000)
+    );
+}
+
+#[test]
+fn bad_durations_are_errors_at_their_line() {
+    for (value, hint) in [
+        ("\"5x\"", "5x"),
+        ("\"soon\"", "soon"),
+        ("\"\"", "bad duration"),
+        ("-5", ""),
+        ("1.5", ""),
+        ("true", ""),
+    ] {
+        let text = format!("# comment\n[greylist]\ndelay = {value}\n");
+        let e = single_error(&text);
+        assert!(
+            e.location.starts_with(&at_line(3)),
+            "{value}: {}",
+            e.location
+        );
+        assert!(e.message.contains(hint), "{value}: {}", e.message);
+    }
+}
+
+#[test]
+fn dur_from_str_and_display() {
+    assert_eq!("90".parse::<Dur>(), Ok(Dur(Duration::from_secs(90))));
+    assert_eq!("1m 30s".parse::<Dur>(), Ok(Dur(Duration::from_secs(90))));
+    assert!("ninety".parse::<Dur>().is_err());
+    assert_eq!(Dur(Duration::from_secs(2 * 86_400)).to_string(), "2days");
+    // Display output parses back to the same duration.
+    for d in [0, 1, 299, 3_600, 172_800] {
+        let dur = Dur(Duration::from_secs(d));
+        assert_eq!(dur.to_string().parse::<Dur>(), Ok(dur), "{dur}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Where errors are reported
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn toml_syntax_error_reports_line_and_column() {
+    let e = single_error("[greylist]\ndelay = 300\nretry_window = = 5\n");
+    assert!(e.location.starts_with(&at_line(3)), "{}", e.location);
+    let col = e.location.rsplit(':').next().expect("column");
+    assert!(col.parse::<usize>().is_ok_and(|c| c > 1), "{}", e.location);
+    // Unterminated table header on line 2.
+    let e = single_error("mode = \"enforce\"\n[greylist\ndelay = 300\n");
+    assert!(e.location.starts_with(&at_line(2)), "{}", e.location);
+}
+
+#[test]
+fn unknown_key_is_an_error_at_its_line() {
+    let e = single_error("[greylist]\ndelay = 300\ndealy = 5\n");
+    assert_eq!(e.location, format!("{NAME}:3:1"));
+    assert!(e.message.contains("dealy"), "{}", e.message);
+    assert!(
+        e.message.contains("delay"),
+        "suggests the known keys: {}",
+        e.message
+    );
+
+    let e = single_error("mode = \"enforce\"\n\n[greylsit]\ndelay = 300\n");
+    assert!(e.location.starts_with(&at_line(3)), "{}", e.location);
+    assert!(e.message.contains("greylsit"), "{}", e.message);
+}
+
+#[test]
+fn type_error_is_reported_at_its_line() {
+    #[rustfmt::skip]
+    let cases = [
+        ("\n[greylist]\ndelay = true\n", 3),
+        ("[greylist]\nauto_allow_after = \"five\"\n", 2),
+        ("[greylist]\nipv4_prefix = 300\n", 2),
+        ("[greylist]\nx_greylist_header = \"yes\"\n", 2),
+        ("mode = \"observe\"\n", 1),
+        ("\n\n[policy]\nlisten = \"127.0.0.1:10023\"\n", 4),
+        ("[store]\nfail_mode = \"ajar\"\n", 2),
+        ("[allow]\nclients = [1, 2]\n", 2),
+    ];
+    for (text, line) in cases {
+        let e = single_error(text);
+        assert!(
+            e.location.starts_with(&at_line(line)),
+            "{text:?}: {}",
+            e.location
+        );
+    }
+}
+
+#[test]
+fn semantic_errors_point_at_the_bad_setting() {
+    // (config text, 1-based line of the bad value, a fragment of the message)
+    #[rustfmt::skip]
+    let cases: &[(&str, usize, &str)] = &[
+        ("[greylist]\ndelay = 600\nretry_window = 300\n", 3, "retry_window"),
+        ("[greylist]\nretry_window = \"1m\"\n", 2, "retry_window"),
+        ("[greylist]\nmax_age = 0\n", 2, "max_age"),
+        ("# x\n[greylist]\nipv4_prefix = 33\n", 3, "ipv4_prefix 33"),
+        ("[greylist]\n\nipv6_prefix = 129\n", 3, "ipv6_prefix 129"),
+        ("[greylist]\nrecipient_delimiter = \"+@\"\n", 2, "recipient_delimiter"),
+        ("[greylist]\nrecipient_delimiter = \"+ \"\n", 2, "recipient_delimiter"),
+        ("[policy]\nlisten = [\"127.0.0.1:10023\"]\ndefer_action = \"REJECT\"\n", 3, "REJECT"),
+        ("[policy]\ndefer_action = \"550 5.7.1\"\n", 2, "550 5.7.1"),
+        ("\n[policy]\nlisten = [\"nonsense\"]\n", 3, "nonsense"),
+        ("[policy]\nlisten = []\n", 2, "at least one"),
+        ("[policy]\nlisten = [\"unix:relative.sock\"]\n", 2, "absolute"),
+        ("[policy]\nsocket_mode = \"999\"\n", 2, "999"),
+        ("[policy]\nsocket_mode = \"rw-rw-rw-\"\n", 2, "rw-rw-rw-"),
+        ("[policy]\nsocket_mode = \"01777\"\n", 2, "01777"),
+        ("[policy]\ndefer_text = \"\"\n", 2, "defer_text"),
+        ("[policy]\ndefer_text = \"two\\nlines\"\n", 2, "defer_text"),
+        ("[policy]\nmax_connections = 0\n", 2, "max_connections"),
+        ("[policy]\nidle_timeout = 0\n", 2, "idle_timeout"),
+        ("[policy]\nio_timeout = \"0s\"\n", 2, "io_timeout"),
+        ("[policy]\nmax_line_length = 100\n", 2, "max_line_length"),
+        ("[policy]\nmax_attributes = 10\n", 2, "max_attributes"),
+        ("[store]\nbackend = \"sqlite\"\n", 2, "sqlite"),
+        ("[log]\nformat = \"xml\"\n", 2, "xml"),
+        ("hostname = \"mx 1\"\n", 1, "host name"),
+        ("hostname = \"\"\n", 1, "host name"),
+        ("[allow]\nclients = [\"192.0.2.0/24\", \"300.1.2.3\"]\n", 2, "300.1.2.3"),
+        ("[allow]\n\nrecipients = [\"nobody\"]\n", 3, "nobody"),
+        ("[allow]\nsenders = [\"@\"]\n", 2, "@"),
+        // A bad element of a multi-line array is reported at its own line.
+        ("[policy]\nlisten = [\n  \"127.0.0.1:10023\",\n  \"nonsense\",\n]\n", 4, "nonsense"),
+        ("[allow]\nclients = [\n  \"192.0.2.0/24\",\n\n  \"300.1.2.3\",\n]\n", 5, "300.1.2.3"),
+        ("[greylist]\ndelay = \"500ms\"\n", 2, "whole seconds"),
+        ("[greylist]\nauto_allow_lifetime = 0\n", 2, "auto_allow_lifetime"),
+        ("[policy]\nsocket_mode = \"+660\"\n", 2, "+660"),
+        ("[policy]\nsocket_mode = \"0o0o660\"\n", 2, "0o0o660"),
+        ("[store]\nflush_interval = 0\n", 2, "flush_interval"),
+    ];
+    for &(text, line, fragment) in cases {
+        let e = single_error(text);
+        assert!(
+            e.location.starts_with(&at_line(line)),
+            "{text:?}: location {} (want line {line})",
+            e.location
+        );
+        assert!(
+            e.message.contains(fragment),
+            "{text:?}: message {:?} lacks {fragment:?}",
+            e.message
+        );
+    }
+}
+
+#[test]
+fn semantic_error_column_points_at_the_value() {
+    let e = single_error("[greylist]\ndelay = 600\nretry_window = 300\n");
+    assert_eq!(e.location, format!("{NAME}:3:16"));
+    assert_eq!(
+        e.to_string(),
+        format!("{NAME}:3:16: retry_window (5m) must not be shorter than delay (10m)")
+    );
+}
+
+#[test]
+fn zero_store_timeout_points_at_its_key() {
+    let e = single_error("mode = \"enforce\"\n\n[store]\nbackend = \"memory\"\ntimeout = 0\n");
+    assert!(e.location.starts_with(&at_line(5)), "{}", e.location);
+    assert!(e.message.contains("timeout"), "{}", e.message);
+}
+
+#[test]
+fn a_bad_duration_type_says_what_a_duration_looks_like() {
+    let e = single_error("[greylist]\ndelay = true\n");
+    assert!(e.location.starts_with(&at_line(2)), "{}", e.location);
+    assert!(e.message.contains("whole seconds"), "{}", e.message);
+}
+
+#[test]
+fn explicit_defer_codes_are_normalised() {
+    let c = valid("[policy]\ndefer_action = \"  451   4.7.1 \"\n");
+    assert_eq!(c.defer_action, DeferAction::Code("451 4.7.1".into()));
+}
+
+#[test]
+fn errors_found_by_validate_without_a_source_name_the_setting() {
+    let mut raw = RawConfig::default();
+    raw.greylist.ipv4_prefix = 40;
+    raw.policy.defer_action = "nope".into();
+    let ConfigErrors(list) = raw.validate(None).expect_err("invalid");
+    let locations: Vec<&str> = list.iter().map(|e| e.location.as_str()).collect();
+    assert_eq!(locations, ["greylist.ipv4_prefix", "policy.defer_action"]);
+}
+
+#[test]
+fn several_problems_are_reported_at_once() {
+    let text = "\
+[greylist]
+delay = 600
+retry_window = 300
+ipv4_prefix = 33
+
+[policy]
+listen = [\"nonsense\"]
+defer_action = \"REJECT\"
+socket_mode = \"999\"
+
+[log]
+format = \"xml\"
+";
+    let list = errors(text);
+    let mut lines: Vec<usize> = list
+        .iter()
+        .map(|e| {
+            let rest = e.location.strip_prefix(NAME).expect("file name first");
+            rest.split(':')
+                .nth(1)
+                .expect("line")
+                .parse()
+                .expect("number")
+        })
+        .collect();
+    lines.sort_unstable();
+    assert_eq!(lines, [3, 4, 7, 8, 9, 12], "{list:?}");
+    // The Display form prints one problem per line.
+    assert_eq!(ConfigErrors(list).to_string().lines().count(), 6);
+}
+
+// ---------------------------------------------------------------------------------------
+// Allow-list files
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn allow_file_errors_name_path_and_line_of_each_bad_line() {
+    let clients = temp_file(
+        "# trusted relays\n192.0.2.0/24\nnot a host\n\n.partner.example  # all of them\n300.0.0.1\n/^mx[0-9]+$/\n/unterminated\n",
+    );
+    let recipients = temp_file("@rcpt.example\nnobody\npostmaster@\n");
+    let senders = temp_file("ceo@partner.example\n\n\n@\n");
+    let text = format!(
+        "[allow]\nclient_files = ['{}']\nrecipient_files = ['{}']\nsender_files = ['{}']\n",
+        toml_path(&clients),
+        toml_path(&recipients),
+        toml_path(&senders),
+    );
+    let list = errors(&text);
+    let locations: Vec<String> = list.iter().map(|e| e.location.clone()).collect();
+    let want = [
+        format!("{}:3", toml_path(&clients)),
+        format!("{}:6", toml_path(&clients)),
+        format!("{}:8", toml_path(&clients)),
+        format!("{}:2", toml_path(&recipients)),
+        format!("{}:4", toml_path(&senders)),
+    ];
+    assert_eq!(locations, want, "{list:?}");
+    assert!(
+        list[0].message.contains("not a host"),
+        "{}",
+        list[0].message
+    );
+    assert!(list[1].message.contains("300.0.0.1"), "{}", list[1].message);
+}
+
+#[test]
+fn allow_file_errors_come_with_config_errors() {
+    let clients = temp_file("bad entry\n");
+    let text = format!(
+        "[greylist]\nipv4_prefix = 33\n[allow]\nclient_files = ['{}']\n",
+        toml_path(&clients)
+    );
+    let list = errors(&text);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(list[0].location.starts_with(&at_line(2)), "{list:?}");
+    assert_eq!(list[1].location, format!("{}:1", toml_path(&clients)));
+}
+
+#[test]
+fn good_allow_files_are_loaded_with_their_origin() {
+    let clients = temp_file("# comment\n\n192.0.2.0/24\n");
+    let text = format!("[allow]\nclient_files = ['{}']\n", toml_path(&clients));
+    let c = valid(&text);
+    let req = Request {
+        client_ip: Some("192.0.2.200".parse().expect("ip")),
+        ..rcpt("bob@rcpt.example")
+    };
+    let Classified::Decided(d) = c.engine.classify(&req) else {
+        panic!("client should be allow-listed");
+    };
+    assert_eq!(d.rule, Rule::AllowClientAddress);
+    let detail = d.detail.expect("origin");
+    assert!(
+        detail.contains(&format!("{}:3", toml_path(&clients))),
+        "{detail}"
+    );
+}
+
+#[test]
+fn missing_allow_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-allow-file");
+    let text = format!(
+        "[allow]\nclients = [\"192.0.2.1\"]\nrecipient_files = ['{}']\n",
+        missing.display()
+    );
+    let e = single_error(&text);
+    assert!(e.location.starts_with(&at_line(3)), "{}", e.location);
+    assert!(
+        e.message.contains(&missing.display().to_string()),
+        "{}",
+        e.message
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading the file
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn load_raw_reads_a_file_and_names_it_in_errors() {
+    let good = temp_file("mode = \"learn\"\n");
+    let (raw, text) = load_raw(good.path(), true).expect("readable");
+    assert_eq!(raw.mode, Mode::Learn);
+    assert_eq!(text.as_deref(), Some("mode = \"learn\"\n"));
+
+    let bad = temp_file("\nmode = 5\n");
+    let ConfigErrors(list) = load_raw(bad.path(), true).expect_err("type error");
+    assert!(
+        list[0]
+            .location
+            .starts_with(&format!("{}:2:", bad.path().display())),
+        "{list:?}"
+    );
+}
+
+#[test]
+fn missing_config_file_is_fine_only_when_not_named_explicitly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("greygate.toml");
+    let (raw, text) = load_raw(&missing, false).expect("defaults");
+    assert!(text.is_none());
+    assert_default_config(&raw.validate(None).expect("defaults are valid"));
+
+    let ConfigErrors(list) = load_raw(&missing, true).expect_err("named file must exist");
+    assert_eq!(list[0].location, missing.display().to_string());
+}
+
+// ---------------------------------------------------------------------------------------
+// defer_action and listen
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn defer_action_parsing_table() {
+    #[rustfmt::skip]
+    let cases: &[(&str, Option<DeferAction>)] = &[
+        ("DEFER_IF_PERMIT", Some(DeferAction::DeferIfPermit)),
+        ("defer_if_permit", Some(DeferAction::DeferIfPermit)),
+        ("DEFER", Some(DeferAction::Defer)),
+        ("defer", Some(DeferAction::Defer)),
+        (" defer ", Some(DeferAction::Defer)),
+        ("451 4.7.1", Some(DeferAction::Code("451 4.7.1".into()))),
+        ("450", Some(DeferAction::Code("450".into()))),
+        ("421 4.3.2", Some(DeferAction::Code("421 4.3.2".into()))),
+        ("550 5.7.1", None),
+        ("550", None),
+        ("451 5.7.1", None),
+        ("451 4.7", None),
+        ("451 4.7.x", None),
+        ("451 4..1", None),
+        ("45 4.7.1", None),
+        ("4511", None),
+        ("45a", None),
+        ("451 4.7.1 extra", None),
+        ("REJECT", None),
+        ("DUNNO", None),
+        ("", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(text.parse::<DeferAction>().ok(), *want, "{text:?}");
+    }
+}
+
+#[test]
+fn defer_action_reply_and_store_failure_override() {
+    let code = DeferAction::Code("451 4.7.1".into());
+    let bare = DeferAction::Code("450".into());
+    #[rustfmt::skip]
+    let cases = [
+        (&DeferAction::DeferIfPermit, None, "DEFER_IF_PERMIT Greylisted"),
+        (&DeferAction::DeferIfPermit, Some("4.3.0"), "DEFER_IF_PERMIT 4.3.0 Greylisted"),
+        (&DeferAction::Defer, None, "DEFER Greylisted"),
+        (&DeferAction::Defer, Some("4.3.0"), "DEFER 4.3.0 Greylisted"),
+        (&code, None, "451 4.7.1 Greylisted"),
+        (&code, Some("4.3.0"), "451 4.3.0 Greylisted"),
+        (&bare, None, "450 Greylisted"),
+        (&bare, Some("4.3.0"), "450 4.3.0 Greylisted"),
+    ];
+    for (action, dsn, want) in cases {
+        assert_eq!(action.reply("Greylisted", dsn), want, "{action:?} {dsn:?}");
+    }
+}
+
+#[test]
+fn listen_address_parsing_table() {
+    let tcp = |s: &str| Some(ListenAddr::Tcp(s.parse::<SocketAddr>().expect("addr")));
+    let unix = |s: &str| Some(ListenAddr::Unix(s.into()));
+    #[rustfmt::skip]
+    let cases: &[(&str, Option<ListenAddr>)] = &[
+        ("127.0.0.1:10023", tcp("127.0.0.1:10023")),
+        ("0.0.0.0:0", tcp("0.0.0.0:0")),
+        ("[::1]:10023", tcp("[::1]:10023")),
+        ("unix:/run/x.sock", unix("/run/x.sock")),
+        ("/run/x.sock", unix("/run/x.sock")),
+        ("unix:relative", None),
+        ("unix:", None),
+        ("relative.sock", None),
+        // std's SocketAddr does not resolve names: host names are refused.
+        ("localhost:25", None),
+        ("127.0.0.1", None),
+        ("::1:10023", None),
+        ("127.0.0.1:99999", None),
+        ("nonsense", None),
+        ("", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(text.parse::<ListenAddr>().ok(), *want, "{text:?}");
+    }
+}
+
+#[test]
+fn listen_address_display_parses_back() {
+    for text in ["127.0.0.1:10023", "[::1]:10023", "unix:/run/x.sock"] {
+        let addr: ListenAddr = text.parse().expect("valid");
+        assert_eq!(addr.to_string(), text);
+        assert_eq!(addr.to_string().parse::<ListenAddr>(), Ok(addr));
+    }
+    let bare: ListenAddr = "/run/x.sock".parse().expect("valid");
+    assert_eq!(bare.to_string(), "unix:/run/x.sock");
+}
+
+#[test]
+fn socket_mode_spellings() {
+    for (text, want) in [
+        ("0660", 0o660),
+        ("660", 0o660),
+        ("0o600", 0o600),
+        ("0777", 0o777),
+    ] {
+        let c = valid(&format!("[policy]\nsocket_mode = \"{text}\"\n"));
+        assert_eq!(c.socket_mode, want, "{text}");
+    }
+}

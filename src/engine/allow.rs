@@ -145,7 +145,7 @@ impl AllowLists {
             let ip = canonical_ip(ip);
             self.nets.push((IpNet::from(ip), origin));
         } else if let Ok(net) = e.parse::<IpNet>() {
-            self.nets.push((net.trunc(), origin));
+            self.nets.push((canonical_net(net), origin));
         } else if e.contains('/')
             || e.contains(':')
             || e.bytes().all(|b| b.is_ascii_digit() || b == b'.')
@@ -231,14 +231,16 @@ impl AllowLists {
         found.map(|o| (AllowKind::ClientName, o))
     }
 
-    /// Matches a normalised recipient.
-    pub fn match_recipient(&self, recipient: &str) -> Option<&Origin> {
-        self.recipients.find(recipient)
+    /// Matches a recipient by its normalised form (what the key uses) or, failing that,
+    /// as received (lower-cased), so an entry written with an extension still matches.
+    pub fn match_recipient(&self, normalised: &str, raw: &str) -> Option<&Origin> {
+        find_either(&self.recipients, normalised, raw)
     }
 
-    /// Matches a normalised sender.
-    pub fn match_sender(&self, sender: &str) -> Option<&Origin> {
-        self.senders.find(sender)
+    /// Matches a sender like [`AllowLists::match_recipient`]; `raw` keeps VERP numbers,
+    /// extensions and BATV tags that normalisation removes.
+    pub fn match_sender(&self, normalised: &str, raw: &str) -> Option<&Origin> {
+        find_either(&self.senders, normalised, raw)
     }
 
     /// Number of entries per list: (clients, recipients, senders).
@@ -246,6 +248,33 @@ impl AllowLists {
         let clients = self.nets.len() + self.names.len() + self.suffixes.len() + self.regexes.len();
         (clients, self.recipients.len(), self.senders.len())
     }
+}
+
+fn find_either<'a>(list: &'a AddressList, normalised: &str, raw: &str) -> Option<&'a Origin> {
+    if list.len() == 0 {
+        return None;
+    }
+    list.find(normalised).or_else(|| {
+        let raw = raw.trim();
+        let raw = raw
+            .strip_prefix('<')
+            .and_then(|r| r.strip_suffix('>'))
+            .unwrap_or(raw);
+        list.find(&raw.to_lowercase())
+    })
+}
+
+/// IPv4-mapped IPv6 networks (`::ffff:192.0.2.0/120`) become IPv4 networks, since client
+/// addresses are matched in their IPv4 form.
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(n.trunc());
+    }
+    net.trunc()
 }
 
 fn check_host_name(name: &str, entry: &str) -> Result<(), String> {
@@ -371,12 +400,64 @@ mod tests {
         ];
         for (addr, want) in cases {
             assert_eq!(
-                a.match_recipient(addr).map(|o| o.entry.as_str()),
+                a.match_recipient(addr, addr).map(|o| o.entry.as_str()),
                 want,
                 "{addr}"
             );
-            assert!(a.match_sender(addr).is_none());
+            assert!(a.match_sender(addr, addr).is_none());
         }
+    }
+
+    #[test]
+    fn address_entries_match_as_written_or_normalised() {
+        let mut a = AllowLists::default();
+        for e in [
+            "newsletter-2024@partner.example",
+            "bob+tag@x.example",
+            "ceo@y.example",
+        ] {
+            a.add_sender(e, origin(e)).unwrap();
+            a.add_recipient(e, origin(e)).unwrap();
+        }
+        // (normalised form the key uses, as received, expected entry)
+        let cases = [
+            (
+                "newsletter-#@partner.example",
+                "Newsletter-2024@Partner.example",
+                Some("newsletter-2024@partner.example"),
+            ),
+            (
+                "newsletter-#@partner.example",
+                "newsletter-2025@partner.example",
+                None,
+            ),
+            (
+                "bob@x.example",
+                "<bob+tag@x.example>",
+                Some("bob+tag@x.example"),
+            ),
+            ("bob@x.example", "bob+other@x.example", None),
+            (
+                "ceo@y.example",
+                "ceo+board@y.example",
+                Some("ceo@y.example"),
+            ),
+        ];
+        for (normalised, raw, want) in cases {
+            let got = a.match_sender(normalised, raw).map(|o| o.entry.as_str());
+            assert_eq!(got, want, "sender {raw}");
+            let got = a.match_recipient(normalised, raw).map(|o| o.entry.as_str());
+            assert_eq!(got, want, "recipient {raw}");
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_match_ipv4_clients() {
+        let a = lists(&["::ffff:192.0.2.0/120"], &[]);
+        for ip in ["192.0.2.1", "::ffff:192.0.2.255"] {
+            assert!(a.match_client(ip.parse().unwrap(), "").is_some(), "{ip}");
+        }
+        assert!(a.match_client("192.0.3.1".parse().unwrap(), "").is_none());
     }
 
     #[test]

@@ -310,14 +310,14 @@ impl Engine {
             return done(Verdict::Pass, rule, Some(origin.to_string()));
         }
         let key = self.key(ip, &req.sender, &req.recipient);
-        if let Some(origin) = self.allow.match_recipient(&key.recipient) {
+        if let Some(origin) = self.allow.match_recipient(&key.recipient, &req.recipient) {
             return done(
                 Verdict::Pass,
                 Rule::AllowRecipient,
                 Some(origin.to_string()),
             );
         }
-        if let Some(origin) = self.allow.match_sender(&key.sender) {
+        if let Some(origin) = self.allow.match_sender(&key.sender, &req.sender) {
             return done(Verdict::Pass, Rule::AllowSender, Some(origin.to_string()));
         }
         Classified::Lookup(key)
