@@ -4,4 +4,5 @@
 mod cli;
 mod harness;
 mod policy;
+mod postfix;
 mod store;
