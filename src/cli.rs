@@ -29,7 +29,7 @@ pub enum Command {
     /// Run the daemon: Postfix policy service on the configured listeners.
     Serve(ServeArgs),
     /// Check the configuration and allow-list files; report every problem with its line.
-    CheckConfig(ConfigArgs),
+    CheckConfig(CheckConfigArgs),
     /// Explain what greygate would decide for a request, without changing anything.
     Explain(ExplainArgs),
 }
@@ -51,12 +51,24 @@ impl ConfigArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also connect to the store's server (redis, postgres) and report what answered
+    #[arg(long)]
+    pub connect: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Listen here instead of the configured addresses (repeatable): 127.0.0.1:10023, [::1]:10023, unix:/path
     #[arg(short, long, value_name = "ADDR")]
     pub listen: Vec<String>,
+    /// Serve the milter protocol here instead of the configured milter addresses (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub milter_listen: Vec<String>,
     /// Use the embedded store in this file
     #[arg(long, value_name = "PATH", conflicts_with = "memory")]
     pub db: Option<PathBuf>,

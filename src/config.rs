@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer};
 use crate::engine::{AllowLists, Engine, Mode, Origin, Policy};
 use crate::proto::policy::Limits;
 
+/// Most connections one listener may hold (far above what one MTA opens).
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// Where greygate looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/greygate/greygate.toml";
 /// Where the embedded store lives when neither config nor `--db` says otherwise.
@@ -74,9 +77,42 @@ pub struct RawConfig {
     pub hostname: Option<String>,
     pub greylist: RawGreylist,
     pub policy: RawPolicyServer,
+    pub milter: RawMilter,
     pub store: RawStore,
     pub allow: RawAllow,
     pub log: RawLog,
+}
+
+/// `[milter]`: the milter listener(s) for Sendmail and Postfix `smtpd_milters`. The
+/// deferral text is `[policy] defer_text`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMilter {
+    /// Addresses to listen on (none by default): `127.0.0.1:10024`, `unix:/path`.
+    pub listen: Vec<String>,
+    /// SMTP code and enhanced status code of a deferral, e.g. `451 4.7.1`.
+    pub reply_code: String,
+    /// Concurrent connections per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Close a connection whose MTA sends nothing for this long.
+    pub idle_timeout: Dur,
+    /// Close a connection that takes this long to finish a frame or to take a reply.
+    pub io_timeout: Dur,
+    /// Largest frame in bytes.
+    pub max_frame: usize,
+}
+
+impl Default for RawMilter {
+    fn default() -> Self {
+        RawMilter {
+            listen: Vec::new(),
+            reply_code: "451 4.7.1".into(),
+            max_connections: 512,
+            idle_timeout: Dur(Duration::from_secs(600)),
+            io_timeout: Dur(Duration::from_secs(10)),
+            max_frame: crate::proto::milter::DEFAULT_MAX_FRAME,
+        }
+    }
 }
 
 /// `[greylist]`: the decision parameters.
@@ -165,10 +201,18 @@ impl Default for RawPolicyServer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawStore {
-    /// `embedded` (one crash-safe file) or `memory` (lost on restart).
+    /// `embedded` (one crash-safe file), `memory` (lost on restart), or a database shared by
+    /// several MX hosts: `redis` or `postgres` (at `url`).
     pub backend: String,
     /// File of the embedded store.
     pub path: PathBuf,
+    /// Server of the `redis` or `postgres` backend: `redis://[[user]:password@]host[:port][/db]`,
+    /// `redis+unix:///path/to/socket`, `postgres://user[:password]@host[:port]/database`.
+    pub url: String,
+    /// Most connections to the `postgres` server (the `redis` backend multiplexes one).
+    pub pool_size: usize,
+    /// How long one connection attempt to a `redis` or `postgres` server may take.
+    pub connect_timeout: Dur,
     /// How often the embedded store commits changes; a hard kill loses at most this much.
     pub flush_interval: Dur,
     /// A store answer slower than this counts as a store failure.
@@ -182,6 +226,9 @@ impl Default for RawStore {
         RawStore {
             backend: "embedded".into(),
             path: DEFAULT_DB_PATH.into(),
+            url: String::new(),
+            pool_size: 16,
+            connect_timeout: Dur(Duration::from_secs(2)),
             flush_interval: Dur(Duration::from_secs(1)),
             timeout: Dur(Duration::from_secs(1)),
             fail_mode: FailMode::Open,
@@ -322,7 +369,8 @@ impl FromStr for DeferAction {
         let code = parts.next().unwrap_or("");
         let dsn = parts.next();
         let code_ok =
-            code.len() == 3 && code.starts_with('4') && code.bytes().all(|b| b.is_ascii_digit());
+            // 421 would end the whole SMTP session; only these defer one recipient.
+            matches!(code, "450" | "451" | "452");
         let dsn_ok = dsn.is_none_or(|d| {
             let f: Vec<&str> = d.split('.').collect();
             f.len() == 3
@@ -347,6 +395,64 @@ impl FromStr for DeferAction {
 pub enum StoreKind {
     Memory,
     Embedded(PathBuf),
+    Redis(ServerStore),
+    Postgres(ServerStore),
+}
+
+/// Where a shared store's server is and how to reach it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerStore {
+    /// The URL as configured, credentials included: show it with `Display`, which hides
+    /// the password.
+    pub url: String,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+}
+
+impl ServerStore {
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Display for ServerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted_url())
+    }
+}
+
+// Configurations get printed and logged: never the password.
+impl fmt::Debug for ServerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerStore")
+            .field("url", &self.redacted_url())
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Hides the password of `scheme://user:password@host...` URLs and of `password=...` in
+/// PostgreSQL `key=value` connection strings.
+fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@')
+            && let Some((user, _password)) = userinfo.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}{tail}");
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The checked configuration.
@@ -364,6 +470,13 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub io_timeout: Duration,
     pub limits: Limits,
+    pub milter_listen: Vec<ListenAddr>,
+    /// `451 4.7.1`-style code of milter deferrals.
+    pub milter_reply_code: String,
+    pub milter_max_connections: usize,
+    pub milter_idle_timeout: Duration,
+    pub milter_io_timeout: Duration,
+    pub milter_max_frame: usize,
     pub store: StoreKind,
     pub flush_interval: Duration,
     pub store_timeout: Duration,
@@ -545,10 +658,10 @@ impl RawConfig {
 
         let p = &self.policy;
         let mut listen = Vec::new();
-        if p.listen.is_empty() {
+        if p.listen.is_empty() && self.milter.listen.is_empty() {
             err(
                 &["policy", "listen"],
-                "at least one listen address is needed".into(),
+                "at least one listen address is needed (policy or milter)".into(),
             );
         }
         for (i, l) in p.listen.iter().enumerate() {
@@ -584,10 +697,10 @@ impl RawConfig {
                 );
                 0o666
             });
-        if p.max_connections == 0 {
+        if !(1..=MAX_CONNECTIONS).contains(&p.max_connections) {
             err(
                 &["policy", "max_connections"],
-                "max_connections must be at least 1".into(),
+                format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
             );
         }
         for (name, d) in [
@@ -611,24 +724,137 @@ impl RawConfig {
             );
         }
 
+        let m = &self.milter;
+        let mut milter_listen = Vec::new();
+        for (i, l) in m.listen.iter().enumerate() {
+            match l.parse() {
+                Ok(a) => milter_listen.push(a),
+                Err(e) => err(&["milter", "listen", &i.to_string()], e),
+            }
+        }
+        // The same checks as an explicit policy defer code: 45x and an optional 4.x.y.
+        if !matches!(m.reply_code.parse(), Ok(DeferAction::Code(_))) {
+            err(
+                &["milter", "reply_code"],
+                format!(
+                    "{:?} is not a 450/451/452 reply code such as \"451 4.7.1\"",
+                    m.reply_code
+                ),
+            );
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&m.max_connections) {
+            err(
+                &["milter", "max_connections"],
+                format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
+        for (name, d) in [
+            ("idle_timeout", m.idle_timeout),
+            ("io_timeout", m.io_timeout),
+        ] {
+            if d.0.is_zero() {
+                err(&["milter", name], format!("{name} must be positive"));
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&m.max_frame) {
+            err(
+                &["milter", "max_frame"],
+                "max_frame must be between 1 KiB and 64 MiB".into(),
+            );
+        }
+
         let s = &self.store;
+        if s.backend == "embedded" && s.path.as_os_str().is_empty() {
+            err(
+                &["store", "path"],
+                "the embedded store needs a file path".into(),
+            );
+        }
+        let server = || ServerStore {
+            url: s.url.clone(),
+            pool_size: s.pool_size,
+            connect_timeout: s.connect_timeout.0,
+        };
         let store = match s.backend.as_str() {
             "embedded" => StoreKind::Embedded(s.path.clone()),
             "memory" => StoreKind::Memory,
+            "redis" => StoreKind::Redis(server()),
+            "postgres" => StoreKind::Postgres(server()),
             other => {
                 err(
                     &["store", "backend"],
-                    format!("unknown store backend {other:?} (embedded or memory)"),
+                    format!(
+                        "unknown store backend {other:?} (embedded, memory, redis or postgres)"
+                    ),
                 );
                 StoreKind::Memory
             }
         };
-        for (name, d) in [("flush_interval", s.flush_interval), ("timeout", s.timeout)] {
+        type CheckUrl = fn(&str) -> Result<(), String>;
+        let shared: Option<(&str, &ServerStore, CheckUrl)> = match &store {
+            StoreKind::Redis(server) => Some(("redis", server, crate::store::redis::check_url)),
+            StoreKind::Postgres(server) => {
+                Some(("postgres", server, crate::store::postgres::check_url))
+            }
+            StoreKind::Embedded(_) | StoreKind::Memory => None,
+        };
+        match shared {
+            Some((name, server, check)) => {
+                if server.url.is_empty() {
+                    err(
+                        &["store", "backend"],
+                        format!("the {name} backend needs the server's url in [store]"),
+                    );
+                } else if let Err(e) = check(&server.url) {
+                    // The message may quote the URL: never with its password.
+                    err(
+                        &["store", "url"],
+                        e.replace(&server.url, &server.redacted_url()),
+                    );
+                }
+                if server.pool_size == 0 {
+                    err(
+                        &["store", "pool_size"],
+                        "pool_size must be at least 1".into(),
+                    );
+                }
+            }
+            None if !s.url.is_empty() => {
+                let guess = if s.url.starts_with("redis") || s.url.starts_with("unix") {
+                    "redis"
+                } else {
+                    "postgres"
+                };
+                err(
+                    &["store", "url"],
+                    format!(
+                        "url is used by the redis and postgres backends only; set backend = {guess:?}"
+                    ),
+                );
+            }
+            None => {}
+        }
+        for (name, d) in [
+            ("flush_interval", s.flush_interval),
+            ("timeout", s.timeout),
+            ("connect_timeout", s.connect_timeout),
+        ] {
             if d.0.is_zero() {
                 err(&["store", name], format!("{name} must be positive"));
             }
         }
 
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
+            || self.log.level.trim().is_empty()
+        {
+            err(
+                &["log", "level"],
+                format!(
+                    "{:?} is not a log level (error, warn, info, debug, trace) or tracing filter",
+                    self.log.level
+                ),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             err(
                 &["log", "format"],
@@ -714,6 +940,16 @@ impl RawConfig {
                 max_line: p.max_line_length,
                 max_attributes: p.max_attributes,
             },
+            milter_listen,
+            milter_reply_code: m
+                .reply_code
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            milter_max_connections: m.max_connections,
+            milter_idle_timeout: m.idle_timeout.0,
+            milter_io_timeout: m.io_timeout.0,
+            milter_max_frame: m.max_frame,
             store,
             flush_interval: s.flush_interval.0,
             store_timeout: s.timeout.0,
@@ -753,6 +989,7 @@ impl Default for RawConfig {
             hostname: None,
             greylist: RawGreylist::default(),
             policy: RawPolicyServer::default(),
+            milter: RawMilter::default(),
             store: RawStore::default(),
             allow: RawAllow::default(),
             log: RawLog::default(),

@@ -27,10 +27,7 @@ pub struct Explanation {
 /// Why an explanation could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
-    #[error(
-        "this request is decided by the stored state, which cannot be read: {0}\n\
-         (stop the daemon to let `explain` read its store file)"
-    )]
+    #[error("this request is decided by the stored state, which cannot be read: {0}")]
     Store(#[from] StoreError),
     #[error("this request is decided by the stored state, and {0}")]
     NoStore(String),

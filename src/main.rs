@@ -12,19 +12,33 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use cli::{Cli, Command, ExplainArgs, ServeArgs};
+use cli::{CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
 use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
 use greygate::engine::{Mode, Request};
-use greygate::server::{self, Bound, ConnLimits, StoreOpener, policy::Replies};
+use greygate::server::milter::{MilterContext, MilterLimits, MilterReplies};
+use greygate::server::policy::{ConnContext, Replies};
+use greygate::server::{self, Bound, ConnLimits, Handler, StoreOpener};
 use greygate::service::{Greylister, Outcome, ServiceOptions, StoreSlot, unix_now};
-use greygate::store::{EmbeddedReader, EmbeddedStore, MemoryStore, Store, StoreError};
+use greygate::store::{
+    EmbeddedReader, EmbeddedStore, MemoryStore, PostgresStore, RedisStore, Store, StoreError,
+};
 
 const EXIT_RUNTIME: u8 = 1;
+/// Bad usage or configuration (clap also exits 2 on usage errors).
 const EXIT_CONFIG: u8 = 2;
 const EXIT_STORE_BUSY: u8 = 3;
 
+/// How long open requests may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Report commands end quietly when their reader goes away (`| head`), as Unix
+        // tools do, instead of panicking on a failed print.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(&args),
@@ -57,17 +71,19 @@ fn config_failed(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn check_config(args: &cli::ConfigArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load_config(args, |_| {}) {
+fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match load_config(&args.config, |_| {}) {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
-    let (path, _) = args.path();
+    let (path, _) = args.config.path();
     let (clients, recipients, senders) = cfg.engine.allow.counts();
     let p = &cfg.engine.policy;
     let store = match &cfg.store {
         StoreKind::Memory => "memory".to_string(),
         StoreKind::Embedded(path) => format!("embedded {}", path.display()),
+        StoreKind::Redis(server) => format!("redis {server}"),
+        StoreKind::Postgres(server) => format!("postgres {server}"),
     };
     println!("{}: configuration OK", path.display());
     println!(
@@ -81,7 +97,52 @@ fn check_config(args: &cli::ConfigArgs) -> anyhow::Result<ExitCode> {
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!("  policy listeners: {}", listen.join(", "));
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    if args.connect {
+        return check_connection(&cfg);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config --connect`: asks the store's server who it is (and lets the postgres
+/// backend create or migrate its schema, as the daemon would).
+fn check_connection(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let server = match &cfg.store {
+        StoreKind::Redis(s) | StoreKind::Postgres(s) => s,
+        StoreKind::Memory | StoreKind::Embedded(_) => {
+            println!("  store: no server to connect to");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Unlike a request, the check may spend its whole connect_timeout on connecting.
+    let limit = server.connect_timeout + cfg.store_timeout;
+    let answer = rt.block_on(async {
+        match &cfg.store {
+            StoreKind::Redis(s) => {
+                RedisStore::new(&s.url, s.connect_timeout, limit)?
+                    .check()
+                    .await
+            }
+            _ => {
+                PostgresStore::new(&server.url, 1, server.connect_timeout, limit)?
+                    .check()
+                    .await
+            }
+        }
+    });
+    match answer {
+        Ok(who) => {
+            println!("  store server answered: {who}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("greygate: cannot use the store at {server}: {e}");
+            Ok(ExitCode::from(EXIT_RUNTIME))
+        }
+    }
 }
 
 fn init_logging(level: &str, json: bool) {
@@ -105,12 +166,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if !args.listen.is_empty() {
             raw.policy.listen = args.listen.clone();
         }
+        if !args.milter_listen.is_empty() {
+            raw.milter.listen = args.milter_listen.clone();
+            if args.listen.is_empty() {
+                // Milter addresses given alone mean a milter-only daemon.
+                raw.policy.listen.clear();
+            }
+        }
+        // A store named on the command line replaces the configured one, server URL too.
         if let Some(db) = &args.db {
             raw.store.backend = "embedded".into();
             raw.store.path = db.clone();
+            raw.store.url.clear();
         }
         if args.memory {
             raw.store.backend = "memory".into();
+            raw.store.url.clear();
         }
         if let Some(d) = args.delay {
             raw.greylist.delay = d;
@@ -134,7 +205,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(run_daemon(cfg))
 }
 
-fn store_opener(kind: &StoreKind) -> StoreOpener {
+/// Opens the store. The redis and postgres stores connect on first use (and reconnect by
+/// themselves), so they open even while their server is down; `timeout` bounds each of
+/// their operations.
+fn store_opener(kind: &StoreKind, timeout: std::time::Duration) -> StoreOpener {
     match kind {
         StoreKind::Memory => {
             let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -145,6 +219,12 @@ fn store_opener(kind: &StoreKind) -> StoreOpener {
             Arc::new(move || {
                 let s = EmbeddedStore::open(&path, unix_now())?;
                 let r = s.load_report();
+                if r.undecodable > 0 {
+                    tracing::warn!(
+                        path = %path.display(), rows = r.undecodable,
+                        "store rows this version cannot read were left on disk untouched"
+                    );
+                }
                 tracing::info!(
                     path = %path.display(), triplets = r.triplets, clients = r.clients,
                     expired = r.expired, undecodable = r.undecodable, "store loaded"
@@ -152,11 +232,32 @@ fn store_opener(kind: &StoreKind) -> StoreOpener {
                 Ok(Arc::new(s) as Arc<dyn Store>)
             })
         }
+        StoreKind::Redis(server) => {
+            let server = server.clone();
+            Arc::new(move || {
+                let s = RedisStore::new(&server.url, server.connect_timeout, timeout)?;
+                tracing::info!(store = %s.describe(), "store ready (connects on first use)");
+                Ok(Arc::new(s) as Arc<dyn Store>)
+            })
+        }
+        StoreKind::Postgres(server) => {
+            let server = server.clone();
+            Arc::new(move || {
+                let s = PostgresStore::new(
+                    &server.url,
+                    server.pool_size,
+                    server.connect_timeout,
+                    timeout,
+                )?;
+                tracing::info!(store = %s.describe(), pool_size = server.pool_size, "store ready (connects on first use)");
+                Ok(Arc::new(s) as Arc<dyn Store>)
+            })
+        }
     }
 }
 
 async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
-    let opener = store_opener(&cfg.store);
+    let opener = store_opener(&cfg.store, cfg.store_timeout);
     let slot = {
         let open = opener.clone();
         match tokio::task::spawn_blocking(move || open()).await? {
@@ -171,58 +272,82 @@ async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let mut listeners = Vec::new();
-    for addr in &cfg.listen {
-        let bound = Bound::bind(addr, cfg.socket_mode)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(bound);
-    }
-
     let options = ServiceOptions {
         mode: cfg.mode,
         fail_mode: cfg.fail_mode,
         store_timeout: cfg.store_timeout,
     };
     let svc = Arc::new(Greylister::new(cfg.engine, slot, options));
-    let replies = Arc::new(Replies {
-        defer_action: cfg.defer_action,
-        defer_text: cfg.defer_text,
-        header_host: cfg.x_greylist_header.then_some(cfg.hostname),
-    });
-    let limits = ConnLimits {
-        max_connections: cfg.max_connections,
-        idle_timeout: cfg.idle_timeout,
-        io_timeout: cfg.io_timeout,
-        codec: cfg.limits,
-    };
-    for l in &listeners {
-        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "policy listener ready");
+    let header_host = cfg.x_greylist_header.then_some(cfg.hostname);
+    let shutdown = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let policy = Handler::Policy(Arc::new(ConnContext {
+        svc: svc.clone(),
+        replies: Arc::new(Replies {
+            defer_action: cfg.defer_action,
+            defer_text: cfg.defer_text.clone(),
+            header_host: header_host.clone(),
+        }),
+        limits: ConnLimits {
+            max_connections: cfg.max_connections,
+            idle_timeout: cfg.idle_timeout,
+            io_timeout: cfg.io_timeout,
+            codec: cfg.limits,
+        },
+        shutdown: shutdown.clone(),
+        hard_stop: hard_stop.clone(),
+    }));
+    let milter = Handler::Milter(Arc::new(MilterContext {
+        svc: svc.clone(),
+        replies: MilterReplies {
+            reply_code: cfg.milter_reply_code,
+            defer_text: cfg.defer_text,
+            header_host,
+        },
+        limits: MilterLimits {
+            max_connections: cfg.milter_max_connections,
+            idle_timeout: cfg.milter_idle_timeout,
+            io_timeout: cfg.milter_io_timeout,
+            max_frame: cfg.milter_max_frame,
+        },
+        shutdown: shutdown.clone(),
+        hard_stop: hard_stop.clone(),
+    }));
+
+    let mut listeners = Vec::new();
+    let wanted = cfg.listen.iter().map(|a| (a, "policy", &policy));
+    let wanted = wanted.chain(cfg.milter_listen.iter().map(|a| (a, "milter", &milter)));
+    for (addr, kind, handler) in wanted {
+        let bound = Bound::bind(addr, cfg.socket_mode)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({kind})"))?;
+        listeners.push((bound, kind, handler.clone()));
+    }
+    for (l, kind, _) in &listeners {
+        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");
     }
 
-    let shutdown = CancellationToken::new();
     let maintenance = tokio::spawn(server::maintain_store(
         svc.clone(),
         cfg.flush_interval,
         Some(opener),
         shutdown.clone(),
     ));
-    let serving = tokio::spawn(server::serve_policy(
-        listeners,
-        svc.clone(),
-        replies,
-        limits,
-        shutdown.clone(),
-    ));
+    let listeners = listeners.into_iter().map(|(l, _, h)| (l, h)).collect();
+    let mut serving = tokio::spawn(server::serve(listeners));
 
     wait_for_signal().await?;
     tracing::info!("shutting down: no new connections, finishing open requests");
     shutdown.cancel();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut serving)
         .await
         .is_err()
     {
-        tracing::warn!("connections still busy after 5 s; closing them");
+        tracing::warn!("connections still busy after {SHUTDOWN_GRACE:?}; closing them");
+        hard_stop.cancel();
+        // Every connection task has ended before the final flush, so no update can slip
+        // in after it.
+        let _ = serving.await;
     }
     let _ = maintenance.await;
     if let Ok(store) = svc.store.get() {
@@ -259,13 +384,18 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         if let Some(db) = &args.db {
             raw.store.backend = "embedded".into();
             raw.store.path = db.clone();
+            raw.store.url.clear();
         }
     }) {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
-    let now = match &args.at {
-        Some(t) => parse_time(t)?,
+    let now = match args.at.as_deref().map(parse_time) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            eprintln!("greygate: {e:#}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
         None => unix_now(),
     };
     let req = Request {
@@ -277,9 +407,9 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         recipient: args.to.clone(),
         sasl_username: args.sasl_user.clone(),
     };
-    let (reader, busy) = match &cfg.store {
+    let (reader, busy): (Result<Box<dyn Store>, String>, bool) = match &cfg.store {
         StoreKind::Embedded(path) => match EmbeddedReader::open(path) {
-            Ok(r) => (Ok(r), false),
+            Ok(r) => (Ok(Box::new(r)), false),
             Err(e) => {
                 let busy = matches!(e, StoreError::Locked { .. });
                 (Err(e.to_string()), busy)
@@ -289,6 +419,23 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             Err("the memory store lives only inside the running daemon".to_string()),
             false,
         ),
+        // Shared stores are read while daemons run: explain only reads.
+        StoreKind::Redis(s) => {
+            let limit = s.connect_timeout + cfg.store_timeout;
+            let store = RedisStore::new(&s.url, s.connect_timeout, limit);
+            (
+                store.map(|s| Box::new(s) as _).map_err(|e| e.to_string()),
+                false,
+            )
+        }
+        StoreKind::Postgres(s) => {
+            let limit = s.connect_timeout + cfg.store_timeout;
+            let store = PostgresStore::new(&s.url, 1, s.connect_timeout, limit);
+            (
+                store.map(|s| Box::new(s) as _).map_err(|e| e.to_string()),
+                false,
+            )
+        }
     };
     let replies = Replies {
         defer_action: cfg.defer_action.clone(),
@@ -299,10 +446,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let store_ref = reader
-        .as_ref()
-        .map(|r| r as &dyn Store)
-        .map_err(Clone::clone);
+    let store_ref = reader.as_deref().map_err(Clone::clone);
     let result = rt.block_on(greygate::explain::explain(
         &cfg.engine,
         store_ref,

@@ -169,14 +169,20 @@ impl Greylister {
             .update_triplet(&key, &|old| Some(engine.triplet_step(old, now).1))
             .await?;
         let (outcome, _) = engine.triplet_step(old.as_ref(), now);
-        if matches!(
+        let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known
-        ) && engine.auto_allow_enabled()
-        {
-            store
+        );
+        if passed && engine.auto_allow_enabled() {
+            // The triplet's new state is committed: the decision stands. Losing one pass
+            // count only delays auto-allow a little; answering a store failure now would
+            // defer (fail-closed) mail the record already lets through.
+            if let Err(e) = store
                 .update_client(&key.client, &|old| engine.count_pass(old, now))
-                .await?;
+                .await
+            {
+                tracing::warn!(client = %key.client, error = %e, "could not count a pass towards auto-allow");
+            }
         }
         Ok(engine.triplet_decision(key, outcome, old, client))
     }
@@ -222,3 +228,6 @@ impl Greylister {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

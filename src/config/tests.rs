@@ -642,7 +642,7 @@ fn defer_action_parsing_table() {
         (" defer ", Some(DeferAction::Defer)),
         ("451 4.7.1", Some(DeferAction::Code("451 4.7.1".into()))),
         ("450", Some(DeferAction::Code("450".into()))),
-        ("421 4.3.2", Some(DeferAction::Code("421 4.3.2".into()))),
+        ("421 4.3.2", None), // 421 ends the session instead of deferring one recipient
         ("550 5.7.1", None),
         ("550", None),
         ("451 5.7.1", None),

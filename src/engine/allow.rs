@@ -152,12 +152,15 @@ impl AllowLists {
         {
             return Err(format!("{e:?} is neither an IP address nor a CIDR network"));
         } else if let Some(suffix) = e.strip_prefix('.') {
+            // Client names are compared without a trailing root dot; so are entries.
+            let suffix = suffix.trim_end_matches('.');
             check_host_name(suffix, e)?;
             self.suffixes
                 .push((format!(".{}", suffix.to_ascii_lowercase()), origin));
         } else {
-            check_host_name(e, e)?;
-            self.names.push((e.to_ascii_lowercase(), origin));
+            let name = e.trim_end_matches('.');
+            check_host_name(name, e)?;
+            self.names.push((name.to_ascii_lowercase(), origin));
         }
         Ok(())
     }
@@ -182,7 +185,7 @@ impl AllowLists {
         let source: Arc<str> = Arc::from(path.display().to_string());
         let mut errors = Vec::new();
         for (i, raw) in text.lines().enumerate() {
-            let entry = raw.split('#').next().unwrap_or("").trim();
+            let entry = strip_comment(raw).trim();
             if entry.is_empty() {
                 continue;
             }
@@ -275,6 +278,19 @@ fn canonical_net(net: IpNet) -> IpNet {
         return IpNet::V4(n.trunc());
     }
     net.trunc()
+}
+
+/// `#` starts a comment at the start of a line or after white space, so a regex such as
+/// `/^mx#1\./` keeps its `#`.
+fn strip_comment(line: &str) -> &str {
+    let mut prev_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && prev_space {
+            return &line[..i];
+        }
+        prev_space = c.is_whitespace();
+    }
+    line
 }
 
 fn check_host_name(name: &str, entry: &str) -> Result<(), String> {
@@ -481,13 +497,21 @@ mod tests {
     #[test]
     fn files_report_every_bad_line() {
         let mut a = AllowLists::default();
-        let text = "# partners\n192.0.2.0/24  # office\n\nnot a host\n.example.com\n300.0.0.1\n";
+        let text = "# partners\n192.0.2.0/24  # office\n\nnot a host\n.example.com\n300.0.0.1\n/^mx#1\\./ # hash in a regex\nmail.example.org.\n";
         let errs = a
             .add_file(Path::new("clients"), text, AllowLists::add_client)
             .unwrap_err();
         let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![4, 6]);
         assert!(errs[0].to_string().starts_with("clients:4: "));
-        assert_eq!(a.counts().0, 2);
+        assert_eq!(a.counts().0, 4);
+        assert!(
+            a.match_client("192.0.3.1".parse().unwrap(), "mx#1.x")
+                .is_some()
+        );
+        assert!(
+            a.match_client("192.0.3.1".parse().unwrap(), "mail.example.org")
+                .is_some()
+        );
     }
 }

@@ -957,6 +957,8 @@ fn check_sequence(steps: &[Step]) -> Result<Vec<Rule>, TestCaseError> {
     // Independent bookkeeping: earlier request times per key, passes per client group.
     let mut requests: HashMap<TripletKey, Vec<u64>> = HashMap::new();
     let mut pass_times: HashMap<String, Vec<u64>> = HashMap::new();
+    // When the current greylisting round of each key began (its last `New`).
+    let mut round_start: HashMap<TripletKey, u64> = HashMap::new();
     let mut rules = Vec::new();
     let mut now = T;
     for &(s, r, c, advance) in steps {
@@ -978,6 +980,14 @@ fn check_sequence(steps: &[Step]) -> Result<Vec<Rule>, TestCaseError> {
                     delay,
                     earlier
                 );
+                let started = round_start.get(&key).copied();
+                prop_assert!(
+                    started.is_some_and(|t| now - t >= delay),
+                    "{:?} pass at {} in a round that began at {:?}",
+                    d.rule,
+                    now,
+                    started
+                );
                 if let Some(by) = d.delayed {
                     prop_assert!(by >= delay, "delayed {} < {}", by, delay);
                     prop_assert!(by <= engine.policy.retry_window);
@@ -998,6 +1008,9 @@ fn check_sequence(steps: &[Step]) -> Result<Vec<Rule>, TestCaseError> {
                 );
             }
             Rule::New | Rule::EarlyRetry => {
+                if d.rule == Rule::New {
+                    round_start.insert(key.clone(), now);
+                }
                 prop_assert_eq!(d.verdict, Verdict::Defer);
                 let remaining = d.remaining.expect("defers say how long");
                 prop_assert!((1..=delay).contains(&remaining));

@@ -1,3 +1,4 @@
 //! Pure protocol codecs: bytes in, typed items out, bounded. **Codecs never touch a socket.**
 
+pub mod milter;
 pub mod policy;

@@ -4,6 +4,7 @@
 //! semaphore; a connection over the limit is closed at once (Postfix then retries or
 //! applies its `default_action`) rather than left waiting in the backlog.
 
+pub mod milter;
 pub mod policy;
 
 use std::io;
@@ -82,36 +83,56 @@ pub struct ConnLimits {
     pub codec: crate::proto::policy::Limits,
 }
 
-/// Serves the policy protocol on every listener until `shutdown` is cancelled, then waits
-/// for open connections to finish their current request.
-pub async fn serve_policy(
-    listeners: Vec<Bound>,
-    svc: Arc<Greylister>,
-    replies: Arc<policy::Replies>,
-    limits: ConnLimits,
-    shutdown: CancellationToken,
-) {
+/// A protocol served on a listener, with what its connections need.
+#[derive(Clone)]
+pub enum Handler {
+    Policy(Arc<policy::ConnContext>),
+    Milter(Arc<milter::MilterContext>),
+}
+
+impl Handler {
+    fn max_connections(&self) -> usize {
+        match self {
+            Handler::Policy(c) => c.limits.max_connections,
+            Handler::Milter(c) => c.limits.max_connections,
+        }
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        match self {
+            Handler::Policy(c) => &c.shutdown,
+            Handler::Milter(c) => &c.shutdown,
+        }
+    }
+
+    async fn serve<S: Io>(&self, stream: S, peer: &str) {
+        match self {
+            Handler::Policy(c) => policy::serve_connection(stream, peer, c).await,
+            Handler::Milter(c) => milter::serve_connection(stream, peer, c).await,
+        }
+    }
+}
+
+/// Serves every listener with its handler until the handlers' `shutdown` is cancelled,
+/// then waits for open connections to finish their current request (their `hard_stop`
+/// closes them even mid-request). Returns when every connection task has ended.
+pub async fn serve(listeners: Vec<(Bound, Handler)>) {
     let tracker = TaskTracker::new();
-    for l in listeners {
-        let ctx = policy::ConnContext {
-            svc: svc.clone(),
-            replies: replies.clone(),
-            limits: limits.clone(),
-            shutdown: shutdown.clone(),
-        };
-        tracker.spawn(accept_loop(l, ctx, tracker.clone()));
+    for (l, handler) in listeners {
+        tracker.spawn(accept_loop(l, handler, tracker.clone()));
     }
     tracker.close();
     tracker.wait().await;
 }
 
-async fn accept_loop(l: Bound, ctx: policy::ConnContext, tracker: TaskTracker) {
+async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
     let name = l.local_addr();
-    let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let limit = handler.max_connections();
+    let permits = Arc::new(Semaphore::new(limit));
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+            _ = handler.shutdown().cancelled() => break,
             r = accept(&l) => r,
         };
         let (stream, peer) = match accepted {
@@ -129,18 +150,17 @@ async fn accept_loop(l: Bound, ctx: policy::ConnContext, tracker: TaskTracker) {
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(
-                listener = %name, peer = %peer,
-                limit = ctx.limits.max_connections,
+                listener = %name, peer = %peer, limit,
                 "connection limit reached; closing new connection"
             );
             drop(stream);
             continue;
         };
-        let ctx = ctx.clone();
+        let handler = handler.clone();
         tracker.spawn(async move {
             match stream {
-                Stream::Tcp(s) => policy::serve_connection(s, &peer, &ctx).await,
-                Stream::Unix(s) => policy::serve_connection(s, &peer, &ctx).await,
+                Stream::Tcp(s) => handler.serve(s, &peer).await,
+                Stream::Unix(s) => handler.serve(s, &peer).await,
             }
             drop(permit);
         });
@@ -189,7 +209,7 @@ pub async fn maintain_store(
     const EXPIRE_SCAN: usize = 20_000;
     let mut tick = tokio::time::interval(TICK.min(flush_interval));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut since_flush = Duration::ZERO;
+    let mut last_flush = tokio::time::Instant::now();
     let mut reopen_wait = Duration::from_secs(1);
     let mut next_reopen = tokio::time::Instant::now();
     let mut flush_failing = false;
@@ -208,8 +228,9 @@ pub async fn maintain_store(
                 let open = open.clone();
                 match tokio::task::spawn_blocking(move || open()).await {
                     Ok(Ok(s)) => {
-                        tracing::warn!(store = %s.describe(), "store is available again; greylisting resumes");
+                        let name = s.describe();
                         svc.store.set(s);
+                        tracing::warn!(store = %name, "store is available again; greylisting resumes");
                         reopen_wait = Duration::from_secs(1);
                     }
                     Ok(Err(e)) => {
@@ -226,9 +247,8 @@ pub async fn maintain_store(
         if let Err(e) = store.expire(unix_now(), EXPIRE_SCAN).await {
             tracing::warn!(error = %e, "expiry step failed");
         }
-        since_flush += TICK;
-        if since_flush >= flush_interval {
-            since_flush = Duration::ZERO;
+        if last_flush.elapsed() >= flush_interval {
+            last_flush = tokio::time::Instant::now();
             match store.flush().await {
                 Ok(()) if flush_failing => {
                     flush_failing = false;

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnLimits, Io};
@@ -83,74 +84,68 @@ pub struct ConnContext {
     pub svc: Arc<Greylister>,
     pub replies: Arc<Replies>,
     pub limits: ConnLimits,
+    /// Stop taking new requests; idle connections close at once.
     pub shutdown: CancellationToken,
+    /// Close every connection now, even mid-request (shutdown grace period over).
+    pub hard_stop: CancellationToken,
 }
 
 /// Serves one connection: requests are answered in order; pipelined replies go out in one
 /// write. Malformed input, timeouts and shutdown close the connection; per the protocol,
-/// a request we cannot read gets no reply.
+/// a request we cannot read gets no reply (replies owed for earlier requests still go out).
 pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContext) {
     let mut decoder = Decoder::new(ctx.limits.codec);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(256);
     let mut chunk = [0u8; 8192];
+    // A started request must be complete by this instant, however slowly it trickles in.
+    let mut request_deadline: Option<Instant> = None;
     loop {
         let mut start = 0;
+        let mut bad = None;
         loop {
             match decoder.decode(&buf[start..]) {
-                Ok((used, req)) => {
+                Ok((used, None)) => {
                     start += used;
-                    let Some(req) = req else { break };
-                    let action = match to_request(&req) {
-                        Some(r) => {
-                            let now = unix_now();
-                            let outcome = ctx.svc.check(&r, now).await;
-                            ctx.replies.action(&outcome, now)
-                        }
-                        None => {
-                            tracing::debug!(
-                                peer,
-                                request = req.get("request").unwrap_or(""),
-                                "not an smtpd_access_policy request; DUNNO"
-                            );
-                            "DUNNO".into()
-                        }
-                    };
+                    break;
+                }
+                Ok((used, Some(req))) => {
+                    start += used;
+                    request_deadline = None;
+                    let action = answer(&req, peer, ctx).await;
                     encode_response(&action, &mut out);
                 }
                 Err(e) => {
-                    tracing::warn!(peer, error = %e, "malformed policy request; closing connection");
-                    return;
+                    bad = Some(e);
+                    break;
                 }
             }
         }
         buf.drain(..start);
         if !out.is_empty() {
-            let write = tokio::time::timeout(ctx.limits.io_timeout, stream.write_all(&out)).await;
-            match write {
-                Ok(Ok(())) => out.clear(),
-                Ok(Err(e)) => {
-                    tracing::debug!(peer, error = %e, "write failed; closing connection");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        peer,
-                        "client did not take a reply within io_timeout; closing connection"
-                    );
-                    return;
-                }
+            if let Err(why) = write_replies(&mut stream, &out, ctx).await {
+                tracing::warn!(peer, "{why}; closing connection");
+                return;
             }
+            out.clear();
+        }
+        if let Some(e) = bad {
+            tracing::warn!(peer, error = %e, "malformed policy request; closing connection");
+            return;
         }
         let mid_request = decoder.in_request() || !buf.is_empty();
-        let wait = if mid_request {
-            ctx.limits.io_timeout
+        let deadline = if mid_request {
+            *request_deadline.get_or_insert_with(|| Instant::now() + ctx.limits.io_timeout)
         } else {
-            ctx.limits.idle_timeout
+            Instant::now() + ctx.limits.idle_timeout
         };
         let read = tokio::select! {
-            r = tokio::time::timeout(wait, stream.read(&mut chunk)) => r,
+            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => r,
             _ = ctx.shutdown.cancelled(), if !mid_request => return,
+            _ = ctx.hard_stop.cancelled() => {
+                tracing::warn!(peer, "shutting down with a request unfinished; closing connection");
+                return;
+            }
         };
         match read {
             Ok(Ok(0)) => {
@@ -165,13 +160,168 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
                 return;
             }
             Err(_) if mid_request => {
-                tracing::warn!(peer, timeout = ?wait, "request not completed within io_timeout; closing connection");
+                tracing::warn!(
+                    peer,
+                    timeout = ?ctx.limits.io_timeout,
+                    "request not completed within io_timeout; closing connection"
+                );
                 return;
             }
             Err(_) => {
-                tracing::debug!(peer, timeout = ?wait, "idle connection closed");
+                tracing::debug!(peer, timeout = ?ctx.limits.idle_timeout, "idle connection closed");
                 return;
             }
         }
+    }
+}
+
+/// Decides one request and spells the reply.
+async fn answer(req: &PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
+    match to_request(req) {
+        Some(r) => {
+            let now = unix_now();
+            let outcome = ctx.svc.check(&r, now).await;
+            ctx.replies.action(&outcome, now)
+        }
+        None => {
+            tracing::debug!(
+                peer,
+                request = req.get("request").unwrap_or(""),
+                "not an smtpd_access_policy request; DUNNO"
+            );
+            "DUNNO".into()
+        }
+    }
+}
+
+async fn write_replies<S: Io>(stream: &mut S, out: &[u8], ctx: &ConnContext) -> Result<(), String> {
+    match tokio::time::timeout(ctx.limits.io_timeout, stream.write_all(out)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err("client did not take a reply within io_timeout".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::config::FailMode;
+    use crate::engine::{Engine, Mode};
+    use crate::server::ConnLimits;
+    use crate::service::{ServiceOptions, StoreSlot};
+    use crate::store::MemoryStore;
+
+    fn context() -> ConnContext {
+        let svc = Greylister::new(
+            Engine::default(),
+            StoreSlot::new(Arc::new(MemoryStore::new())),
+            ServiceOptions {
+                mode: Mode::Enforce,
+                fail_mode: FailMode::Open,
+                store_timeout: Duration::from_secs(1),
+            },
+        );
+        ConnContext {
+            svc: Arc::new(svc),
+            replies: Arc::new(Replies {
+                defer_action: DeferAction::DeferIfPermit,
+                defer_text: "Greylisted".into(),
+                header_host: None,
+            }),
+            limits: ConnLimits {
+                max_connections: 10,
+                idle_timeout: Duration::from_secs(600),
+                io_timeout: Duration::from_secs(10),
+                codec: Default::default(),
+            },
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+
+    fn spawn(ctx: ConnContext) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
+        (client, task)
+    }
+
+    const REQ: &str = "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.net\nrecipient=b@example.org\n\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_request_is_cut_off_at_io_timeout_from_its_start() {
+        let (mut client, task) = spawn(context());
+        let start = tokio::time::Instant::now();
+        client
+            .write_all(b"request=smtpd_access_policy\n")
+            .await
+            .unwrap();
+        // One byte every 3 s would reset a per-read timeout forever.
+        while client.write_all(b"x").await.is_ok() && !task.is_finished() {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(start.elapsed() < Duration::from_secs(60), "never cut off");
+        }
+        task.await.unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_secs(14),
+            "closed after {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_wait_for_idle_timeout_not_io_timeout() {
+        let (mut client, task) = spawn(context());
+        client.write_all(REQ.as_bytes()).await.unwrap();
+        let mut reply = [0u8; 256];
+        let n = client.read(&mut reply).await.unwrap();
+        assert!(reply[..n].starts_with(b"action=DEFER_IF_PERMIT"));
+        let start = tokio::time::Instant::now();
+        task.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(600));
+    }
+
+    #[tokio::test]
+    async fn replies_owed_before_a_bad_request_are_still_sent() {
+        let (mut client, task) = spawn(context());
+        let batch = format!("{REQ}{REQ}garbage without equals\n\n");
+        client.write_all(batch.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        task.await.unwrap();
+        let text = String::from_utf8(got).unwrap();
+        assert_eq!(
+            text.matches("action=DEFER_IF_PERMIT Greylisted\n\n")
+                .count(),
+            2,
+            "{text:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hard_stop_closes_a_connection_mid_request() {
+        let ctx = context();
+        let hard = ctx.hard_stop.clone();
+        let shutdown = ctx.shutdown.clone();
+        let (mut client, task) = spawn(ctx);
+        client
+            .write_all(b"request=smtpd_access_policy\n")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !task.is_finished(),
+            "graceful shutdown waits for the request"
+        );
+        hard.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("closed at hard stop")
+            .unwrap();
     }
 }

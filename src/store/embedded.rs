@@ -118,11 +118,15 @@ fn load_table<R: Record>(
                 count(load);
                 continue;
             }
-            Ok(_) => load.expired += 1,
+            Ok(_) => {
+                load.expired += 1;
+                // Marked changed-to-nothing: the next flush deletes the dead row.
+                into.mark_removed(k.value());
+            }
+            // Left on disk untouched: a row this version cannot read may come from a newer
+            // release (rolled back) or a bug; deleting it would throw trust data away.
             Err(_) => load.undecodable += 1,
         }
-        // Dead and unreadable rows are marked changed-to-nothing: the next flush deletes them.
-        into.mark_removed(k.value());
     }
     Ok(())
 }
@@ -191,13 +195,16 @@ impl Store for EmbeddedStore {
         }
         let db = self.db.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let outcome = (|| {
+            // Even a panic inside redb must hand the batch back, or its changes would never
+            // be written.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut tx = db.begin_write().map_err(backend)?;
                 tx.set_durability(Durability::Immediate).map_err(backend)?;
                 write_changes(&tx, TRIPLETS, &triplets)?;
                 write_changes(&tx, CLIENTS, &clients)?;
                 tx.commit().map_err(backend)
-            })();
+            }))
+            .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
             (outcome, triplets, clients)
         })
         .await;
@@ -225,8 +232,8 @@ pub struct EmbeddedReader {
 }
 
 impl EmbeddedReader {
-    /// Opens without writing. A file left by a hard kill needs redb's repair first, which a
-    /// read-only open refuses: that case opens it writable once, repairs, and reopens.
+    /// Opens without writing. A file left by a hard kill needs redb's repair, which only a
+    /// writer does: the daemon repairs it when it starts; this reader refuses.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Unavailable(format!(
@@ -234,14 +241,14 @@ impl EmbeddedReader {
                 path.display()
             )));
         }
-        let db = match ReadOnlyDatabase::open(path) {
-            Err(DatabaseError::RepairAborted) => {
-                drop(Database::open(path).map_err(|e| open_error(path, e))?);
-                ReadOnlyDatabase::open(path)
-            }
-            other => other,
-        }
-        .map_err(|e| open_error(path, e))?;
+        let db = ReadOnlyDatabase::open(path).map_err(|e| match e {
+            DatabaseError::RepairAborted => StoreError::Unavailable(format!(
+                "{} was not closed cleanly and needs a repair, which the daemon does when it \
+                 starts; start greygate serve once, then explain again",
+                path.display()
+            )),
+            other => open_error(path, other),
+        })?;
         Ok(EmbeddedReader {
             path: path.to_path_buf(),
             db,

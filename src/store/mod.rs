@@ -4,10 +4,13 @@
 //! atomically with a pure function supplied by the engine. It never interprets records
 //! beyond their `expires_at`.
 
+mod breaker;
 pub mod conformance;
 pub mod embedded;
 mod hot;
 pub mod memory;
+pub mod postgres;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -18,6 +21,8 @@ use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 pub use embedded::{EmbeddedReader, EmbeddedStore};
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+pub use redis::RedisStore;
 
 /// An atomic read-modify-write step: gets the current record (if any) and returns the record
 /// to store, or `None` to leave the store as it is. It may run more than once (optimistic

@@ -2,7 +2,9 @@
 //! them, real peers) and talks to it over real sockets.
 
 mod cli;
+mod cluster;
 mod harness;
+mod milter;
 mod policy;
 mod postfix;
 mod store;

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{DaemonConfig, PolicyClient, fixture_request, rcpt_request, request_with};
 
+/// For tests that wait for a retry to pass.
 const SHORT: &str = "[greylist]\ndelay = 2\n";
+/// For tests that only look at deferrals: no retry in the test can pass, however slow.
+const LONG: &str = "[greylist]\ndelay = 300\n";
 
 fn is_defer(action: &str) -> bool {
     action.starts_with("DEFER_IF_PERMIT ")
@@ -28,11 +31,13 @@ fn defer_then_early_retry_then_pass_after_delay() {
 
     std::thread::sleep(Duration::from_millis(2200));
     let pass = c.ask(&req);
-    assert!(
-        pass.starts_with("PREPEND X-Greylist: delayed 2 seconds by greygate-")
-            || pass.starts_with("PREPEND X-Greylist: delayed 3 seconds by greygate-"),
-        "pass after the delay adds the header: {pass}"
-    );
+    let delayed: u64 = pass
+        .strip_prefix("PREPEND X-Greylist: delayed ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("pass after the delay adds the header: {pass}"));
+    assert!((2..=15).contains(&delayed), "{pass}");
+    assert!(pass.contains(" seconds by greygate-"), "{pass}");
     assert!(pass.contains(" at ") && pass.ends_with("+0000"), "{pass}");
     assert_eq!(
         c.ask(&req),
@@ -83,7 +88,7 @@ fn several_listeners_tcp_and_unix_share_one_database() {
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let d = DaemonConfig::new(dir.path()).toml(SHORT).start();
+    let d = DaemonConfig::new(dir.path()).toml(LONG).start();
     let mut c = d.client();
     let mut batch = String::new();
     batch += &rcpt_request("203.0.113.5", "a@example.net", "x@example.org");
@@ -127,7 +132,7 @@ fn pipelined_requests_are_answered_in_order() {
 #[test]
 fn captured_postfix_request_is_greylisted_per_ipv6_64() {
     let dir = tempfile::tempdir().unwrap();
-    let d = DaemonConfig::new(dir.path()).toml(SHORT).start();
+    let d = DaemonConfig::new(dir.path()).toml(LONG).start();
     let mut c = d.client();
     let fixture = fixture_request();
     assert!(is_defer(&c.ask(&fixture)));
@@ -409,7 +414,7 @@ fn store_failure_fails_closed_with_4_3_0_when_configured() {
 fn learn_mode_accepts_everything_and_logs_the_would_be_decision() {
     let dir = tempfile::tempdir().unwrap();
     let d = DaemonConfig::new(dir.path())
-        .toml(SHORT)
+        .toml(LONG)
         .args(&["--learn"])
         .start();
     let mut c = d.client();

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod postfix;
+pub mod postgres;
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -37,8 +39,10 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 pub struct Daemon {
     child: Child,
     log: Arc<Mutex<String>>,
-    /// Listener addresses as the daemon reported them (`127.0.0.1:PORT`, `unix:/path`).
+    /// Policy listener addresses as the daemon reported them (`127.0.0.1:PORT`, `unix:/path`).
     pub listeners: Vec<String>,
+    /// Milter listener addresses as reported.
+    pub milter_listeners: Vec<String>,
     pub dir: PathBuf,
 }
 
@@ -50,6 +54,8 @@ pub struct DaemonConfig {
     pub toml: String,
     /// Listen addresses; default one TCP listener on a free port.
     pub listen: Vec<String>,
+    /// Milter listen addresses; default none.
+    pub milter_listen: Vec<String>,
     pub extra_args: Vec<String>,
 }
 
@@ -59,6 +65,7 @@ impl DaemonConfig {
             dir: dir.to_path_buf(),
             toml: String::new(),
             listen: vec!["127.0.0.1:0".into()],
+            milter_listen: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -70,6 +77,12 @@ impl DaemonConfig {
 
     pub fn listen(mut self, addrs: &[&str]) -> Self {
         self.listen = addrs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Adds milter listeners (on top of the policy listeners).
+    pub fn milter(mut self, addrs: &[&str]) -> Self {
+        self.milter_listen = addrs.iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -87,15 +100,20 @@ impl DaemonConfig {
         std::fs::write(&config, &self.toml).expect("write config");
         let mut cmd = Command::new(greygate_bin());
         cmd.arg("serve").arg("--config").arg(&config);
+        // `--db` forces the embedded store: not when the config names its own backend.
         if !self
             .extra_args
             .iter()
             .any(|a| a == "--memory" || a == "--db")
+            && !self.toml.contains("backend =")
         {
             cmd.arg("--db").arg(self.db_path());
         }
         for l in &self.listen {
             cmd.arg("--listen").arg(l);
+        }
+        for l in &self.milter_listen {
+            cmd.arg("--milter-listen").arg(l);
         }
         cmd.args(&self.extra_args)
             .env("GREYGATE_LOG", "debug")
@@ -118,10 +136,13 @@ impl DaemonConfig {
             child,
             log,
             listeners: Vec::new(),
+            milter_listeners: Vec::new(),
             dir: self.dir.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while d.listeners.len() < self.listen.len() {
+        while d.listeners.len() < self.listen.len()
+            || d.milter_listeners.len() < self.milter_listen.len()
+        {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("greygate exited early ({status}):\n{}", d.log());
             }
@@ -130,14 +151,17 @@ impl DaemonConfig {
                 "greygate did not report its listeners:\n{}",
                 d.log()
             );
-            d.listeners = d
-                .log()
-                .lines()
-                .filter(|l| l.contains("policy listener ready"))
-                .filter_map(|l| l.split("listener=").nth(1))
-                .filter_map(|rest| rest.split_whitespace().next())
-                .map(str::to_string)
-                .collect();
+            let log = d.log();
+            let ready = |kind: &str| -> Vec<String> {
+                log.lines()
+                    .filter(|l| l.contains(&format!("{kind} listener ready")))
+                    .filter_map(|l| l.split("listener=").nth(1))
+                    .filter_map(|rest| rest.split_whitespace().next())
+                    .map(str::to_string)
+                    .collect()
+            };
+            d.listeners = ready("policy");
+            d.milter_listeners = ready("milter");
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -179,6 +203,14 @@ impl Daemon {
             .iter()
             .find_map(|l| l.parse().ok())
             .expect("a TCP listener")
+    }
+
+    /// The first TCP milter listener.
+    pub fn milter_tcp(&self) -> SocketAddr {
+        self.milter_listeners
+            .iter()
+            .find_map(|l| l.parse().ok())
+            .expect("a TCP milter listener")
     }
 
     /// A connected policy client on the first TCP listener.

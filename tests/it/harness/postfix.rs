@@ -63,6 +63,8 @@ pub struct Postfix {
 pub enum Policy {
     /// `check_policy_service` on `inet:` or `unix:` (absolute path), with `default_action=DUNNO`.
     Service(String),
+    /// `smtpd_milters` (`inet:HOST:PORT` or `unix:/path`), with `milter_default_action = accept`.
+    Milter(String),
     /// No policy service (plain relay).
     None,
 }
@@ -91,7 +93,13 @@ impl Postfix {
             Policy::Service(endpoint) => format!(
                 "reject_unauth_destination, check_policy_service {{ {endpoint}, default_action=DUNNO }}"
             ),
-            Policy::None => "reject_unauth_destination".into(),
+            Policy::Milter(_) | Policy::None => "reject_unauth_destination".into(),
+        };
+        let milters = match &policy {
+            Policy::Milter(endpoint) => format!(
+                "smtpd_milters = {endpoint}\nmilter_default_action = accept\nmilter_protocol = 6\n"
+            ),
+            _ => String::new(),
         };
         let mut main = format!(
             "compatibility_level = 3.6
@@ -123,7 +131,7 @@ smtpd_policy_service_timeout = 5s
 smtpd_policy_service_try_limit = 1
 smtpd_policy_service_retry_delay = 1s
 biff = no
-"
+{milters}"
         );
         for line in extra_main {
             main.push_str(line);

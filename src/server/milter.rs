@@ -1,0 +1,334 @@
+//! The milter front end (Sendmail, Postfix `smtpd_milters`): one connection's state machine
+//! over the pure codec in `proto::milter`, deciding at RCPT with the shared service.
+//!
+//! Negotiation asks only for what greylisting needs: connect, HELO, MAIL and RCPT; headers,
+//! body, DATA and unknown commands are skipped. At RCPT a deferral is a custom
+//! `451 4.7.1` reply; a recipient that ends its greylisting delay makes the message get an
+//! `X-Greylist` header at end of message.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Io;
+use super::policy::x_greylist;
+use crate::engine::{Request, Rule, Verdict};
+use crate::proto::milter::{
+    Command, DecodeError, Decoded, Reply, VERSION, action, decode_command, macro_name, protocol,
+    stage,
+};
+use crate::service::{Greylister, Outcome, unix_now};
+
+/// Limits of the milter listener.
+#[derive(Debug, Clone)]
+pub struct MilterLimits {
+    pub max_connections: usize,
+    /// Longest wait for the MTA's next command (an SMTP session can be slow).
+    pub idle_timeout: Duration,
+    /// Longest time to finish a started frame, or to take a reply.
+    pub io_timeout: Duration,
+    pub max_frame: usize,
+}
+
+/// How decisions are spelled as milter replies.
+#[derive(Debug, Clone)]
+pub struct MilterReplies {
+    /// SMTP code and enhanced code of a deferral, e.g. `451 4.7.1`.
+    pub reply_code: String,
+    /// Deferral text with `{remaining}` placeholder.
+    pub defer_text: String,
+    /// Host name for the `X-Greylist` header, or `None` when the header is off.
+    pub header_host: Option<String>,
+}
+
+impl MilterReplies {
+    /// The reply to one RCPT.
+    pub fn rcpt(&self, o: &Outcome) -> Reply {
+        let d = &o.decision;
+        match o.effective() {
+            Verdict::Defer if d.rule == Rule::StoreFailClosed => Reply::ReplyCode(
+                "451 4.3.0 Greylisting is temporarily unavailable, please try again later".into(),
+            ),
+            Verdict::Defer => {
+                let remaining = d.remaining.unwrap_or(0).to_string();
+                let text = self.defer_text.replace("{remaining}", &remaining);
+                Reply::ReplyCode(format!("{} {text}", self.reply_code))
+            }
+            _ => Reply::Continue,
+        }
+    }
+}
+
+/// What a milter connection needs.
+pub struct MilterContext {
+    pub svc: Arc<Greylister>,
+    pub replies: MilterReplies,
+    pub limits: MilterLimits,
+    pub shutdown: CancellationToken,
+    pub hard_stop: CancellationToken,
+}
+
+/// Macros kept per connection; more are dropped (the MTA decides what it sends).
+const MAX_MACROS: usize = 64;
+
+/// The protocol steps greygate does not need.
+const SKIPPED_STEPS: u32 = protocol::NO_BODY
+    | protocol::NO_HEADERS
+    | protocol::NO_EOH
+    | protocol::NO_UNKNOWN
+    | protocol::NO_DATA;
+
+/// State of one SMTP session as the milter sees it.
+#[derive(Default)]
+struct Session {
+    client_ip: Option<IpAddr>,
+    client_name: String,
+    helo: String,
+    sender: Option<String>,
+    macros: HashMap<String, String>,
+    /// Longest greylisting delay a recipient of this message just served.
+    delayed: Option<u64>,
+}
+
+impl Session {
+    fn new_message(&mut self) {
+        self.sender = None;
+        self.delayed = None;
+    }
+}
+
+/// Strips the angle brackets the MTA passes addresses in.
+fn bare(addr: &str) -> &str {
+    let a = addr.trim();
+    a.strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(a)
+}
+
+/// Serves one milter connection until the MTA quits, a frame is bad, or a timeout.
+pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterContext) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut session = Session::default();
+    let mut frame_deadline: Option<Instant> = None;
+    loop {
+        let mut start = 0;
+        let mut stop = None;
+        loop {
+            match decode_command(&buf[start..], ctx.limits.max_frame) {
+                Ok(Decoded::Incomplete) => break,
+                Ok(Decoded::Frame(cmd, used)) => {
+                    start += used;
+                    frame_deadline = None;
+                    match step(&mut session, cmd, ctx).await {
+                        Step::Reply(replies) => replies.iter().for_each(|r| r.encode(&mut out)),
+                        Step::Quiet => {}
+                        Step::Close(why) => {
+                            stop = Some(why);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    stop = Some(Err(e));
+                    break;
+                }
+            }
+        }
+        buf.drain(..start);
+        if !out.is_empty() {
+            match tokio::time::timeout(ctx.limits.io_timeout, stream.write_all(&out)).await {
+                Ok(Ok(())) => out.clear(),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer, error = %e, "milter write failed; closing connection");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        peer,
+                        "MTA did not take a milter reply within io_timeout; closing connection"
+                    );
+                    return;
+                }
+            }
+        }
+        match stop {
+            Some(Ok(reason)) => {
+                tracing::debug!(peer, reason, "milter connection closed");
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(peer, error = %e, "malformed milter frame; closing connection");
+                return;
+            }
+            None => {}
+        }
+        let mid_frame = !buf.is_empty();
+        let deadline = if mid_frame {
+            *frame_deadline.get_or_insert_with(|| Instant::now() + ctx.limits.io_timeout)
+        } else {
+            Instant::now() + ctx.limits.idle_timeout
+        };
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => r,
+            _ = ctx.shutdown.cancelled(), if !mid_frame && session.sender.is_none() => return,
+            _ = ctx.hard_stop.cancelled() => return,
+        };
+        match read {
+            Ok(Ok(0)) => {
+                if mid_frame {
+                    tracing::warn!(peer, "milter connection closed in the middle of a frame");
+                }
+                return;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => {
+                tracing::debug!(peer, error = %e, "milter read failed; closing connection");
+                return;
+            }
+            Err(_) if mid_frame => {
+                tracing::warn!(
+                    peer,
+                    "milter frame not completed within io_timeout; closing connection"
+                );
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer, "idle milter connection closed");
+                return;
+            }
+        }
+    }
+}
+
+enum Step {
+    Reply(Vec<Reply>),
+    /// Commands without a reply (macros, abort).
+    Quiet,
+    /// End the connection: `Ok(reason)` normally, `Err` for a protocol violation.
+    Close(Result<&'static str, DecodeError>),
+}
+
+fn cont() -> Step {
+    Step::Reply(vec![Reply::Continue])
+}
+
+async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
+    match cmd {
+        Command::OptNeg {
+            version,
+            actions,
+            protocol: offered,
+        } => {
+            if version < 2 {
+                return Step::Close(Err(DecodeError::Malformed {
+                    command: b'O',
+                    reason: "milter protocol version below 2",
+                }));
+            }
+            let want = action::ADD_HEADERS | action::SET_SYMLIST;
+            let actions = want & actions;
+            // Ask for the SASL login with MAIL, and the queue id for logs, if the MTA lets us.
+            let macros = if actions & action::SET_SYMLIST != 0 {
+                vec![(stage::ENVFROM, "{auth_authen} i".to_string())]
+            } else {
+                Vec::new()
+            };
+            Step::Reply(vec![Reply::OptNeg {
+                version: version.min(VERSION),
+                actions,
+                protocol: SKIPPED_STEPS & offered,
+                macros,
+            }])
+        }
+        Command::Macros { pairs, .. } => {
+            for (name, value) in pairs {
+                let name = macro_name(&name).to_string();
+                if s.macros.len() < MAX_MACROS || s.macros.contains_key(&name) {
+                    s.macros.insert(name, value);
+                }
+            }
+            Step::Quiet
+        }
+        Command::Connect {
+            hostname, address, ..
+        } => {
+            *s = Session {
+                macros: std::mem::take(&mut s.macros),
+                ..Session::default()
+            };
+            s.client_ip = address.parse().ok();
+            // Sendmail writes an unresolved client as "[192.0.2.1]"; Postfix as "unknown".
+            s.client_name = if hostname.starts_with('[') || hostname.is_empty() {
+                "unknown".into()
+            } else {
+                hostname
+            };
+            cont()
+        }
+        Command::Helo(h) => {
+            s.helo = h;
+            cont()
+        }
+        Command::Mail(args) => {
+            s.new_message();
+            s.sender = Some(bare(&args[0]).to_string());
+            cont()
+        }
+        Command::Rcpt(args) => {
+            let req = Request {
+                stage: "RCPT".into(),
+                client_ip: s.client_ip,
+                client_name: s.client_name.clone(),
+                helo: s.helo.clone(),
+                sender: s.sender.clone().unwrap_or_default(),
+                recipient: bare(&args[0]).to_string(),
+                sasl_username: s.macros.get("auth_authen").cloned().unwrap_or_default(),
+            };
+            let outcome = ctx.svc.check(&req, unix_now()).await;
+            if outcome.enforced
+                && let Some(by) = outcome.decision.delayed
+            {
+                s.delayed = Some(s.delayed.map_or(by, |d| d.max(by)));
+            }
+            Step::Reply(vec![ctx.replies.rcpt(&outcome)])
+        }
+        Command::EndOfMessage(_) => {
+            let mut replies = Vec::new();
+            if let (Some(by), Some(host)) = (s.delayed, &ctx.replies.header_host) {
+                let line = x_greylist(by, host, unix_now());
+                let value = line.strip_prefix("X-Greylist: ").unwrap_or(&line);
+                replies.push(Reply::AddHeader {
+                    name: "X-Greylist".into(),
+                    value: value.to_string(),
+                });
+            }
+            replies.push(Reply::Continue);
+            s.new_message();
+            Step::Reply(replies)
+        }
+        Command::Abort => {
+            s.new_message();
+            Step::Quiet
+        }
+        Command::Header { .. }
+        | Command::EndOfHeaders
+        | Command::Data
+        | Command::Body(_)
+        | Command::Unknown(_) => cont(),
+        Command::Quit => Step::Close(Ok("MTA quit")),
+        Command::QuitNewConnection => {
+            *s = Session::default();
+            Step::Quiet
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

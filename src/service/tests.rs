@@ -1,0 +1,260 @@
+//! Service tests: fail modes, store timeouts with paused time, partial failures, and the
+//! daemon's store-update path agreeing with the pure `Engine::decide`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use proptest::prelude::*;
+
+use super::*;
+use crate::engine::{ClientRecord, Policy, Rule, State, Triplet};
+use crate::store::{Counts, ExpireStep, MemoryStore, UpdateFn};
+
+fn request(ip: &str, sender: &str, recipient: &str) -> Request {
+    Request {
+        stage: "RCPT".into(),
+        client_ip: Some(ip.parse().unwrap()),
+        client_name: "unknown".into(),
+        sender: sender.into(),
+        recipient: recipient.into(),
+        ..Request::default()
+    }
+}
+
+fn service(store: Arc<dyn Store>, mode: Mode, fail_mode: FailMode) -> Greylister {
+    Greylister::new(
+        Engine::default(),
+        StoreSlot::new(store),
+        ServiceOptions {
+            mode,
+            fail_mode,
+            store_timeout: Duration::from_millis(200),
+        },
+    )
+}
+
+/// A store whose every operation fails, or never answers, or refuses only writes of client
+/// records (pass counts) while everything else works.
+struct BadStore {
+    inner: MemoryStore,
+    hang: bool,
+    fail_all: bool,
+    fail_client_writes: bool,
+}
+
+impl BadStore {
+    fn failing() -> Self {
+        Self::new(false, true, false)
+    }
+    fn hanging() -> Self {
+        Self::new(true, false, false)
+    }
+    fn failing_pass_counts() -> Self {
+        Self::new(false, false, true)
+    }
+    fn new(hang: bool, fail_all: bool, fail_client_writes: bool) -> Self {
+        BadStore {
+            inner: MemoryStore::new(),
+            hang,
+            fail_all,
+            fail_client_writes,
+        }
+    }
+    async fn trouble(&self) -> Result<(), StoreError> {
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        if self.fail_all {
+            return Err(StoreError::Backend("disk on fire".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for BadStore {
+    fn describe(&self) -> String {
+        "bad".into()
+    }
+    async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+        self.trouble().await?;
+        self.inner.get_triplet(key).await
+    }
+    async fn update_triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        self.trouble().await?;
+        self.inner.update_triplet(key, f).await
+    }
+    async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.trouble().await?;
+        self.inner.get_client(client).await
+    }
+    async fn update_client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        self.trouble().await?;
+        if self.fail_client_writes {
+            let old = self.inner.get_client(client).await?;
+            if f(old.as_ref()).is_some() {
+                return Err(StoreError::Backend("client table unavailable".into()));
+            }
+        }
+        self.inner.update_client(client, f).await
+    }
+    async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {
+        self.inner.expire(now, max_scan).await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.inner.counts().await
+    }
+}
+
+#[tokio::test]
+async fn failing_store_fails_open_by_default_and_closed_when_asked() {
+    let req = request("192.0.2.1", "a@example.net", "b@example.org");
+    for (fail_mode, verdict, rule) in [
+        (FailMode::Open, Verdict::Pass, Rule::StoreFailOpen),
+        (FailMode::Closed, Verdict::Defer, Rule::StoreFailClosed),
+    ] {
+        let svc = service(Arc::new(BadStore::failing()), Mode::Enforce, fail_mode);
+        let o = svc.check(&req, 1000).await;
+        assert_eq!((o.decision.verdict, o.decision.rule), (verdict, rule));
+        assert!(
+            o.decision
+                .detail
+                .as_deref()
+                .unwrap_or("")
+                .contains("disk on fire")
+        );
+        assert_eq!(svc.stats.store_failures.load(Ordering::Relaxed), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_never_answers_fails_open_after_store_timeout() {
+    let svc = service(Arc::new(BadStore::hanging()), Mode::Enforce, FailMode::Open);
+    let started = tokio::time::Instant::now();
+    let o = svc
+        .check(
+            &request("192.0.2.1", "a@example.net", "b@example.org"),
+            1000,
+        )
+        .await;
+    assert_eq!(o.decision.rule, Rule::StoreFailOpen);
+    assert!(
+        o.decision
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not answer")
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(200),
+        "exactly store_timeout"
+    );
+}
+
+#[tokio::test]
+async fn static_rules_need_no_store() {
+    let svc = service(
+        Arc::new(BadStore::failing()),
+        Mode::Enforce,
+        FailMode::Closed,
+    );
+    let mut req = request("192.0.2.1", "a@example.net", "b@example.org");
+    req.sasl_username = "joe".into();
+    let o = svc.check(&req, 1000).await;
+    assert_eq!(o.decision.rule, Rule::Authenticated);
+    assert_eq!(svc.stats.store_failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_failed_pass_count_does_not_undo_a_committed_pass() {
+    let svc = service(
+        Arc::new(BadStore::failing_pass_counts()),
+        Mode::Enforce,
+        FailMode::Closed,
+    );
+    let req = request("192.0.2.1", "a@example.net", "b@example.org");
+    assert_eq!(svc.check(&req, 1000).await.decision.rule, Rule::New);
+    let o = svc.check(&req, 1400).await;
+    assert_eq!(o.decision.rule, Rule::Delayed, "the pass stands: {o:?}");
+    assert_eq!(o.decision.delayed, Some(400));
+}
+
+#[tokio::test]
+async fn learn_mode_records_but_never_defers() {
+    let svc = service(Arc::new(MemoryStore::new()), Mode::Learn, FailMode::Open);
+    let req = request("192.0.2.1", "a@example.net", "b@example.org");
+    let o = svc.check(&req, 1000).await;
+    assert_eq!(o.decision.verdict, Verdict::Defer, "the would-be decision");
+    assert_eq!(o.effective(), Verdict::Pass);
+    assert_eq!(
+        svc.check(&req, 1100).await.decision.rule,
+        Rule::EarlyRetry,
+        "recorded"
+    );
+}
+
+/// A small policy so random sequences reach every rule.
+fn small_engine() -> Engine {
+    Engine::new(
+        Policy {
+            delay: 300,
+            retry_window: 3000,
+            max_age: 10_000,
+            auto_allow_after: 2,
+            auto_allow_lifetime: 20_000,
+            ..Policy::default()
+        },
+        Default::default(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// The daemon path (three atomic store updates) decides exactly like the pure
+    /// `Engine::decide` over a snapshot, for any request sequence.
+    #[test]
+    fn service_path_agrees_with_pure_decide(
+        steps in proptest::collection::vec((0usize..3, 0usize..4, 0u64..900, any::<bool>()), 1..120)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let svc = Greylister::new(
+            small_engine(),
+            StoreSlot::new(Arc::new(MemoryStore::new())),
+            ServiceOptions { mode: Mode::Enforce, fail_mode: FailMode::Closed, store_timeout: Duration::from_secs(5) },
+        );
+        let engine = small_engine();
+        let mut triplets: HashMap<TripletKey, Triplet> = HashMap::new();
+        let mut clients: HashMap<String, ClientRecord> = HashMap::new();
+        let ips = ["192.0.2.1", "192.0.2.200", "198.51.100.7"];
+        let mut now = 1_000_000u64;
+        for (ip, who, advance, jump) in steps {
+            now += advance + if jump { 4000 } else { 0 };
+            let req = request(ips[ip], &format!("s{who}@example.net"), &format!("r{}@example.org", who % 2));
+            let got = rt.block_on(svc.check(&req, now)).decision;
+            let key = engine.key(req.client_ip.unwrap(), &req.sender, &req.recipient);
+            let state = State {
+                client: clients.get(&key.client).copied(),
+                triplet: triplets.get(&key).copied(),
+            };
+            let (want, next) = engine.decide(&req, &state, now);
+            prop_assert_eq!(&got, &want);
+            if let Some(t) = next.triplet { triplets.insert(key.clone(), t); }
+            if let Some(c) = next.client { clients.insert(key.client.clone(), c); }
+        }
+    }
+}

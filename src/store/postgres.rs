@@ -1,0 +1,591 @@
+//! The `postgres` backend: the trust database in PostgreSQL, for sites that keep their
+//! state there (one primary; any number of MX hosts).
+//!
+//! Two tables, created and migrated on first use (`greygate_schema` holds the version;
+//! an advisory lock keeps hosts that start together from migrating twice):
+//! - `greygate_triplets (key bytea PRIMARY KEY, record bytea, expires_at bigint, passed boolean)`,
+//!   keyed by the SHA-256 of the joined triplet key, so addresses are not stored in
+//!   plaintext (nothing reads keys back);
+//! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`.
+//!
+//! `record` is `Record::to_bytes`; `expires_at` and `passed` are copies for the expiry
+//! index and for counts. An update reads the row; when the engine's step wants a write it
+//! runs a transaction that locks the row (`SELECT ... FOR UPDATE`), runs the step again on
+//! what it locked, and updates, or inserts with `ON CONFLICT DO NOTHING` when there was no
+//! row: if another host inserted the same first sighting meanwhile, the insert waits for
+//! that transaction, does nothing, and the loop locks and steps on the winner's row.
+//! Expiry deletes dead rows in bounded, indexed batches.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::breaker::Breaker;
+use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use crate::engine::record::Record;
+use crate::engine::{ClientRecord, Triplet, TripletKey};
+
+/// Schema migrations in order; the list only ever grows. Each runs once, in the
+/// transaction that records its version.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE greygate_triplets (
+         key bytea PRIMARY KEY,
+         record bytea NOT NULL,
+         expires_at bigint NOT NULL,
+         passed boolean NOT NULL
+     );
+     CREATE INDEX greygate_triplets_expires_at ON greygate_triplets (expires_at);
+     CREATE TABLE greygate_clients (
+         client text PRIMARY KEY,
+         record bytea NOT NULL,
+         expires_at bigint NOT NULL
+     );
+     CREATE INDEX greygate_clients_expires_at ON greygate_clients (expires_at);",
+)];
+
+/// The schema this greygate writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Advisory lock key held while migrating ("greygate" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6772_6579_6761_7465;
+
+/// Lock-and-write rounds before an update gives up; a round is lost only when another
+/// host inserts the first record of the key between our look and our insert, or expiry
+/// deletes it between our insert attempt and our next look.
+const MAX_ROUNDS: usize = 4;
+
+/// Most rows one expiry statement deletes, whatever the caller asks: keeps each delete
+/// transaction short.
+const MAX_EXPIRE_BATCH: usize = 5000;
+/// After a sweep found nothing more to delete, the next waits this long: every MX host
+/// sweeps the same tables, and an empty indexed scan ten times a second per host is waste.
+const EXPIRE_IDLE: Duration = Duration::from_secs(1);
+
+/// Server-side limits per statement and per idle transaction: a statement of a client that
+/// gave up (the timeout dropped its connection) must not run or hold locks for long.
+const SERVER_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Statements of one table.
+struct Sql {
+    get: &'static str,
+    lock: &'static str,
+    insert: &'static str,
+    update: &'static str,
+    expire: &'static str,
+}
+
+/// A record kind and its table.
+trait Row: Record {
+    const SQL: Sql;
+    /// The value of the triplets' `passed` column; clients have none.
+    fn passed(&self) -> Option<bool>;
+}
+
+impl Row for Triplet {
+    const SQL: Sql = Sql {
+        get: "SELECT record FROM greygate_triplets WHERE key = $1",
+        lock: "SELECT record FROM greygate_triplets WHERE key = $1 FOR UPDATE",
+        insert: "INSERT INTO greygate_triplets (key, record, expires_at, passed) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+        update: "UPDATE greygate_triplets SET record = $2, expires_at = $3, passed = $4 \
+                 WHERE key = $1",
+        expire: "DELETE FROM greygate_triplets WHERE key IN (SELECT key FROM greygate_triplets \
+                 WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    };
+    fn passed(&self) -> Option<bool> {
+        Some(self.passed)
+    }
+}
+
+impl Row for ClientRecord {
+    const SQL: Sql = Sql {
+        get: "SELECT record FROM greygate_clients WHERE client = $1",
+        lock: "SELECT record FROM greygate_clients WHERE client = $1 FOR UPDATE",
+        insert: "INSERT INTO greygate_clients (client, record, expires_at) \
+                 VALUES ($1, $2, $3) ON CONFLICT (client) DO NOTHING",
+        update: "UPDATE greygate_clients SET record = $2, expires_at = $3 WHERE client = $1",
+        expire: "DELETE FROM greygate_clients WHERE client IN (SELECT client FROM greygate_clients \
+                 WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    };
+    fn passed(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// The primary key of a triplet row.
+pub fn triplet_key(key: &TripletKey) -> Vec<u8> {
+    Sha256::digest(key.joined().as_bytes()).to_vec()
+}
+
+/// Unix seconds as PostgreSQL's `bigint`; later than its range reads as "never".
+fn sql_time(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// Checks a `postgres://` URL (or a `key=value` connection string) without connecting.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(drop)
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    // tokio-postgres also reads `key=value` strings; a URL of another scheme must not
+    // be taken for one (it would fail later with a confusing message).
+    if url.contains("://") && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        return Err(format!(
+            "bad postgres URL: {:?} is not postgres:// or postgresql://",
+            url.split("://").next().unwrap_or_default()
+        ));
+    }
+    url.parse().map_err(|e| format!("bad postgres URL: {e}"))
+}
+
+/// Connection-level trouble (refused, lost, timed out, server shutting down, a standby
+/// after failover) makes the store unavailable; anything else the server said is a
+/// backend error.
+fn classify(e: &tokio_postgres::Error) -> StoreError {
+    let unreachable = match e.code() {
+        None => true,
+        Some(code) => [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code),
+    } || e.is_closed();
+    if unreachable {
+        StoreError::Unavailable(format!("postgres: {e}"))
+    } else {
+        StoreError::Backend(format!("postgres: {e}"))
+    }
+}
+
+/// No connection means unreachable, whatever the reason (refused, timed out, a wrong
+/// password): the breaker then paces the next attempts.
+fn pool_error(e: PoolError, timeout: Duration) -> StoreError {
+    match e {
+        PoolError::Timeout(_) => StoreError::Timeout(timeout),
+        PoolError::Backend(e) => StoreError::Unavailable(format!("postgres: cannot connect: {e}")),
+        other => StoreError::Unavailable(format!("postgres: {other}")),
+    }
+}
+
+/// Column `i` of `row`; a type other than the schema's is the backend's error, not a panic.
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r tokio_postgres::Row,
+    i: usize,
+) -> Result<T, StoreError> {
+    row.try_get(i)
+        .map_err(|e| StoreError::Backend(format!("postgres: unexpected column {i}: {e}")))
+}
+
+/// The record in a `SELECT record` row, if any.
+fn record<R: Record>(row: Option<tokio_postgres::Row>) -> Result<Option<R>, StoreError> {
+    match row {
+        Some(row) => Ok(decode(column::<&[u8]>(&row, 0)?)),
+        None => Ok(None),
+    }
+}
+
+fn decode<R: Record>(bytes: &[u8]) -> Option<R> {
+    match R::from_bytes(bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            // Replaced by the next update rather than failing the key until it expires.
+            tracing::warn!(error = %e, "undecodable record in postgres; treating it as absent");
+            None
+        }
+    }
+}
+
+/// The postgres store.
+pub struct PostgresStore {
+    shown: String,
+    pool: Pool,
+    timeout: Duration,
+    breaker: Breaker,
+    schema: tokio::sync::OnceCell<()>,
+    next_sweep: std::sync::Mutex<Option<Instant>>,
+}
+
+impl PostgresStore {
+    /// Creates the store without connecting: connections are made on use (at most
+    /// `pool_size`, each attempt limited to `connect_timeout`), the schema is created or
+    /// migrated by the first operation, and every operation is bounded by `timeout`. So
+    /// greygate starts, and fails open, while PostgreSQL is down.
+    pub fn new(
+        url: &str,
+        pool_size: usize,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut config = parse_url(url).map_err(StoreError::Unavailable)?;
+        let host = config.get_hosts().first().map_or_else(
+            || "localhost".to_string(),
+            |h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
+            },
+        );
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let shown = format!(
+            "postgres {}@{host}:{port}/{}",
+            config.get_user().unwrap_or("?"),
+            config.get_dbname().or(config.get_user()).unwrap_or("?")
+        );
+        let ms = |d: Duration| d.as_millis().max(1);
+        // Appended to whatever options the URL sets (e.g. a search_path).
+        let options = format!(
+            "{} -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            config.get_options().unwrap_or_default(),
+            ms(SERVER_STATEMENT_TIMEOUT),
+            ms(timeout),
+            ms(SERVER_STATEMENT_TIMEOUT),
+        );
+        config
+            .options(options.trim_start())
+            .connect_timeout(connect_timeout)
+            .application_name("greygate");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))?;
+        Ok(PostgresStore {
+            breaker: Breaker::new(shown.clone()),
+            shown,
+            pool,
+            timeout,
+            schema: tokio::sync::OnceCell::new(),
+            next_sweep: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Connects, migrates the schema if needed and reports the server (for
+    /// `check-config --connect`), e.g. `PostgreSQL 15.8, schema version 1`.
+    pub async fn check(&self) -> Result<String, StoreError> {
+        self.run(async |client| {
+            let row = client
+                .query_one("SHOW server_version", &[])
+                .await
+                .map_err(|e| classify(&e))?;
+            let version: String = column(&row, 0)?;
+            Ok(format!(
+                "PostgreSQL {version}, schema version {SCHEMA_VERSION}"
+            ))
+        })
+        .await
+    }
+
+    /// Runs `op` on a pooled connection (the schema ready), under the breaker and
+    /// `timeout`. A connection whose operation failed at the connection level or timed out
+    /// is discarded rather than handed to the next request mid-statement.
+    async fn run<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let attempt = self.breaker.admit()?;
+        let deadline = Instant::now() + self.timeout;
+        let mut client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let e = pool_error(e, self.timeout);
+                attempt.unreachable(&e);
+                return Err(e);
+            }
+            Err(_) => {
+                let e = StoreError::Timeout(self.timeout);
+                attempt.unreachable(&e);
+                return Err(e);
+            }
+        };
+        let work = async {
+            self.schema.get_or_try_init(|| migrate(&mut client)).await?;
+            op(&mut client).await
+        };
+        let result = match tokio::time::timeout_at(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        match &result {
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
+                drop(Object::take(client));
+                attempt.unreachable(e);
+            }
+            _ => attempt.reachable(),
+        }
+        result
+    }
+
+    async fn get<R: Row>(&self, key: &(dyn ToSql + Sync)) -> Result<Option<R>, StoreError> {
+        self.run(async |client| {
+            let stmt = client
+                .prepare_cached(R::SQL.get)
+                .await
+                .map_err(|e| classify(&e))?;
+            let row = client
+                .query_opt(&stmt, &[key])
+                .await
+                .map_err(|e| classify(&e))?;
+            record(row)
+        })
+        .await
+    }
+
+    async fn update<R: Row>(
+        &self,
+        key: &(dyn ToSql + Sync),
+        f: UpdateFn<'_, R>,
+    ) -> Result<Option<R>, StoreError> {
+        self.run(async |client| {
+            let pg = |e: tokio_postgres::Error| classify(&e);
+            // A look without a lock first: when the step writes nothing (the common
+            // auto-allow check of a client group), that read is the whole atomic update,
+            // and hot rows are never locked just to be read.
+            let get = client.prepare_cached(R::SQL.get).await.map_err(pg)?;
+            let row = client.query_opt(&get, &[key]).await.map_err(pg)?;
+            let seen: Option<R> = record(row)?;
+            match f(seen.as_ref()) {
+                Some(new) if Some(new) != seen => {}
+                _ => return Ok(seen),
+            }
+
+            let lock = client.prepare_cached(R::SQL.lock).await.map_err(pg)?;
+            let insert = client.prepare_cached(R::SQL.insert).await.map_err(pg)?;
+            let update = client.prepare_cached(R::SQL.update).await.map_err(pg)?;
+            let tx = client.transaction().await.map_err(pg)?;
+            for _ in 0..MAX_ROUNDS {
+                let row = tx.query_opt(&lock, &[key]).await.map_err(pg)?;
+                let exists = row.is_some();
+                let old: Option<R> = record(row)?;
+                let new = match f(old.as_ref()) {
+                    Some(new) if Some(new) != old => new,
+                    _ => {
+                        tx.rollback().await.map_err(pg)?;
+                        return Ok(old);
+                    }
+                };
+                let bytes = new.to_bytes();
+                let expires_at = sql_time(new.expires_at());
+                let passed = new.passed();
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![key, &bytes, &expires_at];
+                if let Some(p) = &passed {
+                    params.push(p);
+                }
+                if exists {
+                    tx.execute(&update, &params).await.map_err(pg)?;
+                } else if tx.execute(&insert, &params).await.map_err(pg)? == 0 {
+                    // Another host inserted this key's first record after our look; the
+                    // insert waited for its commit, so the next look locks its row.
+                    continue;
+                }
+                tx.commit().await.map_err(pg)?;
+                return Ok(old);
+            }
+            Err(StoreError::Backend(format!(
+                "postgres: key changed under {MAX_ROUNDS} update attempts in a row; gave up"
+            )))
+        })
+        .await
+    }
+}
+
+/// Creates or upgrades the schema, once per store (and once across hosts starting
+/// together: the advisory lock serialises them, and the version table tells the later ones
+/// there is nothing left to do).
+async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let pg = |e: tokio_postgres::Error| classify(&e);
+    let tx = client.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS greygate_schema (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(pg)?;
+    let row = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM greygate_schema", &[])
+        .await
+        .map_err(pg)?;
+    let current: i32 = column(&row, 0)?;
+    if current > SCHEMA_VERSION {
+        // A newer greygate migrated this database; writing to a schema this one does not
+        // know could corrupt it.
+        return Err(StoreError::Backend(format!(
+            "postgres schema version {current} is newer than this greygate's ({SCHEMA_VERSION}); upgrade greygate"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO greygate_schema (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(pg)?;
+        tracing::info!(version, "postgres schema migrated");
+    }
+    tx.commit().await.map_err(pg)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+
+    async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+        self.get(&triplet_key(key)).await
+    }
+
+    async fn update_triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        self.update(&triplet_key(key), f).await
+    }
+
+    async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.get(&client).await
+    }
+
+    async fn update_client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        self.update(&client, f).await
+    }
+
+    /// Deletes up to `max_scan` dead rows of each table through the `expires_at` index;
+    /// rows that requests hold locked are skipped (they are being rewritten anyway).
+    async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {
+        let done = ExpireStep {
+            removed: 0,
+            cycle_done: true,
+        };
+        {
+            let next = self.next_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            if next.is_some_and(|t| Instant::now() < t) {
+                return Ok(done);
+            }
+        }
+        if self.breaker.is_down() {
+            // Requests already report the outage; expiry simply waits for the server.
+            return Ok(done);
+        }
+        let batch = max_scan.clamp(1, MAX_EXPIRE_BATCH);
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        let now = sql_time(now);
+        let (triplets, clients) = self
+            .run(async |client| {
+                let pg = |e: tokio_postgres::Error| classify(&e);
+                let t = client
+                    .execute(Triplet::SQL.expire, &[&now, &limit])
+                    .await
+                    .map_err(pg)?;
+                let c = client
+                    .execute(ClientRecord::SQL.expire, &[&now, &limit])
+                    .await
+                    .map_err(pg)?;
+                Ok((t, c))
+            })
+            .await?;
+        let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let step = ExpireStep {
+            removed: as_usize(triplets).saturating_add(as_usize(clients)),
+            cycle_done: as_usize(triplets) < batch && as_usize(clients) < batch,
+        };
+        if step.cycle_done {
+            *self.next_sweep.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + EXPIRE_IDLE);
+        }
+        Ok(step)
+    }
+
+    /// Every update is committed when it is made.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.run(async |client| {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE NOT passed), count(*) FILTER (WHERE passed), \
+                     (SELECT count(*) FROM greygate_clients) FROM greygate_triplets",
+                    &[],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            let n = |i: usize| column::<i64>(&row, i).map(|n| u64::try_from(n).unwrap_or(0));
+            Ok(Counts {
+                triplets_pending: n(0)?,
+                triplets_passed: n(1)?,
+                clients: n(2)?,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_connecting() {
+        assert!(check_url("postgres://greygate:secret@db.example:5433/greygate").is_ok());
+        assert!(check_url("postgresql://greygate@%2Frun%2Fpostgresql/greygate").is_ok());
+        assert!(check_url("host=/run/postgresql user=greygate").is_ok());
+        assert!(check_url("redis://127.0.0.1/").is_err());
+        assert!(check_url("postgres://h:notaport/db").is_err());
+        let c = parse_url("postgres://u@db1,db2/gg?options=-csearch_path%3Dgreygate").unwrap();
+        assert_eq!(c.get_options(), Some("-csearch_path=greygate"));
+        assert_eq!(c.get_hosts().len(), 2);
+    }
+
+    #[test]
+    fn times_beyond_bigint_read_as_never() {
+        assert_eq!(sql_time(5), 5);
+        assert_eq!(sql_time(u64::MAX - 1), i64::MAX);
+    }
+
+    #[tokio::test]
+    async fn description_names_the_server_without_the_password() {
+        let s = PostgresStore::new(
+            "postgres://gg:secret@db.example:5433/trust",
+            4,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(s.describe(), "postgres gg@db.example:5433/trust");
+    }
+}

@@ -1,0 +1,513 @@
+//! The `redis` backend: one trust database shared by every MX host of a site (Redis 7,
+//! Valkey).
+//!
+//! Layout: one string key per record, holding `Record::to_bytes` as it is.
+//! - `gg:t:{<hex>}`: a triplet, under the first 128 bits of the SHA-256 of its joined key,
+//!   so that senders and recipients are not stored in plaintext (nothing reads keys back);
+//! - `gg:c:{<client group>}`: a client group's auto-allow record.
+//!
+//! Every command touches exactly one key, so every operation stays within one hash slot
+//! (the layout is Redis Cluster safe). Records expire by TTL, set from their `expires_at`
+//! on each write; `expire` has nothing to do.
+//!
+//! An update is an optimistic compare-and-set: `GET`, run the engine's pure step in Rust,
+//! then a Lua script writes the new value only if the key still holds what was read. On a
+//! mismatch the script returns the current value and the step runs again on it (bounded).
+//! Within one process, updates of one key also take a striped lock first, so the retries
+//! only ever race other hosts, never the requests of this one.
+//!
+//! All requests share one multiplexed connection, made on first use. A connection that
+//! fails or stops answering is dropped at once (a silently dead TCP connection would
+//! otherwise be kept until the kernel gives up on it) and the next admitted operation
+//! connects afresh; while the server is down the breaker (`breaker.rs`) answers for it and
+//! paces those attempts with backoff.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, Script, Value};
+use sha2::{Digest, Sha256};
+
+use super::breaker::Breaker;
+use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use crate::engine::record::Record;
+use crate::engine::{ClientRecord, Triplet, TripletKey};
+
+const TRIPLET_PREFIX: &str = "gg:t:";
+const CLIENT_PREFIX: &str = "gg:c:";
+
+/// Compare-and-set: KEYS[1] is set to ARGV[2] (with a TTL of ARGV[3] seconds, 0 = none)
+/// only if it holds ARGV[1] ('' = the key must be absent; encoded records are never
+/// empty). Returns 1 when written, else what the key holds now: its value, or 0 when absent.
+const CAS_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
+  local ttl = tonumber(ARGV[3])
+  if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
+  return 1
+end
+if cur == false then
+  return 0
+end
+return cur
+";
+
+/// Rounds of compare-and-set before an update gives up. Only other hosts can win a round
+/// (see the striped lock), so this bounds the number of MX hosts updating one key at the
+/// same instant that an update survives, with room to spare.
+const MAX_CAS_ROUNDS: usize = 32;
+
+/// Shortest TTL given to a record. The engine decides liveness itself from `expires_at`
+/// and its own `now`, so a record kept a little past its death is harmless, while one
+/// removed early would restart a delay. A record already dead by this host's clock (a
+/// stepped clock, tests with synthetic times) is therefore kept briefly rather than written
+/// and dropped in the same breath.
+const MIN_TTL: u64 = 60;
+/// Records living longer than this (about ten years) get no TTL at all rather than a
+/// clamped one that would remove them early.
+const MAX_TTL: u64 = 10 * 365 * 86_400;
+
+/// In-process lock stripes for updates (see the module documentation).
+const STRIPES: usize = 256;
+
+/// Keys scanned per `SCAN` call when counting.
+const SCAN_BATCH: usize = 1000;
+
+/// The Redis key of a triplet record.
+pub fn triplet_key(key: &TripletKey) -> String {
+    let digest = Sha256::digest(key.joined().as_bytes());
+    let mut out = String::with_capacity(TRIPLET_PREFIX.len() + 34);
+    out.push_str(TRIPLET_PREFIX);
+    out.push('{');
+    for b in &digest[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out.push('}');
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The Redis key of a client group's record.
+pub fn client_key(client: &str) -> String {
+    format!("{CLIENT_PREFIX}{{{client}}}")
+}
+
+/// Checks a `redis://` (or `redis+unix://`, `unix://`) URL without connecting.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("bad redis URL: {e}"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The TTL for a record written at `now` (both by this host's clock); `None`: no TTL.
+fn ttl_for(expires_at: u64, now: u64) -> Option<u64> {
+    let left = expires_at.saturating_sub(now);
+    (left <= MAX_TTL).then_some(left.max(MIN_TTL))
+}
+
+/// Connection-level trouble (the server is down, unreachable, restarting or too slow)
+/// makes the store unavailable; anything else the server said is a backend error.
+fn classify(e: RedisError) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    if e.is_timeout() {
+        return StoreError::Unavailable(format!("redis: no answer in time ({e})"));
+    }
+    let unreachable = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+                    // A replica: after a failover, a fresh connection finds the new primary.
+                    | ServerErrorKind::ReadOnly
+            )
+        );
+    if unreachable {
+        StoreError::Unavailable(format!("redis: {e}"))
+    } else {
+        StoreError::Backend(format!("redis: {e}"))
+    }
+}
+
+/// A record as read: undecodable bytes (a foreign or damaged value) read as no record, so
+/// the next update replaces them instead of failing the key for its whole TTL.
+fn decode<R: Record>(key: &str, bytes: Option<&[u8]>) -> Option<R> {
+    let bytes = bytes?;
+    match R::from_bytes(bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "undecodable record in redis; treating it as absent");
+            None
+        }
+    }
+}
+
+/// The redis store.
+pub struct RedisStore {
+    shown: String,
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    /// The shared connection and its generation (which connection an error came from).
+    link: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generations: std::sync::atomic::AtomicU64,
+    /// One connection attempt at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
+    cas: Script,
+    timeout: Duration,
+    breaker: Breaker,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    // Keys are attacker-influenced; stripe choice uses a randomly keyed hash.
+    hasher: RandomState,
+}
+
+impl RedisStore {
+    /// Creates the store without connecting: the connection is made on first use and
+    /// remade whenever it is lost, so greygate starts (and fails open) while Redis is down.
+    /// Each connection attempt may take `connect_timeout`; every operation is bounded by
+    /// `timeout`.
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad redis URL: {e}")))?;
+        let info = client.get_connection_info();
+        let shown = format!("redis {} db {}", info.addr(), info.redis_settings().db());
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(timeout));
+        Ok(RedisStore {
+            breaker: Breaker::new(shown.clone()),
+            shown,
+            client,
+            config,
+            link: Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            connecting: tokio::sync::Mutex::new(()),
+            cas: Script::new(CAS_LUA),
+            timeout,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: RandomState::new(),
+        })
+    }
+
+    /// Connects and asks the server who it is (for `check-config --connect`), e.g.
+    /// `Redis 7.0.15`.
+    pub async fn check(&self) -> Result<String, StoreError> {
+        let info: String = self
+            .run(async |conn| {
+                let _: String = redis::cmd("PING")
+                    .query_async(conn)
+                    .await
+                    .map_err(classify)?;
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(conn)
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        Ok(match (field("valkey_version"), field("redis_version")) {
+            (Some(v), _) => format!("Valkey {v}"),
+            (None, Some(v)) => format!("Redis {v}"),
+            (None, None) => "a Redis-compatible server".into(),
+        })
+    }
+
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The shared connection, connecting first when there is none.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
+        if let Some(link) = self.current() {
+            return Ok(link);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(link) = self.current() {
+            return Ok(link);
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+            .map_err(|e| {
+                // Whatever went wrong (refused, timed out, a wrong password), no connection
+                // means unreachable: the breaker then paces the next attempts.
+                StoreError::Unavailable(format!("redis: cannot connect: {e}"))
+            })?;
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
+        tracing::debug!(store = %self.shown, generation, "connected");
+        Ok((generation, conn))
+    }
+
+    /// Drops connection `generation` (unless it has been replaced already).
+    fn discard(&self, generation: u64) {
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        if link.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *link = None;
+        }
+    }
+
+    /// Runs one operation on the shared connection, under the breaker and `timeout`.
+    async fn run<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let attempt = self.breaker.admit()?;
+        let mut used = None;
+        let work = async {
+            let (generation, mut conn) = self.connection().await?;
+            used = Some(generation);
+            op(&mut conn).await
+        };
+        let result = match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        match &result {
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
+                if let Some(generation) = used {
+                    self.discard(generation);
+                }
+                attempt.unreachable(e);
+            }
+            _ => attempt.reachable(),
+        }
+        result
+    }
+
+    async fn get<R: Record>(&self, key: &str) -> Result<Option<R>, StoreError> {
+        self.run(async |conn| {
+            let bytes: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(key)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok(decode(key, bytes.as_deref()))
+        })
+        .await
+    }
+
+    async fn update<R: Record>(
+        &self,
+        key: &str,
+        f: UpdateFn<'_, R>,
+    ) -> Result<Option<R>, StoreError> {
+        self.run(async |conn| {
+            let stripe = (self.hasher.hash_one(key) as usize) % STRIPES;
+            let _turn = self.stripes[stripe].lock().await;
+            let mut current: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(key)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            for _ in 0..MAX_CAS_ROUNDS {
+                let old = decode::<R>(key, current.as_deref());
+                let new = match f(old.as_ref()) {
+                    Some(new) if Some(new) != old => new,
+                    // Nothing to write (an unchanged record keeps its TTL too).
+                    _ => return Ok(old),
+                };
+                let ttl = ttl_for(new.expires_at(), unix_now()).unwrap_or(0);
+                let reply: Value = self
+                    .cas
+                    .key(key)
+                    .arg(current.as_deref().unwrap_or_default())
+                    .arg(new.to_bytes())
+                    .arg(ttl)
+                    .invoke_async(conn)
+                    .await
+                    .map_err(classify)?;
+                current = match reply {
+                    Value::Int(1) => return Ok(old),
+                    Value::Int(0) | Value::Nil => None,
+                    Value::BulkString(now) => Some(now),
+                    other => {
+                        return Err(StoreError::Backend(format!(
+                            "redis: unexpected compare-and-set reply {other:?}"
+                        )));
+                    }
+                };
+            }
+            Err(StoreError::Backend(format!(
+                "redis: {key} changed under {MAX_CAS_ROUNDS} update attempts in a row; gave up"
+            )))
+        })
+        .await
+    }
+
+    /// Counts the keys matching `pattern`; `values`, when given, sees the value of each.
+    async fn scan(
+        &self,
+        pattern: &str,
+        mut values: Option<&mut (dyn FnMut(Option<Vec<u8>>) + Send)>,
+    ) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut seen = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .run(async |conn| {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_BATCH)
+                        .query_async(conn)
+                        .await
+                        .map_err(classify)
+                })
+                .await?;
+            seen += keys.len() as u64;
+            if let Some(each) = values.as_mut()
+                && !keys.is_empty()
+            {
+                // One GET per key, pipelined: single-key commands keep Cluster slots apart.
+                let got: Vec<Option<Vec<u8>>> = self
+                    .run(async |conn| {
+                        let mut pipe = redis::pipe();
+                        for k in &keys {
+                            pipe.cmd("GET").arg(k);
+                        }
+                        pipe.query_async(conn).await.map_err(classify)
+                    })
+                    .await?;
+                for v in got {
+                    each(v);
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(seen);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+
+    async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+        self.get(&triplet_key(key)).await
+    }
+
+    async fn update_triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        self.update(&triplet_key(key), f).await
+    }
+
+    async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.get(&client_key(client)).await
+    }
+
+    async fn update_client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        self.update(&client_key(client), f).await
+    }
+
+    /// Redis removes records itself when their TTL runs out.
+    async fn expire(&self, _now: u64, _max_scan: usize) -> Result<ExpireStep, StoreError> {
+        Ok(ExpireStep {
+            removed: 0,
+            cycle_done: true,
+        })
+    }
+
+    /// Every update is written through.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Scans the whole key space: for occasional statistics, not for every request.
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let mut counts = Counts::default();
+        let mut tally = |v: Option<Vec<u8>>| {
+            match v.as_deref().map(Triplet::from_bytes) {
+                Some(Ok(t)) if t.passed => counts.triplets_passed += 1,
+                Some(Ok(_)) => counts.triplets_pending += 1,
+                // Gone since the scan saw it, or undecodable: not a live triplet.
+                _ => {}
+            }
+        };
+        self.scan(&format!("{TRIPLET_PREFIX}*"), Some(&mut tally))
+            .await?;
+        counts.clients = self.scan(&format!("{CLIENT_PREFIX}*"), None).await?;
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_hide_addresses_and_stay_in_one_slot() {
+        let k = TripletKey {
+            client: "192.0.2.0/24".into(),
+            sender: "alice@example.net".into(),
+            recipient: "bob@example.org".into(),
+        };
+        let t = triplet_key(&k);
+        assert!(t.starts_with("gg:t:{") && t.ends_with('}'), "{t}");
+        assert_eq!(t.len(), "gg:t:{}".len() + 32);
+        assert!(!t.contains("alice") && !t.contains("example"), "{t}");
+        let other = TripletKey {
+            recipient: "Bob@example.org".into(),
+            ..k.clone()
+        };
+        assert_ne!(t, triplet_key(&other), "keys are exact");
+        assert_eq!(client_key("192.0.2.0/24"), "gg:c:{192.0.2.0/24}");
+    }
+
+    #[test]
+    fn ttls_round_up_never_down() {
+        assert_eq!(ttl_for(1_000_000 + 300, 1_000_000), Some(300));
+        assert_eq!(ttl_for(1_000_000 + 5, 1_000_000), Some(MIN_TTL));
+        assert_eq!(ttl_for(10, 1_000_000), Some(MIN_TTL), "already dead");
+        assert_eq!(ttl_for(u64::MAX - 1, 1_000_000), None, "beyond MAX_TTL");
+    }
+
+    #[test]
+    fn urls_are_checked_without_connecting() {
+        assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check_url("redis+unix:///run/redis.sock").is_ok());
+        assert!(check_url("postgres://localhost/x").is_err());
+        assert!(check_url("redis://[nonsense").is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! A private `redis-server` per test: a free loopback port, a temp directory, no
+//! persistence. It can be killed and restarted on the same port, or paused (SIGSTOP) to
+//! play a server that stopped answering. Stopped on drop; never the system's service.
+//!
+//! Without `redis-server` the tests that need it skip with a printed reason under plain
+//! `cargo test` and fail under the README's test command (`GREYGATE_REQUIRE_PEERS=1`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::peers_required;
+use super::postfix::free_port;
+
+fn binary() -> Option<PathBuf> {
+    ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// A running private Redis.
+pub struct Redis {
+    pub port: u16,
+    bin: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` (after printing why) when `redis-server` is missing
+    /// and real peers are not required; panics when they are.
+    pub fn start(test: &str) -> Option<Redis> {
+        let Some(bin) = binary() else {
+            let why = "redis-server not installed (scripts/test installs redis-server)";
+            assert!(!peers_required(), "{test}: real Redis required but {why}");
+            eprintln!("skipped {test}: {why}");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("gg-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut r = Redis {
+            port: free_port(),
+            bin,
+            child: None,
+            dir,
+        };
+        r.spawn();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {}:\n{}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers PING.
+    pub fn answers(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 16];
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// Kills the server hard (SIGKILL): its clients see the connection drop.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: it persists nothing).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("redis running").id();
+        // SAFETY: kill(2) on a child we own; no memory is shared.
+        let rc = unsafe { libc::kill(i32::try_from(pid).expect("pid fits i32"), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A paused server must be woken to die promptly.
+            self.signal(libc::SIGCONT);
+        }
+        self.kill();
+    }
+}
