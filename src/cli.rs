@@ -32,6 +32,10 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Explain what greygate would decide for a request, without changing anything.
     Explain(ExplainArgs),
+    /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
+    Probe(crate::outbound_cmd::ProbeArgs),
+    /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
+    Track(crate::outbound_cmd::TrackArgs),
 }
 
 #[derive(Debug, Args, Clone)]

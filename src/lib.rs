@@ -7,6 +7,7 @@
 pub mod config;
 pub mod engine;
 pub mod explain;
+pub mod outbound;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -1,9 +1,11 @@
 //! The `greygate` binary: CLI dispatch, logging, signals and exit codes (anyhow only here).
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration, 3 the store is
-//! held by a running daemon.
+//! held by a running daemon; `probe`: 0 accepted, 4 greylisted, 5 other temporary failure,
+//! 6 rejected, 7 no connection.
 
 mod cli;
+mod outbound_cmd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(&args),
         Command::Explain(args) => explain(args),
+        Command::Probe(args) => outbound_cmd::probe(args),
+        Command::Track(args) => outbound_cmd::track(args),
     };
     match result {
         Ok(code) => code,

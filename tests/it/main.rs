@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod harness;
 mod milter;
+mod outbound;
 mod policy;
 mod postfix;
 mod store;

@@ -1,0 +1,542 @@
+//! `greygate probe` and `greygate track` against real peers on loopback: Postfix asking
+//! greygate or postgrey, Postfix that rejects, smtp-sink, a closed port, dnsmasq serving MX
+//! records; and track reading the log of a real Postfix that relayed through greylisting.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::postfix::{self, Policy, Postfix, free_port};
+use crate::harness::{DaemonConfig, peers_required, run_cli};
+
+/// Greylisting delay of greygate and postgrey where a retry must pass.
+const DELAY: u64 = 2;
+
+/// Whether `bin` exists; otherwise skip (or fail under GREYGATE_REQUIRE_PEERS=1).
+fn have(test: &str, bin: &str, package: &str) -> bool {
+    if Path::new(bin).exists() {
+        return true;
+    }
+    let why = format!("{bin} is not installed (Debian package {package})");
+    assert!(!peers_required(), "{test}: real peer required but {why}");
+    eprintln!("skipped {test}: {why}");
+    false
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
+}
+
+fn probe(args: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut all = vec![
+        "probe",
+        "--json",
+        "--timeout",
+        "10s",
+        "--helo",
+        "probe.example.net",
+    ];
+    all.extend_from_slice(args);
+    let (code, out, err) = run_cli(&all);
+    let v = json(&out);
+    (code, v, err)
+}
+
+/// A greygate daemon (delay `delay`) with a Postfix asking it.
+fn greygate_site(delay: u64) -> (crate::harness::Daemon, Postfix, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let gg = DaemonConfig::new(dir.path())
+        .toml(&format!(
+            "hostname = \"gw.test.invalid\"\n[greylist]\ndelay = {delay}\n"
+        ))
+        .start();
+    let pf = Postfix::start(Policy::Service(format!("inet:{}", gg.tcp())), &[]);
+    (gg, pf, dir)
+}
+
+/// A private postgrey on a loopback port. Stopped on drop.
+struct Postgrey {
+    port: u16,
+    pidfile: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgrey {
+    fn start(delay: u64) -> Postgrey {
+        let dir = tempfile::tempdir().unwrap();
+        // postgrey drops to its own user; its database directory must be its own.
+        let status = Command::new("chown")
+            .arg("postgrey:postgrey")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown postgrey");
+        let port = free_port();
+        let pidfile = dir.path().join("postgrey.pid");
+        let out = Command::new("/usr/sbin/postgrey")
+            .arg(format!("--inet=127.0.0.1:{port}"))
+            .arg(format!("--dbdir={}", dir.path().display()))
+            .arg(format!("--pidfile={}", pidfile.display()))
+            .arg(format!("--delay={delay}"))
+            .arg("--daemonize")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run postgrey");
+        assert!(
+            out.status.success(),
+            "postgrey failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "postgrey never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Postgrey {
+            port,
+            pidfile,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Postgrey {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the pid our own postgrey wrote.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
+/// A private dnsmasq answering from command-line records only. Killed on drop.
+struct Dnsmasq {
+    port: u16,
+    child: Child,
+}
+
+impl Dnsmasq {
+    fn start(records: &[String]) -> Dnsmasq {
+        let port = free_port();
+        let mut child = Command::new("/usr/sbin/dnsmasq")
+            .args([
+                "--no-daemon",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--user=root",
+                // Answer for .test from the records given (NODATA, NXDOMAIN) instead of
+                // refusing for want of an upstream server.
+                "--local=/test/",
+            ])
+            .arg(format!("--port={port}"))
+            .args(records)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dnsmasq");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("started") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("dnsmasq did not start"),
+            }
+            assert!(Instant::now() < deadline, "dnsmasq did not start");
+        }
+        // Keep draining so dnsmasq never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Dnsmasq { port, child }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn one(v: &serde_json::Value) -> &serde_json::Value {
+    &v["recipients"][0]
+}
+
+#[test]
+fn probe_greygate_greylists_then_accepts_after_the_delay() {
+    if !postfix::available("probe_greygate") {
+        return;
+    }
+    let (_gg, pf, _dir) = greygate_site(DELAY);
+    let server = format!("127.0.0.1:{}", pf.smtp_port);
+    let (code, v, _) = probe(&["--server", &server, "dave@example.org"]);
+    assert_eq!(code, 4, "{v:#}");
+    let r = one(&v);
+    assert_eq!(r["status"], "greylisted", "{v:#}");
+    let a = &r["attempts"][0];
+    assert_eq!(a["stage"], "rcpt_to");
+    assert!(
+        a["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("450 4.7.1 <dave@example.org>: Recipient address rejected: Greylisted"),
+        "{v:#}"
+    );
+    assert!(
+        a["evidence"].as_str().unwrap().contains("greylist"),
+        "{v:#}"
+    );
+
+    // A new recipient, so the clock starts now: greylisted, then accepted after the delay.
+    let started = Instant::now();
+    let (code, v, err) = probe(&[
+        "--server",
+        &server,
+        "--retry-every",
+        "1s",
+        "--until",
+        "20s",
+        "erin@example.org",
+    ]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    let r = one(&v);
+    assert_eq!(r["status"], "accepted");
+    assert_eq!(r["attempts"][0]["status"], "greylisted");
+    let t = r["time_to_accept_secs"].as_f64().expect("time to accept");
+    assert!(
+        (DELAY as f64..10.0).contains(&t),
+        "accepted after {t} s for a {DELAY} s delay: {v:#}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // The text form, for people.
+    let (code, out, _) = run_cli(&["probe", "--server", &server, "frank@example.org"]);
+    assert_eq!(code, 4);
+    assert!(
+        out.contains("frank@example.org: GREYLISTED by 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("reply to RCPT TO: 450 4.7.1"), "{out}");
+    assert!(out.contains("evidence: "), "{out}");
+}
+
+#[test]
+fn probe_postgrey_is_recognised_as_greylisting() {
+    if !postfix::available("probe_postgrey")
+        || !have("probe_postgrey", "/usr/sbin/postgrey", "postgrey")
+    {
+        return;
+    }
+    let pg = Postgrey::start(60);
+    let pf = Postfix::start(Policy::Service(format!("inet:127.0.0.1:{}", pg.port)), &[]);
+    let (code, v, _) = probe(&[
+        "--server",
+        &format!("127.0.0.1:{}", pf.smtp_port),
+        "dave@example.org",
+    ]);
+    assert_eq!(code, 4, "{v:#}\nmaillog:\n{}", pf.maillog());
+    let a = &one(&v)["attempts"][0];
+    assert!(
+        a["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("450 4.2.0 <dave@example.org>: Recipient address rejected: Greylisted"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn probe_smtp_sink_accepts() {
+    if !postfix::available("probe_smtp_sink") {
+        return;
+    }
+    let port = free_port();
+    let mut sink = Command::new("/usr/sbin/smtp-sink")
+        .args(["-u", "postfix"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("10")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("smtp-sink");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "smtp-sink never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, v, _) = probe(&[
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--from",
+        "carol@example.net",
+        "dave@example.org",
+        "erin@example.org",
+    ]);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert_eq!(code, 0, "{v:#}");
+    for r in v["recipients"].as_array().unwrap() {
+        assert_eq!(r["status"], "accepted", "{v:#}");
+        let transcript = r["attempts"][0]["transcript"].to_string();
+        assert!(!transcript.contains("DATA"), "{transcript}");
+        assert!(
+            transcript.contains("MAIL FROM:<carol@example.net>"),
+            "{transcript}"
+        );
+    }
+}
+
+#[test]
+fn probe_rejecting_postfix_is_rejected() {
+    if !postfix::available("probe_rejecting_postfix") {
+        return;
+    }
+    // A later main.cf line overrides the harness's restrictions.
+    let pf = Postfix::start(Policy::None, &["smtpd_recipient_restrictions = reject"]);
+    let (code, v, _) = probe(&[
+        "--server",
+        &format!("127.0.0.1:{}", pf.smtp_port),
+        "dave@example.org",
+    ]);
+    assert_eq!(code, 6, "{v:#}");
+    let a = &one(&v)["attempts"][0];
+    assert_eq!(one(&v)["status"], "rejected");
+    assert!(
+        a["reply"].as_str().unwrap().starts_with("554 5.7.1"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn probe_closed_port_is_no_connection() {
+    let port = free_port();
+    let (code, v, _) = probe(&["--server", &format!("127.0.0.1:{port}"), "dave@example.org"]);
+    assert_eq!(code, 7, "{v:#}");
+    assert_eq!(one(&v)["status"], "no_connection");
+    assert!(
+        one(&v)["attempts"][0]["tried"][0]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{v:#}"
+    );
+    let (code, _, err) = run_cli(&["probe", "not-an-address"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn probe_resolves_mx_with_a_dns_server_on_loopback() {
+    if !postfix::available("probe_mx") || !have("probe_mx", "/usr/sbin/dnsmasq", "dnsmasq-base") {
+        return;
+    }
+    let pf = Postfix::start(Policy::None, &[]);
+    let dns = Dnsmasq::start(&[
+        // The preferred MX is down (nothing listens on 127.0.0.2 at that port): the probe
+        // must move on to the next, as an MTA does.
+        "--mx-host=example.test,down.example.test,5".into(),
+        "--mx-host=example.test,mx.example.test,10".into(),
+        "--host-record=down.example.test,127.0.0.2".into(),
+        "--host-record=mx.example.test,127.0.0.1".into(),
+        // No MX: the domain's own address is the implicit MX (RFC 5321 5.1).
+        "--host-record=plain.test,127.0.0.1".into(),
+    ]);
+    let resolver = format!("127.0.0.1:{}", dns.port);
+    let port = pf.smtp_port.to_string();
+    let (code, v, err) = probe(&[
+        "--resolver",
+        &resolver,
+        "--port",
+        &port,
+        "dave@example.test",
+        "erin@plain.test",
+    ]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    let r = &v["recipients"];
+    assert_eq!(
+        r[0]["attempts"][0]["server"],
+        format!("mx.example.test [127.0.0.1]:{port}"),
+        "{v:#}"
+    );
+    assert!(
+        r[0]["attempts"][0]["tried"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("down.example.test [127.0.0.2]"),
+        "{v:#}"
+    );
+    assert_eq!(
+        r[1]["attempts"][0]["server"],
+        format!("plain.test [127.0.0.1]:{port}"),
+        "{v:#}"
+    );
+    // A domain that does not exist: no connection, with the DNS answer as the reason.
+    let (code, v, _) = probe(&["--resolver", &resolver, "x@nowhere.test"]);
+    assert_eq!(code, 7, "{v:#}");
+}
+
+/// Flushes `pf`'s queue until its log has `n` `status=sent` lines.
+fn wait_sent(pf: &Postfix, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = pf.maillog();
+        if log.matches("status=sent").count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never delivered; maillog:\n{log}"
+        );
+        let _ = Command::new("/usr/sbin/postqueue")
+            .arg("-c")
+            .arg(pf.dir.join("etc"))
+            .arg("-f")
+            .stdin(Stdio::null())
+            .output();
+        std::thread::sleep(Duration::from_millis(700));
+    }
+}
+
+#[test]
+fn track_reads_a_relay_log_with_greygate_and_postgrey_deferrals() {
+    if !postfix::available("track_relay_log")
+        || !have("track_relay_log", "/usr/sbin/postgrey", "postgrey")
+    {
+        return;
+    }
+    let (_gg, grey_b, _dir) = greygate_site(DELAY);
+    let pg = Postgrey::start(DELAY);
+    let pg_b = Postfix::start(Policy::Service(format!("inet:127.0.0.1:{}", pg.port)), &[]);
+    // The relay: example.org goes to the greygate site, example.com to the postgrey one,
+    // retried quickly.
+    let transport = format!(
+        "transport_maps = inline:{{ example.org=smtp:[127.0.0.1]:{}, example.com=smtp:[127.0.0.1]:{} }}",
+        grey_b.smtp_port, pg_b.smtp_port
+    );
+    let relay = Postfix::start(
+        Policy::None,
+        &[
+            &transport,
+            "queue_run_delay = 1s",
+            "minimal_backoff_time = 1s",
+            "maximal_backoff_time = 2s",
+        ],
+    );
+    let sent = relay
+        .swaks()
+        .from("carol@example.net")
+        .to("dave@example.org,erin@example.com")
+        .subject("track-1")
+        .run();
+    assert_eq!(sent.code, 0, "{}", sent.transcript);
+    wait_sent(&relay, 2);
+    let log = relay.maillog();
+    assert!(log.contains("status=deferred"), "{log}");
+
+    let path = relay.dir.join("log/maillog");
+    let (code, out, err) = run_cli(&["track", "--json", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let domains = v["domains"].as_array().unwrap();
+    for name in ["example.org", "example.com"] {
+        let d = domains
+            .iter()
+            .find(|d| d["domain"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {v:#}\n{log}"));
+        assert_eq!(d["messages"], 1, "{d:#}");
+        assert_eq!(d["greylisted"], 1, "{d:#}\n{log}");
+        assert_eq!(d["still_queued"], 0, "{d:#}");
+        assert_eq!(d["bounced"], 0, "{d:#}");
+        let added = d["added_delay_median"].as_f64().unwrap();
+        assert!(
+            (DELAY as f64 - 1.0..30.0).contains(&added),
+            "{name}: added {added} s for a {DELAY} s delay: {d:#}"
+        );
+    }
+
+    // Per message, by recipient.
+    let (code, out, _) = run_cli(&["track", "--to", "dave@example.org", path.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("deferred (greylisting)"), "{out}");
+    assert!(out.contains("=> delivered; greylisting added"), "{out}");
+
+    // Rotated: the first half gzipped as maillog.1.gz, the rest plain, named in the wrong
+    // order; and the same through stdin.
+    let tmp = tempfile::tempdir().unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let (old, new) = lines.split_at(lines.len() / 2);
+    let gz = tmp.path().join("maillog.1.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all((old.join("\n") + "\n").as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let plain = tmp.path().join("maillog");
+    std::fs::write(&plain, new.join("\n") + "\n").unwrap();
+    let (code, out2, err) = run_cli(&[
+        "track",
+        "--json",
+        plain.to_str().unwrap(),
+        gz.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out2)["domains"], v["domains"]);
+
+    let html = tmp.path().join("report.html");
+    let (code, _, _) = run_cli(&[
+        "track",
+        "--html",
+        html.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    let page = std::fs::read_to_string(html).unwrap();
+    assert!(page.contains("<svg") && page.contains("example.org"));
+}
+
+#[test]
+fn track_reads_stdin_and_gzip_fixture() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/track/maillog");
+    let text = std::fs::read_to_string(fixture).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gz = tmp.path().join("maillog.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(text.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let (code, out, err) = run_cli(&["track", gz.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let mut child = Command::new(crate::harness::greygate_bin())
+        .args(["track", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let from_stdin = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&from_stdin.stdout), out);
+    // example.org: greylisted (greygate 4.7.1), 5m 05s added; example.com: postgrey 4.2.0.
+    let first = out.lines().nth(1).unwrap();
+    assert!(first.starts_with("example.org"), "{out}");
+    assert!(first.contains("5m 05s"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("example.com") && l.contains("  1  ")),
+        "{out}"
+    );
+}
