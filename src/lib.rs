@@ -4,6 +4,7 @@
 //! `service` (engine + store + failure policy) → `engine` (pure decisions) and `store`.
 //! See ARCHITECTURE.md for the map and the invariants.
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod explain;

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use cli::{CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
+use cli::{BenchArgs, CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
 use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
 use greygate::engine::{Mode, Request};
 use greygate::server::milter::{MilterContext, MilterLimits, MilterReplies};
@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain(args),
         Command::Probe(args) => outbound_cmd::probe(args),
         Command::Track(args) => outbound_cmd::track(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(code) => code,
@@ -477,6 +478,57 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 EXIT_RUNTIME
             }));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    use greygate::bench;
+    if let Some(addr) = &args.null_server {
+        bench::run_null_server(addr, |bound| {
+            eprintln!("greygate bench: null responder listening on {bound}");
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let (Some(count), Some(db)) = (args.preload, &args.db) {
+        let report = bench::preload(db, count, args.batch, args.seed, unix_now(), |done| {
+            eprintln!("greygate bench: {done} triplets written");
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "preloaded {} triplets and {} client records into {} in {:.1} s ({} bytes)",
+                report.triplets, report.clients, report.path, report.seconds, report.file_bytes
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = bench::LoadOptions {
+        label: args.label,
+        target: args.target,
+        connections: args.connections,
+        stop: match args.requests {
+            Some(n) => bench::Stop::Requests(n),
+            None => bench::Stop::Duration(args.duration.0),
+        },
+        warmup: args.warmup.0,
+        rate: args.rate,
+        arrival: args.arrival,
+        seed: args.seed,
+        stream: bench::StreamConfig {
+            mix: args.mix,
+            ipv6: args.ipv6,
+            retry_pool: args.retry_pool,
+        },
+        threads: args.threads,
+        protocol: args.protocol,
+    };
+    let report = bench::run_load(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
     }
     Ok(ExitCode::SUCCESS)
 }
