@@ -35,7 +35,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    // Not for the daemon nor the benchmark's servers and clients: a peer closing its socket
+    // must end that connection, not the process.
+    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
         // Report commands end quietly when their reader goes away (`| head`), as Unix
         // tools do, instead of panicking on a failed print.
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.

@@ -65,6 +65,9 @@ pub struct ProbeArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Upgrade to TLS with STARTTLS before MAIL FROM (the certificate is not verified)
+    #[arg(long)]
+    pub starttls: bool,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +117,7 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         timeout: args.timeout.0,
         retry_every: args.retry_every.map(|d| d.0),
         until: args.until.0,
+        starttls: args.starttls,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

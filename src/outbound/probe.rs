@@ -51,6 +51,8 @@ pub struct Options {
     /// Repeat every so often until accepted/rejected or `until` has passed.
     pub retry_every: Option<Duration>,
     pub until: Duration,
+    /// Upgrade each conversation with STARTTLS before MAIL FROM.
+    pub starttls: bool,
 }
 
 /// The verdict for one recipient in one attempt.
@@ -365,7 +367,16 @@ async fn attempt(
                     continue;
                 }
             };
-            let session = Session::new(stream, opts.timeout);
+            let mut session = Session::new(stream, opts.timeout);
+            if opts.starttls {
+                let tls_name =
+                    if host.parse::<IpAddr>().is_ok() || host.parse::<SocketAddr>().is_ok() {
+                        addr.ip().to_string()
+                    } else {
+                        host.trim_end_matches('.').to_string()
+                    };
+                session = session.with_starttls(tls_name);
+            }
             match session.probe(&opts.helo, &opts.from, rcpts).await {
                 // A server that fails mid-dialogue (timeout, hang-up) counts as unreachable:
                 // the next MX gets its turn.

@@ -1,9 +1,12 @@
 //! The client side of an SMTP conversation, up to RCPT and never further: banner, EHLO
-//! (HELO if EHLO is refused), MAIL FROM, RCPT TO for each recipient, QUIT. Generic over
+//! (HELO if EHLO is refused), optional STARTTLS, MAIL FROM, RCPT TO for each recipient, QUIT. Generic over
 //! any async stream; every reply is bounded in line length and line count, and every read
 //! has a timeout, so a hostile or wedged server cannot hold the probe forever.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_rustls::rustls;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -27,6 +30,74 @@ pub enum SmtpError {
     Malformed(String),
     #[error("reply too long")]
     TooLong,
+    #[error("STARTTLS failed: {0}")]
+    Tls(String),
+}
+
+/// What a session runs over, before and after STARTTLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Accepts any server certificate: a probe diagnoses delivery, and MX hosts with
+/// self-signed or mismatched certificates still take mail from opportunistic-TLS senders.
+/// Signatures are still checked, so the handshake itself is real.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, SmtpError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SmtpError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// One line of the transcript: what we sent (`>`) or what the server answered (`<`).
@@ -73,20 +144,66 @@ pub struct Outcome {
     pub transcript: Vec<Line>,
 }
 
-/// A client session over `S`.
-pub struct Session<S> {
-    io: BufReader<S>,
+/// A client session.
+pub struct Session {
+    io: BufReader<Box<dyn Stream>>,
     timeout: Duration,
     transcript: Vec<Line>,
+    /// Server name for STARTTLS (SNI), when the probe asks for it.
+    starttls: Option<String>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(stream: S, timeout: Duration) -> Self {
+impl Session {
+    pub fn new<S: Stream + 'static>(stream: S, timeout: Duration) -> Self {
         Session {
-            io: BufReader::new(stream),
+            io: BufReader::new(Box::new(stream)),
             timeout,
             transcript: Vec::new(),
+            starttls: None,
         }
+    }
+
+    /// Upgrades to TLS after EHLO, naming the server `server_name` (a host name or an IP).
+    pub fn with_starttls(mut self, server_name: String) -> Self {
+        self.starttls = Some(server_name);
+        self
+    }
+
+    /// STARTTLS, the TLS handshake, and EHLO again (RFC 3207).
+    async fn start_tls(&mut self, server_name: &str, helo: &str) -> Result<Reply, SmtpError> {
+        let go = self.command("STARTTLS").await?;
+        if go.code != 220 {
+            return Err(SmtpError::Tls(format!("server answered {}", go.text)));
+        }
+        if !self.io.buffer().is_empty() {
+            return Err(SmtpError::Tls(
+                "server sent data after its 220 reply".into(),
+            ));
+        }
+        let placeholder: Box<dyn Stream> =
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
+        let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| SmtpError::Tls(format!("bad server name {server_name:?}: {e}")))?;
+        let tls = tokio::time::timeout(self.timeout, tls_connector()?.connect(name, plain))
+            .await
+            .map_err(|_| SmtpError::Timeout(self.timeout))?
+            .map_err(|e| SmtpError::Tls(e.to_string()))?;
+        let (_, conn) = tls.get_ref();
+        let version = conn
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("TLS");
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|c| c.suite().as_str())
+            .unwrap_or("?");
+        self.transcript.push(Line {
+            dir: "*",
+            text: format!("TLS established: {version} {cipher} (certificate not verified)"),
+        });
+        self.io = BufReader::new(Box::new(tls));
+        self.command(&format!("EHLO {helo}")).await
     }
 
     /// Runs the whole dialogue. `from` is the bare address (empty for the null sender).
@@ -126,6 +243,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if hello.class_digit() != 2 {
             self.quit().await;
             return Ok(all(Stage::Helo, hello));
+        }
+        if let Some(name) = self.starttls.clone() {
+            let offered = self
+                .transcript
+                .iter()
+                .rev()
+                .take_while(|l| l.dir == "<")
+                .any(|l| {
+                    l.text
+                        .get(4..)
+                        .is_some_and(|cap| cap.trim().eq_ignore_ascii_case("STARTTLS"))
+                });
+            if !offered {
+                return Err(SmtpError::Tls("the server does not offer STARTTLS".into()));
+            }
+            hello = self.start_tls(&name, helo).await?;
+            if hello.class_digit() != 2 {
+                self.quit().await;
+                return Ok(all(Stage::Helo, hello));
+            }
         }
         let mail = self.command(&format!("MAIL FROM:<{from}>")).await?;
         if mail.class_digit() != 2 {

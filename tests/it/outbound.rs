@@ -540,3 +540,71 @@ fn track_reads_stdin_and_gzip_fixture() {
         "{out}"
     );
 }
+
+#[test]
+fn probe_starttls_upgrades_before_mail_from() {
+    if !postfix::available("probe_starttls")
+        || !have("probe_starttls", "/usr/bin/openssl", "openssl")
+    {
+        return;
+    }
+    // A self-signed certificate, as many MX hosts have: the probe reports, it does not judge.
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let status = Command::new("/usr/bin/openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mx.test.invalid",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req failed");
+    let cert_line = format!("smtpd_tls_cert_file = {}", cert.display());
+    let key_line = format!("smtpd_tls_key_file = {}", key.display());
+    let pf = Postfix::start(
+        Policy::None,
+        &["smtpd_tls_security_level = may", &cert_line, &key_line],
+    );
+    let server = format!("127.0.0.1:{}", pf.smtp_port);
+    let (code, v, _) = probe(&["--server", &server, "--starttls", "dave@example.org"]);
+    assert_eq!(code, 0, "{v:#}\nmaillog:\n{}", pf.maillog());
+    let transcript = one(&v)["attempts"][0]["transcript"].to_string();
+    assert!(transcript.contains("> STARTTLS"), "{transcript}");
+    assert!(
+        transcript.contains("TLS established: TLSv1_3")
+            || transcript.contains("TLS established: TLSv1_2"),
+        "{transcript}"
+    );
+    let after_tls = transcript.split("TLS established").nth(1).unwrap_or("");
+    assert!(
+        after_tls.contains("> EHLO") && after_tls.contains("> RCPT TO:<dave@example.org>"),
+        "{transcript}"
+    );
+    // smtpd logs the session's summary when it has seen the QUIT: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pf.maillog().contains(" starttls=1 ") {
+        assert!(Instant::now() < deadline, "{}", pf.maillog());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A server without STARTTLS: the probe says so instead of talking in the clear.
+    let plain = Postfix::start(Policy::None, &[]);
+    let server = format!("127.0.0.1:{}", plain.smtp_port);
+    let (code, v, _) = probe(&["--server", &server, "--starttls", "dave@example.org"]);
+    assert_eq!(code, 7, "{v:#}");
+    assert!(v.to_string().contains("does not offer STARTTLS"), "{v:#}");
+}
