@@ -14,7 +14,7 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
-use super::hot::{Change, HotMap};
+use super::hot::{Change, HotMap, Packed};
 use super::memory::MemoryStore;
 use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
 use crate::engine::record::Record;
@@ -55,6 +55,11 @@ pub struct EmbeddedStore {
     // Flushes must not overlap: an older batch committed after a newer one would win.
     flush_lock: tokio::sync::Mutex<()>,
     load: LoadReport,
+    /// Where the disk-side expiry sweep goes on, per table (triplets, clients).
+    sweep: std::sync::Mutex<(Option<String>, Option<String>)>,
+    /// The `now` of the latest `expire` call: the disk sweep's notion of time (stores do
+    /// not read the clock; 0 means no sweep yet).
+    sweep_now: std::sync::atomic::AtomicU64,
 }
 
 impl EmbeddedStore {
@@ -66,7 +71,13 @@ impl EmbeddedStore {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let db = Database::create(path).map_err(|e| open_error(path, e))?;
+        // Requests never read the file (memory answers), so redb's cache only serves the
+        // group commit's B-tree paths; its 1 GiB default would hold half a large store's
+        // file after the start-up scan, in RSS.
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE)
+            .create(path)
+            .map_err(|e| open_error(path, e))?;
         let hot = MemoryStore::with_dirty_tracking(true);
         let mut load = LoadReport::default();
         {
@@ -83,12 +94,22 @@ impl EmbeddedStore {
         load_table(&tx, CLIENTS, &hot.clients, now, &mut load, |l| {
             l.clients += 1
         })?;
+        drop(tx);
+        // The load's temporary per-shard vectors were freed, but glibc keeps freed heap
+        // memory mapped: hand it back, or a large store's RSS keeps them for good.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
             db: Arc::new(db),
             hot,
             flush_lock: tokio::sync::Mutex::new(()),
             load,
+            sweep: std::sync::Mutex::new((None, None)),
+            sweep_now: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -101,7 +122,7 @@ impl EmbeddedStore {
     }
 }
 
-fn load_table<R: Record>(
+fn load_table<R: Packed>(
     tx: &redb::ReadTransaction,
     def: TableDefinition<&str, &[u8]>,
     into: &HotMap<R>,
@@ -128,7 +149,50 @@ fn load_table<R: Record>(
             Err(_) => load.undecodable += 1,
         }
     }
+    into.finish_loading();
     Ok(())
+}
+
+/// redb's page cache (its default is 1 GiB).
+const REDB_CACHE: usize = 64 << 20;
+
+/// Rows looked at per table and commit by the disk-side expiry sweep.
+const SWEEP_ROWS: usize = 20_000;
+
+/// Deletes rows whose record has expired, looking at up to `SWEEP_ROWS` rows after `cursor`;
+/// returns where to go on next time (`None`: start over). Memory forgets expired records
+/// without their key text, so their rows are found here, by their own `expires_at`. A row
+/// changed in memory was written earlier in the same transaction, so it is never dead here.
+fn sweep_table<R: Record>(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    cursor: Option<&str>,
+    now: u64,
+) -> Result<Option<String>, StoreError> {
+    use std::ops::Bound;
+    let mut table = tx.open_table(def).map_err(backend)?;
+    let mut dead = Vec::new();
+    let mut last = None;
+    let mut seen = 0;
+    {
+        let from = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = table
+            .range::<&str>((from, Bound::Unbounded))
+            .map_err(backend)?;
+        for item in range.take(SWEEP_ROWS) {
+            let (k, v) = item.map_err(backend)?;
+            seen += 1;
+            if R::from_bytes(v.value()).is_ok_and(|r| r.expires_at() < now) {
+                dead.push(k.value().to_owned());
+            }
+            last = Some(k.value().to_owned());
+        }
+    }
+    for key in &dead {
+        table.remove(key.as_str()).map_err(backend)?;
+    }
+    // Fewer rows than asked for: the end of the table; start over next time.
+    Ok(last.filter(|_| seen == SWEEP_ROWS))
 }
 
 fn write_changes<R: Record>(
@@ -183,6 +247,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {
+        self.sweep_now
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
         Ok(self.hot.expire_now(now, max_scan))
     }
 
@@ -194,6 +260,8 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         let db = self.db.clone();
+        let cursors = self.sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = self.sweep_now.load(std::sync::atomic::Ordering::Relaxed);
         let result = tokio::task::spawn_blocking(move || {
             // Even a panic inside redb must hand the batch back, or its changes would never
             // be written.
@@ -202,14 +270,26 @@ impl Store for EmbeddedStore {
                 tx.set_durability(Durability::Immediate).map_err(backend)?;
                 write_changes(&tx, TRIPLETS, &triplets)?;
                 write_changes(&tx, CLIENTS, &clients)?;
-                tx.commit().map_err(backend)
+                let next = if now == 0 {
+                    cursors
+                } else {
+                    (
+                        sweep_table::<Triplet>(&tx, TRIPLETS, cursors.0.as_deref(), now)?,
+                        sweep_table::<ClientRecord>(&tx, CLIENTS, cursors.1.as_deref(), now)?,
+                    )
+                };
+                tx.commit().map_err(backend)?;
+                Ok(next)
             }))
             .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
             (outcome, triplets, clients)
         })
         .await;
         match result {
-            Ok((Ok(()), _, _)) => Ok(()),
+            Ok((Ok(next), _, _)) => {
+                *self.sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                Ok(())
+            }
             Ok((Err(e), triplets, clients)) => {
                 // Keep the changes pending: the next flush tries again.
                 self.hot.triplets.restore_dirty(triplets);

@@ -2,27 +2,135 @@
 //!
 //! Many small shards keep every lock short, including an expiry sweep of one shard. The
 //! embedded backend turns on dirty tracking so a group commit writes only what changed.
+//!
+//! Keys are held as 128-bit keyed fingerprints and records in a packed form: at ten million
+//! triplets the key text and its allocation were most of the memory (176 bytes per entry,
+//! now about 83). The text of a key is kept only while the key is dirty, for the commit.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::engine::record::Record;
+use crate::engine::{ClientRecord, Triplet};
 
 use super::ExpireStep;
 
 const SHARDS: usize = 1024;
 
-struct Shard<R> {
-    map: HashMap<Box<str>, R>,
-    dirty: HashSet<Box<str>>,
+/// A record's in-memory form.
+pub(crate) trait Packed: Record {
+    type Packed: Copy + Send + 'static;
+    fn pack(&self) -> Self::Packed;
+    fn unpack(p: &Self::Packed) -> Self;
 }
 
-pub(crate) struct HotMap<R> {
-    shards: Box<[Mutex<Shard<R>>]>,
-    // Attackers choose senders and recipients: shard choice uses a randomly keyed hash too.
-    hasher: RandomState,
+/// Unix seconds as `u32` (until 2106); later values saturate, which only shortens a record's
+/// life in memory.
+fn secs(t: u64) -> u32 {
+    u32::try_from(t).unwrap_or(u32::MAX)
+}
+
+/// [`Triplet`] in 24 bytes instead of 40.
+#[derive(Clone, Copy)]
+pub(crate) struct PackedTriplet {
+    first_seen: u32,
+    last_seen: u32,
+    expires_at: u32,
+    attempts: u32,
+    passes: u32,
+    passed: bool,
+}
+
+impl Packed for Triplet {
+    type Packed = PackedTriplet;
+    fn pack(&self) -> PackedTriplet {
+        PackedTriplet {
+            first_seen: secs(self.first_seen),
+            last_seen: secs(self.last_seen),
+            expires_at: secs(self.expires_at),
+            attempts: self.attempts,
+            passes: self.passes,
+            passed: self.passed,
+        }
+    }
+    fn unpack(p: &PackedTriplet) -> Self {
+        Triplet {
+            first_seen: p.first_seen.into(),
+            last_seen: p.last_seen.into(),
+            expires_at: p.expires_at.into(),
+            attempts: p.attempts,
+            passes: p.passes,
+            passed: p.passed,
+        }
+    }
+}
+
+/// [`ClientRecord`] in 16 bytes instead of 32.
+#[derive(Clone, Copy)]
+pub(crate) struct PackedClient {
+    passes: u32,
+    last_counted: u32,
+    last_seen: u32,
+    expires_at: u32,
+}
+
+impl Packed for ClientRecord {
+    type Packed = PackedClient;
+    fn pack(&self) -> PackedClient {
+        PackedClient {
+            passes: self.passes,
+            last_counted: secs(self.last_counted),
+            last_seen: secs(self.last_seen),
+            expires_at: secs(self.expires_at),
+        }
+    }
+    fn unpack(p: &PackedClient) -> Self {
+        ClientRecord {
+            passes: p.passes,
+            last_counted: p.last_counted.into(),
+            last_seen: p.last_seen.into(),
+            expires_at: p.expires_at.into(),
+        }
+    }
+}
+
+/// The shard maps are keyed by fingerprints that are already keyed hashes: their low 64
+/// bits serve as the map's hash as they are.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type FpMap<V> = HashMap<u128, V, BuildHasherDefault<FingerprintHasher>>;
+
+struct Shard<P> {
+    map: FpMap<P>,
+    /// Changed since the last commit, with the key's text (`None` in the map: removed).
+    dirty: FpMap<Box<str>>,
+    /// Rows read at start-up, built into `map` in one go by `finish_loading`.
+    loading: Vec<(u128, P)>,
+}
+
+pub(crate) struct HotMap<R: Packed> {
+    shards: Box<[Mutex<Shard<R::Packed>>]>,
+    // Attackers choose senders and recipients: fingerprints are keyed hashes, random per
+    // process, so no one can aim for a collision (odds for 10^7 keys: about 10^-25).
+    hi: RandomState,
+    lo: RandomState,
     track_dirty: bool,
     sweep_cursor: AtomicUsize,
 }
@@ -30,79 +138,95 @@ pub(crate) struct HotMap<R> {
 /// A changed key and its value now (`None`: removed).
 pub(crate) type Change<R> = (Box<str>, Option<R>);
 
-impl<R: Record> HotMap<R> {
+impl<R: Packed> HotMap<R> {
     pub(crate) fn new(track_dirty: bool) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    map: HashMap::new(),
-                    dirty: HashSet::new(),
+                    map: FpMap::default(),
+                    dirty: FpMap::default(),
+                    loading: Vec::new(),
                 })
             })
             .collect();
         HotMap {
             shards,
-            hasher: RandomState::new(),
+            hi: RandomState::new(),
+            lo: RandomState::new(),
             track_dirty,
             sweep_cursor: AtomicUsize::new(0),
         }
     }
 
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard<R>> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
-        lock(&self.shards[i])
+    fn fingerprint(&self, key: &str) -> u128 {
+        (u128::from(self.hi.hash_one(key)) << 64) | u128::from(self.lo.hash_one(key))
+    }
+
+    fn shard(&self, fp: u128) -> std::sync::MutexGuard<'_, Shard<R::Packed>> {
+        lock(&self.shards[((fp >> 64) as usize) % SHARDS])
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<R> {
-        self.shard(key).map.get(key).copied()
+        let fp = self.fingerprint(key);
+        self.shard(fp).map.get(&fp).map(R::unpack)
     }
 
-    /// Loads a record without marking it dirty (start-up from disk).
+    /// Queues a record read at start-up (not dirty); `finish_loading` builds the maps.
     pub(crate) fn load(&self, key: &str, value: R) {
-        self.shard(key).map.insert(key.into(), value);
+        let fp = self.fingerprint(key);
+        self.shard(fp).loading.push((fp, value.pack()));
+    }
+
+    /// Builds each shard's map from its queued rows in one go: inserting rows in file order
+    /// instead jumps across every shard's table and was most of a large store's start-up.
+    pub(crate) fn finish_loading(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let rows = std::mem::take(&mut shard.loading);
+            shard.map.reserve(rows.len());
+            shard.map.extend(rows);
+        }
     }
 
     /// Records that `key` is gone, so the next flush deletes it on disk.
     pub(crate) fn mark_removed(&self, key: &str) {
-        let mut shard = self.shard(key);
-        shard.map.remove(key);
+        let fp = self.fingerprint(key);
+        let mut shard = self.shard(fp);
+        shard.map.remove(&fp);
         if self.track_dirty {
-            shard.dirty.insert(key.into());
+            shard.dirty.entry(fp).or_insert_with(|| key.into());
         }
     }
 
     pub(crate) fn update(&self, key: &str, f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
-        let mut shard = self.shard(key);
-        let old = shard.map.get(key).copied();
+        let fp = self.fingerprint(key);
+        let mut shard = self.shard(fp);
+        let old = shard.map.get(&fp).map(R::unpack);
         if let Some(new) = f(old.as_ref())
             && Some(new) != old
         {
-            shard.map.insert(key.into(), new);
+            shard.map.insert(fp, new.pack());
             if self.track_dirty {
-                shard.dirty.insert(key.into());
+                shard.dirty.entry(fp).or_insert_with(|| key.into());
             }
         }
         old
     }
 
     /// Sweeps whole shards from where the last call stopped until about `max_scan` records
-    /// were looked at.
+    /// were looked at. Expired records leave memory only: their rows on disk carry their
+    /// own `expires_at`, and the embedded store deletes them with a sweep of its own.
     pub(crate) fn expire(&self, now: u64, max_scan: usize) -> ExpireStep {
         let mut step = ExpireStep::default();
         let mut scanned = 0;
+        let now = secs(now);
         for _ in 0..SHARDS {
             let i = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
             let mut shard = lock(&self.shards[i]);
-            let Shard { map, dirty } = &mut *shard;
-            scanned += map.len().max(1);
-            map.retain(|key, rec| {
-                let keep = rec.expires_at() >= now;
-                if !keep {
-                    step.removed += 1;
-                    if self.track_dirty {
-                        dirty.insert(key.clone());
-                    }
-                }
+            scanned += shard.map.len().max(1);
+            shard.map.retain(|_, rec| {
+                let keep = R::unpack(rec).expires_at() >= u64::from(now);
+                step.removed += usize::from(!keep);
                 keep
             });
             drop(shard);
@@ -123,10 +247,11 @@ impl<R: Record> HotMap<R> {
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let dirty = std::mem::take(&mut shard.dirty);
-            out.extend(dirty.into_iter().map(|k| {
-                let v = shard.map.get(&k).copied();
-                (k, v)
-            }));
+            out.extend(
+                dirty
+                    .into_iter()
+                    .map(|(fp, key)| (key, shard.map.get(&fp).map(R::unpack))),
+            );
         }
         out
     }
@@ -134,15 +259,16 @@ impl<R: Record> HotMap<R> {
     /// Puts changes back after a failed write, unless newer ones are pending already.
     pub(crate) fn restore_dirty(&self, changes: Vec<Change<R>>) {
         for (key, _) in changes {
-            self.shard(&key).dirty.insert(key);
+            let fp = self.fingerprint(&key);
+            self.shard(fp).dirty.entry(fp).or_insert(key);
         }
     }
 
     /// Calls `f` on every record, one shard lock at a time.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&str, &R)) {
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&R)) {
         for shard in self.shards.iter() {
-            for (k, v) in lock(shard).map.iter() {
-                f(k, v);
+            for v in lock(shard).map.values() {
+                f(&R::unpack(v));
             }
         }
     }

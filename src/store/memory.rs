@@ -37,14 +37,14 @@ impl MemoryStore {
 
     pub(crate) fn count(&self) -> Counts {
         let mut counts = Counts::default();
-        self.triplets.for_each(|_, t| {
+        self.triplets.for_each(|t| {
             if t.passed {
                 counts.triplets_passed += 1;
             } else {
                 counts.triplets_pending += 1;
             }
         });
-        self.clients.for_each(|_, _| counts.clients += 1);
+        self.clients.for_each(|_| counts.clients += 1);
         counts
     }
 }
