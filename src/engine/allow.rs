@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use regex::{Regex, RegexBuilder};
 
-use super::normalize::canonical_ip;
+use super::normalize::{canonical_ip, strip_envelope};
 
 /// Where an allow entry was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,14 +257,8 @@ fn find_either<'a>(list: &'a AddressList, normalised: &str, raw: &str) -> Option
     if list.len() == 0 {
         return None;
     }
-    list.find(normalised).or_else(|| {
-        let raw = raw.trim();
-        let raw = raw
-            .strip_prefix('<')
-            .and_then(|r| r.strip_suffix('>'))
-            .unwrap_or(raw);
-        list.find(&raw.to_lowercase())
-    })
+    list.find(normalised)
+        .or_else(|| list.find(&strip_envelope(raw).to_lowercase()))
 }
 
 /// IPv4-mapped IPv6 networks (`::ffff:192.0.2.0/120`) become IPv4 networks, since client

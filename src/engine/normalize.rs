@@ -75,8 +75,8 @@ pub fn normalize_recipient(addr: &str, delimiters: &str) -> String {
     addr
 }
 
-/// Trims whitespace and one pair of surrounding angle brackets.
-fn strip_envelope(addr: &str) -> &str {
+/// Trims whitespace and one pair of surrounding angle brackets (`<a@b>` as MTAs pass it).
+pub fn strip_envelope(addr: &str) -> &str {
     let s = addr.trim();
     s.strip_prefix('<')
         .and_then(|s| s.strip_suffix('>'))

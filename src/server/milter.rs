@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Io;
 use super::policy::x_greylist;
+use crate::engine::normalize::strip_envelope;
 use crate::engine::{Request, Rule, Verdict};
 use crate::proto::milter::{
     Command, DecodeError, Decoded, Reply, VERSION, action, decode_command, macro_name, protocol,
@@ -100,14 +101,6 @@ impl Session {
         self.sender = None;
         self.delayed = None;
     }
-}
-
-/// Strips the angle brackets the MTA passes addresses in.
-fn bare(addr: &str) -> &str {
-    let a = addr.trim();
-    a.strip_prefix('<')
-        .and_then(|a| a.strip_suffix('>'))
-        .unwrap_or(a)
 }
 
 /// Serves one milter connection until the MTA quits, a frame is bad, or a timeout.
@@ -278,7 +271,7 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
         }
         Command::Mail(args) => {
             s.new_message();
-            s.sender = Some(bare(&args[0]).to_string());
+            s.sender = Some(strip_envelope(&args[0]).to_string());
             cont()
         }
         Command::Rcpt(args) => {
@@ -288,7 +281,7 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 client_name: s.client_name.clone(),
                 helo: s.helo.clone(),
                 sender: s.sender.clone().unwrap_or_default(),
-                recipient: bare(&args[0]).to_string(),
+                recipient: strip_envelope(&args[0]).to_string(),
                 sasl_username: s.macros.get("auth_authen").cloned().unwrap_or_default(),
             };
             let outcome = ctx.svc.check(&req, unix_now()).await;

@@ -190,9 +190,9 @@ async fn keys_with_odd_characters(s: &dyn Store) {
     assert_eq!(s.get_triplet(&other).await.unwrap(), None, "keys are exact");
 }
 
-async fn expiry_removes_only_dead_records(s: &dyn Store) {
-    let live = key(100);
-    let dead = key(101);
+/// Writes a triplet that lives (almost) forever and one that expired at 50,000.
+async fn write_live_and_dead(s: &dyn Store) -> (TripletKey, TripletKey) {
+    let (live, dead) = (key(100), key(101));
     let rec = |expires_at| Triplet {
         first_seen: 1,
         last_seen: 1,
@@ -207,6 +207,11 @@ async fn expiry_removes_only_dead_records(s: &dyn Store) {
     s.update_triplet(&dead, &|_| Some(rec(50_000)))
         .await
         .unwrap();
+    (live, dead)
+}
+
+async fn expiry_removes_only_dead_records(s: &dyn Store) {
+    let (live, dead) = write_live_and_dead(s).await;
     let gone = ClientRecord {
         passes: 1,
         last_counted: 1,
@@ -248,23 +253,8 @@ async fn expiry_removes_only_dead_records(s: &dyn Store) {
 }
 
 async fn ttl_expiry_keeps_live_records(s: &dyn Store) {
-    let live = key(100);
-    let dead = key(101);
-    let rec = |expires_at| Triplet {
-        first_seen: 1,
-        last_seen: 1,
-        expires_at,
-        attempts: 1,
-        passes: 0,
-        passed: false,
-    };
     // The far future must not overflow a TTL; the long past must not fail the write.
-    s.update_triplet(&live, &|_| Some(rec(u64::MAX - 1)))
-        .await
-        .unwrap();
-    s.update_triplet(&dead, &|_| Some(rec(50_000)))
-        .await
-        .unwrap();
+    let (live, _dead) = write_live_and_dead(s).await;
     let step = s.expire(50_001, 64).await.unwrap();
     assert!(step.cycle_done, "a TTL store has no sweep to continue");
     assert!(
