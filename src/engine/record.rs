@@ -74,12 +74,17 @@ fn check(bytes: &[u8], len: usize) -> Result<Reader<'_>, DecodeRecordError> {
 
 /// Records the stores hold; lets one generic store implementation serve both kinds.
 pub trait Record: Copy + PartialEq + Send + Sync + 'static {
+    /// The length of `to_bytes`, the same for every record of a kind (stores that keep
+    /// something after the record in one value split there).
+    const ENCODED_LEN: usize;
     fn expires_at(&self) -> u64;
     fn to_bytes(&self) -> Vec<u8>;
     fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeRecordError>;
 }
 
 impl Record for Triplet {
+    const ENCODED_LEN: usize = TRIPLET_LEN;
+
     fn expires_at(&self) -> u64 {
         self.expires_at
     }
@@ -110,6 +115,8 @@ impl Record for Triplet {
 }
 
 impl Record for ClientRecord {
+    const ENCODED_LEN: usize = CLIENT_LEN;
+
     fn expires_at(&self) -> u64 {
         self.expires_at
     }
@@ -150,6 +157,7 @@ mod tests {
             passed: true,
         };
         assert_eq!(Triplet::from_bytes(&t.to_bytes()), Ok(t));
+        assert_eq!(t.to_bytes().len(), Triplet::ENCODED_LEN);
         let c = ClientRecord {
             passes: 5,
             last_counted: 6,
@@ -157,6 +165,7 @@ mod tests {
             expires_at: 8,
         };
         assert_eq!(ClientRecord::from_bytes(&c.to_bytes()), Ok(c));
+        assert_eq!(c.to_bytes().len(), ClientRecord::ENCODED_LEN);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::engine::{ClientRecord, Policy, Rule, State, Triplet};
-use crate::store::{Counts, ExpireStep, MemoryStore, UpdateFn};
+use crate::store::{Counts, EntryFilter, EntryKind, ExpireStep, MemoryStore, Page, UpdateFn};
 
 fn request(ip: &str, sender: &str, recipient: &str) -> Request {
     Request {
@@ -116,6 +116,25 @@ impl Store for BadStore {
     }
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.inner.counts().await
+    }
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        self.trouble().await?;
+        self.inner.scan(kind, cursor, limit, now, keep).await
+    }
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+        self.trouble().await?;
+        self.inner.remove_triplet(key).await
+    }
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+        self.trouble().await?;
+        self.inner.remove_client(client).await
     }
 }
 

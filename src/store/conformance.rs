@@ -2,13 +2,15 @@
 //!
 //! Call [`run`] from a test with a fresh, empty store ([`run_with`] for a store that
 //! expires by server TTL). It checks atomic updates under concurrency, first-sighting
-//! races, expiry and counts, using the engine's own step functions as update closures.
+//! races, expiry, counts, scans and removal, using the engine's own step functions as
+//! update closures.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::engine::{ClientRecord, Engine, Triplet, TripletKey, TripletOutcome};
 
-use super::Store;
+use super::{Entry, EntryFilter, EntryKind, SCAN_EXAMINE, Store};
 
 fn key(i: usize) -> TripletKey {
     TripletKey {
@@ -39,6 +41,7 @@ pub async fn run(store: Arc<dyn Store>) {
 
 /// [`run`] for a store that expires as `expiry` says.
 pub async fn run_with(store: Arc<dyn Store>, expiry: Expiry) {
+    scan_of_empty_store_is_complete(&*store).await;
     missing_records_read_as_none(&*store).await;
     update_returns_old_and_writes_new(&*store).await;
     none_from_update_writes_nothing(&*store).await;
@@ -49,6 +52,9 @@ pub async fn run_with(store: Arc<dyn Store>, expiry: Expiry) {
         Expiry::Sweep => expiry_removes_only_dead_records(&*store).await,
         Expiry::ServerTtl => ttl_expiry_keeps_live_records(&*store).await,
     }
+    scan_pages_list_every_live_triplet_once(&*store).await;
+    scan_pages_list_every_live_client_once(&*store).await;
+    removal_removes_and_reports(&*store).await;
     store.flush().await.expect("flush");
 }
 
@@ -266,4 +272,327 @@ async fn ttl_expiry_keeps_live_records(s: &dyn Store) {
         counts.triplets_pending >= 1,
         "counts see the live record: {counts:?}"
     );
+}
+
+// ---- Scans and removal. Other checks leave records behind, so these mark their own. ----
+
+/// Far in the future, yet within 32 bits (the in-memory form) and beyond any TTL.
+const LIVE: u64 = 4_000_000_000;
+/// The `now` scans are made at; records expiring before it are dead.
+const SCAN_NOW: u64 = 60_000;
+const SCAN_RCPT: &str = "scan@example.org";
+
+/// Senders that must round-trip through every backend's keys, cursors and values.
+const ODD: &[&str] = &[
+    "with space@example.net",
+    "ünï©ødé@exämple.net",
+    "{braces}@example.net",
+    "}{@example.net",
+    "a:b:c@example.net",
+    "100%@example.net",
+    "\"q.u\\ote\"@example.net",
+    "",
+];
+
+/// Pages through `kind` with `limit` until the walk ends, checking each page's size.
+pub async fn scan_all(
+    s: &dyn Store,
+    kind: EntryKind,
+    limit: usize,
+    now: u64,
+    keep: EntryFilter<'_>,
+) -> Vec<Entry> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100_000 {
+        let page = s
+            .scan(kind, cursor.as_deref(), limit, now, keep)
+            .await
+            .expect("scan");
+        assert!(
+            page.entries.len() <= limit.max(1),
+            "page of {} entries over limit {limit}",
+            page.entries.len()
+        );
+        all.extend(page.entries);
+        match page.next {
+            Some(next) => {
+                assert_ne!(cursor.as_deref(), Some(next.as_str()), "cursor must move");
+                cursor = Some(next);
+            }
+            None => return all,
+        }
+    }
+    panic!("scan of {kind:?} does not end");
+}
+
+fn triplet_of(e: &Entry) -> Option<(&TripletKey, &Triplet)> {
+    match e {
+        Entry::Triplet { key, record } => Some((key, record)),
+        Entry::Client { .. } => None,
+    }
+}
+
+fn marked(e: &Entry) -> bool {
+    triplet_of(e).is_some_and(|(k, _)| k.recipient == SCAN_RCPT)
+}
+
+async fn scan_of_empty_store_is_complete(s: &dyn Store) {
+    for kind in [EntryKind::Triplets, EntryKind::Clients] {
+        let page = s.scan(kind, None, 10, 0, &|_| true).await.expect("scan");
+        assert!(page.entries.is_empty(), "empty store lists {page:?}");
+        assert_eq!(page.next, None, "empty store: walk ends at once");
+    }
+}
+
+/// Writes the marked triplets: live ones (every third passed), odd keys among them, and
+/// dead ones. Returns the live keys.
+async fn write_marked_triplets(s: &dyn Store) -> Vec<TripletKey> {
+    let mut live = Vec::new();
+    let senders = (0..15)
+        .map(|i| format!("s{i}@example.net"))
+        .chain(ODD.iter().map(|o| o.to_string()));
+    for (i, sender) in senders.enumerate() {
+        let key = TripletKey {
+            client: if i % 2 == 0 {
+                "192.0.2.0/24"
+            } else {
+                "2001:db8::/64"
+            }
+            .into(),
+            sender,
+            recipient: SCAN_RCPT.into(),
+        };
+        // Odd keys all live: the removal check removes one of them.
+        let dead = i < 15 && i % 7 == 3;
+        let rec = Triplet {
+            first_seen: 1000 + i as u64,
+            last_seen: 2000,
+            expires_at: if dead { SCAN_NOW - 1 } else { LIVE },
+            attempts: 1,
+            passes: 0,
+            passed: i % 3 == 0,
+        };
+        s.update_triplet(&key, &|_| Some(rec)).await.expect("write");
+        if !dead {
+            live.push(key);
+        }
+    }
+    live
+}
+
+/// Checks that `entries` hold each of `want` exactly once, with their current records.
+async fn listed_once(s: &dyn Store, entries: &[Entry], want: &[TripletKey], what: &str) {
+    let mut seen = HashSet::new();
+    for e in entries {
+        let (k, rec) = triplet_of(e).expect("a triplet");
+        assert!(seen.insert(k.clone()), "{what}: {k} listed twice");
+        assert!(rec.expires_at >= SCAN_NOW, "{what}: dead {k} listed");
+        let stored = s.get_triplet(k).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(rec), "{what}: {k} as stored");
+    }
+    let want: HashSet<_> = want.iter().cloned().collect();
+    let missing: Vec<_> = want.difference(&seen).collect();
+    assert!(missing.is_empty(), "{what}: not listed: {missing:?}");
+    let extra: Vec<_> = seen.difference(&want).collect();
+    assert!(extra.is_empty(), "{what}: listed but not wanted: {extra:?}");
+}
+
+async fn scan_pages_list_every_live_triplet_once(s: &dyn Store) {
+    let live = write_marked_triplets(s).await;
+    for limit in [1, 2, 3, 100] {
+        let got = scan_all(s, EntryKind::Triplets, limit, SCAN_NOW, &marked).await;
+        listed_once(s, &got, &live, &format!("filtered, limit {limit}")).await;
+    }
+    // Unfiltered: the marked records among everything else, nothing dead at all.
+    let all = scan_all(s, EntryKind::Triplets, 4, SCAN_NOW, &|_| true).await;
+    assert!(
+        all.iter().all(|e| e.expires_at() >= SCAN_NOW),
+        "dead listed"
+    );
+    let ours: Vec<Entry> = all.into_iter().filter(marked).collect();
+    listed_once(s, &ours, &live, "unfiltered").await;
+    // A filter on state.
+    let passed: Vec<TripletKey> = {
+        let mut p = Vec::new();
+        for k in &live {
+            if s.get_triplet(k).await.unwrap().is_some_and(|t| t.passed) {
+                p.push(k.clone());
+            }
+        }
+        p
+    };
+    assert!(!passed.is_empty());
+    let got = scan_all(s, EntryKind::Triplets, 2, SCAN_NOW, &|e| {
+        marked(e) && triplet_of(e).is_some_and(|(_, t)| t.passed)
+    })
+    .await;
+    listed_once(s, &got, &passed, "passed only").await;
+    // Dead is relative to the `now` given: at an earlier time the dead ones are listed.
+    let earlier = scan_all(s, EntryKind::Triplets, 5, SCAN_NOW - 1, &marked).await;
+    assert!(
+        earlier.len() > live.len(),
+        "records dead later are live earlier"
+    );
+}
+
+async fn scan_pages_list_every_live_client_once(s: &dyn Store) {
+    let names: Vec<String> = ODD
+        .iter()
+        .map(|o| format!("scan-{o}"))
+        .chain((0..5).map(|i| format!("scan-198.51.{i}.0/24")))
+        .collect();
+    let mut want = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let rec = ClientRecord {
+            passes: i as u32,
+            last_counted: 10,
+            last_seen: 20,
+            expires_at: if i == 2 { SCAN_NOW - 1 } else { LIVE },
+        };
+        s.update_client(name, &|_| Some(rec)).await.expect("write");
+        if i != 2 {
+            want.insert(name.clone(), rec);
+        }
+    }
+    let ours = |e: &Entry| matches!(e, Entry::Client { client, .. } if client.starts_with("scan-"));
+    for limit in [1, 3, 100] {
+        let mut got = BTreeMap::new();
+        for e in scan_all(s, EntryKind::Clients, limit, SCAN_NOW, &ours).await {
+            let Entry::Client { client, record } = e else {
+                panic!("a triplet in a client scan: {e:?}");
+            };
+            let again = got.insert(client.clone(), record);
+            assert!(
+                again.is_none(),
+                "client {client:?} listed twice (limit {limit})"
+            );
+        }
+        assert_eq!(got, want, "clients listed, limit {limit}");
+    }
+    let triplets = scan_all(s, EntryKind::Triplets, 50, SCAN_NOW, &|_| true).await;
+    assert!(
+        triplets.iter().all(|e| triplet_of(e).is_some()),
+        "kinds kept apart"
+    );
+}
+
+async fn removal_removes_and_reports(s: &dyn Store) {
+    let key = scan_all(s, EntryKind::Triplets, 100, SCAN_NOW, &marked)
+        .await
+        .into_iter()
+        .find_map(|e| {
+            triplet_of(&e)
+                .map(|(k, _)| k.clone())
+                .filter(|k| k.sender == ODD[2])
+        })
+        .expect("written by the scan check");
+    assert!(
+        s.remove_triplet(&key).await.unwrap(),
+        "existing triplet removed"
+    );
+    assert!(
+        !s.remove_triplet(&key).await.unwrap(),
+        "second removal finds nothing"
+    );
+    assert_eq!(
+        s.get_triplet(&key).await.unwrap(),
+        None,
+        "removed triplet gone"
+    );
+    let missing = TripletKey {
+        sender: "never@example.net".into(),
+        ..key.clone()
+    };
+    assert!(
+        !s.remove_triplet(&missing).await.unwrap(),
+        "missing triplet"
+    );
+
+    let client = "scan-}{@example.net";
+    assert!(
+        s.remove_client(client).await.unwrap(),
+        "existing client removed"
+    );
+    assert!(!s.remove_client(client).await.unwrap(), "second removal");
+    assert!(
+        !s.remove_client("scan-never").await.unwrap(),
+        "missing client"
+    );
+    assert_eq!(
+        s.get_client(client).await.unwrap(),
+        None,
+        "removed client gone"
+    );
+
+    s.flush().await.expect("flush");
+    assert_eq!(s.get_triplet(&key).await.unwrap(), None, "gone after flush");
+    let listed = scan_all(s, EntryKind::Triplets, 7, SCAN_NOW, &marked).await;
+    assert!(
+        listed
+            .iter()
+            .all(|e| triplet_of(e).is_some_and(|(k, _)| *k != key)),
+        "a removed triplet is not listed"
+    );
+    let clients = scan_all(s, EntryKind::Clients, 7, SCAN_NOW, &|_| true).await;
+    assert!(
+        clients
+            .iter()
+            .all(|e| !matches!(e, Entry::Client { client: c, .. } if c == client)),
+        "a removed client is not listed"
+    );
+    // A removed key can be written again, as a new record.
+    s.update_triplet(&key, &|old| {
+        assert_eq!(old, None, "no trace of the removed record");
+        None
+    })
+    .await
+    .unwrap();
+}
+
+/// For stores cheap to fill: a filter that matches nothing over more than
+/// [`SCAN_EXAMINE`] records makes empty pages with cursors, not one long call, and the
+/// walk still ends with every match.
+pub async fn scan_examines_a_bounded_number(s: &dyn Store) {
+    let n = SCAN_EXAMINE + SCAN_EXAMINE / 2;
+    for i in 0..n {
+        let key = TripletKey {
+            client: "203.0.113.0/24".into(),
+            sender: format!("bulk{i}@example.net"),
+            recipient: "bulk@example.org".into(),
+        };
+        let rec = Triplet {
+            first_seen: 1,
+            last_seen: 1,
+            expires_at: LIVE,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        };
+        s.update_triplet(&key, &|_| Some(rec)).await.unwrap();
+    }
+    let needle = "bulk7@example.net";
+    let keep = |e: &Entry| triplet_of(e).is_some_and(|(k, _)| k.sender == needle);
+    let first = s
+        .scan(EntryKind::Triplets, None, 10, SCAN_NOW, &keep)
+        .await
+        .unwrap();
+    assert!(
+        first.next.is_some(),
+        "a bounded first page must leave a cursor"
+    );
+    let mut pages = 1;
+    let mut found = first.entries.len();
+    let mut cursor = first.next;
+    while let Some(c) = cursor {
+        let page = s
+            .scan(EntryKind::Triplets, Some(&c), 10, SCAN_NOW, &keep)
+            .await
+            .unwrap();
+        pages += 1;
+        found += page.entries.len();
+        cursor = page.next;
+    }
+    assert!(pages >= 2, "examined everything in one call");
+    assert_eq!(found, 1, "the one match found once");
 }

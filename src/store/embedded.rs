@@ -4,6 +4,10 @@
 //! shutdown) writes what changed since the previous flush in one redb transaction with
 //! immediate durability, so a hard kill loses at most one interval of updates and redb's
 //! copy-on-write commits never leave a corrupt file.
+//!
+//! Scans walk the file in key order (memory holds no key text for most records) and take
+//! each record's current value from memory; removals leave memory at once and the file at
+//! the next commit, like any other change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,9 +18,12 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
-use super::hot::{Change, HotMap, Packed};
+use super::hot::{Change, HotMap, KeyText, Packed};
 use super::memory::MemoryStore;
-use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use super::{
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
+    UpdateFn, cursor,
+};
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
@@ -78,7 +85,7 @@ impl EmbeddedStore {
             .set_cache_size(REDB_CACHE)
             .create(path)
             .map_err(|e| open_error(path, e))?;
-        let hot = MemoryStore::with_dirty_tracking(true);
+        let hot = MemoryStore::with_key_text(KeyText::WhileDirty);
         let mut load = LoadReport::default();
         {
             let tx = db.begin_write().map_err(backend)?;
@@ -142,7 +149,7 @@ fn load_table<R: Packed>(
             Ok(_) => {
                 load.expired += 1;
                 // Marked changed-to-nothing: the next flush deletes the dead row.
-                into.mark_removed(k.value());
+                into.remove(k.value());
             }
             // Left on disk untouched: a row this version cannot read may come from a newer
             // release (rolled back) or a bug; deleting it would throw trust data away.
@@ -193,6 +200,105 @@ fn sweep_table<R: Record>(
     }
     // Fewer rows than asked for: the end of the table; start over next time.
     Ok(last.filter(|_| seen == SWEEP_ROWS))
+}
+
+fn table_def(kind: EntryKind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match kind {
+        EntryKind::Triplets => TRIPLETS,
+        EntryKind::Clients => CLIENTS,
+    }
+}
+
+/// Rows read for one scan page.
+struct Rows {
+    /// (key, record bytes) in key order.
+    rows: Vec<(String, Vec<u8>)>,
+    /// The table has no rows after these.
+    ended: bool,
+}
+
+/// Up to `SCAN_EXAMINE` rows of `def` after the key `after`, copied out so that no read
+/// transaction outlives the call.
+fn read_rows(
+    tx: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    after: Option<&str>,
+) -> Result<Rows, StoreError> {
+    use std::ops::Bound;
+    let table = match tx.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Ok(Rows {
+                rows: Vec::new(),
+                ended: true,
+            });
+        }
+        Err(e) => return Err(backend(e)),
+    };
+    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut rows = Vec::new();
+    for item in table
+        .range::<&str>((from, Bound::Unbounded))
+        .map_err(backend)?
+        .take(SCAN_EXAMINE)
+    {
+        let (k, v) = item.map_err(backend)?;
+        rows.push((k.value().to_owned(), v.value().to_vec()));
+    }
+    Ok(Rows {
+        ended: rows.len() < SCAN_EXAMINE,
+        rows,
+    })
+}
+
+/// Builds a page from rows read in key order: `lookup` gives a row's current entry
+/// (`None`: leave it out); the cursor is the hex key of the last row looked at.
+fn page_from_rows(
+    Rows { rows, ended }: Rows,
+    limit: usize,
+    now: u64,
+    keep: EntryFilter<'_>,
+    lookup: impl Fn(&str, &[u8]) -> Option<Entry>,
+) -> Page {
+    let limit = limit.max(1);
+    let mut entries = Vec::new();
+    for (i, (key, bytes)) in rows.iter().enumerate() {
+        if let Some(e) = lookup(key, bytes)
+            && e.expires_at() >= now
+            && keep(&e)
+        {
+            entries.push(e);
+        }
+        let last = ended && i + 1 == rows.len();
+        if entries.len() >= limit && !last {
+            return Page {
+                entries,
+                next: Some(cursor::hex(key.as_bytes())),
+            };
+        }
+    }
+    Page {
+        entries,
+        next: rows
+            .last()
+            .filter(|_| !ended)
+            .map(|(k, _)| cursor::hex(k.as_bytes())),
+    }
+}
+
+fn triplet_entry(key: &str, record: Option<Triplet>) -> Option<Entry> {
+    Some(Entry::Triplet {
+        // Every key in the table was made by `TripletKey::joined`.
+        key: TripletKey::split(key)?,
+        record: record?,
+    })
+}
+
+fn client_entry(key: &str, record: Option<ClientRecord>) -> Option<Entry> {
+    Some(Entry::Client {
+        client: key.to_owned(),
+        record: record?,
+    })
 }
 
 fn write_changes<R: Record>(
@@ -303,6 +409,50 @@ impl Store for EmbeddedStore {
     async fn counts(&self) -> Result<Counts, StoreError> {
         Ok(self.hot.count())
     }
+
+    /// Walks the file in key order and takes each record's value from memory: a row that
+    /// memory no longer holds was removed, or died and was forgotten, and is left out.
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        let after = cursor.map(cursor::unhex_str).transpose()?;
+        if after.is_none() {
+            // Records created since the last commit are in memory only, without their key
+            // text in order: committing them first puts every record that lives when the
+            // walk starts in the file. Later pages need no commit: records created during
+            // the walk need not be listed, and values come from memory anyway.
+            self.flush().await?;
+        }
+        let db = self.db.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(backend)?;
+            read_rows(&tx, table_def(kind), after.as_deref())
+        })
+        .await
+        .map_err(|e| backend(format!("scan task failed: {e}")))??;
+        Ok(match kind {
+            EntryKind::Triplets => page_from_rows(rows, limit, now, keep, |k, _| {
+                triplet_entry(k, self.hot.triplets.get(k))
+            }),
+            EntryKind::Clients => page_from_rows(rows, limit, now, keep, |k, _| {
+                client_entry(k, self.hot.clients.get(k))
+            }),
+        })
+    }
+
+    /// Leaves memory now and the file at the next commit (`flush`).
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+        Ok(self.hot.triplets.remove(&key.joined()))
+    }
+
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+        Ok(self.hot.clients.remove(client))
+    }
 }
 
 /// Read-only access to an embedded store file that no daemon holds (for `explain`).
@@ -409,5 +559,34 @@ impl Store for EmbeddedReader {
             .len()
             .map_err(backend)?;
         Ok(counts)
+    }
+
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        let after = cursor.map(cursor::unhex_str).transpose()?;
+        let tx = self.db.begin_read().map_err(backend)?;
+        let rows = read_rows(&tx, table_def(kind), after.as_deref())?;
+        Ok(match kind {
+            EntryKind::Triplets => page_from_rows(rows, limit, now, keep, |k, v| {
+                triplet_entry(k, Triplet::from_bytes(v).ok())
+            }),
+            EntryKind::Clients => page_from_rows(rows, limit, now, keep, |k, v| {
+                client_entry(k, ClientRecord::from_bytes(v).ok())
+            }),
+        })
+    }
+
+    async fn remove_triplet(&self, _: &TripletKey) -> Result<bool, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+
+    async fn remove_client(&self, _: &str) -> Result<bool, StoreError> {
+        Err(StoreError::ReadOnly)
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! Keys are held as 128-bit keyed fingerprints and records in a packed form: at ten million
 //! triplets the key text and its allocation were most of the memory (176 bytes per entry,
-//! now about 83). The text of a key is kept only while the key is dirty, for the commit.
+//! now about 83). The embedded backend keeps the text of a key only while the key is dirty,
+//! for the commit (its file has the rest, for scans); the memory backend has nowhere else to
+//! find it and keeps it for every record, so that it can list them.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -17,7 +19,7 @@ use crate::engine::{ClientRecord, Triplet};
 
 use super::ExpireStep;
 
-const SHARDS: usize = 1024;
+pub(crate) const SHARDS: usize = 1024;
 
 /// A record's in-memory form.
 pub(crate) trait Packed: Record {
@@ -119,10 +121,22 @@ type FpMap<V> = HashMap<u128, V, BuildHasherDefault<FingerprintHasher>>;
 
 struct Shard<P> {
     map: FpMap<P>,
+    /// The text of every key in `map` (`KeyText::Always` only).
+    names: FpMap<Box<str>>,
     /// Changed since the last commit, with the key's text (`None` in the map: removed).
     dirty: FpMap<Box<str>>,
     /// Rows read at start-up, built into `map` in one go by `finish_loading`.
     loading: Vec<(u128, P)>,
+}
+
+/// Which keys' text a map keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyText {
+    /// Every record's, so records can be listed (the memory backend).
+    Always,
+    /// A key's text only while its change awaits the group commit (the embedded backend,
+    /// whose file holds every key's text).
+    WhileDirty,
 }
 
 pub(crate) struct HotMap<R: Packed> {
@@ -131,7 +145,7 @@ pub(crate) struct HotMap<R: Packed> {
     // process, so no one can aim for a collision (odds for 10^7 keys: about 10^-25).
     hi: RandomState,
     lo: RandomState,
-    track_dirty: bool,
+    key_text: KeyText,
     sweep_cursor: AtomicUsize,
 }
 
@@ -139,11 +153,12 @@ pub(crate) struct HotMap<R: Packed> {
 pub(crate) type Change<R> = (Box<str>, Option<R>);
 
 impl<R: Packed> HotMap<R> {
-    pub(crate) fn new(track_dirty: bool) -> Self {
+    pub(crate) fn new(key_text: KeyText) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
                     map: FpMap::default(),
+                    names: FpMap::default(),
                     dirty: FpMap::default(),
                     loading: Vec::new(),
                 })
@@ -153,7 +168,7 @@ impl<R: Packed> HotMap<R> {
             shards,
             hi: RandomState::new(),
             lo: RandomState::new(),
-            track_dirty,
+            key_text,
             sweep_cursor: AtomicUsize::new(0),
         }
     }
@@ -188,14 +203,22 @@ impl<R: Packed> HotMap<R> {
         }
     }
 
-    /// Records that `key` is gone, so the next flush deletes it on disk.
-    pub(crate) fn mark_removed(&self, key: &str) {
+    /// Removes `key`'s record, if any, and records that it is gone, so the next flush
+    /// deletes it on disk (also when memory had forgotten it already: its row may remain).
+    /// True if memory held a record.
+    pub(crate) fn remove(&self, key: &str) -> bool {
         let fp = self.fingerprint(key);
         let mut shard = self.shard(fp);
-        shard.map.remove(&fp);
-        if self.track_dirty {
-            shard.dirty.entry(fp).or_insert_with(|| key.into());
+        let existed = shard.map.remove(&fp).is_some();
+        match self.key_text {
+            KeyText::Always => {
+                shard.names.remove(&fp);
+            }
+            KeyText::WhileDirty => {
+                shard.dirty.entry(fp).or_insert_with(|| key.into());
+            }
         }
+        existed
     }
 
     pub(crate) fn update(&self, key: &str, f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
@@ -206,9 +229,11 @@ impl<R: Packed> HotMap<R> {
             && Some(new) != old
         {
             shard.map.insert(fp, new.pack());
-            if self.track_dirty {
-                shard.dirty.entry(fp).or_insert_with(|| key.into());
-            }
+            let texts = match self.key_text {
+                KeyText::Always => &mut shard.names,
+                KeyText::WhileDirty => &mut shard.dirty,
+            };
+            texts.entry(fp).or_insert_with(|| key.into());
         }
         old
     }
@@ -223,10 +248,14 @@ impl<R: Packed> HotMap<R> {
         for _ in 0..SHARDS {
             let i = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
             let mut shard = lock(&self.shards[i]);
-            scanned += shard.map.len().max(1);
-            shard.map.retain(|_, rec| {
+            let Shard { map, names, .. } = &mut *shard;
+            scanned += map.len().max(1);
+            map.retain(|fp, rec| {
                 let keep = R::unpack(rec).expires_at() >= u64::from(now);
-                step.removed += usize::from(!keep);
+                if !keep {
+                    step.removed += 1;
+                    names.remove(fp);
+                }
                 keep
             });
             drop(shard);
@@ -262,6 +291,44 @@ impl<R: Packed> HotMap<R> {
             let fp = self.fingerprint(&key);
             self.shard(fp).dirty.entry(fp).or_insert(key);
         }
+    }
+
+    /// Walks the records in (shard, key) order, starting after position `after`, giving
+    /// `visit` each key and record until it returns false or `budget` records were looked
+    /// at. Returns the position of the last record looked at, or `None` when the walk passed
+    /// the last shard. Keys never change shards, so the order is stable for this map's life.
+    /// Needs `KeyText::Always`.
+    pub(crate) fn walk(
+        &self,
+        after: Option<(usize, &str)>,
+        budget: usize,
+        visit: &mut dyn FnMut(&str, R) -> bool,
+    ) -> Option<(usize, String)> {
+        debug_assert_eq!(self.key_text, KeyText::Always);
+        let (first, mut from) = after.map_or((0, None), |(i, k)| (i, Some(k)));
+        let mut seen = 0;
+        for i in first..SHARDS {
+            // Copied out under the lock and sorted outside it: requests wait for a copy of
+            // one small shard at most.
+            let mut rows: Vec<(Box<str>, R::Packed)> = {
+                let shard = lock(&self.shards[i]);
+                shard
+                    .names
+                    .iter()
+                    .filter(|(_, name)| from.is_none_or(|f| &***name > f))
+                    .filter_map(|(fp, name)| Some((name.clone(), *shard.map.get(fp)?)))
+                    .collect()
+            };
+            from = None;
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (name, packed) in rows {
+                seen += 1;
+                if !visit(&name, R::unpack(&packed)) || seen >= budget {
+                    return Some((i, name.into()));
+                }
+            }
+        }
+        None
     }
 
     /// Calls `f` on every record, one shard lock at a time.

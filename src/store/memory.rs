@@ -3,8 +3,11 @@
 
 use async_trait::async_trait;
 
-use super::hot::HotMap;
-use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use super::hot::{HotMap, KeyText, SHARDS};
+use super::{
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
+    UpdateFn, cursor,
+};
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 /// Records in process memory only.
@@ -15,13 +18,13 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
-        Self::with_dirty_tracking(false)
+        Self::with_key_text(KeyText::Always)
     }
 
-    pub(crate) fn with_dirty_tracking(track: bool) -> Self {
+    pub(crate) fn with_key_text(key_text: KeyText) -> Self {
         MemoryStore {
-            triplets: HotMap::new(track),
-            clients: HotMap::new(track),
+            triplets: HotMap::new(key_text),
+            clients: HotMap::new(key_text),
         }
     }
 
@@ -47,6 +50,61 @@ impl MemoryStore {
         self.clients.for_each(|_| counts.clients += 1);
         counts
     }
+
+    /// Pages through the maps in (shard, key) order; the cursor is `<shard>.<hex key>` of
+    /// the last record looked at. Shards follow the per-process fingerprint keys, so a
+    /// cursor is only good in the process that made it (as is the store's content).
+    fn scan_now(
+        &self,
+        kind: EntryKind,
+        after: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        let after = after.map(parse_cursor).transpose()?;
+        let after = after.as_ref().map(|(i, k)| (*i, k.as_str()));
+        let limit = limit.max(1);
+        let mut entries = Vec::new();
+        let mut take = |entry: Entry| {
+            if entry.expires_at() >= now && keep(&entry) {
+                entries.push(entry);
+            }
+            entries.len() < limit
+        };
+        let last = match kind {
+            EntryKind::Triplets => self.triplets.walk(after, SCAN_EXAMINE, &mut |k, record| {
+                // Every key here was made by `TripletKey::joined`.
+                match crate::engine::TripletKey::split(k) {
+                    Some(key) => take(Entry::Triplet { key, record }),
+                    None => true,
+                }
+            }),
+            EntryKind::Clients => self.clients.walk(after, SCAN_EXAMINE, &mut |k, record| {
+                take(Entry::Client {
+                    client: k.to_owned(),
+                    record,
+                })
+            }),
+        };
+        Ok(Page {
+            entries,
+            next: last.map(|(i, k)| format_cursor(i, &k)),
+        })
+    }
+}
+
+fn format_cursor(shard: usize, key: &str) -> String {
+    format!("{shard}.{}", cursor::hex(key.as_bytes()))
+}
+
+fn parse_cursor(s: &str) -> Result<(usize, String), StoreError> {
+    let (shard, key) = s.split_once('.').ok_or_else(|| cursor::bad(s))?;
+    let shard: usize = shard.parse().map_err(|_| cursor::bad(s))?;
+    if shard >= SHARDS {
+        return Err(cursor::bad(s));
+    }
+    Ok((shard, cursor::unhex_str(key)?))
 }
 
 impl Default for MemoryStore {
@@ -95,5 +153,24 @@ impl Store for MemoryStore {
 
     async fn counts(&self) -> Result<Counts, StoreError> {
         Ok(self.count())
+    }
+
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        self.scan_now(kind, cursor, limit, now, keep)
+    }
+
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+        Ok(self.triplets.remove(&key.joined()))
+    }
+
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+        Ok(self.clients.remove(client))
     }
 }

@@ -61,6 +61,54 @@ pub struct Counts {
     pub clients: u64,
 }
 
+/// Which records a scan walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Triplets,
+    Clients,
+}
+
+/// One stored record with its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Entry {
+    Triplet {
+        key: TripletKey,
+        record: Triplet,
+    },
+    Client {
+        client: String,
+        record: ClientRecord,
+    },
+}
+
+impl Entry {
+    /// The record's `expires_at`: scans leave out entries that died before their `now`.
+    pub fn expires_at(&self) -> u64 {
+        match self {
+            Entry::Triplet { record, .. } => record.expires_at,
+            Entry::Client { record, .. } => record.expires_at,
+        }
+    }
+}
+
+/// A page of a scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Page {
+    pub entries: Vec<Entry>,
+    /// An opaque cursor to continue from (printable ASCII, safe in a URL query without
+    /// escaping); `None` when the walk is complete. Only meaningful to the store (and, for
+    /// `memory`, the process) that made it.
+    pub next: Option<String>,
+}
+
+/// Keeps the entries a scan should return (the caller's filter: state, client, sender, ...).
+pub type EntryFilter<'a> = &'a (dyn Fn(&Entry) -> bool + Send + Sync);
+
+/// Most records one `scan` call looks at, whatever its `limit`: a selective filter over a
+/// large store then yields a short (even empty) page and a cursor, not a long stall.
+pub const SCAN_EXAMINE: usize = 2000;
+
 /// A greylisting database backend. Every method is safe to call concurrently; updates of one
 /// key are atomic, also across hosts for shared backends.
 #[async_trait]
@@ -94,4 +142,85 @@ pub trait Store: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), StoreError>;
 
     async fn counts(&self) -> Result<Counts, StoreError>;
+
+    /// Walks records of `kind` from `cursor` (`None` = start) and returns up to `limit`
+    /// entries that `keep` accepts (a `limit` of 0 is taken as 1). It examines at most about [`SCAN_EXAMINE`] records per
+    /// call (so a selective filter over a big store returns a short or empty page with a
+    /// `next` cursor rather than blocking), never holds locks that block request handling
+    /// for long, and does not return records whose `expires_at < now` (dead ones). The order
+    /// is stable, so paging with the cursor visits every live record that existed through
+    /// the whole walk exactly once (`redis`: at least once, see there). A cursor the store
+    /// cannot read is a `StoreError::Backend`.
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError>;
+
+    /// Removes one triplet; true if it existed (a dead record not yet expired away may
+    /// count as existing).
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError>;
+
+    /// Removes one client group record; true if it existed (as for `remove_triplet`).
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError>;
+}
+
+/// Opaque scan cursors: key text may hold any character (NUL joins a triplet's parts), so
+/// cursors carry it hex-encoded.
+pub(crate) mod cursor {
+    use super::StoreError;
+
+    pub(crate) fn hex(bytes: &[u8]) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
+    }
+
+    pub(crate) fn unhex(s: &str) -> Result<Vec<u8>, StoreError> {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let bytes = s.as_bytes();
+        if !bytes.len().is_multiple_of(2) {
+            return Err(bad(s));
+        }
+        bytes
+            .chunks(2)
+            .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| bad(s))
+    }
+
+    /// Hex-encoded key text back to text.
+    pub(crate) fn unhex_str(s: &str) -> Result<String, StoreError> {
+        String::from_utf8(unhex(s)?).map_err(|_| bad(s))
+    }
+
+    pub(crate) fn bad(s: &str) -> StoreError {
+        StoreError::Backend(format!("not a scan cursor of this store: {s:?}"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn hex_round_trips_and_rejects_junk() {
+            let text = "a\0{b}:%ü c";
+            assert_eq!(
+                super::unhex_str(&super::hex(text.as_bytes())).unwrap(),
+                text
+            );
+            for junk in ["abc", "zz", "AB", "0g"] {
+                assert!(super::unhex(junk).is_err(), "{junk}");
+            }
+        }
+    }
 }

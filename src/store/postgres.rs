@@ -3,9 +3,11 @@
 //!
 //! Two tables, created and migrated on first use (`greygate_schema` holds the version;
 //! an advisory lock keeps hosts that start together from migrating twice):
-//! - `greygate_triplets (key bytea PRIMARY KEY, record bytea, expires_at bigint, passed boolean)`,
-//!   keyed by the SHA-256 of the joined triplet key, so addresses are not stored in
-//!   plaintext (nothing reads keys back);
+//! - `greygate_triplets (key bytea PRIMARY KEY, record bytea, expires_at bigint, passed boolean,
+//!   key_text bytea)`, keyed by the SHA-256 of the joined triplet key (a short key of fixed
+//!   length whatever the addresses); `key_text` is the joined key itself, for `scan`, as
+//!   bytes (text cannot hold the NUL that joins the parts). Rows written before schema
+//!   version 2 have none until their next write, and are not listed until then;
 //! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`.
 //!
 //! `record` is `Record::to_bytes`; `expires_at` and `passed` are copies for the expiry
@@ -14,7 +16,9 @@
 //! what it locked, and updates, or inserts with `ON CONFLICT DO NOTHING` when there was no
 //! row: if another host inserted the same first sighting meanwhile, the insert waits for
 //! that transaction, does nothing, and the loop locks and steps on the winner's row.
-//! Expiry deletes dead rows in bounded, indexed batches.
+//! Expiry deletes dead rows in bounded, indexed batches. `scan` pages through the primary
+//! keys (`WHERE key > $cursor ORDER BY key LIMIT n`), so each page is one short index
+//! range read and concurrent writes neither block it nor make it repeat or skip rows.
 
 use std::time::Duration;
 
@@ -29,15 +33,19 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::breaker::Breaker;
-use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use super::{
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
+    UpdateFn, cursor,
+};
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 /// Schema migrations in order; the list only ever grows. Each runs once, in the
 /// transaction that records its version.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE greygate_triplets (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE greygate_triplets (
          key bytea PRIMARY KEY,
          record bytea NOT NULL,
          expires_at bigint NOT NULL,
@@ -50,10 +58,16 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          expires_at bigint NOT NULL
      );
      CREATE INDEX greygate_clients_expires_at ON greygate_clients (expires_at);",
-)];
+    ),
+    // The triplet's own key, so that triplets can be listed.
+    (
+        2,
+        "ALTER TABLE greygate_triplets ADD COLUMN key_text bytea;",
+    ),
+];
 
 /// The schema this greygate writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock key held while migrating ("greygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6772_6579_6761_7465;
@@ -81,6 +95,10 @@ struct Sql {
     insert: &'static str,
     update: &'static str,
     expire: &'static str,
+    /// The first rows of a scan, and the rows after a key.
+    scan_first: &'static str,
+    scan_after: &'static str,
+    remove: &'static str,
 }
 
 /// A record kind and its table.
@@ -94,12 +112,17 @@ impl Row for Triplet {
     const SQL: Sql = Sql {
         get: "SELECT record FROM greygate_triplets WHERE key = $1",
         lock: "SELECT record FROM greygate_triplets WHERE key = $1 FOR UPDATE",
-        insert: "INSERT INTO greygate_triplets (key, record, expires_at, passed) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
-        update: "UPDATE greygate_triplets SET record = $2, expires_at = $3, passed = $4 \
-                 WHERE key = $1",
+        insert: "INSERT INTO greygate_triplets (key, record, expires_at, passed, key_text) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING",
+        // Sets key_text on every write, so rows from before schema 2 gain it.
+        update: "UPDATE greygate_triplets SET record = $2, expires_at = $3, passed = $4, \
+                 key_text = $5 WHERE key = $1",
         expire: "DELETE FROM greygate_triplets WHERE key IN (SELECT key FROM greygate_triplets \
                  WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        scan_first: "SELECT key, record, key_text FROM greygate_triplets ORDER BY key LIMIT $1",
+        scan_after: "SELECT key, record, key_text FROM greygate_triplets WHERE key > $2 \
+                     ORDER BY key LIMIT $1",
+        remove: "DELETE FROM greygate_triplets WHERE key = $1",
     };
     fn passed(&self) -> Option<bool> {
         Some(self.passed)
@@ -115,6 +138,11 @@ impl Row for ClientRecord {
         update: "UPDATE greygate_clients SET record = $2, expires_at = $3 WHERE client = $1",
         expire: "DELETE FROM greygate_clients WHERE client IN (SELECT client FROM greygate_clients \
                  WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        // The column's own collation orders both the index and `>`, so pages line up.
+        scan_first: "SELECT client, record FROM greygate_clients ORDER BY client LIMIT $1",
+        scan_after: "SELECT client, record FROM greygate_clients WHERE client > $2 \
+                     ORDER BY client LIMIT $1",
+        remove: "DELETE FROM greygate_clients WHERE client = $1",
     };
     fn passed(&self) -> Option<bool> {
         None
@@ -353,9 +381,11 @@ impl PostgresStore {
         .await
     }
 
+    /// The update of the row at `key`; `text` is the triplet's `key_text` (clients: none).
     async fn update<R: Row>(
         &self,
         key: &(dyn ToSql + Sync),
+        text: Option<&(dyn ToSql + Sync)>,
         f: UpdateFn<'_, R>,
     ) -> Result<Option<R>, StoreError> {
         self.run(async |client| {
@@ -393,6 +423,7 @@ impl PostgresStore {
                 if let Some(p) = &passed {
                     params.push(p);
                 }
+                params.extend(text);
                 if exists {
                     tx.execute(&update, &params).await.map_err(pg)?;
                 } else if tx.execute(&insert, &params).await.map_err(pg)? == 0 {
@@ -409,6 +440,121 @@ impl PostgresStore {
         })
         .await
     }
+}
+
+impl PostgresStore {
+    async fn remove<R: Row>(&self, key: &(dyn ToSql + Sync)) -> Result<bool, StoreError> {
+        self.run(async |client| {
+            let n = client
+                .execute(R::SQL.remove, &[key])
+                .await
+                .map_err(|e| classify(&e))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// One page of keyset paging; the cursor is the hex primary key of the last row looked
+    /// at. Rows are read in chunks sized to what the page still needs, up to
+    /// `SCAN_EXAMINE` rows in all.
+    async fn scan_page(
+        &self,
+        kind: EntryKind,
+        from: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        let limit = limit.max(1);
+        let mut after: Option<Vec<u8>> = from.map(cursor::unhex).transpose()?;
+        let sql = match kind {
+            EntryKind::Triplets => Triplet::SQL,
+            EntryKind::Clients => ClientRecord::SQL,
+        };
+        let mut entries = Vec::new();
+        let mut examined = 0;
+        while examined < SCAN_EXAMINE {
+            let chunk = (2 * (limit - entries.len()))
+                .max(16)
+                .min(SCAN_EXAMINE - examined);
+            let n = i64::try_from(chunk).unwrap_or(i64::MAX);
+            let rows = self
+                .run(async |client| {
+                    let pg = |e: tokio_postgres::Error| classify(&e);
+                    match (&after, kind) {
+                        (None, _) => client.query(sql.scan_first, &[&n]).await.map_err(pg),
+                        (Some(k), EntryKind::Triplets) => client
+                            .query(sql.scan_after, &[&n, &k.as_slice()])
+                            .await
+                            .map_err(pg),
+                        (Some(k), EntryKind::Clients) => {
+                            let k = std::str::from_utf8(k)
+                                .map_err(|_| cursor::bad(from.unwrap_or_default()))?;
+                            client.query(sql.scan_after, &[&n, &k]).await.map_err(pg)
+                        }
+                    }
+                })
+                .await?;
+            for (i, row) in rows.iter().enumerate() {
+                examined += 1;
+                let (key, entry) = scanned_entry(kind, row)?;
+                if let Some(e) = entry
+                    && e.expires_at() >= now
+                    && keep(&e)
+                {
+                    entries.push(e);
+                }
+                let table_ended = rows.len() < chunk && i + 1 == rows.len();
+                if entries.len() >= limit {
+                    return Ok(Page {
+                        entries,
+                        next: (!table_ended).then(|| cursor::hex(&key)),
+                    });
+                }
+                after = Some(key);
+            }
+            if rows.len() < chunk {
+                return Ok(Page {
+                    entries,
+                    next: None,
+                });
+            }
+        }
+        Ok(Page {
+            entries,
+            next: after.map(|k| cursor::hex(&k)),
+        })
+    }
+}
+
+/// A scanned row's primary key (as bytes), and its entry unless the row makes none (an
+/// undecodable record, a triplet without `key_text` from before schema 2).
+fn scanned_entry(
+    kind: EntryKind,
+    row: &tokio_postgres::Row,
+) -> Result<(Vec<u8>, Option<Entry>), StoreError> {
+    Ok(match kind {
+        EntryKind::Triplets => {
+            let key: Vec<u8> = column(row, 0)?;
+            let text: Option<&[u8]> = column(row, 2)?;
+            let tkey = text
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(TripletKey::split);
+            let record = decode::<Triplet>(column(row, 1)?);
+            let entry = tkey
+                .zip(record)
+                .map(|(key, record)| Entry::Triplet { key, record });
+            (key, entry)
+        }
+        EntryKind::Clients => {
+            let client: String = column(row, 0)?;
+            let entry = decode::<ClientRecord>(column(row, 1)?).map(|record| Entry::Client {
+                client: client.clone(),
+                record,
+            });
+            (client.into_bytes(), entry)
+        }
+    })
 }
 
 /// Creates or upgrades the schema, once per store (and once across hosts starting
@@ -468,7 +614,8 @@ impl Store for PostgresStore {
         key: &TripletKey,
         f: UpdateFn<'_, Triplet>,
     ) -> Result<Option<Triplet>, StoreError> {
-        self.update(&triplet_key(key), f).await
+        let text = key.joined().into_bytes();
+        self.update(&triplet_key(key), Some(&text), f).await
     }
 
     async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
@@ -480,7 +627,7 @@ impl Store for PostgresStore {
         client: &str,
         f: UpdateFn<'_, ClientRecord>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        self.update(&client, f).await
+        self.update(&client, None, f).await
     }
 
     /// Deletes up to `max_scan` dead rows of each table through the `expires_at` index;
@@ -552,6 +699,25 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        self.scan_page(kind, cursor, limit, now, keep).await
+    }
+
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+        self.remove::<Triplet>(&triplet_key(key)).await
+    }
+
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+        self.remove::<ClientRecord>(&client).await
     }
 }
 

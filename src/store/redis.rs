@@ -1,10 +1,23 @@
 //! The `redis` backend: one trust database shared by every MX host of a site (Redis 7,
 //! Valkey).
 //!
-//! Layout: one string key per record, holding `Record::to_bytes` as it is.
-//! - `gg:t:{<hex>}`: a triplet, under the first 128 bits of the SHA-256 of its joined key,
-//!   so that senders and recipients are not stored in plaintext (nothing reads keys back);
-//! - `gg:c:{<client group>}`: a client group's auto-allow record.
+//! Layout: one string key per record, holding `Record::to_bytes`.
+//! - `gg:t:{<hex>}`: a triplet, under the first 128 bits of the SHA-256 of its joined key
+//!   (a short key of fixed length whatever the addresses, and one hash slot). The value is
+//!   the record followed by the joined key's text, which `scan` lists; values written by
+//!   greygate before scans existed hold the record only, and are listed from their next
+//!   write on. (The other way round does not hold: a greygate from before scans reads a
+//!   value with key text as undecodable, so hosts sharing one server should be upgraded
+//!   together.) Keeping the text in the value rather than the key keeps every existing
+//!   key valid;
+//! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group.
+//!
+//! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to (in a
+//! Cluster: of that node only). SCAN may return a key more than once in a walk (when Redis
+//! resizes its table meanwhile); a page never holds a key twice, but a walk may list a
+//! record on two pages. A SCAN batch with more matches than the page takes leaves the rest
+//! in the cursor, so no batch is cut short and SCAN's guarantee holds: every record that
+//! lives through the walk is listed at least once.
 //!
 //! Every command touches exactly one key, so every operation stays within one hash slot
 //! (the layout is Redis Cluster safe). Records expire by TTL, set from their `expires_at`
@@ -22,6 +35,7 @@
 //! connects afresh; while the server is down the breaker (`breaker.rs`) answers for it and
 //! paces those attempts with backoff.
 
+use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,7 +46,10 @@ use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use sha2::{Digest, Sha256};
 
 use super::breaker::Breaker;
-use super::{Counts, ExpireStep, Store, StoreError, UpdateFn};
+use super::{
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
+    UpdateFn, cursor,
+};
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
@@ -77,8 +94,11 @@ const MAX_TTL: u64 = 10 * 365 * 86_400;
 /// In-process lock stripes for updates (see the module documentation).
 const STRIPES: usize = 256;
 
-/// Keys scanned per `SCAN` call when counting.
+/// Keys scanned per `SCAN` call when counting (and at most when listing).
 const SCAN_BATCH: usize = 1000;
+/// Most `SCAN` calls one `scan` page makes: over a sparse key space a call may find
+/// nothing, and a page must not take unbounded round trips.
+const SCAN_CALLS: usize = 64;
 
 /// The Redis key of a triplet record.
 pub fn triplet_key(key: &TripletKey) -> String {
@@ -147,10 +167,11 @@ fn classify(e: RedisError) -> StoreError {
 }
 
 /// A record as read: undecodable bytes (a foreign or damaged value) read as no record, so
-/// the next update replaces them instead of failing the key for its whole TTL.
+/// the next update replaces them instead of failing the key for its whole TTL. Whatever
+/// follows the record (a triplet's key text) is not part of it.
 fn decode<R: Record>(key: &str, bytes: Option<&[u8]>) -> Option<R> {
     let bytes = bytes?;
-    match R::from_bytes(bytes) {
+    match R::from_bytes(&bytes[..bytes.len().min(R::ENCODED_LEN)]) {
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(key, error = %e, "undecodable record in redis; treating it as absent");
@@ -315,9 +336,11 @@ impl RedisStore {
         .await
     }
 
+    /// The update of the record at `key`; `suffix` is stored after the record.
     async fn update<R: Record>(
         &self,
         key: &str,
+        suffix: &[u8],
         f: UpdateFn<'_, R>,
     ) -> Result<Option<R>, StoreError> {
         self.run(async |conn| {
@@ -336,11 +359,13 @@ impl RedisStore {
                     _ => return Ok(old),
                 };
                 let ttl = ttl_for(new.expires_at(), unix_now()).unwrap_or(0);
+                let mut value = new.to_bytes();
+                value.extend_from_slice(suffix);
                 let reply: Value = self
                     .cas
                     .key(key)
                     .arg(current.as_deref().unwrap_or_default())
-                    .arg(new.to_bytes())
+                    .arg(value)
                     .arg(ttl)
                     .invoke_async(conn)
                     .await
@@ -361,6 +386,117 @@ impl RedisStore {
             )))
         })
         .await
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.run(async |conn| {
+            let n: u64 = redis::cmd("DEL")
+                .arg(key)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// One page of a walk over the keys of `kind` (see the module documentation). The
+    /// cursor is the SCAN cursor, then `.`, hex key suffix (after the prefix), for each key
+    /// of the last batch still to look at.
+    async fn scan_page(
+        &self,
+        kind: EntryKind,
+        from: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        let limit = limit.max(1);
+        let prefix = match kind {
+            EntryKind::Triplets => TRIPLET_PREFIX,
+            EntryKind::Clients => CLIENT_PREFIX,
+        };
+        let (mut at, mut pending) = match from {
+            Some(c) => parse_scan_cursor(c, prefix)?,
+            None => (0, Vec::new()),
+        };
+        // A walk ends when SCAN hands back cursor 0, which is also where it starts.
+        let mut started = from.is_some();
+        let pattern = format!("{prefix}*");
+        let mut entries = Vec::new();
+        let mut seen: HashSet<Vec<u8>> = pending.iter().cloned().collect();
+        let (mut examined, mut calls) = (0, 0);
+        loop {
+            if pending.is_empty() {
+                if started && at == 0 {
+                    return Ok(Page {
+                        entries,
+                        next: None,
+                    });
+                }
+                if examined >= SCAN_EXAMINE || calls >= SCAN_CALLS {
+                    return Ok(Page {
+                        entries,
+                        next: Some(at.to_string()),
+                    });
+                }
+                // Asking for about what the page still needs keeps the keys left over in
+                // the cursor few.
+                let count = (limit - entries.len()).clamp(16, SCAN_BATCH);
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .run(async |conn| {
+                        redis::cmd("SCAN")
+                            .arg(at)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(count)
+                            .query_async(conn)
+                            .await
+                            .map_err(classify)
+                    })
+                    .await?;
+                (at, started) = (next, true);
+                calls += 1;
+                pending = keys
+                    .into_iter()
+                    .filter(|k| seen.insert(k.clone()))
+                    .collect();
+                continue;
+            }
+            let values: Vec<Option<Vec<u8>>> = self
+                .run(async |conn| {
+                    let mut pipe = redis::pipe();
+                    for k in &pending {
+                        pipe.cmd("GET").arg(k);
+                    }
+                    pipe.query_async(conn).await.map_err(classify)
+                })
+                .await?;
+            let batch = std::mem::take(&mut pending);
+            for (i, (key, value)) in batch.iter().zip(values).enumerate() {
+                examined += 1;
+                if let Some(e) = scanned_entry(kind, key, value.as_deref())
+                    && e.expires_at() >= now
+                    && keep(&e)
+                {
+                    entries.push(e);
+                }
+                if entries.len() >= limit {
+                    let rest = &batch[i + 1..];
+                    if rest.is_empty() && at == 0 {
+                        return Ok(Page {
+                            entries,
+                            next: None,
+                        });
+                    }
+                    return Ok(Page {
+                        entries,
+                        next: Some(format_scan_cursor(at, rest, prefix)),
+                    });
+                }
+            }
+        }
     }
 
     /// Counts the keys matching `pattern`; `values`, when given, sees the value of each.
@@ -426,7 +562,8 @@ impl Store for RedisStore {
         key: &TripletKey,
         f: UpdateFn<'_, Triplet>,
     ) -> Result<Option<Triplet>, StoreError> {
-        self.update(&triplet_key(key), f).await
+        self.update(&triplet_key(key), key.joined().as_bytes(), f)
+            .await
     }
 
     async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
@@ -438,7 +575,7 @@ impl Store for RedisStore {
         client: &str,
         f: UpdateFn<'_, ClientRecord>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        self.update(&client_key(client), f).await
+        self.update(&client_key(client), &[], f).await
     }
 
     /// Redis removes records itself when their TTL runs out.
@@ -458,7 +595,11 @@ impl Store for RedisStore {
     async fn counts(&self) -> Result<Counts, StoreError> {
         let mut counts = Counts::default();
         let mut tally = |v: Option<Vec<u8>>| {
-            match v.as_deref().map(Triplet::from_bytes) {
+            // Without `decode`'s warning: counts are no place to report each bad value.
+            let record = v
+                .as_deref()
+                .map(|v| Triplet::from_bytes(&v[..v.len().min(Triplet::ENCODED_LEN)]));
+            match record {
                 Some(Ok(t)) if t.passed => counts.triplets_passed += 1,
                 Some(Ok(_)) => counts.triplets_pending += 1,
                 // Gone since the scan saw it, or undecodable: not a live triplet.
@@ -470,6 +611,78 @@ impl Store for RedisStore {
         counts.clients = self.scan(&format!("{CLIENT_PREFIX}*"), None).await?;
         Ok(counts)
     }
+
+    async fn scan(
+        &self,
+        kind: EntryKind,
+        cursor: Option<&str>,
+        limit: usize,
+        now: u64,
+        keep: EntryFilter<'_>,
+    ) -> Result<Page, StoreError> {
+        self.scan_page(kind, cursor, limit, now, keep).await
+    }
+
+    async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+        self.remove(&triplet_key(key)).await
+    }
+
+    async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+        self.remove(&client_key(client)).await
+    }
+}
+
+/// The entry a scanned key and its value stand for, if they make one: a key gone since
+/// SCAN saw it, an undecodable value, or a triplet value without key text (written before
+/// scans existed) or with text that does not hash to its key (foreign) makes none.
+fn scanned_entry(kind: EntryKind, key: &[u8], value: Option<&[u8]>) -> Option<Entry> {
+    let value = value?;
+    let key = std::str::from_utf8(key).ok()?;
+    match kind {
+        EntryKind::Triplets => {
+            let (record, text) = value.split_at_checked(Triplet::ENCODED_LEN)?;
+            let tkey = TripletKey::split(std::str::from_utf8(text).ok()?)?;
+            if triplet_key(&tkey) != key {
+                return None;
+            }
+            Some(Entry::Triplet {
+                key: tkey,
+                record: Triplet::from_bytes(record).ok()?,
+            })
+        }
+        EntryKind::Clients => {
+            let client = key.strip_prefix(CLIENT_PREFIX)?.strip_prefix('{')?;
+            Some(Entry::Client {
+                client: client.strip_suffix('}')?.to_owned(),
+                record: decode(key, Some(value))?,
+            })
+        }
+    }
+}
+
+fn format_scan_cursor(at: u64, keys: &[Vec<u8>], prefix: &str) -> String {
+    let mut out = at.to_string();
+    for k in keys {
+        out.push('.');
+        out.push_str(&cursor::hex(k.strip_prefix(prefix.as_bytes()).unwrap_or(k)));
+    }
+    out
+}
+
+fn parse_scan_cursor(s: &str, prefix: &str) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+    let mut parts = s.split('.');
+    let at = parts
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| cursor::bad(s))?;
+    let keys = parts
+        .map(|p| {
+            let mut key = prefix.as_bytes().to_vec();
+            key.extend(cursor::unhex(p)?);
+            Ok(key)
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok((at, keys))
 }
 
 #[cfg(test)]

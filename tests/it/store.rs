@@ -17,6 +17,108 @@ async fn embedded_store_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_scans_a_bounded_number_per_call() {
+    conformance::scan_examines_a_bounded_number(&MemoryStore::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_store_scans_a_bounded_number_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("s.redb"), 0).unwrap();
+    conformance::scan_examines_a_bounded_number(&store).await;
+}
+
+/// Removal through `EmbeddedStore` (what `greygate purge` does when no daemon runs) must
+/// reach the file: after a clean reopen, after a crash that follows the commit (a copy of
+/// the file taken while the store is open, as a kill -9 leaves it), and for the read-only
+/// reader. Scans list records created since the last commit too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_store_removals_survive_reopen_and_crash() {
+    use greygate::engine::{ClientRecord, Triplet, TripletKey};
+    use greygate::store::{EmbeddedReader, Entry, EntryKind};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let crashed = dir.path().join("crashed.redb");
+    let key = |s: &str| TripletKey {
+        client: "192.0.2.0/24".into(),
+        sender: s.into(),
+        recipient: "r@example.org".into(),
+    };
+    let rec = Triplet {
+        first_seen: 1,
+        last_seen: 1,
+        expires_at: 1_000_000,
+        attempts: 1,
+        passes: 0,
+        passed: false,
+    };
+    let client = ClientRecord {
+        passes: 1,
+        last_counted: 1,
+        last_seen: 1,
+        expires_at: 1_000_000,
+    };
+    let senders = |entries: Vec<Entry>| -> Vec<String> {
+        entries
+            .into_iter()
+            .map(|e| match e {
+                Entry::Triplet { key, .. } => key.sender,
+                Entry::Client { client, .. } => client,
+            })
+            .collect()
+    };
+    {
+        let store = EmbeddedStore::open(&path, 0).unwrap();
+        for s in ["a@x", "b@x", "c@x {}:%ü"] {
+            store.update_triplet(&key(s), &|_| Some(rec)).await.unwrap();
+        }
+        store
+            .update_client("gone {x}", &|_| Some(client))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        // Not committed yet: a scan still lists it.
+        store
+            .update_triplet(&key("d@x"), &|_| Some(rec))
+            .await
+            .unwrap();
+        let listed = conformance::scan_all(&store, EntryKind::Triplets, 1, 10, &|_| true).await;
+        assert_eq!(senders(listed), ["a@x", "b@x", "c@x {}:%ü", "d@x"]);
+
+        assert!(store.remove_triplet(&key("b@x")).await.unwrap());
+        assert!(store.remove_client("gone {x}").await.unwrap());
+        let listed = conformance::scan_all(&store, EntryKind::Triplets, 2, 10, &|_| true).await;
+        assert_eq!(
+            senders(listed),
+            ["a@x", "c@x {}:%ü", "d@x"],
+            "removed at once"
+        );
+        store.flush().await.unwrap();
+        std::fs::copy(&path, &crashed).unwrap();
+        // The last commit's state, as a kill -9 now would leave it.
+    }
+    for file in [&path, &crashed] {
+        let store = EmbeddedStore::open(file, 10).unwrap();
+        assert_eq!(store.load_report().triplets, 3, "{}", file.display());
+        assert_eq!(store.get_triplet(&key("b@x")).await.unwrap(), None);
+        assert_eq!(store.get_client("gone {x}").await.unwrap(), None);
+        let listed = conformance::scan_all(&store, EntryKind::Triplets, 2, 10, &|_| true).await;
+        assert_eq!(senders(listed), ["a@x", "c@x {}:%ü", "d@x"]);
+        let clients = conformance::scan_all(&store, EntryKind::Clients, 2, 10, &|_| true).await;
+        assert!(clients.is_empty(), "{clients:?}");
+    }
+    let reader = EmbeddedReader::open(&path).unwrap();
+    let listed = conformance::scan_all(&reader, EntryKind::Triplets, 1, 10, &|_| true).await;
+    assert_eq!(senders(listed), ["a@x", "c@x {}:%ü", "d@x"]);
+    let late = conformance::scan_all(&reader, EntryKind::Triplets, 1, 1_000_001, &|_| true).await;
+    assert!(late.is_empty(), "dead records are not listed: {late:?}");
+    assert!(matches!(
+        reader.remove_triplet(&key("a@x")).await,
+        Err(greygate::store::StoreError::ReadOnly)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_store_persists_flushed_changes_and_deletions() {
     use greygate::engine::{Engine, TripletKey};
     let dir = tempfile::tempdir().unwrap();
@@ -263,6 +365,72 @@ async fn redis_records_get_ttls_from_their_expiry() {
     assert!((590..=600).contains(&renewed), "{renewed}");
 }
 
+/// Values from before scans existed hold the record alone: still read and updated, listed
+/// from their next write on; a value whose key text does not hash to its key is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_scan_lists_old_values_once_rewritten_and_never_foreign_ones() {
+    use greygate::engine::record::Record;
+    use greygate::store::EntryKind;
+    use greygate::store::redis::triplet_key;
+    let Some(redis) =
+        Redis::start("redis_scan_lists_old_values_once_rewritten_and_never_foreign_ones")
+    else {
+        return;
+    };
+    let store = redis_store(&redis, 2 * SECOND);
+    let now = unix_now();
+    let rec = Triplet {
+        first_seen: now,
+        last_seen: now,
+        expires_at: now + 3600,
+        attempts: 1,
+        passes: 0,
+        passed: false,
+    };
+    let key = |s: &str| TripletKey {
+        client: "192.0.2.0/24".into(),
+        sender: s.into(),
+        recipient: "r@example.org".into(),
+    };
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut set = async |k: String, v: Vec<u8>| {
+        let () = ::redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    set(triplet_key(&key("old@x")), rec.to_bytes()).await;
+    let mut foreign = rec.to_bytes();
+    foreign.extend_from_slice(key("other@x").joined().as_bytes());
+    set(triplet_key(&key("foreign@x")), foreign).await;
+    let listed = || conformance::scan_all(&store, EntryKind::Triplets, 10, now, &|_| true);
+    assert!(listed().await.is_empty(), "neither is listed");
+    assert_eq!(store.get_triplet(&key("old@x")).await.unwrap(), Some(rec));
+    let later = Triplet {
+        last_seen: now + 1,
+        attempts: 2,
+        ..rec
+    };
+    store
+        .update_triplet(&key("old@x"), &|old| {
+            assert_eq!(old, Some(&rec), "old value read");
+            Some(later)
+        })
+        .await
+        .unwrap();
+    let got = listed().await;
+    assert_eq!(
+        got,
+        [greygate::store::Entry::Triplet {
+            key: key("old@x"),
+            record: later
+        }]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_fails_fast_while_down_or_frozen_and_recovers() {
     let Some(mut redis) = Redis::start("redis_store_fails_fast_while_down_or_frozen_and_recovers")
@@ -367,7 +535,8 @@ async fn postgres_schema_is_migrated_once_and_expiry_goes_in_batches() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [greygate::store::postgres::SCHEMA_VERSION]);
+    let all: Vec<i32> = (1..=greygate::store::postgres::SCHEMA_VERSION).collect();
+    assert_eq!(versions, all, "every migration once");
 
     let rec = |expires_at| Triplet {
         first_seen: 1,
@@ -394,6 +563,26 @@ async fn postgres_schema_is_migrated_once_and_expiry_goes_in_batches() {
     assert_eq!((step.removed, step.cycle_done), (1, true), "{step:?}");
     let counts = b.counts().await.unwrap();
     assert_eq!(counts.triplets_pending, 2, "live rows kept: {counts:?}");
+
+    // Rows from schema 1 have no key text: not listed until their next write gives them one.
+    client
+        .execute("UPDATE greygate_triplets SET key_text = NULL", &[])
+        .await
+        .unwrap();
+    use greygate::store::EntryKind;
+    let listed = || conformance::scan_all(&a, EntryKind::Triplets, 1, 5000, &|_| true);
+    assert!(listed().await.is_empty());
+    a.update_triplet(&key(4), &|_| Some(rec(20_000)))
+        .await
+        .unwrap();
+    let got = listed().await;
+    assert_eq!(
+        got,
+        [greygate::store::Entry::Triplet {
+            key: key(4),
+            record: rec(20_000)
+        }]
+    );
 
     // A database migrated by a newer greygate is refused rather than written blindly.
     client
