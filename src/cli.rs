@@ -76,6 +76,12 @@ pub struct ServeArgs {
     /// Serve the milter protocol here instead of the configured milter addresses (repeatable)
     #[arg(long, value_name = "ADDR")]
     pub milter_listen: Vec<String>,
+    /// Serve the admin API, /metrics and the dashboard here instead of the configured addresses (repeatable)
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_admin")]
+    pub admin_listen: Vec<String>,
+    /// Do not start the admin listener
+    #[arg(long)]
+    pub no_admin: bool,
     /// Use the embedded store in this file
     #[arg(long, value_name = "PATH", conflicts_with = "memory")]
     pub db: Option<PathBuf>,

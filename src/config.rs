@@ -80,8 +80,50 @@ pub struct RawConfig {
     pub milter: RawMilter,
     pub store: RawStore,
     pub allow: RawAllow,
+    pub admin: RawAdmin,
     pub log: RawLog,
 }
+
+/// `[admin]`: the HTTP API, Prometheus `/metrics` and the dashboard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAdmin {
+    /// TCP addresses to serve on; loopback by default, empty disables the admin listener.
+    pub listen: Vec<String>,
+    /// Bearer token that changes (allow/deny entries, purge, reload) must carry.
+    pub token: String,
+    /// File whose first line is the token; created with a random token (mode 0600) when
+    /// missing. Default: `admin.token` beside the embedded store, or in
+    /// /var/lib/greygate for the other backends; none for the memory store.
+    pub token_file: Option<PathBuf>,
+    /// Also require the token for reads (stats, entries, explain, metrics, dashboard data).
+    pub token_for_reads: bool,
+    /// File that keeps runtime allow/deny entries across restarts. Default: beside the
+    /// embedded store (`<path>.entries.json`), /var/lib/greygate/runtime-entries.json for
+    /// redis and postgres, none (memory only) for the memory store.
+    pub entries_file: Option<PathBuf>,
+    /// Concurrent admin connections; more are closed at once.
+    pub max_connections: usize,
+    /// Longest an admin request (headers included) may take.
+    pub request_timeout: Dur,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: vec![DEFAULT_ADMIN_LISTEN.into()],
+            token: String::new(),
+            token_file: None,
+            token_for_reads: false,
+            entries_file: None,
+            max_connections: 64,
+            request_timeout: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// The default admin address (a port browsers do not block).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9025";
 
 /// `[milter]`: the milter listener(s) for Sendmail and Postfix `smtpd_milters`. The
 /// deferral text is `[policy] defer_text`.
@@ -483,6 +525,61 @@ pub struct Config {
     pub fail_mode: FailMode,
     pub log_level: String,
     pub log_json: bool,
+    pub admin: AdminConfig,
+}
+
+/// Where the admin token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Written in the configuration.
+    Inline(String),
+    /// Read from (or, by the daemon, created in) this file.
+    File(PathBuf),
+    /// No token: changes through the API are refused.
+    None,
+}
+
+/// The checked `[admin]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: Vec<SocketAddr>,
+    pub token: TokenSource,
+    pub token_for_reads: bool,
+    pub entries_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+}
+
+impl AdminConfig {
+    /// The URL a local CLI uses to reach the daemon.
+    pub fn url(&self) -> Option<String> {
+        self.listen.first().map(|a| {
+            let a = match a.ip() {
+                ip if ip.is_unspecified() && a.is_ipv4() => {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+                }
+                ip if ip.is_unspecified() => {
+                    SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), a.port())
+                }
+                _ => *a,
+            };
+            format!("http://{a}")
+        })
+    }
+}
+
+/// Directory for daemon state beside the store: the embedded file's directory, else
+/// /var/lib/greygate; none for the memory store.
+fn state_dir(store: &StoreKind) -> Option<PathBuf> {
+    match store {
+        StoreKind::Memory => None,
+        StoreKind::Embedded(path) => Some(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        ),
+        StoreKind::Redis(_) | StoreKind::Postgres(_) => Some(PathBuf::from("/var/lib/greygate")),
+    }
 }
 
 /// One configuration problem, with where it is.
@@ -867,6 +964,42 @@ impl RawConfig {
             err(&["hostname"], format!("{h:?} is not a host name"));
         }
 
+        let ad = &self.admin;
+        let mut admin_listen = Vec::new();
+        for (i, l) in ad.listen.iter().enumerate() {
+            match l.parse::<SocketAddr>() {
+                Ok(a) => admin_listen.push(a),
+                Err(_) => err(
+                    &["admin", "listen", &i.to_string()],
+                    format!("{l:?} is not an IP address and port such as 127.0.0.1:9025"),
+                ),
+            }
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&ad.max_connections) {
+            err(
+                &["admin", "max_connections"],
+                format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
+        if ad.request_timeout.0.is_zero() {
+            err(
+                &["admin", "request_timeout"],
+                "request_timeout must be positive".into(),
+            );
+        }
+        if !ad.token.is_empty() && ad.token.trim().len() < 16 {
+            err(
+                &["admin", "token"],
+                "token must have at least 16 characters".into(),
+            );
+        }
+        if !ad.token.is_empty() && ad.token_file.is_some() {
+            err(
+                &["admin", "token_file"],
+                "set token or token_file, not both".into(),
+            );
+        }
+
         let mut allow = AllowLists::default();
         let mut file_errors = Vec::new();
         let a = &self.allow;
@@ -950,12 +1083,38 @@ impl RawConfig {
             milter_idle_timeout: m.idle_timeout.0,
             milter_io_timeout: m.io_timeout.0,
             milter_max_frame: m.max_frame,
-            store,
             flush_interval: s.flush_interval.0,
             store_timeout: s.timeout.0,
             fail_mode: s.fail_mode,
             log_level: self.log.level.clone(),
             log_json: self.log.format == "json",
+            admin: AdminConfig {
+                listen: admin_listen,
+                token: if !ad.token.is_empty() {
+                    TokenSource::Inline(ad.token.trim().to_string())
+                } else if let Some(f) = ad
+                    .token_file
+                    .clone()
+                    .or_else(|| state_dir(&store).map(|d| d.join("admin.token")))
+                {
+                    TokenSource::File(f)
+                } else {
+                    TokenSource::None
+                },
+                token_for_reads: ad.token_for_reads,
+                entries_file: ad.entries_file.clone().or_else(|| match &store {
+                    StoreKind::Memory => None,
+                    StoreKind::Embedded(p) => {
+                        let mut name = p.file_name().unwrap_or_default().to_os_string();
+                        name.push(".entries.json");
+                        Some(p.with_file_name(name))
+                    }
+                    _ => state_dir(&store).map(|d| d.join("runtime-entries.json")),
+                }),
+                max_connections: ad.max_connections,
+                request_timeout: ad.request_timeout.0,
+            },
+            store,
         })
     }
 }
@@ -992,6 +1151,7 @@ impl Default for RawConfig {
             milter: RawMilter::default(),
             store: RawStore::default(),
             allow: RawAllow::default(),
+            admin: RawAdmin::default(),
             log: RawLog::default(),
         }
     }

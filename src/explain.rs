@@ -43,7 +43,7 @@ pub async fn explain(
     reply: impl Fn(&Decision) -> String,
 ) -> Result<Explanation, ExplainError> {
     let mut state = State::default();
-    if let Classified::Lookup(key) = engine.classify(req) {
+    if let Classified::Lookup(key) = engine.classify(req, now) {
         let store = store.map_err(ExplainError::NoStore)?;
         state.client = store.get_client(&key.client).await?;
         state.triplet = store.get_triplet(&key).await?;
@@ -141,4 +141,16 @@ impl Explanation {
         }
         s
     }
+}
+
+/// Reads a time given as Unix seconds or RFC 3339 (`--at`, the API's `at`).
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    let ts: jiff::Timestamp = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither Unix seconds nor an RFC 3339 time"))?;
+    u64::try_from(ts.as_second()).map_err(|_| format!("{s:?} is before 1970"))
 }

@@ -4,10 +4,13 @@
 //! `service` (engine + store + failure policy) → `engine` (pure decisions) and `store`.
 //! See ARCHITECTURE.md for the map and the invariants.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod explain;
+pub mod metrics;
 pub mod outbound;
 pub mod proto;
 pub mod server;

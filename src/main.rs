@@ -12,26 +12,18 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 use cli::{BenchArgs, CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
 use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
 use greygate::engine::{Mode, Request};
-use greygate::server::milter::{MilterContext, MilterLimits, MilterReplies};
-use greygate::server::policy::{ConnContext, Replies};
-use greygate::server::{self, Bound, ConnLimits, Handler, StoreOpener};
-use greygate::service::{Greylister, Outcome, ServiceOptions, StoreSlot, unix_now};
-use greygate::store::{
-    EmbeddedReader, EmbeddedStore, MemoryStore, PostgresStore, RedisStore, Store, StoreError,
-};
+use greygate::server::policy::Replies;
+use greygate::service::{Outcome, unix_now};
+use greygate::store::{EmbeddedReader, PostgresStore, RedisStore, Store, StoreError};
 
 const EXIT_RUNTIME: u8 = 1;
 /// Bad usage or configuration (clap also exits 2 on usage errors).
 const EXIT_CONFIG: u8 = 2;
 const EXIT_STORE_BUSY: u8 = 3;
-
-/// How long open requests may take to finish after SIGTERM.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -168,39 +160,52 @@ fn init_logging(level: &str, json: bool) {
     }
 }
 
+/// Applies `serve`'s command-line overrides to the file's configuration.
+fn serve_overrides(args: &ServeArgs, raw: &mut RawConfig) {
+    if !args.listen.is_empty() {
+        raw.policy.listen = args.listen.clone();
+    }
+    if !args.milter_listen.is_empty() {
+        raw.milter.listen = args.milter_listen.clone();
+        if args.listen.is_empty() {
+            // Milter addresses given alone mean a milter-only daemon.
+            raw.policy.listen.clear();
+        }
+    }
+    if !args.admin_listen.is_empty() {
+        raw.admin.listen = args.admin_listen.clone();
+    }
+    if args.no_admin {
+        raw.admin.listen.clear();
+    }
+    // A store named on the command line replaces the configured one, server URL too.
+    if let Some(db) = &args.db {
+        raw.store.backend = "embedded".into();
+        raw.store.path = db.clone();
+        raw.store.url.clear();
+    }
+    if args.memory {
+        raw.store.backend = "memory".into();
+        raw.store.url.clear();
+    }
+    if let Some(d) = args.delay {
+        raw.greylist.delay = d;
+        if raw.greylist.retry_window.0 < d.0 {
+            raw.greylist.retry_window = d;
+        }
+    }
+    if args.learn {
+        raw.mode = Mode::Learn;
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load_config(&args.config, |raw| {
-        if !args.listen.is_empty() {
-            raw.policy.listen = args.listen.clone();
-        }
-        if !args.milter_listen.is_empty() {
-            raw.milter.listen = args.milter_listen.clone();
-            if args.listen.is_empty() {
-                // Milter addresses given alone mean a milter-only daemon.
-                raw.policy.listen.clear();
-            }
-        }
-        // A store named on the command line replaces the configured one, server URL too.
-        if let Some(db) = &args.db {
-            raw.store.backend = "embedded".into();
-            raw.store.path = db.clone();
-            raw.store.url.clear();
-        }
-        if args.memory {
-            raw.store.backend = "memory".into();
-            raw.store.url.clear();
-        }
-        if let Some(d) = args.delay {
-            raw.greylist.delay = d;
-            if raw.greylist.retry_window.0 < d.0 {
-                raw.greylist.retry_window = d;
-            }
-        }
-        if args.learn {
-            raw.mode = Mode::Learn;
-        }
-    });
-    let cfg = match cfg {
+    let args = Arc::new(args);
+    let load = {
+        let args = args.clone();
+        move || load_config(&args.config, |raw| serve_overrides(&args, raw))
+    };
+    let cfg = match load() {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
@@ -209,181 +214,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(run_daemon(cfg))
-}
-
-/// Opens the store. The redis and postgres stores connect on first use (and reconnect by
-/// themselves), so they open even while their server is down; `timeout` bounds each of
-/// their operations.
-fn store_opener(kind: &StoreKind, timeout: std::time::Duration) -> StoreOpener {
-    match kind {
-        StoreKind::Memory => {
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-            Arc::new(move || Ok(store.clone()))
-        }
-        StoreKind::Embedded(path) => {
-            let path = path.clone();
-            Arc::new(move || {
-                let s = EmbeddedStore::open(&path, unix_now())?;
-                let r = s.load_report();
-                if r.undecodable > 0 {
-                    tracing::warn!(
-                        path = %path.display(), rows = r.undecodable,
-                        "store rows this version cannot read were left on disk untouched"
-                    );
-                }
-                tracing::info!(
-                    path = %path.display(), triplets = r.triplets, clients = r.clients,
-                    expired = r.expired, undecodable = r.undecodable, "store loaded"
-                );
-                Ok(Arc::new(s) as Arc<dyn Store>)
-            })
-        }
-        StoreKind::Redis(server) => {
-            let server = server.clone();
-            Arc::new(move || {
-                let s = RedisStore::new(&server.url, server.connect_timeout, timeout)?;
-                tracing::info!(store = %s.describe(), "store ready (connects on first use)");
-                Ok(Arc::new(s) as Arc<dyn Store>)
-            })
-        }
-        StoreKind::Postgres(server) => {
-            let server = server.clone();
-            Arc::new(move || {
-                let s = PostgresStore::new(
-                    &server.url,
-                    server.pool_size,
-                    server.connect_timeout,
-                    timeout,
-                )?;
-                tracing::info!(store = %s.describe(), pool_size = server.pool_size, "store ready (connects on first use)");
-                Ok(Arc::new(s) as Arc<dyn Store>)
-            })
-        }
-    }
-}
-
-async fn run_daemon(cfg: Config) -> anyhow::Result<ExitCode> {
-    let opener = store_opener(&cfg.store, cfg.store_timeout);
-    let slot = {
-        let open = opener.clone();
-        match tokio::task::spawn_blocking(move || open()).await? {
-            Ok(store) => StoreSlot::new(store),
-            Err(e) => {
-                tracing::error!(
-                    error = %e, fail_mode = ?cfg.fail_mode,
-                    "store unavailable at start; answering per fail_mode and retrying"
-                );
-                StoreSlot::missing(e.to_string())
-            }
-        }
-    };
-
-    let options = ServiceOptions {
-        mode: cfg.mode,
-        fail_mode: cfg.fail_mode,
-        store_timeout: cfg.store_timeout,
-    };
-    let svc = Arc::new(Greylister::new(cfg.engine, slot, options));
-    let header_host = cfg.x_greylist_header.then_some(cfg.hostname);
-    let shutdown = CancellationToken::new();
-    let hard_stop = CancellationToken::new();
-    let policy = Handler::Policy(Arc::new(ConnContext {
-        svc: svc.clone(),
-        replies: Arc::new(Replies {
-            defer_action: cfg.defer_action,
-            defer_text: cfg.defer_text.clone(),
-            header_host: header_host.clone(),
-        }),
-        limits: ConnLimits {
-            max_connections: cfg.max_connections,
-            idle_timeout: cfg.idle_timeout,
-            io_timeout: cfg.io_timeout,
-            codec: cfg.limits,
-        },
-        shutdown: shutdown.clone(),
-        hard_stop: hard_stop.clone(),
-    }));
-    let milter = Handler::Milter(Arc::new(MilterContext {
-        svc: svc.clone(),
-        replies: MilterReplies {
-            reply_code: cfg.milter_reply_code,
-            defer_text: cfg.defer_text,
-            header_host,
-        },
-        limits: MilterLimits {
-            max_connections: cfg.milter_max_connections,
-            idle_timeout: cfg.milter_idle_timeout,
-            io_timeout: cfg.milter_io_timeout,
-            max_frame: cfg.milter_max_frame,
-        },
-        shutdown: shutdown.clone(),
-        hard_stop: hard_stop.clone(),
-    }));
-
-    let mut listeners = Vec::new();
-    let wanted = cfg.listen.iter().map(|a| (a, "policy", &policy));
-    let wanted = wanted.chain(cfg.milter_listen.iter().map(|a| (a, "milter", &milter)));
-    for (addr, kind, handler) in wanted {
-        let bound = Bound::bind(addr, cfg.socket_mode)
-            .await
-            .with_context(|| format!("cannot listen on {addr} ({kind})"))?;
-        listeners.push((bound, kind, handler.clone()));
-    }
-    for (l, kind, _) in &listeners {
-        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");
-    }
-
-    let maintenance = tokio::spawn(server::maintain_store(
-        svc.clone(),
-        cfg.flush_interval,
-        Some(opener),
-        shutdown.clone(),
-    ));
-    let listeners = listeners.into_iter().map(|(l, _, h)| (l, h)).collect();
-    let mut serving = tokio::spawn(server::serve(listeners));
-
-    wait_for_signal().await?;
-    tracing::info!("shutting down: no new connections, finishing open requests");
-    shutdown.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut serving)
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still busy after {SHUTDOWN_GRACE:?}; closing them");
-        hard_stop.cancel();
-        // Every connection task has ended before the final flush, so no update can slip
-        // in after it.
-        let _ = serving.await;
-    }
-    let _ = maintenance.await;
-    if let Ok(store) = svc.store.get() {
-        store.flush().await.context("final store flush failed")?;
-        tracing::info!(store = %store.describe(), "store flushed");
-    }
-    tracing::info!("stopped");
+    rt.block_on(greygate::daemon::run(cfg, Arc::new(load)))?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
-}
-
-fn parse_time(s: &str) -> anyhow::Result<u64> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(secs);
-    }
-    let ts: jiff::Timestamp = s
-        .parse()
-        .with_context(|| format!("--at {s:?} is neither Unix seconds nor an RFC 3339 time"))?;
-    u64::try_from(ts.as_second()).context("--at is before 1970")
 }
 
 fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
@@ -397,10 +229,10 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
-    let now = match args.at.as_deref().map(parse_time) {
+    let now = match args.at.as_deref().map(greygate::explain::parse_time) {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
-            eprintln!("greygate: {e:#}");
+            eprintln!("greygate: --at {e}");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         None => unix_now(),

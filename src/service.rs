@@ -4,15 +4,23 @@
 //! [`Greylister::check`]. This is the one place that talks to the store on a request's
 //! behalf, applies `store_timeout` and `fail_mode`, and logs the decision.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod entries;
+
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use crate::config::FailMode;
 use crate::engine::{
-    Classified, Decision, Engine, Mode, Request, TripletKey, TripletOutcome, Verdict,
+    Classified, Decision, Engine, ListKind, Mode, Request, Rule, RuntimeEntry, Target, TripletKey,
+    TripletOutcome, Verdict,
 };
+use crate::metrics::{Activity, ListenerStats, Metrics, RecentDecision, StoreOp};
 use crate::store::{Store, StoreError};
+
+pub use entries::{EntriesError, RuntimeEntries, Selector};
 
 /// Unix seconds now. Front ends call this; the engine never does.
 pub fn unix_now() -> u64 {
@@ -41,17 +49,8 @@ impl Outcome {
     }
 }
 
-/// Counters for stats and (later) metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub skip: AtomicU64,
-    pub pass: AtomicU64,
-    pub defer: AtomicU64,
-    pub store_failures: AtomicU64,
-}
-
 /// Settings of the service beyond the engine's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceOptions {
     pub mode: Mode,
     pub fail_mode: FailMode,
@@ -109,65 +108,184 @@ impl StoreSlot {
     }
 }
 
-/// Engine, store and failure policy.
-pub struct Greylister {
+/// What a reload replaces in one step: the engine (policy, allow lists, runtime entries)
+/// and the service options.
+#[derive(Debug, Clone)]
+pub struct Live {
     pub engine: Engine,
-    pub store: StoreSlot,
     pub options: ServiceOptions,
-    pub stats: Stats,
+}
+
+/// Engine, store and failure policy, with the counters the admin API reports.
+pub struct Greylister {
+    live: ArcSwap<Live>,
+    pub store: StoreSlot,
+    pub metrics: Metrics,
+    pub activity: Activity,
+    /// Operator allow/deny entries; changing them swaps a new engine into `live`.
+    pub entries: RuntimeEntries,
+    listeners: Mutex<Vec<Arc<ListenerStats>>>,
+    /// Unix seconds the service was created.
+    pub started_at: u64,
 }
 
 impl Greylister {
     pub fn new(engine: Engine, store: StoreSlot, options: ServiceOptions) -> Self {
         Greylister {
-            engine,
+            live: ArcSwap::from_pointee(Live { engine, options }),
             store,
-            options,
-            stats: Stats::default(),
+            metrics: Metrics::default(),
+            activity: Activity::default(),
+            entries: RuntimeEntries::in_memory(),
+            listeners: Mutex::new(Vec::new()),
+            started_at: unix_now(),
         }
+    }
+
+    /// Uses `entries` (loaded from their file) as the runtime entries from now on.
+    pub fn with_entries(mut self, entries: RuntimeEntries) -> Self {
+        self.entries = entries;
+        self.refresh_runtime(unix_now());
+        self
+    }
+
+    /// The engine and options in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Replaces engine and options (a reload); the runtime entries carry over.
+    pub fn replace_live(&self, mut live: Live) {
+        live.engine.runtime = self.live.load().engine.runtime.clone();
+        self.live.store(Arc::new(live));
+    }
+
+    /// Recompiles the runtime entries alive at `now` into the engine.
+    pub fn refresh_runtime(&self, now: u64) {
+        let lists = Arc::new(self.entries.compile(now));
+        self.live.rcu(|cur| {
+            let mut next = Live::clone(cur);
+            next.engine.runtime = lists.clone();
+            next
+        });
+    }
+
+    /// Rebuilds the engine's runtime lists once an entry has expired (maintenance tick).
+    pub fn expire_runtime(&self, now: u64) {
+        let due = self.live.load().engine.runtime.next_expiry();
+        if due.is_some_and(|t| t <= now) {
+            self.entries.drop_expired(now);
+            self.refresh_runtime(now);
+        }
+    }
+
+    /// Adds (or updates) a runtime entry; it applies to the next request.
+    pub fn add_entry(
+        &self,
+        list: ListKind,
+        target: Target,
+        value: &str,
+        ttl: Option<u64>,
+        comment: &str,
+        now: u64,
+    ) -> Result<RuntimeEntry, EntriesError> {
+        let e = self.entries.add(list, target, value, ttl, comment, now)?;
+        self.refresh_runtime(now);
+        tracing::info!(entry = %e, "runtime entry added");
+        Ok(e)
+    }
+
+    /// Removes runtime entries; they stop applying to the next request.
+    pub fn remove_entries(
+        &self,
+        list: ListKind,
+        sel: &Selector,
+        now: u64,
+    ) -> Result<Vec<RuntimeEntry>, EntriesError> {
+        let gone = self.entries.remove(list, sel)?;
+        self.refresh_runtime(now);
+        for e in &gone {
+            tracing::info!(entry = %e, "runtime entry removed");
+        }
+        Ok(gone)
+    }
+
+    /// Counts a new listener's connections from now on.
+    pub fn register_listener(&self, stats: Arc<ListenerStats>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stats);
+    }
+
+    pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Decides one request at `now` and records it in the store. Never fails: store
     /// trouble becomes a fail-open (or fail-closed) decision.
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
-        let decision = match self.engine.classify(req) {
+        let started = Instant::now();
+        let live = self.live.load_full();
+        let decision = match live.engine.classify(req, now) {
             Classified::Decided(d) => d,
             Classified::Lookup(key) => {
-                let limit = self.options.store_timeout;
-                let result = match tokio::time::timeout(limit, self.lookup(key, now)).await {
+                let limit = live.options.store_timeout;
+                let lookup = self.lookup(&live.engine, key, now);
+                let result = match tokio::time::timeout(limit, lookup).await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Timeout(limit)),
                 };
                 result.unwrap_or_else(|e| {
-                    self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
-                    Decision::store_failure(self.options.fail_mode == FailMode::Open, e.to_string())
+                    self.metrics.count_store_error(&e);
+                    let open = live.options.fail_mode == FailMode::Open;
+                    let counter = if open {
+                        &self.metrics.fail_open
+                    } else {
+                        &self.metrics.fail_closed
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    Decision::store_failure(open, e.to_string())
                 })
             }
         };
         let outcome = Outcome {
             decision,
-            enforced: self.options.mode == Mode::Enforce,
+            enforced: live.options.mode == Mode::Enforce,
         };
-        self.count_and_log(req, &outcome);
+        self.count_and_log(req, &outcome, now, started);
         outcome
     }
 
     /// Rules 4 and 5 against the store, each record changed by one atomic update.
-    async fn lookup(&self, key: TripletKey, now: u64) -> Result<Decision, StoreError> {
+    async fn lookup(
+        &self,
+        engine: &Engine,
+        key: TripletKey,
+        now: u64,
+    ) -> Result<Decision, StoreError> {
         let store = self.store.get()?;
-        let engine = &self.engine;
         let mut client = None;
         if engine.auto_allow_enabled() {
+            let t = Instant::now();
             client = store
                 .update_client(&key.client, &|old| engine.client_seen(old, now))
                 .await?;
+            self.metrics
+                .count_store_op(StoreOp::UpdateClient, t.elapsed());
             if engine.client_allowed(client.as_ref(), now) {
                 return Ok(Engine::auto_allow_decision(key, client));
             }
         }
+        let t = Instant::now();
         let old = store
             .update_triplet(&key, &|old| Some(engine.triplet_step(old, now).1))
             .await?;
+        self.metrics
+            .count_store_op(StoreOp::UpdateTriplet, t.elapsed());
         let (outcome, _) = engine.triplet_step(old.as_ref(), now);
         let passed = matches!(
             outcome,
@@ -177,24 +295,44 @@ impl Greylister {
             // The triplet's new state is committed: the decision stands. Losing one pass
             // count only delays auto-allow a little; answering a store failure now would
             // defer (fail-closed) mail the record already lets through.
-            if let Err(e) = store
+            let t = Instant::now();
+            match store
                 .update_client(&key.client, &|old| engine.count_pass(old, now))
                 .await
             {
-                tracing::warn!(client = %key.client, error = %e, "could not count a pass towards auto-allow");
+                Ok(_) => self
+                    .metrics
+                    .count_store_op(StoreOp::UpdateClient, t.elapsed()),
+                Err(e) => {
+                    self.metrics.count_store_error(&e);
+                    tracing::warn!(client = %key.client, error = %e, "could not count a pass towards auto-allow");
+                }
             }
         }
         Ok(engine.triplet_decision(key, outcome, old, client))
     }
 
-    fn count_and_log(&self, req: &Request, o: &Outcome) {
+    fn count_and_log(&self, req: &Request, o: &Outcome, now: u64, started: Instant) {
         let d = &o.decision;
-        let counter = match o.effective() {
-            Verdict::Skip => &self.stats.skip,
-            Verdict::Pass => &self.stats.pass,
-            Verdict::Defer => &self.stats.defer,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .count_decision(d.rule, o.effective(), started.elapsed());
+        if !o.enforced && d.verdict == Verdict::Defer {
+            self.metrics
+                .learn_would_defer
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.activity.record(RecentDecision {
+            at: now,
+            verdict: o.effective(),
+            rule: d.rule,
+            enforced: o.enforced,
+            client: req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            group: d.key.as_ref().map(|k| k.client.clone()).unwrap_or_default(),
+            sender: req.sender.clone(),
+            recipient: req.recipient.clone(),
+            delayed: d.delayed,
+            detail: d.detail.clone(),
+        });
         let client = req.client_ip.map(tracing::field::display);
         // Empty fields stay out of the line (tracing skips `None`).
         let group = d.key.as_ref().map(|k| k.client.as_str());
@@ -219,9 +357,7 @@ impl Greylister {
                 )
             };
         }
-        if d.rule == crate::engine::Rule::StoreFailOpen
-            || d.rule == crate::engine::Rule::StoreFailClosed
-        {
+        if d.rule == Rule::StoreFailOpen || d.rule == Rule::StoreFailClosed {
             line!(warn);
         } else {
             line!(info);

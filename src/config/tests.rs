@@ -68,7 +68,7 @@ fn rcpt(recipient: &str) -> Request {
 }
 
 fn rule_for(config: &Config, req: &Request) -> Option<Rule> {
-    match config.engine.classify(req) {
+    match config.engine.classify(req, 0) {
         Classified::Decided(d) => Some(d.rule),
         Classified::Lookup(_) => None,
     }
@@ -566,7 +566,7 @@ fn good_allow_files_are_loaded_with_their_origin() {
         client_ip: Some("192.0.2.200".parse().expect("ip")),
         ..rcpt("bob@rcpt.example")
     };
-    let Classified::Decided(d) = c.engine.classify(&req) else {
+    let Classified::Decided(d) = c.engine.classify(&req, 0) else {
         panic!("client should be allow-listed");
     };
     assert_eq!(d.rule, Rule::AllowClientAddress);

@@ -8,14 +8,17 @@
 pub mod allow;
 pub mod normalize;
 pub mod record;
+pub mod runtime;
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 pub use allow::{AllowKind, AllowLists, Origin};
 pub use record::{ClientRecord, Triplet};
+pub use runtime::{ListKind, RuntimeEntry, RuntimeLists, Target};
 
 /// Seconds in the hour within which passes of one client group count once.
 const PASS_COUNT_WINDOW: u64 = 3600;
@@ -142,6 +145,10 @@ pub enum Rule {
     AllowClientName,
     AllowRecipient,
     AllowSender,
+    /// An operator's runtime allow entry.
+    RuntimeAllow,
+    /// An operator's runtime deny entry: always "try again later".
+    Deny,
     AutoAllow,
     /// No live record: first sighting, or the previous one expired.
     New,
@@ -156,6 +163,27 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Every rule, in declaration order (`rule as usize` indexes it): metrics keep one
+    /// counter per rule without a map.
+    pub const ALL: [Rule; 16] = [
+        Rule::NotRcptStage,
+        Rule::NoClientAddress,
+        Rule::Authenticated,
+        Rule::AllowClientAddress,
+        Rule::AllowClientName,
+        Rule::AllowRecipient,
+        Rule::AllowSender,
+        Rule::RuntimeAllow,
+        Rule::Deny,
+        Rule::AutoAllow,
+        Rule::New,
+        Rule::EarlyRetry,
+        Rule::Delayed,
+        Rule::Known,
+        Rule::StoreFailOpen,
+        Rule::StoreFailClosed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rule::NotRcptStage => "not-rcpt-stage",
@@ -165,6 +193,8 @@ impl Rule {
             Rule::AllowClientName => "allow-client-name",
             Rule::AllowRecipient => "allow-recipient",
             Rule::AllowSender => "allow-sender",
+            Rule::RuntimeAllow => "runtime-allow",
+            Rule::Deny => "deny",
             Rule::AutoAllow => "auto-allow",
             Rule::New => "new",
             Rule::EarlyRetry => "early-retry",
@@ -263,16 +293,23 @@ pub struct State {
     pub triplet: Option<Triplet>,
 }
 
-/// The decision logic with its policy and allow lists.
-#[derive(Debug, Default)]
+/// The decision logic with its policy and allow lists. Cheap to clone: the lists are
+/// shared, so a runtime-entry change or a reload swaps in a new engine in one step.
+#[derive(Debug, Default, Clone)]
 pub struct Engine {
     pub policy: Policy,
-    pub allow: AllowLists,
+    pub allow: Arc<AllowLists>,
+    /// Operator entries made while running; shared so a reload keeps them.
+    pub runtime: Arc<RuntimeLists>,
 }
 
 impl Engine {
     pub fn new(policy: Policy, allow: AllowLists) -> Self {
-        Engine { policy, allow }
+        Engine {
+            policy,
+            allow: Arc::new(allow),
+            runtime: Arc::default(),
+        }
     }
 
     /// The greylisting key of a request (client group, normalised sender and recipient).
@@ -285,8 +322,9 @@ impl Engine {
         }
     }
 
-    /// Rules 1–3: stage, authentication and static allow lists; none needs the store.
-    pub fn classify(&self, req: &Request) -> Classified {
+    /// Rules 1–3: stage, authentication, runtime deny, static and runtime allow lists;
+    /// none needs the store. `now` only decides whether runtime entries have expired.
+    pub fn classify(&self, req: &Request, now: u64) -> Classified {
         let done = |verdict, rule, detail: Option<String>| {
             Classified::Decided(Decision {
                 detail,
@@ -302,6 +340,30 @@ impl Engine {
         let Some(ip) = req.client_ip else {
             return done(Verdict::Skip, Rule::NoClientAddress, None);
         };
+        if !self.runtime.is_empty() {
+            let key = self.key(ip, &req.sender, &req.recipient);
+            let find = |list| {
+                self.runtime.find(
+                    list,
+                    ip,
+                    &req.client_name,
+                    (&key.sender, &req.sender),
+                    (&key.recipient, &req.recipient),
+                    now,
+                )
+            };
+            // A deny entry outranks every allow list: it is the operator's latest word.
+            if let Some(m) = find(ListKind::Deny) {
+                return Classified::Decided(Decision {
+                    detail: Some(m.entry.to_string()),
+                    key: Some(key),
+                    ..Decision::new(Verdict::Defer, Rule::Deny)
+                });
+            }
+            if let Some(m) = find(ListKind::Allow) {
+                return done(Verdict::Pass, Rule::RuntimeAllow, Some(m.entry.to_string()));
+            }
+        }
         if let Some((kind, origin)) = self.allow.match_client(ip, &req.client_name) {
             let rule = match kind {
                 AllowKind::ClientAddress => Rule::AllowClientAddress,
@@ -474,7 +536,7 @@ impl Engine {
     /// it. Pure: explanations and property tests use it; the service runs the same steps
     /// as atomic store updates.
     pub fn decide(&self, req: &Request, state: &State, now: u64) -> (Decision, State) {
-        let key = match self.classify(req) {
+        let key = match self.classify(req, now) {
             Classified::Decided(d) => return (d, *state),
             Classified::Lookup(key) => key,
         };

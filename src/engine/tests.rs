@@ -284,7 +284,7 @@ fn allow_decisions_name_the_entry_that_matched() {
         ),
     ];
     for (req, rule, entry) in cases {
-        let Classified::Decided(d) = engine.classify(&req) else {
+        let Classified::Decided(d) = engine.classify(&req, 0) else {
             panic!("{req:?} was not decided by an allow list");
         };
         assert_eq!(d.rule, rule, "{req:?}");
@@ -333,7 +333,7 @@ fn classify_yields_the_key_when_the_store_must_decide() {
         sender: "alice@sender.example".into(),
         recipient: "bob@rcpt.example".into(),
     };
-    assert_eq!(engine.classify(&req), Classified::Lookup(want.clone()));
+    assert_eq!(engine.classify(&req, 0), Classified::Lookup(want.clone()));
     let (d, next) = engine.decide(&req, &NO_STATE, T);
     assert_eq!(d.key, Some(want));
     assert_eq!(d.remaining, Some(300));

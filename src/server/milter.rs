@@ -68,7 +68,8 @@ impl MilterReplies {
 /// What a milter connection needs.
 pub struct MilterContext {
     pub svc: Arc<Greylister>,
-    pub replies: MilterReplies,
+    /// Swapped whole by a reload.
+    pub replies: arc_swap::ArcSwap<MilterReplies>,
     pub limits: MilterLimits,
     pub shutdown: CancellationToken,
     pub hard_stop: CancellationToken,
@@ -290,11 +291,12 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
             {
                 s.delayed = Some(s.delayed.map_or(by, |d| d.max(by)));
             }
-            Step::Reply(vec![ctx.replies.rcpt(&outcome)])
+            Step::Reply(vec![ctx.replies.load().rcpt(&outcome)])
         }
         Command::EndOfMessage(_) => {
             let mut replies = Vec::new();
-            if let (Some(by), Some(host)) = (s.delayed, &ctx.replies.header_host) {
+            let replies_now = ctx.replies.load();
+            if let (Some(by), Some(host)) = (s.delayed, &replies_now.header_host) {
                 let line = x_greylist(by, host, unix_now());
                 let value = line.strip_prefix("X-Greylist: ").unwrap_or(&line);
                 replies.push(Reply::AddHeader {

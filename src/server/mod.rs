@@ -10,6 +10,7 @@ pub mod policy;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenAddr;
+use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
 
 /// A bound listening socket.
@@ -98,6 +100,20 @@ impl Handler {
         }
     }
 
+    fn svc(&self) -> &Arc<Greylister> {
+        match self {
+            Handler::Policy(c) => &c.svc,
+            Handler::Milter(c) => &c.svc,
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        match self {
+            Handler::Policy(_) => "policy",
+            Handler::Milter(_) => "milter",
+        }
+    }
+
     fn shutdown(&self) -> &CancellationToken {
         match self {
             Handler::Policy(c) => &c.shutdown,
@@ -129,6 +145,8 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
     let name = l.local_addr();
     let limit = handler.max_connections();
     let permits = Arc::new(Semaphore::new(limit));
+    let stats = Arc::new(ListenerStats::new(name.clone(), handler.protocol(), limit));
+    handler.svc().register_listener(stats.clone());
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -149,6 +167,7 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 listener = %name, peer = %peer, limit,
                 "connection limit reached; closing new connection"
@@ -157,11 +176,15 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             continue;
         };
         let handler = handler.clone();
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let stats = stats.clone();
         tracker.spawn(async move {
             match stream {
                 Stream::Tcp(s) => handler.serve(s, &peer).await,
                 Stream::Unix(s) => handler.serve(s, &peer).await,
             }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -244,6 +267,7 @@ pub async fn maintain_store(
                 continue;
             }
         };
+        svc.expire_runtime(unix_now());
         if let Err(e) = store.expire(unix_now(), EXPIRE_SCAN).await {
             tracing::warn!(error = %e, "expiry step failed");
         }

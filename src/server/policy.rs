@@ -79,10 +79,10 @@ pub fn to_request(p: &PolicyRequest) -> Option<Request> {
 }
 
 /// What a connection needs.
-#[derive(Clone)]
 pub struct ConnContext {
     pub svc: Arc<Greylister>,
-    pub replies: Arc<Replies>,
+    /// Swapped whole by a reload.
+    pub replies: arc_swap::ArcSwap<Replies>,
     pub limits: ConnLimits,
     /// Stop taking new requests; idle connections close at once.
     pub shutdown: CancellationToken,
@@ -181,7 +181,7 @@ async fn answer(req: &PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
         Some(r) => {
             let now = unix_now();
             let outcome = ctx.svc.check(&r, now).await;
-            ctx.replies.action(&outcome, now)
+            ctx.replies.load().action(&outcome, now)
         }
         None => {
             tracing::debug!(
@@ -227,7 +227,7 @@ mod tests {
         );
         ConnContext {
             svc: Arc::new(svc),
-            replies: Arc::new(Replies {
+            replies: arc_swap::ArcSwap::from_pointee(Replies {
                 defer_action: DeferAction::DeferIfPermit,
                 defer_text: "Greylisted".into(),
                 header_host: None,

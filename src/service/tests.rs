@@ -155,7 +155,11 @@ async fn failing_store_fails_open_by_default_and_closed_when_asked() {
                 .unwrap_or("")
                 .contains("disk on fire")
         );
-        assert_eq!(svc.stats.store_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            svc.metrics.fail_open.load(Ordering::Relaxed)
+                + svc.metrics.fail_closed.load(Ordering::Relaxed),
+            1
+        );
     }
 }
 
@@ -195,7 +199,11 @@ async fn static_rules_need_no_store() {
     req.sasl_username = "joe".into();
     let o = svc.check(&req, 1000).await;
     assert_eq!(o.decision.rule, Rule::Authenticated);
-    assert_eq!(svc.stats.store_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        svc.metrics.fail_open.load(Ordering::Relaxed)
+            + svc.metrics.fail_closed.load(Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]

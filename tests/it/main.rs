@@ -1,6 +1,7 @@
 //! The integration test binary: starts the real `greygate` binary (and, where a test needs
 //! them, real peers) and talks to it over real sockets.
 
+mod admin;
 mod cli;
 mod cluster;
 mod harness;

@@ -31,11 +31,11 @@ fn context() -> Arc<MilterContext> {
     );
     Arc::new(MilterContext {
         svc: Arc::new(svc),
-        replies: MilterReplies {
+        replies: arc_swap::ArcSwap::from_pointee(MilterReplies {
             reply_code: "451 4.7.1".into(),
             defer_text: "Greylisted, please try again in {remaining} seconds".into(),
             header_host: Some("gw.test".into()),
-        },
+        }),
         limits: MilterLimits {
             max_connections: 4,
             idle_timeout: Duration::from_secs(60),

@@ -43,6 +43,8 @@ pub struct Daemon {
     pub listeners: Vec<String>,
     /// Milter listener addresses as reported.
     pub milter_listeners: Vec<String>,
+    /// Admin listener (`127.0.0.1:PORT`), when one was started.
+    pub admin: Option<SocketAddr>,
     pub dir: PathBuf,
 }
 
@@ -115,6 +117,15 @@ impl DaemonConfig {
         for l in &self.milter_listen {
             cmd.arg("--milter-listen").arg(l);
         }
+        // Never the default port: tests run side by side. Explicit admin arguments decide
+        // for themselves.
+        let own_admin = self
+            .extra_args
+            .iter()
+            .any(|a| a == "--admin-listen" || a == "--no-admin");
+        if !own_admin {
+            cmd.arg("--admin-listen").arg("127.0.0.1:0");
+        }
         cmd.args(&self.extra_args)
             .env("GREYGATE_LOG", "debug")
             .stdin(Stdio::null())
@@ -137,11 +148,14 @@ impl DaemonConfig {
             log,
             listeners: Vec::new(),
             milter_listeners: Vec::new(),
+            admin: None,
             dir: self.dir.clone(),
         };
+        let want_admin = !self.extra_args.iter().any(|a| a == "--no-admin");
         let deadline = Instant::now() + Duration::from_secs(20);
         while d.listeners.len() < self.listen.len()
             || d.milter_listeners.len() < self.milter_listen.len()
+            || (want_admin && d.admin.is_none())
         {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("greygate exited early ({status}):\n{}", d.log());
@@ -162,6 +176,7 @@ impl DaemonConfig {
             };
             d.listeners = ready("policy");
             d.milter_listeners = ready("milter");
+            d.admin = ready("admin").first().and_then(|a| a.parse().ok());
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -220,6 +235,16 @@ impl Daemon {
 
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    /// The admin API's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin.expect("an admin listener"))
+    }
+
+    /// SIGHUP: reload the configuration.
+    pub fn hup(&self) {
+        self.signal(libc::SIGHUP);
     }
 
     fn signal(&self, sig: i32) {

@@ -1,0 +1,518 @@
+//! The JSON API and `/metrics`. Reads never change state; changes are POST/DELETE and need
+//! the token (checked by the guard in `mod.rs`).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+
+use super::entries::{self, EntryQuery};
+use super::{AdminState, error, prometheus};
+use crate::config::Dur;
+use crate::engine::{ListKind, Mode, Request, Target, Verdict};
+use crate::service::{EntriesError, Outcome, Selector, unix_now};
+use crate::store::Counts;
+
+/// How long the store's record counts are reused (counting can be slow on big shared stores).
+const COUNTS_TTL: Duration = Duration::from_secs(5);
+
+pub fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(health))
+        .route("/api/stats", get(stats))
+        .route("/api/explain", get(explain))
+        .route("/api/recent", get(recent))
+        .route("/api/series", get(series))
+        .route("/api/top", get(top))
+        .route("/api/runtime", get(list_runtime))
+        .route(
+            "/api/runtime/{list}",
+            post(add_runtime).delete(remove_runtime_by_value),
+        )
+        .route("/api/runtime/{list}/{id}", delete(remove_runtime_by_id))
+        .route("/api/reload", post(reload))
+        .route("/api/entries", get(entries))
+        .route("/api/purge", post(purge))
+}
+
+/// The store's record counts, cached briefly; `None` when the store cannot answer now.
+pub(super) async fn counts(st: &AdminState) -> Option<Counts> {
+    let mut cache = st.counts_cache.lock().await;
+    if let Some((at, c)) = *cache
+        && at.elapsed() < COUNTS_TTL
+    {
+        return Some(c);
+    }
+    let store = st.svc.store.get().ok()?;
+    let c = tokio::time::timeout(Duration::from_secs(2), store.counts())
+        .await
+        .ok()?
+        .ok()?;
+    *cache = Some((Instant::now(), c));
+    Some(c)
+}
+
+async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
+    let counts = counts(&st).await;
+    let body = prometheus::render(&st.svc, counts, unix_now());
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], body).into_response()
+}
+
+async fn health(State(st): State<Arc<AdminState>>) -> Response {
+    if st.svc.store.is_open() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        // Still answering (per fail_mode), but an operator should look.
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct ListenerView {
+    address: String,
+    protocol: &'static str,
+    open: usize,
+    limit: usize,
+    accepted: u64,
+    refused: u64,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    delay: u64,
+    retry_window: u64,
+    max_age: u64,
+    auto_allow_after: u32,
+    auto_allow_lifetime: u64,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+}
+
+#[derive(Serialize)]
+struct RuleCount {
+    rule: &'static str,
+    verdict: Verdict,
+    count: u64,
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    version: &'static str,
+    now: u64,
+    started_at: u64,
+    uptime_seconds: u64,
+    mode: Mode,
+    store: String,
+    store_available: bool,
+    entries: Option<Counts>,
+    pass: u64,
+    defer: u64,
+    skip: u64,
+    fail_open: u64,
+    fail_closed: u64,
+    learn_would_defer: u64,
+    decisions: Vec<RuleCount>,
+    decision_p99_seconds: Option<f64>,
+    listeners: Vec<ListenerView>,
+    runtime_entries: usize,
+    reloads: u64,
+    reload_failures: u64,
+    policy: PolicyView,
+}
+
+async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
+    let svc = &st.svc;
+    let m = &svc.metrics;
+    let now = unix_now();
+    let live = svc.live();
+    let p = &live.engine.policy;
+    let h = m.decision_seconds.snapshot();
+    let p99 = (h.count > 0).then(|| {
+        let want = (h.count as f64 * 0.99).ceil() as u64;
+        h.cumulative
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map_or(f64::INFINITY, |(b, _)| *b)
+    });
+    Json(StatsView {
+        version: env!("CARGO_PKG_VERSION"),
+        now,
+        started_at: svc.started_at,
+        uptime_seconds: now.saturating_sub(svc.started_at),
+        mode: live.options.mode,
+        store: svc
+            .store
+            .get()
+            .map_or_else(|e| e.to_string(), |s| s.describe()),
+        store_available: svc.store.is_open(),
+        entries: counts(&st).await,
+        pass: m.verdict_total(Verdict::Pass),
+        defer: m.verdict_total(Verdict::Defer),
+        skip: m.verdict_total(Verdict::Skip),
+        fail_open: m.fail_open.load(Ordering::Relaxed),
+        fail_closed: m.fail_closed.load(Ordering::Relaxed),
+        learn_would_defer: m.learn_would_defer.load(Ordering::Relaxed),
+        decisions: m
+            .decisions()
+            .into_iter()
+            .map(|(rule, verdict, count)| RuleCount {
+                rule: rule.as_str(),
+                verdict,
+                count,
+            })
+            .collect(),
+        decision_p99_seconds: p99.filter(|v| v.is_finite()),
+        listeners: svc
+            .listeners()
+            .iter()
+            .map(|l| ListenerView {
+                address: l.address.clone(),
+                protocol: l.protocol,
+                open: l.open.load(Ordering::Relaxed),
+                limit: l.limit,
+                accepted: l.accepted.load(Ordering::Relaxed),
+                refused: l.refused.load(Ordering::Relaxed),
+            })
+            .collect(),
+        runtime_entries: live.engine.runtime.entries().len(),
+        reloads: m.reloads.load(Ordering::Relaxed),
+        reload_failures: m.reload_failures.load(Ordering::Relaxed),
+        policy: PolicyView {
+            delay: p.delay,
+            retry_window: p.retry_window,
+            max_age: p.max_age,
+            auto_allow_after: p.auto_allow_after,
+            auto_allow_lifetime: p.auto_allow_lifetime,
+            ipv4_prefix: p.ipv4_prefix,
+            ipv6_prefix: p.ipv6_prefix,
+        },
+    })
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    client: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    from: String,
+    to: String,
+    #[serde(default)]
+    sasl_user: String,
+    #[serde(default)]
+    at: Option<String>,
+}
+
+async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery>) -> Response {
+    let Ok(ip) = q.client.trim().parse::<IpAddr>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("client {:?} is not an IP address", q.client),
+        );
+    };
+    let now = match q.at.as_deref().filter(|s| !s.is_empty()) {
+        None => unix_now(),
+        Some(s) => match crate::explain::parse_time(s) {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        },
+    };
+    let req = Request {
+        stage: "RCPT".into(),
+        client_ip: Some(ip),
+        client_name: q
+            .name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "unknown".into()),
+        helo: String::new(),
+        sender: crate::engine::normalize::strip_envelope(q.from.trim()).to_string(),
+        recipient: crate::engine::normalize::strip_envelope(q.to.trim()).to_string(),
+        sasl_username: q.sasl_user,
+    };
+    let live = st.svc.live();
+    let store = st.svc.store.get();
+    let store_ref = match &store {
+        Ok(s) => Ok(s.as_ref()),
+        Err(e) => Err(e.to_string()),
+    };
+    let enforced = live.options.mode == Mode::Enforce;
+    let replies = st.reloader.policy_replies();
+    let result = crate::explain::explain(&live.engine, store_ref, &req, now, |d| {
+        replies.action(
+            &Outcome {
+                decision: d.clone(),
+                enforced,
+            },
+            now,
+        )
+    })
+    .await;
+    match result {
+        Ok(x) => {
+            let text = x.to_text();
+            let mut v = serde_json::to_value(&x).unwrap_or_default();
+            v["text"] = serde_json::Value::String(text);
+            Json(v).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn recent(State(st): State<Arc<AdminState>>, Query(q): Query<Limit>) -> Response {
+    Json(st.svc.activity.recent(q.limit.unwrap_or(50).min(200))).into_response()
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    seconds: Option<u64>,
+}
+
+async fn series(State(st): State<Arc<AdminState>>, Query(q): Query<SeriesQuery>) -> Response {
+    let seconds = q.seconds.unwrap_or(3600).clamp(10, 3600);
+    Json(serde_json::json!({
+        "bucket_seconds": crate::metrics::BUCKET_SECONDS,
+        "buckets": st.svc.activity.series(unix_now(), seconds),
+    }))
+    .into_response()
+}
+
+async fn top(State(st): State<Arc<AdminState>>, Query(q): Query<Limit>) -> Response {
+    let (groups, domains) = st.svc.activity.top(q.limit.unwrap_or(10).min(100));
+    Json(serde_json::json!({ "client_groups": groups, "sender_domains": domains })).into_response()
+}
+
+async fn list_runtime(State(st): State<Arc<AdminState>>) -> Response {
+    let now = unix_now();
+    let entries: Vec<_> = st
+        .svc
+        .entries
+        .list()
+        .into_iter()
+        .filter(|e| e.alive(now))
+        .collect();
+    Json(serde_json::json!({ "now": now, "entries": entries })).into_response()
+}
+
+fn list_kind(s: &str) -> Result<ListKind, Box<Response>> {
+    match s {
+        "allow" => Ok(ListKind::Allow),
+        "deny" => Ok(ListKind::Deny),
+        _ => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("no runtime list {s:?}: use allow or deny"),
+        ))),
+    }
+}
+
+fn entries_error(e: EntriesError) -> Response {
+    let status = match &e {
+        EntriesError::Invalid { .. } | EntriesError::Full => StatusCode::BAD_REQUEST,
+        EntriesError::NotFound { .. } => StatusCode::NOT_FOUND,
+        EntriesError::Read { .. } | EntriesError::Write { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddEntry {
+    #[serde(default = "client_target")]
+    target: Target,
+    value: String,
+    /// Seconds or a duration such as "7d"; none keeps the entry until removed.
+    #[serde(default)]
+    ttl: Option<Dur>,
+    #[serde(default)]
+    comment: String,
+}
+
+fn client_target() -> Target {
+    Target::Client
+}
+
+async fn add_runtime(
+    State(st): State<Arc<AdminState>>,
+    Path(list): Path<String>,
+    body: Result<Json<AddEntry>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let list = match list_kind(&list) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    let Json(a) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let ttl = a.ttl.map(|d| d.0.as_secs().max(1));
+    match st
+        .svc
+        .add_entry(list, a.target, &a.value, ttl, &a.comment, unix_now())
+    {
+        Ok(e) => (StatusCode::CREATED, Json(e)).into_response(),
+        Err(e) => entries_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ValueQuery {
+    value: String,
+}
+
+async fn remove_runtime_by_value(
+    State(st): State<Arc<AdminState>>,
+    Path(list): Path<String>,
+    Query(q): Query<ValueQuery>,
+) -> Response {
+    remove_runtime(&st, &list, Selector::Value(q.value))
+}
+
+async fn remove_runtime_by_id(
+    State(st): State<Arc<AdminState>>,
+    Path((list, id)): Path<(String, u64)>,
+) -> Response {
+    remove_runtime(&st, &list, Selector::Id(id))
+}
+
+fn remove_runtime(st: &AdminState, list: &str, sel: Selector) -> Response {
+    let list = match list_kind(list) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match st.svc.remove_entries(list, &sel, unix_now()) {
+        Ok(gone) => Json(serde_json::json!({ "removed": gone })).into_response(),
+        Err(e) => entries_error(e),
+    }
+}
+
+async fn reload(State(st): State<Arc<AdminState>>) -> Response {
+    match st.reloader.reload("admin API").await {
+        Ok(report) => Json(report).into_response(),
+        Err(why) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running configuration stays: {why}"),
+        ),
+    }
+}
+
+/// `EntryQuery` plus paging; spelled out because flattening loses number types in query
+/// strings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesQuery {
+    kind: Option<String>,
+    state: Option<String>,
+    client: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+impl EntriesQuery {
+    fn query(&self) -> EntryQuery {
+        EntryQuery {
+            kind: self.kind.clone(),
+            state: self.state.clone(),
+            client: self.client.clone(),
+            sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
+        }
+    }
+}
+
+async fn entries(
+    State(st): State<Arc<AdminState>>,
+    q: Result<Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let live = st.svc.live();
+    let m = match q.query().matcher(&live.engine) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let store = match st.svc.store.get() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let limit = q.limit.unwrap_or(entries::DEFAULT_LIMIT);
+    let now = unix_now();
+    match entries::list(store.as_ref(), &m, q.cursor.as_deref(), limit, now).await {
+        Ok(page) => Json(serde_json::json!({
+            "now": now,
+            "entries": page.entries,
+            "next": page.next,
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    kind: Option<String>,
+    state: Option<String>,
+    client: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+    /// Needed to purge without any filter.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn purge(
+    State(st): State<Arc<AdminState>>,
+    body: Result<Json<PurgeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let query = EntryQuery {
+        kind: b.kind,
+        state: b.state,
+        client: b.client,
+        sender: b.sender,
+        recipient: b.recipient,
+    };
+    if !b.all && !query.is_narrowed() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name a state, client, sender or recipient, or set \"all\": true",
+        );
+    }
+    let live = st.svc.live();
+    let m = match query.matcher(&live.engine) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let store = match st.svc.store.get() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let budget = st.request_timeout / 2;
+    match entries::purge(store.as_ref(), &m, unix_now(), budget).await {
+        Ok(r) => {
+            tracing::info!(removed = r.removed, complete = r.complete, query = ?query, "records purged");
+            Json(r).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

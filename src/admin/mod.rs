@@ -1,0 +1,258 @@
+//! The admin HTTP listener: JSON API, Prometheus `/metrics` and the web dashboard.
+//!
+//! Loopback by default. Reads are open unless `token_for_reads` is set; every change
+//! (runtime entries, purge, reload) needs `Authorization: Bearer <token>`, compared in
+//! constant time. Like the mail listeners it has a connection limit, a header timeout, a
+//! per-request timeout, a body limit, and a lifetime cap per connection.
+
+mod api;
+mod assets;
+pub mod client;
+pub mod entries;
+mod prometheus;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AdminConfig;
+use crate::daemon::Reloader;
+use crate::service::Greylister;
+
+/// Largest request body accepted (entry changes and purge filters are small).
+const MAX_BODY: usize = 64 * 1024;
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// A keep-alive connection is closed (gracefully) after this long, so idle browsers and
+/// scrapers cannot hold connection slots forever.
+const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(120);
+
+/// What the admin handlers share.
+pub struct AdminState {
+    pub svc: Arc<Greylister>,
+    pub reloader: Arc<Reloader>,
+    token: Option<String>,
+    token_for_reads: bool,
+    max_connections: usize,
+    request_timeout: Duration,
+    counts_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::store::Counts)>>,
+}
+
+impl AdminState {
+    pub fn new(
+        svc: Arc<Greylister>,
+        reloader: Arc<Reloader>,
+        token: Option<String>,
+        cfg: &AdminConfig,
+    ) -> Self {
+        if cfg.listen.iter().any(|a| !a.ip().is_loopback()) && !cfg.token_for_reads {
+            tracing::warn!(
+                "the admin listener is reachable beyond loopback and reads need no token; set admin.token_for_reads"
+            );
+        }
+        AdminState {
+            svc,
+            reloader,
+            token,
+            token_for_reads: cfg.token_for_reads,
+            max_connections: cfg.max_connections,
+            request_timeout: cfg.request_timeout,
+            counts_cache: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn token_ok(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        let Some(want) = &self.token else {
+            return Err(
+                "changes are disabled: no admin token is configured (admin.token or admin.token_file)",
+            );
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(g) if bool::from(g.as_bytes().ct_eq(want.as_bytes())) => Ok(()),
+            Some(_) => Err("wrong admin token"),
+            None => Err("this needs the admin token: Authorization: Bearer <token>"),
+        }
+    }
+}
+
+/// Reads the token file's first line; `None` when the file does not exist.
+pub fn read_token_file(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let t = text.lines().next().unwrap_or("").trim().to_string();
+            if t.len() < 16 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "token shorter than 16 characters",
+                ));
+            }
+            Ok(Some(t))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a new random token (32 bytes from the kernel, hex) readable by the owner only.
+pub fn create_token_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+/// A JSON error body with a status.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": message.into() });
+    let mut r = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// Token checks, DNS-rebinding protection, and the per-request time limit.
+async fn guard(State(st): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
+    // A web page elsewhere could resolve its own name to 127.0.0.1 and read the dashboard
+    // data; only IP literals and localhost are served without a token.
+    if !st.token_for_reads && !host_is_local(req.headers()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the Host header must be an IP address or localhost (or set admin.token_for_reads)",
+        );
+    }
+    let public = req.uri().path() == "/healthz";
+    if (!is_read || st.token_for_reads)
+        && !public
+        && let Err(why) = st.token_ok(req.headers())
+    {
+        return error(StatusCode::UNAUTHORIZED, why);
+    }
+    match tokio::time::timeout(st.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the request took longer than admin.request_timeout",
+        ),
+    }
+}
+
+fn host_is_local(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        // HTTP/1.0 clients without Host reach us by address anyway.
+        return true;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
+fn router(st: Arc<AdminState>) -> Router {
+    api::routes()
+        .merge(assets::routes())
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(st)
+}
+
+/// Serves the admin API on `listeners` until `shutdown`; open requests finish first.
+pub async fn serve(listeners: Vec<TcpListener>, st: Arc<AdminState>, shutdown: CancellationToken) {
+    let app = router(st.clone());
+    let tracker = TaskTracker::new();
+    for l in listeners {
+        tracker.spawn(accept_loop(
+            l,
+            app.clone(),
+            st.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    app: Router,
+    st: Arc<AdminState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(st.max_connections));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    tracing::error!(error = %e, "admin accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "admin connection limit reached; closing new connection");
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let timeout = st.request_timeout;
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(MAX_HEAD.max(8192))
+                .max_headers(64);
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = shutdown.cancelled() => None,
+                _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => None,
+            };
+            if ended.is_none() {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(timeout, conn).await;
+            }
+            drop(permit);
+        });
+    }
+}

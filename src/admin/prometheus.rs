@@ -1,0 +1,318 @@
+//! Prometheus text exposition (format 0.0.4) of the service's counters.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use crate::engine::{Rule, Verdict};
+use crate::metrics::HistogramSnapshot;
+use crate::service::Greylister;
+use crate::store::Counts;
+
+/// The content type scrapers expect.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+struct Out(String);
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
+        let bucket = format!("{name}_bucket");
+        for (bound, n) in &h.cumulative {
+            let le = if bound.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                bound.to_string()
+            };
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&bucket, &l, n);
+        }
+        self.sample(&format!("{name}_sum"), labels, h.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, h.count);
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every metric; `counts` are the store's entries (None when it cannot say now).
+pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
+    let m = &svc.metrics;
+    let mut o = Out(String::with_capacity(8192));
+
+    o.head(
+        "greygate_build_info",
+        "gauge",
+        "Version of the running greygate.",
+    );
+    o.sample(
+        "greygate_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+    o.head(
+        "greygate_start_time_seconds",
+        "gauge",
+        "Unix time the daemon started.",
+    );
+    o.sample("greygate_start_time_seconds", &[], svc.started_at);
+    o.head(
+        "greygate_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    o.sample(
+        "greygate_uptime_seconds",
+        &[],
+        now.saturating_sub(svc.started_at),
+    );
+    let live = svc.live();
+    o.head(
+        "greygate_learn_mode",
+        "gauge",
+        "1 when decisions are only logged (learn mode), 0 when enforced.",
+    );
+    o.sample(
+        "greygate_learn_mode",
+        &[],
+        u8::from(live.options.mode == crate::engine::Mode::Learn),
+    );
+
+    o.head(
+        "greygate_decisions_total",
+        "counter",
+        "Answers given, by the verdict the MTA got and the rule that decided.",
+    );
+    let all = m.decisions();
+    for rule in Rule::ALL {
+        for v in [Verdict::Pass, Verdict::Defer, Verdict::Skip] {
+            let n = all
+                .iter()
+                .find(|(r, vv, _)| *r == rule && *vv == v)
+                .map_or(0, |x| x.2);
+            if n > 0 || possible(rule, v) {
+                o.sample(
+                    "greygate_decisions_total",
+                    &[("verdict", v.as_str()), ("rule", rule.as_str())],
+                    n,
+                );
+            }
+        }
+    }
+    o.head(
+        "greygate_learn_would_defer_total",
+        "counter",
+        "Requests learn mode accepted that enforce mode would have deferred.",
+    );
+    o.sample(
+        "greygate_learn_would_defer_total",
+        &[],
+        m.learn_would_defer.load(Ordering::Relaxed),
+    );
+    o.head(
+        "greygate_decision_duration_seconds",
+        "histogram",
+        "Time to decide one request, store included.",
+    );
+    o.histogram(
+        "greygate_decision_duration_seconds",
+        &[],
+        &m.decision_seconds.snapshot(),
+    );
+
+    o.head(
+        "greygate_store_available",
+        "gauge",
+        "1 when the store is open, 0 while the daemon answers per fail_mode.",
+    );
+    o.sample(
+        "greygate_store_available",
+        &[],
+        u8::from(svc.store.is_open()),
+    );
+    o.head(
+        "greygate_store_operations_total",
+        "counter",
+        "Store operations completed on behalf of requests.",
+    );
+    let ops = m.store_ops();
+    for (op, n, _) in &ops {
+        o.sample("greygate_store_operations_total", &[("op", op.as_str())], n);
+    }
+    o.head(
+        "greygate_store_operation_duration_seconds",
+        "histogram",
+        "Latency of completed store operations.",
+    );
+    for (op, _, h) in &ops {
+        o.histogram(
+            "greygate_store_operation_duration_seconds",
+            &[("op", op.as_str())],
+            h,
+        );
+    }
+    o.head(
+        "greygate_store_errors_total",
+        "counter",
+        "Store operations that failed, by kind of failure.",
+    );
+    for (kind, n) in m.store_errors() {
+        o.sample("greygate_store_errors_total", &[("kind", kind)], n);
+    }
+    o.head(
+        "greygate_fail_open_total",
+        "counter",
+        "Requests accepted because the store failed (fail_mode = open).",
+    );
+    o.sample(
+        "greygate_fail_open_total",
+        &[],
+        m.fail_open.load(Ordering::Relaxed),
+    );
+    o.head(
+        "greygate_fail_closed_total",
+        "counter",
+        "Requests deferred because the store failed (fail_mode = closed).",
+    );
+    o.sample(
+        "greygate_fail_closed_total",
+        &[],
+        m.fail_closed.load(Ordering::Relaxed),
+    );
+    if let Some(c) = counts {
+        o.head(
+            "greygate_entries",
+            "gauge",
+            "Records in the store by state.",
+        );
+        o.sample(
+            "greygate_entries",
+            &[("state", "pending")],
+            c.triplets_pending,
+        );
+        o.sample(
+            "greygate_entries",
+            &[("state", "passed")],
+            c.triplets_passed,
+        );
+        o.sample("greygate_entries", &[("state", "clients")], c.clients);
+    }
+
+    o.head(
+        "greygate_connections_open",
+        "gauge",
+        "Open connections per listener.",
+    );
+    let listeners = svc.listeners();
+    for l in &listeners {
+        o.sample(
+            "greygate_connections_open",
+            &[("listener", &l.address), ("protocol", l.protocol)],
+            l.open.load(Ordering::Relaxed),
+        );
+    }
+    o.head(
+        "greygate_connections_limit",
+        "gauge",
+        "Connection limit per listener.",
+    );
+    for l in &listeners {
+        o.sample(
+            "greygate_connections_limit",
+            &[("listener", &l.address), ("protocol", l.protocol)],
+            l.limit,
+        );
+    }
+    o.head(
+        "greygate_connections_accepted_total",
+        "counter",
+        "Connections accepted per listener.",
+    );
+    for l in &listeners {
+        o.sample(
+            "greygate_connections_accepted_total",
+            &[("listener", &l.address), ("protocol", l.protocol)],
+            l.accepted.load(Ordering::Relaxed),
+        );
+    }
+    o.head(
+        "greygate_connections_refused_total",
+        "counter",
+        "Connections closed at once because the listener was at its limit.",
+    );
+    for l in &listeners {
+        o.sample(
+            "greygate_connections_refused_total",
+            &[("listener", &l.address), ("protocol", l.protocol)],
+            l.refused.load(Ordering::Relaxed),
+        );
+    }
+
+    o.head(
+        "greygate_runtime_entries",
+        "gauge",
+        "Operator allow/deny entries in force.",
+    );
+    let runtime = live.engine.runtime.entries();
+    for list in [
+        crate::engine::ListKind::Allow,
+        crate::engine::ListKind::Deny,
+    ] {
+        let n = runtime.iter().filter(|e| e.list == list).count();
+        o.sample("greygate_runtime_entries", &[("list", list.as_str())], n);
+    }
+    o.head(
+        "greygate_config_reloads_total",
+        "counter",
+        "Configuration reloads applied.",
+    );
+    o.sample(
+        "greygate_config_reloads_total",
+        &[],
+        m.reloads.load(Ordering::Relaxed),
+    );
+    o.head(
+        "greygate_config_reload_failures_total",
+        "counter",
+        "Configuration reloads refused (the running configuration stayed).",
+    );
+    o.sample(
+        "greygate_config_reload_failures_total",
+        &[],
+        m.reload_failures.load(Ordering::Relaxed),
+    );
+    o.0
+}
+
+/// Series worth exporting at zero so that `rate()` works from the first scrape.
+fn possible(rule: Rule, v: Verdict) -> bool {
+    matches!(
+        (rule, v),
+        (Rule::New | Rule::EarlyRetry | Rule::Deny, Verdict::Defer)
+            | (Rule::Delayed | Rule::Known | Rule::AutoAllow, Verdict::Pass)
+            | (Rule::StoreFailOpen, Verdict::Pass)
+            | (Rule::StoreFailClosed, Verdict::Defer)
+    )
+}

@@ -1,0 +1,454 @@
+//! What the daemon counts while it works: decisions by rule, latencies, store operations,
+//! connections per listener, and a short memory of recent activity for the dashboard.
+//!
+//! Counters are plain atomics indexed by enums (no label maps on the request path); the
+//! admin module renders them as Prometheus text. The activity memory is bounded: a ring of
+//! recent decisions, one hour of 10-second buckets, and capped top-N maps.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::engine::{Rule, Verdict};
+use crate::store::StoreError;
+
+/// Upper bounds (seconds) of the latency histograms: 50 µs to 5 s.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 5.0,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last slot is `+Inf`.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// A histogram read at one moment: cumulative bucket counts, total and sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub cumulative: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut cumulative = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+            cumulative.push((bound, total));
+        }
+        HistogramSnapshot {
+            cumulative,
+            count: total,
+            sum_seconds: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// Store operations the service performs on a request's behalf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    UpdateTriplet,
+    UpdateClient,
+}
+
+impl StoreOp {
+    pub const ALL: [StoreOp; 2] = [StoreOp::UpdateTriplet, StoreOp::UpdateClient];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::UpdateTriplet => "update_triplet",
+            StoreOp::UpdateClient => "update_client",
+        }
+    }
+}
+
+/// Kinds of store errors, for the error counter's label.
+pub const STORE_ERROR_KINDS: [&str; 5] =
+    ["locked", "unavailable", "readonly", "timeout", "backend"];
+
+fn error_kind(e: &StoreError) -> usize {
+    match e {
+        StoreError::Locked { .. } => 0,
+        StoreError::Unavailable(_) => 1,
+        StoreError::ReadOnly => 2,
+        StoreError::Timeout(_) => 3,
+        StoreError::Backend(_) => 4,
+    }
+}
+
+const VERDICTS: [Verdict; 3] = [Verdict::Skip, Verdict::Pass, Verdict::Defer];
+
+fn verdict_index(v: Verdict) -> usize {
+    match v {
+        Verdict::Skip => 0,
+        Verdict::Pass => 1,
+        Verdict::Defer => 2,
+    }
+}
+
+/// Every counter of the service.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Answers by (rule, verdict the MTA got).
+    decisions: [[AtomicU64; 3]; Rule::ALL.len()],
+    /// Decisions that learn mode turned from defer into pass.
+    pub learn_would_defer: AtomicU64,
+    pub decision_seconds: Histogram,
+    store_ops: [AtomicU64; StoreOp::ALL.len()],
+    store_seconds: [Histogram; StoreOp::ALL.len()],
+    store_errors: [AtomicU64; STORE_ERROR_KINDS.len()],
+    pub fail_open: AtomicU64,
+    pub fail_closed: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn count_decision(&self, rule: Rule, verdict: Verdict, took: Duration) {
+        self.decisions[rule as usize][verdict_index(verdict)].fetch_add(1, Ordering::Relaxed);
+        self.decision_seconds.observe(took);
+    }
+
+    pub fn count_store_op(&self, op: StoreOp, took: Duration) {
+        self.store_ops[op as usize].fetch_add(1, Ordering::Relaxed);
+        self.store_seconds[op as usize].observe(took);
+    }
+
+    pub fn count_store_error(&self, e: &StoreError) {
+        self.store_errors[error_kind(e)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Non-zero decision counters as (rule, verdict, count).
+    pub fn decisions(&self) -> Vec<(Rule, Verdict, u64)> {
+        let mut out = Vec::new();
+        for rule in Rule::ALL {
+            for v in VERDICTS {
+                let n = self.decisions[rule as usize][verdict_index(v)].load(Ordering::Relaxed);
+                if n > 0 {
+                    out.push((rule, v, n));
+                }
+            }
+        }
+        out
+    }
+
+    /// Total answers with this verdict.
+    pub fn verdict_total(&self, v: Verdict) -> u64 {
+        self.decisions
+            .iter()
+            .map(|row| row[verdict_index(v)].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn store_ops(&self) -> Vec<(StoreOp, u64, HistogramSnapshot)> {
+        StoreOp::ALL
+            .iter()
+            .map(|&op| {
+                let i = op as usize;
+                (
+                    op,
+                    self.store_ops[i].load(Ordering::Relaxed),
+                    self.store_seconds[i].snapshot(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn store_errors(&self) -> Vec<(&'static str, u64)> {
+        STORE_ERROR_KINDS
+            .iter()
+            .zip(&self.store_errors)
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// Connection counters of one listener.
+#[derive(Debug)]
+pub struct ListenerStats {
+    /// The bound address (`127.0.0.1:10023`, `unix:/path`).
+    pub address: String,
+    /// `policy` or `milter`.
+    pub protocol: &'static str,
+    pub limit: usize,
+    pub open: AtomicUsize,
+    pub accepted: AtomicU64,
+    /// Connections closed at once because the listener was at its limit.
+    pub refused: AtomicU64,
+}
+
+impl ListenerStats {
+    pub fn new(address: String, protocol: &'static str, limit: usize) -> Self {
+        ListenerStats {
+            address,
+            protocol,
+            limit,
+            open: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One decision as the dashboard shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RecentDecision {
+    pub at: u64,
+    pub verdict: Verdict,
+    pub rule: Rule,
+    /// False in learn mode: the verdict was only logged.
+    pub enforced: bool,
+    pub client: String,
+    pub group: String,
+    pub sender: String,
+    pub recipient: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delayed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Answers in one 10-second bucket.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Bucket {
+    pub start: u64,
+    pub pass: u64,
+    pub defer: u64,
+    pub skip: u64,
+}
+
+/// A name and how often it was deferred.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TopEntry {
+    pub name: String,
+    pub defers: u64,
+}
+
+const RECENT: usize = 200;
+pub const BUCKET_SECONDS: u64 = 10;
+const BUCKETS: usize = 360;
+const TOP_WINDOW: u64 = 3600;
+const TOP_CAP: usize = 10_000;
+
+/// Deferral counts per name over the current and the previous hour.
+#[derive(Debug, Default)]
+struct TopCounts {
+    window_start: u64,
+    current: HashMap<String, u64>,
+    previous: HashMap<String, u64>,
+}
+
+impl TopCounts {
+    fn add(&mut self, name: &str, now: u64) {
+        if now >= self.window_start + TOP_WINDOW {
+            let stale = now >= self.window_start + 2 * TOP_WINDOW;
+            self.previous = std::mem::take(&mut self.current);
+            if stale {
+                self.previous.clear();
+            }
+            self.window_start = now - now % TOP_WINDOW;
+        }
+        if let Some(n) = self.current.get_mut(name) {
+            *n += 1;
+        } else if self.current.len() < TOP_CAP {
+            // Beyond the cap a flood of new names is not counted rather than grow memory.
+            self.current.insert(name.to_string(), 1);
+        }
+    }
+
+    fn top(&self, n: usize) -> Vec<TopEntry> {
+        let mut all: HashMap<&str, u64> = HashMap::new();
+        for (k, v) in self.previous.iter().chain(&self.current) {
+            *all.entry(k.as_str()).or_default() += v;
+        }
+        let mut v: Vec<TopEntry> = all
+            .into_iter()
+            .map(|(name, defers)| TopEntry {
+                name: name.to_string(),
+                defers,
+            })
+            .collect();
+        v.sort_by(|a, b| b.defers.cmp(&a.defers).then_with(|| a.name.cmp(&b.name)));
+        v.truncate(n);
+        v
+    }
+}
+
+#[derive(Debug, Default)]
+struct ActivityInner {
+    recent: VecDeque<RecentDecision>,
+    series: VecDeque<Bucket>,
+    groups: TopCounts,
+    domains: TopCounts,
+}
+
+/// Recent decisions, answers per 10 s over the last hour, and the most deferred client
+/// groups and sender domains over the last one to two hours.
+#[derive(Debug, Default)]
+pub struct Activity {
+    inner: Mutex<ActivityInner>,
+}
+
+impl Activity {
+    pub fn record(&self, d: RecentDecision) {
+        let mut a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let start = d.at - d.at % BUCKET_SECONDS;
+        if a.series.back().is_none_or(|b| b.start < start) {
+            a.series.push_back(Bucket {
+                start,
+                ..Bucket::default()
+            });
+            while a.series.len() > BUCKETS {
+                a.series.pop_front();
+            }
+        }
+        // A decision stamped before the newest bucket (clock step) lands in the newest one.
+        let b = a.series.back_mut().expect("pushed above");
+        match d.verdict {
+            Verdict::Pass => b.pass += 1,
+            Verdict::Defer => b.defer += 1,
+            Verdict::Skip => b.skip += 1,
+        }
+        if d.verdict == Verdict::Defer {
+            a.groups.add(&d.group, d.at);
+            let domain = d.sender.rsplit_once('@').map_or("<>", |(_, dom)| dom);
+            let domain = domain.to_ascii_lowercase();
+            a.domains.add(&domain, d.at);
+        }
+        if a.recent.len() == RECENT {
+            a.recent.pop_front();
+        }
+        a.recent.push_back(d);
+    }
+
+    /// Newest first.
+    pub fn recent(&self, limit: usize) -> Vec<RecentDecision> {
+        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        a.recent.iter().rev().take(limit).cloned().collect()
+    }
+
+    /// Buckets of the last `seconds` before `now`, oldest first, empty buckets included.
+    pub fn series(&self, now: u64, seconds: u64) -> Vec<Bucket> {
+        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let seconds = seconds.min(BUCKETS as u64 * BUCKET_SECONDS);
+        let last = now - now % BUCKET_SECONDS;
+        let first = last.saturating_sub(seconds - BUCKET_SECONDS.min(seconds));
+        let mut out = Vec::new();
+        let mut t = first;
+        let mut it = a.series.iter().peekable();
+        while t <= last {
+            while it.peek().is_some_and(|b| b.start < t) {
+                it.next();
+            }
+            match it.peek() {
+                Some(b) if b.start == t => out.push(**b),
+                _ => out.push(Bucket {
+                    start: t,
+                    ..Bucket::default()
+                }),
+            }
+            t += BUCKET_SECONDS;
+        }
+        out
+    }
+
+    /// The most deferred client groups and sender domains.
+    pub fn top(&self, n: usize) -> (Vec<TopEntry>, Vec<TopEntry>) {
+        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (a.groups.top(n), a.domains.top(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(at: u64, verdict: Verdict, group: &str, sender: &str) -> RecentDecision {
+        RecentDecision {
+            at,
+            verdict,
+            rule: Rule::New,
+            enforced: true,
+            client: "192.0.2.1".into(),
+            group: group.into(),
+            sender: sender.into(),
+            recipient: "r@example.org".into(),
+            delayed: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(40));
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_secs(9));
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.cumulative[0], (0.000_05, 1));
+        assert_eq!(s.cumulative[4], (0.001, 2));
+        assert_eq!(s.cumulative.last().unwrap().1, 3);
+        assert!((s.sum_seconds - 9.00074).abs() < 1e-9);
+    }
+
+    #[test]
+    fn series_fills_gaps_and_top_counts_defers() {
+        let a = Activity::default();
+        a.record(decision(
+            1000,
+            Verdict::Defer,
+            "192.0.2.0/24",
+            "a@Spam.example",
+        ));
+        a.record(decision(1005, Verdict::Pass, "192.0.2.0/24", "a@b.example"));
+        a.record(decision(
+            1031,
+            Verdict::Defer,
+            "198.51.100.0/24",
+            "x@spam.example",
+        ));
+        a.record(decision(1032, Verdict::Defer, "198.51.100.0/24", ""));
+        let s = a.series(1039, 60);
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.first().unwrap().start, 980);
+        assert_eq!((s[2].start, s[2].defer, s[2].pass), (1000, 1, 1));
+        assert_eq!((s[5].start, s[5].defer), (1030, 2));
+        let (groups, domains) = a.top(5);
+        assert_eq!(groups[0].name, "198.51.100.0/24");
+        assert_eq!(groups[0].defers, 2);
+        assert_eq!(domains[0].name, "spam.example");
+        assert_eq!(domains[0].defers, 2);
+        assert_eq!(a.recent(2)[0].at, 1032);
+    }
+
+    #[test]
+    fn top_counts_roll_over_hours() {
+        let mut t = TopCounts::default();
+        t.add("a", 3600);
+        t.add("a", 7200);
+        assert_eq!(t.top(1)[0].defers, 2, "previous hour still counts");
+        t.add("b", 4 * 3600 + 1);
+        assert_eq!(t.top(5).len(), 1, "two hours later the old counts are gone");
+    }
+}

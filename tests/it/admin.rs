@@ -1,0 +1,475 @@
+//! The admin API, `/metrics`, runtime entries and reloads, driven over HTTP against the
+//! real daemon.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Daemon, DaemonConfig, rcpt_request};
+
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+pub fn admin_toml(extra: &str) -> String {
+    format!("[greylist]\ndelay = 300\n\n[admin]\ntoken = \"{TOKEN}\"\n{extra}")
+}
+
+/// A plain HTTP client that reports every status instead of failing on 4xx/5xx.
+pub struct Http {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Http {
+    pub fn new(d: &Daemon) -> Self {
+        Http {
+            agent: ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(10)))
+                .http_status_as_error(false)
+                .build()
+                .into(),
+            base: d.admin_url(),
+        }
+    }
+
+    fn finish(mut r: ureq::http::Response<ureq::Body>) -> (u16, String) {
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        Self::finish(
+            self.agent
+                .get(format!("{}{path}", self.base))
+                .call()
+                .unwrap(),
+        )
+    }
+
+    pub fn get_json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut r = self.agent.post(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let (s, b) = Self::finish(r.send_json(body).unwrap());
+        (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+    }
+
+    pub fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut r = self.agent.delete(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let (s, b) = Self::finish(r.call().unwrap());
+        (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+    }
+}
+
+/// `/metrics` parsed by a Prometheus text parser: value by name and sorted labels.
+pub fn scrape(http: &Http) -> HashMap<String, f64> {
+    let (status, body) = http.get("/metrics");
+    assert_eq!(status, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let mut out = HashMap::new();
+    for s in parsed.samples {
+        let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(h) => {
+                out.insert(
+                    format!("{}_count{{{}}}", s.metric, labels.join(",")),
+                    h.iter().map(|b| b.count).fold(0.0, f64::max),
+                );
+                continue;
+            }
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), value);
+    }
+    out
+}
+
+fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no metric {key}; have {:?}", m.keys().collect::<Vec<_>>()))
+}
+
+#[test]
+fn metrics_parse_and_move_with_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let http = Http::new(&d);
+    let before = scrape(&http);
+    assert_eq!(
+        metric(&before, "greygate_decisions_total{rule=new,verdict=defer}"),
+        0.0
+    );
+    assert_eq!(metric(&before, "greygate_store_available{}"), 1.0);
+    assert!(before.contains_key("greygate_build_info{version=0.1.0}"));
+
+    let mut c = d.client();
+    for i in 0..3 {
+        let a = c.ask(&rcpt_request(
+            &format!("192.0.{i}.1"),
+            "alice@example.net",
+            "bob@example.org",
+        ));
+        assert!(a.starts_with("DEFER_IF_PERMIT"), "{a}");
+    }
+    let early = c.ask(&rcpt_request(
+        "192.0.0.1",
+        "alice@example.net",
+        "bob@example.org",
+    ));
+    assert!(early.starts_with("DEFER_IF_PERMIT"), "{early}");
+    let allowed = c.ask(&rcpt_request(
+        "198.51.100.1",
+        "x@example.net",
+        "postmaster@example.org",
+    ));
+    assert_eq!(allowed, "DUNNO");
+
+    let after = scrape(&http);
+    assert_eq!(
+        metric(&after, "greygate_decisions_total{rule=new,verdict=defer}"),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "greygate_decisions_total{rule=early-retry,verdict=defer}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "greygate_decisions_total{rule=allow-recipient,verdict=pass}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "greygate_decision_duration_seconds_count{}"),
+        5.0
+    );
+    assert!(metric(&after, "greygate_store_operations_total{op=update_triplet}") >= 4.0);
+    let listener = d.listeners[0].clone();
+    let open = format!("greygate_connections_open{{listener={listener},protocol=policy}}");
+    assert_eq!(metric(&after, &open), 1.0, "the test's connection is open");
+    assert_eq!(metric(&after, "greygate_fail_open_total{}"), 0.0);
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metric(&scrape(&http), &open), 0.0, "closed again");
+    // Entry counts are cached for a few seconds; they reach the new records eventually.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(&http);
+        if m.get("greygate_entries{state=pending}") == Some(&3.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending entries never reached 3: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn stats_explain_and_activity_match_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let http = Http::new(&d);
+    let mut c = d.client();
+    c.ask(&rcpt_request(
+        "203.0.113.5",
+        "news@lists.example",
+        "bob@example.org",
+    ));
+    c.ask(&rcpt_request(
+        "203.0.113.6",
+        "news@lists.example",
+        "carol@example.org",
+    ));
+    c.ask(&rcpt_request(
+        "198.51.100.1",
+        "x@example.net",
+        "postmaster@example.org",
+    ));
+
+    let stats = http.get_json("/api/stats");
+    assert_eq!(stats["defer"], 2);
+    assert_eq!(stats["pass"], 1);
+    assert_eq!(stats["mode"], "enforce");
+    assert_eq!(stats["store_available"], true);
+    assert_eq!(stats["policy"]["delay"], 300);
+
+    let recent = http.get_json("/api/recent?limit=10");
+    let recent = recent.as_array().unwrap();
+    assert_eq!(recent.len(), 3);
+    assert_eq!(recent[0]["rule"], "allow-recipient", "newest first");
+    assert_eq!(recent[2]["group"], "203.0.113.0/24");
+
+    let top = http.get_json("/api/top");
+    assert_eq!(top["client_groups"][0]["name"], "203.0.113.0/24");
+    assert_eq!(top["client_groups"][0]["defers"], 2);
+    assert_eq!(top["sender_domains"][0]["name"], "lists.example");
+
+    let series = http.get_json("/api/series?seconds=60");
+    let buckets = series["buckets"].as_array().unwrap();
+    let defers: u64 = buckets.iter().map(|b| b["defer"].as_u64().unwrap()).sum();
+    assert_eq!(defers, 2);
+
+    // Explain reads the live store and changes nothing.
+    let x =
+        http.get_json("/api/explain?client=203.0.113.9&from=news@lists.example&to=bob@example.org");
+    assert_eq!(x["decision"]["rule"], "early-retry");
+    assert_eq!(x["decision"]["key"]["client"], "203.0.113.0/24");
+    assert!(x["text"].as_str().unwrap().contains("early-retry"));
+    let again = http.get_json("/api/stats");
+    assert_eq!(again["defer"], 2, "explain is not a decision");
+    let (status, body) = http.get("/api/explain?client=not-an-ip&to=a@b");
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn changes_need_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let http = Http::new(&d);
+    let entry = json!({"target": "client", "value": "192.0.2.0/24"});
+    for token in [None, Some("wrong-token-0123456789")] {
+        let (s, b) = http.post("/api/runtime/allow", token, &entry);
+        assert_eq!(s, 401, "{b}");
+        let (s, _) = http.post("/api/reload", token, &json!({}));
+        assert_eq!(s, 401);
+        let (s, _) = http.delete("/api/runtime/allow/1", token);
+        assert_eq!(s, 401);
+    }
+    let (s, b) = http.post("/api/runtime/allow", Some(TOKEN), &entry);
+    assert_eq!(s, 201, "{b}");
+    // Reads stay open on loopback, but only for local Host names (DNS rebinding).
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .get(format!("{}/api/stats", d.admin_url()))
+        .header("Host", "evil.example")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+}
+
+#[test]
+fn reads_can_require_the_token_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path())
+        .toml(&admin_toml("token_for_reads = true\n"))
+        .start();
+    let http = Http::new(&d);
+    let (s, _) = http.get("/api/stats");
+    assert_eq!(s, 401);
+    let (s, _) = http.get("/metrics");
+    assert_eq!(s, 401);
+    let (s, _) = http.get("/healthz");
+    assert_eq!(s, 200, "health checks need no token");
+}
+
+#[test]
+fn runtime_entries_allow_deny_expire_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DaemonConfig::new(dir.path()).toml(&admin_toml(""));
+    let d = cfg.start();
+    let http = Http::new(&d);
+    let mut c = d.client();
+    let req = rcpt_request("192.0.2.7", "alice@example.net", "bob@example.org");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+
+    let (s, e) = http.post(
+        "/api/runtime/allow",
+        Some(TOKEN),
+        &json!({"value": "192.0.2.0/24", "comment": "partner relay"}),
+    );
+    assert_eq!(s, 201, "{e}");
+    assert_eq!(c.ask(&req), "DUNNO", "allowed at once, same connection");
+    d.expect_log("rule=\"runtime-allow\"");
+
+    // A deny entry wins over the allow entry.
+    let (s, deny) = http.post(
+        "/api/runtime/deny",
+        Some(TOKEN),
+        &json!({"target": "sender", "value": "@example.net"}),
+    );
+    assert_eq!(s, 201, "{deny}");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+    d.expect_log("rule=\"deny\"");
+    let (s, _) = http.delete(&format!("/api/runtime/deny/{}", deny["id"]), Some(TOKEN));
+    assert_eq!(s, 200);
+    assert_eq!(c.ask(&req), "DUNNO");
+
+    // Bad entries are refused with a reason.
+    let (s, b) = http.post(
+        "/api/runtime/allow",
+        Some(TOKEN),
+        &json!({"value": "10.0.0.0/99"}),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("10.0.0.0/99"), "{b}");
+
+    // An entry with a TTL stops applying when it expires.
+    let other = rcpt_request("198.51.100.20", "a@b.example", "c@example.org");
+    let (s, _) = http.post(
+        "/api/runtime/allow",
+        Some(TOKEN),
+        &json!({"value": "198.51.100.20", "ttl": "1s"}),
+    );
+    assert_eq!(s, 201);
+    assert_eq!(c.ask(&other), "DUNNO");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(c.ask(&other).starts_with("DEFER_IF_PERMIT"));
+    let listed = http.get_json("/api/runtime");
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 1, "{listed}");
+    drop(c);
+
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let d = cfg.start();
+    let mut c = d.client();
+    assert_eq!(c.ask(&req), "DUNNO", "the allow entry survived the restart");
+}
+
+#[test]
+fn sighup_reloads_allow_files_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let allow = dir.path().join("allow-clients");
+    std::fs::write(&allow, "# partners\n").unwrap();
+    let toml = admin_toml("").replace(
+        "[admin]",
+        &format!("[allow]\nclient_files = [{:?}]\n\n[admin]", allow.display()),
+    );
+    let cfg = DaemonConfig::new(dir.path()).toml(&toml);
+    let d = cfg.start();
+    let mut c = d.client();
+    let req = rcpt_request("192.0.2.44", "alice@example.net", "bob@example.org");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+
+    std::fs::write(&allow, "# partners\n192.0.2.44\n").unwrap();
+    d.hup();
+    d.expect_log("configuration reloaded");
+    assert_eq!(c.ask(&req), "DUNNO", "allowed on the same connection");
+    d.expect_log("rule=\"allow-client-address\"");
+
+    // A broken configuration is refused; the old one keeps serving.
+    let good = std::fs::read_to_string(dir.path().join("greygate.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("greygate.toml"),
+        format!("{good}\n[greylist]\ndelay = \"soon\"\n"),
+    )
+    .unwrap();
+    d.hup();
+    d.expect_log("configuration reload refused");
+    assert_eq!(c.ask(&req), "DUNNO", "old configuration still serving");
+    let http = Http::new(&d);
+    let (s, b) = http.post("/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(s, 422, "{b}");
+    let m = scrape(&http);
+    assert_eq!(metric(&m, "greygate_config_reload_failures_total{}"), 2.0);
+
+    // A broken allow-list file is refused the same way.
+    std::fs::write(dir.path().join("greygate.toml"), &good).unwrap();
+    std::fs::write(&allow, "192.0.2.44\n300.1.2.3\n").unwrap();
+    let (s, b) = http.post("/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(s, 422, "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains(":2"),
+        "points at the line: {b}"
+    );
+    assert_eq!(c.ask(&req), "DUNNO");
+
+    // Fixed again through the API: the entry is gone, greylisting resumes.
+    std::fs::write(&allow, "# nobody\n").unwrap();
+    let (s, b) = http.post("/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(s, 200, "{b}");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+    assert_eq!(
+        metric(&scrape(&http), "greygate_config_reloads_total{}"),
+        2.0
+    );
+}
+
+#[test]
+fn entries_list_by_filter_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let http = Http::new(&d);
+    let mut c = d.client();
+    for i in 0..5 {
+        c.ask(&rcpt_request(
+            &format!("192.0.2.{i}"),
+            &format!("sender{i}@example.net"),
+            "bob@example.org",
+        ));
+    }
+    c.ask(&rcpt_request(
+        "203.0.113.9",
+        "other@example.com",
+        "carol@example.org",
+    ));
+
+    let all = http.get_json("/api/entries?state=pending&limit=100");
+    assert_eq!(all["entries"].as_array().unwrap().len(), 6, "{all}");
+    // An IP finds its group; paging visits every record once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = http.get_json(&format!("/api/entries?client=192.0.2.77&limit=2{cursor}"));
+        for e in page["entries"].as_array().unwrap() {
+            assert_eq!(e["key"]["client"], "192.0.2.0/24");
+            seen.push(e["key"]["sender"].as_str().unwrap().to_string());
+        }
+        match page["next"].as_str() {
+            Some(n) => cursor = format!("&cursor={n}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let one = http.get_json("/api/entries?recipient=carol");
+    assert_eq!(one["entries"][0]["key"]["sender"], "other@example.com");
+    let (s, b) = http.get("/api/entries?state=soon");
+    assert_eq!(s, 400, "{b}");
+
+    let (s, _) = http.post("/api/purge", None, &json!({"client": "192.0.2.1"}));
+    assert_eq!(s, 401);
+    let (s, b) = http.post("/api/purge", Some(TOKEN), &json!({}));
+    assert_eq!(s, 400, "a purge without filter needs all=true: {b}");
+    let (s, b) = http.post("/api/purge", Some(TOKEN), &json!({"sender": "sender3@"}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["removed"], 1);
+    assert_eq!(b["complete"], true);
+    let left = http.get_json("/api/entries?limit=100");
+    assert_eq!(left["entries"].as_array().unwrap().len(), 5);
+    // The purged triplet starts over: a first sighting again.
+    c.ask(&rcpt_request(
+        "192.0.2.3",
+        "sender3@example.net",
+        "bob@example.org",
+    ));
+    let recent = http.get_json("/api/recent?limit=1");
+    assert_eq!(recent[0]["rule"], "new");
+    let (s, b) = http.post("/api/purge", Some(TOKEN), &json!({"all": true}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["removed"], 6);
+}
