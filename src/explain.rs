@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::engine::{Classified, ClientRecord, Decision, Engine, Request, State, Triplet};
+use crate::engine::{
+    Classified, ClientRecord, Decision, DelayReason, Engine, Request, State, Triplet,
+};
 use crate::store::{Store, StoreError};
 
 /// A decision with its context, ready to print.
@@ -21,6 +23,7 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_after: Option<ClientRecord>,
     pub auto_allow_after: u32,
+    /// The delay this request serves (the configured one unless DNS list facts change it).
     pub delay: u64,
 }
 
@@ -43,10 +46,10 @@ pub async fn explain(
     reply: impl Fn(&Decision) -> String,
 ) -> Result<Explanation, ExplainError> {
     let mut state = State::default();
-    if let Classified::Lookup(key) = engine.classify(req) {
+    if let Classified::Lookup(lookup) = engine.classify(req) {
         let store = store.map_err(ExplainError::NoStore)?;
-        state.client = store.get_client(&key.client).await?;
-        state.triplet = store.get_triplet(&key).await?;
+        state.client = store.get_client(&lookup.key.client).await?;
+        state.triplet = store.get_triplet(&lookup.key).await?;
     }
     let (decision, after) = engine.decide(req, &state, now);
     Ok(Explanation {
@@ -54,9 +57,9 @@ pub async fn explain(
         reply: reply(&decision),
         triplet_after: after.triplet.filter(|t| Some(*t) != state.triplet),
         client_after: after.client.filter(|c| Some(*c) != state.client),
+        delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
         decision,
         auto_allow_after: engine.policy.auto_allow_after,
-        delay: engine.policy.delay,
     })
 }
 
@@ -82,6 +85,9 @@ impl Explanation {
         let _ = writeln!(s, "reply:      {}", self.reply);
         if let Some(detail) = &d.detail {
             let _ = writeln!(s, "because:    {detail}");
+        }
+        if let Some(i) = &d.identity {
+            let _ = writeln!(s, "identity:   {} — {}", i.kind, i.reason);
         }
         if let Some(k) = &d.key {
             let _ = writeln!(s, "key:        client {}", k.client);
@@ -127,9 +133,14 @@ impl Explanation {
             }
         }
         if let Some(r) = d.remaining {
+            let why = match d.delay.map(|d| d.reason) {
+                Some(DelayReason::Dnsbl) => ", longer for DNSBL-listed clients",
+                Some(DelayReason::Verified) => ", for a verified identity on no DNSBL",
+                Some(DelayReason::Configured) | None => "",
+            };
             let _ = writeln!(
                 s,
-                "remaining:  {r} s until a retry passes (delay {} s)",
+                "remaining:  {r} s until a retry passes (delay {} s{why})",
                 self.delay
             );
         }

@@ -413,6 +413,8 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         sender: args.from.clone(),
         recipient: args.to.clone(),
         sasl_username: args.sasl_user.clone(),
+        reverse_client_name: String::new(),
+        facts: None,
     };
     let (reader, busy): (Result<Box<dyn Store>, String>, bool) = match &cfg.store {
         StoreKind::Embedded(path) => match EmbeddedReader::open(path) {

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::FailMode;
-use crate::engine::{
-    Classified, Decision, Engine, Mode, Request, TripletKey, TripletOutcome, Verdict,
-};
+use crate::engine::{Classified, Decision, Engine, Lookup, Mode, Request, TripletOutcome, Verdict};
 use crate::store::{Store, StoreError};
 
 /// Unix seconds now. Front ends call this; the engine never does.
@@ -132,9 +130,9 @@ impl Greylister {
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
         let decision = match self.engine.classify(req) {
             Classified::Decided(d) => d,
-            Classified::Lookup(key) => {
+            Classified::Lookup(lookup) => {
                 let limit = self.options.store_timeout;
-                let result = match tokio::time::timeout(limit, self.lookup(key, now)).await {
+                let result = match tokio::time::timeout(limit, self.lookup(lookup, now)).await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Timeout(limit)),
                 };
@@ -153,22 +151,24 @@ impl Greylister {
     }
 
     /// Rules 4 and 5 against the store, each record changed by one atomic update.
-    async fn lookup(&self, key: TripletKey, now: u64) -> Result<Decision, StoreError> {
+    async fn lookup(&self, lookup: Lookup, now: u64) -> Result<Decision, StoreError> {
         let store = self.store.get()?;
         let engine = &self.engine;
+        let key = &lookup.key;
+        let delay = lookup.delay.seconds;
         let mut client = None;
         if engine.auto_allow_enabled() {
             client = store
                 .update_client(&key.client, &|old| engine.client_seen(old, now))
                 .await?;
             if engine.client_allowed(client.as_ref(), now) {
-                return Ok(Engine::auto_allow_decision(key, client));
+                return Ok(Engine::auto_allow_decision(lookup, client));
             }
         }
         let old = store
-            .update_triplet(&key, &|old| Some(engine.triplet_step(old, now).1))
+            .update_triplet(key, &|old| Some(engine.triplet_step(old, now, delay).1))
             .await?;
-        let (outcome, _) = engine.triplet_step(old.as_ref(), now);
+        let (outcome, _) = engine.triplet_step(old.as_ref(), now, delay);
         let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known
@@ -184,7 +184,7 @@ impl Greylister {
                 tracing::warn!(client = %key.client, error = %e, "could not count a pass towards auto-allow");
             }
         }
-        Ok(engine.triplet_decision(key, outcome, old, client))
+        Ok(engine.triplet_decision(lookup, outcome, old, client))
     }
 
     fn count_and_log(&self, req: &Request, o: &Outcome) {
@@ -199,6 +199,16 @@ impl Greylister {
         // Empty fields stay out of the line (tracing skips `None`).
         let group = d.key.as_ref().map(|k| k.client.as_str());
         let detail = d.detail.as_deref();
+        // Only worth a field when DNS facts took part; otherwise it is always the prefix.
+        let identity = d
+            .identity
+            .as_ref()
+            .filter(|_| req.facts.is_some())
+            .map(|i| i.reason.as_ref());
+        let delay = d
+            .delay
+            .filter(|d| d.reason != crate::engine::DelayReason::Configured)
+            .map(|d| d.seconds);
         let would = (!o.enforced).then(|| d.verdict.as_str());
         macro_rules! line {
             ($level:ident) => {
@@ -210,6 +220,8 @@ impl Greylister {
                     client,
                     name = req.client_name.as_str(),
                     group,
+                    identity,
+                    delay,
                     sender = req.sender.as_str(),
                     recipient = req.recipient.as_str(),
                     remaining = d.remaining,

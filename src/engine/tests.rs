@@ -98,6 +98,8 @@ fn rcpt(client: &str, sender: &str, recipient: &str) -> Request {
         sender: sender.into(),
         recipient: recipient.into(),
         sasl_username: String::new(),
+        reverse_client_name: "unknown".into(),
+        facts: None,
     }
 }
 
@@ -333,7 +335,23 @@ fn classify_yields_the_key_when_the_store_must_decide() {
         sender: "alice@sender.example".into(),
         recipient: "bob@rcpt.example".into(),
     };
-    assert_eq!(engine.classify(&req), Classified::Lookup(want.clone()));
+    let no_facts = IdentityReason {
+        kind: IdentityKind::Prefix,
+        reason: "IP prefix: no DNS facts".into(),
+    };
+    let configured = Delay {
+        seconds: 300,
+        reason: DelayReason::Configured,
+    };
+    assert_eq!(
+        engine.classify(&req),
+        Classified::Lookup(Lookup {
+            key: want.clone(),
+            delay: configured,
+            identity: no_facts.clone(),
+            detail: None,
+        })
+    );
     let (d, next) = engine.decide(&req, &NO_STATE, T);
     assert_eq!(d.key, Some(want));
     assert_eq!(d.remaining, Some(300));
@@ -594,7 +612,7 @@ fn expired_record_is_replaced_by_a_fresh_one() {
 
     let stale = passed(T - DAY, T);
     let now = T + engine.policy.max_age + 1;
-    let (outcome, t) = engine.triplet_step(Some(&stale), now);
+    let (outcome, t) = engine.triplet_step(Some(&stale), now, engine.policy.delay);
     assert_eq!(outcome, TripletOutcome::New);
     assert_eq!((t.first_seen, t.passed), (now, false));
 }
