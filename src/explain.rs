@@ -153,3 +153,82 @@ impl Explanation {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HostName, IdentityFacts, Listing, Selective, SpfFact, SpfResult};
+
+    fn explained(engine: &Engine, req: &Request) -> Explanation {
+        let (decision, _) = engine.decide(req, &State::default(), 1_700_000_000);
+        Explanation {
+            now: 1_700_000_000,
+            reply: "DEFER_IF_PERMIT".into(),
+            triplet_after: None,
+            client_after: None,
+            delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
+            decision,
+            auto_allow_after: engine.policy.auto_allow_after,
+        }
+    }
+
+    fn request() -> Request {
+        Request {
+            stage: "RCPT".into(),
+            client_ip: Some("209.85.220.41".parse().expect("ip")),
+            client_name: "unknown".into(),
+            sender: "alice@gmail.com".into(),
+            recipient: "bob@rcpt.example".into(),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn every_keyed_explanation_names_the_identity_and_why() {
+        let engine = Engine::default();
+        let text = explained(&engine, &request()).to_text();
+        assert!(
+            text.contains("identity:   prefix — IP prefix: no DNS facts"),
+            "{text}"
+        );
+
+        let engine = Engine::default().with_selective(Selective {
+            dnsbl_delay: Some(3_600),
+            ..Selective::default()
+        });
+        let req = Request {
+            facts: Some(IdentityFacts {
+                spf: Some(SpfFact {
+                    domain: "gmail.com".into(),
+                    result: SpfResult::Pass,
+                }),
+                name: HostName::Unverified,
+                dnswl: Listing::default(),
+                dnsbl: Listing {
+                    hits: vec!["zen.spamhaus.org".into()],
+                    complete: true,
+                },
+            }),
+            ..request()
+        };
+        let e = explained(&engine, &req);
+        let text = e.to_text();
+        assert!(
+            text.contains("identity:   spf — SPF of gmail.com"),
+            "{text}"
+        );
+        assert!(text.contains("client spf:gmail.com"), "{text}");
+        assert!(
+            text.contains("because:    listed by zen.spamhaus.org"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(delay 3600 s, longer for DNSBL-listed clients)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&e).expect("JSON");
+        assert_eq!(json["decision"]["identity"]["kind"], "spf");
+        assert_eq!(json["decision"]["delay"]["reason"], "dnsbl");
+        assert_eq!(json["delay"], 3_600);
+    }
+}

@@ -362,16 +362,25 @@ pub fn dynamic_name(name: &str, ip: IpAddr) -> Option<&'static str> {
 }
 
 /// Whether `host` spells the address: three consecutive octets in either order as digit
-/// runs (`c-73-15-208-11`, `dslb-092-078-001-002`, `181.red-83-33-1`), all four as eight
-/// hex digits (`p5b0a1b2c.dip0`), or for IPv6 four consecutive groups of the address.
+/// runs (`c-73-15-208-11`, `dslb-092-078-001-002`, `181.red-83-33-1`), the first two in
+/// order, all four as eight hex digits (`p5b0a1b2c.dip0`), or for IPv6 four consecutive
+/// groups of the address.
 fn embeds_address(host: &str, ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
+            // Longer runs stay in place as a value no octet has, so that the runs on
+            // either side of a serial number are not taken for neighbours.
             let runs: Vec<u16> = host
                 .split(|c: char| !c.is_ascii_digit())
-                .filter(|r| !r.is_empty() && r.len() <= 3)
-                .filter_map(|r| r.parse().ok())
+                .filter(|r| !r.is_empty())
+                .map(|r| {
+                    if r.len() <= 3 {
+                        r.parse().unwrap_or(u16::MAX)
+                    } else {
+                        u16::MAX
+                    }
+                })
                 .collect();
             let forward = |w: &[u16]| {
                 o.windows(3)
@@ -382,6 +391,12 @@ fn embeds_address(host: &str, ip: IpAddr) -> bool {
                     .any(|t| t.iter().rev().zip(w).all(|(a, b)| u16::from(*a) == *b))
             };
             if runs.windows(3).any(|w| forward(w) || backward(w)) {
+                return true;
+            }
+            // The network half alone (`w86-246.abo.wanadoo.fr`) names a pool too. The host
+            // half alone does not: Amazon SES names `a8-1.smtp-out.amazonses.com` after it.
+            let net = [u16::from(o[0]), u16::from(o[1])];
+            if runs.windows(2).any(|w| w == net) {
                 return true;
             }
             let hex = format!("{:08x}", u32::from(v4));
