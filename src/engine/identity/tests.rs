@@ -227,3 +227,26 @@ fn listings_and_timeouts() {
     };
     assert!(timed_out.timed_out());
 }
+
+proptest::proptest! {
+    /// Any name and address: no panic, the registrable domain ends the name, and `org` is
+    /// only ever chosen for a name that does not look dynamic.
+    #[test]
+    fn org_is_never_a_dynamic_name(
+        name in "[a-z0-9.-]{0,40}(\\.com|\\.co\\.uk|\\.net|\\.invalidtld)?",
+        v4 in proptest::prelude::any::<[u8; 4]>(),
+    ) {
+        let ip = IpAddr::from(v4);
+        let dynamic = dynamic_name(&name, ip);
+        if let Some(domain) = registrable_domain(&name) {
+            proptest::prop_assert!(name.trim_end_matches('.').ends_with(domain));
+        }
+        let facts = IdentityFacts { name: HostName::Verified(name.clone()), ..IdentityFacts::default() };
+        let id = choose(ALL, ip, "", Some(&facts), || "prefix".into());
+        if id.why.kind == IdentityKind::Org {
+            proptest::prop_assert!(dynamic.is_none());
+        } else {
+            proptest::prop_assert_eq!(id.key, "prefix");
+        }
+    }
+}
