@@ -1571,14 +1571,17 @@ pub fn preload(
             // a benchmark.
             let record = if rng.below(3) < 2 {
                 let first = now - p.delay - 3600 - rng.below(p.max_age * 9 / 10);
-                let (_, pending) = engine.triplet_step(None, first);
+                let (_, pending) = engine.triplet_step(None, first, engine.policy.delay);
                 let passed_at = first + p.delay + rng.below(3600);
-                let (_, passed) = engine.triplet_step(Some(&pending), passed_at);
+                let (_, passed) =
+                    engine.triplet_step(Some(&pending), passed_at, engine.policy.delay);
                 let seen = passed_at + rng.below(now - passed_at);
-                engine.triplet_step(Some(&passed), seen).1
+                engine
+                    .triplet_step(Some(&passed), seen, engine.policy.delay)
+                    .1
             } else {
                 let first = now - rng.below(p.retry_window);
-                engine.triplet_step(None, first).1
+                engine.triplet_step(None, first, engine.policy.delay).1
             };
             store.update_triplet(&key, &|_| Some(record)).await?;
             if i % TRIPLETS_PER_CLIENT == 0 {

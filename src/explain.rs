@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::engine::{Classified, ClientRecord, Decision, Engine, Request, State, Triplet};
+use crate::engine::{
+    Classified, ClientRecord, Decision, DelayReason, Engine, Request, State, Triplet,
+};
 use crate::store::{Store, StoreError};
 
 /// A decision with its context, ready to print.
@@ -21,6 +23,7 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_after: Option<ClientRecord>,
     pub auto_allow_after: u32,
+    /// The delay this request serves (the configured one unless DNS list facts change it).
     pub delay: u64,
 }
 
@@ -43,10 +46,10 @@ pub async fn explain(
     reply: impl Fn(&Decision) -> String,
 ) -> Result<Explanation, ExplainError> {
     let mut state = State::default();
-    if let Classified::Lookup(key) = engine.classify(req, now) {
+    if let Classified::Lookup(lookup) = engine.classify(req, now) {
         let store = store.map_err(ExplainError::NoStore)?;
-        state.client = store.get_client(&key.client).await?;
-        state.triplet = store.get_triplet(&key).await?;
+        state.client = store.get_client(&lookup.key.client).await?;
+        state.triplet = store.get_triplet(&lookup.key).await?;
     }
     let (decision, after) = engine.decide(req, &state, now);
     Ok(Explanation {
@@ -54,9 +57,9 @@ pub async fn explain(
         reply: reply(&decision),
         triplet_after: after.triplet.filter(|t| Some(*t) != state.triplet),
         client_after: after.client.filter(|c| Some(*c) != state.client),
+        delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
         decision,
         auto_allow_after: engine.policy.auto_allow_after,
-        delay: engine.policy.delay,
     })
 }
 
@@ -82,6 +85,9 @@ impl Explanation {
         let _ = writeln!(s, "reply:      {}", self.reply);
         if let Some(detail) = &d.detail {
             let _ = writeln!(s, "because:    {detail}");
+        }
+        if let Some(i) = &d.identity {
+            let _ = writeln!(s, "identity:   {} — {}", i.kind, i.reason);
         }
         if let Some(k) = &d.key {
             let _ = writeln!(s, "key:        client {}", k.client);
@@ -127,9 +133,14 @@ impl Explanation {
             }
         }
         if let Some(r) = d.remaining {
+            let why = match d.delay.map(|d| d.reason) {
+                Some(DelayReason::Dnsbl) => ", longer for DNSBL-listed clients",
+                Some(DelayReason::Verified) => ", for a verified identity on no DNSBL",
+                Some(DelayReason::Configured) | None => "",
+            };
             let _ = writeln!(
                 s,
-                "remaining:  {r} s until a retry passes (delay {} s)",
+                "remaining:  {r} s until a retry passes (delay {} s{why})",
                 self.delay
             );
         }
@@ -153,4 +164,83 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is neither Unix seconds nor an RFC 3339 time"))?;
     u64::try_from(ts.as_second()).map_err(|_| format!("{s:?} is before 1970"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HostName, IdentityFacts, Listing, Selective, SpfFact, SpfResult};
+
+    fn explained(engine: &Engine, req: &Request) -> Explanation {
+        let (decision, _) = engine.decide(req, &State::default(), 1_700_000_000);
+        Explanation {
+            now: 1_700_000_000,
+            reply: "DEFER_IF_PERMIT".into(),
+            triplet_after: None,
+            client_after: None,
+            delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
+            decision,
+            auto_allow_after: engine.policy.auto_allow_after,
+        }
+    }
+
+    fn request() -> Request {
+        Request {
+            stage: "RCPT".into(),
+            client_ip: Some("209.85.220.41".parse().expect("ip")),
+            client_name: "unknown".into(),
+            sender: "alice@gmail.com".into(),
+            recipient: "bob@rcpt.example".into(),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn every_keyed_explanation_names_the_identity_and_why() {
+        let engine = Engine::default();
+        let text = explained(&engine, &request()).to_text();
+        assert!(
+            text.contains("identity:   prefix — IP prefix: no DNS facts"),
+            "{text}"
+        );
+
+        let engine = Engine::default().with_selective(Selective {
+            dnsbl_delay: Some(3_600),
+            ..Selective::default()
+        });
+        let req = Request {
+            facts: Some(IdentityFacts {
+                spf: Some(SpfFact {
+                    domain: "gmail.com".into(),
+                    result: SpfResult::Pass,
+                }),
+                name: HostName::Unverified,
+                dnswl: Listing::default(),
+                dnsbl: Listing {
+                    hits: vec!["zen.spamhaus.org".into()],
+                    complete: true,
+                },
+            }),
+            ..request()
+        };
+        let e = explained(&engine, &req);
+        let text = e.to_text();
+        assert!(
+            text.contains("identity:   spf — SPF of gmail.com"),
+            "{text}"
+        );
+        assert!(text.contains("client spf:gmail.com"), "{text}");
+        assert!(
+            text.contains("because:    listed by zen.spamhaus.org"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(delay 3600 s, longer for DNSBL-listed clients)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&e).expect("JSON");
+        assert_eq!(json["decision"]["identity"]["kind"], "spf");
+        assert_eq!(json["decision"]["delay"]["reason"], "dnsbl");
+        assert_eq!(json["delay"], 3_600);
+    }
 }

@@ -96,6 +96,27 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!("  policy listeners: {}", listen.join(", "));
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    let order: Vec<&str> = cfg
+        .engine
+        .selective
+        .identity_order
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    if cfg.dns.enabled {
+        println!(
+            "  client identity: {}; DNS budget {} ms, {} DNSWL and {} DNSBL zone(s)",
+            order.join(", "),
+            cfg.dns.budget.as_millis(),
+            cfg.dns.dnswl_zones.len(),
+            cfg.dns.dnsbl_zones.len()
+        );
+    } else {
+        println!(
+            "  client identity: prefix (DNS off; order {})",
+            order.join(", ")
+        );
+    }
     if args.connect {
         return check_connection(&cfg);
     }
@@ -245,6 +266,8 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         sender: args.from.clone(),
         recipient: args.to.clone(),
         sasl_username: args.sasl_user.clone(),
+        reverse_client_name: String::new(),
+        facts: None,
     };
     let (reader, busy): (Result<Box<dyn Store>, String>, bool) = match &cfg.store {
         StoreKind::Embedded(path) => match EmbeddedReader::open(path) {

@@ -125,7 +125,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn count_decision(&self, rule: Rule, verdict: Verdict, took: Duration) {
-        self.decisions[rule as usize][verdict_index(verdict)].fetch_add(1, Ordering::Relaxed);
+        // `get`: a rule left out of `Rule::ALL` must not panic on the request path (a unit
+        // test checks that ALL is complete and in order).
+        if let Some(row) = self.decisions.get(rule as usize) {
+            row[verdict_index(verdict)].fetch_add(1, Ordering::Relaxed);
+        }
         self.decision_seconds.observe(took);
     }
 
@@ -395,6 +399,15 @@ mod tests {
             recipient: "r@example.org".into(),
             delayed: None,
             detail: None,
+        }
+    }
+
+    #[test]
+    fn rule_all_is_in_declaration_order() {
+        // Counters are indexed by `rule as usize`; a rule missing from ALL or out of order
+        // would count under another rule's name.
+        for (i, r) in Rule::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r}");
         }
     }
 

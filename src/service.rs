@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::FailMode;
 use crate::engine::{
-    Classified, Decision, Engine, ListKind, Mode, Request, Rule, RuntimeEntry, Target, TripletKey,
+    Classified, Decision, Engine, ListKind, Lookup, Mode, Request, Rule, RuntimeEntry, Target,
     TripletOutcome, Verdict,
 };
 use crate::metrics::{Activity, ListenerStats, Metrics, RecentDecision, StoreOp};
@@ -232,9 +232,9 @@ impl Greylister {
         let live = self.live.load_full();
         let decision = match live.engine.classify(req, now) {
             Classified::Decided(d) => d,
-            Classified::Lookup(key) => {
+            Classified::Lookup(lookup) => {
                 let limit = live.options.store_timeout;
-                let lookup = self.lookup(&live.engine, key, now);
+                let lookup = self.lookup(&live.engine, lookup, now);
                 let result = match tokio::time::timeout(limit, lookup).await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Timeout(limit)),
@@ -264,10 +264,12 @@ impl Greylister {
     async fn lookup(
         &self,
         engine: &Engine,
-        key: TripletKey,
+        lookup: Lookup,
         now: u64,
     ) -> Result<Decision, StoreError> {
         let store = self.store.get()?;
+        let key = &lookup.key;
+        let delay = lookup.delay.seconds;
         let mut client = None;
         if engine.auto_allow_enabled() {
             let t = Instant::now();
@@ -277,16 +279,16 @@ impl Greylister {
             self.metrics
                 .count_store_op(StoreOp::UpdateClient, t.elapsed());
             if engine.client_allowed(client.as_ref(), now) {
-                return Ok(Engine::auto_allow_decision(key, client));
+                return Ok(Engine::auto_allow_decision(lookup, client));
             }
         }
         let t = Instant::now();
         let old = store
-            .update_triplet(&key, &|old| Some(engine.triplet_step(old, now).1))
+            .update_triplet(key, &|old| Some(engine.triplet_step(old, now, delay).1))
             .await?;
         self.metrics
             .count_store_op(StoreOp::UpdateTriplet, t.elapsed());
-        let (outcome, _) = engine.triplet_step(old.as_ref(), now);
+        let (outcome, _) = engine.triplet_step(old.as_ref(), now, delay);
         let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known
@@ -309,7 +311,7 @@ impl Greylister {
                 }
             }
         }
-        Ok(engine.triplet_decision(key, outcome, old, client))
+        Ok(engine.triplet_decision(lookup, outcome, old, client))
     }
 
     fn count_and_log(&self, req: &Request, o: &Outcome, now: u64, started: Instant) {
@@ -337,6 +339,16 @@ impl Greylister {
         // Empty fields stay out of the line (tracing skips `None`).
         let group = d.key.as_ref().map(|k| k.client.as_str());
         let detail = d.detail.as_deref();
+        // Only worth a field when DNS facts took part; otherwise it is always the prefix.
+        let identity = d
+            .identity
+            .as_ref()
+            .filter(|_| req.facts.is_some())
+            .map(|i| i.reason.as_ref());
+        let delay = d
+            .delay
+            .filter(|d| d.reason != crate::engine::DelayReason::Configured)
+            .map(|d| d.seconds);
         let would = (!o.enforced).then(|| d.verdict.as_str());
         macro_rules! line {
             ($level:ident) => {
@@ -348,6 +360,8 @@ impl Greylister {
                     client,
                     name = req.client_name.as_str(),
                     group,
+                    identity,
+                    delay,
                     sender = req.sender.as_str(),
                     recipient = req.recipient.as_str(),
                     remaining = d.remaining,

@@ -237,6 +237,7 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
         sender: crate::engine::normalize::strip_envelope(q.from.trim()).to_string(),
         recipient: crate::engine::normalize::strip_envelope(q.to.trim()).to_string(),
         sasl_username: q.sasl_user,
+        ..Request::default()
     };
     let live = st.svc.live();
     let store = st.svc.store.get();

@@ -95,6 +95,20 @@ fn assert_default_config(c: &Config) {
     assert_eq!(c.flush_interval, Duration::from_secs(1));
     assert_eq!(c.store_timeout, Duration::from_secs(1));
     assert_eq!((c.log_level.as_str(), c.log_json), ("info", false));
+    // DNS is off; identities would be tried in the default order, but without facts every
+    // client is its prefix.
+    assert_eq!(c.engine.selective, Selective::default());
+    assert_eq!(
+        c.dns,
+        DnsSettings {
+            enabled: false,
+            budget: Duration::from_millis(300),
+            resolver: None,
+            cache_size: 10_000,
+            dnswl_zones: vec![],
+            dnsbl_zones: vec![],
+        }
+    );
     assert!(!c.hostname.is_empty(), "defaults to the system host name");
     // Only postmaster@ and abuse@ are allow-listed.
     assert_eq!(c.engine.allow.counts(), (0, 2, 0));
@@ -433,6 +447,171 @@ fn semantic_errors_point_at_the_bad_setting() {
             e.message
         );
     }
+}
+
+#[test]
+fn identity_and_dns_sections_parse() {
+    let c = valid(
+        r#"
+[greylist]
+delay = "5m"
+
+[identity]
+order = ["org", "spf"]
+verified_delay = "1m"
+
+[dns]
+enabled = true
+budget = "250ms"
+resolver = "127.0.0.1"
+cache_size = 0
+
+[dnswl]
+zones = ["List.DNSWL.org."]
+
+[dnsbl]
+zones = ["zen.spamhaus.org", "bl.example.net"]
+delay = "1h"
+"#,
+    );
+    assert_eq!(
+        c.engine.selective,
+        Selective {
+            identity_order: vec![IdentityKind::Org, IdentityKind::Spf, IdentityKind::Prefix],
+            dnsbl_delay: Some(3_600),
+            verified: VerifiedTreatment::Delay(60),
+        }
+    );
+    assert_eq!(
+        c.dns,
+        DnsSettings {
+            enabled: true,
+            budget: Duration::from_millis(250),
+            resolver: Some("127.0.0.1:53".parse().expect("addr")),
+            cache_size: 0,
+            dnswl_zones: vec!["list.dnswl.org".into()],
+            dnsbl_zones: vec!["zen.spamhaus.org".into(), "bl.example.net".into()],
+        }
+    );
+    let c = valid(
+        r#"
+[identity]
+order = ["prefix"]
+verified_skip = true
+[dns]
+enabled = true
+resolver = "[::1]:5353"
+"#,
+    );
+    assert_eq!(
+        c.engine.selective.identity_order,
+        vec![IdentityKind::Prefix]
+    );
+    assert_eq!(c.engine.selective.verified, VerifiedTreatment::Skip);
+    assert_eq!(c.dns.resolver, Some("[::1]:5353".parse().expect("addr")));
+    let c = valid("[identity]\norder = []\n");
+    assert_eq!(
+        c.engine.selective.identity_order,
+        vec![IdentityKind::Prefix]
+    );
+}
+
+#[test]
+fn identity_and_dns_errors_point_at_the_bad_setting() {
+    const ON: &str = "[dns]\nenabled = true\n";
+    let cases: Vec<(String, usize, &str)> = vec![
+        (
+            format!("[identity]\norder = [\"spf\", \"spf\"]\n{ON}"),
+            2,
+            "twice",
+        ),
+        (
+            format!("[identity]\norder = [\"prefix\", \"org\"]\n{ON}"),
+            2,
+            "never be used",
+        ),
+        (
+            format!("[identity]\nverified_skip = true\nverified_delay = 60\n{ON}"),
+            3,
+            "exclude each other",
+        ),
+        (
+            format!("[identity]\nverified_delay = \"3d\"\n{ON}"),
+            2,
+            "retry_window",
+        ),
+        (
+            format!("[identity]\nverified_delay = \"1500ms\"\n{ON}"),
+            2,
+            "whole seconds",
+        ),
+        (format!("[dnsbl]\ndelay = \"3d\"\n{ON}"), 2, "retry_window"),
+        (
+            format!("[dnsbl]\nzones = [\"zen.spamhaus.org\", \"bad zone\"]\n{ON}"),
+            2,
+            "bad zone",
+        ),
+        (
+            format!("[dnswl]\nzones = [\"localhost\"]\n{ON}"),
+            2,
+            "localhost",
+        ),
+        (
+            format!("[dnswl]\nzones = [\"a.example\", \"A.example.\"]\n{ON}"),
+            2,
+            "twice",
+        ),
+        ("[dns]\nenabled = true\nbudget = 0\n".into(), 3, "budget"),
+        (
+            "[dns]\nenabled = true\nbudget = \"1m\"\n".into(),
+            3,
+            "at most",
+        ),
+        (
+            "[dns]\nenabled = true\nresolver = \"dns.example\"\n".into(),
+            3,
+            "dns.example",
+        ),
+        // Settings that only DNS facts could trigger are refused while DNS is off.
+        (
+            "[dnsbl]\nzones = [\"zen.spamhaus.org\"]\n".into(),
+            2,
+            "[dns] enabled",
+        ),
+        (
+            "[dnswl]\nzones = [\"list.dnswl.org\"]\n".into(),
+            2,
+            "[dns] enabled",
+        ),
+        ("[dnsbl]\ndelay = \"1h\"\n".into(), 2, "[dns] enabled"),
+        (
+            "[identity]\nverified_skip = true\n".into(),
+            2,
+            "[dns] enabled",
+        ),
+        (
+            "[identity]\nverified_delay = 0\n".into(),
+            2,
+            "[dns] enabled",
+        ),
+    ];
+    for (text, line, fragment) in cases {
+        let e = single_error(&text);
+        assert!(
+            e.location.starts_with(&at_line(line)),
+            "{text:?}: location {} (want line {line})",
+            e.location
+        );
+        assert!(
+            e.message.contains(fragment),
+            "{text:?}: message {:?} lacks {fragment:?}",
+            e.message
+        );
+    }
+    // An unknown identity kind is a type error at its line.
+    let e = single_error("[identity]\norder = [\"spf\", \"helo\"]\n");
+    assert!(e.location.starts_with(&at_line(2)), "{}", e.location);
+    assert!(e.message.contains("helo"), "{}", e.message);
 }
 
 #[test]

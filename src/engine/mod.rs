@@ -6,6 +6,7 @@
 //! see a triplet at the same moment still agree on its first sighting.
 
 pub mod allow;
+pub mod identity;
 pub mod normalize;
 pub mod record;
 pub mod runtime;
@@ -17,6 +18,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use allow::{AllowKind, AllowLists, Origin};
+pub use identity::{
+    HostName, Identity, IdentityFacts, IdentityKind, IdentityReason, Listing, SpfFact, SpfResult,
+};
 pub use record::{ClientRecord, Triplet};
 pub use runtime::{ListKind, RuntimeEntry, RuntimeLists, Target};
 
@@ -80,12 +84,18 @@ pub struct Request {
     pub recipient: String,
     /// SASL login name; non-empty means the client authenticated.
     pub sasl_username: String,
+    /// The client's PTR name, not forward-confirmed (Postfix's `reverse_client_name`), or
+    /// `unknown`; empty when the front end does not know it. Only explanations read it.
+    pub reverse_client_name: String,
+    /// What DNS (or a simulator) found out about the client; `None` when nothing was
+    /// gathered: the identity is then the IP prefix and the delay the configured one.
+    pub facts: Option<IdentityFacts>,
 }
 
 /// The greylisting key of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct TripletKey {
-    /// Client identity: the IP group now (`192.0.2.0/24`); pool-aware identities later.
+    /// Client identity: the IP group (`192.0.2.0/24`), `spf:<domain>` or `org:<domain>`.
     pub client: String,
     pub sender: String,
     pub recipient: String,
@@ -150,6 +160,11 @@ pub enum Rule {
     /// An operator's runtime deny entry: always "try again later".
     Deny,
     AutoAllow,
+    /// Listed by a configured DNS allow list (DNSWL) zone.
+    Dnswl,
+    /// A verified identity (SPF or forward-confirmed host) that no DNSBL zone lists, with
+    /// `verified_skip` on.
+    VerifiedUnlisted,
     /// No live record: first sighting, or the previous one expired.
     New,
     /// Pending and retried before the delay ended.
@@ -165,7 +180,7 @@ pub enum Rule {
 impl Rule {
     /// Every rule, in declaration order (`rule as usize` indexes it): metrics keep one
     /// counter per rule without a map.
-    pub const ALL: [Rule; 16] = [
+    pub const ALL: [Rule; 18] = [
         Rule::NotRcptStage,
         Rule::NoClientAddress,
         Rule::Authenticated,
@@ -176,6 +191,8 @@ impl Rule {
         Rule::RuntimeAllow,
         Rule::Deny,
         Rule::AutoAllow,
+        Rule::Dnswl,
+        Rule::VerifiedUnlisted,
         Rule::New,
         Rule::EarlyRetry,
         Rule::Delayed,
@@ -196,6 +213,8 @@ impl Rule {
             Rule::RuntimeAllow => "runtime-allow",
             Rule::Deny => "deny",
             Rule::AutoAllow => "auto-allow",
+            Rule::Dnswl => "dnswl",
+            Rule::VerifiedUnlisted => "verified-unlisted",
             Rule::New => "new",
             Rule::EarlyRetry => "early-retry",
             Rule::Delayed => "delayed",
@@ -240,6 +259,63 @@ pub struct Decision {
     /// Seconds the mail was delayed (the pass that ends greylisting).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delayed: Option<u64>,
+    /// The client identity of the key and why it was chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityReason>,
+    /// The delay the triplet rule applied to this request, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Delay>,
+}
+
+/// Why a request serves the delay it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DelayReason {
+    /// `[greylist] delay`.
+    Configured,
+    /// A DNSBL zone lists the client: `[dnsbl] delay`.
+    Dnsbl,
+    /// A verified identity that no DNSBL zone lists: `[identity] verified_delay`.
+    Verified,
+}
+
+/// The delay of one request: per request, since DNS list facts may lengthen or shorten it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Delay {
+    pub seconds: u64,
+    pub reason: DelayReason,
+}
+
+/// How a verified, unlisted identity is treated (`[identity] verified_delay`/`verified_skip`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VerifiedTreatment {
+    /// Like any client: the configured delay.
+    #[default]
+    Greylist,
+    /// Its own delay; 0 still wants one retry, at any time.
+    Delay(u64),
+    /// No greylisting (rule `verified-unlisted`).
+    Skip,
+}
+
+/// Selective greylisting: how DNS facts choose identities and change delays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selective {
+    /// Identity kinds in the order they are tried; the prefix ends it, named or not.
+    pub identity_order: Vec<IdentityKind>,
+    /// Delay of clients a DNSBL zone lists; `None`: the configured delay.
+    pub dnsbl_delay: Option<u64>,
+    pub verified: VerifiedTreatment,
+}
+
+impl Default for Selective {
+    fn default() -> Self {
+        Selective {
+            identity_order: identity::DEFAULT_ORDER.to_vec(),
+            dnsbl_delay: None,
+            verified: VerifiedTreatment::Greylist,
+        }
+    }
 }
 
 impl Decision {
@@ -253,6 +329,8 @@ impl Decision {
             client_record: None,
             remaining: None,
             delayed: None,
+            identity: None,
+            delay: None,
         }
     }
 
@@ -270,11 +348,22 @@ impl Decision {
     }
 }
 
-/// Rules 1–3 either decide, or yield the key that the stored state decides on.
+/// What the stored state decides on: the key, and how this request is to be treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub key: TripletKey,
+    /// The delay the triplet rule applies to this request.
+    pub delay: Delay,
+    pub identity: IdentityReason,
+    /// Why the delay differs from the configured one (the DNSBL zones that list the client).
+    pub detail: Option<String>,
+}
+
+/// Rules 1–3 either decide, or yield the lookup that the stored state decides on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classified {
     Decided(Decision),
-    Lookup(TripletKey),
+    Lookup(Lookup),
 }
 
 /// What the triplet rule made of a record.
@@ -293,14 +382,16 @@ pub struct State {
     pub triplet: Option<Triplet>,
 }
 
-/// The decision logic with its policy and allow lists. Cheap to clone: the lists are
-/// shared, so a runtime-entry change or a reload swaps in a new engine in one step.
+/// The decision logic with its policy, allow lists and selective greylisting. Cheap to
+/// clone: the lists are shared, so a runtime-entry change or a reload swaps in a new
+/// engine in one step.
 #[derive(Debug, Default, Clone)]
 pub struct Engine {
     pub policy: Policy,
     pub allow: Arc<AllowLists>,
     /// Operator entries made while running; shared so a reload keeps them.
     pub runtime: Arc<RuntimeLists>,
+    pub selective: Selective,
 }
 
 impl Engine {
@@ -309,17 +400,81 @@ impl Engine {
             policy,
             allow: Arc::new(allow),
             runtime: Arc::default(),
+            selective: Selective::default(),
         }
     }
 
-    /// The greylisting key of a request (client group, normalised sender and recipient).
+    /// The same engine with other selective-greylisting settings.
+    #[must_use]
+    pub fn with_selective(self, selective: Selective) -> Self {
+        Engine { selective, ..self }
+    }
+
+    /// The greylisting key of a request without DNS facts (client group, normalised sender
+    /// and recipient).
     pub fn key(&self, ip: IpAddr, sender: &str, recipient: &str) -> TripletKey {
+        self.identified_key(ip, sender, recipient, None).0
+    }
+
+    /// The key with the client identity the facts allow, and why it was chosen.
+    pub fn identified_key(
+        &self,
+        ip: IpAddr,
+        sender: &str,
+        recipient: &str,
+        facts: Option<&IdentityFacts>,
+    ) -> (TripletKey, IdentityReason) {
         let p = &self.policy;
-        TripletKey {
-            client: normalize::client_group(ip, p.ipv4_prefix, p.ipv6_prefix),
+        let identity = identity::choose(&self.selective.identity_order, ip, sender, facts, || {
+            normalize::client_group(ip, p.ipv4_prefix, p.ipv6_prefix)
+        });
+        let key = TripletKey {
+            client: identity.key,
             sender: normalize::normalize_sender(sender, &p.recipient_delimiter),
             recipient: normalize::normalize_recipient(recipient, &p.recipient_delimiter),
+        };
+        (key, identity.why)
+    }
+
+    /// The delay this request serves: DNSBL-listed clients may wait longer, verified and
+    /// unlisted ones less. `None` means verified, unlisted and `verified_skip`: no delay.
+    fn delay_for(
+        &self,
+        facts: Option<&IdentityFacts>,
+        identity: IdentityKind,
+    ) -> Option<(Delay, Option<String>)> {
+        let configured = Delay {
+            seconds: self.policy.delay,
+            reason: DelayReason::Configured,
+        };
+        let Some(f) = facts else {
+            return Some((configured, None));
+        };
+        if f.dnsbl.listed() {
+            let detail = format!("listed by {}", f.dnsbl.hits.join(", "));
+            let delay = match self.selective.dnsbl_delay {
+                Some(seconds) => Delay {
+                    seconds,
+                    reason: DelayReason::Dnsbl,
+                },
+                None => configured,
+            };
+            return Some((delay, Some(detail)));
         }
+        if identity.is_verified() && f.dnsbl.clean() {
+            return match self.selective.verified {
+                VerifiedTreatment::Greylist => Some((configured, None)),
+                VerifiedTreatment::Delay(seconds) => Some((
+                    Delay {
+                        seconds,
+                        reason: DelayReason::Verified,
+                    },
+                    None,
+                )),
+                VerifiedTreatment::Skip => None,
+            };
+        }
+        Some((configured, None))
     }
 
     /// Rules 1–3: stage, authentication, runtime deny, static and runtime allow lists;
@@ -371,7 +526,8 @@ impl Engine {
             };
             return done(Verdict::Pass, rule, Some(origin.to_string()));
         }
-        let key = self.key(ip, &req.sender, &req.recipient);
+        let facts = req.facts.as_ref();
+        let (key, identity) = self.identified_key(ip, &req.sender, &req.recipient, facts);
         if let Some(origin) = self.allow.match_recipient(&key.recipient, &req.recipient) {
             return done(
                 Verdict::Pass,
@@ -382,7 +538,30 @@ impl Engine {
         if let Some(origin) = self.allow.match_sender(&key.sender, &req.sender) {
             return done(Verdict::Pass, Rule::AllowSender, Some(origin.to_string()));
         }
-        Classified::Lookup(key)
+        // DNS lists come after the static lists, whose matches name an operator's own entry.
+        // A DNSWL listing wins over a DNSBL one: the operator trusts that zone to vouch.
+        if let Some(f) = facts.filter(|f| f.dnswl.listed()) {
+            return Classified::Decided(Decision {
+                detail: Some(format!("listed by {}", f.dnswl.hits.join(", "))),
+                key: Some(key),
+                identity: Some(identity),
+                ..Decision::new(Verdict::Pass, Rule::Dnswl)
+            });
+        }
+        let Some((delay, detail)) = self.delay_for(facts, identity.kind) else {
+            return Classified::Decided(Decision {
+                detail: Some("verified identity, not listed by any DNSBL zone".into()),
+                key: Some(key),
+                identity: Some(identity),
+                ..Decision::new(Verdict::Pass, Rule::VerifiedUnlisted)
+            });
+        };
+        Classified::Lookup(Lookup {
+            key,
+            delay,
+            identity,
+            detail,
+        })
     }
 
     /// Whether rule 4 is in use at all (`auto_allow_after` > 0).
@@ -444,8 +623,15 @@ impl Engine {
     }
 
     /// Rule 5 as a pure state transition: what the old record means now, and the record to
-    /// write. Runs inside a store's atomic update.
-    pub fn triplet_step(&self, old: Option<&Triplet>, now: u64) -> (TripletOutcome, Triplet) {
+    /// write. Runs inside a store's atomic update. `delay` is this request's
+    /// ([`Lookup::delay`]; `policy.delay` when no DNS facts change it): a retry passes once
+    /// the delay it brings has been served since the first sighting.
+    pub fn triplet_step(
+        &self,
+        old: Option<&Triplet>,
+        now: u64,
+        delay: u64,
+    ) -> (TripletOutcome, Triplet) {
         let p = &self.policy;
         match old.filter(|t| self.triplet_alive(t, now)) {
             None => (
@@ -472,13 +658,13 @@ impl Engine {
                 // Clocks of several MX hosts may disagree a little: a "future" first sighting
                 // counts as just now, which defers rather than passes early.
                 let elapsed = now.saturating_sub(t.first_seen);
-                if elapsed < p.delay {
+                if elapsed < delay {
                     let next = Triplet {
                         last_seen: now.max(t.last_seen),
                         attempts: t.attempts.saturating_add(1),
                         ..*t
                     };
-                    let remaining = p.delay - elapsed;
+                    let remaining = delay - elapsed;
                     (TripletOutcome::EarlyRetry { remaining }, next)
                 } else {
                     let next = Triplet {
@@ -495,9 +681,11 @@ impl Engine {
     }
 
     /// The decision of rule 4.
-    pub fn auto_allow_decision(key: TripletKey, client_record: Option<ClientRecord>) -> Decision {
+    pub fn auto_allow_decision(lookup: Lookup, client_record: Option<ClientRecord>) -> Decision {
         Decision {
-            key: Some(key),
+            key: Some(lookup.key),
+            identity: Some(lookup.identity),
+            detail: lookup.detail,
             client_record,
             ..Decision::new(Verdict::Pass, Rule::AutoAllow)
         }
@@ -506,14 +694,14 @@ impl Engine {
     /// The decision for a triplet outcome.
     pub fn triplet_decision(
         &self,
-        key: TripletKey,
+        lookup: Lookup,
         outcome: TripletOutcome,
         record: Option<Triplet>,
         client_record: Option<ClientRecord>,
     ) -> Decision {
         let mut d = match outcome {
             TripletOutcome::New => Decision {
-                remaining: Some(self.policy.delay),
+                remaining: Some(lookup.delay.seconds),
                 ..Decision::new(Verdict::Defer, Rule::New)
             },
             TripletOutcome::EarlyRetry { remaining } => Decision {
@@ -526,7 +714,10 @@ impl Engine {
             },
             TripletOutcome::Known => Decision::new(Verdict::Pass, Rule::Known),
         };
-        d.key = Some(key);
+        d.key = Some(lookup.key);
+        d.identity = Some(lookup.identity);
+        d.delay = Some(lookup.delay);
+        d.detail = lookup.detail;
         d.record = record;
         d.client_record = client_record;
         d
@@ -536,20 +727,21 @@ impl Engine {
     /// it. Pure: explanations and property tests use it; the service runs the same steps
     /// as atomic store updates.
     pub fn decide(&self, req: &Request, state: &State, now: u64) -> (Decision, State) {
-        let key = match self.classify(req, now) {
+        let lookup = match self.classify(req, now) {
             Classified::Decided(d) => return (d, *state),
-            Classified::Lookup(key) => key,
+            Classified::Lookup(lookup) => lookup,
         };
         let client = state.client.as_ref();
         if self.client_allowed(client, now) {
-            let d = Self::auto_allow_decision(key, state.client);
+            let d = Self::auto_allow_decision(lookup, state.client);
             let next = State {
                 client: self.client_seen(client, now).or(state.client),
                 ..*state
             };
             return (d, next);
         }
-        let (outcome, triplet) = self.triplet_step(state.triplet.as_ref(), now);
+        let (outcome, triplet) =
+            self.triplet_step(state.triplet.as_ref(), now, lookup.delay.seconds);
         let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known
@@ -562,7 +754,7 @@ impl Engine {
             },
             triplet: Some(triplet),
         };
-        let d = self.triplet_decision(key, outcome, state.triplet, state.client);
+        let d = self.triplet_decision(lookup, outcome, state.triplet, state.client);
         (d, next)
     }
 }

@@ -98,6 +98,8 @@ fn rcpt(client: &str, sender: &str, recipient: &str) -> Request {
         sender: sender.into(),
         recipient: recipient.into(),
         sasl_username: String::new(),
+        reverse_client_name: "unknown".into(),
+        facts: None,
     }
 }
 
@@ -333,7 +335,23 @@ fn classify_yields_the_key_when_the_store_must_decide() {
         sender: "alice@sender.example".into(),
         recipient: "bob@rcpt.example".into(),
     };
-    assert_eq!(engine.classify(&req, 0), Classified::Lookup(want.clone()));
+    let no_facts = IdentityReason {
+        kind: IdentityKind::Prefix,
+        reason: "IP prefix: no DNS facts".into(),
+    };
+    let configured = Delay {
+        seconds: 300,
+        reason: DelayReason::Configured,
+    };
+    assert_eq!(
+        engine.classify(&req, 0),
+        Classified::Lookup(Lookup {
+            key: want.clone(),
+            delay: configured,
+            identity: no_facts.clone(),
+            detail: None,
+        })
+    );
     let (d, next) = engine.decide(&req, &NO_STATE, T);
     assert_eq!(d.key, Some(want));
     assert_eq!(d.remaining, Some(300));
@@ -594,7 +612,7 @@ fn expired_record_is_replaced_by_a_fresh_one() {
 
     let stale = passed(T - DAY, T);
     let now = T + engine.policy.max_age + 1;
-    let (outcome, t) = engine.triplet_step(Some(&stale), now);
+    let (outcome, t) = engine.triplet_step(Some(&stale), now, engine.policy.delay);
     assert_eq!(outcome, TripletOutcome::New);
     assert_eq!((t.first_seen, t.passed), (now, false));
 }
@@ -762,7 +780,8 @@ impl MiniStore {
         let Some(client_ip) = req.client_ip else {
             return engine.decide(req, &State::default(), now).0;
         };
-        let key = engine.key(client_ip, &req.sender, &req.recipient);
+        let (key, _) =
+            engine.identified_key(client_ip, &req.sender, &req.recipient, req.facts.as_ref());
         let before = State {
             client: self.clients.get(&key.client).copied(),
             triplet: self.triplets.get(&key).copied(),
@@ -1063,5 +1082,288 @@ fn random_sequences_reach_every_triplet_and_auto_allow_rule() {
         Rule::AutoAllow,
     ] {
         assert!(seen.contains(&rule), "no sequence reached {rule}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Client identity and selective greylisting
+// ---------------------------------------------------------------------------------------
+
+const GMAIL_HOST: &str = "mail-sor-f41.google.com";
+
+fn spf_pass(domain: &str) -> Option<SpfFact> {
+    Some(SpfFact {
+        domain: domain.into(),
+        result: SpfResult::Pass,
+    })
+}
+
+fn listing(hits: &[&str]) -> Listing {
+    Listing {
+        hits: hits.iter().map(|h| (*h).to_string()).collect(),
+        complete: true,
+    }
+}
+
+/// Facts that every lookup answered: SPF result, FCrDNS name, list hits.
+fn facts(spf: Option<SpfFact>, name: HostName, dnswl: &[&str], dnsbl: &[&str]) -> IdentityFacts {
+    IdentityFacts {
+        spf,
+        name,
+        dnswl: listing(dnswl),
+        dnsbl: listing(dnsbl),
+    }
+}
+
+fn with_facts(mut req: Request, f: IdentityFacts) -> Request {
+    req.facts = Some(f);
+    req
+}
+
+fn selective_engine(selective: Selective) -> Engine {
+    engine().with_selective(selective)
+}
+
+fn verified(treatment: VerifiedTreatment) -> Selective {
+    Selective {
+        verified: treatment,
+        ..Selective::default()
+    }
+}
+
+struct SelectiveCase {
+    name: &'static str,
+    selective: Selective,
+    facts: Option<IdentityFacts>,
+    verdict: Verdict,
+    rule: Rule,
+    client: &'static str,
+    /// `remaining` of a first sighting (deferrals only).
+    remaining: Option<u64>,
+    detail: Option<&'static str>,
+}
+
+#[test]
+fn dns_facts_choose_identity_rule_and_delay() {
+    use Verdict::{Defer, Pass};
+    let gmail = || HostName::Verified(GMAIL_HOST.into());
+    let dnsbl_hour = Selective {
+        dnsbl_delay: Some(3_600),
+        ..Selective::default()
+    };
+    let incomplete = IdentityFacts {
+        dnsbl: Listing {
+            hits: vec![],
+            complete: false,
+        },
+        ..facts(spf_pass("gmail.com"), gmail(), &[], &[])
+    };
+    #[rustfmt::skip]
+    let cases = [
+        SelectiveCase { name: "no facts: prefix, configured delay", selective: Selective::default(), facts: None, verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(300), detail: None },
+        SelectiveCase { name: "SPF pass: spf identity, configured delay", selective: Selective::default(), facts: Some(facts(spf_pass("gmail.com"), gmail(), &[], &[])), verdict: Defer, rule: Rule::New, client: "spf:gmail.com", remaining: Some(300), detail: None },
+        SelectiveCase { name: "FCrDNS: org identity", selective: Selective::default(), facts: Some(facts(None, gmail(), &[], &[])), verdict: Defer, rule: Rule::New, client: "org:google.com", remaining: Some(300), detail: None },
+        SelectiveCase { name: "DNSWL listed: pass", selective: Selective::default(), facts: Some(facts(None, HostName::Unverified, &["list.dnswl.org"], &[])), verdict: Pass, rule: Rule::Dnswl, client: "209.85.220.0/24", remaining: None, detail: Some("listed by list.dnswl.org") },
+        SelectiveCase { name: "DNSWL beats DNSBL", selective: dnsbl_hour.clone(), facts: Some(facts(None, HostName::Unverified, &["list.dnswl.org"], &["zen.spamhaus.org"])), verdict: Pass, rule: Rule::Dnswl, client: "209.85.220.0/24", remaining: None, detail: Some("list.dnswl.org") },
+        SelectiveCase { name: "DNSBL listed: longer delay", selective: dnsbl_hour.clone(), facts: Some(facts(None, HostName::Unverified, &[], &["zen.spamhaus.org", "bl.example"])), verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(3_600), detail: Some("listed by zen.spamhaus.org, bl.example") },
+        SelectiveCase { name: "DNSBL listed without its own delay: configured", selective: Selective::default(), facts: Some(facts(None, HostName::Unverified, &[], &["zen.spamhaus.org"])), verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(300), detail: Some("zen.spamhaus.org") },
+        SelectiveCase { name: "DNSBL listed and verified: still the DNSBL delay", selective: Selective { verified: VerifiedTreatment::Skip, ..dnsbl_hour.clone() }, facts: Some(facts(spf_pass("gmail.com"), gmail(), &[], &["zen.spamhaus.org"])), verdict: Defer, rule: Rule::New, client: "spf:gmail.com", remaining: Some(3_600), detail: Some("zen.spamhaus.org") },
+        SelectiveCase { name: "verified, unlisted: shorter delay", selective: verified(VerifiedTreatment::Delay(60)), facts: Some(facts(spf_pass("gmail.com"), gmail(), &[], &[])), verdict: Defer, rule: Rule::New, client: "spf:gmail.com", remaining: Some(60), detail: None },
+        SelectiveCase { name: "verified, unlisted: skip", selective: verified(VerifiedTreatment::Skip), facts: Some(facts(None, gmail(), &[], &[])), verdict: Pass, rule: Rule::VerifiedUnlisted, client: "org:google.com", remaining: None, detail: Some("not listed") },
+        SelectiveCase { name: "verified but a DNSBL did not answer: configured delay", selective: verified(VerifiedTreatment::Skip), facts: Some(incomplete), verdict: Defer, rule: Rule::New, client: "spf:gmail.com", remaining: Some(300), detail: None },
+        SelectiveCase { name: "unverified, unlisted: configured delay", selective: verified(VerifiedTreatment::Skip), facts: Some(facts(None, HostName::Unverified, &[], &[])), verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(300), detail: None },
+        SelectiveCase { name: "dynamic name is not verified", selective: verified(VerifiedTreatment::Skip), facts: Some(facts(None, HostName::Verified("209-85-220-41.dyn.example.net".into()), &[], &[])), verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(300), detail: None },
+        SelectiveCase { name: "prefix-only order: facts only change lists", selective: Selective { identity_order: vec![IdentityKind::Prefix], ..verified(VerifiedTreatment::Skip) }, facts: Some(facts(spf_pass("gmail.com"), gmail(), &[], &[])), verdict: Defer, rule: Rule::New, client: "209.85.220.0/24", remaining: Some(300), detail: None },
+    ];
+    for c in cases {
+        let engine = selective_engine(c.selective);
+        let mut req = rcpt("209.85.220.41", "alice@gmail.com", "bob@rcpt.example");
+        req.facts = c.facts;
+        let (d, _) = engine.decide(&req, &NO_STATE, T);
+        assert_eq!((d.verdict, d.rule), (c.verdict, c.rule), "{}", c.name);
+        let key = d.key.as_ref().expect("every case has a key");
+        assert_eq!(key.client, c.client, "{}", c.name);
+        assert_eq!(d.remaining, c.remaining, "{}", c.name);
+        let identity = d
+            .identity
+            .as_ref()
+            .expect("every keyed decision names its identity");
+        assert!(!identity.reason.is_empty(), "{}", c.name);
+        match c.detail {
+            Some(want) => {
+                let detail = d.detail.as_deref().unwrap_or_default();
+                assert!(detail.contains(want), "{}: {detail:?}", c.name);
+            }
+            None => assert_eq!(d.detail, None, "{}", c.name),
+        }
+    }
+}
+
+#[test]
+fn static_allow_lists_come_before_dns_lists() {
+    let engine = selective_engine(verified(VerifiedTreatment::Skip));
+    let req = with_facts(
+        rcpt(
+            "209.85.220.41",
+            "alice@gmail.com",
+            "postmaster@rcpt.example",
+        ),
+        facts(None, HostName::Unverified, &["list.dnswl.org"], &[]),
+    );
+    let (d, _) = engine.decide(&req, &NO_STATE, T);
+    assert_eq!(d.rule, Rule::AllowRecipient);
+}
+
+#[test]
+fn a_dnsbl_listed_client_serves_the_longer_delay() {
+    let engine = selective_engine(Selective {
+        dnsbl_delay: Some(3_600),
+        ..Selective::default()
+    });
+    let listed = with_facts(
+        rcpt("203.0.113.5", "x@spam.example", "bob@rcpt.example"),
+        facts(None, HostName::Unverified, &[], &["zen.spamhaus.org"]),
+    );
+    let mut store = MiniStore::default();
+    let d = store.check(&engine, &listed, T);
+    assert_eq!((d.rule, d.remaining), (Rule::New, Some(3_600)));
+    assert_eq!(
+        d.delay,
+        Some(Delay {
+            seconds: 3_600,
+            reason: DelayReason::Dnsbl
+        })
+    );
+    // Past the configured delay, a listed client is still early.
+    let d = store.check(&engine, &listed, T + 600);
+    assert_eq!((d.rule, d.remaining), (Rule::EarlyRetry, Some(3_000)));
+    let d = store.check(&engine, &listed, T + 3_600);
+    assert_eq!((d.rule, d.delayed), (Rule::Delayed, Some(3_600)));
+}
+
+#[test]
+fn a_verified_clean_client_may_serve_no_delay_but_must_retry() {
+    let engine = selective_engine(verified(VerifiedTreatment::Delay(0)));
+    let req = with_facts(
+        rcpt("209.85.220.41", "alice@gmail.com", "bob@rcpt.example"),
+        facts(spf_pass("gmail.com"), HostName::Unverified, &[], &[]),
+    );
+    let mut store = MiniStore::default();
+    let d = store.check(&engine, &req, T);
+    assert_eq!((d.verdict, d.remaining), (Verdict::Defer, Some(0)));
+    let d = store.check(&engine, &req, T + 1);
+    assert_eq!((d.rule, d.delayed), (Rule::Delayed, Some(1)));
+}
+
+/// Issue 9: the retry of a pool sender comes from another /24; with its SPF passing, it
+/// carries the same identity and ends greylisting. Keyed on the prefix, it starts over.
+#[test]
+fn issue_9_pool_sender_retrying_from_another_network_passes_with_spf() {
+    let first = with_facts(
+        rcpt("209.85.220.41", "Alice@Gmail.com", "bob@rcpt.example"),
+        facts(
+            spf_pass("gmail.com"),
+            HostName::Verified(GMAIL_HOST.into()),
+            &[],
+            &[],
+        ),
+    );
+    let retry = with_facts(
+        rcpt("74.125.82.50", "Alice@Gmail.com", "bob@rcpt.example"),
+        facts(
+            spf_pass("gmail.com"),
+            HostName::Verified("mail-wm1-f50.google.com".into()),
+            &[],
+            &[],
+        ),
+    );
+
+    let engine = selective_engine(Selective::default());
+    let mut store = MiniStore::default();
+    let d = store.check(&engine, &first, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Defer, Rule::New));
+    let d = store.check(&engine, &retry, T + 400);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::Delayed));
+    assert_eq!(d.key.map(|k| k.client).as_deref(), Some("spf:gmail.com"));
+
+    let prefix_only = selective_engine(Selective {
+        identity_order: vec![IdentityKind::Prefix],
+        ..Selective::default()
+    });
+    let mut store = MiniStore::default();
+    let d = store.check(&prefix_only, &first, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Defer, Rule::New));
+    let d = store.check(&prefix_only, &retry, T + 400);
+    assert_eq!(
+        (d.verdict, d.rule),
+        (Verdict::Defer, Rule::New),
+        "another /24 is another client"
+    );
+}
+
+/// Facts in which every lookup failed or timed out: nothing is known.
+fn troubled_facts() -> impl Strategy<Value = IdentityFacts> {
+    let spf = prop_oneof![
+        Just(None),
+        Just(Some(SpfResult::Timeout)),
+        Just(Some(SpfResult::TempError)),
+        Just(Some(SpfResult::None)),
+        Just(Some(SpfResult::Neutral)),
+        Just(Some(SpfResult::Fail)),
+    ];
+    let name = prop_oneof![
+        Just(HostName::Unknown),
+        Just(HostName::Unverified),
+        Just(HostName::Timeout),
+        Just(HostName::Verified(
+            "c-198-51-100-10.pool.example.net".into()
+        )),
+    ];
+    (spf, name).prop_map(|(spf, name)| IdentityFacts {
+        spf: spf.map(|result| SpfFact {
+            domain: "sender.example".into(),
+            result,
+        }),
+        name,
+        dnswl: Listing {
+            hits: vec![],
+            complete: false,
+        },
+        dnsbl: Listing {
+            hits: vec![],
+            complete: false,
+        },
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// DNS trouble never changes a decision by itself: with facts that say nothing, every
+    /// request is decided as without facts, whatever the stored state and settings.
+    #[test]
+    fn dns_trouble_decides_as_no_facts(
+        f in troubled_facts(),
+        skip in any::<bool>(),
+        age in 0..1_000u64,
+        passed_before in any::<bool>(),
+    ) {
+        let engine = selective_engine(Selective {
+            dnsbl_delay: Some(3_600),
+            verified: if skip { VerifiedTreatment::Skip } else { VerifiedTreatment::Delay(10) },
+            ..Selective::default()
+        });
+        let triplet = if passed_before { passed(T - age, T - age) } else { pending(T - age, 1) };
+        let prior = state(None, Some(triplet));
+        let plain = base_request();
+        let troubled = with_facts(base_request(), f);
+        let (want, want_next) = engine.decide(&plain, &prior, T);
+        let (got, got_next) = engine.decide(&troubled, &prior, T);
+        prop_assert_eq!(got_next, want_next);
+        prop_assert_eq!(
+            (got.verdict, got.rule, got.key, got.remaining, got.delayed, got.delay),
+            (want.verdict, want.rule, want.key, want.remaining, want.delayed, want.delay)
+        );
+        prop_assert_eq!(got.identity.map(|i| i.kind), Some(IdentityKind::Prefix));
     }
 }

@@ -284,6 +284,8 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 sender: s.sender.clone().unwrap_or_default(),
                 recipient: strip_envelope(&args[0]).to_string(),
                 sasl_username: s.macros.get("auth_authen").cloned().unwrap_or_default(),
+                reverse_client_name: String::new(),
+                facts: None,
             };
             let outcome = ctx.svc.check(&req, unix_now()).await;
             if outcome.enforced

@@ -75,6 +75,10 @@ pub fn to_request(p: &PolicyRequest) -> Option<Request> {
         sender: get("sender"),
         recipient: get("recipient"),
         sasl_username: get("sasl_username"),
+        // Left empty: copying it would cost every request an allocation, and only the
+        // DNS-facts gathering (with its own switch) and explanations would read it.
+        reverse_client_name: String::new(),
+        facts: None,
     })
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use proptest::prelude::*;
 
 use super::*;
-use crate::engine::{ClientRecord, Policy, Rule, State, Triplet};
+use crate::engine::{ClientRecord, Policy, Rule, State, Triplet, TripletKey};
 use crate::store::{Counts, EntryFilter, EntryKind, ExpireStep, MemoryStore, Page, UpdateFn};
 
 fn request(ip: &str, sender: &str, recipient: &str) -> Request {

@@ -75,7 +75,9 @@ async fn update_returns_old_and_writes_new(s: &dyn Store) {
     let engine = Engine::default();
     let k = key(1);
     let old = s
-        .update_triplet(&k, &|old| Some(engine.triplet_step(old, 1000).1))
+        .update_triplet(&k, &|old| {
+            Some(engine.triplet_step(old, 1000, engine.policy.delay).1)
+        })
         .await
         .unwrap();
     assert_eq!(old, None, "first update sees no record");
@@ -85,7 +87,9 @@ async fn update_returns_old_and_writes_new(s: &dyn Store) {
         (1000, 1, false)
     );
     let old = s
-        .update_triplet(&k, &|old| Some(engine.triplet_step(old, 1400).1))
+        .update_triplet(&k, &|old| {
+            Some(engine.triplet_step(old, 1400, engine.policy.delay).1)
+        })
         .await
         .unwrap();
     assert_eq!(old, Some(stored), "second update sees the first record");
@@ -158,10 +162,10 @@ async fn first_sighting_race_has_one_winner(store: Arc<dyn Store>) {
         handles.push(tokio::spawn(async move {
             let now = 5000 + i % 3;
             let old = s
-                .update_triplet(&k, &|old| Some(e.triplet_step(old, now).1))
+                .update_triplet(&k, &|old| Some(e.triplet_step(old, now, e.policy.delay).1))
                 .await
                 .unwrap();
-            e.triplet_step(old.as_ref(), now).0
+            e.triplet_step(old.as_ref(), now, e.policy.delay).0
         }));
     }
     let mut news = 0;
@@ -182,9 +186,11 @@ async fn keys_with_odd_characters(s: &dyn Store) {
         recipient: "a=b/c%d@example.org".into(),
     };
     let engine = Engine::default();
-    s.update_triplet(&k, &|old| Some(engine.triplet_step(old, 7).1))
-        .await
-        .unwrap();
+    s.update_triplet(&k, &|old| {
+        Some(engine.triplet_step(old, 7, engine.policy.delay).1)
+    })
+    .await
+    .unwrap();
     assert!(
         s.get_triplet(&k).await.unwrap().is_some(),
         "odd key stored and found"

@@ -133,7 +133,9 @@ async fn embedded_store_persists_flushed_changes_and_deletions() {
         let store = EmbeddedStore::open(&path, 0).unwrap();
         for s in ["a@x", "b@x", "c@x"] {
             store
-                .update_triplet(&key(s), &|old| Some(engine.triplet_step(old, 1000).1))
+                .update_triplet(&key(s), &|old| {
+                    Some(engine.triplet_step(old, 1000, engine.policy.delay).1)
+                })
                 .await
                 .unwrap();
         }
@@ -141,7 +143,9 @@ async fn embedded_store_persists_flushed_changes_and_deletions() {
         // Expire everything (records written at 1000 live until 1000 + retry_window).
         let later = 1000 + engine.policy.retry_window + 1;
         store
-            .update_triplet(&key("d@x"), &|old| Some(engine.triplet_step(old, later).1))
+            .update_triplet(&key("d@x"), &|old| {
+                Some(engine.triplet_step(old, later, engine.policy.delay).1)
+            })
             .await
             .unwrap();
         loop {
@@ -236,10 +240,10 @@ async fn two_hosts_race(a: Arc<dyn Store>, b: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let at = now + i % 2;
             let old = s
-                .update_triplet(&k, &|old| Some(e.triplet_step(old, at).1))
+                .update_triplet(&k, &|old| Some(e.triplet_step(old, at, e.policy.delay).1))
                 .await
                 .expect("update under contention");
-            let outcome = e.triplet_step(old.as_ref(), at).0;
+            let outcome = e.triplet_step(old.as_ref(), at, e.policy.delay).0;
             s.update_client("198.51.100.0/24", &|old: Option<&ClientRecord>| {
                 let mut c = old.copied().unwrap_or(ClientRecord {
                     passes: 0,
@@ -447,7 +451,9 @@ async fn redis_store_fails_fast_while_down_or_frozen_and_recovers() {
     };
     let touch = async || {
         store
-            .update_triplet(&key, &|old| Some(engine.triplet_step(old, unix_now()).1))
+            .update_triplet(&key, &|old| {
+                Some(engine.triplet_step(old, unix_now(), engine.policy.delay).1)
+            })
             .await
     };
     touch().await.expect("works while up");
@@ -609,7 +615,9 @@ async fn postgres_store_fails_fast_while_down_and_recovers() {
     };
     let touch = async || {
         store
-            .update_triplet(&key, &|old| Some(engine.triplet_step(old, unix_now()).1))
+            .update_triplet(&key, &|old| {
+                Some(engine.triplet_step(old, unix_now(), engine.policy.delay).1)
+            })
             .await
     };
     touch().await.expect("works while up");
