@@ -37,6 +37,18 @@ pub enum Command {
     Probe(crate::outbound_cmd::ProbeArgs),
     /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
     Track(crate::outbound_cmd::TrackArgs),
+    /// Counters of the running daemon (or the store's record counts when none runs).
+    Stats(crate::admin_cmd::StatsArgs),
+    /// List greylisting records: pending and passed triplets, auto-allowed client groups.
+    List(crate::admin_cmd::ListArgs),
+    /// Forget greylisting records that match a filter.
+    Purge(crate::admin_cmd::PurgeArgs),
+    /// Runtime allow entries: skip greylisting for a client, sender or recipient now.
+    Allow(crate::admin_cmd::RuntimeArgs),
+    /// Runtime deny entries: always answer "try again later".
+    Deny(crate::admin_cmd::RuntimeArgs),
+    /// Make the running daemon reload its configuration and allow-list files.
+    Reload(crate::admin_cmd::ReloadArgs),
     /// Benchmarks: load a policy server, run a null responder, or preload a store.
     Bench(BenchArgs),
 }
@@ -124,6 +136,12 @@ pub struct ExplainArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+    /// Ask the running daemon (its engine, runtime entries and store) instead of reading the store
+    #[arg(long)]
+    pub live: bool,
+    /// With --live: the daemon's admin API [default: the first `[admin] listen` address]
+    #[arg(long, value_name = "URL", env = "GREYGATE_ADMIN_URL")]
+    pub admin: Option<String>,
 }
 
 /// `greygate bench`: by default a load test of `--target`; `--null-server` and `--preload`

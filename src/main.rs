@@ -4,6 +4,7 @@
 //! held by a running daemon; `probe`: 0 accepted, 4 greylisted, 5 other temporary failure,
 //! 6 rejected, 7 no connection.
 
+mod admin_cmd;
 mod cli;
 mod outbound_cmd;
 
@@ -41,6 +42,12 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain(args),
         Command::Probe(args) => outbound_cmd::probe(args),
         Command::Track(args) => outbound_cmd::track(args),
+        Command::Stats(args) => admin_cmd::stats(args),
+        Command::List(args) => admin_cmd::list(args),
+        Command::Purge(args) => admin_cmd::purge(args),
+        Command::Allow(args) => admin_cmd::runtime_entries(greygate::engine::ListKind::Allow, args),
+        Command::Deny(args) => admin_cmd::runtime_entries(greygate::engine::ListKind::Deny, args),
+        Command::Reload(args) => admin_cmd::reload(args),
         Command::Bench(args) => bench(args),
     };
     match result {
@@ -53,7 +60,7 @@ fn main() -> ExitCode {
 }
 
 /// Reads and validates the configuration; `tweak` applies command-line overrides first.
-fn load_config(
+pub(crate) fn load_config(
     args: &cli::ConfigArgs,
     tweak: impl FnOnce(&mut RawConfig),
 ) -> Result<Config, ConfigErrors> {
@@ -65,7 +72,7 @@ fn load_config(
     raw.validate(src.as_ref())
 }
 
-fn config_failed(e: &ConfigErrors) -> ExitCode {
+pub(crate) fn config_failed(e: &ConfigErrors) -> ExitCode {
     eprintln!("greygate: invalid configuration:\n{e}");
     ExitCode::from(EXIT_CONFIG)
 }
@@ -240,6 +247,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    if args.live {
+        let daemon = admin_cmd::DaemonArgs {
+            config: args.config.clone(),
+            admin: args.admin.clone(),
+            token: None,
+            offline: false,
+        };
+        let query = [
+            ("client", args.client.to_string()),
+            ("name", args.name.clone()),
+            ("from", args.from.clone()),
+            ("to", args.to.clone()),
+            ("sasl_user", args.sasl_user.clone()),
+            ("at", args.at.clone().unwrap_or_default()),
+        ];
+        if let Some(code) = admin_cmd::explain_live(&daemon, &query, args.json)? {
+            return Ok(code);
+        }
+    }
     let cfg = match load_config(&args.config, |raw| {
         if let Some(db) = &args.db {
             raw.store.backend = "embedded".into();

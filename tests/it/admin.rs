@@ -473,3 +473,178 @@ fn entries_list_by_filter_and_purge() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["removed"], 6);
 }
+
+/// `greygate ARGS --config DIR/greygate.toml --admin URL`.
+fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let config = d.dir.join("greygate.toml");
+    let url = d.admin_url();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--config", config.to_str().unwrap(), "--admin", &url]);
+    crate::harness::run_cli(&all)
+}
+
+#[test]
+fn cli_commands_talk_to_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let mut c = d.client();
+    let req = rcpt_request("192.0.2.50", "Alice+news@Example.NET", "bob@example.org");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+
+    let (code, out, err) = cli(&d, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 passed, 1 deferred"), "{out}");
+    assert!(out.contains("new"), "{out}");
+
+    let (code, out, err) = cli(&d, &["list", "--client", "192.0.2.1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pending  192.0.2.0/24"), "{out}");
+    assert!(out.contains("alice@example.net"), "{out}");
+    let (code, out, _) = cli(&d, &["list", "--state", "passed", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 0);
+
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "allow",
+            "add",
+            "192.0.2.0/24",
+            "--ttl",
+            "1h",
+            "--comment",
+            "partner",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added #1"), "{out}");
+    assert_eq!(c.ask(&req), "DUNNO");
+    let (_, out, _) = cli(&d, &["allow", "list"]);
+    assert!(
+        out.contains("192.0.2.0/24") && out.contains("partner"),
+        "{out}"
+    );
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "explain",
+            "--live",
+            "--client",
+            "192.0.2.9",
+            "--from",
+            "x@y.example",
+            "--to",
+            "bob@example.org",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("runtime-allow"), "{out}");
+    let (code, out, err) = cli(&d, &["allow", "remove", "#1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed 1"), "{out}");
+    assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
+
+    let (code, _, err) = cli(&d, &["deny", "add", "@example.net", "--target", "sender"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(&d, &["deny", "list", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["entries"][0]["value"], "@example.net");
+    let (code, _, err) = cli(&d, &["deny", "remove", "@example.net"]);
+    assert_eq!(code, 0, "{err}");
+
+    let (code, _, err) = cli(&d, &["purge"]);
+    assert_eq!(code, 2, "a purge needs a filter: {err}");
+    let (code, out, err) = cli(&d, &["purge", "--sender", "alice@"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed 1"), "{out}");
+    let (code, out, _) = cli(&d, &["reload"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("reloaded"), "{out}");
+
+    // Changes with a wrong token are refused.
+    let config = d.dir.join("greygate.toml");
+    let url = d.admin_url();
+    let (code, _, err) = crate::harness::run_cli(&[
+        "allow",
+        "add",
+        "10.0.0.1",
+        "--config",
+        config.to_str().unwrap(),
+        "--admin",
+        &url,
+        "--token",
+        "wrong-token-123456789",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("wrong admin token"), "{err}");
+}
+
+#[test]
+fn cli_commands_use_the_store_when_no_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gg.redb");
+    // An admin address nothing listens on: the commands fall back to the files.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let toml = format!(
+        "[greylist]\ndelay = 300\n[store]\nbackend = \"embedded\"\npath = {db:?}\n[admin]\nlisten = [\"127.0.0.1:{port}\"]\ntoken = \"{TOKEN}\"\n"
+    );
+    let d = DaemonConfig::new(dir.path())
+        .toml(&toml)
+        .args(&["--admin-listen", "127.0.0.1:0"])
+        .start();
+    let mut c = d.client();
+    c.ask(&rcpt_request(
+        "192.0.2.60",
+        "a@example.net",
+        "b@example.org",
+    ));
+    c.ask(&rcpt_request(
+        "198.51.100.60",
+        "c@example.net",
+        "d@example.org",
+    ));
+    drop(c);
+    let config = dir.path().join("greygate.toml");
+    let cfg = config.to_str().unwrap();
+    // The daemon holds the file: offline commands say so with exit 3.
+    let (code, _, err) = crate::harness::run_cli(&["list", "--offline", "--config", cfg]);
+    assert_eq!(code, 3, "{err}");
+    let (status, _) = d.terminate();
+    assert!(status.success());
+
+    let (code, out, err) = crate::harness::run_cli(&["list", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no daemon answers"), "{err}");
+    assert!(
+        out.contains("192.0.2.0/24") && out.contains("198.51.100.0/24"),
+        "{out}"
+    );
+    let (code, out, _) = crate::harness::run_cli(&["stats", "--config", cfg]);
+    assert_eq!(code, 0);
+    assert!(out.contains("2 pending"), "{out}");
+    let (code, out, err) =
+        crate::harness::run_cli(&["purge", "--client", "192.0.2.1", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed 1"), "{out}");
+    let (code, out, err) =
+        crate::harness::run_cli(&["allow", "add", "203.0.113.0/24", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added #1"), "{out}");
+
+    // The next daemon sees both changes.
+    let d = DaemonConfig::new(dir.path())
+        .toml(&toml)
+        .args(&["--admin-listen", "127.0.0.1:0"])
+        .start();
+    let http = Http::new(&d);
+    let left = http.get_json("/api/entries");
+    assert_eq!(left["entries"].as_array().unwrap().len(), 1, "{left}");
+    let mut c = d.client();
+    assert_eq!(
+        c.ask(&rcpt_request("203.0.113.1", "a@b.example", "c@example.org")),
+        "DUNNO"
+    );
+}

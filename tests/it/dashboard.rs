@@ -1,0 +1,306 @@
+//! The web dashboard in a real headless Chromium, driven through ChromeDriver's WebDriver
+//! API: the page loads without console errors, its counters match the traffic the test
+//! sent, the explain box answers, an allow entry can be added; a screenshot is kept as an
+//! artifact.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::admin::{TOKEN, admin_toml};
+use crate::harness::{DaemonConfig, peers_required, rcpt_request};
+
+fn find(names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// A ChromeDriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    fn start(bin: &Path, log: &Path) -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", log.display()))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let d = Driver {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            agent: ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(60)))
+                .http_status_as_error(false)
+                .build()
+                .into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(v) = d.call("GET", "/status", None)
+                && v["value"]["ready"] == true
+            {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "chromedriver never became ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        let resp = match method {
+            "POST" => self
+                .agent
+                .post(&url)
+                .send_json(body.unwrap_or_else(|| json!({}))),
+            "DELETE" => self.agent.delete(&url).call(),
+            _ => self.agent.get(&url).call(),
+        };
+        let mut resp = resp.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+        if status >= 400 {
+            return Err(format!("{method} {path}: {status} {v}"));
+        }
+        Ok(v)
+    }
+}
+
+struct Session<'a> {
+    d: &'a Driver,
+    id: String,
+}
+
+impl Session<'_> {
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let p = format!("/session/{}{path}", self.id);
+        self.d
+            .call(method, &p, body)
+            .unwrap_or_else(|e| panic!("{e}"))["value"]
+            .clone()
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": js, "args": []})),
+        )
+    }
+
+    fn text(&self, css: &str) -> String {
+        let js =
+            format!("const e = document.querySelector({css:?}); return e ? e.textContent : null;");
+        self.script(&js).as_str().unwrap_or_default().to_string()
+    }
+
+    fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let t = self.text(css);
+            if ok(&t) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "{what}: {css} shows {t:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css);
+        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({})));
+        self.cmd(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({"text": text})),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.element(css);
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+
+    /// Console messages at level SEVERE (errors, failed loads, CSP violations).
+    fn console_errors(&self) -> Vec<String> {
+        let v = self.cmd("POST", "/se/log", Some(json!({"type": "browser"})));
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["level"] == "SEVERE")
+            .map(|m| m["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+#[test]
+fn dashboard_in_headless_chromium() {
+    const TEST: &str = "dashboard_in_headless_chromium";
+    let chromium = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+    let driver = find(&["/usr/bin/chromedriver"]);
+    let (Some(chromium), Some(driver_bin)) = (chromium, driver) else {
+        let why = "chromium and chromium-driver are not installed (scripts/test installs them)";
+        assert!(
+            !peers_required(),
+            "{TEST}: real Chromium required but {why}"
+        );
+        eprintln!("skipped {TEST}: {why}");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let mut c = d.client();
+    for i in 1..=3 {
+        let r = c.ask(&rcpt_request(
+            &format!("203.0.{i}.10"),
+            "newsletter@shop.example",
+            "bob@example.org",
+        ));
+        assert!(r.starts_with("DEFER_IF_PERMIT"), "{r}");
+    }
+    assert_eq!(
+        c.ask(&rcpt_request(
+            "198.51.100.1",
+            "x@example.net",
+            "postmaster@example.org"
+        )),
+        "DUNNO"
+    );
+
+    let profile = tempfile::tempdir().unwrap();
+    let drv = Driver::start(&driver_bin, &dir.path().join("chromedriver.log"));
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:loggingPrefs": {"browser": "ALL"},
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                "--window-size=1400,1300",
+                format!("--user-data-dir={}", profile.path().display()),
+            ]
+        }
+    }}});
+    let created = drv
+        .call("POST", "/session", Some(caps))
+        .unwrap_or_else(|e| panic!("cannot start Chromium: {e}"));
+    let id = created["value"]["sessionId"].as_str().unwrap().to_string();
+    let s = Session { d: &drv, id };
+
+    s.cmd("POST", "/url", Some(json!({"url": d.admin_url() + "/"})));
+    assert_eq!(s.script("return document.title;"), "greygate");
+    s.wait_text("#count-defer", |t| t == "3", "deferred counter");
+    assert_eq!(s.text("#count-pass"), "1");
+    assert_eq!(s.text("#count-skip"), "0");
+    s.wait_text(
+        "#top-groups tbody",
+        |t| t.contains("203.0.1.0/24"),
+        "top groups",
+    );
+    s.wait_text(
+        "#top-domains tbody",
+        |t| t.contains("shop.example"),
+        "top domains",
+    );
+    s.wait_text(
+        "#recent tbody",
+        |t| t.contains("allow-recipient"),
+        "recent decisions",
+    );
+    let points = s.script("return document.querySelectorAll('#chart polyline').length;");
+    assert_eq!(points, 2, "pass and defer lines drawn");
+
+    // The explain box answers from the live store.
+    s.type_into("#explain-client", "203.0.1.99");
+    s.type_into("#explain-from", "newsletter@shop.example");
+    s.type_into("#explain-to", "bob@example.org");
+    s.click("#explain-submit");
+    let x = s.wait_text("#explain-result", |t| t.contains("rule:"), "explain result");
+    assert!(x.contains("early-retry"), "{x}");
+
+    // Changes without the token are refused and say why; with it they apply.
+    s.type_into("#entry-value", "203.0.2.0/24");
+    s.click("#entry-submit");
+    s.wait_text("#entry-message", |t| t.contains("token"), "refusal");
+    s.type_into("#entry-value", "203.0.2.0/24");
+    s.type_into("#entry-comment", "partner relay");
+    s.type_into("#entry-token", TOKEN);
+    s.click("#entry-submit");
+    s.wait_text("#entry-message", |t| t.starts_with("added #1"), "added");
+    s.wait_text(
+        "#entries tbody",
+        |t| t.contains("partner relay"),
+        "entry listed",
+    );
+    assert_eq!(
+        c.ask(&rcpt_request(
+            "203.0.2.10",
+            "newsletter@shop.example",
+            "bob@example.org"
+        )),
+        "DUNNO",
+        "the entry added in the browser applies"
+    );
+    s.wait_text("#count-pass", |t| t == "2", "counter follows traffic");
+
+    let shot = s.cmd("GET", "/screenshot", None);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let path = artifacts.join("dashboard.png");
+    std::fs::write(&path, &png).unwrap();
+    eprintln!("dashboard screenshot: {}", path.display());
+
+    // Only the 401 of the refused change may show up (Chromium logs failed fetches).
+    let errors: Vec<String> = s
+        .console_errors()
+        .into_iter()
+        .filter(|m| !m.contains("401 (Unauthorized)"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    let _ = drv.call("DELETE", &format!("/session/{}", s.id), None);
+}
