@@ -911,3 +911,45 @@ fn socket_mode_spellings() {
         assert_eq!(c.socket_mode, want, "{text}");
     }
 }
+
+#[test]
+fn admin_defaults_follow_the_store() {
+    let c = valid("[store]\npath = \"/srv/gg/greylist.redb\"\n");
+    assert_eq!(c.admin.listen, vec!["127.0.0.1:9025".parse().unwrap()]);
+    assert_eq!(
+        c.admin.token,
+        TokenSource::File("/srv/gg/admin.token".into())
+    );
+    assert_eq!(
+        c.admin.entries_file,
+        Some("/srv/gg/greylist.redb.entries.json".into())
+    );
+    assert_eq!(c.admin.url().as_deref(), Some("http://127.0.0.1:9025"));
+    let m = valid("[store]\nbackend = \"memory\"\n[admin]\nlisten = [\"0.0.0.0:9999\"]\n");
+    assert_eq!(m.admin.token, TokenSource::None);
+    assert_eq!(m.admin.entries_file, None);
+    assert_eq!(m.admin.url().as_deref(), Some("http://127.0.0.1:9999"));
+    let off = valid("[admin]\nlisten = []\ntoken = \"0123456789abcdef-x\"\n");
+    assert!(off.admin.listen.is_empty() && off.admin.url().is_none());
+    assert_eq!(
+        off.admin.token,
+        TokenSource::Inline("0123456789abcdef-x".into())
+    );
+}
+
+#[test]
+fn admin_errors_point_at_the_value() {
+    let e = single_error("[admin]\nlisten = [\"localhost:9025\"]\n");
+    assert_eq!(e.location, format!("{NAME}:2:11"));
+    assert!(e.message.contains("not an IP address and port"), "{e}");
+    let e = single_error("[admin]\ntoken = \"short\"\n");
+    assert!(e.message.contains("16 characters"), "{e}");
+    let e = single_error(
+        "[admin]\ntoken = \"0123456789abcdef-x\"\ntoken_file = \"/etc/greygate/token\"\n",
+    );
+    assert!(e.message.contains("not both"), "{e}");
+    let e = single_error("[admin]\nrequest_timeout = 0\n");
+    assert!(e.message.contains("positive"), "{e}");
+    let e = single_error("[admin]\nbogus = 1\n");
+    assert!(e.message.contains("bogus"), "{e}");
+}
