@@ -94,8 +94,10 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAdmin {
-    /// TCP addresses to serve on; loopback by default, empty disables the admin listener.
-    pub listen: Vec<String>,
+    /// TCP addresses to serve on (default `127.0.0.1:9025`); `[]` disables the admin
+    /// listener. When the default address is taken (another greygate on this host) the
+    /// daemon runs without it and says so; an address written here must be free.
+    pub listen: Option<Vec<String>>,
     /// Bearer token that changes (allow/deny entries, purge, reload) must carry.
     pub token: String,
     /// File whose first line is the token; created with a random token (mode 0600) when
@@ -117,7 +119,7 @@ pub struct RawAdmin {
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
-            listen: vec![DEFAULT_ADMIN_LISTEN.into()],
+            listen: None,
             token: String::new(),
             token_file: None,
             token_for_reads: false,
@@ -669,6 +671,8 @@ pub enum TokenSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: Vec<SocketAddr>,
+    /// True when `listen` was not configured: a busy default port is not fatal.
+    pub listen_is_default: bool,
     pub token: TokenSource,
     pub token_for_reads: bool,
     pub entries_file: Option<PathBuf>,
@@ -1094,7 +1098,14 @@ impl RawConfig {
 
         let ad = &self.admin;
         let mut admin_listen = Vec::new();
-        for (i, l) in ad.listen.iter().enumerate() {
+        let default_listen = vec![DEFAULT_ADMIN_LISTEN.to_string()];
+        for (i, l) in ad
+            .listen
+            .as_ref()
+            .unwrap_or(&default_listen)
+            .iter()
+            .enumerate()
+        {
             match l.parse::<SocketAddr>() {
                 Ok(a) => admin_listen.push(a),
                 Err(_) => err(
@@ -1219,6 +1230,7 @@ impl RawConfig {
             log_json: self.log.format == "json",
             admin: AdminConfig {
                 listen: admin_listen,
+                listen_is_default: ad.listen.is_none(),
                 token: if !ad.token.is_empty() {
                     TokenSource::Inline(ad.token.trim().to_string())
                 } else if let Some(f) = ad

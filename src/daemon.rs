@@ -298,10 +298,18 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
     }
     let mut admin_listeners = Vec::new();
     for addr in &cfg.admin.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
-        admin_listeners.push(l);
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => admin_listeners.push(l),
+            // Mail comes first: a second daemon on this host must not fail because the
+            // default admin port is taken. A configured address must be free.
+            Err(e) if cfg.admin.listen_is_default => tracing::warn!(
+                listener = %addr, error = %e,
+                "default admin address unavailable; running without the admin listener (set [admin] listen)"
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen on {addr} (admin)"));
+            }
+        }
     }
     for (l, kind, _) in &listeners {
         tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");

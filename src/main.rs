@@ -201,10 +201,10 @@ fn serve_overrides(args: &ServeArgs, raw: &mut RawConfig) {
         }
     }
     if !args.admin_listen.is_empty() {
-        raw.admin.listen = args.admin_listen.clone();
+        raw.admin.listen = Some(args.admin_listen.clone());
     }
     if args.no_admin {
-        raw.admin.listen.clear();
+        raw.admin.listen = Some(Vec::new());
     }
     // A store named on the command line replaces the configured one, server URL too.
     if let Some(db) = &args.db {

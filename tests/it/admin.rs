@@ -648,3 +648,72 @@ fn cli_commands_use_the_store_when_no_daemon_runs() {
         "DUNNO"
     );
 }
+
+/// Starts `greygate serve ARGS` without the harness's admin override; returns the child
+/// and its stderr collected so far once `ready` shows up (or the process ended).
+fn serve_raw(args: &[&str], ready: &str) -> (std::process::Child, String) {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(crate::harness::greygate_bin())
+        .arg("serve")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !log.contains(ready) && std::time::Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(b) => log.push_str(&String::from_utf8_lossy(&b)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => {}
+        }
+    }
+    (child, log)
+}
+
+#[test]
+fn a_busy_default_admin_port_does_not_stop_the_mail_service() {
+    // Hold the default admin address ourselves (or find it held already).
+    let _held = std::net::TcpListener::bind(greygate::config::DEFAULT_ADMIN_LISTEN);
+    let (mut child, log) = serve_raw(
+        &["--listen", "127.0.0.1:0", "--memory"],
+        "policy listener ready",
+    );
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "the daemon must keep serving mail:\n{log}");
+    assert!(log.contains("default admin address unavailable"), "{log}");
+
+    // An address the operator configured must be free, and the error says which one.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let (mut child, log) = serve_raw(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "--admin-listen",
+            &addr,
+        ],
+        "never printed",
+    );
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        log.contains(&format!("cannot listen on {addr} (admin)")),
+        "{log}"
+    );
+}
