@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod cluster;
+mod dns;
 mod harness;
 mod milter;
 mod outbound;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod postfix;
 pub mod postgres;
 pub mod redis;
@@ -385,9 +386,17 @@ impl PolicyClient {
     }
 
     fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match &mut self.conn {
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => s.read(buf),
+        loop {
+            let r = match &mut self.conn {
+                Conn::Tcp(s) => s.read(buf),
+                Conn::Unix(s) => s.read(buf),
+            };
+            // A signal to the test process (children of parallel tests come and go) may
+            // interrupt a read that waits long; that is no answer from the server.
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
         }
     }
 
