@@ -202,6 +202,18 @@ impl Daemon {
         false
     }
 
+    /// Waits until `needle` occurs at least `n` times in the log.
+    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Asserts that the log comes to contain `needle` (log lines arrive through a pipe,
     /// a little after the reply they belong to).
     #[track_caller]
