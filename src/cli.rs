@@ -118,7 +118,8 @@ pub struct ExplainArgs {
     /// Client IP address
     #[arg(long, value_name = "IP")]
     pub client: IpAddr,
-    /// Verified client host name (Postfix's client_name)
+    /// Verified client host name (Postfix's client_name); with [dns] enabled and no name
+    /// given, the client's reverse DNS is looked up as the milter front end would
     #[arg(long, value_name = "HOST", default_value = "unknown")]
     pub name: String,
     /// Envelope sender; "" or "<>" for the null sender

@@ -2,7 +2,8 @@
 //! checked `Config`, handles signals, and reloads configuration on `SIGHUP` or request.
 //!
 //! A reload validates the whole new configuration first; only when it is good are the
-//! engine (policy, allow lists) and the reply texts swapped in, each in one step, so a
+//! engine (policy, allow lists), the DNS facts gatherer (rebuilt only when `[dns]`,
+//! `[dnswl]` or `[dnsbl]` changed) and the reply texts swapped in, each in one step, so a
 //! request sees either the old or the new configuration. Connections stay open. Settings
 //! that need new sockets or another store (listeners, store, admin) are reported and wait
 //! for a restart.
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigErrors, StoreKind, TokenSource};
+use crate::dns::Gatherer;
 use crate::server::milter::{MilterContext, MilterLimits, MilterReplies};
 use crate::server::policy::{ConnContext, Replies};
 use crate::server::{self, Bound, ConnLimits, Handler, StoreOpener};
@@ -99,9 +101,16 @@ impl Reloader {
         let allow_entries = cfg.engine.allow.counts();
         let (policy_replies, milter_replies) = replies(&cfg);
         let mode = cfg.mode;
+        // The same DNS settings keep the gatherer, and with it the cache.
+        let current = self.svc.live().dns.clone();
+        let dns = match current {
+            Some(g) if g.settings() == &cfg.dns && g.host_domain() == cfg.hostname => Some(g),
+            _ => gatherer(&cfg, &self.svc),
+        };
         self.svc.replace_live(Live {
             options: options(&cfg),
             engine: cfg.engine,
+            dns,
         });
         self.policy.replies.store(Arc::new(policy_replies));
         self.milter.replies.store(Arc::new(milter_replies));
@@ -123,6 +132,34 @@ impl Reloader {
             needs_restart,
             allow_entries,
         })
+    }
+}
+
+/// The DNS facts gatherer `[dns]` asks for. A resolver that cannot be set up leaves DNS off
+/// (loudly): DNS trouble must never stop mail, nor the daemon.
+fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
+    if !cfg.dns.enabled {
+        return None;
+    }
+    match Gatherer::new(&cfg.dns, &cfg.hostname, svc.metrics.dns.clone()) {
+        Ok(g) => {
+            let resolver = cfg
+                .dns
+                .resolver
+                .map_or_else(|| "system".to_string(), |a| a.to_string());
+            tracing::info!(
+                %resolver,
+                budget_ms = cfg.dns.budget.as_millis(),
+                dnswl = ?cfg.dns.dnswl_zones,
+                dnsbl = ?cfg.dns.dnsbl_zones,
+                "DNS facts enabled"
+            );
+            Some(Arc::new(g))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "DNS facts disabled: every client is keyed on its IP prefix");
+            None
+        }
     }
 }
 
@@ -252,7 +289,9 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
         None => RuntimeEntries::in_memory(),
     };
     let engine = cfg.engine.clone();
-    let svc = Arc::new(Greylister::new(engine, slot, options(&cfg)).with_entries(entries));
+    let svc = Greylister::new(engine, slot, options(&cfg)).with_entries(entries);
+    let dns = gatherer(&cfg, &svc);
+    let svc = Arc::new(svc.with_dns(dns));
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let (policy_replies, milter_replies) = replies(&cfg);

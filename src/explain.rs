@@ -5,8 +5,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::dns::Gatherer;
 use crate::engine::{
-    Classified, ClientRecord, Decision, DelayReason, Engine, Request, State, Triplet,
+    Classified, ClientRecord, Decision, DelayReason, Engine, HostName, IdentityFacts, Request,
+    State, Triplet,
 };
 use crate::store::{Store, StoreError};
 
@@ -25,6 +27,12 @@ pub struct Explanation {
     pub auto_allow_after: u32,
     /// The delay this request serves (the configured one unless DNS list facts change it).
     pub delay: u64,
+    /// The DNS facts the decision used (gathered now, when `[dns]` is enabled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facts: Option<IdentityFacts>,
+    /// What DNS could not say in time, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
 }
 
 /// Why an explanation could not be made.
@@ -37,14 +45,25 @@ pub enum ExplainError {
 }
 
 /// Explains `req` at `now`. `store` is `Err(why)` when it could not be opened: requests
-/// that the static rules decide are still explained.
+/// that the static rules decide are still explained. With `dns`, the request's DNS facts
+/// are gathered first, as the daemon would, so the explanation shows the identity really
+/// used.
 pub async fn explain(
     engine: &Engine,
     store: Result<&dyn Store, String>,
+    dns: Option<&Gatherer>,
     req: &Request,
     now: u64,
     reply: impl Fn(&Decision) -> String,
 ) -> Result<Explanation, ExplainError> {
+    let enriched = match dns {
+        Some(g) => g.facts_for(engine, req, now).await,
+        None => None,
+    };
+    let (req, note) = match &enriched {
+        Some((with, gathered)) => (with, gathered.note()),
+        None => (req, None),
+    };
     let mut state = State::default();
     if let Classified::Lookup(lookup) = engine.classify(req, now) {
         let store = store.map_err(ExplainError::NoStore)?;
@@ -60,7 +79,31 @@ pub async fn explain(
         delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
         decision,
         auto_allow_after: engine.policy.auto_allow_after,
+        facts: req.facts.clone(),
+        dns: note,
     })
+}
+
+/// The facts in one line: `spf pass (example.com); host mx.example.com (verified); ...`.
+fn facts_text(f: &IdentityFacts) -> String {
+    let mut parts = Vec::new();
+    if let Some(spf) = &f.spf {
+        parts.push(format!("spf {} ({})", spf.result.as_str(), spf.domain));
+    }
+    parts.push(match &f.name {
+        HostName::Verified(n) => format!("host {n} (forward-confirmed)"),
+        HostName::Unverified => "host not forward-confirmed".into(),
+        HostName::Timeout => "host name not known in time".into(),
+        HostName::Unknown => "host name not looked up".into(),
+    });
+    for (kind, l) in [("dnswl", &f.dnswl), ("dnsbl", &f.dnsbl)] {
+        if l.listed() {
+            parts.push(format!("{kind}: listed by {}", l.hits.join(", ")));
+        } else if !l.complete {
+            parts.push(format!("{kind}: not every zone answered"));
+        }
+    }
+    parts.join("; ")
 }
 
 fn when(t: u64, now: u64) -> String {
@@ -88,6 +131,12 @@ impl Explanation {
         }
         if let Some(i) = &d.identity {
             let _ = writeln!(s, "identity:   {} — {}", i.kind, i.reason);
+        }
+        if let Some(f) = &self.facts {
+            let _ = writeln!(s, "dns facts:  {}", facts_text(f));
+        }
+        if let Some(note) = &self.dns {
+            let _ = writeln!(s, "dns:        {note}");
         }
         if let Some(k) = &d.key {
             let _ = writeln!(s, "key:        client {}", k.client);
@@ -169,7 +218,7 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{HostName, IdentityFacts, Listing, Selective, SpfFact, SpfResult};
+    use crate::engine::{Listing, Selective, SpfFact, SpfResult};
 
     fn explained(engine: &Engine, req: &Request) -> Explanation {
         let (decision, _) = engine.decide(req, &State::default(), 1_700_000_000);
@@ -181,6 +230,8 @@ mod tests {
             delay: decision.delay.map_or(engine.policy.delay, |d| d.seconds),
             decision,
             auto_allow_after: engine.policy.auto_allow_after,
+            facts: req.facts.clone(),
+            dns: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod engine;
 pub mod explain;
 pub mod metrics;

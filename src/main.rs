@@ -335,9 +335,25 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let store_ref = reader.as_deref().map_err(Clone::clone);
+    // DNS facts as the daemon would gather them; a resolver that cannot be set up only
+    // means the explanation goes without (as the daemon's requests would).
+    let dns = if cfg.dns.enabled {
+        let _in_runtime = rt.enter();
+        let stats = std::sync::Arc::default();
+        match greygate::dns::Gatherer::new(&cfg.dns, &cfg.hostname, stats) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("greygate: {e}; explaining without DNS facts");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let result = rt.block_on(greygate::explain::explain(
         &cfg.engine,
         store_ref,
+        dns.as_ref(),
         &req,
         now,
         |d| {

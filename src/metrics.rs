@@ -121,6 +121,25 @@ pub struct Metrics {
     pub fail_closed: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Shared with the DNS facts gatherer, which a reload may replace.
+    pub dns: std::sync::Arc<DnsStats>,
+}
+
+/// Counters of the DNS facts gatherer.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Requests whose facts were gathered.
+    pub gathers: AtomicU64,
+    /// Lookups sent (an SPF check, a host name check, one DNS list zone).
+    pub lookups: AtomicU64,
+    /// Lookups answered from the cache.
+    pub cache_hits: AtomicU64,
+    /// Lookups still unanswered when the request's budget ran out.
+    pub timeouts: AtomicU64,
+    /// Lookups that failed (SERVFAIL, refused, network errors).
+    pub failures: AtomicU64,
+    /// Time spent gathering, per request.
+    pub gather_seconds: Histogram,
 }
 
 impl Metrics {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 
 use crate::config::FailMode;
+use crate::dns::Gatherer;
 use crate::engine::{
     Classified, Decision, Engine, ListKind, Lookup, Mode, Request, Rule, RuntimeEntry, Target,
     TripletOutcome, Verdict,
@@ -108,12 +109,14 @@ impl StoreSlot {
     }
 }
 
-/// What a reload replaces in one step: the engine (policy, allow lists, runtime entries)
-/// and the service options.
+/// What a reload replaces in one step: the engine (policy, allow lists, runtime entries),
+/// the service options and the DNS facts gatherer.
 #[derive(Debug, Clone)]
 pub struct Live {
     pub engine: Engine,
     pub options: ServiceOptions,
+    /// `None`: DNS off; requests carry no facts and are keyed on the IP prefix.
+    pub dns: Option<Arc<Gatherer>>,
 }
 
 /// Engine, store and failure policy, with the counters the admin API reports.
@@ -132,7 +135,11 @@ pub struct Greylister {
 impl Greylister {
     pub fn new(engine: Engine, store: StoreSlot, options: ServiceOptions) -> Self {
         Greylister {
-            live: ArcSwap::from_pointee(Live { engine, options }),
+            live: ArcSwap::from_pointee(Live {
+                engine,
+                options,
+                dns: None,
+            }),
             store,
             metrics: Metrics::default(),
             activity: Activity::default(),
@@ -146,6 +153,15 @@ impl Greylister {
     pub fn with_entries(mut self, entries: RuntimeEntries) -> Self {
         self.entries = entries;
         self.refresh_runtime(unix_now());
+        self
+    }
+
+    /// Gathers DNS facts with `dns` from now on (`None`: no DNS).
+    pub fn with_dns(self, dns: Option<Arc<Gatherer>>) -> Self {
+        self.live.rcu(|cur| Live {
+            dns: dns.clone(),
+            ..Live::clone(cur)
+        });
         self
     }
 
@@ -230,6 +246,14 @@ impl Greylister {
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
         let started = Instant::now();
         let live = self.live.load_full();
+        let enriched = match &live.dns {
+            Some(dns) => dns.facts_for(&live.engine, req, now).await,
+            None => None,
+        };
+        let (req, dns_note) = match &enriched {
+            Some((with, gathered)) => (with, gathered.note()),
+            None => (req, None),
+        };
         let decision = match live.engine.classify(req, now) {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
@@ -256,7 +280,7 @@ impl Greylister {
             decision,
             enforced: live.options.mode == Mode::Enforce,
         };
-        self.count_and_log(req, &outcome, now, started);
+        self.count_and_log(req, &outcome, now, started, dns_note.as_deref());
         outcome
     }
 
@@ -314,7 +338,14 @@ impl Greylister {
         Ok(engine.triplet_decision(lookup, outcome, old, client))
     }
 
-    fn count_and_log(&self, req: &Request, o: &Outcome, now: u64, started: Instant) {
+    fn count_and_log(
+        &self,
+        req: &Request,
+        o: &Outcome,
+        now: u64,
+        started: Instant,
+        dns: Option<&str>,
+    ) {
         let d = &o.decision;
         self.metrics
             .count_decision(d.rule, o.effective(), started.elapsed());
@@ -362,6 +393,7 @@ impl Greylister {
                     group,
                     identity,
                     delay,
+                    dns,
                     sender = req.sender.as_str(),
                     recipient = req.recipient.as_str(),
                     remaining = d.remaining,

@@ -247,7 +247,8 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     };
     let enforced = live.options.mode == Mode::Enforce;
     let replies = st.reloader.policy_replies();
-    let result = crate::explain::explain(&live.engine, store_ref, &req, now, |d| {
+    let dns = live.dns.as_deref();
+    let result = crate::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
         replies.action(
             &Outcome {
                 decision: d.clone(),

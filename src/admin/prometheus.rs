@@ -283,6 +283,47 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
         let n = runtime.iter().filter(|e| e.list == list).count();
         o.sample("greygate_runtime_entries", &[("list", list.as_str())], n);
     }
+    let dns = &m.dns;
+    for (name, help, v) in [
+        (
+            "greygate_dns_gathers_total",
+            "Requests whose DNS facts were gathered.",
+            &dns.gathers,
+        ),
+        (
+            "greygate_dns_lookups_total",
+            "DNS fact lookups sent (SPF check, host name check, one DNS list zone).",
+            &dns.lookups,
+        ),
+        (
+            "greygate_dns_cache_hits_total",
+            "DNS fact lookups answered from the cache.",
+            &dns.cache_hits,
+        ),
+        (
+            "greygate_dns_timeouts_total",
+            "DNS fact lookups unanswered when the request's budget ran out.",
+            &dns.timeouts,
+        ),
+        (
+            "greygate_dns_failures_total",
+            "DNS fact lookups that failed (server failure, network error).",
+            &dns.failures,
+        ),
+    ] {
+        o.head(name, "counter", help);
+        o.sample(name, &[], v.load(Ordering::Relaxed));
+    }
+    o.head(
+        "greygate_dns_gather_seconds",
+        "histogram",
+        "Time spent gathering DNS facts, per request.",
+    );
+    o.histogram(
+        "greygate_dns_gather_seconds",
+        &[],
+        &dns.gather_seconds.snapshot(),
+    );
     o.head(
         "greygate_config_reloads_total",
         "counter",

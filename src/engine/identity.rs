@@ -54,11 +54,17 @@ impl fmt::Display for IdentityKind {
 pub const DEFAULT_ORDER: [IdentityKind; 3] =
     [IdentityKind::Spf, IdentityKind::Org, IdentityKind::Prefix];
 
-/// RFC 7208 results, plus `Timeout` for a check the DNS budget cut short.
+/// RFC 7208 results, plus `Timeout` for a check the DNS budget cut short and `PassAny` for
+/// a pass that says nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpfResult {
     Pass,
+    /// The record passes, but would pass addresses nobody can sensibly authorise too
+    /// (`+all`, `ip4:0.0.0.0/0`, ...): it names no pool, so it gives no identity. Identities
+    /// earn auto-allow, so `spf:<domain>` must never stand for "anyone who says so".
+    #[serde(rename = "pass-any")]
+    PassAny,
     Fail,
     SoftFail,
     Neutral,
@@ -72,6 +78,7 @@ impl SpfResult {
     pub fn as_str(self) -> &'static str {
         match self {
             SpfResult::Pass => "pass",
+            SpfResult::PassAny => "pass-any",
             SpfResult::Fail => "fail",
             SpfResult::SoftFail => "softfail",
             SpfResult::Neutral => "neutral",
@@ -244,6 +251,11 @@ fn spf_identity(sender: &str, spf: Option<&SpfFact>) -> Result<(String, String),
     let checked = fact.domain.trim_end_matches('.');
     if !checked.eq_ignore_ascii_case(domain) {
         return Err(format!("result is for {checked}, not {domain}"));
+    }
+    if fact.result == SpfResult::PassAny {
+        return Err(format!(
+            "SPF of {checked} passes any address, so it names no pool"
+        ));
     }
     if fact.result != SpfResult::Pass {
         return Err(format!("{} for {}", fact.result.as_str(), checked));

@@ -90,6 +90,9 @@ const SKIPPED_STEPS: u32 = protocol::NO_BODY
 struct Session {
     client_ip: Option<IpAddr>,
     client_name: String,
+    /// As Postfix's policy attribute: the unconfirmed PTR name or `unknown`; empty when the
+    /// MTA did not say (DNS facts then look the name up themselves).
+    reverse_client_name: String,
     helo: String,
     sender: Option<String>,
     macros: HashMap<String, String>,
@@ -201,6 +204,38 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
     }
 }
 
+/// The connect callback's host name as (`client_name`, `reverse_client_name`) in the
+/// policy front end's terms.
+///
+/// Postfix passes its forward-confirmed `client_name` or `unknown`; Sendmail passes the PTR
+/// name, or `[192.0.2.1]` when there is none, and says in `{client_resolve}` whether the
+/// name was confirmed (`OK`) or not (`FORGED`, `FAIL`, `TEMP`). `{client_ptr}`, when sent,
+/// is the unconfirmed PTR name. Without either macro an unnamed client's reverse name stays
+/// unknown (empty), and DNS facts look it up themselves.
+fn connect_names(
+    hostname: String,
+    client_ptr: Option<&str>,
+    client_resolve: Option<&str>,
+) -> (String, String) {
+    let unnamed = hostname.is_empty() || hostname.starts_with('[') || hostname == "unknown";
+    let confirmed = client_resolve.is_none_or(|r| r.eq_ignore_ascii_case("OK"));
+    let ptr = client_ptr.filter(|p| !p.is_empty() && !p.starts_with('['));
+    match (unnamed, confirmed) {
+        (false, true) => (hostname.clone(), ptr.unwrap_or(&hostname).to_string()),
+        // Sendmail names a client whose PTR did not confirm: the name is only a PTR name.
+        (false, false) => ("unknown".into(), hostname),
+        (true, _) => {
+            let reverse = match (ptr, client_resolve) {
+                (Some(p), _) => p.to_string(),
+                // The MTA looked and found no name.
+                (None, Some(_)) => "unknown".into(),
+                (None, None) => String::new(),
+            };
+            ("unknown".into(), reverse)
+        }
+    }
+}
+
 enum Step {
     Reply(Vec<Reply>),
     /// Commands without a reply (macros, abort).
@@ -228,9 +263,14 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
             }
             let want = action::ADD_HEADERS | action::SET_SYMLIST;
             let actions = want & actions;
-            // Ask for the SASL login with MAIL, and the queue id for logs, if the MTA lets us.
+            // Ask for the client's PTR name and how it resolved at connect (DNS facts need
+            // no lookup of their own then), the SASL login with MAIL, and the queue id for
+            // logs, if the MTA lets us.
             let macros = if actions & action::SET_SYMLIST != 0 {
-                vec![(stage::ENVFROM, "{auth_authen} i".to_string())]
+                vec![
+                    (stage::CONNECT, "{client_ptr} {client_resolve}".to_string()),
+                    (stage::ENVFROM, "{auth_authen} i".to_string()),
+                ]
             } else {
                 Vec::new()
             };
@@ -258,12 +298,13 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 ..Session::default()
             };
             s.client_ip = address.parse().ok();
-            // Sendmail writes an unresolved client as "[192.0.2.1]"; Postfix as "unknown".
-            s.client_name = if hostname.starts_with('[') || hostname.is_empty() {
-                "unknown".into()
-            } else {
-                hostname
-            };
+            let (name, reverse) = connect_names(
+                hostname,
+                s.macros.get("client_ptr").map(String::as_str),
+                s.macros.get("client_resolve").map(String::as_str),
+            );
+            s.client_name = name;
+            s.reverse_client_name = reverse;
             cont()
         }
         Command::Helo(h) => {
@@ -284,7 +325,7 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 sender: s.sender.clone().unwrap_or_default(),
                 recipient: strip_envelope(&args[0]).to_string(),
                 sasl_username: s.macros.get("auth_authen").cloned().unwrap_or_default(),
-                reverse_client_name: String::new(),
+                reverse_client_name: s.reverse_client_name.clone(),
                 facts: None,
             };
             let outcome = ctx.svc.check(&req, unix_now()).await;

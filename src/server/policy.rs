@@ -75,9 +75,9 @@ pub fn to_request(p: &PolicyRequest) -> Option<Request> {
         sender: get("sender"),
         recipient: get("recipient"),
         sasl_username: get("sasl_username"),
-        // Left empty: copying it would cost every request an allocation, and only the
-        // DNS-facts gathering (with its own switch) and explanations would read it.
-        reverse_client_name: String::new(),
+        // Postfix has looked the client up already: with it, DNS facts need no PTR query.
+        // Absent (old Postfix, other clients): empty, and the facts gatherer looks itself.
+        reverse_client_name: get("reverse_client_name"),
         facts: None,
     })
 }

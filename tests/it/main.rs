@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod cluster;
 mod dashboard;
+mod dns;
 mod harness;
 mod milter;
 mod outbound;

@@ -2,27 +2,16 @@
 //! greygate or postgrey, Postfix that rejects, smtp-sink, a closed port, dnsmasq serving MX
 //! records; and track reading the log of a real Postfix that relayed through greylisting.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::dns::{Dnsmasq, have};
 use crate::harness::postfix::{self, Policy, Postfix, free_port};
-use crate::harness::{DaemonConfig, peers_required, run_cli};
+use crate::harness::{DaemonConfig, run_cli};
 
 /// Greylisting delay of greygate and postgrey where a retry must pass.
 const DELAY: u64 = 2;
-
-/// Whether `bin` exists; otherwise skip (or fail under GREYGATE_REQUIRE_PEERS=1).
-fn have(test: &str, bin: &str, package: &str) -> bool {
-    if Path::new(bin).exists() {
-        return true;
-    }
-    let why = format!("{bin} is not installed (Debian package {package})");
-    assert!(!peers_required(), "{test}: real peer required but {why}");
-    eprintln!("skipped {test}: {why}");
-    false
-}
 
 fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
@@ -110,60 +99,6 @@ impl Drop for Postgrey {
             // SAFETY: kill(2) on the pid our own postgrey wrote.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
-    }
-}
-
-/// A private dnsmasq answering from command-line records only. Killed on drop.
-struct Dnsmasq {
-    port: u16,
-    child: Child,
-}
-
-impl Dnsmasq {
-    fn start(records: &[String]) -> Dnsmasq {
-        let port = free_port();
-        let mut child = Command::new("/usr/sbin/dnsmasq")
-            .args([
-                "--no-daemon",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                // Answer for .test from the records given (NODATA, NXDOMAIN) instead of
-                // refusing for want of an upstream server.
-                "--local=/test/",
-            ])
-            .arg(format!("--port={port}"))
-            .args(records)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start dnsmasq");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l.contains("started") => break,
-                Some(Ok(_)) => {}
-                _ => panic!("dnsmasq did not start"),
-            }
-            assert!(Instant::now() < deadline, "dnsmasq did not start");
-        }
-        // Keep draining so dnsmasq never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Dnsmasq { port, child }
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

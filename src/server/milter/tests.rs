@@ -113,7 +113,10 @@ impl Mta {
         assert_eq!(protocol, SKIPPED_STEPS, "skips body, headers, DATA");
         assert_eq!(
             macros,
-            vec![(stage::ENVFROM, "{auth_authen} i".to_string())]
+            vec![
+                (stage::CONNECT, "{client_ptr} {client_resolve}".to_string()),
+                (stage::ENVFROM, "{auth_authen} i".to_string())
+            ]
         );
         let connect = Command::Connect {
             hostname: "mail.example.net".into(),
@@ -250,5 +253,37 @@ async fn quit_new_connection_keeps_the_socket_for_the_next_session() {
     assert!(
         matches!(r, Reply::ReplyCode(ref t) if t.starts_with("451 4.7.1 ")),
         "{r:?}"
+    );
+}
+
+#[test]
+fn connect_host_names_map_to_policy_terms() {
+    let n = |h: &str, ptr: Option<&str>, resolve: Option<&str>| {
+        connect_names(h.to_string(), ptr, resolve)
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    // Postfix: a confirmed name, or "unknown".
+    assert_eq!(
+        n("mx.example.net", None, None),
+        pair("mx.example.net", "mx.example.net")
+    );
+    assert_eq!(n("unknown", None, None), pair("unknown", ""));
+    assert_eq!(
+        n("unknown", Some("ptr.example.net"), None),
+        pair("unknown", "ptr.example.net")
+    );
+    // Sendmail: "[ip]" when there is no name; the name with FORGED when it did not confirm.
+    assert_eq!(n("[192.0.2.1]", None, None), pair("unknown", ""));
+    assert_eq!(
+        n("[192.0.2.1]", None, Some("FAIL")),
+        pair("unknown", "unknown")
+    );
+    assert_eq!(
+        n("ptr.example.net", None, Some("FORGED")),
+        pair("unknown", "ptr.example.net")
+    );
+    assert_eq!(
+        n("mx.example.net", Some("mx.example.net"), Some("OK")),
+        pair("mx.example.net", "mx.example.net")
     );
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod postfix;
 pub mod postgres;
 pub mod redis;
@@ -201,6 +202,18 @@ impl Daemon {
         false
     }
 
+    /// Waits until `needle` occurs at least `n` times in the log.
+    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Asserts that the log comes to contain `needle` (log lines arrive through a pipe,
     /// a little after the reply they belong to).
     #[track_caller]
@@ -385,9 +398,17 @@ impl PolicyClient {
     }
 
     fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match &mut self.conn {
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => s.read(buf),
+        loop {
+            let r = match &mut self.conn {
+                Conn::Tcp(s) => s.read(buf),
+                Conn::Unix(s) => s.read(buf),
+            };
+            // A signal to the test process (children of parallel tests come and go) may
+            // interrupt a read that waits long; that is no answer from the server.
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
         }
     }
 

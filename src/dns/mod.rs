@@ -1,0 +1,561 @@
+//! DNS facts for client identities: the sender's SPF, the client's forward-confirmed host
+//! name, and the configured DNS allow and block lists — looked up concurrently under one
+//! deadline per request, cached, and handed to the pure engine as `IdentityFacts`.
+//!
+//! **DNS trouble never defers mail by itself.** Whatever is not answered within the budget
+//! becomes a fact that says nothing (`Timeout`, an incomplete listing): the identity falls
+//! back to the IP prefix and the delay to the configured one. A lookup cut short keeps
+//! running in the background (bounded by [`LOOKUP_LIMIT`]) so that its answer is cached
+//! for the next request — the retry of a slow sender then finds it.
+
+pub mod cache;
+pub mod query;
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::{Resolver, TokioResolver};
+use mail_auth::MessageAuthenticator;
+use mail_auth::common::cache::NoCache;
+use mail_auth::spf::verify::SpfParameters;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::DnsSettings;
+use crate::engine::normalize::{canonical_ip, strip_envelope};
+use crate::engine::{
+    Classified, Engine, HostName, IdentityFacts, IdentityKind, Request, SpfFact, SpfResult,
+};
+use crate::metrics::DnsStats;
+use cache::{DEFAULT_NEGATIVE_TTL, MAX_TTL, TtlCache};
+use query::{ListAnswer, classify_list_answer, list_query_name, mta_host_name, spf_canaries};
+
+/// Longest a lookup may run in the background after its request stopped waiting.
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
+
+/// PTR names of one address checked forward; RFC 8601's `iprev` stops at 10, and real mail
+/// servers have one.
+const MAX_PTR_NAMES: usize = 5;
+
+/// Why the gatherer could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the DNS resolver: {0}")]
+pub struct DnsSetupError(String);
+
+/// What one request asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub ip: IpAddr,
+    /// The envelope sender as received (`<>`/empty: null sender, no SPF check).
+    pub sender: &'a str,
+    pub helo: &'a str,
+    /// The front end's `client_name` and `reverse_client_name` (see
+    /// [`query::mta_host_name`]).
+    pub client_name: &'a str,
+    pub reverse_client_name: &'a str,
+    /// Whether the identity order uses SPF, and the host name: no lookups for unused facts.
+    pub spf: bool,
+    pub name: bool,
+}
+
+/// The facts of one request, and what DNS could not say in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gathered {
+    pub facts: IdentityFacts,
+    /// Lookups that timed out or failed, e.g. `spf (timed out)`, `dnsbl bl.example (SERVFAIL)`.
+    pub trouble: Vec<String>,
+    /// Some lookup was still unanswered when the budget ran out.
+    pub timed_out: bool,
+    pub elapsed: Duration,
+}
+
+impl Gathered {
+    /// One line for logs and explanations, or `None` when every lookup answered.
+    pub fn note(&self) -> Option<String> {
+        if self.trouble.is_empty() {
+            return None;
+        }
+        let what = if self.timed_out {
+            "DNS timed out"
+        } else {
+            "DNS failed"
+        };
+        Some(format!(
+            "{what} after {} ms: {}",
+            self.elapsed.as_millis(),
+            self.trouble.join(", ")
+        ))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// The check of one sender (lower-cased: the local part only matters to rare macros)
+    /// from one address.
+    Spf(IpAddr, String),
+    Name(IpAddr),
+    List(String, IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Spf(SpfResult),
+    Name(HostName),
+    List(ListAnswer),
+}
+
+/// What a lookup's task produces: the value and how long it may be cached, or an error.
+type Answer = Result<(Value, Duration), String>;
+
+/// A lookup answered from the cache, or running.
+enum Pending {
+    Ready(Value),
+    Running(JoinHandle<Result<Value, String>>),
+}
+
+enum Outcome {
+    Answer(Value),
+    Failed(String),
+    TimedOut,
+}
+
+/// Looks up DNS facts with one resolver and one cache; shared by every connection.
+pub struct Gatherer {
+    auth: MessageAuthenticator,
+    settings: DnsSettings,
+    /// This host's name, for SPF's `%{r}` macro.
+    host_domain: String,
+    cache: Arc<TtlCache<Key, Value>>,
+    stats: Arc<DnsStats>,
+}
+
+impl fmt::Debug for Gatherer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gatherer")
+            .field("settings", &self.settings)
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gatherer {
+    /// A gatherer asking `settings.resolver` (or the system's resolvers). Must be called
+    /// inside a Tokio runtime.
+    pub fn new(
+        settings: &DnsSettings,
+        host_domain: &str,
+        stats: Arc<DnsStats>,
+    ) -> Result<Gatherer, DnsSetupError> {
+        let (config, mut opts) = match settings.resolver {
+            Some(addr) => {
+                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                for c in &mut ns.connections {
+                    c.port = addr.port();
+                }
+                (
+                    ResolverConfig::from_name_servers(vec![ns]),
+                    ResolverOpts::default(),
+                )
+            }
+            None => hickory_resolver::system_conf::read_system_conf()
+                .map_err(|e| DnsSetupError(format!("reading the system configuration: {e}")))?,
+        };
+        // One try per server, not the resolv.conf default of 5 s × 2: the request stops
+        // waiting after `budget` anyway, and a background lookup should end soon.
+        opts.timeout = Duration::from_secs(2).max(settings.budget);
+        opts.attempts = 1;
+        opts.cache_size = settings.cache_size as u64;
+        opts.positive_max_ttl = Some(MAX_TTL);
+        opts.negative_max_ttl = Some(MAX_TTL);
+        opts.use_hosts_file = ResolveHosts::Never;
+        // Busy mail servers ask many questions at once.
+        opts.max_active_requests = 256;
+        let resolver: TokioResolver =
+            Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+                .with_options(opts)
+                .build()
+                .map_err(|e| DnsSetupError(e.to_string()))?;
+        Ok(Gatherer {
+            auth: MessageAuthenticator(resolver),
+            settings: settings.clone(),
+            host_domain: host_domain.to_string(),
+            cache: Arc::new(TtlCache::new(settings.cache_size)),
+            stats,
+        })
+    }
+
+    /// The settings it was built from (a reload keeps the gatherer, and its cache, while
+    /// they stay the same).
+    pub fn settings(&self) -> &DnsSettings {
+        &self.settings
+    }
+
+    pub fn host_domain(&self) -> &str {
+        &self.host_domain
+    }
+
+    /// Gathers DNS facts for `req` when it gets as far as the stored state (rules 1–3 do
+    /// not decide it without facts) and carries none yet: allow-listed, authenticated and
+    /// non-RCPT requests cost no DNS. Returns the request with its facts, and what DNS said.
+    pub async fn facts_for(
+        &self,
+        engine: &Engine,
+        req: &Request,
+        now: u64,
+    ) -> Option<(Request, Gathered)> {
+        let ip = req.client_ip?;
+        if req.facts.is_some() {
+            return None;
+        }
+        if let Classified::Decided(_) = engine.classify(req, now) {
+            return None;
+        }
+        let order = &engine.selective.identity_order;
+        let gathered = self
+            .gather(&Ask {
+                ip,
+                sender: &req.sender,
+                helo: &req.helo,
+                client_name: &req.client_name,
+                reverse_client_name: &req.reverse_client_name,
+                spf: order.contains(&IdentityKind::Spf),
+                name: order.contains(&IdentityKind::Org),
+            })
+            .await;
+        let mut with = req.clone();
+        with.facts = Some(gathered.facts.clone());
+        Some((with, gathered))
+    }
+
+    /// Gathers the facts of one request within the budget. Never fails: what is not known
+    /// in time is marked as such.
+    pub async fn gather(&self, ask: &Ask<'_>) -> Gathered {
+        let started = Instant::now();
+        let deadline = started + self.settings.budget;
+        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        let ip = canonical_ip(ask.ip);
+
+        // Start every lookup before waiting for any: they run side by side.
+        let sender = strip_envelope(ask.sender).to_ascii_lowercase();
+        let domain = sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.trim_end_matches('.').to_string())
+            .filter(|d| !d.is_empty());
+        let spf = match &domain {
+            Some(d) if ask.spf => Some((d.clone(), self.start_spf(ip, &sender, ask.helo))),
+            _ => None,
+        };
+        let name = match mta_host_name(ask.client_name, ask.reverse_client_name) {
+            Some(known) => Err(known),
+            None if ask.name => Ok(self.start_name(ip)),
+            None => Err(HostName::Unknown),
+        };
+        let start_lists = |zones: &[String]| -> Vec<(String, Pending)> {
+            zones
+                .iter()
+                .map(|z| (z.clone(), self.start_list(z, ip)))
+                .collect()
+        };
+        let dnswl = start_lists(&self.settings.dnswl_zones);
+        let dnsbl = start_lists(&self.settings.dnsbl_zones);
+
+        let mut trouble = Vec::new();
+        let mut timed_out = false;
+        let mut note = |what: &str, o: &Outcome| match o {
+            Outcome::Answer(_) => {}
+            Outcome::TimedOut => {
+                timed_out = true;
+                trouble.push(format!("{what} (timed out)"));
+            }
+            Outcome::Failed(e) => trouble.push(format!("{what} ({e})")),
+        };
+
+        let mut facts = IdentityFacts::default();
+        if let Some((domain, pending)) = spf {
+            let o = self.finish(pending, deadline).await;
+            note("spf", &o);
+            let result = match o {
+                Outcome::Answer(Value::Spf(r)) => r,
+                Outcome::TimedOut => SpfResult::Timeout,
+                _ => SpfResult::TempError,
+            };
+            facts.spf = Some(SpfFact { domain, result });
+        }
+        facts.name = match name {
+            Err(known) => known,
+            Ok(pending) => {
+                let o = self.finish(pending, deadline).await;
+                note("host name", &o);
+                match o {
+                    Outcome::Answer(Value::Name(n)) => n,
+                    _ => HostName::Timeout,
+                }
+            }
+        };
+        for (kind, lookups, listing) in [
+            ("dnswl", dnswl, &mut facts.dnswl),
+            ("dnsbl", dnsbl, &mut facts.dnsbl),
+        ] {
+            listing.complete = true;
+            for (zone, pending) in lookups {
+                let o = self.finish(pending, deadline).await;
+                note(&format!("{kind} {zone}"), &o);
+                match o {
+                    Outcome::Answer(Value::List(ListAnswer::Listed(_))) => {
+                        listing.hits.push(zone);
+                    }
+                    Outcome::Answer(Value::List(ListAnswer::NotListed)) => {}
+                    // An error code from the zone, a timeout or a failure: "not listed"
+                    // cannot be claimed, but neither is a listing.
+                    _ => listing.complete = false,
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        self.stats.gather_seconds.observe(elapsed);
+        Gathered {
+            facts,
+            trouble,
+            timed_out,
+            elapsed,
+        }
+    }
+
+    /// Answers from the cache, or starts `work` as a task that caches what it finds.
+    fn start(&self, key: Key, work: impl Future<Output = Answer> + Send + 'static) -> Pending {
+        if let Some(v) = self.cache.get(&key, std::time::Instant::now()) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Pending::Ready(v);
+        }
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        let cache = self.cache.clone();
+        Pending::Running(tokio::spawn(async move {
+            match tokio::time::timeout(LOOKUP_LIMIT, work).await {
+                Ok(Ok((value, ttl))) => {
+                    cache.insert(key, value.clone(), ttl, std::time::Instant::now());
+                    Ok(value)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no answer within {} s", LOOKUP_LIMIT.as_secs())),
+            }
+        }))
+    }
+
+    /// Waits for a lookup until `deadline`; the task goes on without us after that.
+    async fn finish(&self, pending: Pending, deadline: Instant) -> Outcome {
+        let handle = match pending {
+            Pending::Ready(v) => return Outcome::Answer(v),
+            Pending::Running(h) => h,
+        };
+        let failed = |e: String| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            Outcome::Failed(e)
+        };
+        match tokio::time::timeout_at(deadline, handle).await {
+            Ok(Ok(Ok(v))) => Outcome::Answer(v),
+            Ok(Ok(Err(e))) => failed(e),
+            Ok(Err(e)) => failed(format!("lookup task failed: {e}")),
+            Err(_) => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Outcome::TimedOut
+            }
+        }
+    }
+
+    fn start_spf(&self, ip: IpAddr, sender: &str, helo: &str) -> Pending {
+        let auth = self.auth.clone();
+        let key = Key::Spf(ip, sender.to_string());
+        let sender = sender.to_string();
+        let helo = if helo.is_empty() { "unknown" } else { helo }.to_string();
+        let host = self.host_domain.clone();
+        self.start(key, async move {
+            let check = |ip| spf_check(&auth, ip, &sender, &helo, &host);
+            let mut result = check(ip).await;
+            if result == SpfResult::Pass {
+                // Over-broad SPF: identities are what auto-allow trusts, and `spf:<domain>`
+                // from a record that passes everybody (`+all`, a bare `all`,
+                // `ip4:0.0.0.0/0`, a wildcard `exists:`) would let anyone who writes that
+                // domain into MAIL FROM share the trust its real mail earned, from any
+                // address. Such a pass names no pool: check addresses nobody can send from
+                // too, and when they pass as well the result is `pass-any`, no identity.
+                let [a, b] = spf_canaries(ip);
+                let (ra, rb) = tokio::join!(check(a), check(b));
+                if ra == SpfResult::Pass || rb == SpfResult::Pass {
+                    result = SpfResult::PassAny;
+                }
+            }
+            // A temporary error is not worth keeping; the rest is the domain's word.
+            let ttl = if result == SpfResult::TempError {
+                Duration::ZERO
+            } else {
+                MAX_TTL
+            };
+            Ok((Value::Spf(result), ttl))
+        })
+    }
+
+    fn start_name(&self, ip: IpAddr) -> Pending {
+        let resolver = self.auth.0.clone();
+        self.start(Key::Name(ip), async move {
+            let (name, ttl) = confirmed_name(&resolver, ip).await?;
+            Ok((Value::Name(name), ttl))
+        })
+    }
+
+    fn start_list(&self, zone: &str, ip: IpAddr) -> Pending {
+        let resolver = self.auth.0.clone();
+        let qname = list_query_name(ip, zone);
+        self.start(Key::List(zone.to_string(), ip), async move {
+            match resolver.ipv4_lookup(qname.as_str()).await {
+                Ok(lookup) => {
+                    let addrs: Vec<_> = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::A(a) => Some(a.0),
+                            _ => None,
+                        })
+                        .collect();
+                    Ok((
+                        Value::List(classify_list_answer(&addrs)),
+                        ttl_until(lookup.valid_until()),
+                    ))
+                }
+                Err(e) if e.is_no_records_found() => {
+                    Ok((Value::List(ListAnswer::NotListed), negative_ttl(&e)))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+/// RFC 7208 `check_host()` of the MAIL FROM identity.
+async fn spf_check(
+    auth: &MessageAuthenticator,
+    ip: IpAddr,
+    sender: &str,
+    helo: &str,
+    host: &str,
+) -> SpfResult {
+    type Params<'x> = mail_auth::Parameters<
+        'x,
+        SpfParameters<'x>,
+        NoCache<Box<str>, mail_auth::Txt>,
+        NoCache<Box<str>, mail_auth::RecordSet<mail_auth::MX>>,
+        NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv4Addr>>,
+        NoCache<Box<str>, mail_auth::RecordSet<std::net::Ipv6Addr>>,
+        NoCache<IpAddr, mail_auth::RecordSet<Box<str>>>,
+    >;
+    let params: Params<'_> =
+        mail_auth::Parameters::new(SpfParameters::verify_mail_from(ip, helo, host, sender));
+    match auth.check_host(params).await.result() {
+        mail_auth::SpfResult::Pass => SpfResult::Pass,
+        mail_auth::SpfResult::Fail => SpfResult::Fail,
+        mail_auth::SpfResult::SoftFail => SpfResult::SoftFail,
+        mail_auth::SpfResult::Neutral => SpfResult::Neutral,
+        mail_auth::SpfResult::TempError => SpfResult::TempError,
+        mail_auth::SpfResult::PermError => SpfResult::PermError,
+        mail_auth::SpfResult::None => SpfResult::None,
+    }
+}
+
+/// Forward-confirmed reverse DNS: a PTR name of `ip` whose A/AAAA records contain `ip`.
+async fn confirmed_name(
+    resolver: &TokioResolver,
+    ip: IpAddr,
+) -> Result<(HostName, Duration), String> {
+    let ptr = match resolver.reverse_lookup(ip).await {
+        Ok(l) => l,
+        Err(e) if e.is_no_records_found() => return Ok((HostName::Unverified, negative_ttl(&e))),
+        Err(e) => return Err(format!("PTR: {e}")),
+    };
+    let mut ttl = ttl_until(ptr.valid_until());
+    let names: Vec<String> = ptr
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::PTR(p) => Some(p.0.to_ascii()),
+            _ => None,
+        })
+        .take(MAX_PTR_NAMES)
+        .collect();
+    let mut checks = tokio::task::JoinSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let resolver = resolver.clone();
+        let name = name.clone();
+        checks.spawn(async move { (i, resolves_to(&resolver, &name, ip).await) });
+    }
+    let mut confirmed: Option<usize> = None;
+    let mut error = None;
+    while let Some(done) = checks.join_next().await {
+        match done {
+            Ok((i, Ok((true, t)))) => {
+                ttl = ttl.min(t);
+                confirmed = Some(confirmed.map_or(i, |c| c.min(i)));
+            }
+            Ok((_, Ok((false, t)))) => ttl = ttl.min(t),
+            Ok((_, Err(e))) => error = Some(e),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    match (confirmed, error) {
+        (Some(i), _) => {
+            let name = names[i].trim_end_matches('.').to_ascii_lowercase();
+            Ok((HostName::Verified(name), ttl))
+        }
+        // A name that might have confirmed could not be checked: not "unverified".
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok((HostName::Unverified, ttl)),
+    }
+}
+
+/// Whether `name`'s addresses of `ip`'s family include `ip`, and for how long that holds.
+async fn resolves_to(
+    resolver: &TokioResolver,
+    name: &str,
+    ip: IpAddr,
+) -> Result<(bool, Duration), String> {
+    let fqdn = format!("{}.", name.trim_end_matches('.'));
+    let lookup = match ip {
+        IpAddr::V4(_) => resolver.ipv4_lookup(fqdn.as_str()).await,
+        IpAddr::V6(_) => resolver.ipv6_lookup(fqdn.as_str()).await,
+    };
+    match lookup {
+        Ok(l) => {
+            let hit = l.answers().iter().any(|r| match &r.data {
+                RData::A(a) => IpAddr::V4(a.0) == ip,
+                RData::AAAA(a) => IpAddr::V6(a.0) == ip,
+                _ => false,
+            });
+            Ok((hit, ttl_until(l.valid_until())))
+        }
+        Err(e) if e.is_no_records_found() => Ok((false, negative_ttl(&e))),
+        Err(e) => Err(format!("{name}: {e}")),
+    }
+}
+
+fn ttl_until(valid_until: std::time::Instant) -> Duration {
+    valid_until.saturating_duration_since(std::time::Instant::now())
+}
+
+/// The negative TTL a "no such name" answer carries (its SOA), or a default.
+fn negative_ttl(e: &NetError) -> Duration {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(nr)) => nr
+            .negative_ttl
+            .map_or(DEFAULT_NEGATIVE_TTL, |s| Duration::from_secs(u64::from(s))),
+        _ => DEFAULT_NEGATIVE_TTL,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! The gatherer against DNS servers on loopback made for each test: one that never
+//! answers, one that answers late, one that answers at once from a table.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::proto::op::{Message, Query, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, TXT};
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use tokio::net::UdpSocket;
+
+use super::*;
+
+fn settings(server: SocketAddr, budget_ms: u64) -> DnsSettings {
+    DnsSettings {
+        enabled: true,
+        budget: Duration::from_millis(budget_ms),
+        resolver: Some(server),
+        cache_size: 100,
+        dnswl_zones: Vec::new(),
+        dnsbl_zones: vec!["bl.test".into()],
+    }
+}
+
+fn gatherer(s: &DnsSettings) -> (Gatherer, Arc<DnsStats>) {
+    let stats = Arc::new(DnsStats::default());
+    let g = Gatherer::new(s, "mx.rcpt.test", stats.clone()).expect("gatherer");
+    (g, stats)
+}
+
+fn ask<'a>(ip: &str, sender: &'a str) -> Ask<'a> {
+    Ask {
+        ip: ip.parse().unwrap(),
+        sender,
+        helo: "helo.test",
+        client_name: "unknown",
+        reverse_client_name: "",
+        spf: true,
+        name: true,
+    }
+}
+
+/// A UDP socket that reads nothing and answers nothing: a DNS server that is down or
+/// dropped off the network.
+async fn silent_server() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+type Table = fn(&Query) -> Option<Vec<RData>>;
+
+/// Answers every query after `delay` from `table` (`None`: NXDOMAIN), TTL 60.
+async fn table_server(delay: Duration, table: Table) -> SocketAddr {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.metadata.recursion_desired = q.metadata.recursion_desired;
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.clone());
+                match q.queries.first().and_then(table) {
+                    Some(data) => {
+                        let name = q.queries[0].name().clone();
+                        r.add_answers(
+                            data.into_iter()
+                                .map(|d| Record::from_rdata(name.clone(), 60, d)),
+                        );
+                    }
+                    None => r.metadata.response_code = ResponseCode::NXDomain,
+                }
+                let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+            });
+        }
+    });
+    addr
+}
+
+fn is(q: &Query, name: &str, t: RecordType) -> bool {
+    q.query_type() == t && q.name().to_ascii().eq_ignore_ascii_case(name)
+}
+
+fn a(ip: [u8; 4]) -> RData {
+    RData::A(A(Ipv4Addr::from(ip)))
+}
+
+fn txt(s: &str) -> RData {
+    RData::TXT(TXT::new(vec![s.to_string()]))
+}
+
+#[tokio::test]
+async fn a_silent_server_costs_the_budget_and_says_nothing() {
+    let server = silent_server().await;
+    let s = settings(server.local_addr().unwrap(), 200);
+    let (g, stats) = gatherer(&s);
+    let got = g.gather(&ask("198.51.100.7", "a@pool.test")).await;
+    assert!(
+        got.elapsed >= Duration::from_millis(200) && got.elapsed < Duration::from_millis(350),
+        "{:?}",
+        got.elapsed
+    );
+    let f = &got.facts;
+    assert_eq!(f.spf.as_ref().unwrap().result, SpfResult::Timeout);
+    assert_eq!(f.spf.as_ref().unwrap().domain, "pool.test");
+    assert_eq!(f.name, HostName::Timeout);
+    assert!(!f.dnsbl.listed() && !f.dnsbl.complete, "{:?}", f.dnsbl);
+    // Nothing listed, nothing clean: the engine falls back to the prefix and the
+    // configured delay.
+    assert!(f.timed_out());
+    assert!(got.timed_out);
+    let note = got.note().unwrap();
+    assert!(note.starts_with("DNS timed out after 2"), "{note}");
+    for part in [
+        "spf (timed out)",
+        "host name (timed out)",
+        "dnsbl bl.test (timed out)",
+    ] {
+        assert!(note.contains(part), "{note}");
+    }
+    assert_eq!(stats.timeouts.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn names_the_mta_gave_and_the_null_sender_need_no_dns() {
+    let server = silent_server().await;
+    let mut s = settings(server.local_addr().unwrap(), 200);
+    s.dnsbl_zones.clear();
+    let (g, stats) = gatherer(&s);
+    let got = g
+        .gather(&Ask {
+            client_name: "MX1.Example.NET.",
+            reverse_client_name: "mx1.example.net",
+            ..ask("198.51.100.7", "")
+        })
+        .await;
+    assert_eq!(got.facts.name, HostName::Verified("mx1.example.net".into()));
+    assert_eq!(got.facts.spf, None);
+    assert!(got.facts.dnsbl.clean());
+    assert!(got.trouble.is_empty() && got.note().is_none());
+    assert!(got.elapsed < Duration::from_millis(50), "{:?}", got.elapsed);
+
+    // Postfix looked and no name confirmed: unverified, still without asking DNS.
+    let got = g
+        .gather(&Ask {
+            reverse_client_name: "unknown",
+            ..ask("198.51.100.7", "<>")
+        })
+        .await;
+    assert_eq!(got.facts.name, HostName::Unverified);
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_late_answer_is_cached_for_the_next_request() {
+    let addr = table_server(Duration::from_millis(400), |q| {
+        is(q, "7.100.51.198.bl.test.", RecordType::A).then(|| vec![a([127, 0, 0, 2])])
+    })
+    .await;
+    let mut s = settings(addr, 150);
+    s.dnsbl_zones = vec!["bl.test".into()];
+    let (g, stats) = gatherer(&s);
+    let quick = |sender| Ask {
+        spf: false,
+        name: false,
+        ..ask("198.51.100.7", sender)
+    };
+    let first = g.gather(&quick("a@pool.test")).await;
+    assert!(!first.facts.dnsbl.listed() && !first.facts.dnsbl.complete);
+    assert!(first.timed_out);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = g.gather(&quick("a@pool.test")).await;
+    assert_eq!(retry.facts.dnsbl.hits, vec!["bl.test".to_string()]);
+    assert!(retry.facts.dnsbl.complete);
+    assert!(
+        retry.elapsed < Duration::from_millis(50),
+        "{:?}",
+        retry.elapsed
+    );
+    assert_eq!(stats.cache_hits.load(Ordering::Relaxed), 1);
+}
+
+fn records(q: &Query) -> Option<Vec<RData>> {
+    let t = q.query_type();
+    let name = q.name().to_ascii().to_ascii_lowercase();
+    match (name.as_str(), t) {
+        ("pool.test.", RecordType::TXT) => Some(vec![txt(
+            "v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/24 -all",
+        )]),
+        ("open.test.", RecordType::TXT) => Some(vec![txt("v=spf1 +all")]),
+        ("bare.test.", RecordType::TXT) => Some(vec![txt("v=spf1 all")]),
+        ("everyone.test.", RecordType::TXT) => Some(vec![txt("v=spf1 ip4:0.0.0.0/0 -all")]),
+        ("halves.test.", RecordType::TXT) => Some(vec![txt(
+            "v=spf1 ip4:0.0.0.0/1 ip4:128.0.0.0/2 ip4:192.0.0.0/3 -all",
+        )]),
+        ("7.100.51.198.bl.test.", RecordType::A) => Some(vec![a([127, 255, 255, 254])]),
+        ("9.113.0.203.bl.test.", RecordType::A) => Some(vec![a([127, 0, 0, 4])]),
+        ("7.100.51.198.wl.test.", RecordType::A) => Some(vec![a([127, 0, 10, 2])]),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn spf_that_passes_everyone_gives_no_identity() {
+    let addr = table_server(Duration::ZERO, records).await;
+    let mut s = settings(addr, 2000);
+    s.dnsbl_zones.clear();
+    let (g, _) = gatherer(&s);
+    let spf = |sender: &'static str, ip: &'static str| {
+        let g = &g;
+        async move {
+            let got = g
+                .gather(&Ask {
+                    name: false,
+                    ..ask(ip, sender)
+                })
+                .await;
+            got.facts.spf.expect("checked").result
+        }
+    };
+    assert_eq!(spf("a@pool.test", "198.51.100.7").await, SpfResult::Pass);
+    assert_eq!(spf("a@pool.test", "203.0.113.9").await, SpfResult::Pass);
+    assert_eq!(spf("a@pool.test", "192.0.2.1").await, SpfResult::Fail);
+    assert_eq!(spf("a@open.test", "198.51.100.7").await, SpfResult::PassAny);
+    assert_eq!(spf("a@bare.test", "198.51.100.7").await, SpfResult::PassAny);
+    assert_eq!(
+        spf("a@everyone.test", "198.51.100.7").await,
+        SpfResult::PassAny
+    );
+    // Everything but 240.0.0.0/4: the client's antipode (70.51.100.7) still passes.
+    assert_eq!(
+        spf("a@halves.test", "198.51.100.7").await,
+        SpfResult::PassAny
+    );
+    assert_eq!(spf("a@none.test", "198.51.100.7").await, SpfResult::None);
+
+    // And the engine makes no identity of it.
+    let engine = Engine::default();
+    let facts = IdentityFacts {
+        spf: Some(SpfFact {
+            domain: "open.test".into(),
+            result: SpfResult::PassAny,
+        }),
+        ..IdentityFacts::default()
+    };
+    let ip = "198.51.100.7".parse().unwrap();
+    let (key, why) = engine.identified_key(ip, "a@open.test", "b@rcpt.test", Some(&facts));
+    assert_eq!(key.client, "198.51.100.0/24");
+    assert!(why.reason.contains("passes any address"), "{}", why.reason);
+}
+
+#[tokio::test]
+async fn list_answers_and_error_codes() {
+    let addr = table_server(Duration::ZERO, records).await;
+    let mut s = settings(addr, 2000);
+    s.dnswl_zones = vec!["wl.test".into()];
+    let (g, _) = gatherer(&s);
+    let lists = |ip: &'static str| {
+        let g = &g;
+        async move {
+            g.gather(&Ask {
+                spf: false,
+                name: false,
+                ..ask(ip, "a@pool.test")
+            })
+            .await
+        }
+    };
+    // 127.255.255.254 from the block list is an error code: not listed, not clean.
+    let got = lists("198.51.100.7").await;
+    assert!(!got.facts.dnsbl.listed() && !got.facts.dnsbl.complete);
+    assert_eq!(got.facts.dnswl.hits, vec!["wl.test".to_string()]);
+    let got = lists("203.0.113.9").await;
+    assert_eq!(got.facts.dnsbl.hits, vec!["bl.test".to_string()]);
+    assert!(got.facts.dnswl.clean());
+    // NXDOMAIN everywhere: clean.
+    let got = lists("192.0.2.1").await;
+    assert!(got.facts.dnsbl.clean() && got.facts.dnswl.clean());
+    assert!(got.trouble.is_empty());
+}
