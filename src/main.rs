@@ -6,6 +6,7 @@
 
 mod cli;
 mod outbound_cmd;
+mod simulate_cmd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ fn main() -> ExitCode {
         Command::Probe(args) => outbound_cmd::probe(args),
         Command::Track(args) => outbound_cmd::track(args),
         Command::Bench(args) => bench(args),
+        Command::Simulate(args) => simulate_cmd::simulate(&args),
+        Command::Replay(args) => simulate_cmd::replay(&args),
     };
     match result {
         Ok(code) => code,

@@ -9,4 +9,5 @@ mod milter;
 mod outbound;
 mod policy;
 mod postfix;
+mod simulate;
 mod store;
