@@ -613,4 +613,32 @@ Mar  2 12:30:01 mx postfix/qmgr[9]: 4A2B3C4D5E: removed
         let text = render_text(&r, 10);
         assert!(text.contains("partner.example"), "{text}");
     }
+
+    #[test]
+    fn random_input_never_panics() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(&proptest::collection::vec(any::<u8>(), 0..400), |bytes| {
+                let mut reader = Reader::new(Clock::new(2026));
+                reader.feed_reader(&bytes[..]).unwrap();
+                let _ = replay(reader, &Engine::default(), true, &Schedule::postfix());
+                Ok(())
+            })
+            .unwrap();
+        // Near-misses of real lines: every prefix and single-byte corruption.
+        let mut reader = Reader::new(Clock::new(2026));
+        for line in LOG.lines().take(6) {
+            for i in 0..line.len() {
+                reader.feed(&line.as_bytes()[..i]);
+                let mut b = line.as_bytes().to_vec();
+                b[i] = b'\xff';
+                reader.feed(&b);
+                b[i] = b' ';
+                reader.feed(&b);
+            }
+        }
+        let r = replay(reader, &Engine::default(), false, &Schedule::exim());
+        let _ = render_text(&r, 3);
+    }
 }
