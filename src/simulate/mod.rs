@@ -3,7 +3,7 @@
 //!
 //! [`scenario`] reads a scenario file (sender classes, their MTAs' retry schedules, their
 //! addresses and DNS facts, and engine configurations in `greygate.toml`'s own terms);
-//! [`mta`] holds the retry schedules; [`run`] replays days of traffic through
+//! [`mta`] holds the retry schedules; [`mod@run`] replays days of traffic through
 //! [`crate::engine::Engine::decide`] over an in-memory state; [`report`] renders the
 //! results. [`inbound`] parses a site's own inbound Postfix log and [`replay`] feeds what it
 //! found through the engine. Like the engine, nothing here reads the clock.
