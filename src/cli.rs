@@ -51,6 +51,12 @@ pub enum Command {
     Reload(crate::admin_cmd::ReloadArgs),
     /// Benchmarks: load a policy server, run a null responder, or preload a store.
     Bench(BenchArgs),
+    /// Replay a scenario of senders and their MTAs through the engine on a simulated clock;
+    /// compare configurations by delivered, lost, added delay and spam accepted.
+    Simulate(crate::simulate_cmd::SimulateArgs),
+    /// Feed a site's own inbound Postfix log through the engine offline: what greylisting
+    /// would have delayed.
+    Replay(crate::simulate_cmd::ReplayArgs),
 }
 
 #[derive(Debug, Args, Clone)]

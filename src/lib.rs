@@ -16,4 +16,5 @@ pub mod outbound;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod store;

@@ -7,6 +7,7 @@
 mod admin_cmd;
 mod cli;
 mod outbound_cmd;
+mod simulate_cmd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ fn main() -> ExitCode {
         Command::Deny(args) => admin_cmd::runtime_entries(greygate::engine::ListKind::Deny, args),
         Command::Reload(args) => admin_cmd::reload(args),
         Command::Bench(args) => bench(args),
+        Command::Simulate(args) => simulate_cmd::simulate(&args),
+        Command::Replay(args) => simulate_cmd::replay(&args),
     };
     match result {
         Ok(code) => code,

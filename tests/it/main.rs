@@ -11,4 +11,5 @@ mod milter;
 mod outbound;
 mod policy;
 mod postfix;
+mod simulate;
 mod store;

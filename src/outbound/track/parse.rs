@@ -228,7 +228,8 @@ pub fn remote_reply(detail: &[u8]) -> Option<&[u8]> {
     })
 }
 
-fn timestamp<'a>(line: &'a [u8], clock: &mut Clock) -> Option<(Ts, &'a [u8])> {
+/// The timestamp at the start of a line (classic syslog or ISO 8601) and the rest after it.
+pub fn timestamp<'a>(line: &'a [u8], clock: &mut Clock) -> Option<(Ts, &'a [u8])> {
     if line.first().is_some_and(u8::is_ascii_digit) {
         iso(line)
     } else {
@@ -351,7 +352,8 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == needle)
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+/// The first position of `needle` in `hay`.
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || hay.len() < needle.len() {
         return None;
     }
