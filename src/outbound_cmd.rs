@@ -174,17 +174,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         logs.push(PathBuf::from("-"));
     }
     track::order_rotated(&mut logs);
-    let clock = match args.year {
-        Some(y) => Clock::new(y),
-        None => {
-            // Today's year and month (UTC) from the formatted timestamp: no time-zone
-            // database needed.
-            let now = jiff::Timestamp::now().strftime("%Y %m").to_string();
-            let mut it = now.split(' ').filter_map(|v| v.parse::<i64>().ok());
-            let (year, month) = (it.next().unwrap_or(2026), it.next().unwrap_or(1));
-            Clock::for_now(year, u8::try_from(month).unwrap_or(1))
-        }
-    };
+    let clock = Clock::for_year_or_today(args.year);
     let mut tracker = Tracker::with_clock(clock);
     // A progress line only for people watching (stderr a terminal) and files of known size.
     let total: u64 = logs

@@ -120,15 +120,7 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         logs.push(PathBuf::from("-"));
     }
     track::order_rotated(&mut logs);
-    let clock = match args.year {
-        Some(y) => Clock::new(y),
-        None => {
-            let now = jiff::Timestamp::now().strftime("%Y %m").to_string();
-            let mut it = now.split(' ').filter_map(|v| v.parse::<i64>().ok());
-            let (year, month) = (it.next().unwrap_or(2026), it.next().unwrap_or(1));
-            Clock::for_now(year, u8::try_from(month).unwrap_or(1))
-        }
-    };
+    let clock = Clock::for_year_or_today(args.year);
     let mut reader = replay::Reader::new(clock);
     for path in &logs {
         let input = track::open_log(path).with_context(|| format!("reading {}", path.display()))?;

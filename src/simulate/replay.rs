@@ -198,23 +198,8 @@ impl Reader {
     }
 
     /// Feeds every line of `input`.
-    pub fn feed_reader(&mut self, mut input: impl BufRead) -> std::io::Result<()> {
-        use std::io::Read as _;
-        let mut buf = Vec::with_capacity(1024);
-        loop {
-            buf.clear();
-            let n = (&mut input)
-                .take(MAX_LINE as u64)
-                .read_until(b'\n', &mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            if buf.last() != Some(&b'\n') && n == MAX_LINE {
-                let mut sink = Vec::new();
-                input.read_until(b'\n', &mut sink)?;
-            }
-            self.feed(&buf);
-        }
+    pub fn feed_reader(&mut self, input: impl BufRead) -> std::io::Result<()> {
+        crate::outbound::track::for_each_line(input, |line| self.feed(line))
     }
 
     /// Queue ids still open at the end count as accepted (their deliveries may be in a

@@ -18,6 +18,27 @@ use parse::{Clock, DeliveryStatus, Event, Ts};
 /// Longest line kept; longer lines are cut (Postfix itself limits log lines to a few KB).
 pub const MAX_LINE: usize = 16 * 1024;
 
+/// Calls `f` with every line of `input` (newline included), each cut at [`MAX_LINE`]
+/// bytes: one absurd line cannot grow the buffer past `MAX_LINE` plus a read.
+pub fn for_each_line(mut input: impl BufRead, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        buf.clear();
+        let n = (&mut input)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if buf.last() != Some(&b'\n') && n == MAX_LINE {
+            // Cut: skip the rest of the line.
+            let mut sink = Vec::new();
+            input.read_until(b'\n', &mut sink)?;
+        }
+        f(&buf);
+    }
+}
+
 /// One delivery attempt for one recipient.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Attempt {
@@ -205,24 +226,8 @@ impl Tracker {
     }
 
     /// Feeds every line of `input`.
-    pub fn feed_reader(&mut self, mut input: impl BufRead) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(1024);
-        loop {
-            buf.clear();
-            // Bounded: one absurd line cannot grow the buffer past MAX_LINE plus a read.
-            let n = (&mut input)
-                .take(MAX_LINE as u64)
-                .read_until(b'\n', &mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            if buf.last() != Some(&b'\n') && n == MAX_LINE {
-                // Cut: skip the rest of the line.
-                let mut sink = Vec::new();
-                input.read_until(b'\n', &mut sink)?;
-            }
-            self.feed(&buf);
-        }
+    pub fn feed_reader(&mut self, input: impl BufRead) -> std::io::Result<()> {
+        for_each_line(input, |line| self.feed(line))
     }
 
     /// The messages, in order of first appearance.

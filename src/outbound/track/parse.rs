@@ -84,6 +84,21 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// The clock for `--year`, or for today (UTC year and month) when none is given.
+    pub fn for_year_or_today(year: Option<i64>) -> Self {
+        match year {
+            Some(y) => Clock::new(y),
+            None => {
+                // Today's year and month from the formatted timestamp: no time-zone
+                // database needed.
+                let now = jiff::Timestamp::now().strftime("%Y %m").to_string();
+                let mut it = now.split(' ').filter_map(|v| v.parse::<i64>().ok());
+                let (year, month) = (it.next().unwrap_or(2026), it.next().unwrap_or(1));
+                Clock::for_now(year, u8::try_from(month).unwrap_or(1))
+            }
+        }
+    }
+
     /// `year`: the year the first classic line belongs to.
     pub fn new(year: i64) -> Self {
         Clock {
