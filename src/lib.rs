@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dns;
 pub mod engine;
 pub mod explain;
+pub mod logfmt;
 pub mod metrics;
 pub mod outbound;
 pub mod proto;

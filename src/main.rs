@@ -187,7 +187,11 @@ fn init_logging(level: &str, json: bool) {
     if json {
         builder.json().init();
     } else {
-        builder.init();
+        // Same line as the default text format, for a fraction of its cost per decision.
+        builder
+            .fmt_fields(greygate::logfmt::QuickFields)
+            .with_timer(greygate::logfmt::CachedTime)
+            .init();
     }
 }
 

@@ -241,7 +241,8 @@ pub struct RecentDecision {
     pub rule: Rule,
     /// False in learn mode: the verdict was only logged.
     pub enforced: bool,
-    pub client: String,
+    /// Kept as an address: formatting it is left to whoever reads the dashboard.
+    pub client: Option<std::net::IpAddr>,
     pub group: String,
     pub sender: String,
     pub recipient: String,
@@ -412,7 +413,7 @@ mod tests {
             verdict,
             rule: Rule::New,
             enforced: true,
-            client: "192.0.2.1".into(),
+            client: "192.0.2.1".parse().ok(),
             group: group.into(),
             sender: sender.into(),
             recipient: "r@example.org".into(),

@@ -359,7 +359,7 @@ impl Greylister {
             verdict: o.effective(),
             rule: d.rule,
             enforced: o.enforced,
-            client: req.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            client: req.client_ip,
             group: d.key.as_ref().map(|k| k.client.clone()).unwrap_or_default(),
             sender: req.sender.clone(),
             recipient: req.recipient.clone(),

@@ -36,6 +36,11 @@ impl PolicyRequest {
     }
 
     /// The value of the last attribute called `name`.
+    /// The attributes in the order received, moved out (no copies).
+    pub fn into_attributes(self) -> Vec<(String, String)> {
+        self.attributes
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.attributes
             .iter()

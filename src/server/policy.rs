@@ -60,26 +60,46 @@ pub fn x_greylist(delayed: u64, host: &str, now: u64) -> String {
 
 /// Maps a policy request to an engine request, or `None` when it is not an
 /// `smtpd_access_policy` request (answered `DUNNO`).
-pub fn to_request(p: &PolicyRequest) -> Option<Request> {
-    if p.get("request") != Some("smtpd_access_policy") {
+pub fn to_request(p: PolicyRequest) -> Option<Request> {
+    let mut is_policy = false;
+    let mut r = Request::default();
+    let mut client_name = None;
+    let mut client_address = None;
+    // One pass, moving the values: a request has some 30 attributes, of which we keep 8.
+    // A repeated attribute takes its last value, as Postfix's own parsers do.
+    for (name, value) in p.into_attributes() {
+        let slot = match name.as_str() {
+            "request" => {
+                is_policy = value == "smtpd_access_policy";
+                continue;
+            }
+            "client_address" => {
+                client_address = Some(value);
+                continue;
+            }
+            "client_name" => {
+                client_name = Some(value);
+                continue;
+            }
+            "protocol_state" => &mut r.stage,
+            "helo_name" => &mut r.helo,
+            "sender" => &mut r.sender,
+            "recipient" => &mut r.recipient,
+            "sasl_username" => &mut r.sasl_username,
+            // Postfix has looked the client up already: with it, DNS facts need no PTR
+            // query. Absent (old Postfix, other clients): empty, and the facts gatherer
+            // looks itself.
+            "reverse_client_name" => &mut r.reverse_client_name,
+            _ => continue,
+        };
+        *slot = value;
+    }
+    if !is_policy {
         return None;
     }
-    let get = |n: &str| p.get(n).unwrap_or("").to_string();
-    Some(Request {
-        stage: get("protocol_state"),
-        client_ip: p
-            .get("client_address")
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        client_name: p.get("client_name").unwrap_or("unknown").to_string(),
-        helo: get("helo_name"),
-        sender: get("sender"),
-        recipient: get("recipient"),
-        sasl_username: get("sasl_username"),
-        // Postfix has looked the client up already: with it, DNS facts need no PTR query.
-        // Absent (old Postfix, other clients): empty, and the facts gatherer looks itself.
-        reverse_client_name: get("reverse_client_name"),
-        facts: None,
-    })
+    r.client_ip = client_address.and_then(|a| a.parse::<IpAddr>().ok());
+    r.client_name = client_name.unwrap_or_else(|| "unknown".into());
+    Some(r)
 }
 
 /// What a connection needs.
@@ -116,7 +136,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
                 Ok((used, Some(req))) => {
                     start += used;
                     request_deadline = None;
-                    let action = answer(&req, peer, ctx).await;
+                    let action = answer(req, peer, ctx).await;
                     encode_response(&action, &mut out);
                 }
                 Err(e) => {
@@ -180,7 +200,12 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
 }
 
 /// Decides one request and spells the reply.
-async fn answer(req: &PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
+async fn answer(req: PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
+    let kind = if tracing::enabled!(tracing::Level::DEBUG) {
+        req.get("request").unwrap_or("").to_string()
+    } else {
+        String::new()
+    };
     match to_request(req) {
         Some(r) => {
             let now = unix_now();
@@ -190,7 +215,7 @@ async fn answer(req: &PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
         None => {
             tracing::debug!(
                 peer,
-                request = req.get("request").unwrap_or(""),
+                request = kind,
                 "not an smtpd_access_policy request; DUNNO"
             );
             "DUNNO".into()
