@@ -12,10 +12,41 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Event formatter: `TIMESTAMP  LEVEL target: span: message fields`, the layout of
+/// tracing-subscriber's default (without colours), written directly.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuickEvent;
+
+impl<S, N> FormatEvent<S, N> for QuickEvent
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        CachedTime.format_time(&mut writer)?;
+        let meta = event.metadata();
+        write!(writer, " {:>5} {}: ", meta.level(), meta.target())?;
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                write!(writer, "{}: ", span.name())?;
+            }
+        }
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
 
 /// Field formatter: `message k="v" n=1`, values escaped only where needed.
 #[derive(Debug, Default, Clone, Copy)]
@@ -56,28 +87,18 @@ impl Visitor<'_> {
     }
 }
 
-/// Writes `s` quoted, escaping `"`, `\` and control characters as Rust's Debug does.
+/// Writes `s` quoted and escaped exactly as Rust's Debug does.
 pub fn write_quoted(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
-    w.write_char('"')?;
-    let mut plain = 0;
-    for (i, c) in s.char_indices() {
-        let esc = match c {
-            '"' => Some("\\\""),
-            '\\' => Some("\\\\"),
-            '\n' => Some("\\n"),
-            '\r' => Some("\\r"),
-            '\t' => Some("\\t"),
-            c if c.is_control() => None,
-            _ => continue,
-        };
-        w.write_str(&s[plain..i])?;
-        match esc {
-            Some(e) => w.write_str(e)?,
-            None => write!(w, "\\u{{{:x}}}", c as u32)?,
-        }
-        plain = i + c.len_utf8();
+    // Addresses and names almost never need an escape: one byte scan decides, and the
+    // plain string is copied at once. Anything else (quotes, backslashes, controls, any
+    // non-ASCII character) takes Debug's own path, so the output is the same either way.
+    if s.bytes()
+        .any(|b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\')
+    {
+        return write!(w, "{s:?}");
     }
-    w.write_str(&s[plain..])?;
+    w.write_char('"')?;
+    w.write_str(s)?;
     w.write_char('"')
 }
 
@@ -185,11 +206,57 @@ mod tests {
             "tab\there\nnewline\rcr",
             "bell\u{7}esc\u{1b}del\u{7f}",
             "ünïcödé ✓",
+            "c1\u{85}control and \u{a0}nbsp",
         ] {
             let mut out = String::new();
             write_quoted(&mut out, s).unwrap();
             assert_eq!(out, format!("{s:?}"), "{s:?}");
         }
+    }
+
+    #[test]
+    fn a_decision_line_reads_like_the_default_format() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .fmt_fields(QuickFields)
+            .event_format(QuickEvent)
+            .finish();
+        let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(
+                target: "greygate::decision",
+                verdict = "defer",
+                rule = "new",
+                client = %ip,
+                sender = "a\"b@example.net",
+                remaining = 300u64,
+                delayed = None::<u64>,
+                "decision"
+            );
+        });
+        let line = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let (time, rest) = line.split_once(' ').unwrap();
+        assert_eq!(time.len(), "2026-11-28T21:55:03.794734Z".len(), "{line}");
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{line}");
+        assert_eq!(
+            rest,
+            " INFO greygate::decision: decision verdict=\"defer\" rule=\"new\" client=192.0.2.10 sender=\"a\\\"b@example.net\" remaining=300\n"
+        );
     }
 
     #[test]

@@ -190,7 +190,7 @@ fn init_logging(level: &str, json: bool) {
         // Same line as the default text format, for a fraction of its cost per decision.
         builder
             .fmt_fields(greygate::logfmt::QuickFields)
-            .with_timer(greygate::logfmt::CachedTime)
+            .event_format(greygate::logfmt::QuickEvent)
             .init();
     }
 }
