@@ -129,6 +129,27 @@ impl EmbeddedStore {
     }
 }
 
+/// Rows handed from the scan to the workers that fingerprint and queue them: key texts in
+/// one buffer (one allocation per batch, not per row) and the decoded records.
+struct Batch<R> {
+    text: String,
+    rows: Vec<(std::ops::Range<usize>, R)>,
+}
+
+const BATCH_ROWS: usize = 4096;
+
+impl<R> Batch<R> {
+    fn new() -> Self {
+        Batch {
+            text: String::with_capacity(BATCH_ROWS * 64),
+            rows: Vec::with_capacity(BATCH_ROWS),
+        }
+    }
+}
+
+/// Loads a table into memory. The scan (redb's B-tree walk, decoding) runs on this thread
+/// while the other cores fingerprint the keys and queue them per shard: on a large store
+/// those are the two halves of start-up, and they overlap.
 fn load_table<R: Packed>(
     tx: &redb::ReadTransaction,
     def: TableDefinition<&str, &[u8]>,
@@ -138,24 +159,62 @@ fn load_table<R: Packed>(
     count: fn(&mut LoadReport),
 ) -> Result<(), StoreError> {
     let table = tx.open_table(def).map_err(backend)?;
-    for item in table.iter().map_err(backend)? {
-        let (k, v) = item.map_err(backend)?;
-        match R::from_bytes(v.value()) {
-            Ok(rec) if rec.expires_at() >= now => {
-                into.load(k.value(), rec);
-                count(load);
-                continue;
-            }
-            Ok(_) => {
-                load.expired += 1;
-                // Marked changed-to-nothing: the next flush deletes the dead row.
-                into.remove(k.value());
-            }
-            // Left on disk untouched: a row this version cannot read may come from a newer
-            // release (rolled back) or a bug; deleting it would throw trust data away.
-            Err(_) => load.undecodable += 1,
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let (send, recv) = std::sync::mpsc::sync_channel::<Batch<R>>(2 * workers);
+    let recv = std::sync::Mutex::new(recv);
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        for _ in 0..workers {
+            let recv = &recv;
+            s.spawn(move || {
+                loop {
+                    // The lock is held only to take the next batch.
+                    let next = recv.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(batch) = next else { return };
+                    for (range, rec) in batch.rows {
+                        into.load(&batch.text[range], rec);
+                    }
+                }
+            });
         }
-    }
+        let mut batch = Batch::new();
+        let scanned = (|| {
+            for item in table.iter().map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                match R::from_bytes(v.value()) {
+                    Ok(rec) if rec.expires_at() >= now => {
+                        let start = batch.text.len();
+                        batch.text.push_str(k.value());
+                        batch.rows.push((start..batch.text.len(), rec));
+                        count(load);
+                        if batch.rows.len() == BATCH_ROWS {
+                            let full = std::mem::replace(&mut batch, Batch::new());
+                            if send.send(full).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        load.expired += 1;
+                        // Marked changed-to-nothing: the next flush deletes the dead row.
+                        into.remove(k.value());
+                    }
+                    // Left on disk untouched: a row this version cannot read may come from a
+                    // newer release (rolled back) or a bug; deleting it would throw trust
+                    // data away.
+                    Err(_) => load.undecodable += 1,
+                }
+            }
+            Ok(())
+        })();
+        if !batch.rows.is_empty() {
+            let _ = send.send(batch);
+        }
+        // Closing the channel ends the workers once they have drained it.
+        drop(send);
+        scanned
+    })?;
     into.finish_loading();
     Ok(())
 }

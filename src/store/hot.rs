@@ -194,13 +194,24 @@ impl<R: Packed> HotMap<R> {
 
     /// Builds each shard's map from its queued rows in one go: inserting rows in file order
     /// instead jumps across every shard's table and was most of a large store's start-up.
+    /// The shards are independent, so every core builds its share (start-up of a large
+    /// store is mostly this and the scan).
     pub(crate) fn finish_loading(&self) {
-        for shard in self.shards.iter() {
-            let mut shard = lock(shard);
-            let rows = std::mem::take(&mut shard.loading);
-            shard.map.reserve(rows.len());
-            shard.map.extend(rows);
-        }
+        let build = |shards: &[Mutex<Shard<R::Packed>>]| {
+            for shard in shards {
+                let mut shard = lock(shard);
+                let rows = std::mem::take(&mut shard.loading);
+                shard.map.reserve(rows.len());
+                shard.map.extend(rows);
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let per = self.shards.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for chunk in self.shards.chunks(per) {
+                s.spawn(move || build(chunk));
+            }
+        });
     }
 
     /// Removes `key`'s record, if any, and records that it is gone, so the next flush
