@@ -27,7 +27,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: Postfix policy service on the configured listeners.
+    /// Run the daemon: policy and milter listeners, admin API, metrics and dashboard.
     Serve(ServeArgs),
     /// Check the configuration and allow-list files; report every problem with its line.
     CheckConfig(CheckConfigArgs),
