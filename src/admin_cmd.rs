@@ -196,7 +196,10 @@ fn ask<T>(
             eprintln!("greygate: no daemon answers at {url}; using the store directly");
             Ok(None)
         }
-        Err(ClientError::Refused { status: 401, message }) => bail!(
+        Err(ClientError::Refused {
+            status: 401,
+            message,
+        }) => bail!(
             "the daemon refused: {message}; give the admin token with --token or \
              GREYGATE_ADMIN_TOKEN (the daemon's [admin] token or token_file)"
         ),

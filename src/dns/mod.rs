@@ -41,6 +41,12 @@ use query::{ListAnswer, classify_list_answer, list_query_name, mta_host_name, sp
 /// Longest a lookup may run in the background after its request stopped waiting.
 pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 
+/// Most lookup tasks alive at once. Lookups outlive their request (for the cache) by up to
+/// `LOOKUP_LIMIT`; while DNS is down a busy MX would otherwise pile up tasks by the
+/// thousand. Beyond this, a request's lookup is not started and counts as failed (the
+/// identity falls back to the prefix, as for any DNS trouble).
+pub const MAX_IN_FLIGHT: usize = 4096;
+
 /// PTR names of one address checked forward; RFC 8601's `iprev` stops at 10, and real mail
 /// servers have one.
 const MAX_PTR_NAMES: usize = 5;
@@ -119,6 +125,8 @@ type Answer = Result<(Value, Duration), String>;
 enum Pending {
     Ready(Value),
     Running(JoinHandle<Result<Value, String>>),
+    /// Not started: too many lookups in flight.
+    Refused,
 }
 
 enum Outcome {
@@ -135,6 +143,7 @@ pub struct Gatherer {
     host_domain: String,
     cache: Arc<TtlCache<Key, Value>>,
     stats: Arc<DnsStats>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for Gatherer {
@@ -189,6 +198,7 @@ impl Gatherer {
             host_domain: host_domain.to_string(),
             cache: Arc::new(TtlCache::new(settings.cache_size)),
             stats,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -335,9 +345,13 @@ impl Gatherer {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Pending::Ready(v);
         }
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Pending::Refused;
+        };
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
         Pending::Running(tokio::spawn(async move {
+            let _permit = permit;
             match tokio::time::timeout(LOOKUP_LIMIT, work).await {
                 Ok(Ok((value, ttl))) => {
                     cache.insert(key, value.clone(), ttl, std::time::Instant::now());
@@ -351,13 +365,18 @@ impl Gatherer {
 
     /// Waits for a lookup until `deadline`; the task goes on without us after that.
     async fn finish(&self, pending: Pending, deadline: Instant) -> Outcome {
-        let handle = match pending {
-            Pending::Ready(v) => return Outcome::Answer(v),
-            Pending::Running(h) => h,
-        };
         let failed = |e: String| {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             Outcome::Failed(e)
+        };
+        let handle = match pending {
+            Pending::Ready(v) => return Outcome::Answer(v),
+            Pending::Running(h) => h,
+            Pending::Refused => {
+                return failed(format!(
+                    "not looked up: {MAX_IN_FLIGHT} lookups already in flight"
+                ));
+            }
         };
         match tokio::time::timeout_at(deadline, handle).await {
             Ok(Ok(Ok(v))) => Outcome::Answer(v),

@@ -288,3 +288,32 @@ async fn list_answers_and_error_codes() {
     assert!(got.facts.dnsbl.clean() && got.facts.dnswl.clean());
     assert!(got.trouble.is_empty());
 }
+
+#[tokio::test]
+async fn lookups_beyond_the_in_flight_cap_are_not_started() {
+    let server = silent_server().await;
+    let s = settings(server.local_addr().unwrap(), 200);
+    let (g, stats) = gatherer(&s);
+    // Every slot taken, as by thousands of requests while DNS is down.
+    let held = g
+        .in_flight
+        .clone()
+        .try_acquire_many_owned(u32::try_from(MAX_IN_FLIGHT).unwrap())
+        .unwrap();
+    let got = g.gather(&ask("198.51.100.8", "a@pool.test")).await;
+    assert!(
+        got.elapsed < Duration::from_millis(100),
+        "{:?}",
+        got.elapsed
+    );
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0, "nothing started");
+    assert!(stats.failures.load(Ordering::Relaxed) >= 3);
+    let note = got.note().unwrap();
+    assert!(note.contains("lookups already in flight"), "{note}");
+    assert!(!got.facts.dnsbl.complete && !got.facts.dnsbl.listed());
+    // With slots free again, lookups start.
+    drop(held);
+    let again = g.gather(&ask("198.51.100.8", "a@pool.test")).await;
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 3);
+    assert!(again.timed_out);
+}
