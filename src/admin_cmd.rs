@@ -577,7 +577,7 @@ fn runtime_text(entries: &[Value]) -> String {
         let _ = writeln!(
             o,
             "{:>4} {:<5} {:<9} {:<32} {:<19} {}",
-            e["id"],
+            e["id"].as_u64().unwrap_or(0),
             e["list"].as_str().unwrap_or(""),
             e["target"].as_str().unwrap_or(""),
             e["value"].as_str().unwrap_or(""),
