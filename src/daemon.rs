@@ -171,7 +171,8 @@ fn options(cfg: &Config) -> ServiceOptions {
     }
 }
 
-fn replies(cfg: &Config) -> (Replies, MilterReplies) {
+/// The policy and milter reply texts a configuration asks for (also what `explain` shows).
+pub fn replies(cfg: &Config) -> (Replies, MilterReplies) {
     let header_host = cfg.x_greylist_header.then(|| cfg.hostname.clone());
     (
         Replies {

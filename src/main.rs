@@ -18,9 +18,8 @@ use clap::Parser;
 use cli::{BenchArgs, CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
 use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
 use greygate::engine::{Mode, Request};
-use greygate::server::policy::Replies;
 use greygate::service::{Outcome, unix_now};
-use greygate::store::{EmbeddedReader, PostgresStore, RedisStore, Store, StoreError};
+use greygate::store::{OpenError, PostgresStore, RedisStore};
 
 const EXIT_RUNTIME: u8 = 1;
 /// Bad usage or configuration (clap also exits 2 on usage errors).
@@ -302,41 +301,12 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         reverse_client_name: String::new(),
         facts: None,
     };
-    let (reader, busy): (Result<Box<dyn Store>, String>, bool) = match &cfg.store {
-        StoreKind::Embedded(path) => match EmbeddedReader::open(path) {
-            Ok(r) => (Ok(Box::new(r)), false),
-            Err(e) => {
-                let busy = matches!(e, StoreError::Locked { .. });
-                (Err(e.to_string()), busy)
-            }
-        },
-        StoreKind::Memory => (
-            Err("the memory store lives only inside the running daemon".to_string()),
-            false,
-        ),
-        // Shared stores are read while daemons run: explain only reads.
-        StoreKind::Redis(s) => {
-            let limit = s.connect_timeout + cfg.store_timeout;
-            let store = RedisStore::new(&s.url, s.connect_timeout, limit);
-            (
-                store.map(|s| Box::new(s) as _).map_err(|e| e.to_string()),
-                false,
-            )
-        }
-        StoreKind::Postgres(s) => {
-            let limit = s.connect_timeout + cfg.store_timeout;
-            let store = PostgresStore::new(&s.url, 1, s.connect_timeout, limit);
-            (
-                store.map(|s| Box::new(s) as _).map_err(|e| e.to_string()),
-                false,
-            )
-        }
-    };
-    let replies = Replies {
-        defer_action: cfg.defer_action.clone(),
-        defer_text: cfg.defer_text.clone(),
-        header_host: cfg.x_greylist_header.then(|| cfg.hostname.clone()),
-    };
+    let (reader, busy) =
+        match greygate::store::open_for_command(&cfg.store, cfg.store_timeout, false) {
+            Ok(store) => (Ok(store), false),
+            Err(e) => (Err(e.to_string()), matches!(e, OpenError::Busy(_))),
+        };
+    let (replies, _) = greygate::daemon::replies(&cfg);
     let enforced = cfg.mode == Mode::Enforce;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
