@@ -508,6 +508,15 @@ pub enum DeferAction {
 }
 
 impl DeferAction {
+    /// What precedes the text in `reply(text, None)`: the action word or the SMTP code.
+    pub fn prefix(&self) -> &str {
+        match self {
+            DeferAction::DeferIfPermit => "DEFER_IF_PERMIT",
+            DeferAction::Defer => "DEFER",
+            DeferAction::Code(c) => c,
+        }
+    }
+
     /// The reply action for `text`, with `dsn` overriding the enhanced status code of an
     /// explicit code (used for 4.3.0 on store failure).
     pub fn reply(&self, text: &str, dsn: Option<&str>) -> String {

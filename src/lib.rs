@@ -19,3 +19,21 @@ pub mod server;
 pub mod service;
 pub mod simulate;
 pub mod store;
+
+/// The allocator of everything built from this crate: per-thread heaps, so memory freed on
+/// another tokio worker than the one that allocated it costs no lock. With glibc's malloc
+/// the two workers of a busy daemon waited on each other's arena locks (most of its futex
+/// calls; BENCHMARKS.md, session 3).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Returns memory the allocator holds freed to the system now, instead of after its purge
+/// delay (after a large start-up load, whose temporary buffers are gone).
+pub fn release_free_memory() {
+    unsafe extern "C" {
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mimalloc's own entry point (linked in as the global allocator above); it
+    // takes no pointers and only releases free memory.
+    unsafe { mi_collect(true) };
+}

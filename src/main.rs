@@ -174,24 +174,45 @@ fn check_connection(cfg: &Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(level: &str, json: bool) {
+/// The daemon's log writer, flushed before the process ends.
+static LOG_SINK: std::sync::OnceLock<greygate::logfmt::BatchedStderr> = std::sync::OnceLock::new();
+
+/// Writes log lines still held for batching (before exiting or panicking).
+fn flush_logs() {
+    if let Some(sink) = LOG_SINK.get() {
+        sink.flush();
+    }
+}
+
+fn init_logging(level: &str, json: bool) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("GREYGATE_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines are written in batches by a thread of their own (one `write(2)` per 10 ms).
+    let writer =
+        greygate::logfmt::BatchedStderr::start().context("cannot start the log writer thread")?;
+    let _ = LOG_SINK.set(writer.clone());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush_logs();
+        previous(info);
+    }));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().init();
     } else {
         // Same line as the default text format, for a fraction of its cost per decision.
+        greygate::logfmt::set_text_sink(writer.clone());
         builder
             .fmt_fields(greygate::logfmt::QuickFields)
             .event_format(greygate::logfmt::QuickEvent)
             .init();
     }
+    Ok(())
 }
 
 /// Applies `serve`'s command-line overrides to the file's configuration.
@@ -243,12 +264,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
-    init_logging(&cfg.log_level, cfg.log_json);
+    init_logging(&cfg.log_level, cfg.log_json)?;
+    // No transparent huge pages for the daemon: mimalloc asks for them on its arenas, and
+    // huge pages only partly used held 10 million triplets at 1.07 GB instead of 0.92 GB
+    // (the loaded store's maps are spread over many arenas); throughput was the same.
+    // SAFETY: sets a flag of this process; no pointers.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(greygate::daemon::run(cfg, Arc::new(load)))?;
+    let result = rt.block_on(greygate::daemon::run(cfg, Arc::new(load)));
+    drop(rt);
+    flush_logs();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -334,13 +366,15 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         &req,
         now,
         |d| {
-            replies.action(
-                &Outcome {
-                    decision: d.clone(),
-                    enforced,
-                },
-                now,
-            )
+            replies
+                .action(
+                    &Outcome {
+                        decision: d.clone(),
+                        enforced,
+                    },
+                    now,
+                )
+                .into_owned()
         },
     ));
     match result {

@@ -249,13 +249,15 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     let replies = st.reloader.policy_replies();
     let dns = live.dns.as_deref();
     let result = crate::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
-        replies.action(
-            &Outcome {
-                decision: d.clone(),
-                enforced,
-            },
-            now,
-        )
+        replies
+            .action(
+                &Outcome {
+                    decision: d.clone(),
+                    enforced,
+                },
+                now,
+            )
+            .into_owned()
     })
     .await;
     match result {

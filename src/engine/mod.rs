@@ -104,7 +104,18 @@ pub struct TripletKey {
 impl TripletKey {
     /// One string for stores; the parts cannot contain NUL (front ends refuse it).
     pub fn joined(&self) -> String {
-        format!("{}\0{}\0{}", self.client, self.sender, self.recipient)
+        let mut s =
+            String::with_capacity(self.client.len() + self.sender.len() + self.recipient.len() + 2);
+        for (i, part) in [&self.client, &self.sender, &self.recipient]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                s.push('\0');
+            }
+            s.push_str(part);
+        }
+        s
     }
 
     /// Inverse of [`TripletKey::joined`].

@@ -1,4 +1,5 @@
 //! Key normalisation: client IP grouping and sender/recipient address normalisation (SPEC §3).
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Unwraps IPv4-mapped IPv6 (`::ffff:a.b.c.d`) to IPv4; other addresses unchanged.
@@ -7,6 +8,34 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     // Dual-stack listeners report IPv4 peers as mapped addresses; they must
     // group with the same client connecting over plain IPv4.
     ip.to_canonical()
+}
+
+/// Writes an IP address as its `Display` does; IPv4 without the formatter's padding
+/// machinery, which costs more than the rest of a decision's string work.
+pub fn write_ip(w: &mut impl fmt::Write, ip: IpAddr) -> fmt::Result {
+    let IpAddr::V4(v4) = ip else {
+        return write!(w, "{ip}");
+    };
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    // Only ASCII digits and dots were written.
+    w.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
 }
 
 /// The client's network group: IPv4 masked to `v4_prefix` bits, IPv6 to `v6_prefix` bits (IPv4-mapped IPv6 counts as IPv4).
@@ -21,11 +50,14 @@ pub fn client_group(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
             // checked_shl: a shift by the full width (prefix 0) must give an empty mask.
             let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
             let net = Ipv4Addr::from(u32::from(v4) & mask);
-            if len == 32 {
-                net.to_string()
-            } else {
-                format!("{net}/{len}")
+            // Once per request: written without `format!`'s machinery.
+            let mut group = String::with_capacity(18);
+            let _ = write_ip(&mut group, IpAddr::V4(net));
+            if len != 32 {
+                group.push('/');
+                let _ = write!(group, "{len}");
             }
+            group
         }
         IpAddr::V6(v6) => {
             let len = u32::from(v6_prefix.min(128));
@@ -330,6 +362,24 @@ mod tests {
         for &(ip, v4, v6, want) in cases {
             let parsed: IpAddr = ip.parse().expect("test address");
             assert_eq!(client_group(parsed, v4, v6), want, "{ip} /{v4} /{v6}");
+        }
+    }
+
+    #[test]
+    fn ip_addresses_print_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "192.0.2.1",
+            "10.0.100.7",
+            "2001:db8::1",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            write_ip(&mut out, ip).unwrap();
+            assert_eq!(out, ip.to_string());
         }
     }
 

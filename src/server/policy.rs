@@ -1,6 +1,8 @@
 //! The Postfix policy front end: one connection's read–decide–reply loop, and the mapping
 //! between policy attributes, engine requests and `action=` replies.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -26,20 +28,33 @@ pub struct Replies {
 
 impl Replies {
     /// The `action=` value for an outcome decided at `now`.
-    pub fn action(&self, o: &Outcome, now: u64) -> String {
+    pub fn action(&self, o: &Outcome, now: u64) -> Cow<'static, str> {
         let d = &o.decision;
         match o.effective() {
-            Verdict::Defer if d.rule == Rule::StoreFailClosed => self.defer_action.reply(
-                "Greylisting is temporarily unavailable, please try again later",
-                Some("4.3.0"),
-            ),
+            Verdict::Defer if d.rule == Rule::StoreFailClosed => self
+                .defer_action
+                .reply(
+                    "Greylisting is temporarily unavailable, please try again later",
+                    Some("4.3.0"),
+                )
+                .into(),
             Verdict::Defer => {
-                let remaining = d.remaining.unwrap_or(0).to_string();
-                self.defer_action
-                    .reply(&self.defer_text.replace("{remaining}", &remaining), None)
+                // `reply(text, None)` and `replace`, written into one string.
+                let mut reply = String::with_capacity(self.defer_text.len() + 32);
+                reply.push_str(self.defer_action.prefix());
+                reply.push(' ');
+                let mut parts = self.defer_text.split("{remaining}");
+                reply.push_str(parts.next().unwrap_or(""));
+                for part in parts {
+                    let _ = write!(reply, "{}", d.remaining.unwrap_or(0));
+                    reply.push_str(part);
+                }
+                reply.into()
             }
             Verdict::Pass if o.enforced => match (d.delayed, &self.header_host) {
-                (Some(secs), Some(host)) => format!("PREPEND {}", x_greylist(secs, host, now)),
+                (Some(secs), Some(host)) => {
+                    format!("PREPEND {}", x_greylist(secs, host, now)).into()
+                }
                 _ => "DUNNO".into(),
             },
             _ => "DUNNO".into(),
@@ -124,6 +139,13 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     let mut chunk = [0u8; 8192];
     // A started request must be complete by this instant, however slowly it trickles in.
     let mut request_deadline: Option<Instant> = None;
+    // One timer and one wait per token for the whole connection, moved rather than made
+    // anew for every read (a timer registration and two waiter-list insertions per request).
+    // Child tokens: polling the shared tokens locked one mutex for every connection.
+    let timer = tokio::time::sleep(ctx.limits.idle_timeout);
+    let (stop_token, hard_token) = (ctx.shutdown.child_token(), ctx.hard_stop.child_token());
+    let (shutdown, hard_stop) = (stop_token.cancelled(), hard_token.cancelled());
+    tokio::pin!(timer, shutdown, hard_stop);
     loop {
         let mut start = 0;
         let mut bad = None;
@@ -163,13 +185,21 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
         } else {
             Instant::now() + ctx.limits.idle_timeout
         };
+        if timer.deadline() != deadline {
+            // Later than before (the usual case) only updates the entry; tokio files it
+            // anew when the old instant comes.
+            timer.as_mut().reset(deadline);
+        }
         let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => r,
-            _ = ctx.shutdown.cancelled(), if !mid_request => return,
-            _ = ctx.hard_stop.cancelled() => {
+            // Stopping first: a client that never stops sending must not hold it up.
+            biased;
+            () = &mut hard_stop => {
                 tracing::warn!(peer, "shutting down with a request unfinished; closing connection");
                 return;
             }
+            () = &mut shutdown, if !mid_request => return,
+            r = stream.read(&mut chunk) => Ok(r),
+            () = &mut timer => Err(()),
         };
         match read {
             Ok(Ok(0)) => {
@@ -200,7 +230,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
 }
 
 /// Decides one request and spells the reply.
-async fn answer(req: PolicyRequest, peer: &str, ctx: &ConnContext) -> String {
+async fn answer(req: PolicyRequest, peer: &str, ctx: &ConnContext) -> Cow<'static, str> {
     let kind = if tracing::enabled!(tracing::Level::DEBUG) {
         req.get("request").unwrap_or("").to_string()
     } else {
@@ -279,6 +309,39 @@ mod tests {
     }
 
     const REQ: &str = "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.net\nrecipient=b@example.org\n\n";
+
+    #[test]
+    fn defer_replies_read_as_reply_with_remaining_filled_in() {
+        use crate::engine::Decision;
+        let mut d = Decision::store_failure(true, String::new());
+        d.verdict = Verdict::Defer;
+        d.rule = Rule::New;
+        d.remaining = Some(297);
+        let o = Outcome {
+            decision: d,
+            enforced: true,
+        };
+        for action in [
+            DeferAction::DeferIfPermit,
+            DeferAction::Defer,
+            "450 4.7.1".parse().unwrap(),
+        ] {
+            for text in [
+                "Greylisted",
+                "Greylisted, try again in {remaining} s",
+                "{remaining}{remaining} {remaining",
+                "",
+            ] {
+                let replies = Replies {
+                    defer_action: action.clone(),
+                    defer_text: text.into(),
+                    header_host: None,
+                };
+                let want = action.reply(&text.replace("{remaining}", "297"), None);
+                assert_eq!(replies.action(&o, 0), want, "{action:?} {text:?}");
+            }
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_trickling_request_is_cut_off_at_io_timeout_from_its_start() {

@@ -285,3 +285,77 @@ proptest! {
         }
     }
 }
+
+/// The text log's pre-written decision line equals the structured event written by the
+/// same formatter, for every optional field present or absent and for awkward values.
+#[tokio::test]
+async fn the_prewritten_decision_line_matches_the_structured_event() {
+    use crate::engine::{Delay, DelayReason, IdentityFacts, IdentityKind, IdentityReason};
+    let svc = service(Arc::new(MemoryStore::new()), Mode::Enforce, FailMode::Open);
+    let mut cases = Vec::new();
+    for (ip, sender, rcpt) in [
+        ("192.0.2.1", "a@example.net", "b@example.org"),
+        ("2001:db8::7", "", "postmaster@example.org"),
+        (
+            "10.0.100.255",
+            "we\"ird\\ \u{7}ü@example.net",
+            "r@example.org",
+        ),
+    ] {
+        let req = request(ip, sender, rcpt);
+        let o = svc.check(&req, 1_000).await;
+        cases.push((req, o));
+    }
+    // A pass after the delay, the learn-mode "would", DNS facts with an identity and a
+    // delay of their own, a store failure with its detail, no client address at all.
+    let (req, _) = cases[0].clone();
+    let o = svc.check(&req, 1_000 + 400).await;
+    cases.push((req.clone(), o.clone()));
+    let mut learn = o.clone();
+    learn.enforced = false;
+    learn.decision.verdict = Verdict::Defer;
+    cases.push((req.clone(), learn));
+    let mut with_facts = req.clone();
+    with_facts.facts = Some(IdentityFacts::default());
+    let mut spf = o.clone();
+    spf.decision.identity = Some(IdentityReason {
+        kind: IdentityKind::Spf,
+        reason: "SPF \"pass\" for example.net".into(),
+    });
+    spf.decision.delay = Some(Delay {
+        seconds: 900,
+        reason: DelayReason::Dnsbl,
+    });
+    cases.push((with_facts, spf));
+    let mut failed = o.clone();
+    failed.decision = Decision::store_failure(true, "redis: connection refused".into());
+    let mut no_ip = req.clone();
+    no_ip.client_ip = None;
+    cases.push((no_ip, failed));
+
+    for (i, (req, o)) in cases.iter().enumerate() {
+        for (dns, level) in [
+            (None, tracing::Level::INFO),
+            (
+                Some("DNS timed out after 300 ms: PTR"),
+                tracing::Level::WARN,
+            ),
+        ] {
+            let line = DecisionLine { req, o, dns };
+            let structured = crate::logfmt::capture_text(|| line.event(level));
+            let mut written = String::new();
+            crate::logfmt::format_line(&mut written, level, DECISION_TARGET, |out| {
+                line.write_fields(out)
+            });
+            let strip = |s: &str| s.split_once(' ').unwrap().1.to_string();
+            assert_eq!(strip(&written), strip(&structured), "case {i}");
+            let (time, _) = written.split_once(' ').unwrap();
+            assert_eq!(time.len(), "2026-11-28T21:55:03.794734Z".len(), "{written}");
+            assert!(
+                time.ends_with('Z') && time.as_bytes()[10] == b'T',
+                "{written}"
+            );
+            assert!(structured.contains(" decision verdict="), "{structured}");
+        }
+    }
+}

@@ -102,13 +102,9 @@ impl EmbeddedStore {
             l.clients += 1
         })?;
         drop(tx);
-        // The load's temporary per-shard vectors were freed, but glibc keeps freed heap
-        // memory mapped: hand it back, or a large store's RSS keeps them for good.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // The load's temporary per-shard vectors were freed, but allocators keep freed
+        // memory mapped for a while: hand it back now, or a large store's RSS keeps them.
+        crate::release_free_memory();
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
             db: Arc::new(db),

@@ -9,8 +9,10 @@
 //! for the commit (its file has the rest, for scans); the memory backend has nowhere else to
 //! find it and keeps it for every record, so that it can list them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -141,10 +143,10 @@ pub(crate) enum KeyText {
 
 pub(crate) struct HotMap<R: Packed> {
     shards: Box<[Mutex<Shard<R::Packed>>]>,
-    // Attackers choose senders and recipients: fingerprints are keyed hashes, random per
-    // process, so no one can aim for a collision (odds for 10^7 keys: about 10^-25).
-    hi: RandomState,
-    lo: RandomState,
+    // Attackers choose senders and recipients: fingerprints are keyed hashes (SipHash-1-3
+    // with 128-bit output, one pass over the key), random per process, so no one can aim
+    // for a collision (odds for 10^7 keys: about 10^-25).
+    sip_keys: (u64, u64),
     key_text: KeyText,
     sweep_cursor: AtomicUsize,
 }
@@ -166,15 +168,20 @@ impl<R: Packed> HotMap<R> {
             .collect();
         HotMap {
             shards,
-            hi: RandomState::new(),
-            lo: RandomState::new(),
+            // Two unpredictable words from std's per-process random hash keys.
+            sip_keys: (
+                RandomState::new().hash_one(0x9e37_79b9_u64),
+                RandomState::new().hash_one(0x7f4a_7c15_u64),
+            ),
             key_text,
             sweep_cursor: AtomicUsize::new(0),
         }
     }
 
     fn fingerprint(&self, key: &str) -> u128 {
-        (u128::from(self.hi.hash_one(key)) << 64) | u128::from(self.lo.hash_one(key))
+        let mut h = SipHasher13::new_with_keys(self.sip_keys.0, self.sip_keys.1);
+        h.write(key.as_bytes());
+        h.finish128().as_u128()
     }
 
     fn shard(&self, fp: u128) -> std::sync::MutexGuard<'_, Shard<R::Packed>> {
@@ -235,16 +242,33 @@ impl<R: Packed> HotMap<R> {
     pub(crate) fn update(&self, key: &str, f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
         let fp = self.fingerprint(key);
         let mut shard = self.shard(fp);
-        let old = shard.map.get(&fp).map(R::unpack);
-        if let Some(new) = f(old.as_ref())
-            && Some(new) != old
-        {
-            shard.map.insert(fp, new.pack());
-            let texts = match self.key_text {
-                KeyText::Always => &mut shard.names,
-                KeyText::WhileDirty => &mut shard.dirty,
-            };
-            texts.entry(fp).or_insert_with(|| key.into());
+        let Shard {
+            map, names, dirty, ..
+        } = &mut *shard;
+        // One probe of the map (a cache miss on a large one), and the key's text touched
+        // only where it must be: `names` when a key is new, `dirty` when a record changes.
+        let (old, changed) = match map.entry(fp) {
+            hash_map::Entry::Occupied(mut slot) => {
+                let old = R::unpack(slot.get());
+                let new = f(Some(&old)).filter(|new| *new != old);
+                if let Some(new) = new {
+                    *slot.get_mut() = new.pack();
+                }
+                (Some(old), new.is_some())
+            }
+            hash_map::Entry::Vacant(slot) => {
+                let new = f(None);
+                if let Some(new) = new {
+                    slot.insert(new.pack());
+                    if self.key_text == KeyText::Always {
+                        names.insert(fp, key.into());
+                    }
+                }
+                (None, new.is_some())
+            }
+        };
+        if changed && self.key_text == KeyText::WhileDirty {
+            dirty.entry(fp).or_insert_with(|| key.into());
         }
         old
     }
@@ -286,11 +310,14 @@ impl<R: Packed> HotMap<R> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
-            let dirty = std::mem::take(&mut shard.dirty);
+            let Shard { map, dirty, .. } = &mut *shard;
+            out.reserve(dirty.len());
+            // Drained, not replaced: the table keeps its size for the next interval's
+            // changes instead of growing again from nothing every commit.
             out.extend(
                 dirty
-                    .into_iter()
-                    .map(|(fp, key)| (key, shard.map.get(&fp).map(R::unpack))),
+                    .drain()
+                    .map(|(fp, key)| (key, map.get(&fp).map(R::unpack))),
             );
         }
         out
