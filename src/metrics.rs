@@ -364,6 +364,13 @@ pub struct Activity {
 
 impl Activity {
     pub fn record(&self, d: RecentDecision) {
+        // Work that needs no lock is done before taking it (both workers record).
+        let domain = (d.verdict == Verdict::Defer).then(|| {
+            d.sender
+                .rsplit_once('@')
+                .map_or("<>", |(_, dom)| dom)
+                .to_ascii_lowercase()
+        });
         let mut a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let start = d.at - d.at % BUCKET_SECONDS;
         if a.series.back().is_none_or(|b| b.start < start) {
@@ -382,10 +389,8 @@ impl Activity {
             Verdict::Defer => b.defer += 1,
             Verdict::Skip => b.skip += 1,
         }
-        if d.verdict == Verdict::Defer {
+        if let Some(domain) = domain {
             a.groups.add(&d.group, d.at);
-            let domain = d.sender.rsplit_once('@').map_or("<>", |(_, dom)| dom);
-            let domain = domain.to_ascii_lowercase();
             a.domains.add(&domain, d.at);
         }
         if a.recent.len() == RECENT {

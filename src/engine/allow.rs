@@ -257,8 +257,14 @@ fn find_either<'a>(list: &'a AddressList, normalised: &str, raw: &str) -> Option
     if list.len() == 0 {
         return None;
     }
-    list.find(normalised)
-        .or_else(|| list.find(&strip_envelope(raw).to_lowercase()))
+    list.find(normalised).or_else(|| {
+        // Most addresses normalise to themselves lower-cased: no second look for those.
+        let raw = strip_envelope(raw);
+        if raw.eq_ignore_ascii_case(normalised) {
+            return None;
+        }
+        list.find(&raw.to_lowercase())
+    })
 }
 
 /// IPv4-mapped IPv6 networks (`::ffff:192.0.2.0/120`) become IPv4 networks, since client
