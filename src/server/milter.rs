@@ -114,6 +114,11 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
     let mut chunk = vec![0u8; 16 * 1024];
     let mut session = Session::default();
     let mut frame_deadline: Option<Instant> = None;
+    // Child tokens, waited on for the whole connection: polling the shared tokens locked
+    // one mutex for every connection on every read (as in the policy front end).
+    let (stop_token, hard_token) = (ctx.shutdown.child_token(), ctx.hard_stop.child_token());
+    let (shutdown, hard_stop) = (stop_token.cancelled(), hard_token.cancelled());
+    tokio::pin!(shutdown, hard_stop);
     loop {
         let mut start = 0;
         let mut stop = None;
@@ -173,9 +178,11 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
             Instant::now() + ctx.limits.idle_timeout
         };
         let read = tokio::select! {
+            // Stopping first: a client that never stops sending must not hold it up.
+            biased;
+            () = &mut hard_stop => return,
+            () = &mut shutdown, if !mid_frame && session.sender.is_none() => return,
             r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => r,
-            _ = ctx.shutdown.cancelled(), if !mid_frame && session.sender.is_none() => return,
-            _ = ctx.hard_stop.cancelled() => return,
         };
         match read {
             Ok(Ok(0)) => {
