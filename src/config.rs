@@ -508,29 +508,30 @@ pub enum DeferAction {
 }
 
 impl DeferAction {
-    /// What precedes the text in `reply(text, None)`: the action word or the SMTP code.
-    pub fn prefix(&self) -> &str {
-        match self {
-            DeferAction::DeferIfPermit => "DEFER_IF_PERMIT",
-            DeferAction::Defer => "DEFER",
-            DeferAction::Code(c) => c,
-        }
-    }
-
     /// The reply action for `text`, with `dsn` overriding the enhanced status code of an
     /// explicit code (used for 4.3.0 on store failure).
     pub fn reply(&self, text: &str, dsn: Option<&str>) -> String {
-        match (self, dsn) {
-            (DeferAction::DeferIfPermit, None) => format!("DEFER_IF_PERMIT {text}"),
-            (DeferAction::Defer, None) => format!("DEFER {text}"),
-            (DeferAction::DeferIfPermit, Some(d)) => format!("DEFER_IF_PERMIT {d} {text}"),
-            (DeferAction::Defer, Some(d)) => format!("DEFER {d} {text}"),
-            (DeferAction::Code(c), None) => format!("{c} {text}"),
-            (DeferAction::Code(c), Some(d)) => {
-                let code = c.split_whitespace().next().unwrap_or("451");
-                format!("{code} {d} {text}")
-            }
+        let mut out = String::with_capacity(text.len() + 24);
+        self.write_reply(&mut out, dsn, |out| out.push_str(text));
+        out
+    }
+
+    /// [`DeferAction::reply`] into `out`, the text written by `text` (the policy front end
+    /// fills in `{remaining}` while writing, without a copy of the text first).
+    pub fn write_reply(&self, out: &mut String, dsn: Option<&str>, text: impl FnOnce(&mut String)) {
+        let action = match (self, dsn) {
+            (DeferAction::DeferIfPermit, _) => "DEFER_IF_PERMIT",
+            (DeferAction::Defer, _) => "DEFER",
+            (DeferAction::Code(c), None) => c,
+            (DeferAction::Code(c), Some(_)) => c.split_whitespace().next().unwrap_or("451"),
+        };
+        out.push_str(action);
+        if let Some(d) = dsn {
+            out.push(' ');
+            out.push_str(d);
         }
+        out.push(' ');
+        text(out);
     }
 }
 

@@ -150,15 +150,23 @@ impl Visit for Visitor<'_> {
 
 pub use crate::engine::normalize::write_ip;
 
-/// Where [`write_direct`] puts lines: the daemon's text log.
-static TEXT_SINK: OnceLock<BatchedStderr> = OnceLock::new();
+/// The daemon's log writer, and whether its events are written by
+/// [`QuickEvent`]/[`QuickFields`] (the text log, which [`write_direct`] may use).
+static SINK: OnceLock<(BatchedStderr, bool)> = OnceLock::new();
 
-/// Declares that `sink` carries the log and that events are written by
-/// [`QuickEvent`]/[`QuickFields`] (the daemon's text log): hot paths may then write their
-/// line themselves with [`write_direct`]. Not called for the JSON log, nor in tests with
-/// their own subscribers: events then carry their fields one by one.
-pub fn set_text_sink(sink: BatchedStderr) {
-    let _ = TEXT_SINK.set(sink);
+/// Declares that `sink` carries the log, to be flushed by [`flush`]. `text`: events are
+/// written by [`QuickEvent`]/[`QuickFields`] (the daemon's text log), so hot paths may write
+/// their line themselves with [`write_direct`]. Not called in tests with their own
+/// subscribers; with the JSON log or without a sink, events carry their fields one by one.
+pub fn install(sink: BatchedStderr, text: bool) {
+    let _ = SINK.set((sink, text));
+}
+
+/// Writes log lines still held for batching (before the process exits or on a panic).
+pub fn flush() {
+    if let Some((sink, _)) = SINK.get() {
+        sink.flush();
+    }
 }
 
 thread_local! {
@@ -171,7 +179,7 @@ thread_local! {
 /// checked that the level is enabled for the target. `false`: no text sink (JSON log, or
 /// not the daemon), and nothing was written — log an event instead.
 pub fn write_direct(level: Level, target: &str, fields: impl FnOnce(&mut String)) -> bool {
-    let Some(sink) = TEXT_SINK.get() else {
+    let Some((sink, true)) = SINK.get() else {
         return false;
     };
     LINE.with(|cell| {
@@ -351,17 +359,13 @@ impl BatchedStderr {
 impl std::io::Write for &Batch {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut pending = self.lock_pending();
-        if pending.len() + buf.len() > MAX_PENDING {
-            // The writer thread is behind (stderr blocked): write here, in order.
-            let out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(&pending);
-            pending.clear();
-            drop(out);
-            return err.write_all(buf).map(|()| buf.len());
-        }
         let was_empty = pending.is_empty();
         pending.extend_from_slice(buf);
+        if pending.len() > MAX_PENDING {
+            // The writer thread is behind (stderr blocked): write here, in order.
+            self.write_pending(pending, &mut Vec::new());
+            return Ok(buf.len());
+        }
         drop(pending);
         if was_empty {
             self.wake.notify_one();

@@ -174,16 +174,6 @@ fn check_connection(cfg: &Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The daemon's log writer, flushed before the process ends.
-static LOG_SINK: std::sync::OnceLock<greygate::logfmt::BatchedStderr> = std::sync::OnceLock::new();
-
-/// Writes log lines still held for batching (before exiting or panicking).
-fn flush_logs() {
-    if let Some(sink) = LOG_SINK.get() {
-        sink.flush();
-    }
-}
-
 fn init_logging(level: &str, json: bool) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("GREYGATE_LOG")
@@ -192,21 +182,20 @@ fn init_logging(level: &str, json: bool) -> anyhow::Result<()> {
     // Lines are written in batches by a thread of their own (one `write(2)` per 10 ms).
     let writer =
         greygate::logfmt::BatchedStderr::start().context("cannot start the log writer thread")?;
-    let _ = LOG_SINK.set(writer.clone());
+    greygate::logfmt::install(writer.clone(), !json);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        flush_logs();
+        greygate::logfmt::flush();
         previous(info);
     }));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer.clone())
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().init();
     } else {
         // Same line as the default text format, for a fraction of its cost per decision.
-        greygate::logfmt::set_text_sink(writer.clone());
         builder
             .fmt_fields(greygate::logfmt::QuickFields)
             .event_format(greygate::logfmt::QuickEvent)
@@ -279,7 +268,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let result = rt.block_on(greygate::daemon::run(cfg, Arc::new(load)));
     drop(rt);
-    flush_logs();
+    greygate::logfmt::flush();
     result?;
     Ok(ExitCode::SUCCESS)
 }

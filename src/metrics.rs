@@ -21,8 +21,7 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
     1.0, 5.0,
 ];
 
-/// A fixed-bucket latency histogram.
-/// A latency histogram, striped: each thread adds to its own cache-aligned copy, so the
+/// A fixed-bucket latency histogram, striped: each thread adds to its own cache-aligned copy, so the
 /// two workers of a busy daemon do not pass the same cache lines back and forth on every
 /// request; a snapshot sums the stripes.
 #[derive(Debug, Default)]
@@ -36,6 +35,7 @@ const STRIPES: usize = 4;
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct HistogramStripe {
+    /// Non-cumulative counts; the last slot is `+Inf`.
     counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
 }
@@ -49,6 +49,7 @@ fn stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
+/// A histogram read at one moment: cumulative bucket counts, total and sum.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramSnapshot {
     pub cumulative: Vec<(f64, u64)>,
@@ -73,8 +74,8 @@ impl Histogram {
         let mut total = 0;
         let mut cumulative = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
         for i in 0..=LATENCY_BUCKETS.len() {
-            let c = &self.stripes;
-            total += c
+            total += self
+                .stripes
                 .iter()
                 .map(|s| s.counts[i].load(Ordering::Relaxed))
                 .sum::<u64>();

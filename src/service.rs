@@ -463,9 +463,7 @@ impl DecisionLine<'_> {
             line!(info);
         }
     }
-}
 
-impl DecisionLine<'_> {
     /// The message and fields as `logfmt::QuickFields` writes [`DecisionLine::event`].
     fn write_fields(&self, out: &mut String) {
         use crate::logfmt::{write_ip, write_quoted};

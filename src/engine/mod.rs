@@ -106,15 +106,11 @@ impl TripletKey {
     pub fn joined(&self) -> String {
         let mut s =
             String::with_capacity(self.client.len() + self.sender.len() + self.recipient.len() + 2);
-        for (i, part) in [&self.client, &self.sender, &self.recipient]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                s.push('\0');
-            }
-            s.push_str(part);
-        }
+        s.push_str(&self.client);
+        s.push('\0');
+        s.push_str(&self.sender);
+        s.push('\0');
+        s.push_str(&self.recipient);
         s
     }
 

@@ -114,10 +114,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
     let mut chunk = vec![0u8; 16 * 1024];
     let mut session = Session::default();
     let mut frame_deadline: Option<Instant> = None;
-    // Child tokens, waited on for the whole connection: polling the shared tokens locked
-    // one mutex for every connection on every read (as in the policy front end).
-    let (stop_token, hard_token) = (ctx.shutdown.child_token(), ctx.hard_stop.child_token());
-    let (shutdown, hard_stop) = (stop_token.cancelled(), hard_token.cancelled());
+    let (shutdown, hard_stop) = super::connection_stops(&ctx.shutdown, &ctx.hard_stop);
     tokio::pin!(shutdown, hard_stop);
     loop {
         let mut start = 0;

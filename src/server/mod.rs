@@ -16,12 +16,28 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenAddr;
 use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
+
+/// A connection's waits for the server's `shutdown` and `hard_stop`, made once and polled
+/// by reference in its read loop. On child tokens: waiting on the shared tokens locked one
+/// mutex for every connection on every read.
+pub(crate) fn connection_stops(
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> (
+    WaitForCancellationFutureOwned,
+    WaitForCancellationFutureOwned,
+) {
+    (
+        shutdown.child_token().cancelled_owned(),
+        hard_stop.child_token().cancelled_owned(),
+    )
+}
 
 /// A bound listening socket.
 pub enum Bound {

@@ -39,16 +39,16 @@ impl Replies {
                 )
                 .into(),
             Verdict::Defer => {
-                // `reply(text, None)` and `replace`, written into one string.
+                // The text with `{remaining}` filled in, written straight into the reply.
                 let mut reply = String::with_capacity(self.defer_text.len() + 32);
-                reply.push_str(self.defer_action.prefix());
-                reply.push(' ');
-                let mut parts = self.defer_text.split("{remaining}");
-                reply.push_str(parts.next().unwrap_or(""));
-                for part in parts {
-                    let _ = write!(reply, "{}", d.remaining.unwrap_or(0));
-                    reply.push_str(part);
-                }
+                self.defer_action.write_reply(&mut reply, None, |out| {
+                    let mut parts = self.defer_text.split("{remaining}");
+                    out.push_str(parts.next().unwrap_or(""));
+                    for part in parts {
+                        let _ = write!(out, "{}", d.remaining.unwrap_or(0));
+                        out.push_str(part);
+                    }
+                });
                 reply.into()
             }
             Verdict::Pass if o.enforced => match (d.delayed, &self.header_host) {
@@ -141,10 +141,8 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     let mut request_deadline: Option<Instant> = None;
     // One timer and one wait per token for the whole connection, moved rather than made
     // anew for every read (a timer registration and two waiter-list insertions per request).
-    // Child tokens: polling the shared tokens locked one mutex for every connection.
     let timer = tokio::time::sleep(ctx.limits.idle_timeout);
-    let (stop_token, hard_token) = (ctx.shutdown.child_token(), ctx.hard_stop.child_token());
-    let (shutdown, hard_stop) = (stop_token.cancelled(), hard_token.cancelled());
+    let (shutdown, hard_stop) = super::connection_stops(&ctx.shutdown, &ctx.hard_stop);
     tokio::pin!(timer, shutdown, hard_stop);
     loop {
         let mut start = 0;

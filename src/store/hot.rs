@@ -11,10 +11,10 @@
 
 use std::collections::{HashMap, hash_map};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-
-use siphasher::sip128::{Hasher128, SipHasher13};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet};
