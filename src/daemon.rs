@@ -295,6 +295,7 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
     let svc = Arc::new(svc.with_dns(dns));
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
+    let stops = server::StopSignals::new(shutdown.clone(), hard_stop.clone());
     let (policy_replies, milter_replies) = replies(&cfg);
     let policy = Arc::new(ConnContext {
         svc: svc.clone(),
@@ -305,8 +306,7 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
             io_timeout: cfg.io_timeout,
             codec: cfg.limits,
         },
-        shutdown: shutdown.clone(),
-        hard_stop: hard_stop.clone(),
+        stops: stops.clone(),
     });
     let milter = Arc::new(MilterContext {
         svc: svc.clone(),
@@ -317,8 +317,7 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
             io_timeout: cfg.milter_io_timeout,
             max_frame: cfg.milter_max_frame,
         },
-        shutdown: shutdown.clone(),
-        hard_stop: hard_stop.clone(),
+        stops: stops.clone(),
     });
 
     let mut listeners = Vec::new();

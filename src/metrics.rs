@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -21,32 +21,49 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
     1.0, 5.0,
 ];
 
-/// A fixed-bucket latency histogram, striped: each thread adds to its own cache-aligned copy, so the
-/// two workers of a busy daemon do not pass the same cache lines back and forth on every
-/// request; a snapshot sums the stripes.
+/// One copy per thread group of something every worker updates on every request: each
+/// thread adds to its own cache-aligned copy, so the two workers of a busy daemon do not
+/// pass the same cache lines (and locks) back and forth; readers combine the copies.
 #[derive(Debug, Default)]
-pub struct Histogram {
-    stripes: [HistogramStripe; STRIPES],
+pub struct Striped<T> {
+    lanes: [Lane<T>; STRIPES],
 }
-
-/// Copies of a striped counter set; threads take one each, round robin.
-const STRIPES: usize = 4;
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
+struct Lane<T>(T);
+
+/// Copies of a striped value; threads take one each, round robin (more than the workers of
+/// a small machine, so that they rarely share one).
+const STRIPES: usize = 8;
+
+impl<T> Striped<T> {
+    /// This thread's copy.
+    pub fn mine(&self) -> &T {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        }
+        &self.lanes[STRIPE.with(|s| *s)].0
+    }
+
+    /// Every copy, for readers that combine them.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.lanes.iter().map(|l| &l.0)
+    }
+}
+
+/// A fixed-bucket latency histogram, striped (see [`Striped`]); a snapshot sums the stripes.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    stripes: Striped<HistogramStripe>,
+}
+
+#[derive(Debug, Default)]
 struct HistogramStripe {
     /// Non-cumulative counts; the last slot is `+Inf`.
     counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
-}
-
-/// This thread's stripe.
-fn stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-    }
-    STRIPE.with(|s| *s)
 }
 
 /// A histogram read at one moment: cumulative bucket counts, total and sum.
@@ -64,7 +81,7 @@ impl Histogram {
             .iter()
             .position(|&b| secs <= b)
             .unwrap_or(LATENCY_BUCKETS.len());
-        let stripe = &self.stripes[stripe()];
+        let stripe = self.stripes.mine();
         stripe.counts[i].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         stripe.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -76,7 +93,7 @@ impl Histogram {
         for i in 0..=LATENCY_BUCKETS.len() {
             total += self
                 .stripes
-                .iter()
+                .all()
                 .map(|s| s.counts[i].load(Ordering::Relaxed))
                 .sum::<u64>();
             let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
@@ -87,7 +104,7 @@ impl Histogram {
             count: total,
             sum_seconds: self
                 .stripes
-                .iter()
+                .all()
                 .map(|s| s.sum_nanos.load(Ordering::Relaxed))
                 .sum::<u64>() as f64
                 / 1e9,
@@ -139,12 +156,11 @@ fn verdict_index(v: Verdict) -> usize {
 /// Every counter of the service.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Answers by (rule, verdict the MTA got).
-    decisions: [[AtomicU64; 3]; Rule::ALL.len()],
+    /// The counters every request adds to.
+    hot: Striped<HotCounters>,
     /// Decisions that learn mode turned from defer into pass.
     pub learn_would_defer: AtomicU64,
     pub decision_seconds: Histogram,
-    store_ops: [AtomicU64; StoreOp::ALL.len()],
     store_seconds: [Histogram; StoreOp::ALL.len()],
     store_errors: [AtomicU64; STORE_ERROR_KINDS.len()],
     pub fail_open: AtomicU64,
@@ -153,6 +169,14 @@ pub struct Metrics {
     pub reload_failures: AtomicU64,
     /// Shared with the DNS facts gatherer, which a reload may replace.
     pub dns: std::sync::Arc<DnsStats>,
+}
+
+/// Counters of every request, one copy per stripe.
+#[derive(Debug, Default)]
+struct HotCounters {
+    /// Answers by (rule, verdict the MTA got).
+    decisions: [[AtomicU64; 3]; Rule::ALL.len()],
+    store_ops: [AtomicU64; StoreOp::ALL.len()],
 }
 
 /// Counters of the DNS facts gatherer.
@@ -176,14 +200,14 @@ impl Metrics {
     pub fn count_decision(&self, rule: Rule, verdict: Verdict, took: Duration) {
         // `get`: a rule left out of `Rule::ALL` must not panic on the request path (a unit
         // test checks that ALL is complete and in order).
-        if let Some(row) = self.decisions.get(rule as usize) {
+        if let Some(row) = self.hot.mine().decisions.get(rule as usize) {
             row[verdict_index(verdict)].fetch_add(1, Ordering::Relaxed);
         }
         self.decision_seconds.observe(took);
     }
 
     pub fn count_store_op(&self, op: StoreOp, took: Duration) {
-        self.store_ops[op as usize].fetch_add(1, Ordering::Relaxed);
+        self.hot.mine().store_ops[op as usize].fetch_add(1, Ordering::Relaxed);
         self.store_seconds[op as usize].observe(took);
     }
 
@@ -196,7 +220,7 @@ impl Metrics {
         let mut out = Vec::new();
         for rule in Rule::ALL {
             for v in VERDICTS {
-                let n = self.decisions[rule as usize][verdict_index(v)].load(Ordering::Relaxed);
+                let n = self.sum(|c| &c.decisions[rule as usize][verdict_index(v)]);
                 if n > 0 {
                     out.push((rule, v, n));
                 }
@@ -207,9 +231,9 @@ impl Metrics {
 
     /// Total answers with this verdict.
     pub fn verdict_total(&self, v: Verdict) -> u64 {
-        self.decisions
+        Rule::ALL
             .iter()
-            .map(|row| row[verdict_index(v)].load(Ordering::Relaxed))
+            .map(|&rule| self.sum(|c| &c.decisions[rule as usize][verdict_index(v)]))
             .sum()
     }
 
@@ -220,11 +244,19 @@ impl Metrics {
                 let i = op as usize;
                 (
                     op,
-                    self.store_ops[i].load(Ordering::Relaxed),
+                    self.sum(|c| &c.store_ops[i]),
                     self.store_seconds[i].snapshot(),
                 )
             })
             .collect()
+    }
+
+    /// One hot counter, summed over the stripes.
+    fn sum(&self, counter: impl Fn(&HotCounters) -> &AtomicU64) -> u64 {
+        self.hot
+            .all()
+            .map(|c| counter(c).load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn store_errors(&self) -> Vec<(&'static str, u64)> {
@@ -330,10 +362,23 @@ impl TopCounts {
         }
     }
 
-    fn top(&self, n: usize) -> Vec<TopEntry> {
+    /// The top `n` over every stripe's counts. Each stripe rolls its hour when it counts:
+    /// one that has not counted since is behind the newest and contributes only what is
+    /// still within the last two hours.
+    fn top(stripes: &[&TopCounts], n: usize) -> Vec<TopEntry> {
+        let newest = stripes.iter().map(|t| t.window_start).max().unwrap_or(0);
         let mut all: HashMap<&str, u64> = HashMap::new();
-        for (k, v) in self.previous.iter().chain(&self.current) {
-            *all.entry(k.as_str()).or_default() += v;
+        for t in stripes {
+            let counts: Box<dyn Iterator<Item = (&String, &u64)>> = if t.window_start == newest {
+                Box::new(t.previous.iter().chain(&t.current))
+            } else if t.window_start + TOP_WINDOW == newest {
+                Box::new(t.current.iter())
+            } else {
+                continue;
+            };
+            for (k, v) in counts {
+                *all.entry(k.as_str()).or_default() += v;
+            }
         }
         let mut v: Vec<TopEntry> = all
             .into_iter()
@@ -350,29 +395,40 @@ impl TopCounts {
 
 #[derive(Debug, Default)]
 struct ActivityInner {
-    recent: VecDeque<RecentDecision>,
+    /// With the instant each was recorded: stripes are merged in that order.
+    recent: VecDeque<(Instant, RecentDecision)>,
     series: VecDeque<Bucket>,
     groups: TopCounts,
     domains: TopCounts,
 }
 
 /// Recent decisions, answers per 10 s over the last hour, and the most deferred client
-/// groups and sender domains over the last one to two hours.
+/// groups and sender domains over the last one to two hours. Striped (see [`Striped`]):
+/// every worker records every decision, readers merge.
 #[derive(Debug, Default)]
 pub struct Activity {
-    inner: Mutex<ActivityInner>,
+    stripes: Striped<Mutex<ActivityInner>>,
+}
+
+fn lock_stripe(m: &Mutex<ActivityInner>) -> std::sync::MutexGuard<'_, ActivityInner> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Activity {
     pub fn record(&self, d: RecentDecision) {
-        // Work that needs no lock is done before taking it (both workers record).
+        self.record_at(d, Instant::now());
+    }
+
+    /// Records a decision made at `when` (the instant that orders the recent ones).
+    pub fn record_at(&self, d: RecentDecision, when: Instant) {
+        // Work that needs no lock is done before taking it.
         let domain = (d.verdict == Verdict::Defer).then(|| {
             d.sender
                 .rsplit_once('@')
                 .map_or("<>", |(_, dom)| dom)
                 .to_ascii_lowercase()
         });
-        let mut a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = lock_stripe(self.stripes.mine());
         let start = d.at - d.at % BUCKET_SECONDS;
         if a.series.back().is_none_or(|b| b.start < start) {
             a.series.push_back(Bucket {
@@ -395,46 +451,88 @@ impl Activity {
             a.domains.add(&domain, d.at);
         }
         if a.recent.len() == RECENT {
-            a.recent.pop_front();
+            // The oldest entry's strings are reused for the new one: no allocation for a
+            // decision whose strings fit where the old ones were.
+            let (_, old) = a.recent.pop_front().expect("full");
+            a.recent.push_back((when, reuse(old, d)));
+        } else {
+            a.recent.push_back((when, d));
         }
-        a.recent.push_back(d);
     }
 
     /// Newest first.
     pub fn recent(&self, limit: usize) -> Vec<RecentDecision> {
-        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        a.recent.iter().rev().take(limit).cloned().collect()
+        let mut all: Vec<(Instant, RecentDecision)> = Vec::new();
+        for stripe in self.stripes.all() {
+            let a = lock_stripe(stripe);
+            all.extend(a.recent.iter().rev().take(limit).cloned());
+        }
+        all.sort_by_key(|x| std::cmp::Reverse(x.0));
+        all.into_iter().take(limit).map(|(_, d)| d).collect()
     }
 
     /// Buckets of the last `seconds` before `now`, oldest first, empty buckets included.
     pub fn series(&self, now: u64, seconds: u64) -> Vec<Bucket> {
-        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let seconds = seconds.min(BUCKETS as u64 * BUCKET_SECONDS);
         let last = now - now % BUCKET_SECONDS;
         let first = last.saturating_sub(seconds - BUCKET_SECONDS.min(seconds));
-        let mut out = Vec::new();
-        let mut t = first;
-        let mut it = a.series.iter().peekable();
-        while t <= last {
-            while it.peek().is_some_and(|b| b.start < t) {
-                it.next();
+        let n = usize::try_from((last - first) / BUCKET_SECONDS + 1).unwrap_or(BUCKETS);
+        let mut out: Vec<Bucket> = (0..n as u64)
+            .map(|i| Bucket {
+                start: first + i * BUCKET_SECONDS,
+                ..Bucket::default()
+            })
+            .collect();
+        for stripe in self.stripes.all() {
+            let a = lock_stripe(stripe);
+            for b in &a.series {
+                if b.start < first
+                    || b.start > last
+                    || !(b.start - first).is_multiple_of(BUCKET_SECONDS)
+                {
+                    continue;
+                }
+                let Some(slot) = usize::try_from((b.start - first) / BUCKET_SECONDS)
+                    .ok()
+                    .and_then(|i| out.get_mut(i))
+                else {
+                    continue;
+                };
+                slot.pass += b.pass;
+                slot.defer += b.defer;
+                slot.skip += b.skip;
             }
-            match it.peek() {
-                Some(b) if b.start == t => out.push(**b),
-                _ => out.push(Bucket {
-                    start: t,
-                    ..Bucket::default()
-                }),
-            }
-            t += BUCKET_SECONDS;
         }
         out
     }
 
     /// The most deferred client groups and sender domains.
     pub fn top(&self, n: usize) -> (Vec<TopEntry>, Vec<TopEntry>) {
-        let a = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (a.groups.top(n), a.domains.top(n))
+        let stripes: Vec<_> = self.stripes.all().map(lock_stripe).collect();
+        let groups: Vec<&TopCounts> = stripes.iter().map(|a| &a.groups).collect();
+        let domains: Vec<&TopCounts> = stripes.iter().map(|a| &a.domains).collect();
+        (TopCounts::top(&groups, n), TopCounts::top(&domains, n))
+    }
+}
+
+/// `d` in `old`'s allocations.
+fn reuse(mut old: RecentDecision, d: RecentDecision) -> RecentDecision {
+    fn take(into: &mut String, from: String) {
+        if from.len() <= into.capacity() {
+            into.clear();
+            into.push_str(&from);
+        } else {
+            *into = from;
+        }
+    }
+    take(&mut old.group, d.group);
+    take(&mut old.sender, d.sender);
+    take(&mut old.recipient, d.recipient);
+    RecentDecision {
+        group: old.group,
+        sender: old.sender,
+        recipient: old.recipient,
+        ..d
     }
 }
 
@@ -511,12 +609,97 @@ mod tests {
     }
 
     #[test]
+    fn activity_recorded_on_many_threads_reads_as_one() {
+        let a = Activity::default();
+        std::thread::scope(|s| {
+            for t in 0..6u64 {
+                let a = &a;
+                s.spawn(move || {
+                    for i in 0..300u64 {
+                        let verdict = if i % 3 == 0 {
+                            Verdict::Defer
+                        } else {
+                            Verdict::Pass
+                        };
+                        let sender = format!("s{t}@d{}.example", i % 2);
+                        a.record(decision(1000 + i, verdict, "192.0.2.0/24", &sender));
+                    }
+                });
+            }
+        });
+        let recent = a.recent(200);
+        assert_eq!(recent.len(), 200);
+        for t in 0..6 {
+            // Each thread's decisions newest first (threads interleave as they ran).
+            let mine: Vec<u64> = recent
+                .iter()
+                .filter(|d| d.sender.starts_with(&format!("s{t}@")))
+                .map(|d| d.at)
+                .collect();
+            assert!(mine.windows(2).all(|w| w[0] > w[1]), "thread {t}: {mine:?}");
+        }
+        let series = a.series(1299, 3600);
+        let (pass, defer) = series
+            .iter()
+            .fold((0, 0), |(p, d), b| (p + b.pass, d + b.defer));
+        assert_eq!((pass, defer), (6 * 200, 6 * 100));
+        let (groups, domains) = a.top(5);
+        assert_eq!(groups[0].defers, 600);
+        assert_eq!(domains.iter().map(|d| d.defers).sum::<u64>(), 600);
+        // A stripe whose hour is over counts as the previous hour, two hours on as nothing.
+        a.record(decision(
+            1000 + 3600,
+            Verdict::Defer,
+            "198.51.100.0/24",
+            "x@y",
+        ));
+        assert_eq!(a.top(1).0[0].defers, 600);
+        a.record(decision(
+            1000 + 3 * 3600,
+            Verdict::Defer,
+            "198.51.100.0/24",
+            "x@y",
+        ));
+        assert_eq!(
+            a.top(5).0,
+            vec![TopEntry {
+                name: "198.51.100.0/24".into(),
+                defers: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn recent_decisions_merge_in_recording_order() {
+        let a = Activity::default();
+        for (i, sender) in ["first@x", "second@x", "third@x", "fourth@x"]
+            .iter()
+            .enumerate()
+        {
+            // Alternate threads, one after the other: each records into its own stripe.
+            std::thread::scope(|s| {
+                s.spawn(|| a.record(decision(5000 - i as u64, Verdict::Pass, "g", sender)));
+            });
+        }
+        let senders: Vec<String> = a.recent(3).into_iter().map(|d| d.sender).collect();
+        assert_eq!(senders, ["fourth@x", "third@x", "second@x"]);
+    }
+
+    #[test]
     fn top_counts_roll_over_hours() {
         let mut t = TopCounts::default();
         t.add("a", 3600);
         t.add("a", 7200);
-        assert_eq!(t.top(1)[0].defers, 2, "previous hour still counts");
+        assert_eq!(
+            TopCounts::top(&[&t], 1)[0].defers,
+            2,
+            "previous hour still counts"
+        );
         t.add("b", 4 * 3600 + 1);
-        assert_eq!(t.top(5).len(), 1, "two hours later the old counts are gone");
+        assert_eq!(
+            TopCounts::top(&[&t], 5).len(),
+            1,
+            "two hours later the old counts are gone"
+        );
     }
 }

@@ -6,13 +6,14 @@
 
 pub mod entries;
 
+use std::borrow::Cow;
 use std::future::Future as _;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::FailMode;
 use crate::dns::Gatherer;
@@ -52,6 +53,17 @@ impl Outcome {
     }
 }
 
+/// A decision made, its bookkeeping not yet done (see [`Greylister::decide`]).
+pub struct Decided<'r> {
+    pub outcome: Outcome,
+    /// The request as decided (with DNS facts, when they were gathered).
+    req: Cow<'r, Request>,
+    dns_note: Option<String>,
+    now: u64,
+    /// How long deciding took.
+    took: Duration,
+}
+
 /// Settings of the service beyond the engine's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceOptions {
@@ -63,47 +75,68 @@ pub struct ServiceOptions {
 /// The store, which may be missing while it cannot be opened (the daemon then answers
 /// per `fail_mode` and keeps trying to open it).
 pub struct StoreSlot {
-    store: RwLock<Option<Arc<dyn Store>>>,
+    // Read on every request by every worker: a lock or a reference count here would be a
+    // cache line the workers pass back and forth; arc-swap's loads are thread-local.
+    store: ArcSwapOption<Arc<dyn Store>>,
     why_missing: Mutex<String>,
+}
+
+/// The store in the slot, borrowed for one request.
+pub struct StoreRef(arc_swap::Guard<Option<Arc<Arc<dyn Store>>>>);
+
+impl std::ops::Deref for StoreRef {
+    type Target = dyn Store;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        match &*self.0 {
+            Some(store) => &***store,
+            None => unreachable!("a StoreRef is only made for a present store"),
+        }
+    }
 }
 
 impl StoreSlot {
     pub fn new(store: Arc<dyn Store>) -> Self {
         StoreSlot {
-            store: RwLock::new(Some(store)),
+            store: ArcSwapOption::from_pointee(store),
             why_missing: Mutex::new(String::new()),
         }
     }
 
     pub fn missing(why: String) -> Self {
         StoreSlot {
-            store: RwLock::new(None),
+            store: ArcSwapOption::empty(),
             why_missing: Mutex::new(why),
         }
     }
 
     pub fn get(&self) -> Result<Arc<dyn Store>, StoreError> {
-        let guard = self.store.read().unwrap_or_else(|e| e.into_inner());
-        match &*guard {
-            Some(s) => Ok(s.clone()),
-            None => Err(StoreError::Unavailable(
+        self.borrow().map(|r| match &*r.0 {
+            Some(store) => Arc::clone(&**store),
+            None => unreachable!("a StoreRef is only made for a present store"),
+        })
+    }
+
+    /// The store for one request, without touching its reference count.
+    pub fn borrow(&self) -> Result<StoreRef, StoreError> {
+        let guard = self.store.load();
+        if guard.is_some() {
+            Ok(StoreRef(guard))
+        } else {
+            Err(StoreError::Unavailable(
                 self.why_missing
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone(),
-            )),
+            ))
         }
     }
 
     pub fn is_open(&self) -> bool {
-        self.store
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.store.load().is_some()
     }
 
     pub fn set(&self, store: Arc<dyn Store>) {
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+        self.store.store(Some(Arc::new(store)));
     }
 
     pub fn set_missing(&self, why: String) {
@@ -243,20 +276,30 @@ impl Greylister {
             .clone()
     }
 
-    /// Decides one request at `now` and records it in the store. Never fails: store
-    /// trouble becomes a fail-open (or fail-closed) decision.
+    /// Decides one request at `now` and records it in the store, then counts and logs the
+    /// decision. Never fails: store trouble becomes a fail-open (or fail-closed) decision.
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
+        let decided = self.decide(Cow::Borrowed(req), now).await;
+        self.record(&decided);
+        decided.outcome
+    }
+
+    /// [`Greylister::check`] without the bookkeeping: front ends that can reply first do,
+    /// then pass the result to [`Greylister::record`] (the client is not kept waiting for
+    /// counters, the dashboard and the log line).
+    pub async fn decide<'r>(&self, req: Cow<'r, Request>, now: u64) -> Decided<'r> {
         let started = Instant::now();
-        let live = self.live.load_full();
+        // A guard, not a clone: no reference count shared by the workers.
+        let live = self.live.load();
         let enriched = match &live.dns {
-            Some(dns) => dns.facts_for(&live.engine, req, now).await,
+            Some(dns) => dns.facts_for(&live.engine, &req, now).await,
             None => None,
         };
-        let (req, dns_note) = match &enriched {
-            Some((with, gathered)) => (with, gathered.note()),
+        let (req, dns_note) = match enriched {
+            Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
             None => (req, None),
         };
-        let decision = match live.engine.classify(req, now) {
+        let decision = match live.engine.classify(&req, now) {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let limit = live.options.store_timeout;
@@ -284,12 +327,21 @@ impl Greylister {
                 })
             }
         };
-        let outcome = Outcome {
-            decision,
-            enforced: live.options.mode == Mode::Enforce,
-        };
-        self.count_and_log(req, &outcome, now, started, dns_note.as_deref());
-        outcome
+        Decided {
+            outcome: Outcome {
+                decision,
+                enforced: live.options.mode == Mode::Enforce,
+            },
+            req,
+            dns_note,
+            now,
+            took: started.elapsed(),
+        }
+    }
+
+    /// Counts and logs a decision (see [`Greylister::decide`]).
+    pub fn record(&self, d: &Decided<'_>) {
+        self.count_and_log(&d.req, &d.outcome, d.now, d.took, d.dns_note.as_deref());
     }
 
     /// Rules 4 and 5 against the store, each record changed by one atomic update.
@@ -299,7 +351,7 @@ impl Greylister {
         lookup: Lookup,
         now: u64,
     ) -> Result<Decision, StoreError> {
-        let store = self.store.get()?;
+        let store = self.store.borrow()?;
         let key = &lookup.key;
         let delay = lookup.delay.seconds;
         let mut client = None;
@@ -352,12 +404,11 @@ impl Greylister {
         req: &Request,
         o: &Outcome,
         now: u64,
-        started: Instant,
+        took: Duration,
         dns: Option<&str>,
     ) {
         let d = &o.decision;
-        self.metrics
-            .count_decision(d.rule, o.effective(), started.elapsed());
+        self.metrics.count_decision(d.rule, o.effective(), took);
         if !o.enforced && d.verdict == Verdict::Defer {
             self.metrics
                 .learn_would_defer

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::Io;
 use super::policy::x_greylist;
@@ -71,8 +70,8 @@ pub struct MilterContext {
     /// Swapped whole by a reload.
     pub replies: arc_swap::ArcSwap<MilterReplies>,
     pub limits: MilterLimits,
-    pub shutdown: CancellationToken,
-    pub hard_stop: CancellationToken,
+    /// Shutdown and hard stop.
+    pub stops: Arc<super::StopSignals>,
 }
 
 /// Macros kept per connection; more are dropped (the MTA decides what it sends).
@@ -114,7 +113,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
     let mut chunk = vec![0u8; 16 * 1024];
     let mut session = Session::default();
     let mut frame_deadline: Option<Instant> = None;
-    let (shutdown, hard_stop) = super::connection_stops(&ctx.shutdown, &ctx.hard_stop);
+    let (shutdown, hard_stop) = ctx.stops.waits();
     tokio::pin!(shutdown, hard_stop);
     loop {
         let mut start = 0;

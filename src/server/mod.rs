@@ -10,33 +10,134 @@ pub mod policy;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenAddr;
 use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
 
-/// A connection's waits for the server's `shutdown` and `hard_stop`, made once and polled
-/// by reference in its read loop. On child tokens: waiting on the shared tokens locked one
-/// mutex for every connection on every read.
-pub(crate) fn connection_stops(
-    shutdown: &CancellationToken,
-    hard_stop: &CancellationToken,
-) -> (
-    WaitForCancellationFutureOwned,
-    WaitForCancellationFutureOwned,
-) {
-    (
-        shutdown.child_token().cancelled_owned(),
-        hard_stop.child_token().cancelled_owned(),
-    )
+/// The server's two stop tokens as connections watch them: `shutdown` (stop taking new
+/// requests; idle connections close at once) and `hard_stop` (close every connection now,
+/// even mid-request: the shutdown grace period is over).
+///
+/// Every connection polls its waits on every read, and a cancellation token's wait takes
+/// two mutexes per poll. Here a poll is one atomic load: a task per token raises a flag and
+/// wakes the waiting connections when the token is cancelled.
+pub struct StopSignals {
+    pub shutdown: CancellationToken,
+    pub hard_stop: CancellationToken,
+    shutdown_raised: Signal,
+    hard_stop_raised: Signal,
+}
+
+#[derive(Default)]
+struct Signal {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    fn raise(&self) {
+        // The flag first: a wait woken by the notification, or polled after it, sees it.
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+}
+
+impl StopSignals {
+    /// Follows the two tokens from now on. Call within the runtime.
+    pub fn new(shutdown: CancellationToken, hard_stop: CancellationToken) -> Arc<Self> {
+        let signals = Arc::new(StopSignals {
+            shutdown,
+            hard_stop,
+            shutdown_raised: Signal::default(),
+            hard_stop_raised: Signal::default(),
+        });
+        for hard in [false, true] {
+            let watched = Arc::downgrade(&signals);
+            let token = if hard {
+                signals.hard_stop.clone()
+            } else {
+                signals.shutdown.clone()
+            };
+            tokio::spawn(async move {
+                token.cancelled().await;
+                if let Some(s) = watched.upgrade() {
+                    if hard {
+                        s.hard_stop_raised.raise();
+                    } else {
+                        s.shutdown_raised.raise();
+                    }
+                }
+            });
+        }
+        signals
+    }
+
+    /// A connection's waits for (`shutdown`, `hard_stop`), made once and polled by
+    /// reference in its read loop.
+    pub(crate) fn waits(&self) -> (StopWait<'_>, StopWait<'_>) {
+        (
+            StopWait::new(&self.shutdown_raised),
+            StopWait::new(&self.hard_stop_raised),
+        )
+    }
+}
+
+/// Resolves once its signal is raised. Registered with the task at the first poll (and
+/// again only if polled by another task); later polls just read the flag.
+pub(crate) struct StopWait<'a> {
+    raised: &'a AtomicBool,
+    notified: std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>,
+    registered: Option<std::task::Waker>,
+}
+
+impl<'a> StopWait<'a> {
+    fn new(signal: &'a Signal) -> Self {
+        StopWait {
+            raised: &signal.raised,
+            notified: Box::pin(signal.notify.notified()),
+            registered: None,
+        }
+    }
+}
+
+impl std::future::Future for StopWait<'_> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        if self.raised.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        if self.notified.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        self.registered = Some(cx.waker().clone());
+        // Raised between the first check and the registration: the notification may have
+        // gone out before this wait was listed.
+        if self.raised.load(Ordering::SeqCst) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// A bound listening socket.
@@ -132,8 +233,8 @@ impl Handler {
 
     fn shutdown(&self) -> &CancellationToken {
         match self {
-            Handler::Policy(c) => &c.shutdown,
-            Handler::Milter(c) => &c.shutdown,
+            Handler::Policy(c) => &c.stops.shutdown,
+            Handler::Milter(c) => &c.stops.shutdown,
         }
     }
 
@@ -301,5 +402,53 @@ pub async fn maintain_store(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn stop_waits_follow_their_tokens() {
+        let (shutdown, hard_stop) = (CancellationToken::new(), CancellationToken::new());
+        let stops = StopSignals::new(shutdown.clone(), hard_stop.clone());
+        let (soft, hard) = stops.waits();
+        tokio::pin!(soft, hard);
+        // Registered (polled once, pending), then raised: the waiting task is woken.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), &mut soft).await;
+        assert!(waiting.is_err(), "not raised yet");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), &mut soft)
+            .await
+            .expect("shutdown seen");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut hard)
+                .await
+                .is_err(),
+            "hard stop is a signal of its own"
+        );
+        // Polled from another task than the one it registered with: it registers anew.
+        let stops2 = stops.clone();
+        let other = tokio::spawn(async move {
+            let (_, hard) = stops2.waits();
+            hard.await;
+        });
+        tokio::task::yield_now().await;
+        hard_stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .expect("hard stop seen by the other task")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), &mut hard)
+            .await
+            .expect("and by this one");
+        // A wait made after the signal is ready at once.
+        let (late, _) = stops.waits();
+        tokio::time::timeout(Duration::from_millis(50), late)
+            .await
+            .expect("already raised");
     }
 }

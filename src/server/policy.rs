@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{ConnLimits, Io};
 use crate::config::DeferAction;
 use crate::engine::{Request, Rule, Verdict};
 use crate::proto::policy::{Decoder, PolicyRequest, encode_response};
-use crate::service::{Greylister, Outcome, unix_now};
+use crate::service::{Decided, Greylister, Outcome, unix_now};
 
 /// How decisions are spelled as policy replies.
 #[derive(Debug, Clone)]
@@ -123,10 +122,8 @@ pub struct ConnContext {
     /// Swapped whole by a reload.
     pub replies: arc_swap::ArcSwap<Replies>,
     pub limits: ConnLimits,
-    /// Stop taking new requests; idle connections close at once.
-    pub shutdown: CancellationToken,
-    /// Close every connection now, even mid-request (shutdown grace period over).
-    pub hard_stop: CancellationToken,
+    /// Shutdown and hard stop.
+    pub stops: Arc<super::StopSignals>,
 }
 
 /// Serves one connection: requests are answered in order; pipelined replies go out in one
@@ -136,13 +133,15 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     let mut decoder = Decoder::new(ctx.limits.codec);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(256);
+    // Decisions whose replies are in `out`: counted and logged once the replies are sent.
+    let mut decided: Vec<Decided<'static>> = Vec::new();
     let mut chunk = [0u8; 8192];
     // A started request must be complete by this instant, however slowly it trickles in.
     let mut request_deadline: Option<Instant> = None;
     // One timer and one wait per token for the whole connection, moved rather than made
     // anew for every read (a timer registration and two waiter-list insertions per request).
     let timer = tokio::time::sleep(ctx.limits.idle_timeout);
-    let (shutdown, hard_stop) = super::connection_stops(&ctx.shutdown, &ctx.hard_stop);
+    let (shutdown, hard_stop) = ctx.stops.waits();
     tokio::pin!(timer, shutdown, hard_stop);
     loop {
         let mut start = 0;
@@ -156,7 +155,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
                 Ok((used, Some(req))) => {
                     start += used;
                     request_deadline = None;
-                    let action = answer(req, peer, ctx).await;
+                    let action = answer(req, peer, ctx, &mut decided).await;
                     encode_response(&action, &mut out);
                 }
                 Err(e) => {
@@ -167,7 +166,12 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
         }
         buf.drain(..start);
         if !out.is_empty() {
-            if let Err(why) = write_replies(&mut stream, &out, ctx).await {
+            let written = write_replies(&mut stream, &out, ctx).await;
+            // Written or not, the decisions stand (the store has them): count and log.
+            for d in decided.drain(..) {
+                ctx.svc.record(&d);
+            }
+            if let Err(why) = written {
                 tracing::warn!(peer, "{why}; closing connection");
                 return;
             }
@@ -227,8 +231,14 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     }
 }
 
-/// Decides one request and spells the reply.
-async fn answer(req: PolicyRequest, peer: &str, ctx: &ConnContext) -> Cow<'static, str> {
+/// Decides one request and spells the reply; the decision goes to `decided`, to be counted
+/// and logged once the reply is out.
+async fn answer(
+    req: PolicyRequest,
+    peer: &str,
+    ctx: &ConnContext,
+    decided: &mut Vec<Decided<'static>>,
+) -> Cow<'static, str> {
     let kind = if tracing::enabled!(tracing::Level::DEBUG) {
         req.get("request").unwrap_or("").to_string()
     } else {
@@ -237,8 +247,10 @@ async fn answer(req: PolicyRequest, peer: &str, ctx: &ConnContext) -> Cow<'stati
     match to_request(req) {
         Some(r) => {
             let now = unix_now();
-            let outcome = ctx.svc.check(&r, now).await;
-            ctx.replies.load().action(&outcome, now)
+            let d = ctx.svc.decide(Cow::Owned(r), now).await;
+            let action = ctx.replies.load().action(&d.outcome, now);
+            decided.push(d);
+            action
         }
         None => {
             tracing::debug!(
@@ -271,6 +283,7 @@ mod tests {
     use crate::server::ConnLimits;
     use crate::service::{ServiceOptions, StoreSlot};
     use crate::store::MemoryStore;
+    use tokio_util::sync::CancellationToken;
 
     fn context() -> ConnContext {
         let svc = Greylister::new(
@@ -295,8 +308,10 @@ mod tests {
                 io_timeout: Duration::from_secs(10),
                 codec: Default::default(),
             },
-            shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            stops: crate::server::StopSignals::new(
+                CancellationToken::new(),
+                CancellationToken::new(),
+            ),
         }
     }
 
@@ -394,8 +409,8 @@ mod tests {
     #[tokio::test]
     async fn hard_stop_closes_a_connection_mid_request() {
         let ctx = context();
-        let hard = ctx.hard_stop.clone();
-        let shutdown = ctx.shutdown.clone();
+        let hard = ctx.stops.hard_stop.clone();
+        let shutdown = ctx.stops.shutdown.clone();
         let (mut client, task) = spawn(ctx);
         client
             .write_all(b"request=smtpd_access_policy\n")

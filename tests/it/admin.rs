@@ -99,6 +99,27 @@ pub fn scrape(http: &Http) -> HashMap<String, f64> {
     out
 }
 
+/// Waits until the daemon has counted `n` decisions: it counts (and logs) a decision just
+/// after its reply goes out, so a reply can reach the test a moment before the count moves.
+fn counted(http: &Http, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = http.get_json("/api/stats");
+        let total: u64 = ["pass", "defer", "skip"]
+            .iter()
+            .map(|k| s[*k].as_u64().unwrap_or(0))
+            .sum();
+        if total >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon counted {total} decisions, not {n}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
     *m.get(key)
         .unwrap_or_else(|| panic!("no metric {key}; have {:?}", m.keys().collect::<Vec<_>>()))
@@ -139,6 +160,7 @@ fn metrics_parse_and_move_with_traffic() {
     ));
     assert_eq!(allowed, "DUNNO");
 
+    counted(&http, 5);
     let after = scrape(&http);
     assert_eq!(
         metric(&after, "greygate_decisions_total{rule=new,verdict=defer}"),
@@ -207,6 +229,7 @@ fn stats_explain_and_activity_match_traffic() {
         "postmaster@example.org",
     ));
 
+    counted(&http, 3);
     let stats = http.get_json("/api/stats");
     assert_eq!(stats["defer"], 2);
     assert_eq!(stats["pass"], 1);
@@ -467,8 +490,16 @@ fn entries_list_by_filter_and_purge() {
         "sender3@example.net",
         "bob@example.org",
     ));
-    let recent = http.get_json("/api/recent?limit=1");
-    assert_eq!(recent[0]["rule"], "new");
+    // The newest decision is counted a moment after its reply: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let recent = http.get_json("/api/recent?limit=1");
+        if recent[0]["rule"] == "new" && recent[0]["sender"] == "sender3@example.net" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{recent}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (s, b) = http.post("/api/purge", Some(TOKEN), &json!({"all": true}));
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["removed"], 6);
@@ -491,6 +522,7 @@ fn cli_commands_talk_to_the_running_daemon() {
     let req = rcpt_request("192.0.2.50", "Alice+news@Example.NET", "bob@example.org");
     assert!(c.ask(&req).starts_with("DEFER_IF_PERMIT"));
 
+    counted(&Http::new(&d), 1);
     let (code, out, err) = cli(&d, &["stats"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("0 passed, 1 deferred"), "{out}");

@@ -10,6 +10,7 @@ use crate::engine::{Engine, Mode, Policy};
 use crate::proto::milter::{DEFAULT_MAX_FRAME, decode_reply};
 use crate::service::{ServiceOptions, StoreSlot};
 use crate::store::MemoryStore;
+use tokio_util::sync::CancellationToken;
 
 /// A service whose delay is 0: the first attempt defers, any retry passes after "0 s".
 fn context() -> Arc<MilterContext> {
@@ -42,8 +43,7 @@ fn context() -> Arc<MilterContext> {
             io_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
         },
-        shutdown: CancellationToken::new(),
-        hard_stop: CancellationToken::new(),
+        stops: crate::server::StopSignals::new(CancellationToken::new(), CancellationToken::new()),
     })
 }
 
