@@ -3,8 +3,10 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::future::Future as _;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -264,7 +266,15 @@ async fn answer(
 }
 
 async fn write_replies<S: Io>(stream: &mut S, out: &[u8], ctx: &ConnContext) -> Result<(), String> {
-    match tokio::time::timeout(ctx.limits.io_timeout, stream.write_all(out)).await {
+    let mut write = std::pin::pin!(stream.write_all(out));
+    // Replies nearly always fit the socket buffer at once: a timer (a runtime handle and a
+    // clock read) only for a write that has to wait.
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let written = match first {
+        Poll::Ready(r) => Ok(r),
+        Poll::Pending => tokio::time::timeout(ctx.limits.io_timeout, write).await,
+    };
+    match written {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("write failed: {e}")),
         Err(_) => Err("client did not take a reply within io_timeout".into()),
@@ -373,6 +383,34 @@ mod tests {
         let took = start.elapsed();
         assert!(
             took >= Duration::from_secs(10) && took < Duration::from_secs(14),
+            "closed after {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_take_its_replies_is_dropped_at_io_timeout() {
+        let ctx = context();
+        // A pipe far smaller than the replies owed: the server's write has to wait.
+        let (mut client, server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
+        let start = tokio::time::Instant::now();
+        let mut sent = 0;
+        while sent < 20 && !task.is_finished() {
+            // Requests go in while the server reads them; replies are never read.
+            match tokio::time::timeout(Duration::from_secs(1), client.write_all(REQ.as_bytes()))
+                .await
+            {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("closed")
+            .unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_secs(13),
             "closed after {took:?}"
         );
     }
