@@ -1607,7 +1607,7 @@ pub fn preload(
                 progress(i + 1);
             }
         }
-        store.flush().await?;
+        store.flush_fully().await?;
         Ok::<_, BenchError>(())
     })?;
     drop(store);

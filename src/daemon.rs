@@ -404,7 +404,10 @@ pub async fn run(cfg: Config, loader: ConfigLoader) -> anyhow::Result<()> {
     let _ = maintenance.await;
     let _ = admin_task.await;
     if let Ok(store) = svc.store.get() {
-        store.flush().await.context("final store flush failed")?;
+        store
+            .flush_fully()
+            .await
+            .context("final store flush failed")?;
         tracing::info!(store = %store.describe(), "store flushed");
     }
     tracing::info!("stopped");

@@ -169,6 +169,6 @@ pub async fn purge(
             break;
         }
     }
-    store.flush().await?;
+    store.flush_fully().await?;
     Ok(report)
 }

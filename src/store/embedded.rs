@@ -60,7 +60,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     hot: MemoryStore,
     // Flushes must not overlap: an older batch committed after a newer one would win.
-    flush_lock: tokio::sync::Mutex<()>,
+    // Holds the bytes the journal has gathered since it was last merged.
+    flush_lock: tokio::sync::Mutex<u64>,
     load: LoadReport,
     /// Where the disk-side expiry sweep goes on, per table (triplets, clients).
     sweep: std::sync::Mutex<(Option<String>, Option<String>)>,
@@ -70,6 +71,76 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Commits what changed since the last commit (see [`Commit`]); `merge`: also merge the
+    /// journal into the tables, whatever its size.
+    async fn commit(&self, merge: bool) -> Result<(), StoreError> {
+        let mut journal_bytes = self.flush_lock.lock().await;
+        let triplets = self.hot.triplets.take_dirty();
+        let clients = self.hot.clients.take_dirty();
+        let changes = triplets.len() + clients.len();
+        if changes == 0 && *journal_bytes == 0 {
+            return Ok(());
+        }
+        let how = Commit::choose(changes, *journal_bytes, merge);
+        if changes == 0 && how != Commit::Merge {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let cursors = self.sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = self.sweep_now.load(std::sync::atomic::Ordering::Relaxed);
+        let result = tokio::task::spawn_blocking(move || {
+            // Even a panic inside redb must hand the batch back, or its changes would never
+            // be written.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut tx = db.begin_write().map_err(backend)?;
+                tx.set_durability(Durability::Immediate).map_err(backend)?;
+                let journaled = match how {
+                    Commit::Direct => {
+                        write_changes(&tx, TRIPLETS, &triplets)?;
+                        write_changes(&tx, CLIENTS, &clients)?;
+                        None
+                    }
+                    Commit::Append => Some(append_journal(&tx, &triplets, &clients)?),
+                    Commit::Merge => {
+                        merge_journal(&tx, &triplets, &clients)?;
+                        Some(0)
+                    }
+                };
+                let next = if now == 0 {
+                    cursors
+                } else {
+                    (
+                        sweep_table::<Triplet>(&tx, TRIPLETS, cursors.0.as_deref(), now)?,
+                        sweep_table::<ClientRecord>(&tx, CLIENTS, cursors.1.as_deref(), now)?,
+                    )
+                };
+                tx.commit().map_err(backend)?;
+                Ok((next, journaled))
+            }))
+            .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
+            (outcome, triplets, clients)
+        })
+        .await;
+        match result {
+            Ok((Ok((next, journaled)), _, _)) => {
+                *self.sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                match (how, journaled) {
+                    (Commit::Append, Some(added)) => *journal_bytes += added,
+                    (Commit::Merge, _) => *journal_bytes = 0,
+                    _ => {}
+                }
+                Ok(())
+            }
+            Ok((Err(e), triplets, clients)) => {
+                // Keep the changes pending: the next flush tries again.
+                self.hot.triplets.restore_dirty(triplets);
+                self.hot.clients.restore_dirty(clients);
+                Err(e)
+            }
+            Err(join) => Err(backend(format!("flush task failed: {join}"))),
+        }
+    }
+
     /// Opens (or creates) the file and loads its live records into memory. `now` decides
     /// which records are already expired.
     pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
@@ -92,6 +163,11 @@ impl EmbeddedStore {
             // Creating the tables up front lets readers (explain) open them without writing.
             tx.open_table(TRIPLETS).map_err(backend)?;
             tx.open_table(CLIENTS).map_err(backend)?;
+            // Commits a daemon journaled and had not merged when it stopped (a hard kill)
+            // go into the tables before they are read.
+            if tx.journal_len()? > 0 {
+                merge_journal(&tx, &[], &[])?;
+            }
             tx.commit().map_err(backend)?;
         }
         let tx = db.begin_read().map_err(backend)?;
@@ -109,7 +185,7 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             db: Arc::new(db),
             hot,
-            flush_lock: tokio::sync::Mutex::new(()),
+            flush_lock: tokio::sync::Mutex::new(0),
             load,
             sweep: std::sync::Mutex::new((None, None)),
             sweep_now: std::sync::atomic::AtomicU64::new(0),
@@ -356,6 +432,210 @@ fn client_entry(key: &str, record: Option<ClientRecord>) -> Option<Entry> {
     })
 }
 
+/// The journal: commits under heavy load, one row per commit, in order.
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+
+/// Commits with fewer changes go straight into the tables (an empty journal stays empty).
+const JOURNAL_MIN_CHANGES: usize = 2_000;
+
+/// The journal is merged into the tables once it holds this much (a merge holds the
+/// journal's entries in memory for a moment: about 45 bytes each beyond the row bytes).
+const MERGE_BYTES: u64 = 16 << 20;
+
+/// How a commit writes its changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Into the tables, record by record (a B-tree path per record).
+    Direct,
+    /// As one row appended to the journal (sequential pages).
+    Append,
+    /// The journal and the changes into the tables, in key order, each key once.
+    Merge,
+}
+
+impl Commit {
+    fn choose(changes: usize, journal_bytes: u64, merge: bool) -> Commit {
+        if merge
+            || (journal_bytes > 0
+                && (changes < JOURNAL_MIN_CHANGES || journal_bytes >= MERGE_BYTES))
+        {
+            Commit::Merge
+        } else if journal_bytes == 0 && changes < JOURNAL_MIN_CHANGES {
+            Commit::Direct
+        } else {
+            Commit::Append
+        }
+    }
+}
+
+const TABLE_TRIPLETS: u8 = 0;
+const TABLE_CLIENTS: u8 = 1;
+
+fn encode_changes<R: Record>(out: &mut Vec<u8>, table: u8, changes: &[Change<R>]) {
+    for (key, value) in changes {
+        out.push(table);
+        out.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(key.as_bytes());
+        match value {
+            Some(rec) => {
+                let bytes = rec.to_bytes();
+                out.push(1);
+                out.extend_from_slice(
+                    &u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes(),
+                );
+                out.extend_from_slice(&bytes);
+            }
+            None => out.push(0),
+        }
+    }
+}
+
+fn append_journal(
+    tx: &redb::WriteTransaction,
+    triplets: &[Change<Triplet>],
+    clients: &[Change<ClientRecord>],
+) -> Result<u64, StoreError> {
+    let mut blob = Vec::with_capacity((triplets.len() + clients.len()) * 96);
+    encode_changes(&mut blob, TABLE_TRIPLETS, triplets);
+    encode_changes(&mut blob, TABLE_CLIENTS, clients);
+    let mut journal = tx.open_table(JOURNAL).map_err(backend)?;
+    let next = journal
+        .last()
+        .map_err(backend)?
+        .map_or(0, |(k, _)| k.value() + 1);
+    journal.insert(next, blob.as_slice()).map_err(backend)?;
+    Ok(blob.len() as u64)
+}
+
+/// Rows in the journal (0 when it does not exist), from a read or a write transaction.
+trait JournalLen {
+    fn journal_len(&self) -> Result<u64, StoreError>;
+}
+
+impl JournalLen for redb::WriteTransaction {
+    fn journal_len(&self) -> Result<u64, StoreError> {
+        match self.open_table(JOURNAL) {
+            Ok(j) => j.len().map_err(backend),
+            Err(e) => Err(backend(e)),
+        }
+    }
+}
+
+impl JournalLen for redb::ReadTransaction {
+    fn journal_len(&self) -> Result<u64, StoreError> {
+        match self.open_table(JOURNAL) {
+            Ok(j) => j.len().map_err(backend),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(backend(e)),
+        }
+    }
+}
+
+/// One journal entry: (table, key, value or `None` for removed).
+type JournalEntry<'a> = (u8, &'a [u8], Option<&'a [u8]>);
+
+fn decode_journal<'a>(
+    mut blob: &'a [u8],
+    out: &mut Vec<JournalEntry<'a>>,
+) -> Result<(), StoreError> {
+    let bad = || backend("undecodable journal row");
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = b.split_at_checked(n)?;
+        *b = rest;
+        Some(head)
+    }
+    fn len(b: &mut &[u8]) -> Option<usize> {
+        let raw: [u8; 4] = take(b, 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    }
+    // Entries borrow from the blob: the caller keeps every row's bytes alive.
+    let blob_ref: &mut &'a [u8] = &mut blob;
+    while !blob_ref.is_empty() {
+        let table = take(blob_ref, 1).ok_or_else(bad)?[0];
+        if table != TABLE_TRIPLETS && table != TABLE_CLIENTS {
+            return Err(bad());
+        }
+        let n = len(blob_ref).ok_or_else(bad)?;
+        let key = take(blob_ref, n).ok_or_else(bad)?;
+        let value = match take(blob_ref, 1).ok_or_else(bad)?[0] {
+            0 => None,
+            1 => {
+                let n = len(blob_ref).ok_or_else(bad)?;
+                Some(take(blob_ref, n).ok_or_else(bad)?)
+            }
+            _ => return Err(bad()),
+        };
+        out.push((table, key, value));
+    }
+    Ok(())
+}
+
+/// Writes the journal, then `triplets` and `clients`, into the tables: each key once (its
+/// last value), in key order; empties the journal.
+fn merge_journal(
+    tx: &redb::WriteTransaction,
+    triplets: &[Change<Triplet>],
+    clients: &[Change<ClientRecord>],
+) -> Result<(), StoreError> {
+    apply_journal(tx, triplets, clients)?;
+    tx.delete_table(JOURNAL).map_err(backend)?;
+    Ok(())
+}
+
+fn apply_journal(
+    tx: &redb::WriteTransaction,
+    triplets: &[Change<Triplet>],
+    clients: &[Change<ClientRecord>],
+) -> Result<(), StoreError> {
+    // The rows are read in place (their pages stay valid until the journal is deleted).
+    let journal = match tx.open_table(JOURNAL) {
+        Ok(j) => j,
+        Err(e) => return Err(backend(e)),
+    };
+    let rows = journal
+        .iter()
+        .map_err(backend)?
+        .map(|row| row.map(|(_, v)| v).map_err(backend))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut entries: Vec<JournalEntry<'_>> = Vec::new();
+    for row in &rows {
+        decode_journal(row.value(), &mut entries)?;
+    }
+    let mut current = Vec::with_capacity((triplets.len() + clients.len()) * 96);
+    encode_changes(&mut current, TABLE_TRIPLETS, triplets);
+    encode_changes(&mut current, TABLE_CLIENTS, clients);
+    decode_journal(&current, &mut entries)?;
+    // Stable: among entries of one key the last one stays last, and it is the one written.
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| (entries[a].0, entries[a].1).cmp(&(entries[b].0, entries[b].1)));
+    let mut t = tx.open_table(TRIPLETS).map_err(backend)?;
+    let mut c = tx.open_table(CLIENTS).map_err(backend)?;
+    for (i, &e) in order.iter().enumerate() {
+        let (table, key, value) = entries[e];
+        let superseded = order
+            .get(i + 1)
+            .is_some_and(|&n| (entries[n].0, entries[n].1) == (table, key));
+        if superseded {
+            continue;
+        }
+        let key = std::str::from_utf8(key).map_err(|_| backend("journal key is not UTF-8"))?;
+        let target = if table == TABLE_TRIPLETS {
+            &mut t
+        } else {
+            &mut c
+        };
+        match value {
+            Some(v) => {
+                target.insert(key, v).map_err(backend)?;
+            }
+            None => {
+                target.remove(key).map_err(backend)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write_changes<R: Record>(
     tx: &redb::WriteTransaction,
     def: TableDefinition<&str, &[u8]>,
@@ -414,51 +694,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let _serial = self.flush_lock.lock().await;
-        let triplets = self.hot.triplets.take_dirty();
-        let clients = self.hot.clients.take_dirty();
-        if triplets.is_empty() && clients.is_empty() {
-            return Ok(());
-        }
-        let db = self.db.clone();
-        let cursors = self.sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let now = self.sweep_now.load(std::sync::atomic::Ordering::Relaxed);
-        let result = tokio::task::spawn_blocking(move || {
-            // Even a panic inside redb must hand the batch back, or its changes would never
-            // be written.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut tx = db.begin_write().map_err(backend)?;
-                tx.set_durability(Durability::Immediate).map_err(backend)?;
-                write_changes(&tx, TRIPLETS, &triplets)?;
-                write_changes(&tx, CLIENTS, &clients)?;
-                let next = if now == 0 {
-                    cursors
-                } else {
-                    (
-                        sweep_table::<Triplet>(&tx, TRIPLETS, cursors.0.as_deref(), now)?,
-                        sweep_table::<ClientRecord>(&tx, CLIENTS, cursors.1.as_deref(), now)?,
-                    )
-                };
-                tx.commit().map_err(backend)?;
-                Ok(next)
-            }))
-            .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
-            (outcome, triplets, clients)
-        })
-        .await;
-        match result {
-            Ok((Ok(next), _, _)) => {
-                *self.sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
-                Ok(())
-            }
-            Ok((Err(e), triplets, clients)) => {
-                // Keep the changes pending: the next flush tries again.
-                self.hot.triplets.restore_dirty(triplets);
-                self.hot.clients.restore_dirty(clients);
-                Err(e)
-            }
-            Err(join) => Err(backend(format!("flush task failed: {join}"))),
-        }
+        self.commit(false).await
+    }
+
+    async fn flush_fully(&self) -> Result<(), StoreError> {
+        self.commit(true).await
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
@@ -478,10 +718,11 @@ impl Store for EmbeddedStore {
         let after = cursor.map(cursor::unhex_str).transpose()?;
         if after.is_none() {
             // Records created since the last commit are in memory only, without their key
-            // text in order: committing them first puts every record that lives when the
-            // walk starts in the file. Later pages need no commit: records created during
-            // the walk need not be listed, and values come from memory anyway.
-            self.flush().await?;
+            // text in order, and journaled ones not yet in the tables: committing and
+            // merging first puts every record that lives when the walk starts in the
+            // tables. Later pages need no commit: records created during the walk need not
+            // be listed, and values come from memory anyway.
+            self.commit(true).await?;
         }
         let db = self.db.clone();
         let rows = tokio::task::spawn_blocking(move || {
@@ -534,6 +775,16 @@ impl EmbeddedReader {
             )),
             other => open_error(path, other),
         })?;
+        let tx = db.begin_read().map_err(backend)?;
+        if tx.journal_len()? > 0 {
+            return Err(StoreError::Unavailable(format!(
+                "{} holds commits not yet merged into its tables (the daemon stopped without \
+                 its final flush), which the daemon does when it starts; start greygate serve \
+                 once, then explain again",
+                path.display()
+            )));
+        }
+        drop(tx);
         Ok(EmbeddedReader {
             path: path.to_path_buf(),
             db,
@@ -643,5 +894,74 @@ impl Store for EmbeddedReader {
 
     async fn remove_client(&self, _: &str) -> Result<bool, StoreError> {
         Err(StoreError::ReadOnly)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn commits_go_to_the_journal_only_under_load() {
+        let many = JOURNAL_MIN_CHANGES;
+        assert_eq!(Commit::choose(10, 0, false), Commit::Direct);
+        assert_eq!(Commit::choose(many, 0, false), Commit::Append);
+        assert_eq!(Commit::choose(many, 1, false), Commit::Append);
+        assert_eq!(Commit::choose(many, MERGE_BYTES, false), Commit::Merge);
+        assert_eq!(Commit::choose(10, 1, false), Commit::Merge, "load dropped");
+        assert_eq!(Commit::choose(0, 1, false), Commit::Merge);
+        assert_eq!(Commit::choose(many, 0, true), Commit::Merge);
+    }
+
+    #[test]
+    fn journal_rows_read_back_as_written() {
+        let t = Triplet {
+            first_seen: 1,
+            last_seen: 2,
+            expires_at: 3,
+            attempts: 4,
+            passes: 5,
+            passed: true,
+        };
+        let c = ClientRecord {
+            passes: 1,
+            last_counted: 2,
+            last_seen: 3,
+            expires_at: 4,
+        };
+        let triplets: Vec<Change<Triplet>> =
+            vec![("a/b/c".into(), Some(t)), ("ü/x/y".into(), None)];
+        let clients: Vec<Change<ClientRecord>> = vec![("192.0.2.0/24".into(), Some(c))];
+        let mut blob = Vec::new();
+        encode_changes(&mut blob, TABLE_TRIPLETS, &triplets);
+        encode_changes(&mut blob, TABLE_CLIENTS, &clients);
+        let mut entries = Vec::new();
+        decode_journal(&blob, &mut entries).unwrap();
+        let t_bytes = t.to_bytes();
+        let c_bytes = c.to_bytes();
+        assert_eq!(
+            entries,
+            vec![
+                (TABLE_TRIPLETS, &b"a/b/c"[..], Some(&t_bytes[..])),
+                (TABLE_TRIPLETS, "ü/x/y".as_bytes(), None),
+                (TABLE_CLIENTS, &b"192.0.2.0/24"[..], Some(&c_bytes[..])),
+            ]
+        );
+        // Cut anywhere inside the last entry: an error, not a panic or a short read.
+        for cut in 1..blob.len() {
+            let mut entries = Vec::new();
+            let whole = decode_journal(&blob[..cut], &mut entries).is_ok();
+            assert!(!whole || entries.len() < 3, "cut at {cut}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_journal_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut entries = Vec::new();
+            let _ = decode_journal(&bytes, &mut entries);
+        }
     }
 }

@@ -141,6 +141,12 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every update so far durable (no-op for stores that write through).
     async fn flush(&self) -> Result<(), StoreError>;
 
+    /// `flush`, leaving nothing in an intermediate form (the embedded store merges its
+    /// journal into its tables): at shutdown and after bulk changes. The store stays usable.
+    async fn flush_fully(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
     async fn counts(&self) -> Result<Counts, StoreError>;
 
     /// Walks records of `kind` from `cursor` (`None` = start) and returns up to `limit`

@@ -641,3 +641,121 @@ async fn postgres_store_fails_fast_while_down_and_recovers() {
     let old = recovers(10 * SECOND, "after restart", touch).await;
     assert!(old.is_some(), "the record survived the crash: {old:?}");
 }
+
+/// Under load a commit goes to the journal (one row) instead of the tables; the journal is
+/// merged when a commit is small again, when it has grown, at a scan, at the final flush,
+/// and when the file is opened after a hard kill. Every path ends with the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_store_journal_survives_a_crash_and_merges() {
+    use greygate::engine::{ClientRecord, Triplet, TripletKey};
+    use greygate::store::{EmbeddedReader, EntryKind, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let crashed = dir.path().join("crashed.redb");
+    let unmerged = dir.path().join("unmerged.redb");
+    let key = |i: u32| TripletKey {
+        client: format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
+        sender: format!("s{i}@example.net"),
+        recipient: "r@example.org".into(),
+    };
+    let rec = |seen: u64| Triplet {
+        first_seen: 1,
+        last_seen: seen,
+        expires_at: 1_000_000,
+        attempts: 1,
+        passes: 0,
+        passed: seen > 1,
+    };
+    let client = ClientRecord {
+        passes: 1,
+        last_counted: 1,
+        last_seen: 1,
+        expires_at: 1_000_000,
+    };
+    // What every copy must hold in the end.
+    let check = |store: EmbeddedStore, what: &'static str| async move {
+        assert_eq!(store.load_report().triplets, 4_900, "{what}");
+        assert_eq!(store.load_report().clients, 3_000, "{what}");
+        for i in [0, 99, 100, 2_499, 2_500, 4_999] {
+            let got = store.get_triplet(&key(i)).await.unwrap();
+            let want = match i {
+                0..100 => None,
+                100..2_500 => Some(rec(2)),
+                _ => Some(rec(1)),
+            };
+            assert_eq!(got, want, "{what}: triplet {i}");
+        }
+    };
+    {
+        let store = EmbeddedStore::open(&path, 0).unwrap();
+        for i in 0..5_000 {
+            store
+                .update_triplet(&key(i), &|_| Some(rec(1)))
+                .await
+                .unwrap();
+        }
+        for i in 0..3_000 {
+            let c = format!("c{i}");
+            store.update_client(&c, &|_| Some(client)).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        for i in 0..2_500 {
+            store
+                .update_triplet(&key(i), &|_| Some(rec(2)))
+                .await
+                .unwrap();
+        }
+        for i in 0..100 {
+            assert!(store.remove_triplet(&key(i)).await.unwrap());
+        }
+        store.flush().await.unwrap();
+        // Both commits are journaled now: what a hard kill would leave.
+        std::fs::copy(&path, &crashed).unwrap();
+    }
+    // Closed without the final flush's merge: readers refuse, the store merges on opening.
+    std::fs::copy(&path, &unmerged).unwrap();
+    for file in [&crashed, &unmerged] {
+        match EmbeddedReader::open(file) {
+            Err(StoreError::Unavailable(why)) => {
+                assert!(why.contains("start greygate serve"), "{why}")
+            }
+            other => panic!("{}: {:?}", file.display(), other.err()),
+        }
+        check(EmbeddedStore::open(file, 10).unwrap(), "reopened").await;
+        // Opening merged the journal: now the reader sees the same records.
+        let reader = EmbeddedReader::open(file).unwrap();
+        assert_eq!(reader.get_triplet(&key(50)).await.unwrap(), None);
+        assert_eq!(reader.get_triplet(&key(150)).await.unwrap(), Some(rec(2)));
+        let all = conformance::scan_all(&reader, EntryKind::Triplets, 500, 10, &|_| true).await;
+        assert_eq!(all.len(), 4_900);
+        drop(reader);
+    }
+    {
+        let store = EmbeddedStore::open(&path, 0).unwrap();
+        // A scan of a journaled store lists every record.
+        for i in 0..2_500 {
+            store
+                .update_triplet(&key(i + 10_000), &|_| Some(rec(1)))
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        let all = conformance::scan_all(&store, EntryKind::Triplets, 700, 10, &|_| true).await;
+        assert_eq!(all.len(), 7_400);
+        for i in 0..2_500 {
+            assert!(store.remove_triplet(&key(i + 10_000)).await.unwrap());
+        }
+        store.flush().await.unwrap();
+        store.flush_fully().await.unwrap();
+    }
+    // The final flush merged: a reader reads the file as it is.
+    let reader = EmbeddedReader::open(&path).unwrap();
+    let all = conformance::scan_all(&reader, EntryKind::Triplets, 1_000, 10, &|_| true).await;
+    assert_eq!(all.len(), 4_900);
+    drop(reader);
+    check(
+        EmbeddedStore::open(&path, 10).unwrap(),
+        "after the final flush",
+    )
+    .await;
+}
