@@ -291,8 +291,10 @@ fn load_table<R: Packed>(
     Ok(())
 }
 
-/// redb's page cache (its default is 1 GiB).
-const REDB_CACHE: usize = 64 << 20;
+/// redb's page cache (its default is 1 GiB). It fills while a large file is read at
+/// start-up and stays full: at ten million triplets 64 MiB put the daemon just over 1 GiB
+/// of RSS; 32 MiB costs the journaled commits nothing measurable.
+const REDB_CACHE: usize = 32 << 20;
 
 /// Rows looked at per table and commit by the disk-side expiry sweep.
 const SWEEP_ROWS: usize = 20_000;
