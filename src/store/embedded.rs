@@ -516,10 +516,10 @@ trait JournalLen {
 
 impl JournalLen for redb::WriteTransaction {
     fn journal_len(&self) -> Result<u64, StoreError> {
-        match self.open_table(JOURNAL) {
-            Ok(j) => j.len().map_err(backend),
-            Err(e) => Err(backend(e)),
-        }
+        self.open_table(JOURNAL)
+            .map_err(backend)?
+            .len()
+            .map_err(backend)
     }
 }
 
@@ -590,10 +590,7 @@ fn apply_journal(
     clients: &[Change<ClientRecord>],
 ) -> Result<(), StoreError> {
     // The rows are read in place (their pages stay valid until the journal is deleted).
-    let journal = match tx.open_table(JOURNAL) {
-        Ok(j) => j,
-        Err(e) => return Err(backend(e)),
-    };
+    let journal = tx.open_table(JOURNAL).map_err(backend)?;
     let rows = journal
         .iter()
         .map_err(backend)?
