@@ -58,13 +58,15 @@ pub struct LoadReport {
 pub struct EmbeddedStore {
     path: PathBuf,
     db: Arc<Database>,
-    hot: MemoryStore,
+    // Shared with the commit's blocking task, which hands changes back if it fails.
+    hot: Arc<MemoryStore>,
     // Flushes must not overlap: an older batch committed after a newer one would win.
-    // Holds the bytes the journal has gathered since it was last merged.
-    flush_lock: tokio::sync::Mutex<u64>,
+    // Holds the bytes the journal has gathered since it was last merged. The commit's
+    // blocking task owns the guard until it is done, even if its caller gave up waiting.
+    flush_lock: Arc<tokio::sync::Mutex<u64>>,
     load: LoadReport,
     /// Where the disk-side expiry sweep goes on, per table (triplets, clients).
-    sweep: std::sync::Mutex<(Option<String>, Option<String>)>,
+    sweep: Arc<std::sync::Mutex<(Option<String>, Option<String>)>>,
     /// The `now` of the latest `expire` call: the disk sweep's notion of time (stores do
     /// not read the clock; 0 means no sweep yet).
     sweep_now: std::sync::atomic::AtomicU64,
@@ -74,7 +76,7 @@ impl EmbeddedStore {
     /// Commits what changed since the last commit (see [`Commit`]); `merge`: also merge the
     /// journal into the tables, whatever its size.
     async fn commit(&self, merge: bool) -> Result<(), StoreError> {
-        let mut journal_bytes = self.flush_lock.lock().await;
+        let mut journal_bytes = self.flush_lock.clone().lock_owned().await;
         let triplets = self.hot.triplets.take_dirty();
         let clients = self.hot.clients.take_dirty();
         let changes = triplets.len() + clients.len();
@@ -86,27 +88,34 @@ impl EmbeddedStore {
             return Ok(());
         }
         let db = self.db.clone();
-        let cursors = self.sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (hot, sweep) = (self.hot.clone(), self.sweep.clone());
+        let cursors = sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let now = self.sweep_now.load(std::sync::atomic::Ordering::Relaxed);
-        let result = tokio::task::spawn_blocking(move || {
+        // Everything after the take happens in the blocking task, bookkeeping included: a
+        // caller that stops waiting (an admin request's timeout) must neither lose the
+        // changes of a failed commit nor let the next commit start before this one ends.
+        let task = tokio::task::spawn_blocking(move || {
             // Even a panic inside redb must hand the batch back, or its changes would never
             // be written.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut tx = db.begin_write().map_err(backend)?;
                 tx.set_durability(Durability::Immediate).map_err(backend)?;
-                let journaled = match how {
+                let added = match how {
                     Commit::Direct => {
                         write_changes(&tx, TRIPLETS, &triplets)?;
                         write_changes(&tx, CLIENTS, &clients)?;
-                        None
+                        0
                     }
-                    Commit::Append => Some(append_journal(&tx, &triplets, &clients)?),
+                    Commit::Append => append_journal(&tx, &triplets, &clients)?,
                     Commit::Merge => {
                         merge_journal(&tx, &triplets, &clients)?;
-                        Some(0)
+                        0
                     }
                 };
-                let next = if now == 0 {
+                // The disk sweep deletes rows whose own record has expired, which holds
+                // only when the tables have every change (a journaled change may have
+                // renewed a record whose row is old): not on a commit to the journal.
+                let next = if now == 0 || how == Commit::Append {
                     cursors
                 } else {
                     (
@@ -115,30 +124,29 @@ impl EmbeddedStore {
                     )
                 };
                 tx.commit().map_err(backend)?;
-                Ok((next, journaled))
+                Ok((next, added))
             }))
             .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
-            (outcome, triplets, clients)
-        })
-        .await;
-        match result {
-            Ok((Ok((next, journaled)), _, _)) => {
-                *self.sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
-                match (how, journaled) {
-                    (Commit::Append, Some(added)) => *journal_bytes += added,
-                    (Commit::Merge, _) => *journal_bytes = 0,
-                    _ => {}
+            match outcome {
+                Ok((next, added)) => {
+                    *sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                    if how == Commit::Merge {
+                        *journal_bytes = 0;
+                    } else {
+                        *journal_bytes += added;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(e) => {
+                    // Keep the changes pending: the next flush tries again.
+                    hot.triplets.restore_dirty(triplets);
+                    hot.clients.restore_dirty(clients);
+                    Err(e)
+                }
             }
-            Ok((Err(e), triplets, clients)) => {
-                // Keep the changes pending: the next flush tries again.
-                self.hot.triplets.restore_dirty(triplets);
-                self.hot.clients.restore_dirty(clients);
-                Err(e)
-            }
-            Err(join) => Err(backend(format!("flush task failed: {join}"))),
-        }
+        });
+        task.await
+            .unwrap_or_else(|join| Err(backend(format!("flush task failed: {join}"))))
     }
 
     /// Opens (or creates) the file and loads its live records into memory. `now` decides
@@ -184,10 +192,10 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
             db: Arc::new(db),
-            hot,
-            flush_lock: tokio::sync::Mutex::new(0),
+            hot: Arc::new(hot),
+            flush_lock: Arc::new(tokio::sync::Mutex::new(0)),
             load,
-            sweep: std::sync::Mutex::new((None, None)),
+            sweep: Arc::new(std::sync::Mutex::new((None, None))),
             sweep_now: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -302,7 +310,8 @@ const SWEEP_ROWS: usize = 20_000;
 /// Deletes rows whose record has expired, looking at up to `SWEEP_ROWS` rows after `cursor`;
 /// returns where to go on next time (`None`: start over). Memory forgets expired records
 /// without their key text, so their rows are found here, by their own `expires_at`. A row
-/// changed in memory was written earlier in the same transaction, so it is never dead here.
+/// changed in memory was written earlier in the same transaction (directly or by the
+/// journal's merge), so it is never dead here; commits to the journal do not sweep.
 fn sweep_table<R: Record>(
     tx: &redb::WriteTransaction,
     def: TableDefinition<&str, &[u8]>,
