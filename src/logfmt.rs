@@ -148,8 +148,6 @@ impl Visit for Visitor<'_> {
     }
 }
 
-pub use crate::engine::normalize::write_ip;
-
 /// The daemon's log writer, and whether its events are written by
 /// [`QuickEvent`]/[`QuickFields`] (the text log, which [`write_direct`] may use).
 static SINK: OnceLock<(BatchedStderr, bool)> = OnceLock::new();

@@ -18,7 +18,7 @@ use clap::Parser;
 use cli::{BenchArgs, CheckConfigArgs, Cli, Command, ExplainArgs, ServeArgs};
 use greygate::config::{self, Config, ConfigErrors, RawConfig, Source, StoreKind};
 use greygate::engine::{Mode, Request};
-use greygate::service::{Outcome, unix_now};
+use greygate::service::unix_now;
 use greygate::store::{OpenError, PostgresStore, RedisStore};
 
 const EXIT_RUNTIME: u8 = 1;
@@ -354,17 +354,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         dns.as_ref(),
         &req,
         now,
-        |d| {
-            replies
-                .action(
-                    &Outcome {
-                        decision: d.clone(),
-                        enforced,
-                    },
-                    now,
-                )
-                .into_owned()
-        },
+        |d| replies.action_text(d, enforced, now),
     ));
     match result {
         Ok(x) if args.json => println!("{}", serde_json::to_string_pretty(&x)?),

@@ -416,11 +416,8 @@ fn lock_stripe(m: &Mutex<ActivityInner>) -> std::sync::MutexGuard<'_, ActivityIn
 
 impl Activity {
     pub fn record(&self, d: RecentDecision) {
-        self.record_at(d, Instant::now());
-    }
-
-    /// Records a decision made at `when` (the instant that orders the recent ones).
-    pub fn record_at(&self, d: RecentDecision, when: Instant) {
+        // Orders the recent decisions of all stripes.
+        let when = Instant::now();
         // Work that needs no lock is done before taking it.
         let domain = (d.verdict == Verdict::Defer).then(|| {
             d.sender

@@ -7,7 +7,6 @@
 pub mod entries;
 
 use std::borrow::Cow;
-use std::future::Future as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -31,6 +30,21 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `tokio::time::timeout`, with the timer armed only when `fut` does not finish at its
+/// first poll: a timer costs a runtime handle (a reference count every worker shares) and
+/// a clock read, for futures that nearly always finish at once (in-process store lookups,
+/// replies that fit the socket buffer).
+pub async fn timeout_if_waiting<F: std::future::Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Ok(out),
+        Poll::Pending => tokio::time::timeout(limit, fut).await,
+    }
 }
 
 /// A decision and whether it is enforced (`learn` mode only records it).
@@ -110,10 +124,10 @@ impl StoreSlot {
     }
 
     pub fn get(&self) -> Result<Arc<dyn Store>, StoreError> {
-        self.borrow().map(|r| match &*r.0 {
-            Some(store) => Arc::clone(&**store),
-            None => unreachable!("a StoreRef is only made for a present store"),
-        })
+        match self.store.load_full() {
+            Some(store) => Ok(Arc::clone(&store)),
+            None => Err(self.unavailable()),
+        }
     }
 
     /// The store for one request, without touching its reference count.
@@ -122,13 +136,17 @@ impl StoreSlot {
         if guard.is_some() {
             Ok(StoreRef(guard))
         } else {
-            Err(StoreError::Unavailable(
-                self.why_missing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            ))
+            Err(self.unavailable())
         }
+    }
+
+    fn unavailable(&self) -> StoreError {
+        StoreError::Unavailable(
+            self.why_missing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 
     pub fn is_open(&self) -> bool {
@@ -303,16 +321,11 @@ impl Greylister {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let limit = live.options.store_timeout;
-                let mut lookup = std::pin::pin!(self.lookup(&live.engine, lookup, now));
-                // In-process stores answer at the first poll: the timer (and the runtime
-                // handle it needs, an atomic shared by every worker) only for one that waits.
-                let first = std::future::poll_fn(|cx| Poll::Ready(lookup.as_mut().poll(cx))).await;
-                let result = match first {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => match tokio::time::timeout(limit, lookup).await {
-                        Ok(r) => r,
-                        Err(_) => Err(StoreError::Timeout(limit)),
-                    },
+                // In-process stores answer at the first poll.
+                let lookup = self.lookup(&live.engine, lookup, now);
+                let result = match timeout_if_waiting(limit, lookup).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout(limit)),
                 };
                 result.unwrap_or_else(|e| {
                     self.metrics.count_store_error(&e);
@@ -517,7 +530,8 @@ impl DecisionLine<'_> {
 
     /// The message and fields as `logfmt::QuickFields` writes [`DecisionLine::event`].
     fn write_fields(&self, out: &mut String) {
-        use crate::logfmt::{write_ip, write_quoted};
+        use crate::engine::normalize::write_ip;
+        use crate::logfmt::write_quoted;
         use std::fmt::Write as _;
         let (req, o, d) = (self.req, self.o, &self.o.decision);
         let num = |out: &mut String, name: &str, v: Option<u64>| {

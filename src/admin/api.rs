@@ -18,7 +18,7 @@ use super::entries::{self, EntryQuery};
 use super::{AdminState, error, prometheus};
 use crate::config::Dur;
 use crate::engine::{ListKind, Mode, Request, Target, Verdict};
-use crate::service::{EntriesError, Outcome, Selector, unix_now};
+use crate::service::{EntriesError, Selector, unix_now};
 use crate::store::Counts;
 
 /// How long the store's record counts are reused (counting can be slow on big shared stores).
@@ -249,15 +249,7 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     let replies = st.reloader.policy_replies();
     let dns = live.dns.as_deref();
     let result = crate::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
-        replies
-            .action(
-                &Outcome {
-                    decision: d.clone(),
-                    enforced,
-                },
-                now,
-            )
-            .into_owned()
+        replies.action_text(d, enforced, now)
     })
     .await;
     match result {

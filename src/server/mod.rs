@@ -60,21 +60,17 @@ impl StopSignals {
             shutdown_raised: Signal::default(),
             hard_stop_raised: Signal::default(),
         });
-        for hard in [false, true] {
-            let watched = Arc::downgrade(&signals);
-            let token = if hard {
-                signals.hard_stop.clone()
-            } else {
-                signals.shutdown.clone()
-            };
+        type Pick = fn(&StopSignals) -> &Signal;
+        let follow: [(&CancellationToken, Pick); 2] = [
+            (&signals.shutdown, |s| &s.shutdown_raised),
+            (&signals.hard_stop, |s| &s.hard_stop_raised),
+        ];
+        for (token, signal) in follow {
+            let (token, watched) = (token.clone(), Arc::downgrade(&signals));
             tokio::spawn(async move {
                 token.cancelled().await;
                 if let Some(s) = watched.upgrade() {
-                    if hard {
-                        s.hard_stop_raised.raise();
-                    } else {
-                        s.shutdown_raised.raise();
-                    }
+                    signal(&s).raise();
                 }
             });
         }

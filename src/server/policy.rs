@@ -3,19 +3,17 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::future::Future as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::Poll;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::{ConnLimits, Io};
 use crate::config::DeferAction;
-use crate::engine::{Request, Rule, Verdict};
+use crate::engine::{Decision, Request, Rule, Verdict};
 use crate::proto::policy::{Decoder, PolicyRequest, encode_response};
-use crate::service::{Decided, Greylister, Outcome, unix_now};
+use crate::service::{Decided, Greylister, Outcome, timeout_if_waiting, unix_now};
 
 /// How decisions are spelled as policy replies.
 #[derive(Debug, Clone)]
@@ -28,6 +26,15 @@ pub struct Replies {
 }
 
 impl Replies {
+    /// The `action=` value a borrowed decision would get (explanations).
+    pub fn action_text(&self, decision: &Decision, enforced: bool, now: u64) -> String {
+        let o = Outcome {
+            decision: decision.clone(),
+            enforced,
+        };
+        self.action(&o, now).into_owned()
+    }
+
     /// The `action=` value for an outcome decided at `now`.
     pub fn action(&self, o: &Outcome, now: u64) -> Cow<'static, str> {
         let d = &o.decision;
@@ -266,15 +273,8 @@ async fn answer(
 }
 
 async fn write_replies<S: Io>(stream: &mut S, out: &[u8], ctx: &ConnContext) -> Result<(), String> {
-    let mut write = std::pin::pin!(stream.write_all(out));
-    // Replies nearly always fit the socket buffer at once: a timer (a runtime handle and a
-    // clock read) only for a write that has to wait.
-    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    let written = match first {
-        Poll::Ready(r) => Ok(r),
-        Poll::Pending => tokio::time::timeout(ctx.limits.io_timeout, write).await,
-    };
-    match written {
+    // Replies nearly always fit the socket buffer at once.
+    match timeout_if_waiting(ctx.limits.io_timeout, stream.write_all(out)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("write failed: {e}")),
         Err(_) => Err("client did not take a reply within io_timeout".into()),

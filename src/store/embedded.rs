@@ -83,10 +83,8 @@ impl EmbeddedStore {
         if changes == 0 && *journal_bytes == 0 {
             return Ok(());
         }
+        // With nothing changed, a journal is there to merge.
         let how = Commit::choose(changes, *journal_bytes, merge);
-        if changes == 0 && how != Commit::Merge {
-            return Ok(());
-        }
         let db = self.db.clone();
         let (hot, sweep) = (self.hot.clone(), self.sweep.clone());
         let cursors = sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -173,7 +171,13 @@ impl EmbeddedStore {
             tx.open_table(CLIENTS).map_err(backend)?;
             // Commits a daemon journaled and had not merged when it stopped (a hard kill)
             // go into the tables before they are read.
-            if tx.journal_len()? > 0 {
+            if tx
+                .open_table(JOURNAL)
+                .map_err(backend)?
+                .len()
+                .map_err(backend)?
+                > 0
+            {
                 merge_journal(&tx, &[], &[])?;
             }
             tx.commit().map_err(backend)?;
@@ -518,27 +522,12 @@ fn append_journal(
     Ok(blob.len() as u64)
 }
 
-/// Rows in the journal (0 when it does not exist), from a read or a write transaction.
-trait JournalLen {
-    fn journal_len(&self) -> Result<u64, StoreError>;
-}
-
-impl JournalLen for redb::WriteTransaction {
-    fn journal_len(&self) -> Result<u64, StoreError> {
-        self.open_table(JOURNAL)
-            .map_err(backend)?
-            .len()
-            .map_err(backend)
-    }
-}
-
-impl JournalLen for redb::ReadTransaction {
-    fn journal_len(&self) -> Result<u64, StoreError> {
-        match self.open_table(JOURNAL) {
-            Ok(j) => j.len().map_err(backend),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(backend(e)),
-        }
+/// Rows in the journal (0 when it does not exist).
+fn journal_len(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    match tx.open_table(JOURNAL) {
+        Ok(j) => j.len().map_err(backend),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(backend(e)),
     }
 }
 
@@ -784,7 +773,7 @@ impl EmbeddedReader {
             other => open_error(path, other),
         })?;
         let tx = db.begin_read().map_err(backend)?;
-        if tx.journal_len()? > 0 {
+        if journal_len(&tx)? > 0 {
             return Err(StoreError::Unavailable(format!(
                 "{} holds commits not yet merged into its tables (the daemon stopped without \
                  its final flush), which the daemon does when it starts; start greygate serve \
