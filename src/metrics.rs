@@ -5,6 +5,7 @@
 //! admin module renders them as Prometheus text. The activity memory is bounded: a ring of
 //! recent decisions, one hour of 10-second buckets, and capped top-N maps.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,7 +36,7 @@ struct Lane<T>(T);
 
 /// Copies of a striped value; threads take one each, round robin (more than the workers of
 /// a small machine, so that they rarely share one).
-const STRIPES: usize = 8;
+pub(crate) const STRIPES: usize = 8;
 
 impl<T> Striped<T> {
     /// This thread's copy.
@@ -415,15 +416,17 @@ fn lock_stripe(m: &Mutex<ActivityInner>) -> std::sync::MutexGuard<'_, ActivityIn
 }
 
 impl Activity {
-    pub fn record(&self, d: RecentDecision) {
-        // Orders the recent decisions of all stripes.
-        let when = Instant::now();
+    /// Records a decision, copying its strings into those of the oldest entry it replaces
+    /// (no allocation once the ring is full and the strings fit).
+    pub fn record(&self, d: &DecisionSeen<'_>) {
         // Work that needs no lock is done before taking it.
         let domain = (d.verdict == Verdict::Defer).then(|| {
-            d.sender
-                .rsplit_once('@')
-                .map_or("<>", |(_, dom)| dom)
-                .to_ascii_lowercase()
+            let domain = d.sender.rsplit_once('@').map_or("<>", |(_, dom)| dom);
+            if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(domain.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(domain)
+            }
         });
         let mut a = lock_stripe(self.stripes.mine());
         let start = d.at - d.at % BUCKET_SECONDS;
@@ -444,17 +447,16 @@ impl Activity {
             Verdict::Skip => b.skip += 1,
         }
         if let Some(domain) = domain {
-            a.groups.add(&d.group, d.at);
+            a.groups.add(d.group, d.at);
             a.domains.add(&domain, d.at);
         }
-        if a.recent.len() == RECENT {
-            // The oldest entry's strings are reused for the new one: no allocation for a
-            // decision whose strings fit where the old ones were.
+        let entry = if a.recent.len() == RECENT {
             let (_, old) = a.recent.pop_front().expect("full");
-            a.recent.push_back((when, reuse(old, d)));
+            d.owned(Some(old))
         } else {
-            a.recent.push_back((when, d));
-        }
+            d.owned(None)
+        };
+        a.recent.push_back((d.when, entry));
     }
 
     /// Newest first.
@@ -512,24 +514,52 @@ impl Activity {
     }
 }
 
-/// `d` in `old`'s allocations.
-fn reuse(mut old: RecentDecision, d: RecentDecision) -> RecentDecision {
-    fn take(into: &mut String, from: String) {
-        if from.len() <= into.capacity() {
-            into.clear();
-            into.push_str(&from);
-        } else {
-            *into = from;
+/// A decision as [`Activity::record`] takes it, borrowed from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionSeen<'a> {
+    pub at: u64,
+    /// When it was decided: recent decisions of all stripes are merged in this order.
+    pub when: Instant,
+    pub verdict: Verdict,
+    pub rule: Rule,
+    pub enforced: bool,
+    pub client: Option<std::net::IpAddr>,
+    pub group: &'a str,
+    pub sender: &'a str,
+    pub recipient: &'a str,
+    pub delayed: Option<u64>,
+    pub detail: Option<&'a str>,
+}
+
+impl DecisionSeen<'_> {
+    /// The decision owned, in `old`'s allocations when given.
+    fn owned(&self, old: Option<RecentDecision>) -> RecentDecision {
+        fn put(into: Option<String>, from: &str) -> String {
+            match into {
+                Some(mut s) => {
+                    s.clear();
+                    s.push_str(from);
+                    s
+                }
+                None => from.to_owned(),
+            }
         }
-    }
-    take(&mut old.group, d.group);
-    take(&mut old.sender, d.sender);
-    take(&mut old.recipient, d.recipient);
-    RecentDecision {
-        group: old.group,
-        sender: old.sender,
-        recipient: old.recipient,
-        ..d
+        let (group, sender, recipient) = match old {
+            Some(o) => (Some(o.group), Some(o.sender), Some(o.recipient)),
+            None => (None, None, None),
+        };
+        RecentDecision {
+            at: self.at,
+            verdict: self.verdict,
+            rule: self.rule,
+            enforced: self.enforced,
+            client: self.client,
+            group: put(group, self.group),
+            sender: put(sender, self.sender),
+            recipient: put(recipient, self.recipient),
+            delayed: self.delayed,
+            detail: self.detail.map(str::to_owned),
+        }
     }
 }
 
@@ -537,16 +567,22 @@ fn reuse(mut old: RecentDecision, d: RecentDecision) -> RecentDecision {
 mod tests {
     use super::*;
 
-    fn decision(at: u64, verdict: Verdict, group: &str, sender: &str) -> RecentDecision {
-        RecentDecision {
+    fn decision<'a>(
+        at: u64,
+        verdict: Verdict,
+        group: &'a str,
+        sender: &'a str,
+    ) -> DecisionSeen<'a> {
+        DecisionSeen {
             at,
+            when: Instant::now(),
             verdict,
             rule: Rule::New,
             enforced: true,
             client: "192.0.2.1".parse().ok(),
-            group: group.into(),
-            sender: sender.into(),
-            recipient: "r@example.org".into(),
+            group,
+            sender,
+            recipient: "r@example.org",
             delayed: None,
             detail: None,
         }
@@ -578,20 +614,25 @@ mod tests {
     #[test]
     fn series_fills_gaps_and_top_counts_defers() {
         let a = Activity::default();
-        a.record(decision(
+        a.record(&decision(
             1000,
             Verdict::Defer,
             "192.0.2.0/24",
             "a@Spam.example",
         ));
-        a.record(decision(1005, Verdict::Pass, "192.0.2.0/24", "a@b.example"));
-        a.record(decision(
+        a.record(&decision(
+            1005,
+            Verdict::Pass,
+            "192.0.2.0/24",
+            "a@b.example",
+        ));
+        a.record(&decision(
             1031,
             Verdict::Defer,
             "198.51.100.0/24",
             "x@spam.example",
         ));
-        a.record(decision(1032, Verdict::Defer, "198.51.100.0/24", ""));
+        a.record(&decision(1032, Verdict::Defer, "198.51.100.0/24", ""));
         let s = a.series(1039, 60);
         assert_eq!(s.len(), 6);
         assert_eq!(s.first().unwrap().start, 980);
@@ -619,7 +660,7 @@ mod tests {
                             Verdict::Pass
                         };
                         let sender = format!("s{t}@d{}.example", i % 2);
-                        a.record(decision(1000 + i, verdict, "192.0.2.0/24", &sender));
+                        a.record(&decision(1000 + i, verdict, "192.0.2.0/24", &sender));
                     }
                 });
             }
@@ -644,14 +685,14 @@ mod tests {
         assert_eq!(groups[0].defers, 600);
         assert_eq!(domains.iter().map(|d| d.defers).sum::<u64>(), 600);
         // A stripe whose hour is over counts as the previous hour, two hours on as nothing.
-        a.record(decision(
+        a.record(&decision(
             1000 + 3600,
             Verdict::Defer,
             "198.51.100.0/24",
             "x@y",
         ));
         assert_eq!(a.top(1).0[0].defers, 600);
-        a.record(decision(
+        a.record(&decision(
             1000 + 3 * 3600,
             Verdict::Defer,
             "198.51.100.0/24",
@@ -675,7 +716,7 @@ mod tests {
         {
             // Alternate threads, one after the other: each records into its own stripe.
             std::thread::scope(|s| {
-                s.spawn(|| a.record(decision(5000 - i as u64, Verdict::Pass, "g", sender)));
+                s.spawn(|| a.record(&decision(5000 - i as u64, Verdict::Pass, "g", sender)));
             });
         }
         let senders: Vec<String> = a.recent(3).into_iter().map(|d| d.sender).collect();

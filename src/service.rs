@@ -17,11 +17,11 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use crate::config::FailMode;
 use crate::dns::Gatherer;
 use crate::engine::{
-    Classified, Decision, Engine, ListKind, Lookup, Mode, Request, Rule, RuntimeEntry, Target,
-    TripletOutcome, Verdict,
+    Classified, ClientRecord, Decision, Engine, ListKind, Lookup, Mode, Request, Rule,
+    RuntimeEntry, Target, Triplet, TripletKey, TripletOutcome, Verdict,
 };
-use crate::metrics::{Activity, ListenerStats, Metrics, RecentDecision, StoreOp};
-use crate::store::{Store, StoreError};
+use crate::metrics::{Activity, DecisionSeen, ListenerStats, Metrics, StoreOp};
+use crate::store::{MemoryStore, Store, StoreError, UpdateFn};
 
 pub use entries::{EntriesError, RuntimeEntries, Selector};
 
@@ -74,8 +74,33 @@ pub struct Decided<'r> {
     req: Cow<'r, Request>,
     dns_note: Option<String>,
     now: u64,
-    /// How long deciding took.
-    took: Duration,
+    /// When deciding began and ended.
+    started: Instant,
+    finished: Instant,
+}
+
+impl<'r> Decided<'r> {
+    fn new(
+        live: &Live,
+        decision: Decision,
+        req: Cow<'r, Request>,
+        dns_note: Option<String>,
+        now: u64,
+        started: Instant,
+        finished: Option<Instant>,
+    ) -> Self {
+        Decided {
+            outcome: Outcome {
+                decision,
+                enforced: live.options.mode == Mode::Enforce,
+            },
+            req,
+            dns_note,
+            now,
+            started,
+            finished: finished.unwrap_or_else(Instant::now),
+        }
+    }
 }
 
 /// Settings of the service beyond the engine's.
@@ -297,7 +322,10 @@ impl Greylister {
     /// Decides one request at `now` and records it in the store, then counts and logs the
     /// decision. Never fails: store trouble becomes a fail-open (or fail-closed) decision.
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
-        let decided = self.decide(Cow::Borrowed(req), now).await;
+        let decided = match self.decide_now(Cow::Borrowed(req), now) {
+            Ok(decided) => decided,
+            Err(req) => self.decide(req, now).await,
+        };
         self.record(&decided);
         decided.outcome
     }
@@ -309,86 +337,168 @@ impl Greylister {
         let started = Instant::now();
         // A guard, not a clone: no reference count shared by the workers.
         let live = self.live.load();
-        let enriched = match &live.dns {
-            Some(dns) => dns.facts_for(&live.engine, &req, now).await,
-            None => None,
-        };
-        let (req, dns_note) = match enriched {
-            Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
+        // The slow paths (DNS, stores across the network) are boxed: their futures are
+        // kilobytes, which every decision would otherwise carry and copy.
+        let (req, dns_note) = match &live.dns {
+            Some(dns) => match Box::pin(dns.facts_for(&live.engine, &req, now)).await {
+                Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
+                None => (req, None),
+            },
             None => (req, None),
         };
+        // The end of the last store operation, when that ended the decision (saves a read
+        // of the clock).
+        let mut finished = None;
         let decision = match live.engine.classify(&req, now) {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let limit = live.options.store_timeout;
-                // In-process stores answer at the first poll.
-                let lookup = self.lookup(&live.engine, lookup, now);
-                let result = match timeout_if_waiting(limit, lookup).await {
-                    Ok(r) => r,
-                    Err(_) => Err(StoreError::Timeout(limit)),
+                let result = match self.store.borrow() {
+                    Err(e) => Err(e),
+                    Ok(store) => match store.in_memory() {
+                        Some(records) => {
+                            self.lookup_in_memory(records, &live.engine, lookup, now, &mut finished)
+                        }
+                        None => {
+                            let lookup =
+                                self.lookup(&*store, &live.engine, lookup, now, &mut finished);
+                            Box::pin(timeout_if_waiting(limit, lookup))
+                                .await
+                                .unwrap_or(Err(StoreError::Timeout(limit)))
+                        }
+                    },
                 };
-                result.unwrap_or_else(|e| {
-                    self.metrics.count_store_error(&e);
-                    let open = live.options.fail_mode == FailMode::Open;
-                    let counter = if open {
-                        &self.metrics.fail_open
-                    } else {
-                        &self.metrics.fail_closed
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    Decision::store_failure(open, e.to_string())
-                })
+                self.or_fail_mode(&live, result, &mut finished)
             }
         };
-        Decided {
-            outcome: Outcome {
-                decision,
-                enforced: live.options.mode == Mode::Enforce,
+        Decided::new(&live, decision, req, dns_note, now, started, finished)
+    }
+
+    /// [`Greylister::decide`] when nothing needs waiting for (no DNS facts to gather, the
+    /// records in this process or the store unavailable): no future, nothing to time out.
+    /// Otherwise the request comes back, for `decide`.
+    // The error is the caller's request handed back (moved, as it came in).
+    #[allow(clippy::result_large_err)]
+    pub fn decide_now<'r>(
+        &self,
+        req: Cow<'r, Request>,
+        now: u64,
+    ) -> Result<Decided<'r>, Cow<'r, Request>> {
+        let started = Instant::now();
+        let live = self.live.load();
+        if live.dns.is_some() {
+            return Err(req);
+        }
+        let store = self.store.borrow();
+        let records = match &store {
+            Ok(store) => match store.in_memory() {
+                Some(records) => Ok(records),
+                None => return Err(req),
             },
-            req,
-            dns_note,
-            now,
-            took: started.elapsed(),
+            Err(e) => Err(e),
+        };
+        let mut finished = None;
+        let decision = match live.engine.classify(&req, now) {
+            Classified::Decided(d) => d,
+            Classified::Lookup(lookup) => {
+                let result = match records {
+                    Ok(records) => {
+                        self.lookup_in_memory(records, &live.engine, lookup, now, &mut finished)
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                self.or_fail_mode(&live, result, &mut finished)
+            }
+        };
+        Ok(Decided::new(
+            &live, decision, req, None, now, started, finished,
+        ))
+    }
+
+    /// The store's decision, or the fail mode's when the store failed.
+    fn or_fail_mode(
+        &self,
+        live: &Live,
+        result: Result<Decision, StoreError>,
+        finished: &mut Option<Instant>,
+    ) -> Decision {
+        result.unwrap_or_else(|e| {
+            *finished = None;
+            self.metrics.count_store_error(&e);
+            let open = live.options.fail_mode == FailMode::Open;
+            let counter = if open {
+                &self.metrics.fail_open
+            } else {
+                &self.metrics.fail_closed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            Decision::store_failure(open, e.to_string())
+        })
+    }
+
+    /// [`Greylister::lookup`] on records in memory, whose updates never wait: run to its
+    /// end at once.
+    fn lookup_in_memory(
+        &self,
+        records: &MemoryStore,
+        engine: &Engine,
+        lookup: Lookup,
+        now: u64,
+        finished: &mut Option<Instant>,
+    ) -> Result<Decision, StoreError> {
+        let mut fut = std::pin::pin!(self.lookup(records, engine, lookup, now, finished));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => result,
+            // Not reachable: every await in it is an in-memory update, ready at once.
+            Poll::Pending => Err(StoreError::Backend(
+                "an in-memory update did not finish at once".into(),
+            )),
         }
     }
 
     /// Counts and logs a decision (see [`Greylister::decide`]).
     pub fn record(&self, d: &Decided<'_>) {
-        self.count_and_log(&d.req, &d.outcome, d.now, d.took, d.dns_note.as_deref());
+        self.count_and_log(d);
     }
 
     /// Rules 4 and 5 against the store, each record changed by one atomic update.
     async fn lookup(
         &self,
+        store: &(impl Updates + ?Sized),
         engine: &Engine,
         lookup: Lookup,
         now: u64,
+        finished: &mut Option<Instant>,
     ) -> Result<Decision, StoreError> {
-        let store = self.store.borrow()?;
         let key = &lookup.key;
         let delay = lookup.delay.seconds;
         let mut client = None;
         // One clock read per operation: each ends where the next begins (the engine's
         // work between them is a few comparisons).
         let mut mark = Instant::now();
-        let mut lap = |op| {
+        // `None`: an operation that failed (counted as an error, not timed).
+        let mut lap = |op: Option<StoreOp>| {
             let t = Instant::now();
-            self.metrics.count_store_op(op, t - mark);
+            if let Some(op) = op {
+                self.metrics.count_store_op(op, t - mark);
+            }
             mark = t;
+            *finished = Some(t);
         };
         if engine.auto_allow_enabled() {
             client = store
-                .update_client(&key.client, &|old| engine.client_seen(old, now))
+                .client(&key.client, &|old| engine.client_seen(old, now))
                 .await?;
-            lap(StoreOp::UpdateClient);
+            lap(Some(StoreOp::UpdateClient));
             if engine.client_allowed(client.as_ref(), now) {
                 return Ok(Engine::auto_allow_decision(lookup, client));
             }
         }
         let old = store
-            .update_triplet(key, &|old| Some(engine.triplet_step(old, now, delay).1))
+            .triplet(key, &|old| Some(engine.triplet_step(old, now, delay).1))
             .await?;
-        lap(StoreOp::UpdateTriplet);
+        lap(Some(StoreOp::UpdateTriplet));
         let (outcome, _) = engine.triplet_step(old.as_ref(), now, delay);
         let passed = matches!(
             outcome,
@@ -399,11 +509,12 @@ impl Greylister {
             // count only delays auto-allow a little; answering a store failure now would
             // defer (fail-closed) mail the record already lets through.
             match store
-                .update_client(&key.client, &|old| engine.count_pass(old, now))
+                .client(&key.client, &|old| engine.count_pass(old, now))
                 .await
             {
-                Ok(_) => lap(StoreOp::UpdateClient),
+                Ok(_) => lap(Some(StoreOp::UpdateClient)),
                 Err(e) => {
+                    lap(None);
                     self.metrics.count_store_error(&e);
                     tracing::warn!(client = %key.client, error = %e, "could not count a pass towards auto-allow");
                 }
@@ -412,32 +523,28 @@ impl Greylister {
         Ok(engine.triplet_decision(lookup, outcome, old, client))
     }
 
-    fn count_and_log(
-        &self,
-        req: &Request,
-        o: &Outcome,
-        now: u64,
-        took: Duration,
-        dns: Option<&str>,
-    ) {
+    fn count_and_log(&self, decided: &Decided<'_>) {
+        let (req, o, dns) = (&*decided.req, &decided.outcome, decided.dns_note.as_deref());
         let d = &o.decision;
+        let took = decided.finished.saturating_duration_since(decided.started);
         self.metrics.count_decision(d.rule, o.effective(), took);
         if !o.enforced && d.verdict == Verdict::Defer {
             self.metrics
                 .learn_would_defer
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.activity.record(RecentDecision {
-            at: now,
+        self.activity.record(&DecisionSeen {
+            at: decided.now,
+            when: decided.finished,
             verdict: o.effective(),
             rule: d.rule,
             enforced: o.enforced,
             client: req.client_ip,
-            group: d.key.as_ref().map(|k| k.client.clone()).unwrap_or_default(),
-            sender: req.sender.clone(),
-            recipient: req.recipient.clone(),
+            group: d.key.as_ref().map_or("", |k| k.client.as_str()),
+            sender: &req.sender,
+            recipient: &req.recipient,
             delayed: d.delayed,
-            detail: d.detail.clone(),
+            detail: d.detail.as_deref(),
         });
         let line = DecisionLine { req, o, dns };
         let level = if d.rule == Rule::StoreFailOpen || d.rule == Rule::StoreFailClosed {
@@ -456,6 +563,55 @@ impl Greylister {
         if !crate::logfmt::write_direct(level, DECISION_TARGET, |out| line.write_fields(out)) {
             line.event(level);
         }
+    }
+}
+
+/// The updates of a decision, as a store makes them: through its futures, or in place for
+/// records held in this process (whose futures would be ready at once anyway).
+trait Updates: Sync {
+    async fn triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError>;
+    async fn client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError>;
+}
+
+impl Updates for dyn Store + '_ {
+    async fn triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        self.update_triplet(key, f).await
+    }
+    async fn client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        self.update_client(client, f).await
+    }
+}
+
+impl Updates for MemoryStore {
+    async fn triplet(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Result<Option<Triplet>, StoreError> {
+        Ok(self.triplets.update(&key.parts(), f))
+    }
+    async fn client(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        Ok(self.clients.update(&[client], f))
     }
 }
 

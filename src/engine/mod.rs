@@ -104,14 +104,12 @@ pub struct TripletKey {
 impl TripletKey {
     /// One string for stores; the parts cannot contain NUL (front ends refuse it).
     pub fn joined(&self) -> String {
-        let mut s =
-            String::with_capacity(self.client.len() + self.sender.len() + self.recipient.len() + 2);
-        s.push_str(&self.client);
-        s.push('\0');
-        s.push_str(&self.sender);
-        s.push('\0');
-        s.push_str(&self.recipient);
-        s
+        self.parts().join("\0")
+    }
+
+    /// The parts [`TripletKey::joined`] joins.
+    pub fn parts(&self) -> [&str; 3] {
+        [&self.client, &self.sender, &self.recipient]
     }
 
     /// Inverse of [`TripletKey::joined`].

@@ -227,10 +227,13 @@ impl Decoder {
 /// Writes `action=<action>\n\n`. CR, LF and NUL in `action` are replaced by spaces so a reply can never be split or inject lines.
 pub fn encode_response(action: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"action=");
-    out.extend(action.bytes().map(|b| match b {
-        b'\r' | b'\n' | 0 => b' ',
-        b => b,
-    }));
+    let start = out.len();
+    out.extend_from_slice(action.as_bytes());
+    for b in &mut out[start..] {
+        if matches!(*b, b'\r' | b'\n' | 0) {
+            *b = b' ';
+        }
+    }
     out.extend_from_slice(b"\n\n");
 }
 

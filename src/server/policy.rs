@@ -32,24 +32,28 @@ impl Replies {
             decision: decision.clone(),
             enforced,
         };
-        self.action(&o, now).into_owned()
+        self.action(&o, now)
     }
 
     /// The `action=` value for an outcome decided at `now`.
-    pub fn action(&self, o: &Outcome, now: u64) -> Cow<'static, str> {
+    pub fn action(&self, o: &Outcome, now: u64) -> String {
+        let mut out = String::new();
+        self.write_action(o, now, &mut out);
+        out
+    }
+
+    /// [`Replies::action`], appended to `out` (a buffer the connection reuses).
+    pub fn write_action(&self, o: &Outcome, now: u64, out: &mut String) {
         let d = &o.decision;
         match o.effective() {
-            Verdict::Defer if d.rule == Rule::StoreFailClosed => self
-                .defer_action
-                .reply(
-                    "Greylisting is temporarily unavailable, please try again later",
-                    Some("4.3.0"),
-                )
-                .into(),
+            Verdict::Defer if d.rule == Rule::StoreFailClosed => {
+                self.defer_action.write_reply(out, Some("4.3.0"), |out| {
+                    out.push_str("Greylisting is temporarily unavailable, please try again later")
+                })
+            }
             Verdict::Defer => {
-                // The text with `{remaining}` filled in, written straight into the reply.
-                let mut reply = String::with_capacity(self.defer_text.len() + 32);
-                self.defer_action.write_reply(&mut reply, None, |out| {
+                // The text with `{remaining}` filled in.
+                self.defer_action.write_reply(out, None, |out| {
                     let mut parts = self.defer_text.split("{remaining}");
                     out.push_str(parts.next().unwrap_or(""));
                     for part in parts {
@@ -57,28 +61,48 @@ impl Replies {
                         out.push_str(part);
                     }
                 });
-                reply.into()
             }
             Verdict::Pass if o.enforced => match (d.delayed, &self.header_host) {
                 (Some(secs), Some(host)) => {
-                    format!("PREPEND {}", x_greylist(secs, host, now)).into()
+                    out.push_str("PREPEND ");
+                    write_x_greylist(out, secs, host, now);
                 }
-                _ => "DUNNO".into(),
+                _ => out.push_str("DUNNO"),
             },
-            _ => "DUNNO".into(),
+            _ => out.push_str("DUNNO"),
         }
     }
 }
 
 /// The `X-Greylist` header line (SPEC §3).
 pub fn x_greylist(delayed: u64, host: &str, now: u64) -> String {
-    let date = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
-        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-        .strftime("%a, %d %b %Y %H:%M:%S +0000");
-    format!(
-        "X-Greylist: delayed {delayed} seconds by greygate-{} at {host}; {date}",
+    let mut line = String::with_capacity(96 + host.len());
+    write_x_greylist(&mut line, delayed, host, now);
+    line
+}
+
+/// [`x_greylist`], appended to `out`. The date is formatted once per second and thread.
+fn write_x_greylist(out: &mut String, delayed: u64, host: &str, now: u64) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let _ = write!(
+        out,
+        "X-Greylist: delayed {delayed} seconds by greygate-{} at {host}; ",
         env!("CARGO_PKG_VERSION")
-    )
+    );
+    DATE.with(|cell| {
+        let mut date = cell.borrow_mut();
+        if date.0 != now {
+            let text = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+                .strftime("%a, %d %b %Y %H:%M:%S +0000")
+                .to_string();
+            *date = (now, text);
+        }
+        out.push_str(&date.1);
+    });
 }
 
 /// Maps a policy request to an engine request, or `None` when it is not an
@@ -144,6 +168,8 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     let mut out: Vec<u8> = Vec::with_capacity(256);
     // Decisions whose replies are in `out`: counted and logged once the replies are sent.
     let mut decided: Vec<Decided<'static>> = Vec::new();
+    // The reply being spelled, reused for every request.
+    let mut action = String::with_capacity(256);
     let mut chunk = [0u8; 8192];
     // A started request must be complete by this instant, however slowly it trickles in.
     let mut request_deadline: Option<Instant> = None;
@@ -164,7 +190,8 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
                 Ok((used, Some(req))) => {
                     start += used;
                     request_deadline = None;
-                    let action = answer(req, peer, ctx, &mut decided).await;
+                    action.clear();
+                    answer(req, peer, ctx, &mut decided, &mut action).await;
                     encode_response(&action, &mut out);
                 }
                 Err(e) => {
@@ -240,14 +267,15 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
     }
 }
 
-/// Decides one request and spells the reply; the decision goes to `decided`, to be counted
-/// and logged once the reply is out.
+/// Decides one request and spells the reply into `action`; the decision goes to `decided`,
+/// to be counted and logged once the reply is out.
 async fn answer(
     req: PolicyRequest,
     peer: &str,
     ctx: &ConnContext,
     decided: &mut Vec<Decided<'static>>,
-) -> Cow<'static, str> {
+    action: &mut String,
+) {
     let kind = if tracing::enabled!(tracing::Level::DEBUG) {
         req.get("request").unwrap_or("").to_string()
     } else {
@@ -256,10 +284,14 @@ async fn answer(
     match to_request(req) {
         Some(r) => {
             let now = unix_now();
-            let d = ctx.svc.decide(Cow::Owned(r), now).await;
-            let action = ctx.replies.load().action(&d.outcome, now);
+            // Decided at once when nothing needs waiting for; otherwise the general path,
+            // boxed: its future is kilobytes that this one would carry for every request.
+            let d = match ctx.svc.decide_now(Cow::Owned(r), now) {
+                Ok(d) => d,
+                Err(r) => Box::pin(ctx.svc.decide(r, now)).await,
+            };
+            ctx.replies.load().write_action(&d.outcome, now, action);
             decided.push(d);
-            action
         }
         None => {
             tracing::debug!(
@@ -267,7 +299,7 @@ async fn answer(
                 request = kind,
                 "not an smtpd_access_policy request; DUNNO"
             );
-            "DUNNO".into()
+            action.push_str("DUNNO");
         }
     }
 }

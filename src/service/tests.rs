@@ -259,11 +259,15 @@ proptest! {
         steps in proptest::collection::vec((0usize..3, 0usize..4, 0u64..900, any::<bool>()), 1..120)
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let svc = Greylister::new(
+        let service = |store: Arc<dyn Store>| Greylister::new(
             small_engine(),
-            StoreSlot::new(Arc::new(MemoryStore::new())),
+            StoreSlot::new(store),
             ServiceOptions { mode: Mode::Enforce, fail_mode: FailMode::Closed, store_timeout: Duration::from_secs(5) },
         );
+        // Records in memory are decided at once (`decide_now`); a store that is not in
+        // memory (here: the same records behind the store trait) goes through the futures.
+        let svc = service(Arc::new(MemoryStore::new()));
+        let through_futures = service(Arc::new(BadStore::new(false, false, false)));
         let engine = small_engine();
         let mut triplets: HashMap<TripletKey, Triplet> = HashMap::new();
         let mut clients: HashMap<String, ClientRecord> = HashMap::new();
@@ -272,7 +276,16 @@ proptest! {
         for (ip, who, advance, jump) in steps {
             now += advance + if jump { 4000 } else { 0 };
             let req = request(ips[ip], &format!("s{who}@example.net"), &format!("r{}@example.org", who % 2));
-            let got = rt.block_on(svc.check(&req, now)).decision;
+            let got = match svc.decide_now(Cow::Borrowed(&req), now) {
+                Ok(decided) => decided.outcome.decision,
+                Err(_) => panic!("records in memory are decided at once"),
+            };
+            // Hands the request back before touching anything.
+            let Err(back) = through_futures.decide_now(Cow::Borrowed(&req), now) else {
+                panic!("a store behind futures is not decided at once");
+            };
+            let other = rt.block_on(through_futures.decide(back, now)).outcome.decision;
+            prop_assert_eq!(&other, &got);
             let key = engine.key(req.client_ip.unwrap(), &req.sender, &req.recipient);
             let state = State {
                 client: clients.get(&key.client).copied(),

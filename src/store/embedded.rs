@@ -660,6 +660,10 @@ impl Store for EmbeddedStore {
         format!("embedded {}", self.path.display())
     }
 
+    fn in_memory(&self) -> Option<&MemoryStore> {
+        Some(&self.hot)
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
         self.hot.get_triplet(key).await
     }

@@ -179,8 +179,19 @@ impl<R: Packed> HotMap<R> {
     }
 
     fn fingerprint(&self, key: &str) -> u128 {
+        self.fingerprint_parts(&[key])
+    }
+
+    /// The fingerprint of `parts` joined by NUL (a triplet key's parts, see
+    /// [`TripletKey::joined`](crate::engine::TripletKey::joined)), without joining them.
+    fn fingerprint_parts(&self, parts: &[&str]) -> u128 {
         let mut h = SipHasher13::new_with_keys(self.sip_keys.0, self.sip_keys.1);
-        h.write(key.as_bytes());
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                h.write(b"\0");
+            }
+            h.write(part.as_bytes());
+        }
         h.finish128().as_u128()
     }
 
@@ -239,14 +250,17 @@ impl<R: Packed> HotMap<R> {
         existed
     }
 
-    pub(crate) fn update(&self, key: &str, f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
-        let fp = self.fingerprint(key);
+    /// Applies `f` to the record of the key `parts` joined by NUL form (one part: the key
+    /// itself) and returns the record as it was. The key's text is built only where it is
+    /// kept: `names` when a key is new, `dirty` when a record changes.
+    pub(crate) fn update(&self, parts: &[&str], f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
+        let fp = self.fingerprint_parts(parts);
+        let text = || -> Box<str> { parts.join("\0").into() };
         let mut shard = self.shard(fp);
         let Shard {
             map, names, dirty, ..
         } = &mut *shard;
-        // One probe of the map (a cache miss on a large one), and the key's text touched
-        // only where it must be: `names` when a key is new, `dirty` when a record changes.
+        // One probe of the map (a cache miss on a large one).
         let (old, changed) = match map.entry(fp) {
             hash_map::Entry::Occupied(mut slot) => {
                 let old = R::unpack(slot.get());
@@ -261,14 +275,14 @@ impl<R: Packed> HotMap<R> {
                 if let Some(new) = new {
                     slot.insert(new.pack());
                     if self.key_text == KeyText::Always {
-                        names.insert(fp, key.into());
+                        names.insert(fp, text());
                     }
                 }
                 (None, new.is_some())
             }
         };
         if changed && self.key_text == KeyText::WhileDirty {
-            dirty.entry(fp).or_insert_with(|| key.into());
+            dirty.entry(fp).or_insert_with(text);
         }
         old
     }
@@ -383,4 +397,64 @@ impl<R: Packed> HotMap<R> {
 /// is still a consistent record, so keep serving rather than failing every request.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key given in parts is the key joined by NUL: updates by parts and reads, removals
+    /// and scans by the joined text meet the same record.
+    #[test]
+    fn parts_fingerprint_as_their_joined_text() {
+        let map: HotMap<Triplet> = HotMap::new(KeyText::Always);
+        for parts in [
+            ["192.0.2.0/24", "a@example.net", "b@example.org"],
+            ["", "", ""],
+            ["spf:example.net", "<>", "x"],
+        ] {
+            let joined = parts.join("\0");
+            assert_eq!(map.fingerprint_parts(&parts), map.fingerprint(&joined));
+            let t = Triplet {
+                first_seen: 10,
+                last_seen: 10,
+                expires_at: 100,
+                attempts: 1,
+                passes: 0,
+                passed: false,
+            };
+            assert!(map.update(&parts, &|_| Some(t)).is_none());
+            assert_eq!(map.get(&joined), Some(t));
+            let mut names = Vec::new();
+            map.walk(None, usize::MAX, &mut |k, _| {
+                names.push(k.to_owned());
+                true
+            });
+            assert!(names.contains(&joined), "{names:?}");
+            assert!(map.remove(&joined));
+            assert_eq!(map.get(&joined), None);
+        }
+        // Different splits of the same bytes are different keys only through the NULs.
+        assert_ne!(
+            map.fingerprint_parts(&["ab", "c"]),
+            map.fingerprint_parts(&["a", "bc"])
+        );
+    }
+
+    /// The embedded backend's dirty keys carry the joined text, for the commit.
+    #[test]
+    fn dirty_keys_are_joined_text() {
+        let map: HotMap<ClientRecord> = HotMap::new(KeyText::WhileDirty);
+        let c = ClientRecord {
+            passes: 1,
+            last_counted: 5,
+            last_seen: 5,
+            expires_at: 50,
+        };
+        map.update(&["a", "b"], &|_| Some(c));
+        let dirty = map.take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(&*dirty[0].0, "a\0b");
+        assert_eq!(dirty[0].1, Some(c));
+    }
 }

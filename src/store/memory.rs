@@ -119,6 +119,10 @@ impl Store for MemoryStore {
         "memory".into()
     }
 
+    fn in_memory(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
         Ok(self.triplets.get(&key.joined()))
     }
@@ -128,7 +132,7 @@ impl Store for MemoryStore {
         key: &TripletKey,
         f: UpdateFn<'_, Triplet>,
     ) -> Result<Option<Triplet>, StoreError> {
-        Ok(self.triplets.update(&key.joined(), f))
+        Ok(self.triplets.update(&key.parts(), f))
     }
 
     async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
@@ -140,7 +144,7 @@ impl Store for MemoryStore {
         client: &str,
         f: UpdateFn<'_, ClientRecord>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        Ok(self.clients.update(client, f))
+        Ok(self.clients.update(&[client], f))
     }
 
     async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {

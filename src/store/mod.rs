@@ -116,6 +116,12 @@ pub trait Store: Send + Sync + 'static {
     /// A short description for logs, e.g. `embedded /var/lib/greygate/greygate.redb`.
     fn describe(&self) -> String;
 
+    /// The records, when this store keeps them all in this process's memory (the memory
+    /// and embedded backends): decisions then update them in place.
+    fn in_memory(&self) -> Option<&MemoryStore> {
+        None
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError>;
 
     /// Applies `f` atomically to the triplet's record; returns the record as it was before.
