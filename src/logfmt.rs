@@ -10,10 +10,13 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+
+use crate::metrics::{STRIPES, Striped};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
@@ -272,16 +275,18 @@ fn push_timestamp(w: &mut impl fmt::Write) -> fmt::Result {
 /// How long the writer thread lets lines gather before one `write(2)`.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
-/// Lines held at most before the thread that logs writes them itself (a stuck stderr then
+/// Bytes of lines one thread holds at most before it writes them itself (a stuck stderr then
 /// slows the daemon down, as a direct write would, instead of growing memory).
 const MAX_PENDING: usize = 1 << 20;
 
-/// A `MakeWriter` for stderr that gathers log lines from every thread into one buffer and
-/// writes them from a background thread, at most [`BATCH_WINDOW`] after the first of a
-/// batch: one system call per batch instead of one per line, and no tokio worker waiting
-/// for another's `write(2)` on stderr's lock (at 60,000 decisions a second that lock
-/// was most of the daemon's futex calls). Lines keep their order; nothing is dropped.
-/// Call [`BatchedStderr::flush`] before the process exits.
+/// A `MakeWriter` for stderr that gathers log lines and writes them from a background
+/// thread, at most [`BATCH_WINDOW`] after the first of a batch: one system call per batch
+/// instead of one per line, and no tokio worker waiting for another's `write(2)` on
+/// stderr's lock (at 60,000 decisions a second that lock was most of the daemon's futex
+/// calls). Each thread gathers its lines in its own buffer (see [`Striped`]: one shared
+/// buffer was a lock the workers passed back and forth for every line); the writer merges
+/// the buffers by the time stamp each line starts with, so lines keep their order. Nothing
+/// is dropped. Call [`BatchedStderr::flush`] before the process exits.
 #[derive(Clone)]
 pub struct BatchedStderr {
     shared: Arc<Batch>,
@@ -289,27 +294,81 @@ pub struct BatchedStderr {
 
 /// The lines a [`BatchedStderr`] holds; each log event writes its line through `&Batch`.
 pub struct Batch {
-    pending: Mutex<Vec<u8>>,
-    /// Signalled when `pending` stops being empty.
+    /// Per thread: events as written, each behind its length (`u32`, native order).
+    pending: Striped<Mutex<Vec<u8>>>,
+    /// True while the writer thread waits for lines; set and cleared under `sleep`.
+    idle: AtomicBool,
+    sleep: Mutex<()>,
     wake: Condvar,
     /// Held while writing to stderr, so batches and overflow writes never interleave.
     out: Mutex<()>,
 }
 
-impl Batch {
-    fn lock_pending(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+fn lock_buf<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
-    /// Writes what is pending; taken in the order pending → out, as everywhere.
-    fn write_pending(&self, mut pending: MutexGuard<'_, Vec<u8>>, spare: &mut Vec<u8>) {
-        std::mem::swap(&mut *pending, spare);
-        let out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        drop(pending);
-        // Nowhere to report a failed write to stderr; the line is gone either way.
-        let _ = std::io::stderr().lock().write_all(spare);
+impl Batch {
+    /// Takes every thread's events, merges them by time into `merged` and writes that to
+    /// stderr; false if there was nothing to write. `spares` are the buffers of the last
+    /// call, swapped in so that no allocation is needed.
+    fn write_pending(&self, spares: &mut Vec<Vec<u8>>, merged: &mut Vec<u8>) -> bool {
+        let out = lock_buf(&self.out);
+        spares.resize_with(STRIPES, Vec::new);
+        let mut taken = 0;
+        for (stripe, spare) in self.pending.all().zip(spares.iter_mut()) {
+            std::mem::swap(&mut *lock_buf(stripe), spare);
+            taken += spare.len();
+        }
+        if taken == 0 {
+            return false;
+        }
+        merge_by_time(spares, merged);
+        // Nowhere to report a failed write to stderr; the lines are gone either way.
+        let _ = std::io::stderr().lock().write_all(merged);
         drop(out);
-        spare.clear();
+        merged.clear();
+        for spare in spares.iter_mut() {
+            spare.clear();
+        }
+        true
+    }
+}
+
+/// How many leading bytes of two events are compared to order them: the time stamp (text
+/// log: `2026-11-28T21:55:03.794734Z`; JSON: `{"timestamp":"2026-11-28T21:55:03.794734Z"`).
+const ORDER_PREFIX: usize = 48;
+
+/// Appends the events of `bufs` (each in order, each event behind its `u32` length) to
+/// `out`, oldest first by their leading time stamps; ties keep the buffers' order.
+fn merge_by_time(bufs: &[Vec<u8>], out: &mut Vec<u8>) {
+    fn event_at(buf: &[u8], at: usize) -> Option<&[u8]> {
+        let len = buf.get(at..at + 4)?;
+        let len = u32::from_ne_bytes(len.try_into().ok()?) as usize;
+        buf.get(at + 4..at + 4 + len)
+    }
+    let mut at = [0usize; STRIPES];
+    // Only the threads that logged (on a busy daemon: its two or so workers).
+    let mut active: Vec<usize> = (0..bufs.len().min(STRIPES))
+        .filter(|&i| !bufs[i].is_empty())
+        .collect();
+    loop {
+        let mut next: Option<(usize, &[u8])> = None;
+        active.retain(|&i| event_at(&bufs[i], at[i]).is_some());
+        for &i in &active {
+            let Some(event) = event_at(&bufs[i], at[i]) else {
+                continue;
+            };
+            let key = &event[..event.len().min(ORDER_PREFIX)];
+            if next.is_none_or(|(_, best)| key < &best[..best.len().min(ORDER_PREFIX)]) {
+                next = Some((i, event));
+            }
+        }
+        let Some((i, event)) = next else {
+            return;
+        };
+        out.extend_from_slice(event);
+        at[i] += 4 + event.len();
     }
 }
 
@@ -321,7 +380,9 @@ impl BatchedStderr {
     /// The thread cannot be spawned.
     pub fn start() -> std::io::Result<Self> {
         let shared = Arc::new(Batch {
-            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
+            pending: Striped::default(),
+            idle: AtomicBool::new(false),
+            sleep: Mutex::new(()),
             wake: Condvar::new(),
             out: Mutex::new(()),
         });
@@ -329,18 +390,28 @@ impl BatchedStderr {
         std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
-                let mut spare = Vec::with_capacity(64 * 1024);
+                let mut spares = Vec::new();
+                let mut merged = Vec::with_capacity(64 * 1024);
                 loop {
-                    let mut pending = batch.lock_pending();
-                    while pending.is_empty() {
-                        pending = batch
+                    std::thread::sleep(BATCH_WINDOW);
+                    if batch.write_pending(&mut spares, &mut merged) {
+                        continue;
+                    }
+                    // Nothing came for a whole window: wait to be woken. `idle` is raised
+                    // before the buffers are looked at again, so a line added meanwhile
+                    // either is seen here or sees `idle` and wakes us.
+                    let mut sleep = lock_buf(&batch.sleep);
+                    batch.idle.store(true, Ordering::SeqCst);
+                    if batch.pending.all().any(|b| !lock_buf(b).is_empty()) {
+                        batch.idle.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                    while batch.idle.load(Ordering::SeqCst) {
+                        sleep = batch
                             .wake
-                            .wait(pending)
+                            .wait(sleep)
                             .unwrap_or_else(PoisonError::into_inner);
                     }
-                    drop(pending);
-                    std::thread::sleep(BATCH_WINDOW);
-                    batch.write_pending(batch.lock_pending(), &mut spare);
                 }
             })?;
         Ok(BatchedStderr { shared })
@@ -348,24 +419,32 @@ impl BatchedStderr {
 
     /// Writes every line logged so far, now.
     pub fn flush(&self) {
-        let mut spare = Vec::new();
-        self.shared
-            .write_pending(self.shared.lock_pending(), &mut spare);
+        self.shared.write_pending(&mut Vec::new(), &mut Vec::new());
     }
 }
 
 impl std::io::Write for &Batch {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut pending = self.lock_pending();
-        let was_empty = pending.is_empty();
-        pending.extend_from_slice(buf);
-        if pending.len() > MAX_PENDING {
+        // An event longer than 4 GiB cannot be framed; it is cut (no logger writes one).
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let event = &buf[..len as usize];
+        let overflow = {
+            let mut pending = lock_buf(self.pending.mine());
+            pending.extend_from_slice(&len.to_ne_bytes());
+            pending.extend_from_slice(event);
+            pending.len() > MAX_PENDING
+        };
+        if overflow {
             // The writer thread is behind (stderr blocked): write here, in order.
-            self.write_pending(pending, &mut Vec::new());
+            self.write_pending(&mut Vec::new(), &mut Vec::new());
             return Ok(buf.len());
         }
-        drop(pending);
-        if was_empty {
+        // Orders the line's append before the look at `idle` (the writer raises `idle`
+        // before it looks at the buffers): one of the two sees the other.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.idle.load(Ordering::Relaxed) {
+            let _sleep = lock_buf(&self.sleep);
+            self.idle.store(false, Ordering::SeqCst);
             self.wake.notify_one();
         }
         Ok(buf.len())
@@ -454,6 +533,60 @@ mod tests {
             rest,
             " INFO greygate::decision: decision verdict=\"defer\" rule=\"new\" client=192.0.2.10 sender=\"a\\\"b@example.net\" remaining=300\n"
         );
+    }
+
+    fn framed(events: &[&str]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for e in events {
+            buf.extend_from_slice(&u32::try_from(e.len()).unwrap().to_ne_bytes());
+            buf.extend_from_slice(e.as_bytes());
+        }
+        buf
+    }
+
+    /// Each thread's lines are in order; the writer interleaves the threads by time stamp,
+    /// keeping a thread's own order for equal stamps and multi-line events whole.
+    #[test]
+    fn threads_lines_merge_by_time() {
+        let a = framed(&[
+            "2026-11-29T05:00:00.000001Z  INFO a1\n",
+            "2026-11-29T05:00:00.000004Z  INFO a2\n  continued\n",
+            "2026-11-29T05:00:01.000000Z  INFO a3\n",
+        ]);
+        let b = framed(&[
+            "2026-11-29T05:00:00.000002Z  INFO b1\n",
+            "2026-11-29T05:00:00.000004Z  INFO b2\n",
+        ]);
+        let c = framed(&["2026-11-29T04:59:59.999999Z  WARN c1\n"]);
+        let mut bufs = vec![Vec::new(); STRIPES];
+        bufs[0] = a;
+        bufs[3] = b;
+        bufs[7] = c;
+        let mut out = Vec::new();
+        merge_by_time(&bufs, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-11-29T04:59:59.999999Z  WARN c1\n\
+             2026-11-29T05:00:00.000001Z  INFO a1\n\
+             2026-11-29T05:00:00.000002Z  INFO b1\n\
+             2026-11-29T05:00:00.000004Z  INFO a2\n  continued\n\
+             2026-11-29T05:00:00.000004Z  INFO b2\n\
+             2026-11-29T05:00:01.000000Z  INFO a3\n"
+        );
+    }
+
+    /// A cut-off frame (which the writer never makes) ends that buffer's events instead of
+    /// reading past it.
+    #[test]
+    fn a_short_frame_ends_the_buffer() {
+        let mut a = framed(&["2026-11-29T05:00:00.000001Z x\n"]);
+        a.extend_from_slice(&100u32.to_ne_bytes());
+        a.extend_from_slice(b"short");
+        let mut bufs = vec![Vec::new(); STRIPES];
+        bufs[1] = a;
+        let mut out = Vec::new();
+        merge_by_time(&bufs, &mut out);
+        assert_eq!(out, b"2026-11-29T05:00:00.000001Z x\n");
     }
 
     #[test]
