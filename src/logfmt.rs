@@ -275,8 +275,9 @@ fn push_timestamp(w: &mut impl fmt::Write) -> fmt::Result {
 /// How long the writer thread lets lines gather before one `write(2)`.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
-/// Bytes of lines one thread holds at most before it writes them itself (a stuck stderr then
-/// slows the daemon down, as a direct write would, instead of growing memory).
+/// Bytes of lines one buffer (see [`STRIPES`]) holds at most before the thread that logs
+/// writes them all itself (a stuck stderr then slows the daemon down, as a direct write
+/// would, instead of growing memory).
 const MAX_PENDING: usize = 1 << 20;
 
 /// A `MakeWriter` for stderr that gathers log lines and writes them from a background
@@ -284,9 +285,12 @@ const MAX_PENDING: usize = 1 << 20;
 /// instead of one per line, and no tokio worker waiting for another's `write(2)` on
 /// stderr's lock (at 60,000 decisions a second that lock was most of the daemon's futex
 /// calls). Each thread gathers its lines in its own buffer (see [`Striped`]: one shared
-/// buffer was a lock the workers passed back and forth for every line); the writer merges
-/// the buffers by the time stamp each line starts with, so lines keep their order. Nothing
-/// is dropped. Call [`BatchedStderr::flush`] before the process exits.
+/// buffer was a lock the workers passed back and forth for every line); the writer takes
+/// all buffers at one instant and merges them by the time stamp each line starts with.
+/// Each thread's lines keep their order; lines of different threads come out in time-stamp
+/// order (threads that share a buffer, beyond [`STRIPES`], in the order they wrote, and a
+/// wall clock stepped back can misorder one batch). Nothing is dropped. Call
+/// [`BatchedStderr::flush`] before the process exits.
 #[derive(Clone)]
 pub struct BatchedStderr {
     shared: Arc<Batch>,
@@ -315,11 +319,16 @@ impl Batch {
     fn write_pending(&self, spares: &mut Vec<Vec<u8>>, merged: &mut Vec<u8>) -> bool {
         let out = lock_buf(&self.out);
         spares.resize_with(STRIPES, Vec::new);
+        // All buffers at one instant: a task that logs on one thread and then on another
+        // must not have its later line taken in this batch and its earlier one left for
+        // the next.
+        let mut stripes: Vec<MutexGuard<'_, Vec<u8>>> = self.pending.all().map(lock_buf).collect();
         let mut taken = 0;
-        for (stripe, spare) in self.pending.all().zip(spares.iter_mut()) {
-            std::mem::swap(&mut *lock_buf(stripe), spare);
+        for (stripe, spare) in stripes.iter_mut().zip(spares.iter_mut()) {
+            std::mem::swap(&mut **stripe, spare);
             taken += spare.len();
         }
+        drop(stripes);
         if taken == 0 {
             return false;
         }
@@ -340,7 +349,8 @@ impl Batch {
 const ORDER_PREFIX: usize = 48;
 
 /// Appends the events of `bufs` (each in order, each event behind its `u32` length) to
-/// `out`, oldest first by their leading time stamps; ties keep the buffers' order.
+/// `out`, oldest first by their leading time stamps. A buffer's own events never change
+/// places; events of different buffers with the same stamp are ordered by what follows it.
 fn merge_by_time(bufs: &[Vec<u8>], out: &mut Vec<u8>) {
     fn event_at(buf: &[u8], at: usize) -> Option<&[u8]> {
         let len = buf.get(at..at + 4)?;
@@ -545,13 +555,15 @@ mod tests {
     }
 
     /// Each thread's lines are in order; the writer interleaves the threads by time stamp,
-    /// keeping a thread's own order for equal stamps and multi-line events whole.
+    /// keeping a thread's own order (also where its stamps are equal, `a4` after `a3`)
+    /// and multi-line events whole.
     #[test]
     fn threads_lines_merge_by_time() {
         let a = framed(&[
             "2026-11-29T05:00:00.000001Z  INFO a1\n",
             "2026-11-29T05:00:00.000004Z  INFO a2\n  continued\n",
             "2026-11-29T05:00:01.000000Z  INFO a3\n",
+            "2026-11-29T05:00:01.000000Z  DEBUG a4\n",
         ]);
         let b = framed(&[
             "2026-11-29T05:00:00.000002Z  INFO b1\n",
@@ -571,7 +583,8 @@ mod tests {
              2026-11-29T05:00:00.000002Z  INFO b1\n\
              2026-11-29T05:00:00.000004Z  INFO a2\n  continued\n\
              2026-11-29T05:00:00.000004Z  INFO b2\n\
-             2026-11-29T05:00:01.000000Z  INFO a3\n"
+             2026-11-29T05:00:01.000000Z  INFO a3\n\
+             2026-11-29T05:00:01.000000Z  DEBUG a4\n"
         );
     }
 

@@ -417,7 +417,7 @@ fn lock_stripe(m: &Mutex<ActivityInner>) -> std::sync::MutexGuard<'_, ActivityIn
 
 impl Activity {
     /// Records a decision, copying its strings into those of the oldest entry it replaces
-    /// (no allocation once the ring is full and the strings fit).
+    /// (once the ring is full and they fit, only a decision's `detail` is allocated).
     pub fn record(&self, d: &DecisionSeen<'_>) {
         // Work that needs no lock is done before taking it.
         let domain = (d.verdict == Verdict::Defer).then(|| {

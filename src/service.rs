@@ -157,12 +157,13 @@ impl StoreSlot {
 
     /// The store for one request, without touching its reference count.
     pub fn borrow(&self) -> Result<StoreRef, StoreError> {
+        self.present().ok_or_else(|| self.unavailable())
+    }
+
+    /// [`StoreSlot::borrow`] without the error (which takes a lock to spell).
+    fn present(&self) -> Option<StoreRef> {
         let guard = self.store.load();
-        if guard.is_some() {
-            Ok(StoreRef(guard))
-        } else {
-            Err(self.unavailable())
-        }
+        guard.is_some().then(|| StoreRef(guard))
     }
 
     fn unavailable(&self) -> StoreError {
@@ -389,23 +390,24 @@ impl Greylister {
         if live.dns.is_some() {
             return Err(req);
         }
-        let store = self.store.borrow();
+        // Missing: the store's error is spelled only for a request that needs the store.
+        let store = self.store.present();
         let records = match &store {
-            Ok(store) => match store.in_memory() {
-                Some(records) => Ok(records),
+            Some(store) => match store.in_memory() {
+                Some(records) => Some(records),
                 None => return Err(req),
             },
-            Err(e) => Err(e),
+            None => None,
         };
         let mut finished = None;
         let decision = match live.engine.classify(&req, now) {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let result = match records {
-                    Ok(records) => {
+                    Some(records) => {
                         self.lookup_in_memory(records, &live.engine, lookup, now, &mut finished)
                     }
-                    Err(e) => Err(e.clone()),
+                    None => Err(self.store.unavailable()),
                 };
                 self.or_fail_mode(&live, result, &mut finished)
             }

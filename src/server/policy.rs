@@ -84,8 +84,8 @@ pub fn x_greylist(delayed: u64, host: &str, now: u64) -> String {
 /// [`x_greylist`], appended to `out`. The date is formatted once per second and thread.
 fn write_x_greylist(out: &mut String, delayed: u64, host: &str, now: u64) {
     thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> =
-            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        static DATE: std::cell::RefCell<(Option<u64>, String)> =
+            const { std::cell::RefCell::new((None, String::new())) };
     }
     let _ = write!(
         out,
@@ -94,12 +94,12 @@ fn write_x_greylist(out: &mut String, delayed: u64, host: &str, now: u64) {
     );
     DATE.with(|cell| {
         let mut date = cell.borrow_mut();
-        if date.0 != now {
+        if date.0 != Some(now) {
             let text = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
                 .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
                 .strftime("%a, %d %b %Y %H:%M:%S +0000")
                 .to_string();
-            *date = (now, text);
+            *date = (Some(now), text);
         }
         out.push_str(&date.1);
     });

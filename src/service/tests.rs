@@ -163,6 +163,53 @@ async fn failing_store_fails_open_by_default_and_closed_when_asked() {
     }
 }
 
+/// A store that could not be opened answers per fail mode at once, with the reason; a
+/// request that needs no store is decided as always.
+#[test]
+fn a_missing_store_is_decided_at_once_per_fail_mode() {
+    let req = request("192.0.2.1", "a@example.net", "b@example.org");
+    let not_rcpt = Request {
+        stage: "DATA".into(),
+        ..req.clone()
+    };
+    for (fail_mode, verdict, rule) in [
+        (FailMode::Open, Verdict::Pass, Rule::StoreFailOpen),
+        (FailMode::Closed, Verdict::Defer, Rule::StoreFailClosed),
+    ] {
+        let svc = Greylister::new(
+            Engine::default(),
+            StoreSlot::missing("no such directory".into()),
+            ServiceOptions {
+                mode: Mode::Enforce,
+                fail_mode,
+                store_timeout: Duration::from_millis(200),
+            },
+        );
+        let Ok(d) = svc.decide_now(Cow::Borrowed(&req), 1000) else {
+            panic!("nothing to wait for");
+        };
+        let o = &d.outcome;
+        assert_eq!((o.decision.verdict, o.decision.rule), (verdict, rule));
+        assert!(
+            o.decision
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("no such directory")),
+            "{:?}",
+            o.decision.detail
+        );
+        let Ok(d) = svc.decide_now(Cow::Borrowed(&not_rcpt), 1000) else {
+            panic!("nothing to wait for");
+        };
+        assert_eq!(d.outcome.decision.rule, Rule::NotRcptStage);
+        assert_eq!(
+            svc.metrics.fail_open.load(Ordering::Relaxed)
+                + svc.metrics.fail_closed.load(Ordering::Relaxed),
+            1
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_store_that_never_answers_fails_open_after_store_timeout() {
     let svc = service(Arc::new(BadStore::hanging()), Mode::Enforce, FailMode::Open);
