@@ -2,6 +2,7 @@
 //! them, real peers) and talks to it over real sockets.
 
 mod admin;
+mod bench;
 mod cli;
 mod cluster;
 mod dashboard;
