@@ -288,7 +288,7 @@ const MAX_PENDING: usize = 1 << 20;
 /// buffer was a lock the workers passed back and forth for every line); the writer takes
 /// all buffers at one instant and merges them by the time stamp each line starts with.
 /// Each thread's lines keep their order; lines of different threads come out in time-stamp
-/// order (threads that share a buffer, beyond [`STRIPES`], in the order they wrote, and a
+/// order (threads that share a buffer, beyond eight, in the order they wrote, and a
 /// wall clock stepped back can misorder one batch). Nothing is dropped. Call
 /// [`BatchedStderr::flush`] before the process exits.
 #[derive(Clone)]
