@@ -20,6 +20,13 @@ pub mod service;
 pub mod simulate;
 pub mod store;
 
+/// Locks `m`, also when another thread panicked while holding it: the data behind the
+/// crate's mutexes is plain (counters, buffers, map shards) and still consistent, so serving
+/// on beats failing every later request.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The allocator of everything built from this crate: per-thread heaps, so memory freed on
 /// another tokio worker than the one that allocated it costs no lock. With glibc's malloc
 /// the two workers of a busy daemon waited on each other's arena locks (most of its futex

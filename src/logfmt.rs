@@ -15,14 +15,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
-
-use crate::metrics::{STRIPES, Striped};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::lock;
+use crate::metrics::{STRIPES, Striped};
 
 /// Event formatter: `TIMESTAMP  LEVEL target: span: message fields`, the layout of
 /// tracing-subscriber's default (without colours), written directly.
@@ -308,28 +309,22 @@ pub struct Batch {
     out: Mutex<()>,
 }
 
-fn lock_buf<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Batch {
     /// Takes every thread's events, merges them by time into `merged` and writes that to
     /// stderr; false if there was nothing to write. `spares` are the buffers of the last
     /// call, swapped in so that no allocation is needed.
     fn write_pending(&self, spares: &mut Vec<Vec<u8>>, merged: &mut Vec<u8>) -> bool {
-        let out = lock_buf(&self.out);
+        let out = lock(&self.out);
         spares.resize_with(STRIPES, Vec::new);
         // All buffers at one instant: a task that logs on one thread and then on another
         // must not have its later line taken in this batch and its earlier one left for
         // the next.
-        let mut stripes: Vec<MutexGuard<'_, Vec<u8>>> = self.pending.all().map(lock_buf).collect();
-        let mut taken = 0;
+        let mut stripes: Vec<MutexGuard<'_, Vec<u8>>> = self.pending.all().map(lock).collect();
         for (stripe, spare) in stripes.iter_mut().zip(spares.iter_mut()) {
             std::mem::swap(&mut **stripe, spare);
-            taken += spare.len();
         }
         drop(stripes);
-        if taken == 0 {
+        if spares.iter().all(Vec::is_empty) {
             return false;
         }
         merge_by_time(spares, merged);
@@ -359,12 +354,11 @@ fn merge_by_time(bufs: &[Vec<u8>], out: &mut Vec<u8>) {
     }
     let mut at = [0usize; STRIPES];
     // Only the threads that logged (on a busy daemon: its two or so workers).
-    let mut active: Vec<usize> = (0..bufs.len().min(STRIPES))
+    let active: Vec<usize> = (0..bufs.len().min(STRIPES))
         .filter(|&i| !bufs[i].is_empty())
         .collect();
     loop {
         let mut next: Option<(usize, &[u8])> = None;
-        active.retain(|&i| event_at(&bufs[i], at[i]).is_some());
         for &i in &active {
             let Some(event) = event_at(&bufs[i], at[i]) else {
                 continue;
@@ -410,9 +404,9 @@ impl BatchedStderr {
                     // Nothing came for a whole window: wait to be woken. `idle` is raised
                     // before the buffers are looked at again, so a line added meanwhile
                     // either is seen here or sees `idle` and wakes us.
-                    let mut sleep = lock_buf(&batch.sleep);
+                    let mut sleep = lock(&batch.sleep);
                     batch.idle.store(true, Ordering::SeqCst);
-                    if batch.pending.all().any(|b| !lock_buf(b).is_empty()) {
+                    if batch.pending.all().any(|b| !lock(b).is_empty()) {
                         batch.idle.store(false, Ordering::SeqCst);
                         continue;
                     }
@@ -439,7 +433,7 @@ impl std::io::Write for &Batch {
         let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
         let event = &buf[..len as usize];
         let overflow = {
-            let mut pending = lock_buf(self.pending.mine());
+            let mut pending = lock(self.pending.mine());
             pending.extend_from_slice(&len.to_ne_bytes());
             pending.extend_from_slice(event);
             pending.len() > MAX_PENDING
@@ -453,7 +447,7 @@ impl std::io::Write for &Batch {
         // before it looks at the buffers): one of the two sees the other.
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.idle.load(Ordering::Relaxed) {
-            let _sleep = lock_buf(&self.sleep);
+            let _sleep = lock(&self.sleep);
             self.idle.store(false, Ordering::SeqCst);
             self.wake.notify_one();
         }

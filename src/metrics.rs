@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{Rule, Verdict};
+use crate::lock;
 use crate::store::StoreError;
 
 /// Upper bounds (seconds) of the latency histograms: 50 µs to 5 s.
@@ -411,10 +412,6 @@ pub struct Activity {
     stripes: Striped<Mutex<ActivityInner>>,
 }
 
-fn lock_stripe(m: &Mutex<ActivityInner>) -> std::sync::MutexGuard<'_, ActivityInner> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Activity {
     /// Records a decision, copying its strings into those of the oldest entry it replaces
     /// (once the ring is full and they fit, only a decision's `detail` is allocated).
@@ -428,7 +425,7 @@ impl Activity {
                 Cow::Borrowed(domain)
             }
         });
-        let mut a = lock_stripe(self.stripes.mine());
+        let mut a = lock(self.stripes.mine());
         let start = d.at - d.at % BUCKET_SECONDS;
         if a.series.back().is_none_or(|b| b.start < start) {
             a.series.push_back(Bucket {
@@ -450,20 +447,19 @@ impl Activity {
             a.groups.add(d.group, d.at);
             a.domains.add(&domain, d.at);
         }
-        let entry = if a.recent.len() == RECENT {
-            let (_, old) = a.recent.pop_front().expect("full");
-            d.owned(Some(old))
+        let reuse = if a.recent.len() == RECENT {
+            a.recent.pop_front().map(|(_, old)| old)
         } else {
-            d.owned(None)
+            None
         };
-        a.recent.push_back((d.when, entry));
+        a.recent.push_back((d.when, d.owned(reuse)));
     }
 
     /// Newest first.
     pub fn recent(&self, limit: usize) -> Vec<RecentDecision> {
         let mut all: Vec<(Instant, RecentDecision)> = Vec::new();
         for stripe in self.stripes.all() {
-            let a = lock_stripe(stripe);
+            let a = lock(stripe);
             all.extend(a.recent.iter().rev().take(limit).cloned());
         }
         all.sort_by_key(|x| std::cmp::Reverse(x.0));
@@ -483,7 +479,7 @@ impl Activity {
             })
             .collect();
         for stripe in self.stripes.all() {
-            let a = lock_stripe(stripe);
+            let a = lock(stripe);
             for b in &a.series {
                 if b.start < first
                     || b.start > last
@@ -507,7 +503,7 @@ impl Activity {
 
     /// The most deferred client groups and sender domains.
     pub fn top(&self, n: usize) -> (Vec<TopEntry>, Vec<TopEntry>) {
-        let stripes: Vec<_> = self.stripes.all().map(lock_stripe).collect();
+        let stripes: Vec<_> = self.stripes.all().map(lock).collect();
         let groups: Vec<&TopCounts> = stripes.iter().map(|a| &a.groups).collect();
         let domains: Vec<&TopCounts> = stripes.iter().map(|a| &a.domains).collect();
         (TopCounts::top(&groups, n), TopCounts::top(&domains, n))
@@ -532,31 +528,27 @@ pub struct DecisionSeen<'a> {
 }
 
 impl DecisionSeen<'_> {
-    /// The decision owned, in `old`'s allocations when given.
-    fn owned(&self, old: Option<RecentDecision>) -> RecentDecision {
-        fn put(into: Option<String>, from: &str) -> String {
-            match into {
-                Some(mut s) => {
-                    s.clear();
-                    s.push_str(from);
-                    s
-                }
-                None => from.to_owned(),
-            }
+    /// The decision owned, in the strings of `reuse` when given.
+    fn owned(&self, reuse: Option<RecentDecision>) -> RecentDecision {
+        let (mut group, mut sender, mut recipient) =
+            reuse.map_or_else(Default::default, |o| (o.group, o.sender, o.recipient));
+        for (into, from) in [
+            (&mut group, self.group),
+            (&mut sender, self.sender),
+            (&mut recipient, self.recipient),
+        ] {
+            into.clear();
+            into.push_str(from);
         }
-        let (group, sender, recipient) = match old {
-            Some(o) => (Some(o.group), Some(o.sender), Some(o.recipient)),
-            None => (None, None, None),
-        };
         RecentDecision {
             at: self.at,
             verdict: self.verdict,
             rule: self.rule,
             enforced: self.enforced,
             client: self.client,
-            group: put(group, self.group),
-            sender: put(sender, self.sender),
-            recipient: put(recipient, self.recipient),
+            group,
+            sender,
+            recipient,
             delayed: self.delayed,
             detail: self.detail.map(str::to_owned),
         }

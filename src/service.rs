@@ -323,10 +323,7 @@ impl Greylister {
     /// Decides one request at `now` and records it in the store, then counts and logs the
     /// decision. Never fails: store trouble becomes a fail-open (or fail-closed) decision.
     pub async fn check(&self, req: &Request, now: u64) -> Outcome {
-        let decided = match self.decide_now(Cow::Borrowed(req), now) {
-            Ok(decided) => decided,
-            Err(req) => self.decide(req, now).await,
-        };
+        let decided = self.decide(Cow::Borrowed(req), now).await;
         self.record(&decided);
         decided.outcome
     }
@@ -334,53 +331,23 @@ impl Greylister {
     /// [`Greylister::check`] without the bookkeeping: front ends that can reply first do,
     /// then pass the result to [`Greylister::record`] (the client is not kept waiting for
     /// counters, the dashboard and the log line).
+    ///
+    /// Decided at once, without a future, when nothing needs waiting for: no DNS facts to
+    /// gather and the records in this process (memory and embedded backends) or the store
+    /// unavailable. DNS and stores across the network take `decide_waiting`,
+    /// boxed: its future is kilobytes, which every caller would otherwise carry and copy.
     pub async fn decide<'r>(&self, req: Cow<'r, Request>, now: u64) -> Decided<'r> {
-        let started = Instant::now();
-        // A guard, not a clone: no reference count shared by the workers.
-        let live = self.live.load();
-        // The slow paths (DNS, stores across the network) are boxed: their futures are
-        // kilobytes, which every decision would otherwise carry and copy.
-        let (req, dns_note) = match &live.dns {
-            Some(dns) => match Box::pin(dns.facts_for(&live.engine, &req, now)).await {
-                Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
-                None => (req, None),
-            },
-            None => (req, None),
-        };
-        // The end of the last store operation, when that ended the decision (saves a read
-        // of the clock).
-        let mut finished = None;
-        let decision = match live.engine.classify(&req, now) {
-            Classified::Decided(d) => d,
-            Classified::Lookup(lookup) => {
-                let limit = live.options.store_timeout;
-                let result = match self.store.borrow() {
-                    Err(e) => Err(e),
-                    Ok(store) => match store.in_memory() {
-                        Some(records) => {
-                            self.lookup_in_memory(records, &live.engine, lookup, now, &mut finished)
-                        }
-                        None => {
-                            let lookup =
-                                self.lookup(&*store, &live.engine, lookup, now, &mut finished);
-                            Box::pin(timeout_if_waiting(limit, lookup))
-                                .await
-                                .unwrap_or(Err(StoreError::Timeout(limit)))
-                        }
-                    },
-                };
-                self.or_fail_mode(&live, result, &mut finished)
-            }
-        };
-        Decided::new(&live, decision, req, dns_note, now, started, finished)
+        match self.decide_now(req, now) {
+            Ok(decided) => decided,
+            Err(req) => Box::pin(self.decide_waiting(req, now)).await,
+        }
     }
 
-    /// [`Greylister::decide`] when nothing needs waiting for (no DNS facts to gather, the
-    /// records in this process or the store unavailable): no future, nothing to time out.
-    /// Otherwise the request comes back, for `decide`.
+    /// The request decided at once, or handed back when DNS facts are to be gathered or
+    /// the store is across the network.
     // The error is the caller's request handed back (moved, as it came in).
     #[allow(clippy::result_large_err)]
-    pub fn decide_now<'r>(
+    fn decide_now<'r>(
         &self,
         req: Cow<'r, Request>,
         now: u64,
@@ -390,12 +357,63 @@ impl Greylister {
         if live.dns.is_some() {
             return Err(req);
         }
+        self.decide_here(&live, req, None, now, started)
+            .map_err(|(req, _)| req)
+    }
+
+    /// DNS facts gathered (when `[dns]` is on), then decided: in this process when the
+    /// records are, else through the store's futures under `store_timeout`.
+    async fn decide_waiting<'r>(&self, req: Cow<'r, Request>, now: u64) -> Decided<'r> {
+        let started = Instant::now();
+        let live = self.live.load();
+        let (req, dns_note) = match &live.dns {
+            Some(dns) => match dns.facts_for(&live.engine, &req, now).await {
+                Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
+                None => (req, None),
+            },
+            None => (req, None),
+        };
+        let (req, dns_note) = match self.decide_here(&live, req, dns_note, now, started) {
+            Ok(decided) => return decided,
+            Err(back) => back,
+        };
+        let mut finished = None;
+        let decision = match live.engine.classify(&req, now) {
+            Classified::Decided(d) => d,
+            Classified::Lookup(lookup) => {
+                let limit = live.options.store_timeout;
+                let result = match self.store.borrow() {
+                    Err(e) => Err(e),
+                    Ok(store) => {
+                        let lookup = self.lookup(&*store, &live.engine, lookup, now, &mut finished);
+                        timeout_if_waiting(limit, lookup)
+                            .await
+                            .unwrap_or(Err(StoreError::Timeout(limit)))
+                    }
+                };
+                self.or_fail_mode(&live, result, &mut finished)
+            }
+        };
+        Decided::new(&live, decision, req, dns_note, now, started, finished)
+    }
+
+    /// Decides `req` when its records are in this process, or the store is missing (the
+    /// fail mode's answer); hands the request back for a store across the network.
+    #[allow(clippy::result_large_err)]
+    fn decide_here<'r>(
+        &self,
+        live: &Live,
+        req: Cow<'r, Request>,
+        dns_note: Option<String>,
+        now: u64,
+        started: Instant,
+    ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>)> {
         // Missing: the store's error is spelled only for a request that needs the store.
         let store = self.store.present();
         let records = match &store {
             Some(store) => match store.in_memory() {
                 Some(records) => Some(records),
-                None => return Err(req),
+                None => return Err((req, dns_note)),
             },
             None => None,
         };
@@ -409,11 +427,11 @@ impl Greylister {
                     }
                     None => Err(self.store.unavailable()),
                 };
-                self.or_fail_mode(&live, result, &mut finished)
+                self.or_fail_mode(live, result, &mut finished)
             }
         };
         Ok(Decided::new(
-            &live, decision, req, None, now, started, finished,
+            live, decision, req, dns_note, now, started, finished,
         ))
     }
 
@@ -457,11 +475,6 @@ impl Greylister {
                 "an in-memory update did not finish at once".into(),
             )),
         }
-    }
-
-    /// Counts and logs a decision (see [`Greylister::decide`]).
-    pub fn record(&self, d: &Decided<'_>) {
-        self.count_and_log(d);
     }
 
     /// Rules 4 and 5 against the store, each record changed by one atomic update.
@@ -525,7 +538,8 @@ impl Greylister {
         Ok(engine.triplet_decision(lookup, outcome, old, client))
     }
 
-    fn count_and_log(&self, decided: &Decided<'_>) {
+    /// Counts and logs a decision (see [`Greylister::decide`]).
+    pub fn record(&self, decided: &Decided<'_>) {
         let (req, o, dns) = (&*decided.req, &decided.outcome, decided.dns_note.as_deref());
         let d = &o.decision;
         let took = decided.finished.saturating_duration_since(decided.started);
@@ -606,14 +620,14 @@ impl Updates for MemoryStore {
         key: &TripletKey,
         f: UpdateFn<'_, Triplet>,
     ) -> Result<Option<Triplet>, StoreError> {
-        Ok(self.triplets.update(&key.parts(), f))
+        Ok(self.update_triplet_now(key, f))
     }
     async fn client(
         &self,
         client: &str,
         f: UpdateFn<'_, ClientRecord>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        Ok(self.clients.update(&[client], f))
+        Ok(self.update_client_now(client, f))
     }
 }
 

@@ -284,12 +284,7 @@ async fn answer(
     match to_request(req) {
         Some(r) => {
             let now = unix_now();
-            // Decided at once when nothing needs waiting for; otherwise the general path,
-            // boxed: its future is kilobytes that this one would carry for every request.
-            let d = match ctx.svc.decide_now(Cow::Owned(r), now) {
-                Ok(d) => d,
-                Err(r) => Box::pin(ctx.svc.decide(r, now)).await,
-            };
+            let d = ctx.svc.decide(Cow::Owned(r), now).await;
             ctx.replies.load().write_action(&d.outcome, now, action);
             decided.push(d);
         }

@@ -18,6 +18,7 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet};
+use crate::lock;
 
 use super::ExpireStep;
 
@@ -250,8 +251,8 @@ impl<R: Packed> HotMap<R> {
         existed
     }
 
-    /// Applies `f` to the record of the key `parts` joined by NUL form (one part: the key
-    /// itself) and returns the record as it was. The key's text is built only where it is
+    /// Applies `f` to the record of the key whose text is `parts` joined by NUL (one part:
+    /// the key itself) and returns the record as it was. The key's text is built only where it is
     /// kept: `names` when a key is new, `dirty` when a record changes.
     pub(crate) fn update(&self, parts: &[&str], f: &dyn Fn(Option<&R>) -> Option<R>) -> Option<R> {
         let fp = self.fingerprint_parts(parts);
@@ -391,12 +392,6 @@ impl<R: Packed> HotMap<R> {
             }
         }
     }
-}
-
-/// A poisoned shard only means another thread panicked mid-update of plain data; the data
-/// is still a consistent record, so keep serving rather than failing every request.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

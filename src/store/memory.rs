@@ -28,6 +28,24 @@ impl MemoryStore {
         }
     }
 
+    /// [`Store::update_triplet`], done at once.
+    pub(crate) fn update_triplet_now(
+        &self,
+        key: &TripletKey,
+        f: UpdateFn<'_, Triplet>,
+    ) -> Option<Triplet> {
+        self.triplets.update(&key.parts(), f)
+    }
+
+    /// [`Store::update_client`], done at once.
+    pub(crate) fn update_client_now(
+        &self,
+        client: &str,
+        f: UpdateFn<'_, ClientRecord>,
+    ) -> Option<ClientRecord> {
+        self.clients.update(&[client], f)
+    }
+
     pub(crate) fn expire_now(&self, now: u64, max_scan: usize) -> ExpireStep {
         // Sweep both maps in step; the cycle is done when both have wrapped.
         let t = self.triplets.expire(now, max_scan);
@@ -132,7 +150,7 @@ impl Store for MemoryStore {
         key: &TripletKey,
         f: UpdateFn<'_, Triplet>,
     ) -> Result<Option<Triplet>, StoreError> {
-        Ok(self.triplets.update(&key.parts(), f))
+        Ok(self.update_triplet_now(key, f))
     }
 
     async fn get_client(&self, client: &str) -> Result<Option<ClientRecord>, StoreError> {
@@ -144,7 +162,7 @@ impl Store for MemoryStore {
         client: &str,
         f: UpdateFn<'_, ClientRecord>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        Ok(self.clients.update(&[client], f))
+        Ok(self.update_client_now(client, f))
     }
 
     async fn expire(&self, now: u64, max_scan: usize) -> Result<ExpireStep, StoreError> {
