@@ -13,6 +13,7 @@ use crate::engine::{
     AllowLists, Engine, IdentityKind, Mode, Origin, Policy, Selective, VerifiedTreatment,
 };
 use crate::proto::policy::Limits;
+use crate::server::ListenAddr;
 
 /// Most connections one listener may hold (far above what one MTA opens).
 pub const MAX_CONNECTIONS: usize = 1_000_000;
@@ -458,42 +459,6 @@ impl Default for RawLog {
         RawLog {
             level: "info".into(),
             format: "text".into(),
-        }
-    }
-}
-
-/// A listener address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!("unix socket path must be absolute: {s:?}"));
-            }
-            return Ok(ListenAddr::Unix(path.into()));
-        }
-        if s.starts_with('/') {
-            return Ok(ListenAddr::Unix(s.into()));
-        }
-        s.parse()
-            .map(ListenAddr::Tcp)
-            .map_err(|_| {
-                format!("{s:?} is not IP:port (e.g. 127.0.0.1:10023, [::1]:10023; no host names) or unix:/path")
-            })
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
 }

@@ -5,20 +5,17 @@
 //! See ARCHITECTURE.md for the map and the invariants.
 
 pub mod admin;
-pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod engine;
-pub mod explain;
 pub mod logfmt;
 pub mod metrics;
-pub mod outbound;
 pub mod proto;
 pub mod server;
 pub mod service;
-pub mod simulate;
 pub mod store;
+pub mod tools;
 
 /// Locks `m`, also when another thread panicked while holding it: the data behind the
 /// crate's mutexes is plain (counters, buffers, map shards) and still consistent, so serving

@@ -4,10 +4,10 @@
 #![no_main]
 
 use greygate::engine::Engine;
-use greygate::outbound::track::parse::Clock;
-use greygate::simulate::inbound::parse_inbound;
-use greygate::simulate::mta::Schedule;
-use greygate::simulate::replay::{Reader, render_text, replay};
+use greygate::tools::outbound::track::parse::Clock;
+use greygate::tools::simulate::inbound::parse_inbound;
+use greygate::tools::simulate::mta::Schedule;
+use greygate::tools::simulate::replay::{Reader, render_text, replay};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,9 +2,9 @@
 //! panic, and every reply the parser extracts classifies without panicking either.
 #![no_main]
 
-use greygate::outbound::classify::{Reply, classify};
-use greygate::outbound::track::parse::{Clock, Event, parse_line, remote_reply};
-use greygate::outbound::track::{Tracker, report};
+use greygate::tools::outbound::classify::{Reply, classify};
+use greygate::tools::outbound::track::parse::{Clock, Event, parse_line, remote_reply};
+use greygate::tools::outbound::track::{Tracker, report};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -221,7 +221,7 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     };
     let now = match q.at.as_deref().filter(|s| !s.is_empty()) {
         None => unix_now(),
-        Some(s) => match crate::explain::parse_time(s) {
+        Some(s) => match crate::service::explain::parse_time(s) {
             Ok(t) => t,
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
         },
@@ -248,7 +248,7 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     let enforced = live.options.mode == Mode::Enforce;
     let replies = st.reloader.policy_replies();
     let dns = live.dns.as_deref();
-    let result = crate::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
+    let result = crate::service::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
         replies.action_text(d, enforced, now)
     })
     .await;

@@ -254,7 +254,7 @@ fn snippet(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../shared/fixtures/postfix-3.7-rcpt-request.txt");
+    const FIXTURE: &str = include_str!("../../tests/fixtures/postfix-3.7-rcpt-request.txt");
 
     /// The captured request up to and including its terminating empty line.
     fn fixture() -> &'static [u8] {

@@ -4,8 +4,11 @@
 //! semaphore; a connection over the limit is closed at once (Postfix then retries or
 //! applies its `default_action`) rather than left waiting in the backlog.
 
+mod addr;
 pub mod milter;
 pub mod policy;
+
+pub use addr::ListenAddr;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,6 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ListenAddr;
 use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
 

@@ -346,11 +346,11 @@ pub fn request_with(client: &str, sender: &str, recipient: &str, extra: &[(&str,
     s
 }
 
-/// The captured Postfix 3.7 request from `shared/fixtures`.
+/// The captured Postfix 3.7 request from `tests/fixtures`.
 pub fn fixture_request() -> String {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/postfix-3.7-rcpt-request.txt"
+        "/tests/fixtures/postfix-3.7-rcpt-request.txt"
     ))
     .expect("read fixture");
     // The fixture ends with the empty line that ends the request, then a `----` marker.

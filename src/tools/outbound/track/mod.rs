@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use crate::outbound::classify::{Class, Reply, classify};
+use crate::tools::outbound::classify::{Class, Reply, classify};
 use parse::{Clock, DeliveryStatus, Event, Ts};
 
 /// Longest line kept; longer lines are cut (Postfix itself limits log lines to a few KB).

@@ -9,11 +9,11 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::bench::Rng;
 use crate::engine::{
     ClientRecord, Decision, Engine, HostName, IdentityFacts, Listing, Request, SpfFact, State,
     Triplet, TripletKey, Verdict,
 };
+use crate::tools::bench::Rng;
 
 use super::report::{ClassInfo, ClassResult, ConfigResult, Report};
 use super::scenario::{IpModel, PtrKind, Scenario, SenderClass, SimConfig};

@@ -1,5 +1,5 @@
 //! `greygate simulate` and `greygate replay`: clap arguments and the edges (files, exit
-//! codes). The work is in `greygate::simulate`.
+//! codes). The work is in `greygate::tools::simulate`.
 //!
 //! Exit codes: 0 done, 1 unreadable input or unwritable report, 2 bad scenario,
 //! configuration or usage.
@@ -10,12 +10,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use greygate::outbound::track;
-use greygate::outbound::track::parse::Clock;
-use greygate::simulate::mta::Schedule;
-use greygate::simulate::{Scenario, replay, report};
+use greygate::tools::outbound::track;
 
-const EXIT_CONFIG: u8 = 2;
+use super::common::{ConfigArgs, Exit, config_failed};
+use greygate::tools::outbound::track::parse::Clock;
+use greygate::tools::simulate::mta::Schedule;
+use greygate::tools::simulate::{Scenario, replay, report};
 
 #[derive(Debug, Args)]
 #[command(
@@ -57,7 +57,7 @@ pub struct ReplayArgs {
     #[arg(value_name = "LOG")]
     pub logs: Vec<PathBuf>,
     #[command(flatten)]
-    pub config: crate::cli::ConfigArgs,
+    pub config: ConfigArgs,
     /// Retry schedule assumed for mail the log shows accepted at once (its sender never had to retry)
     #[arg(long, value_name = "MTA", default_value = "postfix")]
     pub retry_model: RetryModel,
@@ -79,25 +79,25 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         Ok(t) => t,
         Err(e) => {
             eprintln!("greygate: {name}: cannot read: {e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
+            return Ok(Exit::Usage.into());
         }
     };
     let mut scenario = match Scenario::parse(&name, &text) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("greygate: invalid scenario:\n{e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
+            return Ok(Exit::Usage.into());
         }
     };
     if !(args.scale > 0.0 && args.scale.is_finite()) {
         eprintln!("greygate: --scale must be a positive number");
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        return Ok(Exit::Usage.into());
     }
     scenario.scale(args.scale);
     if let Some(seed) = args.seed {
         scenario.seed = seed;
     }
-    let report = greygate::simulate::run(&scenario);
+    let report = greygate::tools::simulate::run(&scenario);
     if let Some(path) = &args.html {
         std::fs::write(path, report::render_html(&report))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -111,9 +111,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn replay(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match crate::load_config(&args.config, |_| {}) {
+    let cfg = match args.config.load(|_| {}) {
         Ok(c) => c,
-        Err(e) => return Ok(crate::config_failed(&e)),
+        Err(e) => return Ok(config_failed(&e)),
     };
     let mut logs = args.logs.clone();
     if logs.is_empty() {

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::ListenAddr;
 use crate::engine::{ClientRecord, Engine};
 use crate::proto::policy::{Decoder, Limits, encode_response};
+use crate::server::ListenAddr;
 use crate::store::{EmbeddedStore, Store, StoreError};
 
 /// Why a benchmark could not run.

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use super::Message;
 use super::parse::{DeliveryStatus, Ts};
-use crate::outbound::probe::fmt_secs;
+use crate::tools::outbound::probe::fmt_secs;
 
 /// Statistics for one destination domain. A message counts once per domain however many
 /// of its recipients are there.
@@ -403,7 +403,7 @@ pub fn render_html(stats: &[DomainStats], messages: usize, lines: u64) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::track::Tracker;
+    use crate::tools::outbound::track::Tracker;
 
     const LOG: &str = "\
 Nov 28 19:31:45 relay postfix/smtpd[100]: 4FzQ1b2c3d: client=localhost[127.0.0.1]

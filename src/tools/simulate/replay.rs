@@ -25,8 +25,8 @@ use super::mta::Schedule;
 use super::report::{fmt_dur, percentile};
 use super::run::MemState;
 use crate::engine::{Engine, HostName, IdentityFacts, Request, Verdict};
-use crate::outbound::track::MAX_LINE;
-use crate::outbound::track::parse::Clock;
+use crate::tools::outbound::track::MAX_LINE;
+use crate::tools::outbound::track::parse::Clock;
 
 /// Attempts with one sender and recipient this long after the first belong to a new message
 /// (Postfix's `maximal_queue_lifetime`).
@@ -199,7 +199,7 @@ impl Reader {
 
     /// Feeds every line of `input`.
     pub fn feed_reader(&mut self, input: impl BufRead) -> std::io::Result<()> {
-        crate::outbound::track::for_each_line(input, |line| self.feed(line))
+        crate::tools::outbound::track::for_each_line(input, |line| self.feed(line))
     }
 
     /// Queue ids still open at the end count as accepted (their deliveries may be in a

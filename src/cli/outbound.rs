@@ -1,5 +1,5 @@
 //! `greygate probe` and `greygate track`: clap arguments and the edges (runtime, files,
-//! terminal, exit codes). The work is in `greygate::outbound`.
+//! terminal, exit codes). The work is in `greygate::tools::outbound`.
 //!
 //! probe exit codes: 0 accepted, 4 greylisted, 5 other temporary failure, 6 rejected,
 //! 7 no connection (most severe over all recipients); 1 runtime error, 2 usage.
@@ -17,12 +17,12 @@ use anyhow::Context as _;
 use clap::Args;
 
 use greygate::config::Dur;
-use greygate::outbound::probe::{self, Options};
-use greygate::outbound::track::parse::Clock;
-use greygate::outbound::track::report::{self, Filter};
-use greygate::outbound::track::{self, Message, Tracker};
+use greygate::tools::outbound::probe::{self, Options};
+use greygate::tools::outbound::track::parse::Clock;
+use greygate::tools::outbound::track::report::{self, Filter};
+use greygate::tools::outbound::track::{self, Message, Tracker};
 
-const EXIT_USAGE: u8 = 2;
+use super::common::Exit;
 
 #[derive(Debug, Args)]
 #[command(
@@ -119,10 +119,7 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         until: args.until.0,
         starttls: args.starttls,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = super::common::runtime()?;
     let live = !args.json && args.retry_every.is_some();
     let result = rt.block_on(probe::run(&opts, &args.recipients, |rcpt, a| {
         // With a schedule, show each try as it happens: runs can take half an hour.
@@ -142,7 +139,7 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e @ probe::ProbeError::BadRecipient(_)) => {
             eprintln!("greygate: {e}");
-            return Ok(ExitCode::from(EXIT_USAGE));
+            return Ok(Exit::Usage.into());
         }
         Err(e) => return Err(e.into()),
     };

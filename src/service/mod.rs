@@ -5,6 +5,7 @@
 //! behalf, applies `store_timeout` and `fail_mode`, and logs the decision.
 
 pub mod entries;
+pub mod explain;
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;

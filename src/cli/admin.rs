@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
@@ -20,9 +20,7 @@ use greygate::engine::{ListKind, Target};
 use greygate::service::{RuntimeEntries, Selector, unix_now};
 use greygate::store::{Entry, OpenError};
 
-use crate::cli::ConfigArgs;
-
-const EXIT_STORE_BUSY: u8 = 3;
+use super::common::{ConfigArgs, Exit, config_failed, runtime};
 
 /// How to reach the daemon.
 #[derive(Debug, Args, Clone)]
@@ -165,9 +163,9 @@ struct Ctx {
 }
 
 fn context(a: &DaemonArgs) -> anyhow::Result<Result<Ctx, ExitCode>> {
-    let cfg = match crate::load_config(&a.config, |_| {}) {
+    let cfg = match a.config.load(|_| {}) {
         Ok(c) => c,
-        Err(e) => return Ok(Err(crate::config_failed(&e))),
+        Err(e) => return Ok(Err(config_failed(&e))),
     };
     let url = a.admin.clone().or_else(|| cfg.admin.url());
     let token = a.token.clone().or_else(|| match &cfg.admin.token {
@@ -207,13 +205,6 @@ fn ask<T>(
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
 fn open_store(
     cfg: &Config,
     write: bool,
@@ -221,8 +212,8 @@ fn open_store(
     greygate::store::open_for_command(&cfg.store, cfg.store_timeout, write).map_err(|e| {
         eprintln!("greygate: {e}");
         match e {
-            OpenError::Busy(_) => ExitCode::from(EXIT_STORE_BUSY),
-            OpenError::Failed(_) => ExitCode::FAILURE,
+            OpenError::Busy(_) => Exit::StoreBusy.into(),
+            OpenError::Failed(_) => Exit::Failure.into(),
         }
     })
 }
@@ -496,7 +487,7 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "greygate: name --state, --client, --sender or --recipient, or purge --everything"
         );
-        return Ok(ExitCode::from(2));
+        return Ok(Exit::Usage.into());
     }
     let body = json!({
         "kind": query.kind, "state": query.state, "client": query.client,

@@ -11,7 +11,7 @@
 
 use std::net::IpAddr;
 
-use crate::outbound::track::parse::{Clock, Event, Ts, find, parse_line, timestamp};
+use crate::tools::outbound::track::parse::{Clock, Event, Ts, find, parse_line, timestamp};
 
 /// What one inbound line says.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,116 @@
+//! `greygate check-config`: check the configuration and allow-list files, summarise what
+//! they set, and with `--connect` ask the store's server who it is.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use greygate::config::{Config, StoreKind};
+use greygate::store::{PostgresStore, RedisStore};
+
+use super::common::{ConfigArgs, Exit, config_failed};
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also connect to the store's server (redis, postgres) and report what answered
+    #[arg(long)]
+    pub connect: bool,
+}
+
+pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match args.config.load(|_| {}) {
+        Ok(c) => c,
+        Err(e) => return Ok(config_failed(&e)),
+    };
+    let (path, _) = args.config.path();
+    let (clients, recipients, senders) = cfg.engine.allow.counts();
+    let p = &cfg.engine.policy;
+    let store = match &cfg.store {
+        StoreKind::Memory => "memory".to_string(),
+        StoreKind::Embedded(path) => format!("embedded {}", path.display()),
+        StoreKind::Redis(server) => format!("redis {server}"),
+        StoreKind::Postgres(server) => format!("postgres {server}"),
+    };
+    println!("{}: configuration OK", path.display());
+    println!(
+        "  mode {:?}, delay {} s, retry window {} s, max age {} s, auto-allow after {} passes",
+        cfg.mode, p.delay, p.retry_window, p.max_age, p.auto_allow_after
+    );
+    println!(
+        "  client groups IPv4 /{} IPv6 /{}; store {store}; fail mode {:?}",
+        p.ipv4_prefix, p.ipv6_prefix, cfg.fail_mode
+    );
+    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    println!("  policy listeners: {}", listen.join(", "));
+    println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    let order: Vec<&str> = cfg
+        .engine
+        .selective
+        .identity_order
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    if cfg.dns.enabled {
+        println!(
+            "  client identity: {}; DNS budget {} ms, {} DNSWL and {} DNSBL zone(s)",
+            order.join(", "),
+            cfg.dns.budget.as_millis(),
+            cfg.dns.dnswl_zones.len(),
+            cfg.dns.dnsbl_zones.len()
+        );
+    } else {
+        println!(
+            "  client identity: prefix (DNS off; order {})",
+            order.join(", ")
+        );
+    }
+    if args.connect {
+        return check_connection(&cfg);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config --connect`: asks the store's server who it is (and lets the postgres
+/// backend create or migrate its schema, as the daemon would).
+fn check_connection(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let server = match &cfg.store {
+        StoreKind::Redis(s) | StoreKind::Postgres(s) => s,
+        StoreKind::Memory | StoreKind::Embedded(_) => {
+            println!("  store: no server to connect to");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Unlike a request, the check may spend its whole connect_timeout on connecting.
+    let limit = server.connect_timeout + cfg.store_timeout;
+    let answer = rt.block_on(async {
+        match &cfg.store {
+            StoreKind::Redis(s) => {
+                RedisStore::new(&s.url, s.connect_timeout, limit)?
+                    .check()
+                    .await
+            }
+            _ => {
+                PostgresStore::new(&server.url, 1, server.connect_timeout, limit)?
+                    .check()
+                    .await
+            }
+        }
+    });
+    match answer {
+        Ok(who) => {
+            println!("  store server answered: {who}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("greygate: cannot use the store at {server}: {e}");
+            Ok(Exit::Failure.into())
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The binary's side: one module per command or group of commands, each with its clap
+//! arguments and its `run`; `common` holds what they share (`--config`, exit codes).
+//! Library code never prints for a command nor picks an exit code; this side does.
+
+mod admin;
+mod bench;
+mod check;
+mod common;
+mod explain;
+mod outbound;
+mod serve;
+mod simulate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use common::Exit;
+
+/// greygate: greylisting for Postfix and other MTAs.
+///
+/// Unknown (client, sender, recipient) combinations are answered "try again later"; real
+/// mail servers retry and get through, spam bots mostly don't.
+#[derive(Debug, Parser)]
+#[command(
+    name = "greygate",
+    version,
+    about,
+    long_about,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: policy and milter listeners, admin API, metrics and dashboard.
+    Serve(serve::ServeArgs),
+    /// Check the configuration and allow-list files; report every problem with its line.
+    CheckConfig(check::CheckConfigArgs),
+    /// Explain what greygate would decide for a request, without changing anything.
+    Explain(explain::ExplainArgs),
+    /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
+    Probe(outbound::ProbeArgs),
+    /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
+    Track(outbound::TrackArgs),
+    /// Counters of the running daemon (or the store's record counts when none runs).
+    Stats(admin::StatsArgs),
+    /// List greylisting records: pending and passed triplets, auto-allowed client groups.
+    List(admin::ListArgs),
+    /// Forget greylisting records that match a filter.
+    Purge(admin::PurgeArgs),
+    /// Runtime allow entries: skip greylisting for a client, sender or recipient now.
+    Allow(admin::RuntimeArgs),
+    /// Runtime deny entries: always answer "try again later".
+    Deny(admin::RuntimeArgs),
+    /// Make the running daemon reload its configuration and allow-list files.
+    Reload(admin::ReloadArgs),
+    /// Benchmarks: load a policy server, run a null responder, or preload a store.
+    Bench(bench::BenchArgs),
+    /// Replay a scenario of senders and their MTAs through the engine on a simulated clock;
+    /// compare configurations by delivered, lost, added delay and spam accepted.
+    Simulate(simulate::SimulateArgs),
+    /// Feed a site's own inbound Postfix log through the engine offline: what greylisting
+    /// would have delayed.
+    Replay(simulate::ReplayArgs),
+}
+
+impl Command {
+    /// The daemon and the benchmark's servers and clients live with sockets that peers
+    /// close; report commands write to a reader that may go away (`| head`).
+    fn serves(&self) -> bool {
+        matches!(self, Command::Serve(_) | Command::Bench(_))
+    }
+}
+
+/// Runs the command; an error is printed here, with the exit code for a failure.
+pub fn run(cli: Cli) -> ExitCode {
+    if !cli.command.serves() {
+        // Report commands end quietly when their reader goes away, as Unix tools do,
+        // instead of panicking on a failed print.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::CheckConfig(args) => check::run(&args),
+        Command::Explain(args) => explain::run(args),
+        Command::Probe(args) => outbound::probe(args),
+        Command::Track(args) => outbound::track(args),
+        Command::Stats(args) => admin::stats(args),
+        Command::List(args) => admin::list(args),
+        Command::Purge(args) => admin::purge(args),
+        Command::Allow(args) => admin::runtime_entries(greygate::engine::ListKind::Allow, args),
+        Command::Deny(args) => admin::runtime_entries(greygate::engine::ListKind::Deny, args),
+        Command::Reload(args) => admin::reload(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Simulate(args) => simulate::simulate(&args),
+        Command::Replay(args) => simulate::replay(&args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("greygate: {e:#}");
+        Exit::Failure.into()
+    })
+}

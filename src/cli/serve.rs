@@ -1,0 +1,143 @@
+//! `greygate serve`: the daemon. Command-line overrides, logging, the runtime, and the
+//! signals: SIGTERM and SIGINT stop the daemon, SIGHUP reloads its configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use greygate::config::{Dur, RawConfig};
+use greygate::engine::Mode;
+
+use super::common::{ConfigArgs, config_failed};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Listen here instead of the configured addresses (repeatable): 127.0.0.1:10023, [::1]:10023, unix:/path
+    #[arg(short, long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Serve the milter protocol here instead of the configured milter addresses (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub milter_listen: Vec<String>,
+    /// Serve the admin API, /metrics and the dashboard here instead of the configured addresses (repeatable)
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_admin")]
+    pub admin_listen: Vec<String>,
+    /// Do not start the admin listener
+    #[arg(long)]
+    pub no_admin: bool,
+    /// Use the embedded store in this file
+    #[arg(long, value_name = "PATH", conflicts_with = "memory")]
+    pub db: Option<PathBuf>,
+    /// Keep the database in memory only (lost on restart)
+    #[arg(long)]
+    pub memory: bool,
+    /// Greylisting delay, e.g. 300, 5m
+    #[arg(long, value_name = "DURATION")]
+    pub delay: Option<Dur>,
+    /// Decide and log, but accept everything (warm the database before enforcing)
+    #[arg(long)]
+    pub learn: bool,
+}
+
+fn init_logging(level: &str, json: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("GREYGATE_LOG")
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines are written in batches by a thread of their own (one `write(2)` per 10 ms).
+    let writer =
+        greygate::logfmt::BatchedStderr::start().context("cannot start the log writer thread")?;
+    greygate::logfmt::install(writer.clone(), !json);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        greygate::logfmt::flush();
+        previous(info);
+    }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        // Same line as the default text format, for a fraction of its cost per decision.
+        builder
+            .fmt_fields(greygate::logfmt::QuickFields)
+            .event_format(greygate::logfmt::QuickEvent)
+            .init();
+    }
+    Ok(())
+}
+
+/// Applies `serve`'s command-line overrides to the file's configuration.
+fn serve_overrides(args: &ServeArgs, raw: &mut RawConfig) {
+    if !args.listen.is_empty() {
+        raw.policy.listen = args.listen.clone();
+    }
+    if !args.milter_listen.is_empty() {
+        raw.milter.listen = args.milter_listen.clone();
+        if args.listen.is_empty() {
+            // Milter addresses given alone mean a milter-only daemon.
+            raw.policy.listen.clear();
+        }
+    }
+    if !args.admin_listen.is_empty() {
+        raw.admin.listen = Some(args.admin_listen.clone());
+    }
+    if args.no_admin {
+        raw.admin.listen = Some(Vec::new());
+    }
+    // A store named on the command line replaces the configured one, server URL too.
+    if let Some(db) = &args.db {
+        raw.store.backend = "embedded".into();
+        raw.store.path = db.clone();
+        raw.store.url.clear();
+    }
+    if args.memory {
+        raw.store.backend = "memory".into();
+        raw.store.url.clear();
+    }
+    if let Some(d) = args.delay {
+        raw.greylist.delay = d;
+        if raw.greylist.retry_window.0 < d.0 {
+            raw.greylist.retry_window = d;
+        }
+    }
+    if args.learn {
+        raw.mode = Mode::Learn;
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let args = Arc::new(args);
+    let load = {
+        let args = args.clone();
+        move || args.config.load(|raw| serve_overrides(&args, raw))
+    };
+    let cfg = match load() {
+        Ok(c) => c,
+        Err(e) => return Ok(config_failed(&e)),
+    };
+    init_logging(&cfg.log_level, cfg.log_json)?;
+    // No transparent huge pages for the daemon: mimalloc asks for them on its arenas, and
+    // huge pages only partly used held 10 million triplets at 1.07 GB instead of 0.92 GB
+    // (the loaded store's maps are spread over many arenas); throughput was the same.
+    // SAFETY: sets a flag of this process; no pointers.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(greygate::daemon::run(cfg, Arc::new(load)));
+    drop(rt);
+    greygate::logfmt::flush();
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
