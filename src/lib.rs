@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod dur;
 pub mod engine;
 pub mod logfmt;
 pub mod metrics;

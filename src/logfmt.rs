@@ -468,6 +468,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedStderr {
 }
 
 /// What `f` logs, as the daemon's text log writes it.
+/// The checked `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A level (`info`) or a tracing filter.
+    pub level: String,
+    /// JSON lines instead of text.
+    pub json: bool,
+}
+
 #[cfg(test)]
 pub(crate) fn capture_text(f: impl FnOnce()) -> String {
     #[derive(Clone, Default)]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::entries::{self, EntryQuery};
 use super::{AdminState, error, prometheus};
-use crate::config::Dur;
+use crate::dur::Dur;
 use crate::engine::{ListKind, Mode, Request, Target, Verdict};
 use crate::service::{EntriesError, Selector, unix_now};
 use crate::store::Counts;
@@ -246,7 +246,7 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
         Err(e) => Err(e.to_string()),
     };
     let enforced = live.options.mode == Mode::Enforce;
-    let replies = st.reloader.policy_replies();
+    let replies = st.control.replies();
     let dns = live.dns.as_deref();
     let result = crate::service::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
         replies.action_text(d, enforced, now)
@@ -395,7 +395,7 @@ fn remove_runtime(st: &AdminState, list: &str, sel: Selector) -> Response {
 }
 
 async fn reload(State(st): State<Arc<AdminState>>) -> Response {
-    match st.reloader.reload("admin API").await {
+    match st.control.reload("admin API").await {
         Ok(report) => Json(report).into_response(),
         Err(why) => error(
             StatusCode::UNPROCESSABLE_ENTITY,

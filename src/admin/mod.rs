@@ -8,8 +8,10 @@
 mod api;
 mod assets;
 pub mod client;
+mod config;
 pub mod entries;
 mod prometheus;
+pub mod wire;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -28,9 +30,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::AdminConfig;
-use crate::daemon::Reloader;
+use crate::server::replies::Replies;
 use crate::service::Greylister;
+
+pub use config::{AdminConfig, DEFAULT_ADMIN_LISTEN, TokenSource};
 
 /// Largest request body accepted (entry changes and purge filters are small).
 const MAX_BODY: usize = 64 * 1024;
@@ -40,10 +43,21 @@ const MAX_HEAD: usize = 16 * 1024;
 /// scrapers cannot hold connection slots forever.
 const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(120);
 
+/// What the admin API may ask of the running daemon beyond its service.
+#[async_trait::async_trait]
+pub trait Control: Send + Sync {
+    /// Reads the configuration again and swaps in what can change while running; on any
+    /// error the running configuration stays and the error says why.
+    async fn reload(&self, trigger: &str) -> Result<wire::ReloadReport, String>;
+
+    /// The replies in force (explanations show the reply a decision gets).
+    fn replies(&self) -> Arc<Replies>;
+}
+
 /// What the admin handlers share.
 pub struct AdminState {
     pub svc: Arc<Greylister>,
-    pub reloader: Arc<Reloader>,
+    pub control: Arc<dyn Control>,
     token: Option<String>,
     token_for_reads: bool,
     max_connections: usize,
@@ -54,7 +68,7 @@ pub struct AdminState {
 impl AdminState {
     pub fn new(
         svc: Arc<Greylister>,
-        reloader: Arc<Reloader>,
+        control: Arc<dyn Control>,
         token: Option<String>,
         cfg: &AdminConfig,
     ) -> Self {
@@ -65,7 +79,7 @@ impl AdminState {
         }
         AdminState {
             svc,
-            reloader,
+            control,
             token,
             token_for_reads: cfg.token_for_reads,
             max_connections: cfg.max_connections,

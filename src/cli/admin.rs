@@ -15,10 +15,11 @@ use serde_json::{Value, json};
 
 use greygate::admin::client::{AdminClient, ClientError};
 use greygate::admin::entries::{self, EntryQuery};
-use greygate::config::{Config, Dur, TokenSource};
+use greygate::config::Config;
+use greygate::dur::Dur;
 use greygate::engine::{ListKind, Target};
 use greygate::service::{RuntimeEntries, Selector, unix_now};
-use greygate::store::{Entry, OpenError};
+use greygate::store::{self, Access, Entry, StoreError};
 
 use super::common::{ConfigArgs, Exit, config_failed, runtime};
 
@@ -168,11 +169,7 @@ fn context(a: &DaemonArgs) -> anyhow::Result<Result<Ctx, ExitCode>> {
         Err(e) => return Ok(Err(config_failed(&e))),
     };
     let url = a.admin.clone().or_else(|| cfg.admin.url());
-    let token = a.token.clone().or_else(|| match &cfg.admin.token {
-        TokenSource::Inline(t) => Some(t.clone()),
-        TokenSource::File(p) => greygate::admin::read_token_file(p).ok().flatten(),
-        TokenSource::None => None,
-    });
+    let token = a.token.clone().or_else(|| cfg.admin.token.resolve());
     let client = match (a.offline, url) {
         (false, Some(url)) => Some(AdminClient::new(&url, token, Duration::from_secs(30))),
         _ => None,
@@ -205,15 +202,12 @@ fn ask<T>(
     }
 }
 
-fn open_store(
-    cfg: &Config,
-    write: bool,
-) -> Result<std::sync::Arc<dyn greygate::store::Store>, ExitCode> {
-    greygate::store::open_for_command(&cfg.store, cfg.store_timeout, write).map_err(|e| {
+fn open_store(cfg: &Config, access: Access) -> Result<std::sync::Arc<dyn store::Store>, ExitCode> {
+    store::open(&cfg.store, access).map_err(|e| {
         eprintln!("greygate: {e}");
         match e {
-            OpenError::Busy(_) => Exit::StoreBusy.into(),
-            OpenError::Failed(_) => Exit::Failure.into(),
+            StoreError::Locked { .. } => Exit::StoreBusy.into(),
+            _ => Exit::Failure.into(),
         }
     })
 }
@@ -238,7 +232,7 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let store = match open_store(&ctx.cfg, false) {
+    let store = match open_store(&ctx.cfg, Access::Read) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
@@ -399,7 +393,7 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     })?;
     if from_daemon.is_none() {
         found.clear();
-        let store = match open_store(&ctx.cfg, false) {
+        let store = match open_store(&ctx.cfg, Access::Read) {
             Ok(s) => s,
             Err(code) => return Ok(code),
         };
@@ -506,7 +500,7 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
         println!("removed {r} record(s)");
         return Ok(ExitCode::SUCCESS);
     }
-    let store = match open_store(&ctx.cfg, true) {
+    let store = match open_store(&ctx.cfg, Access::Write) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use greygate::config::Dur;
+use greygate::dur::Dur;
 use greygate::server::ListenAddr;
 use greygate::service::unix_now;
 use greygate::tools::bench::{self, Arrival, Mix};

@@ -3,13 +3,12 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Args;
 
-use greygate::config::{Config, StoreKind};
-use greygate::store::{PostgresStore, RedisStore};
+use greygate::config::Config;
+use greygate::store::{self, StoreKind};
 
-use super::common::{ConfigArgs, Exit, config_failed};
+use super::common::{ConfigArgs, Exit, config_failed, runtime};
 
 #[derive(Debug, Args)]
 pub struct CheckConfigArgs {
@@ -28,12 +27,7 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let (path, _) = args.config.path();
     let (clients, recipients, senders) = cfg.engine.allow.counts();
     let p = &cfg.engine.policy;
-    let store = match &cfg.store {
-        StoreKind::Memory => "memory".to_string(),
-        StoreKind::Embedded(path) => format!("embedded {}", path.display()),
-        StoreKind::Redis(server) => format!("redis {server}"),
-        StoreKind::Postgres(server) => format!("postgres {server}"),
-    };
+    let store = &cfg.store.kind;
     println!("{}: configuration OK", path.display());
     println!(
         "  mode {:?}, delay {} s, retry window {} s, max age {} s, auto-allow after {} passes",
@@ -43,7 +37,7 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         "  client groups IPv4 /{} IPv6 /{}; store {store}; fail mode {:?}",
         p.ipv4_prefix, p.ipv6_prefix, cfg.fail_mode
     );
-    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = cfg.policy.listen.iter().map(ToString::to_string).collect();
     println!("  policy listeners: {}", listen.join(", "));
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
     let order: Vec<&str> = cfg
@@ -76,40 +70,22 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
 /// `check-config --connect`: asks the store's server who it is (and lets the postgres
 /// backend create or migrate its schema, as the daemon would).
 fn check_connection(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let server = match &cfg.store {
-        StoreKind::Redis(s) | StoreKind::Postgres(s) => s,
-        StoreKind::Memory | StoreKind::Embedded(_) => {
-            println!("  store: no server to connect to");
-            return Ok(ExitCode::SUCCESS);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    // Unlike a request, the check may spend its whole connect_timeout on connecting.
-    let limit = server.connect_timeout + cfg.store_timeout;
-    let answer = rt.block_on(async {
-        match &cfg.store {
-            StoreKind::Redis(s) => {
-                RedisStore::new(&s.url, s.connect_timeout, limit)?
-                    .check()
-                    .await
-            }
-            _ => {
-                PostgresStore::new(&server.url, 1, server.connect_timeout, limit)?
-                    .check()
-                    .await
-            }
-        }
-    });
-    match answer {
-        Ok(who) => {
+    let answer = runtime()?.block_on(store::check(&cfg.store));
+    match (answer, &cfg.store.kind) {
+        (Ok(Some(who)), _) => {
             println!("  store server answered: {who}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
+        (Ok(None), _) => {
+            println!("  store: no server to connect to");
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), StoreKind::Redis(server) | StoreKind::Postgres(server)) => {
             eprintln!("greygate: cannot use the store at {server}: {e}");
+            Ok(Exit::Failure.into())
+        }
+        (Err(e), kind) => {
+            eprintln!("greygate: cannot use the {kind} store: {e}");
             Ok(Exit::Failure.into())
         }
     }

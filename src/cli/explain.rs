@@ -9,9 +9,9 @@ use clap::Args;
 
 use greygate::engine::{Mode, Request};
 use greygate::service::unix_now;
-use greygate::store::OpenError;
+use greygate::store::{self, Access, StoreError};
 
-use super::common::{ConfigArgs, Exit, config_failed};
+use super::common::{ConfigArgs, Exit, config_failed, runtime};
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
@@ -72,9 +72,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     }
     let cfg = match args.config.load(|raw| {
         if let Some(db) = &args.db {
-            raw.store.backend = "embedded".into();
-            raw.store.path = db.clone();
-            raw.store.url.clear();
+            raw.store.use_embedded(db);
         }
     }) {
         Ok(c) => c,
@@ -103,16 +101,13 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         reverse_client_name: String::new(),
         facts: None,
     };
-    let (reader, busy) =
-        match greygate::store::open_for_command(&cfg.store, cfg.store_timeout, false) {
-            Ok(store) => (Ok(store), false),
-            Err(e) => (Err(e.to_string()), matches!(e, OpenError::Busy(_))),
-        };
-    let (replies, _) = greygate::daemon::replies(&cfg);
+    let (reader, busy) = match store::open(&cfg.store, Access::Read) {
+        Ok(store) => (Ok(store), false),
+        Err(e) => (Err(e.to_string()), matches!(e, StoreError::Locked { .. })),
+    };
+    let replies = &cfg.replies;
     let enforced = cfg.mode == Mode::Enforce;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let store_ref = reader.as_deref().map_err(Clone::clone);
     // DNS facts as the daemon would gather them; a resolver that cannot be set up only
     // means the explanation goes without (as the daemon's requests would).

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 
-use greygate::config::Dur;
+use greygate::dur::Dur;
 use greygate::tools::outbound::probe::{self, Options};
 use greygate::tools::outbound::track::parse::Clock;
 use greygate::tools::outbound::track::report::{self, Filter};

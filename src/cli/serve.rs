@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
-use greygate::config::{Dur, RawConfig};
+use greygate::config::RawConfig;
+use greygate::dur::Dur;
 use greygate::engine::Mode;
 
 use super::common::{ConfigArgs, config_failed};
@@ -93,13 +94,10 @@ fn serve_overrides(args: &ServeArgs, raw: &mut RawConfig) {
     }
     // A store named on the command line replaces the configured one, server URL too.
     if let Some(db) = &args.db {
-        raw.store.backend = "embedded".into();
-        raw.store.path = db.clone();
-        raw.store.url.clear();
+        raw.store.use_embedded(db);
     }
     if args.memory {
-        raw.store.backend = "memory".into();
-        raw.store.url.clear();
+        raw.store.use_memory();
     }
     if let Some(d) = args.delay {
         raw.greylist.delay = d;
@@ -122,7 +120,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => return Ok(config_failed(&e)),
     };
-    init_logging(&cfg.log_level, cfg.log_json)?;
+    init_logging(&cfg.log.level, cfg.log.json)?;
     // No transparent huge pages for the daemon: mimalloc asks for them on its arenas, and
     // huge pages only partly used held 10 million triplets at 1.07 GB instead of 0.92 GB
     // (the loaded store's maps are spread over many arenas); throughput was the same.
@@ -135,9 +133,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = rt.block_on(greygate::daemon::run(cfg, Arc::new(load)));
+    let result = rt.block_on(async {
+        let (stop, reloads) = signals()?;
+        greygate::daemon::run(cfg, Arc::new(load), stop, reloads).await
+    });
     drop(rt);
     greygate::logfmt::flush();
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Maps the daemon's signals: SIGTERM and SIGINT complete the stop future, each SIGHUP
+/// sends a reload. Handlers are installed before the daemon starts, so a signal sent while
+/// it starts is not lost.
+fn signals() -> anyhow::Result<(
+    impl std::future::Future<Output = ()>,
+    tokio::sync::mpsc::Receiver<&'static str>,
+)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            // A reload already waiting covers this one too.
+            let _ = tx.try_send("SIGHUP");
+        }
+    });
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    Ok((stop, rx))
 }

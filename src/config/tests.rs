@@ -3,8 +3,18 @@
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
+use std::time::Duration;
+
 use super::*;
-use crate::engine::{Classified, Request, Rule};
+use crate::admin::TokenSource;
+use crate::dur::Dur;
+use crate::engine::{
+    Classified, IdentityKind, Policy, Request, Rule, Selective, VerifiedTreatment,
+};
+use crate::proto::policy::Limits;
+use crate::server::ListenAddr;
+use crate::server::replies::DeferAction;
+use crate::store::StoreKind;
 
 const NAME: &str = "greygate.toml";
 
@@ -82,19 +92,19 @@ fn assert_default_config(c: &Config) {
     assert_eq!(c.mode, Mode::Enforce);
     assert_eq!(c.engine.policy, Policy::default());
     assert_eq!(
-        c.listen,
+        c.policy.listen,
         vec![ListenAddr::Tcp("127.0.0.1:10023".parse().expect("addr"))]
     );
-    assert_eq!(c.store, StoreKind::Embedded(DEFAULT_DB_PATH.into()));
-    assert_eq!(c.defer_action, DeferAction::DeferIfPermit);
-    assert!(c.defer_text.contains("{remaining}"));
-    assert!(c.x_greylist_header);
-    assert_eq!(c.socket_mode, 0o666);
-    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.store.kind, StoreKind::Embedded(DEFAULT_DB_PATH.into()));
+    assert_eq!(c.replies.defer_action, DeferAction::DeferIfPermit);
+    assert!(c.replies.defer_text.contains("{remaining}"));
+    assert!(c.replies.header_host.is_some());
+    assert_eq!(c.policy.socket_mode, 0o666);
+    assert_eq!(c.policy.limits.codec, Limits::default());
     assert_eq!(c.fail_mode, FailMode::Open);
-    assert_eq!(c.flush_interval, Duration::from_secs(1));
-    assert_eq!(c.store_timeout, Duration::from_secs(1));
-    assert_eq!((c.log_level.as_str(), c.log_json), ("info", false));
+    assert_eq!(c.store.flush_interval, Duration::from_secs(1));
+    assert_eq!(c.store.timeout, Duration::from_secs(1));
+    assert_eq!((c.log.level.as_str(), c.log.json), ("info", false));
     // DNS is off; identities would be tried in the default order, but without facts every
     // client is its prefix.
     assert_eq!(c.engine.selective, Selective::default());
@@ -212,33 +222,36 @@ format = "json"
             recipient_delimiter: "+-".into(),
         }
     );
-    assert!(!c.x_greylist_header);
+    assert!(c.replies.header_host.is_none());
     assert_eq!(
-        c.listen,
+        c.policy.listen,
         vec![
             ListenAddr::Tcp("127.0.0.1:10023".parse().expect("addr")),
             ListenAddr::Tcp("[::1]:10024".parse().expect("addr")),
             ListenAddr::Unix("/run/greygate/policy.sock".into()),
         ]
     );
-    assert_eq!(c.defer_action, DeferAction::Code("451 4.7.1".into()));
-    assert_eq!(c.defer_text, "Come back in {remaining}s");
-    assert_eq!(c.socket_mode, 0o660);
-    assert_eq!(c.max_connections, 64);
-    assert_eq!(c.idle_timeout, Duration::from_secs(120));
-    assert_eq!(c.io_timeout, Duration::from_secs(5));
     assert_eq!(
-        c.limits,
+        c.replies.defer_action,
+        DeferAction::Code("451 4.7.1".into())
+    );
+    assert_eq!(c.replies.defer_text, "Come back in {remaining}s");
+    assert_eq!(c.policy.socket_mode, 0o660);
+    assert_eq!(c.policy.limits.max_connections, 64);
+    assert_eq!(c.policy.limits.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.policy.limits.io_timeout, Duration::from_secs(5));
+    assert_eq!(
+        c.policy.limits.codec,
         Limits {
             max_line: 2048,
             max_attributes: 64
         }
     );
-    assert_eq!(c.store, StoreKind::Memory);
-    assert_eq!(c.flush_interval, Duration::from_millis(250));
-    assert_eq!(c.store_timeout, Duration::from_secs(2));
+    assert_eq!(c.store.kind, StoreKind::Memory);
+    assert_eq!(c.store.flush_interval, Duration::from_millis(250));
+    assert_eq!(c.store.timeout, Duration::from_secs(2));
     assert_eq!(c.fail_mode, FailMode::Closed);
-    assert_eq!((c.log_level.as_str(), c.log_json), ("debug", true));
+    assert_eq!((c.log.level.as_str(), c.log.json), ("debug", true));
     // Inline entries and file entries are both loaded: 2+2 clients, 1+1 recipients, 1+1 senders.
     assert_eq!(c.engine.allow.counts(), (4, 2, 2));
     let from = |ip: &str, name: &str, sender: &str, recipient: &str| Request {
@@ -641,7 +654,10 @@ fn a_bad_duration_type_says_what_a_duration_looks_like() {
 #[test]
 fn explicit_defer_codes_are_normalised() {
     let c = valid("[policy]\ndefer_action = \"  451   4.7.1 \"\n");
-    assert_eq!(c.defer_action, DeferAction::Code("451 4.7.1".into()));
+    assert_eq!(
+        c.replies.defer_action,
+        DeferAction::Code("451 4.7.1".into())
+    );
 }
 
 #[test]
@@ -908,7 +924,7 @@ fn socket_mode_spellings() {
         ("0777", 0o777),
     ] {
         let c = valid(&format!("[policy]\nsocket_mode = \"{text}\"\n"));
-        assert_eq!(c.socket_mode, want, "{text}");
+        assert_eq!(c.policy.socket_mode, want, "{text}");
     }
 }
 

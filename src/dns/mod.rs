@@ -13,7 +13,7 @@ pub mod query;
 
 use std::fmt;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,7 +29,6 @@ use mail_auth::spf::verify::SpfParameters;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::DnsSettings;
 use crate::engine::normalize::{canonical_ip, strip_envelope};
 use crate::engine::{
     Classified, Engine, HostName, IdentityFacts, IdentityKind, Request, SpfFact, SpfResult,
@@ -37,6 +36,19 @@ use crate::engine::{
 use crate::metrics::DnsStats;
 use cache::{DEFAULT_NEGATIVE_TTL, MAX_TTL, TtlCache};
 use query::{ListAnswer, classify_list_answer, list_query_name, mta_host_name, spf_canaries};
+
+/// The checked `[dns]`, `[dnswl]` and `[dnsbl]` sections: what the gatherer looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    pub budget: Duration,
+    /// `None`: the system's resolver configuration.
+    pub resolver: Option<SocketAddr>,
+    pub cache_size: usize,
+    /// Lower-case zone names, without a trailing dot.
+    pub dnswl_zones: Vec<String>,
+    pub dnsbl_zones: Vec<String>,
+}
 
 /// Longest a lookup may run in the background after its request stopped waiting.
 pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);

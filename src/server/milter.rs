@@ -14,18 +14,25 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::Io;
-use super::policy::x_greylist;
+use super::replies::{Replies, x_greylist};
+use super::{Io, ListenAddr};
+use crate::engine::Request;
 use crate::engine::normalize::strip_envelope;
-use crate::engine::{Request, Rule, Verdict};
 use crate::proto::milter::{
     Command, DecodeError, Decoded, Reply, VERSION, action, decode_command, macro_name, protocol,
     stage,
 };
-use crate::service::{Greylister, Outcome, unix_now};
+use crate::service::{Greylister, unix_now};
+
+/// The milter listeners: where, and within which limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MilterConfig {
+    pub listen: Vec<ListenAddr>,
+    pub limits: MilterLimits,
+}
 
 /// Limits of the milter listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MilterLimits {
     pub max_connections: usize,
     /// Longest wait for the MTA's next command (an SMTP session can be slow).
@@ -35,40 +42,11 @@ pub struct MilterLimits {
     pub max_frame: usize,
 }
 
-/// How decisions are spelled as milter replies.
-#[derive(Debug, Clone)]
-pub struct MilterReplies {
-    /// SMTP code and enhanced code of a deferral, e.g. `451 4.7.1`.
-    pub reply_code: String,
-    /// Deferral text with `{remaining}` placeholder.
-    pub defer_text: String,
-    /// Host name for the `X-Greylist` header, or `None` when the header is off.
-    pub header_host: Option<String>,
-}
-
-impl MilterReplies {
-    /// The reply to one RCPT.
-    pub fn rcpt(&self, o: &Outcome) -> Reply {
-        let d = &o.decision;
-        match o.effective() {
-            Verdict::Defer if d.rule == Rule::StoreFailClosed => Reply::ReplyCode(
-                "451 4.3.0 Greylisting is temporarily unavailable, please try again later".into(),
-            ),
-            Verdict::Defer => {
-                let remaining = d.remaining.unwrap_or(0).to_string();
-                let text = self.defer_text.replace("{remaining}", &remaining);
-                Reply::ReplyCode(format!("{} {text}", self.reply_code))
-            }
-            _ => Reply::Continue,
-        }
-    }
-}
-
 /// What a milter connection needs.
 pub struct MilterContext {
     pub svc: Arc<Greylister>,
     /// Swapped whole by a reload.
-    pub replies: arc_swap::ArcSwap<MilterReplies>,
+    pub replies: Arc<arc_swap::ArcSwap<Replies>>,
     pub limits: MilterLimits,
     /// Shutdown and hard stop.
     pub stops: Arc<super::StopSignals>,
@@ -337,7 +315,12 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
             {
                 s.delayed = Some(s.delayed.map_or(by, |d| d.max(by)));
             }
-            Step::Reply(vec![ctx.replies.load().rcpt(&outcome)])
+            Step::Reply(vec![
+                ctx.replies
+                    .load()
+                    .milter_deferral(&outcome)
+                    .map_or(Reply::Continue, Reply::ReplyCode),
+            ])
         }
         Command::EndOfMessage(_) => {
             let mut replies = Vec::new();

@@ -7,6 +7,7 @@
 mod addr;
 pub mod milter;
 pub mod policy;
+pub mod replies;
 
 pub use addr::ListenAddr;
 
@@ -191,19 +192,10 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// Per-connection limits of the policy listener.
-#[derive(Debug, Clone)]
-pub struct ConnLimits {
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
-    pub io_timeout: Duration,
-    pub codec: crate::proto::policy::Limits,
-}
-
 /// A protocol served on a listener, with what its connections need.
 #[derive(Clone)]
 pub enum Handler {
-    Policy(Arc<policy::ConnContext>),
+    Policy(Arc<policy::PolicyContext>),
     Milter(Arc<milter::MilterContext>),
 }
 

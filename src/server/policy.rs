@@ -2,107 +2,35 @@
 //! between policy attributes, engine requests and `action=` replies.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{ConnLimits, Io};
-use crate::config::DeferAction;
-use crate::engine::{Decision, Request, Rule, Verdict};
+use super::replies::Replies;
+use super::{Io, ListenAddr};
+use crate::engine::Request;
 use crate::proto::policy::{Decoder, PolicyRequest, encode_response};
-use crate::service::{Decided, Greylister, Outcome, timeout_if_waiting, unix_now};
+use crate::service::{Decided, Greylister, timeout_if_waiting, unix_now};
 
-/// How decisions are spelled as policy replies.
-#[derive(Debug, Clone)]
-pub struct Replies {
-    pub defer_action: DeferAction,
-    /// Deferral text with `{remaining}` placeholder.
-    pub defer_text: String,
-    /// Host name for the `X-Greylist` header, or `None` when the header is off.
-    pub header_host: Option<String>,
+/// The policy listeners: where, with which socket mode, and within which limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub listen: Vec<ListenAddr>,
+    /// File mode of Unix sockets.
+    pub socket_mode: u32,
+    pub limits: PolicyLimits,
 }
 
-impl Replies {
-    /// The `action=` value a borrowed decision would get (explanations).
-    pub fn action_text(&self, decision: &Decision, enforced: bool, now: u64) -> String {
-        let o = Outcome {
-            decision: decision.clone(),
-            enforced,
-        };
-        self.action(&o, now)
-    }
-
-    /// The `action=` value for an outcome decided at `now`.
-    pub fn action(&self, o: &Outcome, now: u64) -> String {
-        let mut out = String::new();
-        self.write_action(o, now, &mut out);
-        out
-    }
-
-    /// [`Replies::action`], appended to `out` (a buffer the connection reuses).
-    pub fn write_action(&self, o: &Outcome, now: u64, out: &mut String) {
-        let d = &o.decision;
-        match o.effective() {
-            Verdict::Defer if d.rule == Rule::StoreFailClosed => {
-                self.defer_action.write_reply(out, Some("4.3.0"), |out| {
-                    out.push_str("Greylisting is temporarily unavailable, please try again later")
-                })
-            }
-            Verdict::Defer => {
-                // The text with `{remaining}` filled in.
-                self.defer_action.write_reply(out, None, |out| {
-                    let mut parts = self.defer_text.split("{remaining}");
-                    out.push_str(parts.next().unwrap_or(""));
-                    for part in parts {
-                        let _ = write!(out, "{}", d.remaining.unwrap_or(0));
-                        out.push_str(part);
-                    }
-                });
-            }
-            Verdict::Pass if o.enforced => match (d.delayed, &self.header_host) {
-                (Some(secs), Some(host)) => {
-                    out.push_str("PREPEND ");
-                    write_x_greylist(out, secs, host, now);
-                }
-                _ => out.push_str("DUNNO"),
-            },
-            _ => out.push_str("DUNNO"),
-        }
-    }
-}
-
-/// The `X-Greylist` header line (SPEC §3).
-pub fn x_greylist(delayed: u64, host: &str, now: u64) -> String {
-    let mut line = String::with_capacity(96 + host.len());
-    write_x_greylist(&mut line, delayed, host, now);
-    line
-}
-
-/// [`x_greylist`], appended to `out`. The date is formatted once per second and thread.
-fn write_x_greylist(out: &mut String, delayed: u64, host: &str, now: u64) {
-    thread_local! {
-        static DATE: std::cell::RefCell<(Option<u64>, String)> =
-            const { std::cell::RefCell::new((None, String::new())) };
-    }
-    let _ = write!(
-        out,
-        "X-Greylist: delayed {delayed} seconds by greygate-{} at {host}; ",
-        env!("CARGO_PKG_VERSION")
-    );
-    DATE.with(|cell| {
-        let mut date = cell.borrow_mut();
-        if date.0 != Some(now) {
-            let text = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
-                .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-                .strftime("%a, %d %b %Y %H:%M:%S +0000")
-                .to_string();
-            *date = (Some(now), text);
-        }
-        out.push_str(&date.1);
-    });
+/// Per-connection limits of the policy listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub io_timeout: Duration,
+    pub codec: crate::proto::policy::Limits,
 }
 
 /// Maps a policy request to an engine request, or `None` when it is not an
@@ -150,11 +78,11 @@ pub fn to_request(p: PolicyRequest) -> Option<Request> {
 }
 
 /// What a connection needs.
-pub struct ConnContext {
+pub struct PolicyContext {
     pub svc: Arc<Greylister>,
     /// Swapped whole by a reload.
-    pub replies: arc_swap::ArcSwap<Replies>,
-    pub limits: ConnLimits,
+    pub replies: Arc<arc_swap::ArcSwap<Replies>>,
+    pub limits: PolicyLimits,
     /// Shutdown and hard stop.
     pub stops: Arc<super::StopSignals>,
 }
@@ -162,7 +90,7 @@ pub struct ConnContext {
 /// Serves one connection: requests are answered in order; pipelined replies go out in one
 /// write. Malformed input, timeouts and shutdown close the connection; per the protocol,
 /// a request we cannot read gets no reply (replies owed for earlier requests still go out).
-pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContext) {
+pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyContext) {
     let mut decoder = Decoder::new(ctx.limits.codec);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(256);
@@ -272,7 +200,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &ConnContex
 async fn answer(
     req: PolicyRequest,
     peer: &str,
-    ctx: &ConnContext,
+    ctx: &PolicyContext,
     decided: &mut Vec<Decided<'static>>,
     action: &mut String,
 ) {
@@ -299,7 +227,11 @@ async fn answer(
     }
 }
 
-async fn write_replies<S: Io>(stream: &mut S, out: &[u8], ctx: &ConnContext) -> Result<(), String> {
+async fn write_replies<S: Io>(
+    stream: &mut S,
+    out: &[u8],
+    ctx: &PolicyContext,
+) -> Result<(), String> {
     // Replies nearly always fit the socket buffer at once.
     match timeout_if_waiting(ctx.limits.io_timeout, stream.write_all(out)).await {
         Ok(Ok(())) => Ok(()),
@@ -315,14 +247,13 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
-    use crate::config::FailMode;
     use crate::engine::{Engine, Mode};
-    use crate::server::ConnLimits;
-    use crate::service::{ServiceOptions, StoreSlot};
+    use crate::server::replies::DeferAction;
+    use crate::service::{FailMode, ServiceOptions, StoreSlot};
     use crate::store::MemoryStore;
     use tokio_util::sync::CancellationToken;
 
-    fn context() -> ConnContext {
+    fn context() -> PolicyContext {
         let svc = Greylister::new(
             Engine::default(),
             StoreSlot::new(Arc::new(MemoryStore::new())),
@@ -332,14 +263,15 @@ mod tests {
                 store_timeout: Duration::from_secs(1),
             },
         );
-        ConnContext {
+        PolicyContext {
             svc: Arc::new(svc),
-            replies: arc_swap::ArcSwap::from_pointee(Replies {
+            replies: Arc::new(arc_swap::ArcSwap::from_pointee(Replies {
                 defer_action: DeferAction::DeferIfPermit,
+                milter_code: "451 4.7.1".into(),
                 defer_text: "Greylisted".into(),
                 header_host: None,
-            }),
-            limits: ConnLimits {
+            })),
+            limits: PolicyLimits {
                 max_connections: 10,
                 idle_timeout: Duration::from_secs(600),
                 io_timeout: Duration::from_secs(10),
@@ -352,46 +284,13 @@ mod tests {
         }
     }
 
-    fn spawn(ctx: ConnContext) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+    fn spawn(ctx: PolicyContext) -> (DuplexStream, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
         (client, task)
     }
 
     const REQ: &str = "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nsender=a@example.net\nrecipient=b@example.org\n\n";
-
-    #[test]
-    fn defer_replies_read_as_reply_with_remaining_filled_in() {
-        use crate::engine::Decision;
-        let mut d = Decision::store_failure(true, String::new());
-        d.verdict = Verdict::Defer;
-        d.rule = Rule::New;
-        d.remaining = Some(297);
-        let o = Outcome {
-            decision: d,
-            enforced: true,
-        };
-        for action in [
-            DeferAction::DeferIfPermit,
-            DeferAction::Defer,
-            "450 4.7.1".parse().unwrap(),
-        ] {
-            for text in [
-                "Greylisted",
-                "Greylisted, try again in {remaining} s",
-                "{remaining}{remaining} {remaining",
-                "",
-            ] {
-                let replies = Replies {
-                    defer_action: action.clone(),
-                    defer_text: text.into(),
-                    header_host: None,
-                };
-                let want = action.reply(&text.replace("{remaining}", "297"), None);
-                assert_eq!(replies.action(&o, 0), want, "{action:?} {text:?}");
-            }
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_trickling_request_is_cut_off_at_io_timeout_from_its_start() {

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::config::FailMode;
 use crate::dns::Gatherer;
 use crate::engine::{
     Classified, ClientRecord, Decision, Engine, ListKind, Lookup, Mode, Request, Rule,
@@ -25,6 +24,15 @@ use crate::metrics::{Activity, DecisionSeen, ListenerStats, Metrics, StoreOp};
 use crate::store::{MemoryStore, Store, StoreError, UpdateFn};
 
 pub use entries::{EntriesError, RuntimeEntries, Selector};
+
+/// What to answer when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
+}
 
 /// Unix seconds now. Front ends call this; the engine never does.
 pub fn unix_now() -> u64 {

@@ -11,6 +11,7 @@ mod hot;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+mod spec;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ pub use embedded::{EmbeddedReader, EmbeddedStore};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use redis::RedisStore;
+pub use spec::{Access, ServerStore, StoreKind, StoreSpec, check, open};
 
 /// An atomic read-modify-write step: gets the current record (if any) and returns the record
 /// to store, or `None` to leave the store as it is. It may run more than once (optimistic
@@ -233,59 +235,6 @@ pub(crate) mod cursor {
             for junk in ["abc", "zz", "AB", "0g"] {
                 assert!(super::unhex(junk).is_err(), "{junk}");
             }
-        }
-    }
-}
-
-/// Why a command could not open the store itself.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The embedded file is held by a running daemon: ask the daemon instead.
-    #[error("{0}")]
-    Busy(StoreError),
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// Opens the configured store for a command run while no daemon serves it: the embedded
-/// file read-only (or read-write when `write`), a shared server by connecting to it (that
-/// is safe while daemons run).
-pub fn open_for_command(
-    kind: &crate::config::StoreKind,
-    timeout: Duration,
-    write: bool,
-) -> Result<std::sync::Arc<dyn Store>, OpenError> {
-    use crate::config::StoreKind;
-    let busy = |e: StoreError| match e {
-        StoreError::Locked { .. } => OpenError::Busy(e),
-        e => OpenError::Failed(e.to_string()),
-    };
-    match kind {
-        StoreKind::Embedded(path) if write => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            Ok(std::sync::Arc::new(
-                EmbeddedStore::open(path, now).map_err(busy)?,
-            ))
-        }
-        StoreKind::Embedded(path) => Ok(std::sync::Arc::new(
-            EmbeddedReader::open(path).map_err(busy)?,
-        )),
-        StoreKind::Memory => Err(OpenError::Failed(
-            "the memory store lives only inside the running daemon".into(),
-        )),
-        StoreKind::Redis(s) => {
-            let limit = s.connect_timeout + timeout;
-            RedisStore::new(&s.url, s.connect_timeout, limit)
-                .map(|s| std::sync::Arc::new(s) as _)
-                .map_err(|e| OpenError::Failed(e.to_string()))
-        }
-        StoreKind::Postgres(s) => {
-            let limit = s.connect_timeout + timeout;
-            PostgresStore::new(&s.url, 1, s.connect_timeout, limit)
-                .map(|s| std::sync::Arc::new(s) as _)
-                .map_err(|e| OpenError::Failed(e.to_string()))
         }
     }
 }

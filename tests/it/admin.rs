@@ -718,7 +718,7 @@ fn serve_raw(args: &[&str], ready: &str) -> (std::process::Child, String) {
 #[test]
 fn a_busy_default_admin_port_does_not_stop_the_mail_service() {
     // Hold the default admin address ourselves (or find it held already).
-    let _held = std::net::TcpListener::bind(greygate::config::DEFAULT_ADMIN_LISTEN);
+    let _held = std::net::TcpListener::bind(greygate::admin::DEFAULT_ADMIN_LISTEN);
     let (mut child, log) = serve_raw(
         &["--listen", "127.0.0.1:0", "--memory"],
         "policy listener ready",

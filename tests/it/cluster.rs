@@ -553,7 +553,7 @@ fn check_config_explains_store_setting_mistakes() {
 #[test]
 fn store_urls_are_shown_without_passwords() {
     let shown = |url: &str| {
-        greygate::config::ServerStore {
+        greygate::store::ServerStore {
             url: url.into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
@@ -575,7 +575,7 @@ fn store_urls_are_shown_without_passwords() {
     assert_eq!(shown("redis://127.0.0.1/"), "redis://127.0.0.1/");
     let debug = format!(
         "{:?}",
-        greygate::config::ServerStore {
+        greygate::store::ServerStore {
             url: "postgres://gg:s3cret@db/gg".into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),

@@ -5,10 +5,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
-use crate::config::FailMode;
 use crate::engine::{Engine, Mode, Policy};
 use crate::proto::milter::{DEFAULT_MAX_FRAME, decode_reply};
-use crate::service::{ServiceOptions, StoreSlot};
+use crate::server::replies::DeferAction;
+use crate::service::{FailMode, ServiceOptions, StoreSlot};
 use crate::store::MemoryStore;
 use tokio_util::sync::CancellationToken;
 
@@ -32,11 +32,12 @@ fn context() -> Arc<MilterContext> {
     );
     Arc::new(MilterContext {
         svc: Arc::new(svc),
-        replies: arc_swap::ArcSwap::from_pointee(MilterReplies {
-            reply_code: "451 4.7.1".into(),
+        replies: Arc::new(arc_swap::ArcSwap::from_pointee(Replies {
+            defer_action: DeferAction::DeferIfPermit,
+            milter_code: "451 4.7.1".into(),
             defer_text: "Greylisted, please try again in {remaining} seconds".into(),
             header_host: Some("gw.test".into()),
-        }),
+        })),
         limits: MilterLimits {
             max_connections: 4,
             idle_timeout: Duration::from_secs(60),

@@ -14,9 +14,10 @@ use serde::Deserialize;
 
 use super::mta::Schedule;
 use crate::config::{
-    ConfigError, ConfigErrors, Dur, RawAllow, RawConfig, RawDns, RawDnsbl, RawDnswl, RawGreylist,
+    ConfigErrors, Problems, RawAllow, RawConfig, RawDns, RawDnsbl, RawDnswl, RawGreylist,
     RawIdentity, Source,
 };
+use crate::dur::Dur;
 use crate::engine::{Engine, SpfResult};
 
 /// The scenario file as written.
@@ -271,19 +272,7 @@ impl Scenario {
     /// Parses and checks a scenario file's text; `name` is used in error locations.
     pub fn parse(name: &str, text: &str) -> Result<Scenario, ConfigErrors> {
         let src = Source { name, text };
-        let raw: RawScenario = toml::from_str(text).map_err(|e| {
-            let location = match e.span() {
-                Some(span) => {
-                    let (l, c) = line_col(text, span.start);
-                    format!("{name}:{l}:{c}")
-                }
-                None => name.to_string(),
-            };
-            ConfigErrors(vec![ConfigError {
-                location,
-                message: e.message().trim().to_string(),
-            }])
-        })?;
+        let raw: RawScenario = src.parse()?;
         let stem = std::path::Path::new(name)
             .file_stem()
             .map_or_else(|| name.to_string(), |s| s.to_string_lossy().into_owned());
@@ -300,59 +289,11 @@ impl Scenario {
     }
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
-/// `file:line:column` of a value by its path (`["sender", "2", "network"]`; numbers index
-/// arrays of tables). A setting that is not written (a default that failed a check with
-/// another) is reported at the deepest table that is.
-fn locate(src: &Source<'_>, path: &[&str]) -> String {
-    let span_of = |item: &toml_edit::Item| {
-        item.span()
-            .or_else(|| item.as_table().and_then(|t| t.span()))
-    };
-    let found = toml_edit::Document::parse(src.text).ok().and_then(|doc| {
-        let mut item = doc.as_item().clone();
-        let mut best = None;
-        for p in path {
-            let next = match (p.parse::<usize>(), &item) {
-                (Ok(i), toml_edit::Item::ArrayOfTables(a)) => {
-                    a.get(i).map(|t| toml_edit::Item::Table(t.clone()))
-                }
-                (Ok(i), toml_edit::Item::Value(toml_edit::Value::Array(a))) => {
-                    a.get(i).map(|v| toml_edit::Item::Value(v.clone()))
-                }
-                _ => item.get(p).cloned(),
-            };
-            let Some(next) = next else { break };
-            item = next;
-            best = span_of(&item).or(best);
-        }
-        best
-    });
-    match found {
-        Some(span) => {
-            let (l, c) = line_col(src.text, span.start);
-            format!("{}:{l}:{c}", src.name)
-        }
-        None => format!("{} [{}]", src.name, path.join(".")),
-    }
-}
-
 impl RawScenario {
     /// Checks everything and reports every problem at once.
     pub fn validate(self, name: &str, src: &Source<'_>) -> Result<Scenario, ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut err = |path: &[&str], message: String| {
-            errors.push(ConfigError {
-                location: locate(src, path),
-                message,
-            });
-        };
+        let mut problems = Problems::nearest(src);
+        let mut err = |path: &[&str], message: String| problems.at(path, message);
         let s = &self.simulation;
         let duration = s.duration.0.as_secs();
         if duration == 0 {
@@ -456,10 +397,7 @@ impl RawScenario {
                 classes.push(c);
             }
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
-        }
-        Ok(Scenario {
+        problems.finish(|| Scenario {
             name: name.to_string(),
             description: self.description,
             duration,

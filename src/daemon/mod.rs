@@ -1,0 +1,217 @@
+//! The running daemon: assembles store, service, front ends and the admin listener from a
+//! checked `Config`, and serves until the stop it is given; reloads arrive on a channel.
+//! The daemon installs no signal handler: the binary maps SIGTERM, SIGINT and SIGHUP onto
+//! `run`'s stop future and reload channel.
+
+mod reload;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, Control as _};
+use crate::config::Config;
+use crate::dns::Gatherer;
+use crate::server::milter::MilterContext;
+use crate::server::policy::PolicyContext;
+use crate::server::{self, Bound, Handler, StoreOpener};
+use crate::service::{Greylister, RuntimeEntries, StoreSlot};
+use crate::store::{self, Access};
+
+pub use reload::ConfigLoader;
+use reload::Reloader;
+
+/// How long open requests may take to finish after the stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The DNS facts gatherer `[dns]` asks for. A resolver that cannot be set up leaves DNS off
+/// (loudly): DNS trouble must never stop mail, nor the daemon.
+pub(crate) fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
+    if !cfg.dns.enabled {
+        return None;
+    }
+    match Gatherer::new(&cfg.dns, &cfg.hostname, svc.metrics.dns.clone()) {
+        Ok(g) => {
+            let resolver = cfg
+                .dns
+                .resolver
+                .map_or_else(|| "system".to_string(), |a| a.to_string());
+            tracing::info!(
+                %resolver,
+                budget_ms = cfg.dns.budget.as_millis(),
+                dnswl = ?cfg.dns.dnswl_zones,
+                dnsbl = ?cfg.dns.dnsbl_zones,
+                "DNS facts enabled"
+            );
+            Some(Arc::new(g))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "DNS facts disabled: every client is keyed on its IP prefix");
+            None
+        }
+    }
+}
+
+/// Runs the daemon until `stop` completes; each message on `reloads` (naming what asked,
+/// e.g. "SIGHUP") reloads the configuration through `loader`. The binary maps signals onto
+/// both; a test passes its own future and channel.
+pub async fn run(
+    cfg: Config,
+    loader: ConfigLoader,
+    stop: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<&'static str>,
+) -> anyhow::Result<()> {
+    let opener: StoreOpener = {
+        let spec = cfg.store.clone();
+        Arc::new(move || store::open(&spec, Access::Serve))
+    };
+    let slot = {
+        let open = opener.clone();
+        match tokio::task::spawn_blocking(move || open()).await? {
+            Ok(store) => StoreSlot::new(store),
+            Err(e) => {
+                tracing::error!(
+                    error = %e, fail_mode = ?cfg.fail_mode,
+                    "store unavailable at start; answering per fail_mode and retrying"
+                );
+                StoreSlot::missing(e.to_string())
+            }
+        }
+    };
+    let entries = match &cfg.admin.entries_file {
+        Some(path) => RuntimeEntries::load(path).with_context(|| {
+            format!(
+                "cannot load runtime entries (fix or move {} and start again)",
+                path.display()
+            )
+        })?,
+        None => RuntimeEntries::in_memory(),
+    };
+    let engine = cfg.engine.clone();
+    let svc = Greylister::new(engine, slot, cfg.service_options()).with_entries(entries);
+    let dns = gatherer(&cfg, &svc);
+    let svc = Arc::new(svc.with_dns(dns));
+    let shutdown = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let stops = server::StopSignals::new(shutdown.clone(), hard_stop.clone());
+    // One set of replies for both front ends, swapped whole by a reload.
+    let replies = Arc::new(ArcSwap::from_pointee(cfg.replies.clone()));
+    let policy = Arc::new(PolicyContext {
+        svc: svc.clone(),
+        replies: replies.clone(),
+        limits: cfg.policy.limits.clone(),
+        stops: stops.clone(),
+    });
+    let milter = Arc::new(MilterContext {
+        svc: svc.clone(),
+        replies: replies.clone(),
+        limits: cfg.milter.limits.clone(),
+        stops: stops.clone(),
+    });
+
+    let mut listeners = Vec::new();
+    let policy_handler = Handler::Policy(policy.clone());
+    let milter_handler = Handler::Milter(milter.clone());
+    let wanted = cfg
+        .policy
+        .listen
+        .iter()
+        .map(|a| (a, "policy", &policy_handler));
+    let wanted = wanted.chain(
+        cfg.milter
+            .listen
+            .iter()
+            .map(|a| (a, "milter", &milter_handler)),
+    );
+    for (addr, kind, handler) in wanted {
+        let bound = Bound::bind(addr, cfg.policy.socket_mode)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({kind})"))?;
+        listeners.push((bound, kind, handler.clone()));
+    }
+    let mut admin_listeners = Vec::new();
+    for addr in &cfg.admin.listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => admin_listeners.push(l),
+            // Mail comes first: a second daemon on this host must not fail because the
+            // default admin port is taken. A configured address must be free.
+            Err(e) if cfg.admin.listen_is_default => tracing::warn!(
+                listener = %addr, error = %e,
+                "default admin address unavailable; running without the admin listener (set [admin] listen)"
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen on {addr} (admin)"));
+            }
+        }
+    }
+    for (l, kind, _) in &listeners {
+        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");
+    }
+
+    let token = cfg.admin.token.resolve_or_create();
+    let admin_cfg = cfg.admin.clone();
+    let flush_interval = cfg.store.flush_interval;
+    let reloader = Arc::new(Reloader::new(svc.clone(), replies, loader, cfg));
+    let admin_state = Arc::new(AdminState::new(
+        svc.clone(),
+        reloader.clone(),
+        token,
+        &admin_cfg,
+    ));
+    for l in &admin_listeners {
+        let addr = l
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        tracing::info!(listener = %addr, "admin listener ready (dashboard, API, /metrics)");
+    }
+    let admin_task = tokio::spawn(admin::serve(admin_listeners, admin_state, shutdown.clone()));
+
+    let maintenance = tokio::spawn(server::maintain_store(
+        svc.clone(),
+        flush_interval,
+        Some(opener),
+        shutdown.clone(),
+    ));
+    let listeners = listeners.into_iter().map(|(l, _, h)| (l, h)).collect();
+    let mut serving = tokio::spawn(server::serve(listeners));
+
+    // Reloads run one after another until the stop; a bad file keeps the running
+    // configuration (the outcome is logged either way).
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            Some(trigger) = reloads.recv() => {
+                let _ = reloader.reload(trigger).await;
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing open requests");
+    shutdown.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut serving)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still busy after {SHUTDOWN_GRACE:?}; closing them");
+        hard_stop.cancel();
+        // Every connection task has ended before the final flush, so no update can slip
+        // in after it.
+        let _ = serving.await;
+    }
+    let _ = maintenance.await;
+    let _ = admin_task.await;
+    if let Ok(store) = svc.store.get() {
+        store
+            .flush_fully()
+            .await
+            .context("final store flush failed")?;
+        tracing::info!(store = %store.describe(), "store flushed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! What store to run on, and the one place that opens one: the daemon (which also
+//! reopens a store that failed at start) and every command that reads or changes records
+//! while no daemon serves them go through [`open`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    EmbeddedReader, EmbeddedStore, MemoryStore, PostgresStore, RedisStore, Store, StoreError,
+};
+
+/// The checked `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSpec {
+    pub kind: StoreKind,
+    /// How often the embedded store commits changes.
+    pub flush_interval: Duration,
+    /// A store answer slower than this counts as a store failure.
+    pub timeout: Duration,
+}
+
+/// The backend and where it keeps its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Embedded(PathBuf),
+    Redis(ServerStore),
+    Postgres(ServerStore),
+}
+
+/// Where a shared store's server is and how to reach it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerStore {
+    /// The URL as configured, credentials included: show it with `Display`, which hides
+    /// the password.
+    pub url: String,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+}
+
+impl ServerStore {
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Display for ServerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted_url())
+    }
+}
+
+// Configurations get printed and logged: never the password.
+impl fmt::Debug for ServerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerStore")
+            .field("url", &self.redacted_url())
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Hides the password of `scheme://user:password@host...` URLs and of `password=...` in
+/// PostgreSQL `key=value` connection strings.
+fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@')
+            && let Some((user, _password)) = userinfo.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}{tail}");
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl StoreKind {
+    /// Directory for daemon state beside the store (the admin token, runtime entries): the
+    /// embedded file's directory, else /var/lib/greygate; none for the memory store.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        match self {
+            StoreKind::Memory => None,
+            StoreKind::Embedded(path) => Some(
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            ),
+            StoreKind::Redis(_) | StoreKind::Postgres(_) => {
+                Some(PathBuf::from("/var/lib/greygate"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Memory => f.write_str("memory"),
+            StoreKind::Embedded(path) => write!(f, "embedded {}", path.display()),
+            StoreKind::Redis(server) => write!(f, "redis {server}"),
+            StoreKind::Postgres(server) => write!(f, "postgres {server}"),
+        }
+    }
+}
+
+/// Who opens the store, and so how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The daemon: the embedded file read-write and locked, the memory store new, a shared
+    /// server's operations bounded by the store timeout. Logs what it opened.
+    Serve,
+    /// A command that reads while no daemon holds the store: the embedded file read-only;
+    /// a shared server is safe to use beside running daemons.
+    Read,
+    /// A command that changes records while no daemon holds the store.
+    Write,
+}
+
+/// Opens the store `spec` names. The redis and postgres stores connect on first use (and
+/// reconnect by themselves), so they open even while their server is down. An embedded
+/// file held by a running daemon is `StoreError::Locked`: ask the daemon instead.
+pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreError> {
+    match (&spec.kind, access) {
+        (StoreKind::Memory, Access::Serve) => Ok(Arc::new(MemoryStore::new())),
+        (StoreKind::Memory, _) => Err(StoreError::Unavailable(
+            "the memory store lives only inside the running daemon".into(),
+        )),
+        (StoreKind::Embedded(path), Access::Serve) => {
+            let s = EmbeddedStore::open(path, crate::service::unix_now())?;
+            let r = s.load_report();
+            if r.undecodable > 0 {
+                tracing::warn!(
+                    path = %path.display(), rows = r.undecodable,
+                    "store rows this version cannot read were left on disk untouched"
+                );
+            }
+            tracing::info!(
+                path = %path.display(), triplets = r.triplets, clients = r.clients,
+                expired = r.expired, undecodable = r.undecodable, "store loaded"
+            );
+            Ok(Arc::new(s))
+        }
+        (StoreKind::Embedded(path), Access::Write) => Ok(Arc::new(EmbeddedStore::open(
+            path,
+            crate::service::unix_now(),
+        )?)),
+        (StoreKind::Embedded(path), Access::Read) => Ok(Arc::new(EmbeddedReader::open(path)?)),
+        (StoreKind::Redis(server), _) => {
+            let s = RedisStore::new(
+                &server.url,
+                server.connect_timeout,
+                op_limit(spec, server, access),
+            )?;
+            if access == Access::Serve {
+                tracing::info!(store = %s.describe(), "store ready (connects on first use)");
+            }
+            Ok(Arc::new(s))
+        }
+        (StoreKind::Postgres(server), _) => {
+            // The daemon needs a pool for its requests; a command one connection.
+            let pool = if access == Access::Serve {
+                server.pool_size
+            } else {
+                1
+            };
+            let s = PostgresStore::new(
+                &server.url,
+                pool,
+                server.connect_timeout,
+                op_limit(spec, server, access),
+            )?;
+            if access == Access::Serve {
+                tracing::info!(store = %s.describe(), pool_size = pool, "store ready (connects on first use)");
+            }
+            Ok(Arc::new(s))
+        }
+    }
+}
+
+/// How long one operation of a shared store may take: the store timeout for a request; a
+/// command's may spend its whole connect_timeout on connecting first.
+fn op_limit(spec: &StoreSpec, server: &ServerStore, access: Access) -> Duration {
+    match access {
+        Access::Serve => spec.timeout,
+        Access::Read | Access::Write => server.connect_timeout + spec.timeout,
+    }
+}
+
+/// `check-config --connect`: asks the store's server who it is (the postgres backend
+/// creates or migrates its schema, as the daemon would). `None`: no server to ask.
+pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
+    match &spec.kind {
+        StoreKind::Redis(s) => {
+            let store =
+                RedisStore::new(&s.url, s.connect_timeout, op_limit(spec, s, Access::Read))?;
+            store.check().await.map(Some)
+        }
+        StoreKind::Postgres(s) => {
+            let store = PostgresStore::new(
+                &s.url,
+                1,
+                s.connect_timeout,
+                op_limit(spec, s, Access::Read),
+            )?;
+            store.check().await.map(Some)
+        }
+        StoreKind::Memory | StoreKind::Embedded(_) => Ok(None),
+    }
+}
