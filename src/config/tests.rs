@@ -969,3 +969,24 @@ fn admin_errors_point_at_the_value() {
     let e = single_error("[admin]\nbogus = 1\n");
     assert!(e.message.contains("bogus"), "{e}");
 }
+
+#[test]
+fn a_reload_names_the_sections_that_need_a_restart() {
+    let base = valid("[policy]\nlisten = [\"127.0.0.1:10023\"]\n");
+    // Replies, delays, allow lists and the mode are swapped in by a reload.
+    let swapped = valid(
+        "mode = \"learn\"\n[policy]\nlisten = [\"127.0.0.1:10023\"]\ndefer_text = \"later\"\n\
+         [greylist]\ndelay = 60\n[allow]\nclients = [\"192.0.2.1\"]\n",
+    );
+    assert!(base.needs_restart(&swapped).is_empty());
+    // Listeners and their limits, the store and logging were built at start.
+    let rebuilt = valid(
+        "[policy]\nlisten = [\"127.0.0.1:10023\"]\nmax_connections = 7\n\
+         [milter]\nlisten = [\"127.0.0.1:10024\"]\n[store]\nbackend = \"memory\"\n\
+         [log]\nformat = \"json\"\n[admin]\nlisten = []\n",
+    );
+    assert_eq!(
+        base.needs_restart(&rebuilt),
+        ["policy", "milter", "store", "admin", "log"]
+    );
+}

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod cli;
 mod cluster;
+mod daemon;
 mod dashboard;
 mod dns;
 mod harness;
