@@ -324,7 +324,7 @@ impl Default for Selective {
 }
 
 impl Decision {
-    fn new(verdict: Verdict, rule: Rule) -> Self {
+    pub(crate) fn new(verdict: Verdict, rule: Rule) -> Self {
         Decision {
             verdict,
             rule,

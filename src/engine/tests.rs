@@ -9,7 +9,6 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 
 use super::*;
-use crate::service::Outcome;
 
 /// An arbitrary "now" far from zero, so `now - x` never saturates by accident.
 const T: u64 = 1_700_000_000;
@@ -878,32 +877,6 @@ fn scenario_defer_retry_pass_then_auto_allow_the_group() {
 // ---------------------------------------------------------------------------------------
 // 5. Learn mode
 // ---------------------------------------------------------------------------------------
-
-#[test]
-fn learn_mode_turns_only_defers_into_passes() {
-    use Verdict::{Defer, Pass, Skip};
-    #[rustfmt::skip]
-    let cases = [
-        // (decision, enforced, effective)
-        (Decision::new(Skip, Rule::NotRcptStage), true, Skip),
-        (Decision::new(Skip, Rule::NotRcptStage), false, Skip),
-        (Decision::new(Pass, Rule::Delayed), true, Pass),
-        (Decision::new(Pass, Rule::Delayed), false, Pass),
-        (Decision::new(Defer, Rule::New), true, Defer),
-        (Decision::new(Defer, Rule::New), false, Pass),
-        (Decision::new(Defer, Rule::EarlyRetry), false, Pass),
-        (Decision::store_failure(false, "down".into()), true, Defer),
-        (Decision::store_failure(false, "down".into()), false, Pass),
-        (Decision::store_failure(true, "down".into()), true, Pass),
-    ];
-    for (decision, enforced, want) in cases {
-        let rule = decision.rule;
-        let outcome = Outcome { decision, enforced };
-        assert_eq!(outcome.effective(), want, "{rule} enforced={enforced}");
-        // The would-be decision is kept for logs and explanations.
-        assert_eq!(outcome.decision.rule, rule);
-    }
-}
 
 #[test]
 fn store_failure_decisions_follow_fail_mode() {

@@ -419,3 +419,30 @@ async fn the_prewritten_decision_line_matches_the_structured_event() {
         }
     }
 }
+
+#[test]
+fn learn_mode_turns_only_defers_into_passes() {
+    use crate::engine::Verdict::{Defer, Pass, Skip};
+    use crate::engine::{Decision, Rule};
+    #[rustfmt::skip]
+    let cases = [
+        // (decision, enforced, effective)
+        (Decision::new(Skip, Rule::NotRcptStage), true, Skip),
+        (Decision::new(Skip, Rule::NotRcptStage), false, Skip),
+        (Decision::new(Pass, Rule::Delayed), true, Pass),
+        (Decision::new(Pass, Rule::Delayed), false, Pass),
+        (Decision::new(Defer, Rule::New), true, Defer),
+        (Decision::new(Defer, Rule::New), false, Pass),
+        (Decision::new(Defer, Rule::EarlyRetry), false, Pass),
+        (Decision::store_failure(false, "down".into()), true, Defer),
+        (Decision::store_failure(false, "down".into()), false, Pass),
+        (Decision::store_failure(true, "down".into()), true, Pass),
+    ];
+    for (decision, enforced, want) in cases {
+        let rule = decision.rule;
+        let outcome = Outcome { decision, enforced };
+        assert_eq!(outcome.effective(), want, "{rule} enforced={enforced}");
+        // The would-be decision is kept for logs and explanations.
+        assert_eq!(outcome.decision.rule, rule);
+    }
+}

@@ -138,7 +138,7 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             "the memory store lives only inside the running daemon".into(),
         )),
         (StoreKind::Embedded(path), Access::Serve) => {
-            let s = EmbeddedStore::open(path, crate::service::unix_now())?;
+            let s = EmbeddedStore::open(path, unix_now())?;
             let r = s.load_report();
             if r.undecodable > 0 {
                 tracing::warn!(
@@ -152,10 +152,9 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             );
             Ok(Arc::new(s))
         }
-        (StoreKind::Embedded(path), Access::Write) => Ok(Arc::new(EmbeddedStore::open(
-            path,
-            crate::service::unix_now(),
-        )?)),
+        (StoreKind::Embedded(path), Access::Write) => {
+            Ok(Arc::new(EmbeddedStore::open(path, unix_now())?))
+        }
         (StoreKind::Embedded(path), Access::Read) => Ok(Arc::new(EmbeddedReader::open(path)?)),
         (StoreKind::Redis(server), _) => {
             let s = RedisStore::new(
@@ -218,4 +217,11 @@ pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
         }
         StoreKind::Memory | StoreKind::Embedded(_) => Ok(None),
     }
+}
+
+/// Unix seconds now: an opened embedded store leaves out what expired before it.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
