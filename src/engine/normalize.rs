@@ -1,4 +1,4 @@
-//! Key normalisation: client IP grouping and sender/recipient address normalisation (SPEC §3).
+//! Key normalisation: client IP grouping and sender/recipient address normalisation.
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -132,7 +132,7 @@ impl Default for StreamConfig {
 }
 
 // The attributes around the client/sender/recipient block, in the order and number (29) of
-// the request captured from Postfix 3.7 (shared/fixtures), with TLS as most MX traffic has now.
+// the request captured from Postfix 3.7 (tests/fixtures), with TLS as most MX traffic has now.
 const HEAD: &[u8] = b"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n";
 const MIDDLE: &[u8] = b"recipient_count=0\nqueue_id=\ninstance=";
 const TAIL: &[u8] =
