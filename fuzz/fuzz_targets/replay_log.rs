@@ -4,7 +4,7 @@
 #![no_main]
 
 use greygate::engine::Engine;
-use greygate::tools::outbound::track::parse::Clock;
+use greygate::tools::maillog::Clock;
 use greygate::tools::simulate::inbound::parse_inbound;
 use greygate::tools::simulate::mta::Schedule;
 use greygate::tools::simulate::replay::{Reader, render_text, replay};

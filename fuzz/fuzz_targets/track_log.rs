@@ -2,8 +2,8 @@
 //! panic, and every reply the parser extracts classifies without panicking either.
 #![no_main]
 
+use greygate::tools::maillog::{Clock, Event, parse_line, remote_reply};
 use greygate::tools::outbound::classify::{Reply, classify};
-use greygate::tools::outbound::track::parse::{Clock, Event, parse_line, remote_reply};
 use greygate::tools::outbound::track::{Tracker, report};
 use libfuzzer_sys::fuzz_target;
 

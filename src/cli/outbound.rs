@@ -17,8 +17,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use greygate::dur::Dur;
+use greygate::tools::maillog::Clock;
 use greygate::tools::outbound::probe::{self, Options};
-use greygate::tools::outbound::track::parse::Clock;
 use greygate::tools::outbound::track::report::{self, Filter};
 use greygate::tools::outbound::track::{self, Message, Tracker};
 

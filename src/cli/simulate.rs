@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use greygate::tools::outbound::track;
 
 use super::common::{ConfigArgs, Exit, config_failed};
-use greygate::tools::outbound::track::parse::Clock;
+use greygate::tools::maillog::Clock;
 use greygate::tools::simulate::mta::Schedule;
 use greygate::tools::simulate::{Scenario, replay, report};
 

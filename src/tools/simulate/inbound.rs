@@ -1,6 +1,7 @@
-//! Pure parsing of a receiving site's Postfix log: the lines that say who tried to deliver
-//! what to whom, for `greygate replay`. Byte slices in, borrowed fields out; never panics;
-//! anything else is `None`.
+//! What `greygate replay` takes from a receiving site's Postfix log: the lines that say who
+//! tried to deliver what to whom. The line format is [`crate::tools::maillog`]'s; this is
+//! replay's view of its events. Byte slices in, borrowed fields out; never panics; anything
+//! else is `None`.
 //!
 //! - smtpd, accepted: `QUEUEID: client=name[ip]` (with `, sasl_username=...` when the
 //!   client authenticated), then qmgr's `QUEUEID: from=<...>, size=...` and one delivery
@@ -11,7 +12,7 @@
 
 use std::net::IpAddr;
 
-use crate::tools::outbound::track::parse::{Clock, Event, Ts, find, parse_line, timestamp};
+use crate::tools::maillog::{self, Clock, Event, Ts};
 
 /// What one inbound line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,54 +60,30 @@ pub struct InboundLine<'a> {
 
 /// Parses one line (without its newline).
 pub fn parse_inbound<'a>(line: &'a [u8], clock: &mut Clock) -> Option<InboundLine<'a>> {
-    // smtpd's own lines first; everything else the outbound parser understands already.
-    let (ts, rest) = timestamp(line, clock)?;
-    let rest = rest.strip_prefix(b" ")?;
-    let sp = rest.iter().position(|&b| b == b' ')?;
-    let rest = &rest[sp + 1..];
-    let colon = find(rest, b": ")?;
-    let program = &rest[..colon];
-    let msg = &rest[colon + 2..];
-    if program.contains(&b' ') {
-        return None;
-    }
-    let service = program
-        .rsplit(|&b| b == b'/')
-        .next()
-        .map(|s| s.split(|&b| b == b'[').next().unwrap_or(s))?;
-    if service == b"smtpd" && program.contains(&b'/') {
-        let qcolon = find(msg, b": ")?;
-        let queue_id = &msg[..qcolon];
-        let body = &msg[qcolon + 2..];
-        if queue_id == b"NOQUEUE" {
-            return reject(body).map(|event| InboundLine { ts, event });
-        }
-        let client = body.strip_prefix(b"client=")?;
-        let (name, ip, after) = name_ip(client)?;
-        let sasl = find(after, b"sasl_username=").is_some();
-        return Some(InboundLine {
-            ts,
-            event: Inbound::Client {
-                queue_id,
-                name,
-                ip,
-                sasl,
-            },
-        });
-    }
-    let parsed = parse_line(line, clock)?;
+    let parsed = maillog::parse_line(line, clock)?;
     let queue_id = parsed.queue_id;
     let event = match parsed.event {
+        Event::Client(c) => Inbound::Client {
+            queue_id,
+            name: c.name,
+            ip: c.ip,
+            sasl: c.sasl,
+        },
+        Event::Reject(r) => Inbound::Reject {
+            name: r.name,
+            ip: r.ip,
+            code: r.code,
+            from: r.from,
+            to: r.to,
+        },
+        // Queue events are qmgr's and the delivery agents'; smtpd writes none, and replay
+        // has never taken one under smtpd's name.
+        _ if parsed.service() == b"smtpd" => return None,
         Event::From(from) => Inbound::From { queue_id, from },
-        Event::Delivery(d) => {
-            let rcpt = find(line, b", orig_to=<")
-                .and_then(|i| {
-                    let v = &line[i + 11..];
-                    v.iter().position(|&b| b == b'>').map(|e| &v[..e])
-                })
-                .unwrap_or(d.to);
-            Inbound::To { queue_id, rcpt }
-        }
+        Event::Delivery(d) => Inbound::To {
+            queue_id,
+            rcpt: d.orig_to.unwrap_or(d.to),
+        },
         Event::Removed => Inbound::Removed { queue_id },
         Event::MessageId(_) | Event::Expired => return None,
     };
@@ -114,53 +91,6 @@ pub fn parse_inbound<'a>(line: &'a [u8], clock: &mut Clock) -> Option<InboundLin
         ts: parsed.ts,
         event,
     })
-}
-
-/// `name[ip]` and what follows the `]`.
-fn name_ip(v: &[u8]) -> Option<(&[u8], IpAddr, &[u8])> {
-    let open = v.iter().position(|&b| b == b'[')?;
-    let close = open + v[open..].iter().position(|&b| b == b']')?;
-    let ip = std::str::from_utf8(&v[open + 1..close]).ok()?;
-    let ip = ip.strip_prefix("IPv6:").unwrap_or(ip);
-    Some((&v[..open], ip.parse().ok()?, &v[close + 1..]))
-}
-
-/// `reject: RCPT from name[ip]: 450 ...; from=<a> to=<b> proto=...`.
-fn reject(body: &[u8]) -> Option<Inbound<'_>> {
-    let rest = body
-        .strip_prefix(b"reject: RCPT from ")
-        .or_else(|| body.strip_prefix(b"milter-reject: RCPT from "))?;
-    let (name, ip, after) = name_ip(rest)?;
-    let reply = after.strip_prefix(b": ")?;
-    let code = reply.get(..3)?;
-    if !code.iter().all(u8::is_ascii_digit) || !matches!(code[0], b'4' | b'5') {
-        return None;
-    }
-    let code = code.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-    // The reply text may quote addresses: the envelope comes after the last "; from=<".
-    let at = rfind(reply, b"; from=<")?;
-    let env = &reply[at + 8..];
-    let end = env.iter().position(|&b| b == b'>')?;
-    let from = &env[..end];
-    let to_at = find(&env[end..], b" to=<")? + end + 5;
-    let to_v = &env[to_at..];
-    let to = &to_v[..to_v.iter().position(|&b| b == b'>')?];
-    Some(Inbound::Reject {
-        name,
-        ip,
-        code,
-        from,
-        to,
-    })
-}
-
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
 }
 
 #[cfg(test)]

@@ -25,8 +25,7 @@ use super::mta::Schedule;
 use super::report::{fmt_dur, percentile};
 use super::run::MemState;
 use crate::engine::{Engine, HostName, IdentityFacts, Request, Verdict};
-use crate::tools::outbound::track::MAX_LINE;
-use crate::tools::outbound::track::parse::Clock;
+use crate::tools::maillog::{self, Clock};
 
 /// Attempts with one sender and recipient this long after the first belong to a new message
 /// (Postfix's `maximal_queue_lifetime`).
@@ -107,10 +106,7 @@ impl Reader {
     /// Feeds one line.
     pub fn feed(&mut self, line: &[u8]) {
         self.stats.lines += 1;
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = &line[..line.len().min(MAX_LINE)];
-        let Some(parsed) = parse_inbound(line, &mut self.clock) else {
+        let Some(parsed) = parse_inbound(maillog::trim_line(line), &mut self.clock) else {
             return;
         };
         let ts = u64::try_from(parsed.ts.div_euclid(1000)).unwrap_or(0);

@@ -1,22 +1,19 @@
 //! `greygate track`: rebuild each message's delivery timeline from Postfix logs and report
 //! what greylisting costs per destination domain.
 //!
-//! [`parse`] turns a line into an event (pure, no allocation); [`Tracker`] folds events into
-//! messages keyed by queue id; [`report`] computes per-domain statistics and renders text,
-//! JSON and HTML. [`open_log`] is the only I/O: plain or gzip files, or stdin.
+//! [`crate::tools::maillog`] turns a line into an event (pure, no allocation); [`Tracker`]
+//! folds the queue events into messages keyed by queue id; [`report`] computes per-domain
+//! statistics and renders text, JSON and HTML. [`open_log`] is the only I/O: plain or gzip
+//! files, or stdin.
 
-pub mod parse;
 pub mod report;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
+use crate::tools::maillog::{self, Clock, DeliveryStatus, Event, MAX_LINE, Ts};
 use crate::tools::outbound::classify::{Class, Reply, classify};
-use parse::{Clock, DeliveryStatus, Event, Ts};
-
-/// Longest line kept; longer lines are cut (Postfix itself limits log lines to a few KB).
-pub const MAX_LINE: usize = 16 * 1024;
 
 /// Calls `f` with every line of `input` (newline included), each cut at [`MAX_LINE`]
 /// bytes: one absurd line cannot grow the buffer past `MAX_LINE` plus a read.
@@ -146,12 +143,13 @@ impl Tracker {
     /// Postfix queue events are counted and skipped.
     pub fn feed(&mut self, line: &[u8]) {
         self.lines += 1;
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = &line[..line.len().min(MAX_LINE)];
-        let Some(parsed) = parse::parse_line(line, &mut self.clock) else {
+        let Some(parsed) = maillog::parse_line(maillog::trim_line(line), &mut self.clock) else {
             return;
         };
+        if let Event::Client(_) | Event::Reject(_) = parsed.event {
+            // smtpd's lines say who connected, not how delivery went: not queue events.
+            return;
+        }
         self.events += 1;
         let idx = match self.live.get(parsed.queue_id) {
             Some(&i) => i,
@@ -188,6 +186,8 @@ impl Tracker {
                 msg.removed = true;
                 self.live.remove(parsed.queue_id);
             }
+            // Skipped above, before they were counted.
+            Event::Client(_) | Event::Reject(_) => {}
             Event::Delivery(d) => {
                 let (greylisting, evidence) = if d.status == DeliveryStatus::Deferred {
                     deferral_class(d.detail)
@@ -238,7 +238,7 @@ impl Tracker {
 
 /// Whether a deferral's detail carries a greylisting reply, and the evidence.
 fn deferral_class(detail: &[u8]) -> (bool, Option<String>) {
-    let Some(reply) = parse::remote_reply(detail) else {
+    let Some(reply) = maillog::remote_reply(detail) else {
         return (false, None);
     };
     match Reply::parse(&String::from_utf8_lossy(reply)).map(|r| classify(&r)) {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::Message;
-use super::parse::{DeliveryStatus, Ts};
+use crate::tools::maillog::{DeliveryStatus, Ts};
 use crate::tools::outbound::probe::fmt_secs;
 
 /// Statistics for one destination domain. A message counts once per domain however many
