@@ -5,8 +5,8 @@
 //! addresses and DNS facts, and engine configurations in `greygate.toml`'s own terms);
 //! [`mta`] holds the retry schedules; [`mod@run`] replays days of traffic through
 //! [`crate::engine::Engine::decide`] over an in-memory state; [`report`] renders the
-//! results. [`inbound`] parses a site's own inbound Postfix log and [`replay`] feeds what it
-//! found through the engine. Like the engine, nothing here reads the clock.
+//! results. [`inbound`] turns the lines of a site's own inbound Postfix log, read by
+//! [`crate::tools::maillog`], into deliveries, and [`replay`] feeds them through the engine. Like the engine, nothing here reads the clock.
 
 pub mod inbound;
 pub mod mta;
