@@ -132,8 +132,14 @@ impl StoreOp {
 }
 
 /// Kinds of store errors, for the error counter's label.
-pub const STORE_ERROR_KINDS: [&str; 5] =
-    ["locked", "unavailable", "readonly", "timeout", "backend"];
+pub const STORE_ERROR_KINDS: [&str; 6] = [
+    "locked",
+    "unavailable",
+    "readonly",
+    "timeout",
+    "backend",
+    "corrupt",
+];
 
 fn error_kind(e: &StoreError) -> usize {
     match e {
@@ -142,6 +148,7 @@ fn error_kind(e: &StoreError) -> usize {
         StoreError::ReadOnly => 2,
         StoreError::Timeout(_) => 3,
         StoreError::Backend(_) => 4,
+        StoreError::Corrupt { .. } => 5,
     }
 }
 

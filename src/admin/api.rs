@@ -68,11 +68,13 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> Response {
 }
 
 async fn health(State(st): State<Arc<AdminState>>) -> Response {
-    if st.svc.store.is_open() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        // Still answering (per fail_mode), but an operator should look.
-        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+    // Still answering (per fail_mode, or from memory), but an operator should look.
+    match st.svc.store.health() {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
+        Some(h) if h.writes_failing => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store writes failing\n").into_response()
+        }
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
     }
 }
 
@@ -153,7 +155,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             .store
             .get()
             .map_or_else(|e| e.to_string(), |s| s.describe()),
-        store_available: svc.store.is_open(),
+        store_available: svc.store.available(),
         entries: counts(&st).await,
         pass: m.verdict_total(Verdict::Pass),
         defer: m.verdict_total(Verdict::Defer),

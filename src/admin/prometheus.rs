@@ -145,12 +145,55 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
     o.head(
         "greygate_store_available",
         "gauge",
-        "1 when the store is open, 0 while the daemon answers per fail_mode.",
+        "1 when the store is open and writing, 0 while the daemon answers per fail_mode or \
+         its commits fail.",
     );
     o.sample(
         "greygate_store_available",
         &[],
-        u8::from(svc.store.is_open()),
+        u8::from(svc.store.available()),
+    );
+    let health = svc.store.health().unwrap_or_default();
+    o.head(
+        "greygate_store_writes_failing",
+        "gauge",
+        "1 while the store's commits fail (answers come from memory; changes wait there).",
+    );
+    o.sample(
+        "greygate_store_writes_failing",
+        &[],
+        u8::from(health.writes_failing),
+    );
+    o.head(
+        "greygate_store_failed_commits_total",
+        "counter",
+        "Commits of the embedded store that failed.",
+    );
+    o.sample(
+        "greygate_store_failed_commits_total",
+        &[],
+        health.failed_commits,
+    );
+    o.head(
+        "greygate_store_pending_changes",
+        "gauge",
+        "Changes in memory that the last failed commit could not write.",
+    );
+    o.sample(
+        "greygate_store_pending_changes",
+        &[],
+        health.pending_changes,
+    );
+    o.head(
+        "greygate_store_file_set_aside",
+        "gauge",
+        "1 when the store file could not be read at start and was set aside: the store \
+         started empty.",
+    );
+    o.sample(
+        "greygate_store_file_set_aside",
+        &[],
+        u8::from(health.set_aside.is_some()),
     );
     o.head(
         "greygate_store_operations_total",

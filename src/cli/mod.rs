@@ -40,6 +40,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Check the configuration and allow-list files; report every problem with its line.
     CheckConfig(check::CheckConfigArgs),
+    /// Read the embedded store file without writing; say whether the daemon can load it.
+    CheckStore(check::CheckStoreArgs),
     /// Explain what greygate would decide for a request, without changing anything.
     Explain(explain::ExplainArgs),
     /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
@@ -87,6 +89,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::CheckConfig(args) => check::run(&args),
+        Command::CheckStore(args) => check::run_store(&args),
         Command::Explain(args) => explain::run(args),
         Command::Probe(args) => outbound::probe(args),
         Command::Track(args) => outbound::track(args),

@@ -342,7 +342,10 @@ pub async fn maintain_store(
     let mut last_flush = tokio::time::Instant::now();
     let mut reopen_wait = Duration::from_secs(1);
     let mut next_reopen = tokio::time::Instant::now();
-    let mut flush_failing = false;
+    // While commits fail (a full disk), one line at the first failure and then one a
+    // minute: a line per second for hours would help nobody.
+    const FAILING_REPORT: Duration = Duration::from_secs(60);
+    let mut flush_failing: Option<(tokio::time::Instant, u64)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -380,15 +383,28 @@ pub async fn maintain_store(
         }
         if last_flush.elapsed() >= flush_interval {
             last_flush = tokio::time::Instant::now();
-            match store.flush().await {
-                Ok(()) if flush_failing => {
-                    flush_failing = false;
-                    tracing::warn!("store writes succeed again");
+            match (store.flush().await, &mut flush_failing) {
+                (Ok(()), Some(_)) => {
+                    flush_failing = None;
+                    let failed = store.health().failed_commits;
+                    tracing::warn!(failed_commits = failed, "store writes succeed again");
                 }
-                Ok(()) => {}
-                Err(e) => {
-                    flush_failing = true;
+                (Ok(()), None) => {}
+                (Err(e), None) => {
+                    flush_failing = Some((tokio::time::Instant::now(), 1));
                     tracing::error!(error = %e, "store flush failed; changes stay in memory and are retried");
+                }
+                (Err(e), Some((since, failures))) => {
+                    *failures += 1;
+                    if since.elapsed() >= FAILING_REPORT {
+                        let h = store.health();
+                        tracing::error!(
+                            error = %e, failed_in_a_row = *failures,
+                            pending_changes = h.pending_changes,
+                            "store flush still failing; changes stay in memory and are retried"
+                        );
+                        *since = tokio::time::Instant::now();
+                    }
                 }
             }
         }

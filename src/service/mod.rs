@@ -184,8 +184,15 @@ impl StoreSlot {
         )
     }
 
-    pub fn is_open(&self) -> bool {
-        self.store.load().is_some()
+    /// True while the store is open and writing what changes: a store whose commits fail
+    /// (a full disk) still answers from memory, but is not available in this sense.
+    pub fn available(&self) -> bool {
+        self.present().is_some_and(|s| !s.health().writes_failing)
+    }
+
+    /// The open store's health; `None` while the store is missing.
+    pub fn health(&self) -> Option<crate::store::StoreHealth> {
+        self.present().map(|s| s.health())
     }
 
     pub fn set(&self, store: Arc<dyn Store>) {

@@ -34,10 +34,30 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn open_error(path: &Path, e: DatabaseError) -> StoreError {
+/// An error met while opening or loading the file. What redb finds damaged, or a file that
+/// is not a greygate store, is `Corrupt` (the daemon sets such a file aside); the rest —
+/// I/O, permissions, a lock, a newer format — leaves the file alone.
+fn open_error(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    // redb reports a damaged header (no magic number) as invalid data read from the file.
+    let damaged = match &e {
+        redb::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        e => matches!(
+            e,
+            redb::Error::Corrupted(_)
+                | redb::Error::TableTypeMismatch { .. }
+                | redb::Error::TableIsMultimap(_)
+                | redb::Error::TableIsNotMultimap(_)
+                | redb::Error::TypeDefinitionChanged { .. }
+        ),
+    };
     match e {
-        DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+        redb::Error::DatabaseAlreadyOpen => StoreError::Locked {
             path: path.display().to_string(),
+        },
+        e if damaged => StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
         },
         other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
     }
@@ -52,12 +72,69 @@ pub struct LoadReport {
     pub expired: usize,
     /// Records that could not be decoded (skipped and removed at the next flush).
     pub undecodable: usize,
+    /// The file existed with 0 bytes (taken as a new store).
+    pub empty_file: bool,
+}
+
+/// The open redb file, and whether it must be opened again: after a failed commit (a
+/// full disk) redb refuses every later write until the database is closed and reopened.
+struct DbHandle {
+    path: PathBuf,
+    current: std::sync::Mutex<Option<Arc<Database>>>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl DbHandle {
+    fn open(path: &Path) -> Result<Database, StoreError> {
+        // Requests never read the file (memory answers), so redb's cache only serves the
+        // group commit's B-tree paths; its 1 GiB default would hold half a large store's
+        // file after the start-up scan, in RSS.
+        Database::builder()
+            .set_cache_size(REDB_CACHE)
+            .create(path)
+            .map_err(|e| open_error(path, e))
+    }
+
+    /// The database to use now; reopens it first if a commit failed. A reader still
+    /// holding the old handle (a scan) makes the reopen fail until it is done: the next
+    /// commit tries again.
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        let mut current = crate::lock(&self.current);
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            // Closing is dropping; redb writes what it can on the way.
+            drop(current.take());
+            let db = Self::open(&self.path)?;
+            *current = Some(Arc::new(db));
+            self.broken
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        current
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable(format!("{} is not open", self.path.display())))
+    }
+
+    fn mark_broken(&self) {
+        self.broken
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// What the embedded store knows of its writes.
+#[derive(Default)]
+struct WriteState {
+    failing: std::sync::atomic::AtomicBool,
+    failed_commits: std::sync::atomic::AtomicU64,
+    /// Changes in memory that the last failed commit could not write.
+    pending: std::sync::atomic::AtomicU64,
 }
 
 /// The embedded store.
 pub struct EmbeddedStore {
     path: PathBuf,
-    db: Arc<Database>,
+    db: Arc<DbHandle>,
+    writes: Arc<WriteState>,
+    /// The unreadable file set aside when this store was opened in its place.
+    set_aside: Option<super::SetAside>,
     // Shared with the commit's blocking task, which hands changes back if it fails.
     hot: Arc<MemoryStore>,
     // Flushes must not overlap: an older batch committed after a newer one would win.
@@ -85,7 +162,7 @@ impl EmbeddedStore {
         }
         // With nothing changed, a journal is there to merge.
         let how = Commit::choose(changes, *journal_bytes, merge);
-        let db = self.db.clone();
+        let (handle, writes) = (self.db.clone(), self.writes.clone());
         let (hot, sweep) = (self.hot.clone(), self.sweep.clone());
         let cursors = sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let now = self.sweep_now.load(std::sync::atomic::Ordering::Relaxed);
@@ -95,7 +172,8 @@ impl EmbeddedStore {
         let task = tokio::task::spawn_blocking(move || {
             // Even a panic inside redb must hand the batch back, or its changes would never
             // be written.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let outcome = crate::catch_panic(|| {
+                let db = handle.get()?;
                 let mut tx = db.begin_write().map_err(backend)?;
                 tx.set_durability(Durability::Immediate).map_err(backend)?;
                 let added = match how {
@@ -123,10 +201,15 @@ impl EmbeddedStore {
                 };
                 tx.commit().map_err(backend)?;
                 Ok((next, added))
-            }))
-            .unwrap_or_else(|_| Err(backend("redb panicked during the commit")));
+            })
+            .unwrap_or_else(|panic| {
+                Err(backend(format!("redb panicked during the commit: {panic}")))
+            });
+            use std::sync::atomic::Ordering::Relaxed;
             match outcome {
                 Ok((next, added)) => {
+                    writes.failing.store(false, Relaxed);
+                    writes.pending.store(0, Relaxed);
                     *sweep.lock().unwrap_or_else(|e| e.into_inner()) = next;
                     if how == Commit::Merge {
                         *journal_bytes = 0;
@@ -136,7 +219,14 @@ impl EmbeddedStore {
                     Ok(())
                 }
                 Err(e) => {
-                    // Keep the changes pending: the next flush tries again.
+                    // Keep the changes pending: the next flush tries again, on a database
+                    // opened anew (redb refuses writes after a failed one until then).
+                    handle.mark_broken();
+                    writes.failing.store(true, Relaxed);
+                    writes.failed_commits.fetch_add(1, Relaxed);
+                    writes
+                        .pending
+                        .store((triplets.len() + clients.len()) as u64, Relaxed);
                     hot.triplets.restore_dirty(triplets);
                     hot.clients.restore_dirty(clients);
                     Err(e)
@@ -148,54 +238,71 @@ impl EmbeddedStore {
     }
 
     /// Opens (or creates) the file and loads its live records into memory. `now` decides
-    /// which records are already expired.
+    /// which records are already expired. A file that cannot be read is `Corrupt`, also
+    /// when redb panics on it (a damaged page can make it).
     pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
+        crate::catch_panic(|| Self::open_unguarded(path, now)).unwrap_or_else(|panic| {
+            Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("redb failed reading it: {panic}"),
+            })
+        })
+    }
+
+    fn open_unguarded(path: &Path, now: u64) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        // Requests never read the file (memory answers), so redb's cache only serves the
-        // group commit's B-tree paths; its 1 GiB default would hold half a large store's
-        // file after the start-up scan, in RSS.
-        let db = Database::builder()
-            .set_cache_size(REDB_CACHE)
-            .create(path)
-            .map_err(|e| open_error(path, e))?;
+        let empty_file = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
+        let db = DbHandle::open(path)?;
+        let err = |e: redb::Error| open_error(path, e);
         let hot = MemoryStore::with_key_text(KeyText::WhileDirty);
-        let mut load = LoadReport::default();
+        let mut load = LoadReport {
+            empty_file,
+            ..LoadReport::default()
+        };
         {
-            let tx = db.begin_write().map_err(backend)?;
+            let tx = db.begin_write().map_err(|e| err(e.into()))?;
             // Creating the tables up front lets readers (explain) open them without writing.
-            tx.open_table(TRIPLETS).map_err(backend)?;
-            tx.open_table(CLIENTS).map_err(backend)?;
+            tx.open_table(TRIPLETS).map_err(|e| err(e.into()))?;
+            tx.open_table(CLIENTS).map_err(|e| err(e.into()))?;
             // Commits a daemon journaled and had not merged when it stopped (a hard kill)
             // go into the tables before they are read.
             if tx
                 .open_table(JOURNAL)
-                .map_err(backend)?
+                .map_err(|e| err(e.into()))?
                 .len()
-                .map_err(backend)?
+                .map_err(|e| err(e.into()))?
                 > 0
             {
                 merge_journal(&tx, &[], &[])?;
             }
-            tx.commit().map_err(backend)?;
+            tx.commit().map_err(|e| err(e.into()))?;
         }
-        let tx = db.begin_read().map_err(backend)?;
+        let tx = db.begin_read().map_err(|e| err(e.into()))?;
         load_table(&tx, TRIPLETS, &hot.triplets, now, &mut load, |l| {
             l.triplets += 1
-        })?;
+        })
+        .map_err(err)?;
         load_table(&tx, CLIENTS, &hot.clients, now, &mut load, |l| {
             l.clients += 1
-        })?;
+        })
+        .map_err(err)?;
         drop(tx);
         // The load's temporary per-shard vectors were freed, but allocators keep freed
         // memory mapped for a while: hand it back now, or a large store's RSS keeps them.
         crate::release_free_memory();
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
-            db: Arc::new(db),
+            db: Arc::new(DbHandle {
+                path: path.to_path_buf(),
+                current: std::sync::Mutex::new(Some(Arc::new(db))),
+                broken: std::sync::atomic::AtomicBool::new(false),
+            }),
+            writes: Arc::default(),
+            set_aside: None,
             hot: Arc::new(hot),
             flush_lock: Arc::new(tokio::sync::Mutex::new(0)),
             load,
@@ -210,6 +317,12 @@ impl EmbeddedStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records that this store was opened in place of an unreadable file, now at `aside`.
+    pub fn started_after_set_aside(mut self, aside: super::SetAside) -> Self {
+        self.set_aside = Some(aside);
+        self
     }
 }
 
@@ -241,14 +354,14 @@ fn load_table<R: Packed>(
     now: u64,
     load: &mut LoadReport,
     count: fn(&mut LoadReport),
-) -> Result<(), StoreError> {
-    let table = tx.open_table(def).map_err(backend)?;
+) -> Result<(), redb::Error> {
+    let table = tx.open_table(def)?;
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4);
     let (send, recv) = std::sync::mpsc::sync_channel::<Batch<R>>(2 * workers);
     let recv = std::sync::Mutex::new(recv);
-    std::thread::scope(|s| -> Result<(), StoreError> {
+    std::thread::scope(|s| -> Result<(), redb::Error> {
         for _ in 0..workers {
             let recv = &recv;
             s.spawn(move || {
@@ -264,8 +377,8 @@ fn load_table<R: Packed>(
         }
         let mut batch = Batch::new();
         let scanned = (|| {
-            for item in table.iter().map_err(backend)? {
-                let (k, v) = item.map_err(backend)?;
+            for item in table.iter()? {
+                let (k, v) = item?;
                 match R::from_bytes(v.value()) {
                     Ok(rec) if rec.expires_at() >= now => {
                         let start = batch.text.len();
@@ -664,6 +777,16 @@ impl Store for EmbeddedStore {
         Some(&self.hot)
     }
 
+    fn health(&self) -> super::StoreHealth {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::StoreHealth {
+            writes_failing: self.writes.failing.load(Relaxed),
+            failed_commits: self.writes.failed_commits.load(Relaxed),
+            pending_changes: self.writes.pending.load(Relaxed),
+            set_aside: self.set_aside.clone(),
+        }
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
         self.hot.get_triplet(key).await
     }
@@ -725,9 +848,9 @@ impl Store for EmbeddedStore {
             // be listed, and values come from memory anyway.
             self.commit(true).await?;
         }
-        let db = self.db.clone();
+        let handle = self.db.clone();
         let rows = tokio::task::spawn_blocking(move || {
-            let tx = db.begin_read().map_err(backend)?;
+            let tx = handle.get()?.begin_read().map_err(backend)?;
             read_rows(&tx, table_def(kind), after.as_deref())
         })
         .await
@@ -750,6 +873,93 @@ impl Store for EmbeddedStore {
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         Ok(self.hot.clients.remove(client))
     }
+}
+
+/// What `verify` found in a store file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Rows read and decoded, expired ones included.
+    pub triplets: u64,
+    pub clients: u64,
+    /// Rows this version cannot decode (left alone by the daemon).
+    pub undecodable: u64,
+    /// Journaled commits not yet merged (the daemon merges them when it starts).
+    pub journal_rows: u64,
+    /// The file was not closed cleanly: checked on a repaired copy (the daemon repairs it
+    /// when it starts).
+    pub repaired: bool,
+}
+
+/// Reads every row of a store file without writing, as `greygate check-store` does: `Ok`
+/// when the daemon would load it, `Corrupt` when it would set it aside, and the other
+/// errors as opening gives them (held by a daemon, I/O). A file that was not closed cleanly
+/// needs the repair the daemon makes at start: it is checked on a repaired copy in the
+/// temporary directory, and the file itself is left as it is.
+pub fn verify(path: &Path) -> Result<Verified, StoreError> {
+    crate::catch_panic(|| match ReadOnlyDatabase::open(path) {
+        Ok(db) => walk_rows(path, &db),
+        Err(DatabaseError::RepairAborted) => {
+            let copy = std::env::temp_dir().join(format!(
+                "greygate-check-{}-{}.redb",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            let checked = std::fs::copy(path, &copy)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "{} needs a repair; cannot copy it to {} to check it: {e}",
+                        path.display(),
+                        copy.display()
+                    ))
+                })
+                .and_then(|_| {
+                    let db = Database::create(&copy).map_err(|e| open_error(path, e))?;
+                    walk_rows(path, &db).map(|v| Verified {
+                        repaired: true,
+                        ..v
+                    })
+                });
+            let _ = std::fs::remove_file(&copy);
+            checked
+        }
+        Err(e) => Err(open_error(path, e)),
+    })
+    .unwrap_or_else(|panic| {
+        Err(StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason: format!("redb failed reading it: {panic}"),
+        })
+    })
+}
+
+fn walk_rows(path: &Path, db: &impl ReadableDatabase) -> Result<Verified, StoreError> {
+    let err = |e: redb::Error| open_error(path, e);
+    let tx = db.begin_read().map_err(|e| err(e.into()))?;
+    let mut found = Verified::default();
+    for (def, is_triplet) in [(TRIPLETS, true), (CLIENTS, false)] {
+        let table = match tx.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(err(e.into())),
+        };
+        for row in table.iter().map_err(|e| err(e.into()))? {
+            let (_, v) = row.map_err(|e| err(e.into()))?;
+            let decoded = if is_triplet {
+                Triplet::from_bytes(v.value()).is_ok()
+            } else {
+                ClientRecord::from_bytes(v.value()).is_ok()
+            };
+            match (decoded, is_triplet) {
+                (false, _) => found.undecodable += 1,
+                (true, true) => found.triplets += 1,
+                (true, false) => found.clients += 1,
+            }
+        }
+    }
+    found.journal_rows = journal_len(&tx)?;
+    Ok(found)
 }
 
 /// Read-only access to an embedded store file that no daemon holds (for `explain`).

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
-pub use embedded::{EmbeddedReader, EmbeddedStore};
+pub use embedded::{EmbeddedReader, EmbeddedStore, Verified, verify};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use redis::RedisStore;
@@ -44,6 +44,33 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("store backend error: {0}")]
     Backend(String),
+    /// The embedded file cannot be read as a store (damaged, or not a greygate store).
+    #[error("store file {path} cannot be read: {reason}")]
+    Corrupt { path: String, reason: String },
+}
+
+/// How a store is doing beyond answering requests (the embedded store's writes; stores that
+/// write through have nothing to tell).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// The last commit failed (a full or failing disk): requests are still answered from
+    /// memory, and the changes wait there for a commit that succeeds.
+    pub writes_failing: bool,
+    /// Commits that failed since the store was opened.
+    pub failed_commits: u64,
+    /// Changes the last failed commit could not write (0 once a commit succeeds).
+    pub pending_changes: u64,
+    /// The unreadable file this store was opened in place of: it started empty.
+    pub set_aside: Option<SetAside>,
+}
+
+/// An unreadable store file, renamed and left untouched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SetAside {
+    /// Where the file is now.
+    pub path: String,
+    /// Why it could not be read.
+    pub reason: String,
 }
 
 /// Progress of incremental expiry.
@@ -122,6 +149,11 @@ pub trait Store: Send + Sync + 'static {
     /// and embedded backends): decisions then update them in place.
     fn in_memory(&self) -> Option<&MemoryStore> {
         None
+    }
+
+    /// How the store is doing beyond answering: for `/healthz`, stats and metrics.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
     }
 
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError>;

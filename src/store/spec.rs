@@ -138,8 +138,20 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             "the memory store lives only inside the running daemon".into(),
         )),
         (StoreKind::Embedded(path), Access::Serve) => {
-            let s = EmbeddedStore::open(path, unix_now())?;
+            let s = match EmbeddedStore::open(path, unix_now()) {
+                Err(StoreError::Corrupt { reason, .. }) => {
+                    let aside = set_aside(path, &reason)?;
+                    EmbeddedStore::open(path, unix_now())?.started_after_set_aside(aside)
+                }
+                opened => opened?,
+            };
             let r = s.load_report();
+            if r.empty_file {
+                tracing::warn!(
+                    path = %path.display(),
+                    "store file was empty (0 bytes); starting a new store in it"
+                );
+            }
             if r.undecodable > 0 {
                 tracing::warn!(
                     path = %path.display(), rows = r.undecodable,
@@ -186,6 +198,31 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             Ok(Arc::new(s))
         }
     }
+}
+
+/// Renames an unreadable store file aside, untouched, so that a new store can start in its
+/// place: mail keeps flowing (the trust database is learnt again) and the file is there
+/// for a look. Fails (the daemon then answers per `fail_mode` and retries) when the file
+/// cannot be renamed.
+fn set_aside(path: &Path, reason: &str) -> Result<super::SetAside, StoreError> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{}", unix_now()));
+    let aside = path.with_file_name(name);
+    std::fs::rename(path, &aside).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "{} cannot be read ({reason}) and cannot be set aside: {e}",
+            path.display()
+        ))
+    })?;
+    tracing::error!(
+        path = %path.display(), %reason, set_aside = %aside.display(),
+        "store file cannot be read; it was set aside untouched and a new, empty store starts \
+         in its place (greylisting relearns its correspondents)"
+    );
+    Ok(super::SetAside {
+        path: aside.display().to_string(),
+        reason: reason.to_string(),
+    })
 }
 
 /// How long one operation of a shared store may take: the store timeout for a request; a

@@ -8,6 +8,7 @@ mod cluster;
 mod daemon;
 mod dashboard;
 mod dns;
+mod failures;
 mod harness;
 mod milter;
 mod outbound;
