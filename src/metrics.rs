@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{Rule, Verdict};
 use crate::lock;
@@ -305,7 +305,7 @@ impl ListenerStats {
 }
 
 /// One decision as the dashboard shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RecentDecision {
     pub at: u64,
     pub verdict: Verdict,
@@ -324,7 +324,7 @@ pub struct RecentDecision {
 }
 
 /// Answers in one 10-second bucket.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Bucket {
     pub start: u64,
     pub pass: u64,
@@ -333,7 +333,7 @@ pub struct Bucket {
 }
 
 /// A name and how often it was deferred.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TopEntry {
     pub name: String,
     pub defers: u64,

@@ -1,5 +1,6 @@
 //! The JSON API and `/metrics`. Reads never change state; changes are POST/DELETE and need
-//! the token (checked by the guard in `mod.rs`).
+//! the token (checked by the guard in `mod.rs`). Every request and answer is a type of
+//! `wire.rs`, which the CLI reads with.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,12 +13,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use serde::{Deserialize, Serialize};
 
 use super::entries::{self, EntryQuery};
+use super::wire::{
+    AddEntry, EntriesPage, EntriesQuery, ExplainAnswer, ExplainQuery, LimitQuery, ListenerView,
+    PolicyView, PurgeRequest, Recent, Removed, RuleCount, RuntimeList, Series, SeriesQuery,
+    StatsView, Top, ValueQuery,
+};
 use super::{AdminState, error, prometheus};
-use crate::dur::Dur;
-use crate::engine::{ListKind, Mode, Request, Target, Verdict};
+use crate::engine::{ListKind, Mode, Request, Verdict};
 use crate::service::{EntriesError, Selector, unix_now};
 use crate::store::Counts;
 
@@ -78,59 +82,6 @@ async fn health(State(st): State<Arc<AdminState>>) -> Response {
     }
 }
 
-#[derive(Serialize)]
-struct ListenerView {
-    address: String,
-    protocol: &'static str,
-    open: usize,
-    limit: usize,
-    accepted: u64,
-    refused: u64,
-}
-
-#[derive(Serialize)]
-struct PolicyView {
-    delay: u64,
-    retry_window: u64,
-    max_age: u64,
-    auto_allow_after: u32,
-    auto_allow_lifetime: u64,
-    ipv4_prefix: u8,
-    ipv6_prefix: u8,
-}
-
-#[derive(Serialize)]
-struct RuleCount {
-    rule: &'static str,
-    verdict: Verdict,
-    count: u64,
-}
-
-#[derive(Serialize)]
-struct StatsView {
-    version: &'static str,
-    now: u64,
-    started_at: u64,
-    uptime_seconds: u64,
-    mode: Mode,
-    store: String,
-    store_available: bool,
-    entries: Option<Counts>,
-    pass: u64,
-    defer: u64,
-    skip: u64,
-    fail_open: u64,
-    fail_closed: u64,
-    learn_would_defer: u64,
-    decisions: Vec<RuleCount>,
-    decision_p99_seconds: Option<f64>,
-    listeners: Vec<ListenerView>,
-    runtime_entries: usize,
-    reloads: u64,
-    reload_failures: u64,
-    policy: PolicyView,
-}
-
 async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
     let svc = &st.svc;
     let m = &svc.metrics;
@@ -146,7 +97,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             .map_or(f64::INFINITY, |(b, _)| *b)
     });
     Json(StatsView {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
         now,
         started_at: svc.started_at,
         uptime_seconds: now.saturating_sub(svc.started_at),
@@ -167,7 +118,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             .decisions()
             .into_iter()
             .map(|(rule, verdict, count)| RuleCount {
-                rule: rule.as_str(),
+                rule: rule.as_str().into(),
                 verdict,
                 count,
             })
@@ -178,7 +129,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             .iter()
             .map(|l| ListenerView {
                 address: l.address.clone(),
-                protocol: l.protocol,
+                protocol: l.protocol.into(),
                 open: l.open.load(Ordering::Relaxed),
                 limit: l.limit,
                 accepted: l.accepted.load(Ordering::Relaxed),
@@ -198,20 +149,6 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             ipv6_prefix: p.ipv6_prefix,
         },
     })
-}
-
-#[derive(Deserialize)]
-struct ExplainQuery {
-    client: String,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    from: String,
-    to: String,
-    #[serde(default)]
-    sasl_user: String,
-    #[serde(default)]
-    at: Option<String>,
 }
 
 async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery>) -> Response {
@@ -255,54 +192,45 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     })
     .await;
     match result {
-        Ok(x) => {
-            let text = x.to_text();
-            let mut v = serde_json::to_value(&x).unwrap_or_default();
-            v["text"] = serde_json::Value::String(text);
-            Json(v).into_response()
-        }
+        Ok(explanation) => Json(ExplainAnswer {
+            text: explanation.to_text(),
+            explanation,
+        })
+        .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
-#[derive(Deserialize)]
-struct Limit {
-    limit: Option<usize>,
+async fn recent(State(st): State<Arc<AdminState>>, Query(q): Query<LimitQuery>) -> Json<Recent> {
+    Json(st.svc.activity.recent(q.limit.unwrap_or(50).min(200)))
 }
 
-async fn recent(State(st): State<Arc<AdminState>>, Query(q): Query<Limit>) -> Response {
-    Json(st.svc.activity.recent(q.limit.unwrap_or(50).min(200))).into_response()
-}
-
-#[derive(Deserialize)]
-struct SeriesQuery {
-    seconds: Option<u64>,
-}
-
-async fn series(State(st): State<Arc<AdminState>>, Query(q): Query<SeriesQuery>) -> Response {
+async fn series(State(st): State<Arc<AdminState>>, Query(q): Query<SeriesQuery>) -> Json<Series> {
     let seconds = q.seconds.unwrap_or(3600).clamp(10, 3600);
-    Json(serde_json::json!({
-        "bucket_seconds": crate::metrics::BUCKET_SECONDS,
-        "buckets": st.svc.activity.series(unix_now(), seconds),
-    }))
-    .into_response()
+    Json(Series {
+        bucket_seconds: crate::metrics::BUCKET_SECONDS,
+        buckets: st.svc.activity.series(unix_now(), seconds),
+    })
 }
 
-async fn top(State(st): State<Arc<AdminState>>, Query(q): Query<Limit>) -> Response {
-    let (groups, domains) = st.svc.activity.top(q.limit.unwrap_or(10).min(100));
-    Json(serde_json::json!({ "client_groups": groups, "sender_domains": domains })).into_response()
+async fn top(State(st): State<Arc<AdminState>>, Query(q): Query<LimitQuery>) -> Json<Top> {
+    let (client_groups, sender_domains) = st.svc.activity.top(q.limit.unwrap_or(10).min(100));
+    Json(Top {
+        client_groups,
+        sender_domains,
+    })
 }
 
-async fn list_runtime(State(st): State<Arc<AdminState>>) -> Response {
+async fn list_runtime(State(st): State<Arc<AdminState>>) -> Json<RuntimeList> {
     let now = unix_now();
-    let entries: Vec<_> = st
+    let entries = st
         .svc
         .entries
         .list()
         .into_iter()
         .filter(|e| e.alive(now))
         .collect();
-    Json(serde_json::json!({ "now": now, "entries": entries })).into_response()
+    Json(RuntimeList { now, entries })
 }
 
 fn list_kind(s: &str) -> Result<ListKind, Box<Response>> {
@@ -323,23 +251,6 @@ fn entries_error(e: EntriesError) -> Response {
         EntriesError::Read { .. } | EntriesError::Write { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddEntry {
-    #[serde(default = "client_target")]
-    target: Target,
-    value: String,
-    /// Seconds or a duration such as "7d"; none keeps the entry until removed.
-    #[serde(default)]
-    ttl: Option<Dur>,
-    #[serde(default)]
-    comment: String,
-}
-
-fn client_target() -> Target {
-    Target::Client
 }
 
 async fn add_runtime(
@@ -365,11 +276,6 @@ async fn add_runtime(
     }
 }
 
-#[derive(Deserialize)]
-struct ValueQuery {
-    value: String,
-}
-
 async fn remove_runtime_by_value(
     State(st): State<Arc<AdminState>>,
     Path(list): Path<String>,
@@ -391,7 +297,7 @@ fn remove_runtime(st: &AdminState, list: &str, sel: Selector) -> Response {
         Err(r) => return *r,
     };
     match st.svc.remove_entries(list, &sel, unix_now()) {
-        Ok(gone) => Json(serde_json::json!({ "removed": gone })).into_response(),
+        Ok(removed) => Json(Removed { removed }).into_response(),
         Err(e) => entries_error(e),
     }
 }
@@ -406,29 +312,14 @@ async fn reload(State(st): State<Arc<AdminState>>) -> Response {
     }
 }
 
-/// `EntryQuery` plus paging; spelled out because flattening loses number types in query
-/// strings.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EntriesQuery {
-    kind: Option<String>,
-    state: Option<String>,
-    client: Option<String>,
-    sender: Option<String>,
-    recipient: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
-impl EntriesQuery {
-    fn query(&self) -> EntryQuery {
-        EntryQuery {
-            kind: self.kind.clone(),
-            state: self.state.clone(),
-            client: self.client.clone(),
-            sender: self.sender.clone(),
-            recipient: self.recipient.clone(),
-        }
+/// The filter part of an entries page request.
+fn entry_query(q: &EntriesQuery) -> EntryQuery {
+    EntryQuery {
+        kind: q.kind.clone(),
+        state: q.state.clone(),
+        client: q.client.clone(),
+        sender: q.sender.clone(),
+        recipient: q.recipient.clone(),
     }
 }
 
@@ -441,7 +332,7 @@ async fn entries(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let live = st.svc.live();
-    let m = match q.query().matcher(&live.engine) {
+    let m = match entry_query(&q).matcher(&live.engine) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -452,32 +343,19 @@ async fn entries(
     let limit = q.limit.unwrap_or(entries::DEFAULT_LIMIT);
     let now = unix_now();
     match entries::list(store.as_ref(), &m, q.cursor.as_deref(), limit, now).await {
-        Ok(page) => Json(serde_json::json!({
-            "now": now,
-            "entries": page.entries,
-            "next": page.next,
-        }))
+        Ok(page) => Json(EntriesPage {
+            now,
+            entries: page.entries,
+            next: page.next,
+        })
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeBody {
-    kind: Option<String>,
-    state: Option<String>,
-    client: Option<String>,
-    sender: Option<String>,
-    recipient: Option<String>,
-    /// Needed to purge without any filter.
-    #[serde(default)]
-    all: bool,
-}
-
 async fn purge(
     State(st): State<Arc<AdminState>>,
-    body: Result<Json<PurgeBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(b) = match body {
         Ok(b) => b,

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::wire::PurgeReport;
 use crate::engine::Engine;
 use crate::store::{Entry, EntryKind, Page, Store, StoreError};
 
@@ -129,14 +130,6 @@ pub async fn list(
     store
         .scan(m.kind, cursor, limit.clamp(1, MAX_LIMIT), now, &keep)
         .await
-}
-
-/// What a purge did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct PurgeReport {
-    pub removed: u64,
-    /// False when the time budget ran out first; purging again continues.
-    pub complete: bool,
 }
 
 /// Removes every matching record, within `budget`.

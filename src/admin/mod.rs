@@ -144,7 +144,9 @@ pub fn create_token_file(path: &Path) -> std::io::Result<String> {
 
 /// A JSON error body with a status.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({ "error": message.into() });
+    let body = wire::ErrorBody {
+        error: message.into(),
+    };
     let mut r = (status, axum::Json(body)).into_response();
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut().insert(

@@ -4,6 +4,10 @@
 //!
 //! Exit codes: 0 done, 1 failure, 2 usage or configuration, 3 the store is held by a
 //! daemon that does not answer on its admin address.
+//!
+//! The daemon's answers are read into the types of `greygate::admin::wire`, the ones its
+//! handlers write, so an answer without a field shown here fails loudly instead of
+//! printing a zero.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -11,13 +15,17 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use greygate::admin::client::{AdminClient, ClientError};
 use greygate::admin::entries::{self, EntryQuery};
+use greygate::admin::wire::{
+    AddEntry, EntriesPage, EntriesQuery, ExplainAnswer, ExplainQuery, PurgeReport, PurgeRequest,
+    ReloadReport, ReloadRequest, Removed, RuntimeList, StatsView, ValueQuery,
+};
 use greygate::config::Config;
 use greygate::dur::Dur;
-use greygate::engine::{ListKind, Target};
+use greygate::engine::{ListKind, RuntimeEntry, Target};
 use greygate::service::{RuntimeEntries, Selector, unix_now};
 use greygate::store::{self, Access, Entry, StoreError};
 
@@ -224,7 +232,7 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    if let Some(s) = ask(&ctx, |c| c.get("/api/stats"))? {
+    if let Some(s) = ask(&ctx, |c| c.get::<StatsView>("/api/stats"))? {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&s)?);
         } else {
@@ -252,75 +260,55 @@ pub fn stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn stats_text(s: &Value) -> String {
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
+fn stats_text(s: &StatsView) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
         "greygate {} up {} s, mode {}",
-        s["version"].as_str().unwrap_or("?"),
-        n(&s["uptime_seconds"]),
-        s["mode"].as_str().unwrap_or("?")
+        s.version,
+        s.uptime_seconds,
+        s.mode.as_str()
     );
-    let avail = if s["store_available"].as_bool() == Some(true) {
+    let avail = if s.store_available {
         "available"
     } else {
         "UNAVAILABLE (answering per fail_mode)"
     };
-    let _ = writeln!(
-        o,
-        "store:      {} ({avail})",
-        s["store"].as_str().unwrap_or("?")
-    );
-    if let Some(e) = s["entries"].as_object() {
+    let _ = writeln!(o, "store:      {} ({avail})", s.store);
+    if let Some(e) = &s.entries {
         let _ = writeln!(
             o,
             "entries:    {} pending, {} passed triplets; {} client groups",
-            n(&e["triplets_pending"]),
-            n(&e["triplets_passed"]),
-            n(&e["clients"])
+            e.triplets_pending, e.triplets_passed, e.clients
         );
     }
     let _ = writeln!(
         o,
         "answers:    {} passed, {} deferred, {} not greylisted; {} fail-open, {} fail-closed",
-        n(&s["pass"]),
-        n(&s["defer"]),
-        n(&s["skip"]),
-        n(&s["fail_open"]),
-        n(&s["fail_closed"])
+        s.pass, s.defer, s.skip, s.fail_open, s.fail_closed
     );
-    if let Some(rules) = s["decisions"].as_array() {
-        let _ = writeln!(o, "by rule:");
-        for r in rules {
-            let _ = writeln!(
-                o,
-                "  {:<22} {:<6} {:>10}",
-                r["rule"].as_str().unwrap_or("?"),
-                r["verdict"].as_str().unwrap_or("?"),
-                n(&r["count"])
-            );
-        }
+    let _ = writeln!(o, "by rule:");
+    for r in &s.decisions {
+        let _ = writeln!(
+            o,
+            "  {:<22} {:<6} {:>10}",
+            r.rule,
+            r.verdict.as_str(),
+            r.count
+        );
     }
-    if let Some(ls) = s["listeners"].as_array() {
-        for l in ls {
-            let _ = writeln!(
-                o,
-                "listener:   {} {} — {} open of {}, {} accepted, {} refused",
-                l["protocol"].as_str().unwrap_or("?"),
-                l["address"].as_str().unwrap_or("?"),
-                n(&l["open"]),
-                n(&l["limit"]),
-                n(&l["accepted"]),
-                n(&l["refused"])
-            );
-        }
+    for l in &s.listeners {
+        let _ = writeln!(
+            o,
+            "listener:   {} {} — {} open of {}, {} accepted, {} refused",
+            l.protocol, l.address, l.open, l.limit, l.accepted, l.refused
+        );
     }
-    let _ = writeln!(o, "runtime entries: {}", n(&s["runtime_entries"]));
+    let _ = writeln!(o, "runtime entries: {}", s.runtime_entries);
     o
 }
 
-fn entries_text(entries: &[Value]) -> String {
+fn entries_text(entries: &[Entry]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -328,40 +316,36 @@ fn entries_text(entries: &[Value]) -> String {
         "STATE", "CLIENT", "SENDER", "RECIPIENT", "FIRST SEEN (UTC)", "TRIES", "EXPIRES (UTC)"
     );
     for e in entries {
-        let r = &e["record"];
-        let t = |v: &Value| when(v.as_u64().unwrap_or(0));
-        if e["kind"] == "client" {
-            let _ = writeln!(
-                o,
-                "{:<8} {:<20} {:<30} {:<30} {:<19} {:>5} {}",
-                "client",
-                e["client"].as_str().unwrap_or(""),
-                format!("{} counted passes", r["passes"]),
-                "",
-                t(&r["last_counted"]),
-                "",
-                t(&r["expires_at"])
-            );
-            continue;
+        match e {
+            Entry::Client { client, record: r } => {
+                let _ = writeln!(
+                    o,
+                    "{:<8} {:<20} {:<30} {:<30} {:<19} {:>5} {}",
+                    "client",
+                    client,
+                    format!("{} counted passes", r.passes),
+                    "",
+                    when(r.last_counted),
+                    "",
+                    when(r.expires_at)
+                );
+            }
+            Entry::Triplet { key: k, record: r } => {
+                let state = if r.passed { "passed" } else { "pending" };
+                let sender = if k.sender.is_empty() { "<>" } else { &k.sender };
+                let _ = writeln!(
+                    o,
+                    "{:<8} {:<20} {:<30} {:<30} {:<19} {:>5} {}",
+                    state,
+                    k.client,
+                    sender,
+                    k.recipient,
+                    when(r.first_seen),
+                    r.attempts,
+                    when(r.expires_at)
+                );
+            }
         }
-        let k = &e["key"];
-        let state = if r["passed"].as_bool() == Some(true) {
-            "passed"
-        } else {
-            "pending"
-        };
-        let sender = k["sender"].as_str().unwrap_or("");
-        let _ = writeln!(
-            o,
-            "{:<8} {:<20} {:<30} {:<30} {:<19} {:>5} {}",
-            state,
-            k["client"].as_str().unwrap_or(""),
-            if sender.is_empty() { "<>" } else { sender },
-            k["recipient"].as_str().unwrap_or(""),
-            t(&r["first_seen"]),
-            r["attempts"].as_u64().unwrap_or(0),
-            t(&r["expires_at"])
-        );
     }
     o
 }
@@ -372,20 +356,23 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let query = a.filter.query();
-    let mut found: Vec<Value> = Vec::new();
+    let mut found: Vec<Entry> = Vec::new();
     let from_daemon = ask(&ctx, |c| {
         let mut cursor: Option<String> = None;
         while found.len() < a.limit {
-            let mut q = url_query(&query);
-            let want = (a.limit - found.len()).min(entries::MAX_LIMIT);
-            let _ = write!(q, "&limit={want}");
-            if let Some(cur) = &cursor {
-                let _ = write!(q, "&cursor={cur}");
-            }
-            let page = c.get(&format!("/api/entries?{q}"))?;
-            found.extend(page["entries"].as_array().cloned().unwrap_or_default());
-            match page["next"].as_str() {
-                Some(n) => cursor = Some(n.to_string()),
+            let q = EntriesQuery {
+                kind: query.kind.clone(),
+                state: query.state.clone(),
+                client: query.client.clone(),
+                sender: query.sender.clone(),
+                recipient: query.recipient.clone(),
+                limit: Some((a.limit - found.len()).min(entries::MAX_LIMIT)),
+                cursor: cursor.take(),
+            };
+            let page: EntriesPage = c.get_query("/api/entries", &q)?;
+            found.extend(page.entries);
+            match page.next {
+                Some(n) => cursor = Some(n),
                 None => break,
             }
         }
@@ -413,11 +400,7 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
                 want,
                 now,
             ))?;
-            found.extend(
-                page.entries
-                    .iter()
-                    .map(|e: &Entry| serde_json::to_value(e).unwrap_or_default()),
-            );
+            found.extend(page.entries);
             match page.next {
                 Some(n) => cursor = Some(n),
                 None => break,
@@ -439,38 +422,6 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn url_query(q: &EntryQuery) -> String {
-    let mut s = String::new();
-    for (k, v) in [
-        ("kind", &q.kind),
-        ("state", &q.state),
-        ("client", &q.client),
-        ("sender", &q.sender),
-        ("recipient", &q.recipient),
-    ] {
-        if let Some(v) = v {
-            if !s.is_empty() {
-                s.push('&');
-            }
-            let _ = write!(s, "{k}={}", percent(v));
-        }
-    }
-    s
-}
-
-/// Percent-encodes a query value (addresses carry `+`, `@`, `=`).
-fn percent(v: &str) -> String {
-    let mut out = String::new();
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
     let ctx = match context(&a.daemon)? {
         Ok(c) => c,
@@ -483,16 +434,20 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(Exit::Usage.into());
     }
-    let body = json!({
-        "kind": query.kind, "state": query.state, "client": query.client,
-        "sender": query.sender, "recipient": query.recipient, "all": a.everything,
-    });
+    let body = PurgeRequest {
+        kind: query.kind.clone(),
+        state: query.state.clone(),
+        client: query.client.clone(),
+        sender: query.sender.clone(),
+        recipient: query.recipient.clone(),
+        all: a.everything,
+    };
     if let Some(r) = ask(&ctx, |c| {
         let mut total = 0;
         loop {
-            let r = c.post("/api/purge", &body)?;
-            total += r["removed"].as_u64().unwrap_or(0);
-            if r["complete"].as_bool() != Some(false) {
+            let r: PurgeReport = c.post("/api/purge", &body)?;
+            total += r.removed;
+            if r.complete {
                 return Ok(total);
             }
         }
@@ -550,7 +505,7 @@ fn entries_file(cfg: &Config) -> anyhow::Result<RuntimeEntries> {
     Ok(RuntimeEntries::load(path)?)
 }
 
-fn runtime_text(entries: &[Value]) -> String {
+fn runtime_text(entries: &[RuntimeEntry]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -558,16 +513,16 @@ fn runtime_text(entries: &[Value]) -> String {
         "#", "LIST", "MATCHES", "VALUE", "EXPIRES (UTC)"
     );
     for e in entries {
-        let expires = e["expires_at"].as_u64().map_or("never".to_string(), when);
+        let expires = e.expires_at.map_or("never".to_string(), when);
         let _ = writeln!(
             o,
             "{:>4} {:<5} {:<9} {:<32} {:<19} {}",
-            e["id"].as_u64().unwrap_or(0),
-            e["list"].as_str().unwrap_or(""),
-            e["target"].as_str().unwrap_or(""),
-            e["value"].as_str().unwrap_or(""),
+            e.id,
+            e.list.as_str(),
+            e.target.as_str(),
+            e.value,
             expires,
-            e["comment"].as_str().unwrap_or("")
+            e.comment
         );
     }
     o
@@ -589,21 +544,25 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
                 Err(code) => return Ok(code),
             };
             let ttl_secs = ttl.map(|d| d.0.as_secs().max(1));
-            let body = json!({ "target": t, "value": value, "ttl": ttl_secs, "comment": comment });
-            let e = match ask(&ctx, |c| c.post(&format!("/api/runtime/{name}"), &body))? {
-                Some(e) => e,
-                None => {
-                    let file = entries_file(&ctx.cfg)?;
-                    let e = file.add(list, t, &value, ttl_secs, &comment, unix_now())?;
-                    serde_json::to_value(e)?
-                }
+            let body = AddEntry {
+                target: t,
+                value,
+                ttl: ttl_secs.map(|s| Dur(Duration::from_secs(s))),
+                comment,
             };
-            println!(
-                "added #{}: {name} {} {}",
-                e["id"],
-                e["target"].as_str().unwrap_or(""),
-                e["value"]
-            );
+            let e: RuntimeEntry =
+                match ask(&ctx, |c| c.post(&format!("/api/runtime/{name}"), &body))? {
+                    Some(e) => e,
+                    None => entries_file(&ctx.cfg)?.add(
+                        list,
+                        t,
+                        &body.value,
+                        ttl_secs,
+                        &body.comment,
+                        unix_now(),
+                    )?,
+                };
+            println!("{}", added_text(name, &e));
             Ok(ExitCode::SUCCESS)
         }
         RuntimeAction::Remove { daemon, what } => {
@@ -612,12 +571,17 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
                 Err(code) => return Ok(code),
             };
             let sel = selector(&what);
-            let path = match &sel {
-                Selector::Id(id) => format!("/api/runtime/{name}/{id}"),
-                Selector::Value(v) => format!("/api/runtime/{name}?value={}", percent(v)),
-            };
-            let gone = match ask(&ctx, |c| c.delete(&path))? {
-                Some(r) => r["removed"].as_array().map_or(0, Vec::len),
+            let asked = ask(&ctx, |c| -> Result<Removed, ClientError> {
+                match &sel {
+                    Selector::Id(id) => c.delete(&format!("/api/runtime/{name}/{id}")),
+                    Selector::Value(v) => c.delete_query(
+                        &format!("/api/runtime/{name}"),
+                        &ValueQuery { value: v.clone() },
+                    ),
+                }
+            })?;
+            let gone = match asked {
+                Some(r) => r.removed.len(),
                 None => entries_file(&ctx.cfg)?.remove(list, &sel)?.len(),
             };
             println!(
@@ -631,19 +595,19 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let all: Vec<Value> = match ask(&ctx, |c| c.get("/api/runtime"))? {
-                Some(r) => r["entries"].as_array().cloned().unwrap_or_default(),
+            let all: Vec<RuntimeEntry> = match ask(&ctx, |c| c.get::<RuntimeList>("/api/runtime"))?
+            {
+                Some(r) => r.entries,
                 None => {
                     let now = unix_now();
                     entries_file(&ctx.cfg)?
                         .list()
                         .into_iter()
                         .filter(|e| e.alive(now))
-                        .map(|e| serde_json::to_value(e).unwrap_or_default())
                         .collect()
                 }
             };
-            let mine: Vec<Value> = all.into_iter().filter(|e| e["list"] == name).collect();
+            let mine: Vec<RuntimeEntry> = all.into_iter().filter(|e| e.list == list).collect();
             if json {
                 println!(
                     "{}",
@@ -662,12 +626,16 @@ pub fn reload(a: ReloadArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    match ask(&ctx, |c| c.post("/api/reload", &json!({})))? {
+    match ask(&ctx, |c| {
+        c.post::<_, ReloadReport>("/api/reload", &ReloadRequest {})
+    })? {
         Some(r) => {
             println!("configuration reloaded");
-            if let Some(list) = r["needs_restart"].as_array().filter(|l| !l.is_empty()) {
-                let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-                println!("changed settings that need a restart: {}", names.join(", "));
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "changed settings that need a restart: {}",
+                    r.needs_restart.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -678,31 +646,106 @@ pub fn reload(a: ReloadArgs) -> anyhow::Result<ExitCode> {
 /// `explain --live`: the running daemon explains with its own engine and store.
 pub fn explain_live(
     daemon: &DaemonArgs,
-    query: &[(&str, String)],
+    query: &ExplainQuery,
     json_out: bool,
 ) -> anyhow::Result<Option<ExitCode>> {
     let ctx = match context(daemon)? {
         Ok(c) => c,
         Err(code) => return Ok(Some(code)),
     };
-    let mut q = String::new();
-    for (k, v) in query {
-        if !q.is_empty() {
-            q.push('&');
-        }
-        let _ = write!(q, "{k}={}", percent(v));
-    }
-    let Some(x) = ask(&ctx, |c| c.get(&format!("/api/explain?{q}")))? else {
+    let Some(x) = ask(&ctx, |c| {
+        c.get_query::<_, ExplainAnswer>("/api/explain", query)
+    })?
+    else {
         return Ok(None);
     };
     if json_out {
-        let mut x = x;
-        if let Some(o) = x.as_object_mut() {
-            o.remove("text");
-        }
-        println!("{}", serde_json::to_string_pretty(&x)?);
+        // The explanation without the daemon's text, as `explain --json` prints it offline.
+        println!("{}", serde_json::to_string_pretty(&x.explanation)?);
     } else {
-        print!("{}", x["text"].as_str().unwrap_or_default());
+        print!("{}", x.text);
     }
     Ok(Some(ExitCode::SUCCESS))
+}
+
+/// The line `allow add` / `deny add` prints; the value quoted as JSON (as it always was).
+fn added_text(list: &str, e: &RuntimeEntry) -> String {
+    format!(
+        "added #{}: {list} {} {}",
+        e.id,
+        e.target.as_str(),
+        serde_json::Value::String(e.value.clone())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The text the commands print, checked against what they printed when they still read
+    //! untyped JSON (the expected strings were captured from that code on these answers).
+
+    use super::*;
+
+    const STATS: &str = r#"{"version":"0.1.0","now":1700000100,"started_at":1700000000,"uptime_seconds":100,"mode":"learn","store":"embedded /var/lib/greygate/greygate.redb","store_available":false,"entries":{"triplets_pending":3,"triplets_passed":2,"clients":1},"pass":10,"defer":4,"skip":1,"fail_open":0,"fail_closed":2,"learn_would_defer":5,"decisions":[{"rule":"new","verdict":"defer","count":4},{"rule":"known","verdict":"pass","count":10}],"decision_p99_seconds":0.001,"listeners":[{"address":"127.0.0.1:10023","protocol":"policy","open":1,"limit":100,"accepted":7,"refused":0}],"runtime_entries":2,"reloads":1,"reload_failures":0,"policy":{"delay":300,"retry_window":172800,"max_age":3024000,"auto_allow_after":5,"auto_allow_lifetime":3024000,"ipv4_prefix":24,"ipv6_prefix":64}}"#;
+    const ENTRIES: &str = r#"[{"kind":"triplet","key":{"client":"192.0.2.0/24","sender":"alice@example.net","recipient":"bob@example.org"},"record":{"first_seen":1700000000,"last_seen":1700000050,"expires_at":1700172800,"attempts":2,"passes":0,"passed":false}},{"kind":"triplet","key":{"client":"spf:example.com","sender":"","recipient":"postmaster@example.org"},"record":{"first_seen":1700000000,"last_seen":1700000400,"expires_at":1703024000,"attempts":1,"passes":3,"passed":true}},{"kind":"client","client":"198.51.100.0/24","record":{"passes":4,"last_counted":1700000000,"last_seen":1700000300,"expires_at":1703024000}}]"#;
+    const RUNTIME: &str = r#"[{"id":1,"list":"allow","target":"client","value":"192.0.2.0/24","added_at":1700000000,"expires_at":1700604800,"comment":"partner"},{"id":12,"list":"allow","target":"sender","value":"@example.com","added_at":1700000000}]"#;
+
+    #[test]
+    fn stats_text_is_unchanged() {
+        let s: StatsView = serde_json::from_str(STATS).expect("stats");
+        assert_eq!(
+            stats_text(&s),
+            concat!(
+                "greygate 0.1.0 up 100 s, mode learn\n",
+                "store:      embedded /var/lib/greygate/greygate.redb (UNAVAILABLE (answering per fail_mode))\n",
+                "entries:    3 pending, 2 passed triplets; 1 client groups\n",
+                "answers:    10 passed, 4 deferred, 1 not greylisted; 0 fail-open, 2 fail-closed\n",
+                "by rule:\n",
+                "  new                    defer           4\n",
+                "  known                  pass           10\n",
+                "listener:   policy 127.0.0.1:10023 — 1 open of 100, 7 accepted, 0 refused\n",
+                "runtime entries: 2\n"
+            )
+        );
+        let no_counts = StatsView { entries: None, ..s };
+        assert_eq!(
+            stats_text(&no_counts),
+            concat!(
+                "greygate 0.1.0 up 100 s, mode learn\n",
+                "store:      embedded /var/lib/greygate/greygate.redb (UNAVAILABLE (answering per fail_mode))\n",
+                "answers:    10 passed, 4 deferred, 1 not greylisted; 0 fail-open, 2 fail-closed\n",
+                "by rule:\n",
+                "  new                    defer           4\n",
+                "  known                  pass           10\n",
+                "listener:   policy 127.0.0.1:10023 — 1 open of 100, 7 accepted, 0 refused\n",
+                "runtime entries: 2\n"
+            )
+        );
+    }
+
+    #[test]
+    fn entries_and_runtime_tables_are_unchanged() {
+        let e: Vec<Entry> = serde_json::from_str(ENTRIES).expect("entries");
+        assert_eq!(
+            entries_text(&e),
+            concat!(
+                "STATE    CLIENT               SENDER                         RECIPIENT                      FIRST SEEN (UTC)    TRIES EXPIRES (UTC)      \n",
+                "pending  192.0.2.0/24         alice@example.net              bob@example.org                2023-11-14 22:13:20     2 2023-11-16 22:13:20\n",
+                "passed   spf:example.com      <>                             postmaster@example.org         2023-11-14 22:13:20     1 2023-12-19 22:13:20\n",
+                "client   198.51.100.0/24      4 counted passes                                              2023-11-14 22:13:20       2023-12-19 22:13:20\n"
+            )
+        );
+        let r: Vec<RuntimeEntry> = serde_json::from_str(RUNTIME).expect("runtime");
+        assert_eq!(
+            runtime_text(&r),
+            concat!(
+                "   # LIST  MATCHES   VALUE                            EXPIRES (UTC)       COMMENT\n",
+                "   1 allow client    192.0.2.0/24                     2023-11-21 22:13:20 partner\n",
+                "  12 allow sender    @example.com                     never               \n"
+            )
+        );
+        assert_eq!(
+            added_text("allow", &r[0]),
+            "added #1: allow client \"192.0.2.0/24\""
+        );
+    }
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use greygate::admin::wire::ExplainQuery;
 use greygate::engine::{Mode, Request};
 use greygate::service::unix_now;
 use greygate::store::{self, Access, StoreError};
@@ -58,14 +59,14 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             token: None,
             offline: false,
         };
-        let query = [
-            ("client", args.client.to_string()),
-            ("name", args.name.clone()),
-            ("from", args.from.clone()),
-            ("to", args.to.clone()),
-            ("sasl_user", args.sasl_user.clone()),
-            ("at", args.at.clone().unwrap_or_default()),
-        ];
+        let query = ExplainQuery {
+            client: args.client.to_string(),
+            name: Some(args.name.clone()),
+            from: args.from.clone(),
+            to: args.to.clone(),
+            sasl_user: args.sasl_user.clone(),
+            at: args.at.clone(),
+        };
         if let Some(code) = super::admin::explain_live(&daemon, &query, args.json)? {
             return Ok(code);
         }

@@ -160,7 +160,7 @@ impl IdentityFacts {
 }
 
 /// The chosen identity's kind and why, as decisions and explanations carry it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentityReason {
     pub kind: IdentityKind,
     /// Human text: what was chosen from which fact, and why earlier kinds were passed over.

@@ -15,7 +15,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use allow::{AllowKind, AllowLists, Origin};
 pub use identity::{
@@ -28,7 +28,7 @@ pub use runtime::{ListKind, RuntimeEntry, RuntimeLists, Target};
 const PASS_COUNT_WINDOW: u64 = 3600;
 
 /// Enforce decisions, or only record and log them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Defer unknown triplets (the normal operation).
@@ -37,6 +37,16 @@ pub enum Mode {
     /// Decide and record as if enforcing, but always accept: warms the database before
     /// greylisting delays anything.
     Learn,
+}
+
+impl Mode {
+    /// The name as configured and as the admin API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Learn => "learn",
+        }
+    }
 }
 
 /// The checked greylisting parameters (see `config` for their documentation).
@@ -93,7 +103,7 @@ pub struct Request {
 }
 
 /// The greylisting key of a request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TripletKey {
     /// Client identity: the IP group (`192.0.2.0/24`), `spf:<domain>` or `org:<domain>`.
     pub client: String,
@@ -130,7 +140,7 @@ impl fmt::Display for TripletKey {
 }
 
 /// What to do with the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Greylisting does not apply (wrong stage, authenticated client).
@@ -150,8 +160,8 @@ impl Verdict {
 }
 
 /// The rule that decided; its name appears in logs, explanations and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(into = "&'static str")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum Rule {
     NotRcptStage,
     NoClientAddress,
@@ -236,6 +246,17 @@ impl From<Rule> for &'static str {
     }
 }
 
+/// The inverse of [`Rule::as_str`], for reading the admin API's answers.
+impl TryFrom<String> for Rule {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Rule::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown rule {s:?}"))
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -243,7 +264,7 @@ impl fmt::Display for Rule {
 }
 
 /// A decision with everything needed to explain it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     pub verdict: Verdict,
     pub rule: Rule,
@@ -273,7 +294,7 @@ pub struct Decision {
 }
 
 /// Why a request serves the delay it does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DelayReason {
     /// `[greylist] delay`.
@@ -285,7 +306,7 @@ pub enum DelayReason {
 }
 
 /// The delay of one request: per request, since DNS list facts may lengthen or shorten it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delay {
     pub seconds: u64,
     pub reason: DelayReason,

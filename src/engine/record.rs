@@ -5,7 +5,7 @@
 //! knowing the greylisting configuration.
 
 /// What the store knows about one (client group, sender, recipient) triplet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Triplet {
     /// Unix seconds of the first attempt of the current greylisting round.
     pub first_seen: u64,
@@ -22,7 +22,7 @@ pub struct Triplet {
 }
 
 /// What the store knows about one client group for auto-allowing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClientRecord {
     /// Passes counted towards the auto-allow threshold (at most one per hour).
     pub passes: u32,

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dns::Gatherer;
 use crate::engine::{
@@ -13,7 +13,7 @@ use crate::engine::{
 use crate::store::{Store, StoreError};
 
 /// A decision with its context, ready to print.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub now: u64,
     pub decision: Decision,

@@ -16,7 +16,7 @@ mod spec;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{ClientRecord, Triplet, TripletKey};
 
@@ -83,7 +83,7 @@ pub struct ExpireStep {
 }
 
 /// Record counts by state, for stats and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub triplets_pending: u64,
     pub triplets_passed: u64,
@@ -98,7 +98,7 @@ pub enum EntryKind {
 }
 
 /// One stored record with its key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Entry {
     Triplet {
@@ -122,7 +122,7 @@ impl Entry {
 }
 
 /// A page of a scan.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
     pub entries: Vec<Entry>,
     /// An opaque cursor to continue from (printable ASCII, safe in a URL query without

@@ -505,6 +505,75 @@ fn entries_list_by_filter_and_purge() {
     assert_eq!(b["removed"], 6);
 }
 
+/// Every answer the real handlers write reads back into the `wire` type the CLI reads it
+/// with: a field renamed on one side only fails here, not as a zero in the CLI's output.
+#[test]
+fn every_answer_reads_into_its_wire_type() {
+    use greygate::admin::wire;
+    use serde::de::DeserializeOwned;
+
+    fn typed<T: DeserializeOwned>(what: &str, v: Value) -> T {
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{what}: {e}: {v}"))
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    let http = Http::new(&d);
+    let mut c = d.client();
+    c.ask(&rcpt_request(
+        "192.0.2.5",
+        "alice@example.net",
+        "bob@example.org",
+    ));
+    counted(&http, 1);
+
+    let stats: wire::StatsView = typed("stats", http.get_json("/api/stats"));
+    assert_eq!((stats.defer, stats.listeners.len()), (1, 1), "{stats:?}");
+    assert!(stats.entries.is_some(), "{stats:?}");
+    let recent: wire::Recent = typed("recent", http.get_json("/api/recent"));
+    assert_eq!(recent.len(), 1);
+    let series: wire::Series = typed("series", http.get_json("/api/series?seconds=60"));
+    assert_eq!(series.buckets.iter().map(|b| b.defer).sum::<u64>(), 1);
+    let top: wire::Top = typed("top", http.get_json("/api/top"));
+    assert_eq!(top.client_groups[0].name, "192.0.2.0/24");
+    let x: wire::ExplainAnswer = typed(
+        "explain",
+        http.get_json("/api/explain?client=192.0.2.6&from=alice@example.net&to=bob@example.org"),
+    );
+    assert_eq!(x.explanation.decision.rule.as_str(), "early-retry");
+    assert!(x.explanation.decision.record.is_some());
+    assert!(x.text.contains("early-retry"), "{}", x.text);
+    let page: wire::EntriesPage = typed("entries", http.get_json("/api/entries"));
+    assert_eq!((page.entries.len(), page.next), (1, None));
+
+    let (s, e) = http.post(
+        "/api/runtime/allow",
+        Some(TOKEN),
+        &json!({"value": "198.51.100.0/24", "ttl": 3600}),
+    );
+    assert_eq!(s, 201, "{e}");
+    let added: greygate::engine::RuntimeEntry = typed("added", e);
+    assert!(added.expires_at.is_some());
+    let listed: wire::RuntimeList = typed("runtime", http.get_json("/api/runtime"));
+    assert_eq!(listed.entries, vec![added.clone()]);
+    let (s, r) = http.delete(&format!("/api/runtime/allow/{}", added.id), Some(TOKEN));
+    assert_eq!(s, 200, "{r}");
+    let removed: wire::Removed = typed("removed", r);
+    assert_eq!(removed.removed, vec![added]);
+    let (s, r) = http.post("/api/purge", Some(TOKEN), &json!({"all": true}));
+    assert_eq!(s, 200, "{r}");
+    let purged: wire::PurgeReport = typed("purge", r);
+    assert_eq!((purged.removed, purged.complete), (1, true));
+    let (s, r) = http.post("/api/reload", Some(TOKEN), &json!({}));
+    assert_eq!(s, 200, "{r}");
+    let _: wire::ReloadReport = typed("reload", r);
+
+    let (s, body) = http.get("/api/explain?client=not-an-ip&to=a@b");
+    assert_eq!(s, 400, "{body}");
+    let err: wire::ErrorBody = typed("error", serde_json::from_str(&body).unwrap());
+    assert!(err.error.contains("not-an-ip"), "{}", err.error);
+}
+
 /// `greygate ARGS --config DIR/greygate.toml --admin URL`.
 fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let config = d.dir.join("greygate.toml");
