@@ -107,6 +107,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             .get()
             .map_or_else(|e| e.to_string(), |s| s.describe()),
         store_available: svc.store.available(),
+        store_health: svc.store.health(),
         entries: counts(&st).await,
         pass: m.verdict_total(Verdict::Pass),
         defer: m.verdict_total(Verdict::Defer),

@@ -15,7 +15,7 @@ use crate::dur::Dur;
 use crate::engine::{Mode, RuntimeEntry, Target, Verdict};
 use crate::metrics::{Bucket, RecentDecision, TopEntry};
 use crate::service::explain::Explanation;
-use crate::store::{Counts, Entry};
+use crate::store::{Counts, Entry, StoreHealth};
 
 /// The body of every error answer (4xx and 5xx) of the JSON API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,10 @@ pub struct StatsView {
     /// The store's description, or why it cannot be opened.
     pub store: String,
     pub store_available: bool,
+    /// How the store's writes go, and whether it started in place of an unreadable file;
+    /// `null` while the store is missing.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub store_health: Option<StoreHealth>,
     /// `null` when the store cannot count now; present either way (`Option::deserialize`
     /// makes a missing field an error instead of `None`).
     #[serde(deserialize_with = "Option::deserialize")]
@@ -261,6 +265,7 @@ mod tests {
             mode: Mode::Learn,
             store: "memory".into(),
             store_available: true,
+            store_health: Some(StoreHealth::default()),
             entries: Some(Counts {
                 triplets_pending: 3,
                 triplets_passed: 2,

@@ -269,12 +269,22 @@ fn stats_text(s: &StatsView) -> String {
         s.uptime_seconds,
         s.mode.as_str()
     );
-    let avail = if s.store_available {
-        "available"
-    } else {
-        "UNAVAILABLE (answering per fail_mode)"
+    let avail = match &s.store_health {
+        _ if s.store_available => "available".to_string(),
+        Some(h) if h.writes_failing => format!(
+            "WRITES FAILING: {} failed commits, {} changes waiting in memory",
+            h.failed_commits, h.pending_changes
+        ),
+        _ => "UNAVAILABLE (answering per fail_mode)".to_string(),
     };
     let _ = writeln!(o, "store:      {} ({avail})", s.store);
+    if let Some(aside) = s.store_health.as_ref().and_then(|h| h.set_aside.as_ref()) {
+        let _ = writeln!(
+            o,
+            "            started empty: the file could not be read ({}) and was set aside as {}",
+            aside.reason, aside.path
+        );
+    }
     if let Some(e) = &s.entries {
         let _ = writeln!(
             o,
@@ -685,7 +695,7 @@ mod tests {
 
     use super::*;
 
-    const STATS: &str = r#"{"version":"0.1.0","now":1700000100,"started_at":1700000000,"uptime_seconds":100,"mode":"learn","store":"embedded /var/lib/greygate/greygate.redb","store_available":false,"entries":{"triplets_pending":3,"triplets_passed":2,"clients":1},"pass":10,"defer":4,"skip":1,"fail_open":0,"fail_closed":2,"learn_would_defer":5,"decisions":[{"rule":"new","verdict":"defer","count":4},{"rule":"known","verdict":"pass","count":10}],"decision_p99_seconds":0.001,"listeners":[{"address":"127.0.0.1:10023","protocol":"policy","open":1,"limit":100,"accepted":7,"refused":0}],"runtime_entries":2,"reloads":1,"reload_failures":0,"policy":{"delay":300,"retry_window":172800,"max_age":3024000,"auto_allow_after":5,"auto_allow_lifetime":3024000,"ipv4_prefix":24,"ipv6_prefix":64}}"#;
+    const STATS: &str = r#"{"version":"0.1.0","now":1700000100,"started_at":1700000000,"uptime_seconds":100,"mode":"learn","store":"embedded /var/lib/greygate/greygate.redb","store_available":false,"store_health":null,"entries":{"triplets_pending":3,"triplets_passed":2,"clients":1},"pass":10,"defer":4,"skip":1,"fail_open":0,"fail_closed":2,"learn_would_defer":5,"decisions":[{"rule":"new","verdict":"defer","count":4},{"rule":"known","verdict":"pass","count":10}],"decision_p99_seconds":0.001,"listeners":[{"address":"127.0.0.1:10023","protocol":"policy","open":1,"limit":100,"accepted":7,"refused":0}],"runtime_entries":2,"reloads":1,"reload_failures":0,"policy":{"delay":300,"retry_window":172800,"max_age":3024000,"auto_allow_after":5,"auto_allow_lifetime":3024000,"ipv4_prefix":24,"ipv6_prefix":64}}"#;
     const ENTRIES: &str = r#"[{"kind":"triplet","key":{"client":"192.0.2.0/24","sender":"alice@example.net","recipient":"bob@example.org"},"record":{"first_seen":1700000000,"last_seen":1700000050,"expires_at":1700172800,"attempts":2,"passes":0,"passed":false}},{"kind":"triplet","key":{"client":"spf:example.com","sender":"","recipient":"postmaster@example.org"},"record":{"first_seen":1700000000,"last_seen":1700000400,"expires_at":1703024000,"attempts":1,"passes":3,"passed":true}},{"kind":"client","client":"198.51.100.0/24","record":{"passes":4,"last_counted":1700000000,"last_seen":1700000300,"expires_at":1703024000}}]"#;
     const RUNTIME: &str = r#"[{"id":1,"list":"allow","target":"client","value":"192.0.2.0/24","added_at":1700000000,"expires_at":1700604800,"comment":"partner"},{"id":12,"list":"allow","target":"sender","value":"@example.com","added_at":1700000000}]"#;
 

@@ -51,7 +51,7 @@ pub enum StoreError {
 
 /// How a store is doing beyond answering requests (the embedded store's writes; stores that
 /// write through have nothing to tell).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoreHealth {
     /// The last commit failed (a full or failing disk): requests are still answered from
     /// memory, and the changes wait there for a commit that succeeds.
@@ -65,7 +65,7 @@ pub struct StoreHealth {
 }
 
 /// An unreadable store file, renamed and left untouched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SetAside {
     /// Where the file is now.
     pub path: String,

@@ -143,11 +143,15 @@ fn a_store_file_that_cannot_be_read_is_set_aside_and_the_daemon_answers_at_once(
         let aside = set_aside_files(dir.path());
         assert_eq!(aside.len(), 1, "{how:?}: {aside:?}");
         assert_eq!(std::fs::read(dir.path().join(&aside[0])).unwrap(), damaged);
-        let metrics = Http::new(&d).get("/metrics").1;
+        let http = Http::new(&d);
+        let metrics = http.get("/metrics").1;
         assert!(
             metrics.contains("greygate_store_file_set_aside 1"),
             "{how:?}:\n{metrics}"
         );
+        let stats = http.get_json("/api/stats");
+        let shown = stats["store_health"]["set_aside"]["path"].as_str().unwrap();
+        assert!(shown.ends_with(&aside[0]), "{how:?}: {stats}");
         // The new store in its place works and persists.
         let (status, _) = d.terminate();
         assert!(status.success(), "{how:?}");
@@ -294,6 +298,8 @@ fn a_full_disk_holds_changes_in_memory_until_space_returns_and_none_is_lost() {
         "{metrics}"
     );
     assert!(metrics.contains("greygate_store_available 0"), "{metrics}");
+    let stats = http.get_json("/api/stats");
+    assert_eq!(stats["store_health"]["writes_failing"], true, "{stats}");
 
     // Space comes back: writes resume by themselves, and the log says so.
     std::fs::remove_file(filler).unwrap();
