@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::admin::Http;
-use crate::harness::{DaemonConfig, peers_required, rcpt_request, run_cli};
+use crate::harness::disk::SmallDisk;
+use crate::harness::{DaemonConfig, rcpt_request, run_cli};
 
 /// A preloaded store file of `triplets` live triplets.
 fn preloaded(dir: &Path, triplets: u32) -> PathBuf {
@@ -180,58 +181,7 @@ fn an_empty_store_file_is_reported_and_taken_as_a_new_store() {
     assert!(set_aside_files(dir.path()).is_empty());
 }
 
-/// A tmpfs of a few MiB, mounted for one test and unmounted after it.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    /// `None` (the test skips) when this process may not mount; under the test command
-    /// (GREYGATE_REQUIRE_PEERS=1, as root) a failed mount fails the test.
-    fn mount(mib: u32) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                !peers_required(),
-                "cannot mount a tmpfs (the test command runs as root)"
-            );
-            eprintln!("skipped: cannot mount a tmpfs here");
-            return None;
-        }
-        Some(SmallDisk { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Writes zeros until the disk is full.
-    fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let filler = self.path().join("filler");
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod chaos;
 mod cli;
 mod cluster;
 mod daemon;

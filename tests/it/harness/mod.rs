@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod dns;
 pub mod postfix;
 pub mod postgres;

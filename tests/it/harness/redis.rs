@@ -1,5 +1,5 @@
 //! A private `redis-server` per test: a free loopback port, a temp directory, no
-//! persistence. It can be killed and restarted on the same port, or paused (SIGSTOP) to
+//! persistence unless asked for. It can be killed and restarted on the same port, or paused (SIGSTOP) to
 //! play a server that stopped answering. Stopped on drop; never the system's service.
 //!
 //! Without `redis-server` the tests that need it skip with a printed reason under plain
@@ -27,12 +27,24 @@ pub struct Redis {
     bin: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Keeps an append-only file synced at every write, so that a killed server comes
+    /// back with everything it acknowledged.
+    persistent: bool,
 }
 
 impl Redis {
     /// Starts one, or returns `None` (after printing why) when `redis-server` is missing
     /// and real peers are not required; panics when they are.
     pub fn start(test: &str) -> Option<Redis> {
+        Self::start_with(test, false)
+    }
+
+    /// As `start`, with an append-only file synced at every write.
+    pub fn start_persistent(test: &str) -> Option<Redis> {
+        Self::start_with(test, true)
+    }
+
+    fn start_with(test: &str, persistent: bool) -> Option<Redis> {
         let Some(bin) = binary() else {
             let why = "redis-server not installed (scripts/test installs redis-server)";
             assert!(!peers_required(), "{test}: real Redis required but {why}");
@@ -48,6 +60,7 @@ impl Redis {
             bin,
             child: None,
             dir,
+            persistent,
         };
         r.spawn();
         Some(r)
@@ -66,7 +79,12 @@ impl Redis {
         let child = Command::new(&self.bin)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--daemonize", "no", "--protected-mode", "no"])
@@ -108,7 +126,7 @@ impl Redis {
         }
     }
 
-    /// Starts the server again on the same port (empty: it persists nothing).
+    /// Starts the server again on the same port (empty unless it is persistent).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
