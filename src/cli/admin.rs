@@ -220,6 +220,26 @@ fn open_store(cfg: &Config, access: Access) -> Result<std::sync::Arc<dyn store::
     })
 }
 
+/// The store opened directly and a query's matcher.
+type Offline = (std::sync::Arc<dyn store::Store>, entries::Matcher);
+
+/// The store opened directly (no daemon answered) and the query's matcher, for `list`
+/// and `purge`; `Err(code)` when the store cannot be opened (said on stderr).
+fn offline(
+    ctx: &Ctx,
+    query: &EntryQuery,
+    access: Access,
+) -> anyhow::Result<Result<Offline, ExitCode>> {
+    let store = match open_store(&ctx.cfg, access) {
+        Ok(s) => s,
+        Err(code) => return Ok(Err(code)),
+    };
+    match query.matcher(&ctx.cfg.engine) {
+        Ok(m) => Ok(Ok((store, m))),
+        Err(e) => bail!("{e}"),
+    }
+}
+
 fn when(t: u64) -> String {
     jiff::Timestamp::from_second(i64::try_from(t).unwrap_or(i64::MAX)).map_or_else(
         |_| t.to_string(),
@@ -390,13 +410,9 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     })?;
     if from_daemon.is_none() {
         found.clear();
-        let store = match open_store(&ctx.cfg, Access::Read) {
-            Ok(s) => s,
+        let (store, m) = match offline(&ctx, &query, Access::Read)? {
+            Ok(x) => x,
             Err(code) => return Ok(code),
-        };
-        let m = match query.matcher(&ctx.cfg.engine) {
-            Ok(m) => m,
-            Err(e) => bail!("{e}"),
         };
         let now = unix_now();
         let rt = runtime()?;
@@ -465,13 +481,9 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
         println!("removed {r} record(s)");
         return Ok(ExitCode::SUCCESS);
     }
-    let store = match open_store(&ctx.cfg, Access::Write) {
-        Ok(s) => s,
+    let (store, m) = match offline(&ctx, &query, Access::Write)? {
+        Ok(x) => x,
         Err(code) => return Ok(code),
-    };
-    let m = match query.matcher(&ctx.cfg.engine) {
-        Ok(m) => m,
-        Err(e) => bail!("{e}"),
     };
     let rt = runtime()?;
     let mut total = 0;

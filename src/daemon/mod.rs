@@ -31,7 +31,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The DNS facts gatherer `[dns]` asks for. A resolver that cannot be set up leaves DNS off
 /// (loudly): DNS trouble must never stop mail, nor the daemon.
-pub(crate) fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
+fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
     if !cfg.dns.enabled {
         return None;
     }

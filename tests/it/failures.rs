@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::admin::Http;
 use crate::harness::disk::SmallDisk;
-use crate::harness::{DaemonConfig, rcpt_request, run_cli};
+use crate::harness::{Daemon, DaemonConfig, rcpt_request, run_cli};
 
 /// A preloaded store file of `triplets` live triplets.
 fn preloaded(dir: &Path, triplets: u32) -> PathBuf {
@@ -91,6 +91,18 @@ fn set_aside_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Starts a daemon on the store in `dir` and asks it about a new triplet.
+fn serve_and_ask(dir: &Path) -> (Daemon, String) {
+    let d = DaemonConfig::new(dir)
+        .toml("[greylist]\ndelay = 300\n")
+        .listen(&["127.0.0.1:0"])
+        .start();
+    let reply = d
+        .client()
+        .ask(&rcpt_request("192.0.2.1", "a@example.net", "b@example.org"));
+    (d, reply)
+}
+
 #[test]
 fn a_store_file_that_cannot_be_read_is_set_aside_and_the_daemon_answers_at_once() {
     for how in [
@@ -118,13 +130,7 @@ fn a_store_file_that_cannot_be_read_is_set_aside_and_the_daemon_answers_at_once(
         assert_ne!(original, damaged, "{how:?} changed nothing");
 
         let started = Instant::now();
-        let d = DaemonConfig::new(dir.path())
-            .toml("[greylist]\ndelay = 300\n")
-            .listen(&["127.0.0.1:0"])
-            .start();
-        let reply = d
-            .client()
-            .ask(&rcpt_request("192.0.2.1", "a@example.net", "b@example.org"));
+        let (d, reply) = serve_and_ask(dir.path());
         let took = started.elapsed();
         assert!(reply.starts_with("DEFER_IF_PERMIT"), "{how:?}: {reply}");
         assert!(
@@ -169,13 +175,7 @@ fn a_store_file_that_cannot_be_read_is_set_aside_and_the_daemon_answers_at_once(
 fn an_empty_store_file_is_reported_and_taken_as_a_new_store() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("greygate.redb"), b"").unwrap();
-    let d = DaemonConfig::new(dir.path())
-        .toml("[greylist]\ndelay = 300\n")
-        .listen(&["127.0.0.1:0"])
-        .start();
-    let reply = d
-        .client()
-        .ask(&rcpt_request("192.0.2.1", "a@example.net", "b@example.org"));
+    let (d, reply) = serve_and_ask(dir.path());
     assert!(reply.starts_with("DEFER_IF_PERMIT"), "{reply}");
     d.expect_log("store file was empty (0 bytes)");
     assert!(set_aside_files(dir.path()).is_empty());
