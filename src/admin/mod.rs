@@ -13,7 +13,6 @@ pub mod entries;
 mod prometheus;
 pub mod wire;
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,12 +188,29 @@ fn host_is_local(headers: &HeaderMap) -> bool {
         // HTTP/1.0 clients without Host reach us by address anyway.
         return true;
     };
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    host_names_local(host)
+}
+
+/// Whether a `Host` value names this machine without DNS: `[IPv6]` or `[IPv6]:port`, an
+/// IPv4 address or `localhost` with an optional port. Parsed whole, as a browser sends it:
+/// a name that merely starts like an address (`[::1].evil.example`, `127.0.0.1.evil.example`)
+/// is a DNS name an attacker's page may control, so it is not local.
+fn host_names_local(host: &str) -> bool {
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok();
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_fine = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return port_fine && addr.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = match host.split_once(':') {
+        None => host,
+        Some((name, port)) if port_ok(port) => name,
+        // A second colon (an IPv6 address without brackets) or a port that is no number.
+        Some(_) => return false,
     };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn router(st: Arc<AdminState>) -> Router {
@@ -270,5 +286,52 @@ async fn accept_loop(
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_names_local;
+
+    #[test]
+    fn host_is_local_only_for_whole_addresses_and_localhost() {
+        for local in [
+            "127.0.0.1",
+            "127.0.0.1:9025",
+            "192.0.2.1:80",
+            "localhost",
+            "LocalHost:9025",
+            "[::1]",
+            "[::1]:9025",
+            "[fe80::1]:80",
+        ] {
+            assert!(host_names_local(local), "{local} is local");
+        }
+        for attack in [
+            "[::1].evil.example",
+            "[::1].evil.example:9025",
+            "[::1]:9025.evil.example",
+            "[::1]evil.example",
+            "[::1]:",
+            "[::1]:99999",
+            "[::1]:+80",
+            "[::1",
+            "[127.0.0.1]",
+            "[evil.example]",
+            "127.0.0.1.evil.example",
+            "127.0.0.1.evil.example:9025",
+            "localhost.evil.example",
+            "evil.example",
+            "evil.example:9025",
+            "localhost:",
+            "localhost:80:80",
+            "localhost:x",
+            "127.0.0.1:+80",
+            "::1",
+            "::1:9025",
+            "",
+        ] {
+            assert!(!host_names_local(attack), "{attack:?} is not local");
+        }
     }
 }

@@ -286,12 +286,18 @@ fn changes_need_the_token() {
         .http_status_as_error(false)
         .build()
         .into();
-    let r = agent
-        .get(format!("{}/api/stats", d.admin_url()))
-        .header("Host", "evil.example")
-        .call()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
+    for host in [
+        "evil.example",
+        "[::1].evil.example",
+        "127.0.0.1.evil.example",
+    ] {
+        let r = agent
+            .get(format!("{}/api/stats", d.admin_url()))
+            .header("Host", host)
+            .call()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{host}");
+    }
 }
 
 #[test]
