@@ -343,11 +343,17 @@ async fn entries(
     };
     let limit = q.limit.unwrap_or(entries::DEFAULT_LIMIT);
     let now = unix_now();
-    match entries::list(store.as_ref(), &m, q.cursor.as_deref(), limit, now).await {
+    // Half the request's time, as purge: the page is answered well before the timeout.
+    let budget = entries::ListBudget {
+        time: st.request_timeout / 2,
+        ..entries::ListBudget::default()
+    };
+    match entries::list(store.as_ref(), &m, q.cursor.as_deref(), limit, now, budget).await {
         Ok(page) => Json(EntriesPage {
             now,
             entries: page.entries,
             next: page.next,
+            budget_spent: page.budget_spent,
         })
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

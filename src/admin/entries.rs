@@ -8,12 +8,47 @@ use serde::{Deserialize, Serialize};
 
 use super::wire::PurgeReport;
 use crate::engine::Engine;
-use crate::store::{Entry, EntryKind, Page, Store, StoreError};
+use crate::store::{Entry, EntryKind, SCAN_EXAMINE, Store, StoreError};
 
 /// Records per page when the caller does not say.
 pub const DEFAULT_LIMIT: usize = 50;
 /// Largest page served.
 pub const MAX_LIMIT: usize = 1000;
+/// Most store scans one listing call makes (each looks at up to about [`SCAN_EXAMINE`]
+/// records, so about half a million records in all): a selective filter over a big store
+/// fills its page in one call instead of hundreds of empty pages, and no call runs long.
+pub const LIST_SCANS: usize = 256;
+/// Records one listing call looks at, at most (about).
+pub const LIST_EXAMINE: usize = LIST_SCANS * SCAN_EXAMINE;
+
+/// How much one listing call may do before it answers with what it found so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListBudget {
+    /// Most store scans.
+    pub scans: usize,
+    /// No further scan starts after this long (slow shared stores).
+    pub time: Duration,
+}
+
+impl Default for ListBudget {
+    fn default() -> Self {
+        ListBudget {
+            scans: LIST_SCANS,
+            time: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One page of matching records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    /// Where the next page starts; `None` when the store has no more records.
+    pub next: Option<String>,
+    /// The budget ran out before `limit` matches were found: the page is short (maybe
+    /// empty) although `next` continues the listing.
+    pub budget_spent: bool,
+}
 
 /// Which records to list or purge.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -118,18 +153,47 @@ impl Matcher {
     }
 }
 
-/// One page of matching records.
+/// One page of matching records: scans from `cursor` until `limit` matches are found, the
+/// store has no more, or `budget` is spent.
 pub async fn list(
     store: &dyn Store,
     m: &Matcher,
     cursor: Option<&str>,
     limit: usize,
     now: u64,
-) -> Result<Page, StoreError> {
+    budget: ListBudget,
+) -> Result<Listing, StoreError> {
+    let started = Instant::now();
+    let limit = limit.clamp(1, MAX_LIMIT);
     let keep = |e: &Entry| m.keep(e);
-    store
-        .scan(m.kind, cursor, limit.clamp(1, MAX_LIMIT), now, &keep)
-        .await
+    let mut out = Listing::default();
+    let mut from = cursor.map(str::to_string);
+    let mut scans = 0;
+    loop {
+        let page = store
+            .scan(
+                m.kind,
+                from.as_deref(),
+                limit - out.entries.len(),
+                now,
+                &keep,
+            )
+            .await?;
+        scans += 1;
+        out.entries.extend(page.entries);
+        out.next = page.next;
+        if out.next.is_none() || out.entries.len() >= limit {
+            return Ok(out);
+        }
+        if scans >= budget.scans || started.elapsed() >= budget.time {
+            out.budget_spent = true;
+            return Ok(out);
+        }
+        from.clone_from(&out.next);
+        // The memory store scans without waiting on anything: give the workers' other
+        // tasks (mail) their turn between scans.
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Removes every matching record, within `budget`.
@@ -143,7 +207,11 @@ pub async fn purge(
     let mut report = PurgeReport::default();
     let mut cursor: Option<String> = None;
     loop {
-        let page = list(store, m, cursor.as_deref(), 500, now).await?;
+        let left = ListBudget {
+            time: budget.saturating_sub(started.elapsed()),
+            ..ListBudget::default()
+        };
+        let page = list(store, m, cursor.as_deref(), 500, now, left).await?;
         for e in &page.entries {
             let gone = match e {
                 Entry::Triplet { key, .. } => store.remove_triplet(key).await?,
@@ -164,4 +232,146 @@ pub async fn purge(
     }
     store.flush_fully().await?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Triplet, TripletKey};
+    use crate::store::MemoryStore;
+
+    /// `n` live triplets; sender `s{i}@example.net`.
+    async fn filled(n: usize) -> MemoryStore {
+        let store = MemoryStore::new();
+        let rec = Triplet {
+            first_seen: 1,
+            last_seen: 1,
+            expires_at: 4_000_000_000,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        };
+        for i in 0..n {
+            let key = TripletKey {
+                client: format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
+                sender: format!("s{i}@example.net"),
+                recipient: "r@example.org".into(),
+            };
+            store.update_triplet(&key, &|_| Some(rec)).await.unwrap();
+        }
+        store
+    }
+
+    fn by_sender(sender: &str) -> Matcher {
+        EntryQuery {
+            sender: Some(sender.into()),
+            ..EntryQuery::default()
+        }
+        .matcher(&Engine::default())
+        .unwrap()
+    }
+
+    /// 60,000 records, 30 times what one store scan examines, and a filter that matches 3:
+    /// one call finds all three and says the listing is complete, where a single scan per
+    /// call answered empty pages with cursors.
+    #[tokio::test]
+    async fn a_selective_filter_fills_its_page_in_one_call() {
+        let store = filled(60_000).await;
+        let m = by_sender("s1777");
+        let page = list(&store, &m, None, 50, 10, ListBudget::default())
+            .await
+            .unwrap();
+        let mut senders: Vec<_> = page
+            .entries
+            .iter()
+            .map(|e| match e {
+                Entry::Triplet { key, .. } => key.sender.clone(),
+                Entry::Client { .. } => unreachable!(),
+            })
+            .collect();
+        senders.sort();
+        assert_eq!(
+            senders,
+            [
+                "s17770@example.net",
+                "s17771@example.net",
+                "s17772@example.net",
+                "s17773@example.net",
+                "s17774@example.net",
+                "s17775@example.net",
+                "s17776@example.net",
+                "s17777@example.net",
+                "s17778@example.net",
+                "s17779@example.net",
+                "s1777@example.net"
+            ]
+        );
+        assert_eq!(page.next, None, "the store was walked to its end");
+        assert!(!page.budget_spent);
+    }
+
+    /// A filter that matches one record in 500: every page is full until the last one.
+    #[tokio::test]
+    async fn pages_are_full_until_the_last() {
+        let store = filled(20_000).await;
+        let m = Matcher {
+            kind: EntryKind::Triplets,
+            passed: None,
+            client: Some(ClientMatch::Part(".0.0/24".into())),
+            sender: None,
+            recipient: None,
+        };
+        let (mut cursor, mut total, mut pages) = (None::<String>, 0, 0);
+        loop {
+            let page = list(&store, &m, cursor.as_deref(), 7, 10, ListBudget::default())
+                .await
+                .unwrap();
+            pages += 1;
+            total += page.entries.len();
+            assert!(!page.budget_spent);
+            match page.next {
+                Some(n) => {
+                    assert_eq!(page.entries.len(), 7, "page {pages} is short mid-listing");
+                    cursor = Some(n);
+                }
+                None => break,
+            }
+        }
+        // Clients 10.X.0.0/24 for X in 0..=78: i = 256·X, below 20,000.
+        assert_eq!(total, 79);
+        assert!(pages <= 79 / 7 + 2, "{pages} pages");
+    }
+
+    /// A spent budget answers with what it found, says so, and hands on a cursor from which
+    /// the listing goes on to every match.
+    #[tokio::test]
+    async fn a_spent_budget_says_so_and_the_cursor_goes_on() {
+        let store = filled(30_000).await;
+        let m = by_sender("s2999@");
+        let tight = ListBudget {
+            scans: 2,
+            time: Duration::from_secs(60),
+        };
+        let first = list(&store, &m, None, 50, 10, tight).await.unwrap();
+        assert!(first.budget_spent, "two scans cannot walk 30,000 records");
+        assert!(first.next.is_some());
+        let (mut found, mut cursor, mut calls) = (first.entries.len(), first.next, 1);
+        while let Some(c) = cursor {
+            let page = list(&store, &m, Some(&c), 50, 10, tight).await.unwrap();
+            assert!(page.budget_spent || page.next.is_none());
+            found += page.entries.len();
+            cursor = page.next;
+            calls += 1;
+        }
+        assert_eq!(found, 1);
+        assert!(calls >= 30_000 / (2 * SCAN_EXAMINE), "{calls} calls");
+
+        // No time left: one scan, then the answer.
+        let none = ListBudget {
+            scans: LIST_SCANS,
+            time: Duration::ZERO,
+        };
+        let page = list(&store, &m, None, 50, 10, none).await.unwrap();
+        assert!(page.budget_spent && page.next.is_some());
+    }
 }

@@ -213,6 +213,10 @@ pub struct EntriesPage {
     /// [`StatsView::entries`]).
     #[serde(deserialize_with = "Option::deserialize")]
     pub next: Option<String>,
+    /// True when the request's scan budget ran out before `limit` matches were found: the
+    /// page is short (even empty) and `next` goes on. Otherwise only the last page is short.
+    #[serde(default)]
+    pub budget_spent: bool,
 }
 
 /// `POST /api/purge`: which records to remove.
@@ -396,6 +400,7 @@ mod tests {
                 },
             ],
             next: None,
+            budget_spent: false,
         };
         let v = serde_json::to_value(&page).expect("serialise");
         assert_eq!(v["entries"][0]["kind"], "triplet");

@@ -425,6 +425,7 @@ pub fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
                 cursor.as_deref(),
                 want,
                 now,
+                entries::ListBudget::default(),
             ))?;
             found.extend(page.entries);
             match page.next {
