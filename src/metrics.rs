@@ -147,7 +147,9 @@ fn error_kind(e: &StoreError) -> usize {
         StoreError::Unavailable(_) => 1,
         StoreError::ReadOnly => 2,
         StoreError::Timeout(_) => 3,
-        StoreError::Backend(_) => 4,
+        // Only listings read cursors, and they are not counted; kept with its kin so the
+        // metric's labels stay as they were.
+        StoreError::Backend(_) | StoreError::BadCursor(_) => 4,
         StoreError::Corrupt { .. } => 5,
     }
 }

@@ -23,7 +23,7 @@ use super::wire::{
 use super::{AdminState, error, prometheus};
 use crate::engine::{ListKind, Mode, Request, Verdict};
 use crate::service::{EntriesError, Selector, unix_now};
-use crate::store::Counts;
+use crate::store::{Counts, StoreError};
 
 /// How long the store's record counts are reused (counting can be slow on big shared stores).
 const COUNTS_TTL: Duration = Duration::from_secs(5);
@@ -356,6 +356,11 @@ async fn entries(
             budget_spent: page.budget_spent,
         })
         .into_response(),
+        // The caller's cursor, not the store, is wrong: a retry would fail the same way.
+        Err(e @ StoreError::BadCursor(_)) => error(
+            StatusCode::BAD_REQUEST,
+            format!("{e}; start without a cursor, then pass each page's \"next\""),
+        ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

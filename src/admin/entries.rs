@@ -374,4 +374,12 @@ mod tests {
         let page = list(&store, &m, None, 50, 10, none).await.unwrap();
         assert!(page.budget_spent && page.next.is_some());
     }
+
+    #[tokio::test]
+    async fn a_junk_cursor_is_a_bad_cursor() {
+        let store = filled(10).await;
+        let m = by_sender("s1");
+        let r = list(&store, &m, Some("zz"), 50, 10, ListBudget::default()).await;
+        assert!(matches!(r, Err(StoreError::BadCursor(_))), "{r:?}");
+    }
 }

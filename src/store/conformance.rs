@@ -54,6 +54,7 @@ pub async fn run_with(store: Arc<dyn Store>, expiry: Expiry) {
     }
     scan_pages_list_every_live_triplet_once(&*store).await;
     scan_pages_list_every_live_client_once(&*store).await;
+    junk_cursors_are_refused_as_such(&*store).await;
     removal_removes_and_reports(&*store).await;
     store.flush().await.expect("flush");
 }
@@ -554,6 +555,20 @@ async fn removal_removes_and_reports(s: &dyn Store) {
     })
     .await
     .unwrap();
+}
+
+/// A cursor the store did not make is `BadCursor` (the API answers 400 for it), never a
+/// backend error or a silent restart from the beginning.
+async fn junk_cursors_are_refused_as_such(s: &dyn Store) {
+    let keep = |_: &Entry| true;
+    for kind in [EntryKind::Triplets, EntryKind::Clients] {
+        for junk in ["zz", "abc", "x.y", "not a cursor!", "%00"] {
+            match s.scan(kind, Some(junk), 10, SCAN_NOW, &keep).await {
+                Err(super::StoreError::BadCursor(c)) => assert_eq!(c, junk),
+                other => panic!("{kind:?} scan from {junk:?}: {other:?}"),
+            }
+        }
+    }
 }
 
 /// For stores cheap to fill: a filter that matches nothing over more than

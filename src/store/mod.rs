@@ -44,6 +44,10 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("store backend error: {0}")]
     Backend(String),
+    /// A listing cursor this store did not make (mistyped, cut off, or from another
+    /// backend): the caller's mistake, not the store's trouble.
+    #[error("not a scan cursor of this store: {0:?}")]
+    BadCursor(String),
     /// The embedded file cannot be read as a store (damaged, or not a greygate store).
     #[error("store file {path} cannot be read: {reason}")]
     Corrupt { path: String, reason: String },
@@ -196,7 +200,7 @@ pub trait Store: Send + Sync + 'static {
     /// for long, and does not return records whose `expires_at < now` (dead ones). The order
     /// is stable, so paging with the cursor visits every live record that existed through
     /// the whole walk exactly once (`redis`: at least once, see there). A cursor the store
-    /// cannot read is a `StoreError::Backend`.
+    /// cannot read is a `StoreError::BadCursor`.
     async fn scan(
         &self,
         kind: EntryKind,
@@ -252,7 +256,7 @@ pub(crate) mod cursor {
     }
 
     pub(crate) fn bad(s: &str) -> StoreError {
-        StoreError::Backend(format!("not a scan cursor of this store: {s:?}"))
+        StoreError::BadCursor(s.to_string())
     }
 
     #[cfg(test)]

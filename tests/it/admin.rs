@@ -512,8 +512,8 @@ fn entries_list_by_filter_and_purge() {
 }
 
 /// A selective filter over a store 50 times what one store scan examines: pages come full
-/// (no empty pages with a cursor mid-listing), and a very selective filter is answered in
-/// one request.
+/// (no empty pages with a cursor mid-listing), a very selective filter is answered in one
+/// request, and a cursor the store did not make is a 400 that says what is wrong.
 #[test]
 fn filtered_listing_fills_its_pages_over_a_big_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -548,6 +548,12 @@ fn filtered_listing_fills_its_pages_over_a_big_store() {
     let (last, full) = sizes.split_last().unwrap();
     assert!(full.iter().all(|&n| n == 50), "{sizes:?}");
     assert!(*last <= 50, "{sizes:?}");
+
+    for junk in ["zz", "abc", "x.y"] {
+        let (s, b) = http.get(&format!("/api/entries?sender=@s77&cursor={junk}"));
+        assert_eq!(s, 400, "{junk}: {b}");
+        assert!(b.contains("not a scan cursor of this store"), "{b}");
+    }
 }
 
 /// Every answer the real handlers write reads back into the `wire` type the CLI reads it
