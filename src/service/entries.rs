@@ -5,6 +5,7 @@
 //! The CLI edits the same file when no daemon runs.
 
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -254,7 +255,18 @@ impl RuntimeEntries {
         })
         .expect("entries serialise");
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+        // The entries name addresses: the file is owner-only whatever the umask. A
+        // leftover temporary file (a crash) may have another mode, so it goes first.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(write_err(e)),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err)?;
         f.write_all(&body).map_err(write_err)?;
         f.write_all(b"\n").map_err(write_err)?;
         f.sync_all().map_err(write_err)?;
@@ -338,6 +350,26 @@ mod tests {
         assert_eq!(third.id, 3, "ids are never reused");
         reloaded.drop_expired(2005);
         assert_eq!(RuntimeEntries::load(&path).unwrap().list().len(), 1);
+    }
+
+    /// The file names addresses: owner-only whatever the umask, also when a crash left a
+    /// temporary file with another mode behind.
+    #[test]
+    fn the_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entries.json");
+        std::fs::write(path.with_extension("tmp"), "left over").unwrap();
+        std::fs::set_permissions(
+            path.with_extension("tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let e = RuntimeEntries::load(&path).unwrap();
+        e.add(ListKind::Allow, Target::Client, "192.0.2.1", None, "", 1)
+            .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 
     #[test]

@@ -119,6 +119,36 @@ impl DbHandle {
     }
 }
 
+/// Creates `path` empty with mode 0600 unless it exists; true when it was created here.
+/// redb takes an empty file as a new database.
+fn create_private(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copies `from` to the new file `to`, owner-only: `fs::copy` would give the copy the
+/// original's mode, in a shared temporary directory.
+fn copy_private(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    Ok(())
+}
+
 /// What the embedded store knows of its writes.
 #[derive(Default)]
 struct WriteState {
@@ -256,7 +286,18 @@ impl EmbeddedStore {
             })?;
         }
         let empty_file = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
-        let db = DbHandle::open(path)?;
+        // The file holds addresses: a new one is made owner-only before redb writes to it
+        // (redb takes no mode and would leave it to the umask). An existing file keeps the
+        // mode its administrator gave it.
+        let created = create_private(path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+        })?;
+        let db = DbHandle::open(path).inspect_err(|_| {
+            if created {
+                // No empty file left behind to be warned about at the next start.
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
         let err = |e: redb::Error| open_error(path, e);
         let hot = MemoryStore::with_key_text(KeyText::WhileDirty);
         let mut load = LoadReport {
@@ -906,7 +947,7 @@ pub fn verify(path: &Path) -> Result<Verified, StoreError> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos())
             ));
-            let checked = std::fs::copy(path, &copy)
+            let checked = copy_private(path, &copy)
                 .map_err(|e| {
                     StoreError::Unavailable(format!(
                         "{} needs a repair; cannot copy it to {} to check it: {e}",
@@ -1113,6 +1154,39 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A new store file holds addresses from its first commit: owner-only whatever the
+    /// umask; a file that exists keeps the mode it was given.
+    #[test]
+    fn a_new_file_is_owner_only_and_an_old_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("new.redb");
+        drop(EmbeddedStore::open(&new, 0).unwrap());
+        assert_eq!(mode(&new), 0o600);
+        assert!(
+            !EmbeddedStore::open(&new, 0)
+                .unwrap()
+                .load_report()
+                .empty_file
+        );
+
+        let old = dir.path().join("old.redb");
+        drop(EmbeddedStore::open(&old, 0).unwrap());
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o640)).unwrap();
+        drop(EmbeddedStore::open(&old, 0).unwrap());
+        assert_eq!(mode(&old), 0o640, "the administrator's choice stays");
+
+        // `verify`'s copy goes to a shared temporary directory: owner-only there too.
+        let copy = dir.path().join("copy.redb");
+        copy_private(&old, &copy).unwrap();
+        assert_eq!(mode(&copy), 0o600);
+        assert!(
+            copy_private(&old, &copy).is_err(),
+            "never over an existing file"
+        );
+    }
 
     #[test]
     fn commits_go_to_the_journal_only_under_load() {

@@ -179,6 +179,59 @@ async fn embedded_store_refuses_a_second_opener_clearly() {
     );
 }
 
+/// After a daemon run, every file it made that names addresses (the store, the runtime
+/// entries) or grants changes (the admin token) is owner-only, whatever the umask gave.
+#[test]
+fn files_holding_addresses_are_owner_only_after_a_daemon_run() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::harness::DaemonConfig::new(dir.path());
+    let d = cfg.start();
+    let mut c = d.client();
+    let r = c.ask(&crate::harness::rcpt_request(
+        "192.0.2.7",
+        "alice@example.net",
+        "bob@example.org",
+    ));
+    assert!(r.starts_with("DEFER_IF_PERMIT"), "{r}");
+    drop(c);
+    let token_file = dir.path().join("admin.token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let (s, b) = crate::admin::Http::new(&d).post(
+        "/api/runtime/allow",
+        Some(token.trim()),
+        &serde_json::json!({"target": "recipient", "value": "carol@example.org"}),
+    );
+    assert_eq!(s, 201, "{b}");
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    let db = cfg.db_path();
+    let mut entries = db.clone().into_os_string();
+    entries.push(".entries.json");
+    for path in [db, entries.into(), token_file] {
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{log}", path.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", path.display());
+    }
+    // Only the files above (no leftover temporary file beside them).
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "admin.token",
+            "greygate.redb",
+            "greygate.redb.entries.json",
+            "greygate.toml"
+        ]
+    );
+}
+
 // ---- Shared backends, each against a real server started for the test. ----
 
 use std::time::{Duration, Instant};
