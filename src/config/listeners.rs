@@ -70,6 +70,10 @@ pub struct RawMilter {
     pub io_timeout: Dur,
     /// Largest frame in bytes.
     pub max_frame: usize,
+    /// Most macros kept per connection, all SMTP stages together; more are dropped.
+    pub max_macros: usize,
+    /// Most bytes of macro names and values kept per connection; more are dropped.
+    pub max_macro_bytes: usize,
 }
 
 impl Default for RawMilter {
@@ -81,6 +85,8 @@ impl Default for RawMilter {
             idle_timeout: Dur(Duration::from_secs(600)),
             io_timeout: Dur(Duration::from_secs(10)),
             max_frame: crate::proto::milter::DEFAULT_MAX_FRAME,
+            max_macros: crate::server::milter::DEFAULT_MAX_MACROS,
+            max_macro_bytes: crate::server::milter::DEFAULT_MAX_MACRO_BYTES,
         }
     }
 }
@@ -219,6 +225,19 @@ impl RawMilter {
                 "max_frame must be between 1 KiB and 64 MiB".into(),
             );
         }
+        // Postfix and Sendmail send about 20 macros, a few KiB, over a whole session.
+        if !(32..=1 << 20).contains(&self.max_macros) {
+            p.at(
+                &["milter", "max_macros"],
+                "max_macros must be between 32 (fewer would drop macros ordinary MTAs send) and 1048576".into(),
+            );
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&self.max_macro_bytes) {
+            p.at(
+                &["milter", "max_macro_bytes"],
+                "max_macro_bytes must be between 4 KiB (less would drop macros ordinary MTAs send) and 64 MiB".into(),
+            );
+        }
 
         let config = MilterConfig {
             listen: milter_listen,
@@ -227,6 +246,8 @@ impl RawMilter {
                 idle_timeout: self.idle_timeout.0,
                 io_timeout: self.io_timeout.0,
                 max_frame: self.max_frame,
+                max_macros: self.max_macros,
+                max_macro_bytes: self.max_macro_bytes,
             },
         };
         let code = self

@@ -446,6 +446,8 @@ fn semantic_errors_point_at_the_bad_setting() {
         ("[policy]\nsocket_mode = \"+660\"\n", 2, "+660"),
         ("[policy]\nsocket_mode = \"0o0o660\"\n", 2, "0o0o660"),
         ("[store]\nflush_interval = 0\n", 2, "flush_interval"),
+        ("[milter]\nmax_macros = 10\n", 2, "max_macros"),
+        ("[milter]\nmax_macro_bytes = 1000\n", 2, "max_macro_bytes"),
     ];
     for &(text, line, fragment) in cases {
         let e = single_error(text);
@@ -988,5 +990,24 @@ fn a_reload_names_the_sections_that_need_a_restart() {
     assert_eq!(
         base.needs_restart(&rebuilt),
         ["policy", "milter", "store", "admin", "log"]
+    );
+}
+
+#[test]
+fn milter_macro_limits_reach_the_listener() {
+    let c = valid(
+        "[milter]\nlisten = [\"127.0.0.1:10024\"]\nmax_macros = 200\nmax_macro_bytes = 8192\n",
+    );
+    assert_eq!(
+        (c.milter.limits.max_macros, c.milter.limits.max_macro_bytes),
+        (200, 8192)
+    );
+    let d = valid("");
+    assert_eq!(
+        (d.milter.limits.max_macros, d.milter.limits.max_macro_bytes),
+        (
+            crate::server::milter::DEFAULT_MAX_MACROS,
+            crate::server::milter::DEFAULT_MAX_MACRO_BYTES
+        )
     );
 }

@@ -6,7 +6,6 @@
 //! `451 4.7.1` reply; a recipient that ends its greylisting delay makes the message get an
 //! `X-Greylist` header at end of message.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +39,18 @@ pub struct MilterLimits {
     /// Longest time to finish a started frame, or to take a reply.
     pub io_timeout: Duration,
     pub max_frame: usize,
+    /// Most macros kept per connection, all stages together.
+    pub max_macros: usize,
+    /// Most bytes of macro names and values kept per connection, all stages together.
+    pub max_macro_bytes: usize,
 }
+
+/// Default of [`MilterLimits::max_macros`]: Postfix and Sendmail send about 20 macros over
+/// all stages of a session by default (greygate asks for 4 of them).
+pub const DEFAULT_MAX_MACROS: usize = 128;
+/// Default of [`MilterLimits::max_macro_bytes`]: their values are host names, addresses,
+/// queue ids and TLS names, a few KiB together; an MTA's full macro set never comes near.
+pub const DEFAULT_MAX_MACRO_BYTES: usize = 64 * 1024;
 
 /// What a milter connection needs.
 pub struct MilterContext {
@@ -52,8 +62,9 @@ pub struct MilterContext {
     pub stops: Arc<super::StopSignals>,
 }
 
-/// Macros kept per connection; more are dropped (the MTA decides what it sends).
-const MAX_MACROS: usize = 64;
+/// Read buffer a connection keeps between frames; a bigger one, grown for a big frame, is
+/// given back once that frame is done.
+const KEEP_BUFFER: usize = 16 * 1024;
 
 /// The protocol steps greygate does not need.
 const SKIPPED_STEPS: u32 = protocol::NO_BODY
@@ -72,7 +83,9 @@ struct Session {
     reverse_client_name: String,
     helo: String,
     sender: Option<String>,
-    macros: HashMap<String, String>,
+    macros: Macros,
+    /// The warning about dropped macros was logged (once per connection).
+    macros_over_limit_logged: bool,
     /// Longest greylisting delay a recipient of this message just served.
     delayed: Option<u64>,
 }
@@ -81,6 +94,108 @@ impl Session {
     fn new_message(&mut self) {
         self.sender = None;
         self.delayed = None;
+    }
+}
+
+/// The macro stages an MTA sends macros for (`SMFIM_*` order, as libmilter keeps them):
+/// the stage of a command byte.
+fn macro_stage(for_cmd: u8) -> Option<usize> {
+    let stage = match for_cmd {
+        b'C' => stage::CONNECT,
+        b'H' => stage::HELO,
+        b'M' => stage::ENVFROM,
+        b'R' => stage::ENVRCPT,
+        b'T' => stage::DATA,
+        b'E' => stage::EOM,
+        b'N' => stage::EOH,
+        _ => return None,
+    };
+    Some(stage as usize)
+}
+
+const STAGES: usize = stage::EOH as usize + 1;
+
+/// The macros of one milter connection, per stage, as the protocol keeps them: the MTA
+/// sends a stage's macros before that stage's command, and they replace what the stage
+/// held; a command clears the stages after its own (a new MAIL forgets the last
+/// message's RCPT macros, a new connect the last session's); a new session on the
+/// connection clears all. Bounded in count and bytes for the whole connection: what does
+/// not fit is dropped (an MTA never sends that much; an attacker gains nothing).
+#[derive(Default)]
+struct Macros {
+    stages: [Vec<(String, String)>; STAGES],
+    count: usize,
+    bytes: usize,
+    /// Connect macros came since the last connect: they are the next session's.
+    connect_sent: bool,
+}
+
+/// Bytes a macro is counted for.
+fn macro_bytes(name: &str, value: &str) -> usize {
+    name.len() + value.len()
+}
+
+impl Macros {
+    /// Replaces the macros of `stage` with `pairs`, in order, as far as they fit within the
+    /// limits; returns how many were dropped. A name sent twice is kept twice (and
+    /// counted): `get` finds the first, as libmilter does, and no search per macro makes
+    /// a frame of many thousand names slow.
+    fn set(&mut self, stage: usize, pairs: Vec<(String, String)>, limits: &MilterLimits) -> usize {
+        self.clear_stage(stage);
+        self.connect_sent |= stage == stage::CONNECT as usize;
+        let mut dropped = 0;
+        let mut kept = Vec::new();
+        for (name, value) in pairs {
+            let name = if macro_name(&name).len() == name.len() {
+                name
+            } else {
+                macro_name(&name).to_string()
+            };
+            let bytes = macro_bytes(&name, &value);
+            if self.count >= limits.max_macros || self.bytes + bytes > limits.max_macro_bytes {
+                dropped += 1;
+                continue;
+            }
+            self.count += 1;
+            self.bytes += bytes;
+            kept.push((name, value));
+        }
+        kept.shrink_to_fit();
+        self.stages[stage] = kept;
+        dropped
+    }
+
+    fn clear_stage(&mut self, stage: usize) {
+        for (n, v) in std::mem::take(&mut self.stages[stage]) {
+            self.count -= 1;
+            self.bytes -= macro_bytes(&n, &v);
+        }
+    }
+
+    /// Forgets the macros of the stages after `stage` (libmilter's `mi_clr_macros`).
+    fn clear_after(&mut self, stage: u32) {
+        for s in stage as usize + 1..STAGES {
+            self.clear_stage(s);
+        }
+    }
+
+    /// A new SMTP session (connect info): only the connect macros sent for it stay. An MTA
+    /// that sends none this time must not find the last client's.
+    fn new_session(&mut self) {
+        if !std::mem::take(&mut self.connect_sent) {
+            self.clear_stage(stage::CONNECT as usize);
+        }
+        self.clear_after(stage::CONNECT);
+    }
+
+    /// A macro's value: the latest stage's, the first of a name within a stage.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.stages
+            .iter()
+            .rev()
+            .flat_map(|pairs| pairs.iter())
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -102,7 +217,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
                 Ok(Decoded::Frame(cmd, used)) => {
                     start += used;
                     frame_deadline = None;
-                    match step(&mut session, cmd, ctx).await {
+                    match step(&mut session, cmd, ctx, peer).await {
                         Step::Reply(replies) => replies.iter().for_each(|r| r.encode(&mut out)),
                         Step::Quiet => {}
                         Step::Close(why) => {
@@ -118,6 +233,11 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
             }
         }
         buf.drain(..start);
+        // One big frame (up to max_frame) must not leave its buffer with the connection
+        // for good: hundreds of idle connections would each keep up to twice max_frame.
+        if buf.capacity() > KEEP_BUFFER * 4 && buf.len() <= KEEP_BUFFER {
+            buf.shrink_to(KEEP_BUFFER);
+        }
         if !out.is_empty() {
             match tokio::time::timeout(ctx.limits.io_timeout, stream.write_all(&out)).await {
                 Ok(Ok(())) => out.clear(),
@@ -229,7 +349,7 @@ fn cont() -> Step {
     Step::Reply(vec![Reply::Continue])
 }
 
-async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
+async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext, peer: &str) -> Step {
     match cmd {
         Command::OptNeg {
             version,
@@ -262,11 +382,20 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 macros,
             }])
         }
-        Command::Macros { pairs, .. } => {
-            for (name, value) in pairs {
-                let name = macro_name(&name).to_string();
-                if s.macros.len() < MAX_MACROS || s.macros.contains_key(&name) {
-                    s.macros.insert(name, value);
+        Command::Macros { for_cmd, pairs } => {
+            // libmilter ignores macros for other commands; greygate reads none there.
+            if let Some(stage) = macro_stage(for_cmd) {
+                let dropped = s.macros.set(stage, pairs, &ctx.limits);
+                if dropped > 0 && !s.macros_over_limit_logged {
+                    // Once per connection: the peer decides how often it overflows.
+                    s.macros_over_limit_logged = true;
+                    tracing::warn!(
+                        peer,
+                        dropped,
+                        max_macros = ctx.limits.max_macros,
+                        max_macro_bytes = ctx.limits.max_macro_bytes,
+                        "milter macros over the connection's limits were dropped"
+                    );
                 }
             }
             Step::Quiet
@@ -274,30 +403,36 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
         Command::Connect {
             hostname, address, ..
         } => {
+            let mut macros = std::mem::take(&mut s.macros);
+            macros.new_session();
             *s = Session {
-                macros: std::mem::take(&mut s.macros),
+                macros,
+                macros_over_limit_logged: s.macros_over_limit_logged,
                 ..Session::default()
             };
             s.client_ip = address.parse().ok();
             let (name, reverse) = connect_names(
                 hostname,
-                s.macros.get("client_ptr").map(String::as_str),
-                s.macros.get("client_resolve").map(String::as_str),
+                s.macros.get("client_ptr"),
+                s.macros.get("client_resolve"),
             );
             s.client_name = name;
             s.reverse_client_name = reverse;
             cont()
         }
         Command::Helo(h) => {
+            s.macros.clear_after(stage::HELO);
             s.helo = h;
             cont()
         }
         Command::Mail(args) => {
+            s.macros.clear_after(stage::ENVFROM);
             s.new_message();
             s.sender = Some(strip_envelope(&args[0]).to_string());
             cont()
         }
         Command::Rcpt(args) => {
+            s.macros.clear_after(stage::ENVRCPT);
             let req = Request {
                 stage: "RCPT".into(),
                 client_ip: s.client_ip,
@@ -305,7 +440,7 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 helo: s.helo.clone(),
                 sender: s.sender.clone().unwrap_or_default(),
                 recipient: strip_envelope(&args[0]).to_string(),
-                sasl_username: s.macros.get("auth_authen").cloned().unwrap_or_default(),
+                sasl_username: s.macros.get("auth_authen").unwrap_or_default().to_string(),
                 reverse_client_name: s.reverse_client_name.clone(),
                 facts: None,
             };
@@ -334,10 +469,16 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
                 });
             }
             replies.push(Reply::Continue);
+            // The message is over, as at an abort: its macros go.
+            s.macros.clear_after(stage::HELO);
             s.new_message();
             Step::Reply(replies)
         }
         Command::Abort => {
+            // The message is over (RSET, or before QUIT); the session goes on, with its
+            // connect and HELO macros. Its MAIL and later macros go now rather than at the
+            // next MAIL.
+            s.macros.clear_after(stage::HELO);
             s.new_message();
             Step::Quiet
         }
@@ -348,7 +489,11 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext) -> Step {
         | Command::Unknown(_) => cont(),
         Command::Quit => Step::Close(Ok("MTA quit")),
         Command::QuitNewConnection => {
-            *s = Session::default();
+            // Every macro goes with the session (the next one sends its own).
+            *s = Session {
+                macros_over_limit_logged: s.macros_over_limit_logged,
+                ..Session::default()
+            };
             Step::Quiet
         }
     }

@@ -195,3 +195,137 @@ fn postfix_accepts_mail_when_the_milter_is_down() {
     );
     pf.delivered("Subject: milter-down");
 }
+
+/// The daemon's resident memory (`VmRSS` in `/proc/PID/status`), in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+/// Sends `cmd` and, when `answer`, reads one reply frame.
+fn milter_ask(
+    c: &mut std::net::TcpStream,
+    cmd: &greygate::proto::milter::Command,
+    answer: bool,
+) -> Option<greygate::proto::milter::Reply> {
+    use greygate::proto::milter::{DEFAULT_MAX_FRAME, Decoded, decode_reply};
+    use std::io::{Read, Write};
+    let mut out = Vec::new();
+    cmd.encode(&mut out);
+    c.write_all(&out).unwrap();
+    if !answer {
+        return None;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Decoded::Frame(r, _) = decode_reply(&buf, DEFAULT_MAX_FRAME).unwrap() {
+            return Some(r);
+        }
+        let n = c.read(&mut chunk).unwrap();
+        assert!(n > 0, "milter closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Connections the attack below opens at once.
+const ATTACK_CONNECTIONS: usize = 100;
+/// What those connections may add to the daemon's resident memory: each keeps at most
+/// `[milter] max_macro_bytes` (64 KiB) of macros and a 16 KiB read buffer, about 10 MiB for
+/// 100; the rest is room for the allocator's caches of the frames in flight. Before the
+/// bound, each kept up to 64 macros of a whole frame (16 MiB): 1.65 GB for 100.
+const ATTACK_RSS_BOUND: u64 = 64 << 20;
+
+/// The attack that found the unbounded macros, against the real daemon: 100 milter
+/// connections, each sending 64 macros of a whole frame (256 KiB) over all stages and a
+/// frame of 10,000 small ones, then holding the connection open. The daemon's RSS grows by
+/// less than [`ATTACK_RSS_BOUND`] while they are held, and it says it dropped macros.
+#[test]
+fn maximal_macros_on_100_connections_keep_the_daemon_small() {
+    use greygate::proto::milter::{Command, DEFAULT_MAX_FRAME, Family, Reply};
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path())
+        .listen(&[])
+        .milter(&["127.0.0.1:0"])
+        .args(&["--memory"])
+        .start();
+    let addr = d.milter_tcp();
+    let before = rss(d.pid());
+    // Frames made once (the macros are per connection, so all may send the same): names
+    // and values that fill a frame, over all stages, then 10,000 small names.
+    let value = "v".repeat(DEFAULT_MAX_FRAME - 64);
+    let stages = [b'C', b'H', b'M', b'R', b'T', b'E', b'N'];
+    let mut frames = Vec::new();
+    for m in 0..64 {
+        Command::Macros {
+            for_cmd: stages[m % stages.len()],
+            pairs: vec![(format!("{{m{m}}}"), value.clone())],
+        }
+        .encode(&mut frames);
+    }
+    Command::Macros {
+        for_cmd: b'N',
+        pairs: (0..10_000).map(|k| (format!("n{k}"), "v".into())).collect(),
+    }
+    .encode(&mut frames);
+    let started = std::time::Instant::now();
+    let conns: Vec<std::net::TcpStream> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..ATTACK_CONNECTIONS)
+            .map(|_| {
+                let frames = &frames;
+                scope.spawn(move || {
+                    let mut c = std::net::TcpStream::connect(addr).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    let neg = Command::OptNeg {
+                        version: 6,
+                        actions: 0x1ff,
+                        protocol: 0x1fffff,
+                    };
+                    let r = milter_ask(&mut c, &neg, true);
+                    assert!(matches!(r, Some(Reply::OptNeg { .. })), "{r:?}");
+                    let connect = Command::Connect {
+                        hostname: "[192.0.2.1]".into(),
+                        family: Family::Inet,
+                        port: 25,
+                        address: "192.0.2.1".into(),
+                    };
+                    assert_eq!(milter_ask(&mut c, &connect, true), Some(Reply::Continue));
+                    std::io::Write::write_all(&mut c, frames).unwrap();
+                    // A header is answered and clears no stage: every macro frame before it
+                    // has been taken in once the answer is here.
+                    let header = Command::Header {
+                        name: "Subject".into(),
+                        value: "x".into(),
+                    };
+                    assert_eq!(milter_ask(&mut c, &header, true), Some(Reply::Continue));
+                    c
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(conns.len(), ATTACK_CONNECTIONS);
+    // The allocator hands freed frames back after a short delay.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss(d.pid());
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "{ATTACK_CONNECTIONS} connections of maximal macros in {:?}: RSS {} -> {} MiB",
+        started.elapsed(),
+        before >> 20,
+        after >> 20
+    );
+    assert!(
+        grown < ATTACK_RSS_BOUND,
+        "RSS grew by {} MiB (bound {} MiB)",
+        grown >> 20,
+        ATTACK_RSS_BOUND >> 20
+    );
+    d.expect_log("milter macros over the connection's limits were dropped");
+    drop(conns);
+}

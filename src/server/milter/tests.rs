@@ -43,6 +43,8 @@ fn context() -> Arc<MilterContext> {
             idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
+            max_macros: DEFAULT_MAX_MACROS,
+            max_macro_bytes: DEFAULT_MAX_MACRO_BYTES,
         },
         stops: crate::server::StopSignals::new(CancellationToken::new(), CancellationToken::new()),
     })
@@ -286,5 +288,205 @@ fn connect_host_names_map_to_policy_terms() {
     assert_eq!(
         n("mx.example.net", Some("mx.example.net"), Some("OK")),
         pair("mx.example.net", "mx.example.net")
+    );
+}
+
+fn limits(max_macros: usize, max_macro_bytes: usize) -> MilterLimits {
+    MilterLimits {
+        max_connections: 4,
+        idle_timeout: Duration::from_secs(60),
+        io_timeout: Duration::from_secs(5),
+        max_frame: DEFAULT_MAX_FRAME,
+        max_macros,
+        max_macro_bytes,
+    }
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The running totals match what the stages hold, and stay within the limits.
+fn check_totals(m: &Macros, l: &MilterLimits) {
+    let count: usize = m.stages.iter().map(Vec::len).sum();
+    let bytes: usize = m
+        .stages
+        .iter()
+        .flatten()
+        .map(|(n, v)| macro_bytes(n, v))
+        .sum();
+    assert_eq!((m.count, m.bytes), (count, bytes));
+    assert!(count <= l.max_macros && bytes <= l.max_macro_bytes);
+}
+
+#[test]
+fn macros_are_bounded_per_connection_and_a_stage_replaces_its_own() {
+    let l = limits(4, 100);
+    let mut m = Macros::default();
+    let c = stage::CONNECT as usize;
+    let from = stage::ENVFROM as usize;
+    let rcpt = stage::ENVRCPT as usize;
+    let set = |m: &mut Macros, stage: usize, list: &[(&str, &str)]| {
+        let dropped = m.set(stage, pairs(list), &l);
+        check_totals(m, &l);
+        dropped
+    };
+    // 21 + 3 bytes.
+    assert_eq!(
+        set(&mut m, c, &[("{client_ptr}", "ptr.example"), ("j", "mx")]),
+        0
+    );
+    assert_eq!(m.get("client_ptr"), Some("ptr.example"), "braces dropped");
+    let forty = "x".repeat(40);
+    // 41 fits (65), the next 41 would make 106 > 100, 2 fits (67) and is the 4th.
+    assert_eq!(
+        set(&mut m, from, &[("a", &forty), ("b", &forty), ("c", "z")]),
+        1
+    );
+    assert_eq!((m.count, m.bytes), (4, 67));
+    assert_eq!(m.get("b"), None);
+    assert_eq!(set(&mut m, rcpt, &[("d", "1")]), 1, "no fifth macro");
+    // MAIL's macros again: they replace the last ones, and their room is free again.
+    assert_eq!(set(&mut m, from, &[("{auth_authen}", "alice")]), 0);
+    assert_eq!((m.get("auth_authen"), m.get("a")), (Some("alice"), None));
+    assert_eq!((m.count, m.bytes), (3, 40));
+    // The first of a name sent twice, as libmilter reads it.
+    set(&mut m, rcpt, &[("x", "1"), ("x", "2")]);
+    assert_eq!(m.get("x"), Some("1"));
+    // A later stage's value is found first.
+    assert_eq!(set(&mut m, rcpt, &[("j", "later")]), 0);
+    assert_eq!(m.get("j"), Some("later"));
+    m.clear_after(stage::CONNECT);
+    check_totals(&m, &l);
+    assert_eq!((m.count, m.bytes), (2, 24));
+    assert_eq!(m.get("auth_authen"), None);
+    m.clear_after(0);
+    assert_eq!(m.get("client_ptr"), Some("ptr.example"));
+    m.set(c, Vec::new(), &l);
+    assert_eq!((m.count, m.bytes, m.get("client_ptr")), (0, 0, None));
+}
+
+/// Connect info starts a session: the connect macros sent for it stay, everything else
+/// (and connect macros of an earlier session) goes.
+#[test]
+fn a_new_session_keeps_only_its_own_connect_macros() {
+    let l = limits(DEFAULT_MAX_MACROS, DEFAULT_MAX_MACRO_BYTES);
+    let mut m = Macros::default();
+    m.set(
+        stage::CONNECT as usize,
+        pairs(&[("{client_ptr}", "one.example")]),
+        &l,
+    );
+    m.new_session();
+    m.set(
+        stage::ENVFROM as usize,
+        pairs(&[("{auth_authen}", "a")]),
+        &l,
+    );
+    assert_eq!(m.get("client_ptr"), Some("one.example"));
+    // The next session comes without connect macros.
+    m.new_session();
+    check_totals(&m, &l);
+    assert_eq!((m.get("client_ptr"), m.get("auth_authen")), (None, None));
+    assert_eq!((m.count, m.bytes), (0, 0));
+}
+
+/// The attack that found the problem: 64 macros of up to a frame each, over all stages,
+/// kept on one connection. The defaults hold them to 64 KiB.
+#[test]
+fn maximal_macros_stay_within_the_default_bound() {
+    let l = limits(DEFAULT_MAX_MACROS, DEFAULT_MAX_MACRO_BYTES);
+    let mut m = Macros::default();
+    let big = "v".repeat(DEFAULT_MAX_FRAME - 64);
+    for i in 0..64 {
+        let name = format!("{{m{i}}}");
+        m.set(i % STAGES, vec![(name, big.clone())], &l);
+        check_totals(&m, &l);
+    }
+    // Many small names: the count bound.
+    let many: Vec<(String, String)> = (0..10_000).map(|i| (format!("n{i}"), "v".into())).collect();
+    m.set(stage::EOH as usize, many, &l);
+    check_totals(&m, &l);
+    assert_eq!(m.count, DEFAULT_MAX_MACROS);
+    assert!(m.bytes <= DEFAULT_MAX_MACRO_BYTES);
+}
+
+/// A macro sent in one message or session never answers for the next: abort and end of
+/// message forget MAIL's macros, a new connect the last session's, QUIT_NC all.
+#[tokio::test]
+async fn macros_do_not_outlive_their_message_or_session() {
+    let ctx = context();
+    let (mut mta, _task) = Mta::start(&ctx);
+    // Authenticated: no greylisting.
+    mta.open("192.0.2.5", Some("alice")).await;
+    assert_eq!(
+        mta.ask(Command::Rcpt(vec!["<b@example.org>".into()])).await,
+        Reply::Continue
+    );
+    // RSET, then a message whose MAIL comes without macros: not authenticated any more.
+    mta.send(Command::Abort).await;
+    assert_eq!(
+        mta.ask(Command::Mail(vec!["<a@example.net>".into()])).await,
+        Reply::Continue
+    );
+    let r = mta.ask(Command::Rcpt(vec!["<c@example.org>".into()])).await;
+    assert!(
+        matches!(r, Reply::ReplyCode(ref t) if t.starts_with("451 ")),
+        "{r:?}"
+    );
+    mta.send(Command::Abort).await;
+
+    // Authenticated again, to the end of the message; the next message is not.
+    mta.send(Command::Macros {
+        for_cmd: b'M',
+        pairs: pairs(&[("{auth_authen}", "alice")]),
+    })
+    .await;
+    mta.ask(Command::Mail(vec!["<a@example.net>".into()])).await;
+    assert_eq!(
+        mta.ask(Command::Rcpt(vec!["<d@example.org>".into()])).await,
+        Reply::Continue
+    );
+    assert_eq!(
+        mta.ask(Command::EndOfMessage(vec![])).await,
+        Reply::Continue
+    );
+    mta.ask(Command::Mail(vec!["<a@example.net>".into()])).await;
+    let r = mta.ask(Command::Rcpt(vec!["<e@example.org>".into()])).await;
+    assert!(
+        matches!(r, Reply::ReplyCode(ref t) if t.starts_with("451 ")),
+        "{r:?}"
+    );
+
+    // A new session on the connection: authenticated at MAIL; then another session that
+    // starts with connect info alone (no QUIT_NC first) is not.
+    mta.send(Command::QuitNewConnection).await;
+    let connect = |ip: &str| Command::Connect {
+        hostname: format!("[{ip}]"),
+        family: crate::proto::milter::Family::Inet,
+        port: 25,
+        address: ip.into(),
+    };
+    mta.ask(connect("198.51.100.20")).await;
+    assert_eq!(mta.ask(Command::Helo("x".into())).await, Reply::Continue);
+    mta.send(Command::Macros {
+        for_cmd: b'M',
+        pairs: pairs(&[("{auth_authen}", "bob")]),
+    })
+    .await;
+    mta.ask(Command::Mail(vec!["<a@example.net>".into()])).await;
+    assert_eq!(
+        mta.ask(Command::Rcpt(vec!["<f@example.org>".into()])).await,
+        Reply::Continue,
+        "authenticated"
+    );
+    mta.ask(connect("198.51.100.21")).await;
+    mta.ask(Command::Mail(vec!["<a@example.net>".into()])).await;
+    let r = mta.ask(Command::Rcpt(vec!["<g@example.org>".into()])).await;
+    assert!(
+        matches!(r, Reply::ReplyCode(ref t) if t.starts_with("451 ")),
+        "the last session's login is not this one's: {r:?}"
     );
 }
