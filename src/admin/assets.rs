@@ -18,6 +18,11 @@ const ICON: &str = include_str!("assets/icon.svg");
 /// Pages may only load what the daemon itself serves.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
+/// The dashboard's own files: they hold no data (the page fetches it from the API with
+/// the token), so the guard serves them without one, also with `token_for_reads`, for the
+/// page to ask for it.
+pub const PATHS: [&str; 4] = ["/", "/app.js", "/app.css", "/icon.svg"];
+
 pub fn routes() -> Router<Arc<AdminState>> {
     Router::new()
         .route("/", get(|| asset("text/html; charset=utf-8", INDEX)))

@@ -2,7 +2,8 @@
 //!
 //! Loopback by default. Reads are open unless `token_for_reads` is set; every change
 //! (runtime entries, purge, reload) needs `Authorization: Bearer <token>`, compared in
-//! constant time. Like the mail listeners it has a connection limit, a header timeout, a
+//! constant time. The dashboard's own files never need it (they hold no data; the page
+//! asks for the token and sends it with its API calls). Like the mail listeners it has a connection limit, a header timeout, a
 //! per-request timeout, a body limit, and a lifetime cap per connection.
 
 mod api;
@@ -167,7 +168,8 @@ async fn guard(State(st): State<Arc<AdminState>>, req: Request, next: Next) -> R
             "the Host header must be an IP address or localhost (or set admin.token_for_reads)",
         );
     }
-    let public = req.uri().path() == "/healthz";
+    let path = req.uri().path();
+    let public = path == "/healthz" || (is_read && assets::PATHS.contains(&path));
     if (!is_read || st.token_for_reads)
         && !public
         && let Err(why) = st.token_ok(req.headers())

@@ -313,6 +313,16 @@ fn reads_can_require_the_token_too() {
     assert_eq!(s, 401);
     let (s, _) = http.get("/healthz");
     assert_eq!(s, 200, "health checks need no token");
+    // The dashboard's own files hold no data: served without the token, so that the page
+    // can ask for it. Only reads of them.
+    for path in ["/", "/app.js", "/app.css", "/icon.svg"] {
+        let (s, b) = http.get(path);
+        assert_eq!(s, 200, "{path}: {b}");
+    }
+    let (s, _) = http.post("/", None, &json!({}));
+    assert_eq!(s, 401);
+    let (s, _) = http.get("/api/entries");
+    assert_eq!(s, 401);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The web dashboard in a real headless Chromium, driven through ChromeDriver's WebDriver
 //! API: the page loads without console errors, its counters match the traffic the test
-//! sent, the explain box answers, an allow entry can be added; a screenshot is kept as an
-//! artifact.
+//! sent, the explain box answers, an allow entry can be added, and with `token_for_reads`
+//! the page asks for the token before it shows data; screenshots are kept as artifacts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,7 +56,9 @@ impl Driver {
                 .build()
                 .into(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: with two dashboard tests and the rest of the suite on a small shared
+        // machine, ChromeDriver has been seen to need more than 20 s to answer.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(v) = d.call("GET", "/status", None)
                 && v["value"]["ready"] == true
@@ -172,18 +174,63 @@ impl Session<'_> {
     }
 }
 
-#[test]
-fn dashboard_in_headless_chromium() {
-    const TEST: &str = "dashboard_in_headless_chromium";
+/// Chromium and ChromeDriver, or `None` (the test is skipped, or fails when peers are
+/// required) when they are not installed.
+fn browser(test: &str) -> Option<(PathBuf, PathBuf)> {
     let chromium = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
     let driver = find(&["/usr/bin/chromedriver"]);
     let (Some(chromium), Some(driver_bin)) = (chromium, driver) else {
         let why = "chromium and chromium-driver are not installed (scripts/test installs them)";
         assert!(
             !peers_required(),
-            "{TEST}: real Chromium required but {why}"
+            "{test}: real Chromium required but {why}"
         );
-        eprintln!("skipped {TEST}: {why}");
+        eprintln!("skipped {test}: {why}");
+        return None;
+    };
+    Some((chromium, driver_bin))
+}
+
+/// A new headless Chromium session with a fresh profile in `profile`.
+fn open_session<'a>(drv: &'a Driver, chromium: &Path, profile: &Path) -> Session<'a> {
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:loggingPrefs": {"browser": "ALL"},
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                "--window-size=1400,1300",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }
+    }}});
+    let created = drv
+        .call("POST", "/session", Some(caps))
+        .unwrap_or_else(|e| panic!("cannot start Chromium: {e}"));
+    let id = created["value"]["sessionId"].as_str().unwrap().to_string();
+    Session { d: drv, id }
+}
+
+/// Keeps a screenshot of the page as `target/tmp/artifacts/NAME`.
+fn keep_screenshot(s: &Session<'_>, name: &str) {
+    let shot = s.cmd("GET", "/screenshot", None);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let path = artifacts.join(name);
+    std::fs::write(&path, &png).unwrap();
+    eprintln!("dashboard screenshot: {}", path.display());
+}
+
+#[test]
+fn dashboard_in_headless_chromium() {
+    let Some((chromium, driver_bin)) = browser("dashboard_in_headless_chromium") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -208,25 +255,7 @@ fn dashboard_in_headless_chromium() {
 
     let profile = tempfile::tempdir().unwrap();
     let drv = Driver::start(&driver_bin, &dir.path().join("chromedriver.log"));
-    let caps = json!({"capabilities": {"alwaysMatch": {
-        "browserName": "chrome",
-        "goog:loggingPrefs": {"browser": "ALL"},
-        "goog:chromeOptions": {
-            "binary": chromium,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                "--window-size=1400,1300",
-                format!("--user-data-dir={}", profile.path().display()),
-            ]
-        }
-    }}});
-    let created = drv
-        .call("POST", "/session", Some(caps))
-        .unwrap_or_else(|e| panic!("cannot start Chromium: {e}"));
-    let id = created["value"]["sessionId"].as_str().unwrap().to_string();
-    let s = Session { d: &drv, id };
+    let s = open_session(&drv, &chromium, profile.path());
 
     s.cmd("POST", "/url", Some(json!({"url": d.admin_url() + "/"})));
     assert_eq!(s.script("return document.title;"), "greygate");
@@ -284,18 +313,89 @@ fn dashboard_in_headless_chromium() {
     );
     s.wait_text("#count-pass", |t| t == "2", "counter follows traffic");
 
-    let shot = s.cmd("GET", "/screenshot", None);
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot.as_str().unwrap())
-        .unwrap();
-    assert!(png.starts_with(b"\x89PNG"));
-    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let path = artifacts.join("dashboard.png");
-    std::fs::write(&path, &png).unwrap();
-    eprintln!("dashboard screenshot: {}", path.display());
+    keep_screenshot(&s, "dashboard.png");
 
     // Only the 401 of the refused change may show up (Chromium logs failed fetches).
+    let errors: Vec<String> = s
+        .console_errors()
+        .into_iter()
+        .filter(|m| !m.contains("401 (Unauthorized)"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    let _ = drv.call("DELETE", &format!("/session/{}", s.id), None);
+}
+
+/// With `token_for_reads` the page itself loads without the token (it holds no data),
+/// asks for the token, and shows the data once it is given; a wrong one is refused with
+/// the reason. The token is kept in the tab's session storage only: no cookie, nothing in
+/// localStorage, and a reload of the page in the same tab needs no second entry.
+#[test]
+fn dashboard_asks_for_the_token_when_reads_need_it() {
+    let Some((chromium, driver_bin)) = browser("dashboard_asks_for_the_token_when_reads_need_it")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path())
+        .toml(&admin_toml("token_for_reads = true\n"))
+        .start();
+    let mut c = d.client();
+    for i in 1..=2 {
+        let r = c.ask(&rcpt_request(
+            &format!("203.0.{i}.10"),
+            "newsletter@shop.example",
+            "bob@example.org",
+        ));
+        assert!(r.starts_with("DEFER_IF_PERMIT"), "{r}");
+    }
+
+    let profile = tempfile::tempdir().unwrap();
+    let drv = Driver::start(&driver_bin, &dir.path().join("chromedriver.log"));
+    let s = open_session(&drv, &chromium, profile.path());
+    let visible = "return !document.querySelector('#token-panel').hidden;";
+
+    s.cmd("POST", "/url", Some(json!({"url": d.admin_url() + "/"})));
+    assert_eq!(s.script("return document.title;"), "greygate");
+    s.wait_text("#status", |t| t == "admin token needed", "token asked for");
+    assert_eq!(s.script(visible), true, "the token form shows");
+    assert_eq!(s.text("#count-defer"), "–", "no data without the token");
+
+    s.type_into("#token-input", "wrong-token-0123456789");
+    s.click("#token-submit");
+    s.wait_text(
+        "#token-message",
+        |t| t.contains("wrong admin token"),
+        "refusal",
+    );
+    assert_eq!(s.script(visible), true);
+    keep_screenshot(&s, "dashboard-token-asked.png");
+
+    s.type_into("#token-input", TOKEN);
+    s.click("#token-submit");
+    s.wait_text("#count-defer", |t| t == "2", "deferred counter");
+    s.wait_text(
+        "#top-groups tbody",
+        |t| t.contains("203.0.1.0/24"),
+        "top groups",
+    );
+    assert_eq!(s.script(visible), false, "the token form is gone");
+    let kept = s.script(
+        "return [sessionStorage.getItem('greygate-token'), localStorage.length, document.cookie];",
+    );
+    assert_eq!(kept, json!([TOKEN, 0, ""]), "session storage only");
+
+    // The same tab keeps it across a reload; the explain box reads with it too.
+    s.cmd("POST", "/refresh", Some(json!({})));
+    s.wait_text("#count-defer", |t| t == "2", "counter after a reload");
+    assert_eq!(s.script(visible), false);
+    s.type_into("#explain-client", "203.0.1.99");
+    s.type_into("#explain-from", "newsletter@shop.example");
+    s.type_into("#explain-to", "bob@example.org");
+    s.click("#explain-submit");
+    s.wait_text("#explain-result", |t| t.contains("rule:"), "explain result");
+    keep_screenshot(&s, "dashboard-token.png");
+
+    // Only the refused reads before the token may show up.
     let errors: Vec<String> = s
         .console_errors()
         .into_iter()

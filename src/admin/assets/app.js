@@ -25,9 +25,16 @@ function when(unix) {
   return new Date(unix * 1000).toLocaleTimeString("en-GB", { hour12: false });
 }
 
+// The token lives in this tab only: the entry form's field, or session storage (never a
+// cookie, which the browser would send by itself, nor localStorage, which outlives the tab).
+const TOKEN_KEY = "greygate-token";
+
 function token() {
-  return $("#entry-token").value.trim() || sessionStorage.getItem("greygate-token") || "";
+  return $("#entry-token").value.trim() || sessionStorage.getItem(TOKEN_KEY) || "";
 }
+
+// Set while reads are refused for want of the token: polling waits for the token form.
+let needToken = false;
 
 async function api(path, options) {
   const opts = Object.assign({ headers: {} }, options || {});
@@ -40,9 +47,37 @@ async function api(path, options) {
   else body = await r.text();
   if (!r.ok) {
     const msg = body && body.error ? body.error : r.status + " " + r.statusText;
-    throw new Error(msg);
+    const err = new Error(msg);
+    err.status = r.status;
+    throw err;
   }
   return body;
+}
+
+// Reads need the token (admin.token_for_reads): show the token form, stop polling.
+function askToken(why) {
+  needToken = true;
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("#token-panel").hidden = false;
+  text($("#token-message"), why);
+  const status = $("#status");
+  text(status, "admin token needed");
+  status.className = "status bad";
+  $("#token-input").focus();
+}
+
+function useToken(ev) {
+  ev.preventDefault();
+  const t = $("#token-input").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  $("#token-input").value = "";
+  // A token typed for changes would be sent instead of this one.
+  $("#entry-token").value = "";
+  needToken = false;
+  $("#token-panel").hidden = true;
+  text($("#status"), "connecting…");
+  refresh();
 }
 
 function showStats(s) {
@@ -170,6 +205,7 @@ function showEntries(res) {
 }
 
 async function refresh() {
+  if (needToken) return;
   try {
     const [stats, series, top, recent, entries] = await Promise.all([
       api("/api/stats"),
@@ -184,6 +220,10 @@ async function refresh() {
     showRecent(recent);
     showEntries(entries);
   } catch (err) {
+    if (err.status === 401) {
+      askToken(err.message);
+      return;
+    }
     const status = $("#status");
     text(status, "cannot reach the daemon: " + err.message);
     status.className = "status bad";
@@ -231,7 +271,7 @@ async function addEntry(ev) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
     });
-    if (token()) sessionStorage.setItem("greygate-token", token());
+    if (token()) sessionStorage.setItem(TOKEN_KEY, token());
     message("added #" + e.id + ": " + e.list + " " + e.target + " " + e.value, true);
     $("#entry-value").value = "";
     refresh();
@@ -253,6 +293,7 @@ async function removeEntry(e) {
 document.addEventListener("DOMContentLoaded", () => {
   $("#explain-form").addEventListener("submit", explain);
   $("#entry-form").addEventListener("submit", addEntry);
+  $("#token-form").addEventListener("submit", useToken);
   refresh();
   setInterval(refresh, REFRESH_MS);
 });
