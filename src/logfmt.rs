@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -467,6 +467,111 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedStderr {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Summarised warnings
+// ---------------------------------------------------------------------------------------------
+
+/// How often a [`Summarised`] warning that keeps happening reports its count.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A warning that can happen once per connection or per request — as often as a client
+/// (or an outage) makes it — written as its first occurrence and then as one count per
+/// interval while it keeps happening: 1,000 refused connections a second are a line and a
+/// count every ten seconds, not 1,000 lines a second (a reconnecting client made 19 GB of
+/// log a day when every refusal had its line).
+///
+/// The first event of a quiet spell is logged in full by the caller's closure; later ones
+/// are counted, and every `interval` a task writes the count through the `summary` closure
+/// given at construction (`summary(count, interval)`). An interval without events ends the
+/// spell: the next event is logged in full again. Counting is one atomic add; the lock is
+/// taken only to start and end a spell. Outside a tokio runtime there is no task to write
+/// the counts, so every event is logged in full (as before this type existed).
+pub struct Summarised {
+    /// [`SPELL`]: a spell is on (its first line is written, its count task runs); the other
+    /// bits: events counted since the last line.
+    state: AtomicU64,
+    interval: Duration,
+    /// Serialises starting and ending spells; never taken to count.
+    gate: Mutex<()>,
+    summary: Box<dyn Fn(u64, Duration) + Send + Sync>,
+}
+
+/// The bit of [`Summarised::state`] that says a spell is on.
+const SPELL: u64 = 1 << 63;
+
+impl Summarised {
+    /// A warning summarised every [`SUMMARY_INTERVAL`]; `summary(count, interval)` writes
+    /// the line for `count` further events in the last `interval`.
+    pub fn new(summary: impl Fn(u64, Duration) + Send + Sync + 'static) -> Arc<Self> {
+        Self::every(SUMMARY_INTERVAL, summary)
+    }
+
+    /// [`Summarised::new`] with another interval.
+    pub fn every(
+        interval: Duration,
+        summary: impl Fn(u64, Duration) + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Summarised {
+            state: AtomicU64::new(0),
+            interval,
+            gate: Mutex::new(()),
+            summary: Box::new(summary),
+        })
+    }
+
+    /// One event: `first` logs it when it starts a spell; otherwise it is counted for the
+    /// next summary line.
+    pub fn hit(self: &Arc<Self>, first: impl FnOnce()) {
+        if self.state.fetch_add(1, Ordering::AcqRel) & SPELL != 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No task could write the count: undo it and log this one.
+            self.state.fetch_sub(1, Ordering::AcqRel);
+            first();
+            return;
+        };
+        {
+            let _gate = lock(&self.gate);
+            // Others may have counted themselves meanwhile; whoever gets the gate first
+            // starts the spell, and those after find it on (their events stay counted).
+            if self.state.load(Ordering::Acquire) & SPELL != 0 {
+                return;
+            }
+            // On, with this event taken out of the count: it gets the full line.
+            self.state.fetch_add(SPELL - 1, Ordering::AcqRel);
+        }
+        first();
+        let me = Arc::clone(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(me.interval).await;
+                if !me.report() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Writes the count of the interval just ended; false (and the spell is over) when
+    /// there was none.
+    fn report(&self) -> bool {
+        let _gate = lock(&self.gate);
+        // Ends the spell only if nothing was counted: an event counted in between makes
+        // the exchange fail and is reported below.
+        if self
+            .state
+            .compare_exchange(SPELL, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return false;
+        }
+        let count = self.state.fetch_and(SPELL, Ordering::AcqRel) & !SPELL;
+        (self.summary)(count, self.interval);
+        true
+    }
+}
+
 /// What `f` logs, as the daemon's text log writes it.
 /// The checked `[log]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -603,6 +708,44 @@ mod tests {
         let mut out = Vec::new();
         merge_by_time(&bufs, &mut out);
         assert_eq!(out, b"2026-11-29T05:00:00.000001Z x\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_summarised_warning_is_one_line_then_a_count_per_interval() {
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let seen = counts.clone();
+        let warning = Summarised::every(Duration::from_secs(10), move |n, over| {
+            assert_eq!(over, Duration::from_secs(10));
+            seen.lock().unwrap().push(n);
+        });
+        let mut lines = 0;
+        for _ in 0..1000 {
+            warning.hit(|| lines += 1);
+        }
+        assert_eq!(lines, 1, "the first event has its line");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(*counts.lock().unwrap(), [999]);
+        for _ in 0..5 {
+            warning.hit(|| lines += 1);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(*counts.lock().unwrap(), [999, 5]);
+        assert_eq!(lines, 1, "still the same spell");
+        // A quiet interval ends the spell without a line; the next event has its own.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(*counts.lock().unwrap(), [999, 5]);
+        warning.hit(|| lines += 1);
+        assert_eq!(lines, 2);
+    }
+
+    #[test]
+    fn without_a_runtime_every_event_has_its_line() {
+        let warning = Summarised::new(|_, _| panic!("no summaries without a runtime"));
+        let mut lines = 0;
+        for _ in 0..3 {
+            warning.hit(|| lines += 1);
+        }
+        assert_eq!(lines, 3);
     }
 
     #[test]
