@@ -289,8 +289,11 @@ pub struct ListenerStats {
     pub limit: usize,
     pub open: AtomicUsize,
     pub accepted: AtomicU64,
-    /// Connections closed at once because the listener was at its limit.
+    /// New connections closed at once: the listener or the peer at its limit with no
+    /// connection that could make room, or the process out of file descriptors.
     pub refused: AtomicU64,
+    /// Idle connections closed to make room for a new one.
+    pub evicted: AtomicU64,
 }
 
 impl ListenerStats {
@@ -302,6 +305,7 @@ impl ListenerStats {
             open: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
         }
     }
 }

@@ -303,13 +303,25 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
     o.head(
         "greygate_connections_refused_total",
         "counter",
-        "Connections closed at once because the listener was at its limit.",
+        "New connections closed at once: listener or peer at its limit with no idle connection to close, or out of file descriptors.",
     );
     for l in &listeners {
         o.sample(
             "greygate_connections_refused_total",
             &[("listener", &l.address), ("protocol", l.protocol)],
             l.refused.load(Ordering::Relaxed),
+        );
+    }
+    o.head(
+        "greygate_connections_evicted_total",
+        "counter",
+        "Idle connections closed to make room for a new one (listener or peer at its limit).",
+    );
+    for l in &listeners {
+        o.sample(
+            "greygate_connections_evicted_total",
+            &[("listener", &l.address), ("protocol", l.protocol)],
+            l.evicted.load(Ordering::Relaxed),
         );
     }
 

@@ -12,6 +12,12 @@ use crate::server::milter::{MilterConfig, MilterLimits};
 use crate::server::policy::{PolicyConfig, PolicyLimits};
 use crate::server::replies::DeferAction;
 
+/// Default connections per peer and listener, policy and milter alike: half the default
+/// `max_connections`. A Postfix host opens one connection per smtpd process, up to its
+/// `default_process_limit` of 100 per service, so even two services checking mail (port
+/// 25 and 587, say) fit; and no one address can hold more than half of a listener.
+pub const DEFAULT_PER_PEER: usize = 256;
+
 /// `[policy]`: the Postfix policy delegation listener(s).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -24,9 +30,13 @@ pub struct RawPolicyServer {
     pub defer_text: String,
     /// File mode of Unix sockets (octal).
     pub socket_mode: String,
-    /// Concurrent connections per listener; more are closed at once.
+    /// Concurrent connections per listener. When reached, the connection idle longest
+    /// is closed for the new one; a new one is closed at once only when none is idle.
     pub max_connections: usize,
-    /// Close a connection with no request for this long.
+    /// Concurrent connections of one client address (for a Unix socket, one user) per
+    /// listener, handled the same way among that peer's connections.
+    pub max_connections_per_peer: usize,
+    /// Close a connection with no complete request for this long (blank lines do not count).
     pub idle_timeout: Dur,
     /// Close a connection that takes this long to finish a started request or to take a reply.
     pub io_timeout: Dur,
@@ -45,6 +55,7 @@ impl Default for RawPolicyServer {
             defer_text: "Greylisted, please try again in {remaining} seconds".into(),
             socket_mode: "0666".into(),
             max_connections: 512,
+            max_connections_per_peer: DEFAULT_PER_PEER,
             idle_timeout: Dur(Duration::from_secs(600)),
             io_timeout: Dur(Duration::from_secs(10)),
             max_line_length: l.max_line,
@@ -62,9 +73,14 @@ pub struct RawMilter {
     pub listen: Vec<String>,
     /// SMTP code and enhanced status code of a deferral, e.g. `451 4.7.1`.
     pub reply_code: String,
-    /// Concurrent connections per listener; more are closed at once.
+    /// Concurrent connections per listener. When reached, the connection idle longest
+    /// is closed for the new one; a new one is closed at once only when none is idle.
     pub max_connections: usize,
-    /// Close a connection whose MTA sends nothing for this long.
+    /// Concurrent connections of one client address (for a Unix socket, one user) per
+    /// listener, handled the same way among that peer's connections.
+    pub max_connections_per_peer: usize,
+    /// Close a connection whose MTA sends no command that moves the session on for this
+    /// long (macros and other no-op frames do not count).
     pub idle_timeout: Dur,
     /// Close a connection that takes this long to finish a frame or to take a reply.
     pub io_timeout: Dur,
@@ -82,6 +98,7 @@ impl Default for RawMilter {
             listen: Vec::new(),
             reply_code: "451 4.7.1".into(),
             max_connections: 512,
+            max_connections_per_peer: DEFAULT_PER_PEER,
             idle_timeout: Dur(Duration::from_secs(600)),
             io_timeout: Dur(Duration::from_secs(10)),
             max_frame: crate::proto::milter::DEFAULT_MAX_FRAME,
@@ -147,6 +164,12 @@ impl RawPolicyServer {
                 format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
             );
         }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections_per_peer) {
+            p.at(
+                &["policy", "max_connections_per_peer"],
+                format!("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
         for (name, d) in [
             ("idle_timeout", self.idle_timeout),
             ("io_timeout", self.io_timeout),
@@ -173,6 +196,7 @@ impl RawPolicyServer {
             socket_mode,
             limits: PolicyLimits {
                 max_connections: self.max_connections,
+                max_connections_per_peer: self.max_connections_per_peer,
                 idle_timeout: self.idle_timeout.0,
                 io_timeout: self.io_timeout.0,
                 codec: Limits {
@@ -211,6 +235,12 @@ impl RawMilter {
                 format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
             );
         }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections_per_peer) {
+            p.at(
+                &["milter", "max_connections_per_peer"],
+                format!("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
         for (name, d) in [
             ("idle_timeout", self.idle_timeout),
             ("io_timeout", self.io_timeout),
@@ -243,6 +273,7 @@ impl RawMilter {
             listen: milter_listen,
             limits: MilterLimits {
                 max_connections: self.max_connections,
+                max_connections_per_peer: self.max_connections_per_peer,
                 idle_timeout: self.idle_timeout.0,
                 io_timeout: self.io_timeout.0,
                 max_frame: self.max_frame,

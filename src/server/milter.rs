@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::replies::{Replies, x_greylist};
+use super::slots::Slot;
 use super::{Io, ListenAddr};
 use crate::engine::Request;
 use crate::engine::normalize::strip_envelope;
@@ -34,7 +35,10 @@ pub struct MilterConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MilterLimits {
     pub max_connections: usize,
-    /// Longest wait for the MTA's next command (an SMTP session can be slow).
+    /// Connections of one client address (one user on a Unix socket) per listener.
+    pub max_connections_per_peer: usize,
+    /// Longest wait for the MTA's next command that moves the session on (an SMTP session
+    /// can be slow); macros, negotiation and skipped steps do not restart it.
     pub idle_timeout: Duration,
     /// Longest time to finish a started frame, or to take a reply.
     pub io_timeout: Duration,
@@ -199,24 +203,55 @@ impl Macros {
     }
 }
 
-/// Serves one milter connection until the MTA quits, a frame is bad, or a timeout.
-pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterContext) {
+/// Whether a command moves the SMTP session on. Only these restart the idle timer and mark
+/// the connection busy: macros come before the command they belong to, negotiation happens
+/// once, and the steps greygate asked to skip carry nothing it uses — a client repeating
+/// any of them shows no sign of a session, and must not hold its connection by it.
+fn advances_session(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Connect { .. }
+            | Command::Helo(_)
+            | Command::Mail(_)
+            | Command::Rcpt(_)
+            | Command::EndOfMessage(_)
+            | Command::Abort
+            | Command::Quit
+            | Command::QuitNewConnection
+    )
+}
+
+/// Serves one milter connection until the MTA quits, a frame is bad, a timeout, or it is
+/// closed to make room (`slot`).
+pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterContext, slot: &Slot) {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut out: Vec<u8> = Vec::with_capacity(256);
     let mut chunk = vec![0u8; 16 * 1024];
     let mut session = Session::default();
     let mut frame_deadline: Option<Instant> = None;
+    // Set at the connect and after each command that moves the session on.
+    let mut idle_deadline = Instant::now() + ctx.limits.idle_timeout;
     let (shutdown, hard_stop) = ctx.stops.waits();
-    tokio::pin!(shutdown, hard_stop);
+    let evicted = slot.evicted();
+    tokio::pin!(shutdown, hard_stop, evicted);
     loop {
         let mut start = 0;
         let mut stop = None;
+        let mut advanced = false;
         loop {
             match decode_command(&buf[start..], ctx.limits.max_frame) {
                 Ok(Decoded::Incomplete) => break,
                 Ok(Decoded::Frame(cmd, used)) => {
                     start += used;
                     frame_deadline = None;
+                    if advances_session(&cmd) {
+                        if !slot.begin() {
+                            // Closed to make room just before the command came in.
+                            tracing::debug!(peer, "milter connection closed to make room");
+                            return;
+                        }
+                        advanced = true;
+                    }
                     match step(&mut session, cmd, ctx, peer).await {
                         Step::Reply(replies) => replies.iter().for_each(|r| r.encode(&mut out)),
                         Step::Quiet => {}
@@ -254,6 +289,11 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
                 }
             }
         }
+        if advanced {
+            let now = Instant::now();
+            slot.done(now);
+            idle_deadline = now + ctx.limits.idle_timeout;
+        }
         match stop {
             Some(Ok(reason)) => {
                 tracing::debug!(peer, reason, "milter connection closed");
@@ -269,13 +309,17 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
         let deadline = if mid_frame {
             *frame_deadline.get_or_insert_with(|| Instant::now() + ctx.limits.io_timeout)
         } else {
-            Instant::now() + ctx.limits.idle_timeout
+            idle_deadline
         };
         let read = tokio::select! {
             // Stopping first: a client that never stops sending must not hold it up.
             biased;
             () = &mut hard_stop => return,
             () = &mut shutdown, if !mid_frame && session.sender.is_none() => return,
+            () = &mut evicted => {
+                tracing::debug!(peer, "milter connection closed to make room for a new one");
+                return;
+            }
             r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => r,
         };
         match read {

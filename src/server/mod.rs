@@ -1,13 +1,18 @@
 //! Listeners, accept loops, connection limits, shutdown and store maintenance.
 //!
 //! Limits and the shutdown token are passed in, never global. Each listener has its own
-//! semaphore; a connection over the limit is closed at once (Postfix then retries or
-//! applies its `default_action`) rather than left waiting in the backlog.
+//! slots (`slots.rs`): a limit of connections, and one per peer. When a limit is reached
+//! the connection idle longest makes room for the new one; only when none may be closed
+//! is the new one closed at once (Postfix then retries or applies its `default_action`)
+//! rather than left waiting in the backlog — also when the process is out of file
+//! descriptors (`accept.rs`).
 
+pub mod accept;
 mod addr;
 pub mod milter;
 pub mod policy;
 pub mod replies;
+pub mod slots;
 
 pub use addr::ListenAddr;
 
@@ -19,12 +24,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
+use slots::{PeerKey, Refused, Slots};
 
 /// The server's two stop tokens as connections watch them: `shutdown` (stop taking new
 /// requests; idle connections close at once) and `hard_stop` (close every connection now,
@@ -207,6 +213,13 @@ impl Handler {
         }
     }
 
+    fn max_connections_per_peer(&self) -> usize {
+        match self {
+            Handler::Policy(c) => c.limits.max_connections_per_peer,
+            Handler::Milter(c) => c.limits.max_connections_per_peer,
+        }
+    }
+
     fn svc(&self) -> &Arc<Greylister> {
         match self {
             Handler::Policy(c) => &c.svc,
@@ -228,10 +241,10 @@ impl Handler {
         }
     }
 
-    async fn serve<S: Io>(&self, stream: S, peer: &str) {
+    async fn serve<S: Io>(&self, stream: S, peer: &str, slot: &slots::Slot) {
         match self {
-            Handler::Policy(c) => policy::serve_connection(stream, peer, c).await,
-            Handler::Milter(c) => milter::serve_connection(stream, peer, c).await,
+            Handler::Policy(c) => policy::serve_connection(stream, peer, c, slot).await,
+            Handler::Milter(c) => milter::serve_connection(stream, peer, c, slot).await,
         }
     }
 }
@@ -250,53 +263,96 @@ pub async fn serve(listeners: Vec<(Bound, Handler)>) {
 
 async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
     let name = l.local_addr();
-    let limit = handler.max_connections();
-    let permits = Arc::new(Semaphore::new(limit));
-    let stats = Arc::new(ListenerStats::new(name.clone(), handler.protocol(), limit));
+    let slots = Slots::new(
+        handler.max_connections(),
+        handler.max_connections_per_peer(),
+    );
+    let stats = Arc::new(ListenerStats::new(
+        name.clone(),
+        handler.protocol(),
+        slots.limit(),
+    ));
     handler.svc().register_listener(stats.clone());
+    let log = accept::AdmissionLog::new(&name, handler.protocol());
+    let mut reserve = accept::Reserve::default();
     let mut backoff = Duration::from_millis(10);
+    let mut pause = accept::FIRST_PAUSE;
     loop {
         let accepted = tokio::select! {
             _ = handler.shutdown().cancelled() => break,
             r = accept(&l) => r,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, key) = match accepted {
             Ok(x) => {
                 backoff = Duration::from_millis(10);
                 x
             }
+            Err(e) if accept::out_of_descriptors(&e) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                log.no_descriptors(&e);
+                // With the spare given up, the next accept takes the waiting connection
+                // and closes it below. Without one, a short pause: the freed descriptor
+                // went elsewhere.
+                if !reserve.release() {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(accept::MAX_PAUSE);
+                }
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning, keep serving.
+                // Other failures: back off instead of spinning, keep serving.
                 tracing::error!(listener = %name, error = %e, "accept failed; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                listener = %name, peer = %peer, limit,
-                "connection limit reached; closing new connection"
-            );
+        if !reserve.ensure() {
+            // Out of descriptors: this connection's is the spare from now on.
             drop(stream);
+            reserve.ensure();
             continue;
+        }
+        pause = accept::FIRST_PAUSE;
+        let lease = match slots.admit(key) {
+            Ok((lease, evicted)) => {
+                if let Some(e) = evicted {
+                    stats.evicted.fetch_add(1, Ordering::Relaxed);
+                    log.evicted(&key, &e, limit_of(&slots, e.reason));
+                }
+                lease
+            }
+            Err(why) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                log.refused(&key, why, limit_of(&slots, why));
+                drop(stream);
+                continue;
+            }
         };
         let handler = handler.clone();
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
         let stats = stats.clone();
         tracker.spawn(async move {
+            let slot = lease.slot();
             match stream {
-                Stream::Tcp(s) => handler.serve(s, &peer).await,
-                Stream::Unix(s) => handler.serve(s, &peer).await,
+                Stream::Tcp(s) => handler.serve(s, &peer, slot).await,
+                Stream::Unix(s) => handler.serve(s, &peer, slot).await,
             }
             stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop(lease);
         });
     }
     if let Bound::Unix(_, path) = &l {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The limit a refusal or an eviction was for.
+fn limit_of(slots: &Slots, why: Refused) -> usize {
+    match why {
+        Refused::Full => slots.limit(),
+        Refused::PerPeer => slots.per_peer(),
     }
 }
 
@@ -305,16 +361,20 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(l: &Bound) -> io::Result<(Stream, String)> {
+async fn accept(l: &Bound) -> io::Result<(Stream, String, PeerKey)> {
     match l {
         Bound::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), peer.to_string()))
+            Ok((Stream::Tcp(s), peer.to_string(), PeerKey::Ip(peer.ip())))
         }
         Bound::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+            // No address: the peer is the connecting user (see `PeerKey::Uid`).
+            let key = s
+                .peer_cred()
+                .map_or(PeerKey::Local, |c| PeerKey::Uid(c.uid()));
+            Ok((Stream::Unix(s), format!("unix:{}", path.display()), key))
         }
     }
 }

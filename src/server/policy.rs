@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::replies::Replies;
+use super::slots::Slot;
 use super::{Io, ListenAddr};
 use crate::engine::Request;
 use crate::proto::policy::{Decoder, PolicyRequest, encode_response};
@@ -28,7 +29,11 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyLimits {
     pub max_connections: usize,
+    /// Connections of one client address (one user on a Unix socket) per listener.
+    pub max_connections_per_peer: usize,
+    /// Longest wait for the next complete request; only a complete request restarts it.
     pub idle_timeout: Duration,
+    /// Longest time for a started request to arrive whole, or for a reply to be taken.
     pub io_timeout: Duration,
     pub codec: crate::proto::policy::Limits,
 }
@@ -88,9 +93,14 @@ pub struct PolicyContext {
 }
 
 /// Serves one connection: requests are answered in order; pipelined replies go out in one
-/// write. Malformed input, timeouts and shutdown close the connection; per the protocol,
-/// a request we cannot read gets no reply (replies owed for earlier requests still go out).
-pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyContext) {
+/// write. Malformed input, timeouts, shutdown and being closed to make room (`slot`) close
+/// the connection; per the protocol, a request we cannot read gets no reply (replies owed
+/// for earlier requests still go out).
+///
+/// Only a complete request restarts the idle timer: blank lines between requests are
+/// allowed but are no sign of life, or a client sending one every few seconds would hold
+/// its connection for ever.
+pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyContext, slot: &Slot) {
     let mut decoder = Decoder::new(ctx.limits.codec);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(256);
@@ -101,11 +111,15 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyCont
     let mut chunk = [0u8; 8192];
     // A started request must be complete by this instant, however slowly it trickles in.
     let mut request_deadline: Option<Instant> = None;
+    // Without a request in progress the connection closes at this instant, set at the
+    // connect and after each answer.
+    let mut idle_deadline = Instant::now() + ctx.limits.idle_timeout;
     // One timer and one wait per token for the whole connection, moved rather than made
     // anew for every read (a timer registration and two waiter-list insertions per request).
-    let timer = tokio::time::sleep(ctx.limits.idle_timeout);
+    let timer = tokio::time::sleep_until(idle_deadline);
     let (shutdown, hard_stop) = ctx.stops.waits();
-    tokio::pin!(timer, shutdown, hard_stop);
+    let evicted = slot.evicted();
+    tokio::pin!(timer, shutdown, hard_stop, evicted);
     loop {
         let mut start = 0;
         let mut bad = None;
@@ -117,6 +131,15 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyCont
                 }
                 Ok((used, Some(req))) => {
                     start += used;
+                    if !slot.begin() {
+                        // Closed to make room just before the request came in: the client
+                        // sends it again on another connection.
+                        tracing::debug!(
+                            peer,
+                            "connection closed to make room; request not answered"
+                        );
+                        return;
+                    }
                     request_deadline = None;
                     action.clear();
                     answer(req, peer, ctx, &mut decided, &mut action).await;
@@ -140,6 +163,9 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyCont
                 return;
             }
             out.clear();
+            let now = Instant::now();
+            slot.done(now);
+            idle_deadline = now + ctx.limits.idle_timeout;
         }
         if let Some(e) = bad {
             tracing::warn!(peer, error = %e, "malformed policy request; closing connection");
@@ -149,7 +175,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyCont
         let deadline = if mid_request {
             *request_deadline.get_or_insert_with(|| Instant::now() + ctx.limits.io_timeout)
         } else {
-            Instant::now() + ctx.limits.idle_timeout
+            idle_deadline
         };
         if timer.deadline() != deadline {
             // Later than before (the usual case) only updates the entry; tokio files it
@@ -164,6 +190,10 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &PolicyCont
                 return;
             }
             () = &mut shutdown, if !mid_request => return,
+            () = &mut evicted => {
+                tracing::debug!(peer, "connection closed to make room for a new one");
+                return;
+            }
             r = stream.read(&mut chunk) => Ok(r),
             () = &mut timer => Err(()),
         };
@@ -273,6 +303,7 @@ mod tests {
             })),
             limits: PolicyLimits {
                 max_connections: 10,
+                max_connections_per_peer: 10,
                 idle_timeout: Duration::from_secs(600),
                 io_timeout: Duration::from_secs(10),
                 codec: Default::default(),
@@ -286,7 +317,10 @@ mod tests {
 
     fn spawn(ctx: PolicyContext) -> (DuplexStream, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
+        let task =
+            tokio::spawn(
+                async move { serve_connection(server, "test", &ctx, &Slot::unlisted()).await },
+            );
         (client, task)
     }
 
@@ -318,7 +352,10 @@ mod tests {
         let ctx = context();
         // A pipe far smaller than the replies owed: the server's write has to wait.
         let (mut client, server) = tokio::io::duplex(64);
-        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
+        let task =
+            tokio::spawn(
+                async move { serve_connection(server, "test", &ctx, &Slot::unlisted()).await },
+            );
         let start = tokio::time::Instant::now();
         let mut sent = 0;
         while sent < 20 && !task.is_finished() {
@@ -351,6 +388,48 @@ mod tests {
         let start = tokio::time::Instant::now();
         task.await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blank_lines_do_not_keep_an_idle_connection_open() {
+        let (mut client, task) = spawn(context());
+        let start = tokio::time::Instant::now();
+        // A blank line every 5 s, as the clients that held every slot sent.
+        while !task.is_finished() {
+            let _ = client.write_all(b"\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(start.elapsed() < Duration::from_secs(700), "never closed");
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(600) && took <= Duration::from_secs(605),
+            "closed after {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closed_to_make_room_stops_at_once() {
+        let ctx = context();
+        let slots = crate::server::slots::Slots::new(1, 1);
+        let key = crate::server::slots::PeerKey::Local;
+        let (lease, _) = slots.admit(key).unwrap();
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let slot = lease.slot().clone();
+        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx, &slot).await });
+        client.write_all(REQ.as_bytes()).await.unwrap();
+        let mut reply = [0u8; 256];
+        let n = client.read(&mut reply).await.unwrap();
+        assert!(reply[..n].starts_with(b"action="));
+        // Just answered: not closed for a newcomer yet; after the grace, it is.
+        assert!(slots.admit(key).is_err());
+        tokio::time::sleep(crate::server::slots::ANSWERED_GRACE).await;
+        let (_newcomer, evicted) = slots.admit(key).expect("room made");
+        assert!(evicted.is_some());
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the old connection stops at once")
+            .unwrap();
+        drop(lease);
     }
 
     #[tokio::test]

@@ -40,6 +40,7 @@ fn context() -> Arc<MilterContext> {
         })),
         limits: MilterLimits {
             max_connections: 4,
+            max_connections_per_peer: 4,
             idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
@@ -59,7 +60,10 @@ impl Mta {
     fn start(ctx: &Arc<MilterContext>) -> (Mta, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let ctx = ctx.clone();
-        let task = tokio::spawn(async move { serve_connection(server, "test", &ctx).await });
+        let task =
+            tokio::spawn(
+                async move { serve_connection(server, "test", &ctx, &Slot::unlisted()).await },
+            );
         (
             Mta {
                 conn: client,
@@ -259,6 +263,49 @@ async fn quit_new_connection_keeps_the_socket_for_the_next_session() {
     );
 }
 
+/// Idle timeout 60 s: macro frames every 5 s do not keep the connection open, while a
+/// command that moves the session on does restart the timer.
+#[tokio::test(start_paused = true)]
+async fn only_commands_that_move_the_session_on_restart_the_idle_timer() {
+    let ctx = context();
+    let (mut mta, task) = Mta::start(&ctx);
+    mta.open("192.0.2.5", None).await;
+    let start = tokio::time::Instant::now();
+    // 50 s of no-op frames, then a real command: the timer restarts from it.
+    for _ in 0..10 {
+        mta.send(Command::Macros {
+            for_cmd: b'R',
+            pairs: vec![("i".into(), "X".into())],
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let r = mta.ask(Command::Rcpt(vec!["<c@example.org>".into()])).await;
+    assert!(matches!(r, Reply::ReplyCode(_)), "{r:?}");
+    let advanced = tokio::time::Instant::now();
+    while !task.is_finished() {
+        let _ = mta
+            .conn
+            .write_all(&{
+                let mut out = Vec::new();
+                Command::Macros {
+                    for_cmd: b'R',
+                    pairs: vec![],
+                }
+                .encode(&mut out);
+                out
+            })
+            .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(300), "never closed");
+    }
+    let idle = advanced.elapsed();
+    assert!(
+        idle >= Duration::from_secs(60) && idle <= Duration::from_secs(65),
+        "closed {idle:?} after the last command"
+    );
+}
+
 #[test]
 fn connect_host_names_map_to_policy_terms() {
     let n = |h: &str, ptr: Option<&str>, resolve: Option<&str>| {
@@ -294,6 +341,7 @@ fn connect_host_names_map_to_policy_terms() {
 fn limits(max_macros: usize, max_macro_bytes: usize) -> MilterLimits {
     MilterLimits {
         max_connections: 4,
+        max_connections_per_peer: 4,
         idle_timeout: Duration::from_secs(60),
         io_timeout: Duration::from_secs(5),
         max_frame: DEFAULT_MAX_FRAME,
