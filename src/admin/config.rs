@@ -28,6 +28,9 @@ pub struct AdminConfig {
     pub token_for_reads: bool,
     pub entries_file: Option<PathBuf>,
     pub max_connections: usize,
+    /// Connections of one client address.
+    pub max_connections_per_peer: usize,
+    /// Longest an admin request may take, its head included.
     pub request_timeout: Duration,
 }
 

@@ -3,7 +3,10 @@
 //! Loopback by default. Reads are open unless `token_for_reads` is set; every change
 //! (runtime entries, purge, reload) needs `Authorization: Bearer <token>`, compared in
 //! constant time. The dashboard's own files never need it (they hold no data; the page
-//! asks for the token and sends it with its API calls). Like the mail listeners it has a connection limit, a header timeout, a
+//! asks for the token and sends it with its API calls). Like the mail listeners it has a
+//! connection limit and one per peer (with the idle connection closed to make room,
+//! `server::slots`), a deadline for a whole request head (hyper's header timeout, which
+//! also ends idle keep-alive connections), a
 //! per-request timeout, a body limit, and a lifetime cap per connection.
 
 mod api;
@@ -26,11 +29,13 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 
+use crate::server::accept::{self, AdmissionLog, Reserve};
 use crate::server::replies::Replies;
+use crate::server::slots::{PeerKey, Refused, Slots};
 use crate::service::Greylister;
 
 pub use config::{AdminConfig, DEFAULT_ADMIN_LISTEN, TokenSource};
@@ -61,6 +66,7 @@ pub struct AdminState {
     token: Option<String>,
     token_for_reads: bool,
     max_connections: usize,
+    max_connections_per_peer: usize,
     request_timeout: Duration,
     counts_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::store::Counts)>>,
 }
@@ -83,6 +89,7 @@ impl AdminState {
             token,
             token_for_reads: cfg.token_for_reads,
             max_connections: cfg.max_connections,
+            max_connections_per_peer: cfg.max_connections_per_peer,
             request_timeout: cfg.request_timeout,
             counts_cache: tokio::sync::Mutex::new(None),
         }
@@ -247,13 +254,29 @@ async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(st.max_connections));
+    let name = l
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    let slots = Slots::new(st.max_connections, st.max_connections_per_peer);
+    let log = AdmissionLog::new(&name, "admin");
+    let mut reserve = Reserve::default();
     let mut backoff = Duration::from_millis(10);
+    let mut pause = accept::FIRST_PAUSE;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = l.accept() => match r {
                 Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) if accept::out_of_descriptors(&e) => {
+                    log.no_descriptors(&e);
+                    // See `server::accept`: the spare lets the next accept take the
+                    // waiting connection and close it, instead of leaving it hanging.
+                    if !reserve.release() {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(accept::MAX_PAUSE);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "admin accept failed; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
@@ -262,14 +285,50 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, "admin connection limit reached; closing new connection");
+        if !reserve.ensure() {
+            drop(stream);
+            reserve.ensure();
             continue;
+        }
+        pause = accept::FIRST_PAUSE;
+        let key = PeerKey::Ip(peer.ip());
+        let lease = match slots.admit(key) {
+            Ok((lease, evicted)) => {
+                if let Some(e) = evicted {
+                    log.evicted(&key, &e, limit_of(&slots, e.reason));
+                }
+                lease
+            }
+            Err(why) => {
+                log.refused(&key, why, limit_of(&slots, why));
+                continue;
+            }
         };
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let timeout = st.request_timeout;
         let shutdown = shutdown.clone();
+        let app = app.clone();
         tracker.spawn(async move {
+            let slot = lease.slot().clone();
+            // A request is in progress from the moment hyper has its whole head until the
+            // handler's answer: only then may the connection not be closed to make room. A
+            // head still trickling in, or a keep-alive wait, is idle.
+            let marked = slot.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (app, slot) = (app.clone(), marked.clone());
+                async move {
+                    if !slot.begin() {
+                        // Closed to make room as the request came in; the task drops the
+                        // connection.
+                        return Ok(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "connection closed to make room for another",
+                        ));
+                    }
+                    let answer = app.oneshot(req).await;
+                    slot.done(tokio::time::Instant::now());
+                    answer
+                }
+            });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(timeout)
@@ -277,8 +336,11 @@ async fn accept_loop(
                 .max_headers(64);
             let conn = b.serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);
+            let evicted = slot.evicted();
             let ended = tokio::select! {
                 r = conn.as_mut() => Some(r),
+                // Idle: nothing owed to the client, close at once.
+                () = evicted => return,
                 _ = shutdown.cancelled() => None,
                 _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => None,
             };
@@ -286,8 +348,16 @@ async fn accept_loop(
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(timeout, conn).await;
             }
-            drop(permit);
+            drop(lease);
         });
+    }
+}
+
+/// The limit a refusal or an eviction was for.
+fn limit_of(slots: &Slots, why: Refused) -> usize {
+    match why {
+        Refused::Full => slots.limit(),
+        Refused::PerPeer => slots.per_peer(),
     }
 }
 

@@ -31,8 +31,13 @@ pub struct RawAdmin {
     /// embedded store (`<path>.entries.json`), /var/lib/greygate/runtime-entries.json for
     /// redis and postgres, none (memory only) for the memory store.
     pub entries_file: Option<PathBuf>,
-    /// Concurrent admin connections; more are closed at once.
+    /// Concurrent admin connections. When reached, the connection idle longest (a
+    /// keep-alive one, or one whose request has not arrived whole) is closed for the new
+    /// one; a new one is closed at once only when every connection is answering.
     pub max_connections: usize,
+    /// Concurrent admin connections of one client address, handled the same way among
+    /// that address's connections.
+    pub max_connections_per_peer: usize,
     /// Longest an admin request (headers included) may take.
     pub request_timeout: Dur,
 }
@@ -46,6 +51,10 @@ impl Default for RawAdmin {
             token_for_reads: false,
             entries_file: None,
             max_connections: 64,
+            // A browser opens at most 6 connections to a host, a scraper and each CLI
+            // command one: room for two dashboards and the scrapers, while one address
+            // can hold only a quarter of the listener.
+            max_connections_per_peer: 16,
             request_timeout: Dur(Duration::from_secs(10)),
         }
     }
@@ -76,6 +85,12 @@ impl RawAdmin {
             p.at(
                 &["admin", "max_connections"],
                 format!("max_connections must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections_per_peer) {
+            p.at(
+                &["admin", "max_connections_per_peer"],
+                format!("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS}"),
             );
         }
         if self.request_timeout.0.is_zero() {
@@ -122,6 +137,7 @@ impl RawAdmin {
                 _ => store.state_dir().map(|d| d.join("runtime-entries.json")),
             }),
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
             request_timeout: self.request_timeout.0,
         }
     }
