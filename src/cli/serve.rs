@@ -129,6 +129,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+    fit_descriptor_limit(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,6 +142,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     greygate::logfmt::flush();
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft file descriptor limit to what the configured connection limits need
+/// (up to the hard limit), or says by how much it falls short: a daemon out of descriptors
+/// can only refuse new clients.
+fn fit_descriptor_limit(cfg: &greygate::config::Config) {
+    use greygate::daemon::descriptors::{Limit, needed, raise_limit};
+    let need = needed(cfg);
+    match raise_limit(need.total()) {
+        Ok(Limit::Enough { soft }) => {
+            tracing::debug!(limit = soft, need = %need, "file descriptor limit suffices");
+        }
+        Ok(Limit::Raised { from, to }) => {
+            tracing::info!(from, to, need = %need, "file descriptor limit raised");
+        }
+        Ok(Limit::Short { soft, hard }) => tracing::warn!(
+            limit = soft, hard, need = %need,
+            "file descriptor limit below what the connection limits need; raise it (LimitNOFILE= in the systemd unit) or lower max_connections: when descriptors run out, new connections are refused"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, need = %need, "cannot read or raise the file descriptor limit")
+        }
+    }
 }
 
 /// Maps the daemon's signals: SIGTERM and SIGINT complete the stop future, each SIGHUP

@@ -3,6 +3,7 @@
 //! The daemon installs no signal handler: the binary maps SIGTERM, SIGINT and SIGHUP onto
 //! `run`'s stop future and reload channel.
 
+pub mod descriptors;
 mod reload;
 
 use std::future::Future;
