@@ -268,12 +268,16 @@ async fn accept_loop(
             r = l.accept() => match r {
                 Ok(x) => { backoff = Duration::from_millis(10); x }
                 Err(e) if accept::out_of_descriptors(&e) => {
-                    log.no_descriptors(&e);
-                    // See `server::accept`: the spare lets the next accept take the
-                    // waiting connection and close it, instead of leaving it hanging.
-                    if !reserve.release() {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(accept::MAX_PAUSE);
+                    // See `server::accept`: the spare lets the waiting connection be taken
+                    // and closed, instead of leaving it hanging.
+                    match reserve.shed(|cx| l.poll_accept(cx).map_ok(drop)).await {
+                        accept::Shed::Refused => log.no_descriptors(&e),
+                        accept::Shed::Nothing => {}
+                        accept::Shed::NoSpare => {
+                            log.no_descriptors(&e);
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(accept::MAX_PAUSE);
+                        }
                     }
                     continue;
                 }
@@ -286,6 +290,7 @@ async fn accept_loop(
             },
         };
         if !reserve.ensure() {
+            log.no_descriptors(&std::io::Error::from_raw_os_error(libc::EMFILE));
             drop(stream);
             reserve.ensure();
             continue;

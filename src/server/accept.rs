@@ -4,15 +4,20 @@
 //! the connection stays in the kernel's backlog: its client waits, unanswered, until
 //! descriptors come free — it hangs instead of being refused, and so does every client
 //! after it. Each accept loop therefore keeps one spare descriptor (`/dev/null`). When
-//! accept fails for want of descriptors, the loop gives the spare up, the next accept takes
-//! the waiting connection, and since the spare cannot then be had again, that connection is
-//! closed at once: its client learns right away that it was refused, and the spare is
-//! back. The listener keeps answering, one refusal per waiting client, instead of stalling.
+//! accept fails for want of descriptors, [`Reserve::shed`] gives the spare up, takes the
+//! waiting connection with it and closes that at once — its client learns right away that
+//! it was refused — and takes the spare back. The listener keeps answering, one refusal
+//! per waiting client, instead of stalling.
+//!
+//! The kernel takes a descriptor number before it looks at the backlog, so accept also
+//! fails so when nothing is waiting; `shed` then finds nothing and leaves the listener
+//! waiting for the next connection, holding its spare.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::slots::{Evicted, Refused};
@@ -62,6 +67,43 @@ impl Reserve {
     pub fn release(&mut self) -> bool {
         self.spare.take().is_some()
     }
+
+    /// After accept failed for want of descriptors: with the spare given up, takes the
+    /// waiting connection, if any, through `poll_accept` (without waiting for one) and
+    /// closes it; then holds a spare again.
+    pub async fn shed<T>(
+        &mut self,
+        mut poll_accept: impl FnMut(&mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Shed {
+        if !self.release() {
+            return Shed::NoSpare;
+        }
+        let taken = std::future::poll_fn(|cx| Poll::Ready(poll_accept(cx))).await;
+        let shed = match taken {
+            // Closed here: the client sees its connection end at once.
+            Poll::Ready(Ok(conn)) => {
+                drop(conn);
+                Shed::Refused
+            }
+            // The freed descriptor went elsewhere meanwhile.
+            Poll::Ready(Err(e)) if out_of_descriptors(&e) => Shed::NoSpare,
+            Poll::Ready(Err(_)) | Poll::Pending => Shed::Nothing,
+        };
+        self.ensure();
+        shed
+    }
+}
+
+/// What [`Reserve::shed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// A waiting connection was accepted and closed.
+    Refused,
+    /// Nothing was waiting.
+    Nothing,
+    /// No spare to give up, or no connection could be taken with it: the loop pauses
+    /// briefly before it tries again.
+    NoSpare,
 }
 
 /// The warnings of one listener's admissions, each summarised (see

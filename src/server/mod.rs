@@ -288,14 +288,17 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
                 x
             }
             Err(e) if accept::out_of_descriptors(&e) => {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                log.no_descriptors(&e);
-                // With the spare given up, the next accept takes the waiting connection
-                // and closes it below. Without one, a short pause: the freed descriptor
-                // went elsewhere.
-                if !reserve.release() {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(accept::MAX_PAUSE);
+                match reserve.shed(|cx| poll_accept(&l, cx)).await {
+                    accept::Shed::Refused => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        log.no_descriptors(&e);
+                    }
+                    accept::Shed::Nothing => {}
+                    accept::Shed::NoSpare => {
+                        log.no_descriptors(&e);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(accept::MAX_PAUSE);
+                    }
                 }
                 continue;
             }
@@ -308,7 +311,9 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             }
         };
         if !reserve.ensure() {
-            // Out of descriptors: this connection's is the spare from now on.
+            // Out of descriptors, and no spare: this connection's is the spare from now on.
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            log.no_descriptors(&io::Error::from_raw_os_error(libc::EMFILE));
             drop(stream);
             reserve.ensure();
             continue;
@@ -359,6 +364,14 @@ fn limit_of(slots: &Slots, why: Refused) -> usize {
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// Takes a waiting connection if there is one, without waiting (see `accept::Reserve::shed`).
+fn poll_accept(l: &Bound, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    match l {
+        Bound::Tcp(l) => l.poll_accept(cx).map_ok(drop),
+        Bound::Unix(l, _) => l.poll_accept(cx).map_ok(drop),
+    }
 }
 
 async fn accept(l: &Bound) -> io::Result<(Stream, String, PeerKey)> {
