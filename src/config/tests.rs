@@ -101,6 +101,19 @@ fn assert_default_config(c: &Config) {
     assert!(c.replies.header_host.is_some());
     assert_eq!(c.policy.socket_mode, 0o666);
     assert_eq!(c.policy.limits.codec, Limits::default());
+    // A Postfix host's 100 smtpd processes per service fit one peer's share twice over.
+    assert_eq!(
+        (
+            c.policy.limits.max_connections,
+            c.policy.limits.max_connections_per_peer
+        ),
+        (512, 256)
+    );
+    assert_eq!(c.milter.limits.max_connections_per_peer, 256);
+    assert_eq!(
+        (c.admin.max_connections, c.admin.max_connections_per_peer),
+        (64, 16)
+    );
     assert_eq!(c.fail_mode, FailMode::Open);
     assert_eq!(c.store.flush_interval, Duration::from_secs(1));
     assert_eq!(c.store.timeout, Duration::from_secs(1));
@@ -427,6 +440,9 @@ fn semantic_errors_point_at_the_bad_setting() {
         ("[policy]\ndefer_text = \"\"\n", 2, "defer_text"),
         ("[policy]\ndefer_text = \"two\\nlines\"\n", 2, "defer_text"),
         ("[policy]\nmax_connections = 0\n", 2, "max_connections"),
+        ("[policy]\nmax_connections_per_peer = 0\n", 2, "max_connections_per_peer"),
+        ("[milter]\nmax_connections_per_peer = 0\n", 2, "max_connections_per_peer"),
+        ("[admin]\nmax_connections_per_peer = 0\n", 2, "max_connections_per_peer"),
         ("[policy]\nidle_timeout = 0\n", 2, "idle_timeout"),
         ("[policy]\nio_timeout = \"0s\"\n", 2, "io_timeout"),
         ("[policy]\nmax_line_length = 100\n", 2, "max_line_length"),
