@@ -16,4 +16,5 @@ mod outbound;
 mod policy;
 mod postfix;
 mod simulate;
+mod slots;
 mod store;

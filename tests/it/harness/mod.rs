@@ -61,6 +61,8 @@ pub struct DaemonConfig {
     /// Milter listen addresses; default none.
     pub milter_listen: Vec<String>,
     pub extra_args: Vec<String>,
+    /// The daemon's `RLIMIT_NOFILE` (soft, hard), set in the child before it starts.
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl DaemonConfig {
@@ -71,7 +73,14 @@ impl DaemonConfig {
             listen: vec!["127.0.0.1:0".into()],
             milter_listen: Vec::new(),
             extra_args: Vec::new(),
+            nofile: None,
         }
+    }
+
+    /// Starts the daemon with this file descriptor limit (soft, hard).
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
     }
 
     pub fn toml(mut self, toml: &str) -> Self {
@@ -127,6 +136,23 @@ impl DaemonConfig {
             .any(|a| a == "--admin-listen" || a == "--no-admin");
         if !own_admin {
             cmd.arg("--admin-listen").arg("127.0.0.1:0");
+        }
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the struct it is given.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         cmd.args(&self.extra_args)
             .env("GREYGATE_LOG", "debug")
@@ -372,6 +398,12 @@ pub struct PolicyClient {
 impl PolicyClient {
     pub fn tcp(addr: SocketAddr) -> Self {
         let s = TcpStream::connect(addr).expect("connect to greygate");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        PolicyClient { conn: Conn::Tcp(s) }
+    }
+
+    /// A client on a TCP connection made elsewhere (from another loopback address, say).
+    pub fn from_tcp(s: TcpStream) -> Self {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         PolicyClient { conn: Conn::Tcp(s) }
     }
