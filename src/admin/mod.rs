@@ -35,7 +35,7 @@ use tower::ServiceExt as _;
 
 use crate::server::accept::{self, AdmissionLog, Reserve};
 use crate::server::replies::Replies;
-use crate::server::slots::{PeerKey, Refused, Slots};
+use crate::server::slots::{PeerKey, Slots};
 use crate::service::Greylister;
 
 pub use config::{AdminConfig, DEFAULT_ADMIN_LISTEN, TokenSource};
@@ -300,12 +300,12 @@ async fn accept_loop(
         let lease = match slots.admit(key) {
             Ok((lease, evicted)) => {
                 if let Some(e) = evicted {
-                    log.evicted(&key, &e, limit_of(&slots, e.reason));
+                    log.evicted(&key, &e, slots.limit_for(e.reason));
                 }
                 lease
             }
             Err(why) => {
-                log.refused(&key, why, limit_of(&slots, why));
+                log.refused(&key, why, slots.limit_for(why));
                 continue;
             }
         };
@@ -357,15 +357,6 @@ async fn accept_loop(
         });
     }
 }
-
-/// The limit a refusal or an eviction was for.
-fn limit_of(slots: &Slots, why: Refused) -> usize {
-    match why {
-        Refused::Full => slots.limit(),
-        Refused::PerPeer => slots.per_peer(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::host_names_local;

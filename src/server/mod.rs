@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::ListenerStats;
 use crate::service::{Greylister, unix_now};
-use slots::{PeerKey, Refused, Slots};
+use slots::{PeerKey, Slots};
 
 /// The server's two stop tokens as connections watch them: `shutdown` (stop taking new
 /// requests; idle connections close at once) and `hard_stop` (close every connection now,
@@ -323,13 +323,13 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             Ok((lease, evicted)) => {
                 if let Some(e) = evicted {
                     stats.evicted.fetch_add(1, Ordering::Relaxed);
-                    log.evicted(&key, &e, limit_of(&slots, e.reason));
+                    log.evicted(&key, &e, slots.limit_for(e.reason));
                 }
                 lease
             }
             Err(why) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                log.refused(&key, why, limit_of(&slots, why));
+                log.refused(&key, why, slots.limit_for(why));
                 drop(stream);
                 continue;
             }
@@ -350,14 +350,6 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
     }
     if let Bound::Unix(_, path) = &l {
         let _ = std::fs::remove_file(path);
-    }
-}
-
-/// The limit a refusal or an eviction was for.
-fn limit_of(slots: &Slots, why: Refused) -> usize {
-    match why {
-        Refused::Full => slots.limit(),
-        Refused::PerPeer => slots.per_peer(),
     }
 }
 

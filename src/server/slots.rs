@@ -239,6 +239,14 @@ impl Slots {
         self.per_peer
     }
 
+    /// The limit a refusal or an eviction was for.
+    pub fn limit_for(&self, why: Refused) -> usize {
+        match why {
+            Refused::Full => self.limit,
+            Refused::PerPeer => self.per_peer,
+        }
+    }
+
     /// Connections held now.
     pub fn held(&self) -> usize {
         lock(&self.table).conns.len()

@@ -515,9 +515,9 @@ fn the_descriptor_limit_is_raised_to_what_the_limits_need() {
 #[test]
 fn out_of_descriptors_new_clients_are_refused_at_once_not_left_hanging() {
     let dir = tempfile::tempdir().unwrap();
-    let d = with_nofile(dir.path(), 48, 48);
+    let d = with_nofile(dir.path(), 64, 64);
     d.expect_log("file descriptor limit below what the connection limits need");
-    assert_eq!(soft_nofile(&d), 48);
+    assert_eq!(soft_nofile(&d), 64);
     let addr = d.tcp();
     // Answered connections stay open and hold a descriptor each, until there is none left.
     let mut held = Vec::new();
