@@ -32,7 +32,19 @@ pub struct RawStore {
     pub timeout: Dur,
     /// On store failure: `open` accepts the mail (and says so), `closed` defers it with 4.3.0.
     pub fail_mode: FailMode,
+    /// Most records the `memory` and `embedded` stores hold, triplets and client groups
+    /// together (default 2,000,000; 0 = no cap). At the cap, the oldest pending
+    /// triplets are evicted first. Not for `redis`/`postgres`, whose servers bound their
+    /// own memory.
+    pub max_entries: Option<u64>,
 }
+
+/// The default cap on stored records: at most about 0.55 GB of RAM and 0.8 GB of file on
+/// the embedded store (measured full of pending triplets, the costliest kind: 540 MB RSS,
+/// 808 MB file), which a modest host has to spare, and many times the working set of a site
+/// of a few thousand mailboxes (pending triplets live for the 2-day retry window, passed
+/// ones for 35 days).
+pub const DEFAULT_MAX_ENTRIES: u64 = 2_000_000;
 
 impl Default for RawStore {
     fn default() -> Self {
@@ -45,6 +57,7 @@ impl Default for RawStore {
             flush_interval: Dur(Duration::from_secs(1)),
             timeout: Dur(Duration::from_secs(1)),
             fail_mode: FailMode::Open,
+            max_entries: None,
         }
     }
 }
@@ -118,6 +131,21 @@ impl RawStore {
                         "pool_size must be at least 1".into(),
                     );
                 }
+                if self.max_entries.is_some_and(|n| n > 0) {
+                    let policy = if name == "redis" {
+                        "Redis's maxmemory (with maxmemory-policy volatile-ttl: every greygate \
+                         key has a TTL)"
+                    } else {
+                        "the database's own disk and memory settings"
+                    };
+                    p.at(
+                        &["store", "max_entries"],
+                        format!(
+                            "max_entries caps the memory and embedded stores only; the {name} \
+                             server bounds its records itself: {policy}"
+                        ),
+                    );
+                }
             }
             None if !self.url.is_empty() => {
                 let guess = if self.url.starts_with("redis") || self.url.starts_with("unix") {
@@ -144,10 +172,18 @@ impl RawStore {
             }
         }
 
+        let max_entries = match &store {
+            StoreKind::Memory | StoreKind::Embedded(_) => {
+                self.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES)
+            }
+            StoreKind::Redis(_) | StoreKind::Postgres(_) => 0,
+        };
+        let max_entries = usize::try_from(max_entries).unwrap_or(usize::MAX);
         StoreSpec {
             kind: store,
             flush_interval: self.flush_interval.0,
             timeout: self.timeout.0,
+            max_entries,
         }
     }
 }

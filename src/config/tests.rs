@@ -117,6 +117,7 @@ fn assert_default_config(c: &Config) {
     assert_eq!(c.fail_mode, FailMode::Open);
     assert_eq!(c.store.flush_interval, Duration::from_secs(1));
     assert_eq!(c.store.timeout, Duration::from_secs(1));
+    assert_eq!(c.store.max_entries, 2_000_000);
     assert_eq!((c.log.level.as_str(), c.log.json), ("info", false));
     // DNS is off; identities would be tried in the default order, but without facts every
     // client is its prefix.
@@ -202,6 +203,7 @@ path = "/tmp/unused.redb"
 flush_interval = "250ms"
 timeout = "2s"
 fail_mode = "closed"
+max_entries = 20000
 
 [allow]
 clients = ["198.51.100.7", "/^mx[0-9]+\\.big\\.example$/"]
@@ -263,6 +265,7 @@ format = "json"
     assert_eq!(c.store.kind, StoreKind::Memory);
     assert_eq!(c.store.flush_interval, Duration::from_millis(250));
     assert_eq!(c.store.timeout, Duration::from_secs(2));
+    assert_eq!(c.store.max_entries, 20_000);
     assert_eq!(c.fail_mode, FailMode::Closed);
     assert_eq!((c.log.level.as_str(), c.log.json), ("debug", true));
     // Inline entries and file entries are both loaded: 2+2 clients, 1+1 recipients, 1+1 senders.
@@ -660,6 +663,60 @@ fn zero_store_timeout_points_at_its_key() {
     let e = single_error("mode = \"enforce\"\n\n[store]\nbackend = \"memory\"\ntimeout = 0\n");
     assert!(e.location.starts_with(&at_line(5)), "{}", e.location);
     assert!(e.message.contains("timeout"), "{}", e.message);
+}
+
+/// `max_entries` caps the stores that hold records in this process; a shared store's server
+/// bounds its own, so a cap there would be a setting that does nothing.
+#[test]
+fn max_entries_is_for_the_memory_and_embedded_stores() {
+    assert_eq!(
+        valid(
+            "[store]
+backend = \"memory\"\n"
+        )
+        .store
+        .max_entries,
+        2_000_000
+    );
+    assert_eq!(
+        valid(
+            "[store]
+max_entries = 0
+"
+        )
+        .store
+        .max_entries,
+        0
+    );
+    assert_eq!(
+        valid(
+            "[store]
+max_entries = 500
+"
+        )
+        .store
+        .max_entries,
+        500
+    );
+    let redis = "[store]
+backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n";
+    assert_eq!(
+        valid(redis).store.max_entries,
+        0,
+        "redis: uncapped, not an error"
+    );
+    assert_eq!(
+        valid(&format!("{redis}max_entries = 0\n"))
+            .store
+            .max_entries,
+        0
+    );
+    let e = single_error(&format!("{redis}max_entries = 1000\n"));
+    assert!(e.location.starts_with(&at_line(4)), "{}", e.location);
+    assert!(e.message.contains("maxmemory"), "{}", e.message);
+    let pg = "[store]
+backend = \"postgres\"\nurl = \"postgres://g@db/g\"\nmax_entries = 9\n";
+    assert!(single_error(pg).message.contains("max_entries caps"));
 }
 
 #[test]

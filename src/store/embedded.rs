@@ -21,8 +21,8 @@ use redb::{
 use super::hot::{Change, HotMap, KeyText, Packed};
 use super::memory::MemoryStore;
 use super::{
-    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
-    UpdateFn, cursor,
+    Capacity, Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store,
+    StoreError, UpdateFn, cursor,
 };
 use crate::engine::record::Record;
 use crate::engine::{ClientRecord, Triplet, TripletKey};
@@ -74,6 +74,9 @@ pub struct LoadReport {
     pub undecodable: usize,
     /// The file existed with 0 bytes (taken as a new store).
     pub empty_file: bool,
+    /// Records evicted because the file held more than the cap (`max_entries`); their rows
+    /// are deleted at the first commit.
+    pub evicted: usize,
 }
 
 /// The open redb file, and whether it must be opened again: after a failed commit (a
@@ -186,12 +189,21 @@ impl EmbeddedStore {
         let mut journal_bytes = self.flush_lock.clone().lock_owned().await;
         let triplets = self.hot.triplets.take_dirty();
         let clients = self.hot.clients.take_dirty();
+        let orphans = (
+            self.hot.triplets.take_orphans(),
+            self.hot.clients.take_orphans(),
+        );
+        let has_orphans = !orphans.0.is_empty() || !orphans.1.is_empty();
         let changes = triplets.len() + clients.len();
-        if changes == 0 && *journal_bytes == 0 {
+        if changes == 0 && *journal_bytes == 0 && !has_orphans {
             return Ok(());
         }
         // With nothing changed, a journal is there to merge.
-        let how = Commit::choose(changes, *journal_bytes, merge);
+        let how = match Commit::choose(changes, *journal_bytes, merge) {
+            // Orphans are looked for in the tables, so no row may wait in the journal.
+            Commit::Append if has_orphans => Commit::Merge,
+            how => how,
+        };
         let (handle, writes) = (self.db.clone(), self.writes.clone());
         let (hot, sweep) = (self.hot.clone(), self.sweep.clone());
         let cursors = sweep.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -218,6 +230,10 @@ impl EmbeddedStore {
                         0
                     }
                 };
+                if has_orphans {
+                    delete_orphans(&tx, TRIPLETS, &hot.triplets, &orphans.0)?;
+                    delete_orphans(&tx, CLIENTS, &hot.clients, &orphans.1)?;
+                }
                 // The disk sweep deletes rows whose own record has expired, which holds
                 // only when the tables have every change (a journaled change may have
                 // renewed a record whose row is old): not on a commit to the journal.
@@ -259,6 +275,8 @@ impl EmbeddedStore {
                         .store((triplets.len() + clients.len()) as u64, Relaxed);
                     hot.triplets.restore_dirty(triplets);
                     hot.clients.restore_dirty(clients);
+                    hot.triplets.restore_orphans(orphans.0);
+                    hot.clients.restore_orphans(orphans.1);
                     Err(e)
                 }
             }
@@ -271,15 +289,24 @@ impl EmbeddedStore {
     /// which records are already expired. A file that cannot be read is `Corrupt`, also
     /// when redb panics on it (a damaged page can make it).
     pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
-        crate::catch_panic(|| Self::open_unguarded(path, now)).unwrap_or_else(|panic| {
-            Err(StoreError::Corrupt {
-                path: path.display().to_string(),
-                reason: format!("redb failed reading it: {panic}"),
-            })
-        })
+        Self::open_capped(path, now, 0)
     }
 
-    fn open_unguarded(path: &Path, now: u64) -> Result<Self, StoreError> {
+    /// [`EmbeddedStore::open`] for a store of at most `max_entries` records (0: no cap; see
+    /// [`MemoryStore::with_cap`]). A file that holds more is evicted down to the cap as it
+    /// loads, and the evicted rows are deleted at the first commit.
+    pub fn open_capped(path: &Path, now: u64, max_entries: usize) -> Result<Self, StoreError> {
+        crate::catch_panic(|| Self::open_unguarded(path, now, max_entries)).unwrap_or_else(
+            |panic| {
+                Err(StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    reason: format!("redb failed reading it: {panic}"),
+                })
+            },
+        )
+    }
+
+    fn open_unguarded(path: &Path, now: u64, max_entries: usize) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
@@ -299,7 +326,7 @@ impl EmbeddedStore {
             }
         })?;
         let err = |e: redb::Error| open_error(path, e);
-        let hot = MemoryStore::with_key_text(KeyText::WhileDirty);
+        let hot = MemoryStore::with_key_text(KeyText::WhileDirty, max_entries);
         let mut load = LoadReport {
             empty_file,
             ..LoadReport::default()
@@ -332,6 +359,7 @@ impl EmbeddedStore {
         })
         .map_err(err)?;
         drop(tx);
+        load.evicted = hot.shrink_to_cap();
         // The load's temporary per-shard vectors were freed, but allocators keep freed
         // memory mapped for a while: hand it back now, or a large store's RSS keeps them.
         crate::release_free_memory();
@@ -500,6 +528,36 @@ fn sweep_table<R: Record>(
     }
     // Fewer rows than asked for: the end of the table; start over next time.
     Ok(last.filter(|_| seen == SWEEP_ROWS))
+}
+
+/// Deletes the rows of evicted records that memory kept no key text of (see
+/// `HotMap::take_orphans`): walks the whole table and fingerprints every key. Only evictions
+/// of passed triplets and client groups make orphans, and those come only once no pending
+/// triplet is left to evict, a cap too small for the records the store must keep. A record
+/// made again since its eviction is in memory, and its row stays.
+fn delete_orphans<R: Packed>(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    hot: &HotMap<R>,
+    orphans: &[u128],
+) -> Result<(), StoreError> {
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    let orphans: std::collections::HashSet<u128> = orphans.iter().copied().collect();
+    let mut table = tx.open_table(def).map_err(backend)?;
+    let mut dead = Vec::new();
+    for item in table.iter().map_err(backend)? {
+        let (k, _) = item.map_err(backend)?;
+        let fp = hot.fingerprint(k.value());
+        if orphans.contains(&fp) && !hot.contains_fp(fp) {
+            dead.push(k.value().to_owned());
+        }
+    }
+    for key in &dead {
+        table.remove(key.as_str()).map_err(backend)?;
+    }
+    Ok(())
 }
 
 fn table_def(kind: EntryKind) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -826,6 +884,10 @@ impl Store for EmbeddedStore {
             pending_changes: self.writes.pending.load(Relaxed),
             set_aside: self.set_aside.clone(),
         }
+    }
+
+    fn capacity(&self) -> Option<Capacity> {
+        Some(self.hot.capacity())
     }
 
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
@@ -1240,6 +1302,125 @@ mod tests {
             let whole = decode_journal(&blob[..cut], &mut entries).is_ok();
             assert!(!whole || entries.len() < 3, "cut at {cut}");
         }
+    }
+
+    fn key(i: usize) -> TripletKey {
+        TripletKey {
+            client: format!("10.0.{}.0/24", i % 250),
+            sender: format!("s{i}@example.net"),
+            recipient: "r@example.org".into(),
+        }
+    }
+
+    const T0: u64 = 1_700_000_000;
+
+    fn pending(i: usize) -> Triplet {
+        Triplet {
+            first_seen: T0 + i as u64,
+            last_seen: T0 + i as u64,
+            expires_at: T0 + 86_400,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        }
+    }
+
+    fn put_in(store: &EmbeddedStore, i: usize, t: Triplet) {
+        let _ = store.hot.update_triplet_now(&key(i), &|_| Some(t));
+    }
+
+    /// Keys of the rows in the file's triplet table (after the journal is merged).
+    async fn rows_on_disk(store: &EmbeddedStore) -> Vec<String> {
+        store.flush_fully().await.expect("merge");
+        let tx = store.db.get().expect("open").begin_read().expect("read");
+        let table = tx.open_table(TRIPLETS).expect("table");
+        table
+            .iter()
+            .expect("iter")
+            .map(|row| row.expect("row").0.value().to_owned())
+            .collect()
+    }
+
+    /// An evicted record leaves the file at the next commit, like a removal: pending ones by
+    /// the key text their queue keeps, passed ones (no text in memory) by a walk of the
+    /// table. The file never keeps more rows than the cap after a commit.
+    #[tokio::test]
+    async fn evicted_records_leave_the_file_at_the_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cap.redb");
+        let store = EmbeddedStore::open_capped(&path, T0, 100).expect("open");
+        let put = |i: usize, t: Triplet| put_in(&store, i, t);
+        for i in 0..100 {
+            put(i, pending(i));
+        }
+        store.flush().await.expect("flush");
+        assert_eq!(rows_on_disk(&store).await.len(), 100);
+        // 50 more: the 50 oldest (committed rows, their text only in the queue) go.
+        for i in 100..150 {
+            put(i, pending(i));
+        }
+        store.flush().await.expect("flush");
+        let rows = rows_on_disk(&store).await;
+        assert_eq!(rows.len(), 100, "evicted rows deleted at the commit");
+        assert_eq!(store.capacity().map(|c| c.evicted_pending), Some(50));
+        // A big batch goes through the journal; evictions still leave by the next merge.
+        for i in 150..150 + JOURNAL_MIN_CHANGES {
+            put(i, pending(i));
+        }
+        store.flush_fully().await.expect("flush");
+        assert_eq!(rows_on_disk(&store).await.len(), 100);
+
+        // Passed triplets only, and a newcomer: a passed one goes, found by the table walk.
+        for i in 0..200 {
+            store
+                .hot
+                .triplets
+                .remove(&key(150 + JOURNAL_MIN_CHANGES - 1 - i).joined());
+        }
+        for i in 0..100 {
+            put(
+                10_000 + i,
+                Triplet {
+                    passed: true,
+                    passes: 1,
+                    ..pending(i)
+                },
+            );
+        }
+        store.flush().await.expect("flush");
+        assert_eq!(rows_on_disk(&store).await.len(), 100);
+        put(20_000, pending(20_000));
+        store.flush().await.expect("flush");
+        let rows = rows_on_disk(&store).await;
+        assert_eq!(rows.len(), 100);
+        assert!(
+            rows.contains(&key(20_000).joined()),
+            "the newcomer is written"
+        );
+        assert_eq!(store.capacity().map(|c| c.evicted_passed), Some(1));
+        drop(store);
+
+        // Opened without a cap (a command's `Access::Write`), the loaded records are counted
+        // all the same: a removal counts down what loading counted up.
+        let store = EmbeddedStore::open(&path, T0).expect("reopen");
+        assert_eq!(store.hot.len(), 100);
+        assert_eq!(store.hot.triplets.pending(), 1);
+        assert!(store.hot.triplets.remove(&key(20_000).joined()));
+        assert_eq!((store.hot.len(), store.hot.triplets.pending()), (99, 0));
+        put_in(&store, 20_000, pending(20_000));
+        store.flush().await.expect("flush");
+        drop(store);
+
+        // Opened with a smaller cap, the file is evicted down to it as it loads, oldest
+        // pending first, and the rows go at the first commit.
+        let store = EmbeddedStore::open_capped(&path, T0, 60).expect("reopen");
+        assert_eq!(store.load_report().evicted, 40);
+        assert_eq!(
+            store.hot.count().triplets_pending,
+            0,
+            "the newcomer went first"
+        );
+        assert_eq!(rows_on_disk(&store).await.len(), 60);
     }
 
     proptest! {

@@ -94,6 +94,24 @@ pub struct Counts {
     pub clients: u64,
 }
 
+/// A store's cap on its records (`[store] max_entries`) and what the cap evicted since the
+/// store was opened (only the memory and embedded backends enforce one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Capacity {
+    /// Most records (triplets and client groups together); 0: no cap.
+    pub max_entries: u64,
+    pub evicted_pending: u64,
+    pub evicted_passed: u64,
+    pub evicted_clients: u64,
+}
+
+impl Capacity {
+    /// Evictions of every kind.
+    pub fn evicted(&self) -> u64 {
+        self.evicted_pending + self.evicted_passed + self.evicted_clients
+    }
+}
+
 /// Which records a scan walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -158,6 +176,12 @@ pub trait Store: Send + Sync + 'static {
     /// How the store is doing beyond answering: for `/healthz`, stats and metrics.
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
+    }
+
+    /// The cap on records and its evictions, for a store that enforces one (memory,
+    /// embedded); `None` for the shared stores, whose servers bound their own memory.
+    fn capacity(&self) -> Option<Capacity> {
+        None
     }
 
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError>;

@@ -19,6 +19,9 @@ pub struct StoreSpec {
     pub flush_interval: Duration,
     /// A store answer slower than this counts as a store failure.
     pub timeout: Duration,
+    /// Most records the memory and embedded stores hold (triplets and client groups
+    /// together); 0: no cap. The shared stores ignore it: their servers bound their memory.
+    pub max_entries: usize,
 }
 
 /// The backend and where it keeps its records.
@@ -133,15 +136,16 @@ pub enum Access {
 /// file held by a running daemon is `StoreError::Locked`: ask the daemon instead.
 pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreError> {
     match (&spec.kind, access) {
-        (StoreKind::Memory, Access::Serve) => Ok(Arc::new(MemoryStore::new())),
+        (StoreKind::Memory, Access::Serve) => Ok(Arc::new(MemoryStore::with_cap(spec.max_entries))),
         (StoreKind::Memory, _) => Err(StoreError::Unavailable(
             "the memory store lives only inside the running daemon".into(),
         )),
         (StoreKind::Embedded(path), Access::Serve) => {
-            let s = match EmbeddedStore::open(path, unix_now()) {
+            let s = match EmbeddedStore::open_capped(path, unix_now(), spec.max_entries) {
                 Err(StoreError::Corrupt { reason, .. }) => {
                     let aside = set_aside(path, &reason)?;
-                    EmbeddedStore::open(path, unix_now())?.started_after_set_aside(aside)
+                    EmbeddedStore::open_capped(path, unix_now(), spec.max_entries)?
+                        .started_after_set_aside(aside)
                 }
                 opened => opened?,
             };
@@ -162,8 +166,17 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
                 path = %path.display(), triplets = r.triplets, clients = r.clients,
                 expired = r.expired, undecodable = r.undecodable, "store loaded"
             );
+            if r.evicted > 0 {
+                tracing::warn!(
+                    path = %path.display(), evicted = r.evicted, max_entries = spec.max_entries,
+                    "the file held more records than max_entries: the oldest pending ones were \
+                     evicted, and leave the file at the first commit"
+                );
+            }
             Ok(Arc::new(s))
         }
+        // A command changes a few records while no daemon runs: it evicts nothing (the
+        // daemon applies the cap when it loads the file).
         (StoreKind::Embedded(path), Access::Write) => {
             Ok(Arc::new(EmbeddedStore::open(path, unix_now())?))
         }

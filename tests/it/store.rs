@@ -16,6 +16,17 @@ async fn embedded_store_conforms() {
     conformance::run(store).await;
 }
 
+/// A cap the suite never reaches changes nothing it can observe: the eviction queues and
+/// counts kept beside the records stay out of the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capped_stores_conform() {
+    conformance::run(Arc::new(MemoryStore::with_cap(1_000_000))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Arc::new(EmbeddedStore::open_capped(&path, 0, 1_000_000).unwrap());
+    conformance::run(store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_scans_a_bounded_number_per_call() {
     conformance::scan_examines_a_bounded_number(&MemoryStore::new()).await;
