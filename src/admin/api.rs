@@ -109,6 +109,7 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
         store_available: svc.store.available(),
         store_health: svc.store.health(),
         entries: counts(&st).await,
+        capacity: svc.store.get().ok().and_then(|s| s.capacity()),
         pass: m.verdict_total(Verdict::Pass),
         defer: m.verdict_total(Verdict::Defer),
         skip: m.verdict_total(Verdict::Skip),

@@ -262,6 +262,26 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
         );
         o.sample("greygate_entries", &[("state", "clients")], c.clients);
     }
+    if let Some(cap) = svc.store.get().ok().and_then(|s| s.capacity()) {
+        o.head(
+            "greygate_store_entries_max",
+            "gauge",
+            "Most records the store holds (max_entries; 0: no cap).",
+        );
+        o.sample("greygate_store_entries_max", &[], cap.max_entries);
+        o.head(
+            "greygate_store_evictions_total",
+            "counter",
+            "Records evicted because the store was at max_entries, by kind.",
+        );
+        for (kind, n) in [
+            ("pending", cap.evicted_pending),
+            ("passed", cap.evicted_passed),
+            ("client", cap.evicted_clients),
+        ] {
+            o.sample("greygate_store_evictions_total", &[("kind", kind)], n);
+        }
+    }
 
     o.head(
         "greygate_connections_open",

@@ -15,7 +15,7 @@ use crate::dur::Dur;
 use crate::engine::{Mode, RuntimeEntry, Target, Verdict};
 use crate::metrics::{Bucket, RecentDecision, TopEntry};
 use crate::service::explain::Explanation;
-use crate::store::{Counts, Entry, StoreHealth};
+use crate::store::{Capacity, Counts, Entry, StoreHealth};
 
 /// The body of every error answer (4xx and 5xx) of the JSON API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,10 @@ pub struct StatsView {
     /// `null` while the store is missing.
     #[serde(deserialize_with = "Option::deserialize")]
     pub store_health: Option<StoreHealth>,
+    /// The cap on records and its evictions: memory and embedded stores only (absent for
+    /// the shared stores, whose servers bound their own memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
     /// `null` when the store cannot count now; present either way (`Option::deserialize`
     /// makes a missing field an error instead of `None`).
     #[serde(deserialize_with = "Option::deserialize")]
@@ -270,6 +274,7 @@ mod tests {
             store: "memory".into(),
             store_available: true,
             store_health: Some(StoreHealth::default()),
+            capacity: None,
             entries: Some(Counts {
                 triplets_pending: 3,
                 triplets_passed: 2,

@@ -312,6 +312,17 @@ fn stats_text(s: &StatsView) -> String {
             e.triplets_pending, e.triplets_passed, e.clients
         );
     }
+    if let Some(c) = &s.capacity {
+        let max = match c.max_entries {
+            0 => "no cap".to_string(),
+            max => format!("at most {max} records"),
+        };
+        let _ = writeln!(
+            o,
+            "capacity:   {max}; evicted {} pending, {} passed triplets, {} client groups",
+            c.evicted_pending, c.evicted_passed, c.evicted_clients
+        );
+    }
     let _ = writeln!(
         o,
         "answers:    {} passed, {} deferred, {} not greylisted; {} fail-open, {} fail-closed",

@@ -411,6 +411,7 @@ pub async fn maintain_store(
     // minute: a line per second for hours would help nobody.
     const FAILING_REPORT: Duration = Duration::from_secs(60);
     let mut flush_failing: Option<(tokio::time::Instant, u64)> = None;
+    let mut evictions = EvictionLog::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -443,6 +444,7 @@ pub async fn maintain_store(
             }
         };
         svc.expire_runtime(unix_now());
+        evictions.observe(store.capacity(), tokio::time::Instant::now());
         if let Err(e) = store.expire(unix_now(), EXPIRE_SCAN).await {
             tracing::warn!(error = %e, "expiry step failed");
         }
@@ -473,6 +475,60 @@ pub async fn maintain_store(
                 }
             }
         }
+    }
+}
+
+/// How often a store that keeps evicting says how much.
+const EVICTION_SUMMARY: Duration = Duration::from_secs(60);
+
+/// Logs the store's evictions at its cap (`max_entries`) without a line per eviction: one
+/// WARN when they start, a summary per [`EVICTION_SUMMARY`] while they go on, and a line
+/// when an interval passed without any.
+#[derive(Default)]
+struct EvictionLog {
+    /// Totals at the last summary (or at the start of evicting).
+    last: crate::store::Capacity,
+    /// When the last summary (or the start) was logged; `None`: not evicting.
+    since: Option<tokio::time::Instant>,
+}
+
+impl EvictionLog {
+    fn observe(&mut self, cap: Option<crate::store::Capacity>, now: tokio::time::Instant) {
+        let Some(cap) = cap else { return };
+        // Saturating: a store reopened after a failure counts from zero again.
+        let new = cap.evicted().saturating_sub(self.last.evicted());
+        match self.since {
+            None if new > 0 => {
+                tracing::warn!(
+                    max_entries = cap.max_entries,
+                    "store is full: evicting records to stay at max_entries, pending triplets \
+                     first (oldest first seen first); a summary follows every minute"
+                );
+                self.since = Some(now);
+            }
+            None => return,
+            Some(since) if now.duration_since(since) < EVICTION_SUMMARY => return,
+            Some(_) if new > 0 => {
+                tracing::warn!(
+                    max_entries = cap.max_entries,
+                    pending = cap
+                        .evicted_pending
+                        .saturating_sub(self.last.evicted_pending),
+                    passed = cap.evicted_passed.saturating_sub(self.last.evicted_passed),
+                    clients = cap
+                        .evicted_clients
+                        .saturating_sub(self.last.evicted_clients),
+                    seconds = EVICTION_SUMMARY.as_secs(),
+                    "store evictions at max_entries"
+                );
+                self.since = Some(now);
+            }
+            Some(_) => {
+                tracing::info!(max_entries = cap.max_entries, "store evictions stopped");
+                self.since = None;
+            }
+        }
+        self.last = cap;
     }
 }
 

@@ -96,7 +96,7 @@ pub struct Counts {
 
 /// A store's cap on its records (`[store] max_entries`) and what the cap evicted since the
 /// store was opened (only the memory and embedded backends enforce one).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Capacity {
     /// Most records (triplets and client groups together); 0: no cap.
     pub max_entries: u64,
