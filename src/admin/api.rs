@@ -149,6 +149,8 @@ async fn stats(State(st): State<Arc<AdminState>>) -> Json<StatsView> {
             auto_allow_lifetime: p.auto_allow_lifetime,
             ipv4_prefix: p.ipv4_prefix,
             ipv6_prefix: p.ipv6_prefix,
+            new_triplets_per_client: p.new_triplets_per_client,
+            new_triplets_window: p.new_triplets_window,
         },
     })
 }
@@ -189,10 +191,12 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
     let enforced = live.options.mode == Mode::Enforce;
     let replies = st.control.replies();
     let dns = live.dns.as_deref();
-    let result = crate::service::explain::explain(&live.engine, store_ref, dns, &req, now, |d| {
-        replies.action_text(d, enforced, now)
-    })
-    .await;
+    let throttle = Some(&st.svc.throttle);
+    let result =
+        crate::service::explain::explain(&live.engine, store_ref, throttle, dns, &req, now, |d| {
+            replies.action_text(d, enforced, now)
+        })
+        .await;
     match result {
         Ok(explanation) => Json(ExplainAnswer {
             text: explanation.to_text(),

@@ -426,8 +426,10 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
 fn possible(rule: Rule, v: Verdict) -> bool {
     matches!(
         (rule, v),
-        (Rule::New | Rule::EarlyRetry | Rule::Deny, Verdict::Defer)
-            | (Rule::Delayed | Rule::Known | Rule::AutoAllow, Verdict::Pass)
+        (
+            Rule::New | Rule::Throttled | Rule::EarlyRetry | Rule::Deny,
+            Verdict::Defer
+        ) | (Rule::Delayed | Rule::Known | Rule::AutoAllow, Verdict::Pass)
             | (Rule::StoreFailOpen, Verdict::Pass)
             | (Rule::StoreFailClosed, Verdict::Defer)
     )

@@ -85,6 +85,9 @@ pub struct PolicyView {
     pub auto_allow_lifetime: u64,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// New triplets a client group may make per window; 0: no limit.
+    pub new_triplets_per_client: u32,
+    pub new_triplets_window: u64,
 }
 
 /// Decisions by one rule with one verdict, in [`StatsView`].
@@ -311,6 +314,8 @@ mod tests {
                 auto_allow_lifetime: 3_024_000,
                 ipv4_prefix: 24,
                 ipv6_prefix: 64,
+                new_triplets_per_client: 1000,
+                new_triplets_window: 3600,
             },
         }
     }
@@ -446,6 +451,7 @@ mod tests {
             auto_allow_after: 5,
             facts: None,
             dns: None,
+            throttle: None,
         };
         let answer = ExplainAnswer {
             text: explanation.to_text(),

@@ -128,6 +128,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let result = rt.block_on(greygate::service::explain::explain(
         &cfg.engine,
         store_ref,
+        // The counts live in the daemon: `explain --live` asks it.
+        None,
         dns.as_ref(),
         &req,
         now,

@@ -30,6 +30,12 @@ pub struct RawGreylist {
     pub recipient_delimiter: String,
     /// Add an `X-Greylist` header to mail that passed after a delay.
     pub x_greylist_header: bool,
+    /// New pending triplets one client group may add per `new_triplets_window`; past it,
+    /// its further new triplets are deferred without being stored (rule `throttled`).
+    /// Known and passed triplets, and auto-allowed groups, are not affected. 0 = no limit.
+    pub new_triplets_per_client: u32,
+    /// The window of `new_triplets_per_client`, counted from the group's first new triplet.
+    pub new_triplets_window: Dur,
 }
 
 impl Default for RawGreylist {
@@ -45,6 +51,8 @@ impl Default for RawGreylist {
             ipv6_prefix: p.ipv6_prefix,
             recipient_delimiter: p.recipient_delimiter,
             x_greylist_header: true,
+            new_triplets_per_client: p.new_triplets_per_client,
+            new_triplets_window: Dur(Duration::from_secs(p.new_triplets_window)),
         }
     }
 }
@@ -68,6 +76,7 @@ impl RawGreylist {
             ("retry_window", g.retry_window),
             ("max_age", g.max_age),
             ("auto_allow_lifetime", g.auto_allow_lifetime),
+            ("new_triplets_window", g.new_triplets_window),
         ] {
             if d.0.subsec_nanos() != 0 {
                 p.at(
@@ -80,6 +89,14 @@ impl RawGreylist {
             p.at(
                 &["greylist", "auto_allow_lifetime"],
                 "auto_allow_lifetime must be positive (auto_allow_after = 0 turns auto-allow off)"
+                    .into(),
+            );
+        }
+        if g.new_triplets_per_client > 0 && secs(g.new_triplets_window) == 0 {
+            p.at(
+                &["greylist", "new_triplets_window"],
+                "new_triplets_window must be positive (new_triplets_per_client = 0 turns the \
+                 limit off)"
                     .into(),
             );
         }
@@ -116,6 +133,8 @@ impl RawGreylist {
             ipv4_prefix: g.ipv4_prefix.min(32),
             ipv6_prefix: g.ipv6_prefix.min(128),
             recipient_delimiter: g.recipient_delimiter.clone(),
+            new_triplets_per_client: g.new_triplets_per_client,
+            new_triplets_window: secs(g.new_triplets_window),
         }
     }
 }

@@ -185,6 +185,8 @@ ipv4_prefix = 28
 ipv6_prefix = 56
 recipient_delimiter = "+-"
 x_greylist_header = false
+new_triplets_per_client = 50
+new_triplets_window = "10m"
 
 [policy]
 listen = ["127.0.0.1:10023", "[::1]:10024", "unix:/run/greygate/policy.sock"]
@@ -235,6 +237,8 @@ format = "json"
             ipv4_prefix: 28,
             ipv6_prefix: 56,
             recipient_delimiter: "+-".into(),
+            new_triplets_per_client: 50,
+            new_triplets_window: 600,
         }
     );
     assert!(c.replies.header_host.is_none());
@@ -717,6 +721,38 @@ backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n";
     let pg = "[store]
 backend = \"postgres\"\nurl = \"postgres://g@db/g\"\nmax_entries = 9\n";
     assert!(single_error(pg).message.contains("max_entries caps"));
+}
+
+#[test]
+fn new_triplets_limit_needs_a_window_unless_off() {
+    let c = valid(
+        "[greylist]
+new_triplets_per_client = 0
+new_triplets_window = 0
+",
+    );
+    assert_eq!(c.engine.policy.new_triplets_per_client, 0);
+    let c = valid("");
+    assert_eq!(
+        (
+            c.engine.policy.new_triplets_per_client,
+            c.engine.policy.new_triplets_window
+        ),
+        (1000, 3600)
+    );
+    let e = single_error(
+        "[greylist]
+new_triplets_per_client = 5
+new_triplets_window = 0
+",
+    );
+    assert!(e.location.starts_with(&at_line(3)), "{}", e.location);
+    assert!(e.message.contains("positive"), "{}", e.message);
+    let e = single_error(
+        "[greylist]
+new_triplets_window = \"1500ms\"\n",
+    );
+    assert!(e.message.contains("whole seconds"), "{}", e.message);
 }
 
 #[test]

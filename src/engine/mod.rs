@@ -62,6 +62,11 @@ pub struct Policy {
     pub ipv6_prefix: u8,
     /// Characters that start an address extension (Postfix's `recipient_delimiter`).
     pub recipient_delimiter: String,
+    /// New pending triplets a client group may add per `new_triplets_window`; past it, its
+    /// further new triplets are deferred without being stored (rule `throttled`). 0: no limit.
+    pub new_triplets_per_client: u32,
+    /// Seconds of one throttle window, counted from the group's first new triplet in it.
+    pub new_triplets_window: u64,
 }
 
 impl Default for Policy {
@@ -75,6 +80,8 @@ impl Default for Policy {
             ipv4_prefix: 24,
             ipv6_prefix: 64,
             recipient_delimiter: "+".into(),
+            new_triplets_per_client: 1000,
+            new_triplets_window: 3600,
         }
     }
 }
@@ -182,6 +189,9 @@ pub enum Rule {
     VerifiedUnlisted,
     /// No live record: first sighting, or the previous one expired.
     New,
+    /// No live record, and the client group already added its limit of new triplets in
+    /// this window (`new_triplets_per_client`): deferred without being stored.
+    Throttled,
     /// Pending and retried before the delay ended.
     EarlyRetry,
     /// Pending and retried within the window after the delay: the pass that ends greylisting.
@@ -195,7 +205,7 @@ pub enum Rule {
 impl Rule {
     /// Every rule, in declaration order (`rule as usize` indexes it): metrics keep one
     /// counter per rule without a map.
-    pub const ALL: [Rule; 18] = [
+    pub const ALL: [Rule; 19] = [
         Rule::NotRcptStage,
         Rule::NoClientAddress,
         Rule::Authenticated,
@@ -209,6 +219,7 @@ impl Rule {
         Rule::Dnswl,
         Rule::VerifiedUnlisted,
         Rule::New,
+        Rule::Throttled,
         Rule::EarlyRetry,
         Rule::Delayed,
         Rule::Known,
@@ -231,6 +242,7 @@ impl Rule {
             Rule::Dnswl => "dnswl",
             Rule::VerifiedUnlisted => "verified-unlisted",
             Rule::New => "new",
+            Rule::Throttled => "throttled",
             Rule::EarlyRetry => "early-retry",
             Rule::Delayed => "delayed",
             Rule::Known => "known",
@@ -406,6 +418,19 @@ pub enum TripletOutcome {
 pub struct State {
     pub client: Option<ClientRecord>,
     pub triplet: Option<Triplet>,
+    /// The client group's count of new triplets in its throttle window, when known.
+    pub new_triplets: Option<NewTriplets>,
+}
+
+/// A client group's new pending triplets in its current throttle window
+/// (`new_triplets_per_client`). The service keeps these (in a table of bounded size, not in
+/// the store); the engine only reads and steps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTriplets {
+    /// Unix seconds the window began: the group's first new triplet after the last one ended.
+    pub window_start: u64,
+    /// New triplets stored in the window.
+    pub count: u32,
 }
 
 /// The decision logic with its policy, allow lists and selective greylisting. Cheap to
@@ -639,6 +664,79 @@ impl Engine {
         })
     }
 
+    /// Whether new triplets are limited per client group at all.
+    pub fn throttle_enabled(&self) -> bool {
+        self.policy.new_triplets_per_client > 0
+    }
+
+    /// The window `w` if it still runs at `now`. A clock that went back keeps it running.
+    fn throttle_window<'w>(&self, w: Option<&'w NewTriplets>, now: u64) -> Option<&'w NewTriplets> {
+        w.filter(|w| {
+            now < w
+                .window_start
+                .saturating_add(self.policy.new_triplets_window)
+        })
+    }
+
+    /// Whether the group whose window is `w` may not add a new triplet at `now`: the
+    /// seconds until its window ends, or `None` when it may.
+    pub fn throttled(&self, w: Option<&NewTriplets>, now: u64) -> Option<u64> {
+        if !self.throttle_enabled() {
+            return None;
+        }
+        let w = self.throttle_window(w, now)?;
+        (w.count >= self.policy.new_triplets_per_client).then(|| {
+            w.window_start
+                .saturating_add(self.policy.new_triplets_window)
+                .saturating_sub(now)
+        })
+    }
+
+    /// The window after the group stored one more new triplet at `now` (a new window when
+    /// the old one ended).
+    pub fn count_new_triplet(&self, w: Option<&NewTriplets>, now: u64) -> NewTriplets {
+        match self.throttle_window(w, now) {
+            Some(w) => NewTriplets {
+                count: w.count.saturating_add(1),
+                ..*w
+            },
+            None => NewTriplets {
+                window_start: now,
+                count: 1,
+            },
+        }
+    }
+
+    /// The decision for a new triplet the throttle refused: deferred like a new one, told
+    /// to come back once the window has ended and the delay would be served.
+    pub fn throttled_decision(
+        &self,
+        lookup: Lookup,
+        wait: u64,
+        record: Option<Triplet>,
+        client_record: Option<ClientRecord>,
+    ) -> Decision {
+        let p = &self.policy;
+        let mut detail = format!(
+            "client group {} added its {} new triplets of the last {} s; not stored",
+            lookup.key.client, p.new_triplets_per_client, p.new_triplets_window
+        );
+        if let Some(d) = &lookup.detail {
+            detail.push_str("; ");
+            detail.push_str(d);
+        }
+        Decision {
+            remaining: Some(wait.saturating_add(lookup.delay.seconds)),
+            detail: Some(detail),
+            key: Some(lookup.key),
+            identity: Some(lookup.identity),
+            delay: Some(lookup.delay),
+            record,
+            client_record,
+            ..Decision::new(Verdict::Defer, Rule::Throttled)
+        }
+    }
+
     /// Whether a stored triplet still counts (not past its retry window or `max_age`).
     pub fn triplet_alive(&self, t: &Triplet, now: u64) -> bool {
         if t.passed {
@@ -768,6 +866,15 @@ impl Engine {
         }
         let (outcome, triplet) =
             self.triplet_step(state.triplet.as_ref(), now, lookup.delay.seconds);
+        let mut new_triplets = state.new_triplets;
+        if outcome == TripletOutcome::New && self.throttle_enabled() {
+            let w = state.new_triplets.as_ref();
+            if let Some(wait) = self.throttled(w, now) {
+                let d = self.throttled_decision(lookup, wait, state.triplet, state.client);
+                return (d, *state);
+            }
+            new_triplets = Some(self.count_new_triplet(w, now));
+        }
         let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known
@@ -779,6 +886,7 @@ impl Engine {
                 state.client
             },
             triplet: Some(triplet),
+            new_triplets,
         };
         let d = self.triplet_decision(lookup, outcome, state.triplet, state.client);
         (d, next)

@@ -138,12 +138,17 @@ fn client_rec(passes: u32, last_seen: u64) -> ClientRecord {
 }
 
 fn state(client: Option<ClientRecord>, triplet: Option<Triplet>) -> State {
-    State { client, triplet }
+    State {
+        client,
+        triplet,
+        new_triplets: None,
+    }
 }
 
 const NO_STATE: State = State {
     client: None,
     triplet: None,
+    new_triplets: None,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -784,6 +789,7 @@ impl MiniStore {
         let before = State {
             client: self.clients.get(&key.client).copied(),
             triplet: self.triplets.get(&key).copied(),
+            new_triplets: None,
         };
         let (d, after) = engine.decide(req, &before, now);
         if let Some(t) = after.triplet {
@@ -1339,4 +1345,114 @@ proptest! {
         );
         prop_assert_eq!(got.identity.map(|i| i.kind), Some(IdentityKind::Prefix));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The limit on new triplets per client group
+// ---------------------------------------------------------------------------------------
+
+/// A group at its limit gets `throttled` for a new triplet (stored state unchanged); under
+/// it, a new triplet counts one more; known, passed and auto-allowed ones never count or
+/// wait; a window that ended counts from zero (stepped `now`).
+#[test]
+fn new_triplets_are_throttled_per_group_and_window() {
+    let engine = Engine::new(
+        Policy {
+            new_triplets_per_client: 2,
+            new_triplets_window: 600,
+            ..Policy::default()
+        },
+        AllowLists::default(),
+    );
+    let req = base_request();
+    let full = NewTriplets {
+        window_start: T,
+        count: 2,
+    };
+    let with = |triplet, client, new_triplets| State {
+        client,
+        triplet,
+        new_triplets,
+    };
+    // Under the limit: new, counted.
+    let (d, next) = engine.decide(&req, &with(None, None, None), T);
+    assert_eq!(d.rule, Rule::New);
+    assert_eq!(
+        next.new_triplets,
+        Some(NewTriplets {
+            window_start: T,
+            count: 1
+        })
+    );
+    let one = next.new_triplets;
+    let (_, next) = engine.decide(&req, &with(None, None, one), T + 5);
+    assert_eq!(
+        next.new_triplets,
+        Some(NewTriplets {
+            window_start: T,
+            count: 2
+        })
+    );
+    // At the limit: throttled, nothing to store, told when a retry could pass.
+    let before = with(None, None, Some(full));
+    let (d, next) = engine.decide(&req, &before, T + 100);
+    assert_eq!((d.rule, d.verdict), (Rule::Throttled, Verdict::Defer));
+    assert_eq!(d.remaining, Some(500 + engine.policy.delay));
+    assert!(
+        d.detail
+            .as_deref()
+            .is_some_and(|t| t.contains("2 new triplets")),
+        "{d:?}"
+    );
+    assert_eq!(next, before, "nothing changes");
+    // A dead record is no live one: its triplet is new, so it is throttled too.
+    let dead = pending(T - 3 * 86_400, 1);
+    assert_eq!(
+        engine
+            .decide(&req, &with(Some(dead), None, Some(full)), T + 100)
+            .0
+            .rule,
+        Rule::Throttled
+    );
+    // Known triplets are not affected.
+    let early = pending(T + 50, 1);
+    let (d, next) = engine.decide(&req, &with(Some(early), None, Some(full)), T + 100);
+    assert_eq!(d.rule, Rule::EarlyRetry);
+    assert_eq!(next.new_triplets, Some(full), "not counted");
+    let p = passed(T - 1000, T - 10);
+    assert_eq!(
+        engine
+            .decide(&req, &with(Some(p), None, Some(full)), T + 100)
+            .0
+            .rule,
+        Rule::Known
+    );
+    let allowed = client_rec(engine.policy.auto_allow_after, T - 10);
+    assert_eq!(
+        engine
+            .decide(&req, &with(None, Some(allowed), Some(full)), T + 100)
+            .0
+            .rule,
+        Rule::AutoAllow
+    );
+    // The window ended: a new one starts with this triplet.
+    let (d, next) = engine.decide(&req, &before, T + 600);
+    assert_eq!(d.rule, Rule::New);
+    assert_eq!(
+        next.new_triplets,
+        Some(NewTriplets {
+            window_start: T + 600,
+            count: 1
+        })
+    );
+    // Off: no count is kept or read.
+    let off = Engine::new(
+        Policy {
+            new_triplets_per_client: 0,
+            ..Policy::default()
+        },
+        AllowLists::default(),
+    );
+    let (d, next) = off.decide(&req, &before, T + 100);
+    assert_eq!((d.rule, next.new_triplets), (Rule::New, Some(full)));
 }

@@ -7,10 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::dns::Gatherer;
 use crate::engine::{
-    Classified, ClientRecord, Decision, DelayReason, Engine, HostName, IdentityFacts, Request,
-    State, Triplet,
+    Classified, ClientRecord, Decision, DelayReason, Engine, HostName, IdentityFacts, NewTriplets,
+    Request, State, Triplet,
 };
 use crate::store::{Store, StoreError};
+
+use super::Throttle;
 
 /// A decision with its context, ready to print.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +35,26 @@ pub struct Explanation {
     /// What DNS could not say in time, if anything.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
+    /// The client group's new triplets against `new_triplets_per_client`, for a request the
+    /// stored state decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    pub throttle: Option<ThrottleView>,
+}
+
+/// A client group's new triplets against the limit (`new_triplets_per_client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleView {
+    /// New triplets per group and window; 0: no limit.
+    pub limit: u32,
+    /// Seconds per window.
+    pub window: u64,
+    /// Whether the count below is the daemon's: the counts live in the running daemon's
+    /// memory, so an explanation without it (`explain` without `--live`) cannot know them.
+    pub known: bool,
+    /// The group's window, if it has one now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counted: Option<NewTriplets>,
 }
 
 /// Why an explanation could not be made.
@@ -47,10 +69,12 @@ pub enum ExplainError {
 /// Explains `req` at `now`. `store` is `Err(why)` when it could not be opened: requests
 /// that the static rules decide are still explained. With `dns`, the request's DNS facts
 /// are gathered first, as the daemon would, so the explanation shows the identity really
-/// used.
+/// used. `throttle` is the running daemon's count of new triplets (`None` outside it: the
+/// explanation then assumes the group is under its limit, and says so).
 pub async fn explain(
     engine: &Engine,
     store: Result<&dyn Store, String>,
+    throttle: Option<&Throttle>,
     dns: Option<&Gatherer>,
     req: &Request,
     now: u64,
@@ -65,10 +89,23 @@ pub async fn explain(
         None => (req, None),
     };
     let mut state = State::default();
+    let mut throttle_view = None;
     if let Classified::Lookup(lookup) = engine.classify(req, now) {
         let store = store.map_err(ExplainError::NoStore)?;
         state.client = store.get_client(&lookup.key.client).await?;
         state.triplet = store.get_triplet(&lookup.key).await?;
+        state.new_triplets = throttle.and_then(|t| t.get(&lookup.key.client));
+        throttle_view = Some(ThrottleView {
+            limit: engine.policy.new_triplets_per_client,
+            window: engine.policy.new_triplets_window,
+            known: throttle.is_some(),
+            // A window that has ended counts nothing.
+            counted: state.new_triplets.filter(|w| {
+                now < w
+                    .window_start
+                    .saturating_add(engine.policy.new_triplets_window)
+            }),
+        });
     }
     let (decision, after) = engine.decide(req, &state, now);
     Ok(Explanation {
@@ -81,6 +118,7 @@ pub async fn explain(
         auto_allow_after: engine.policy.auto_allow_after,
         facts: req.facts.clone(),
         dns: note,
+        throttle: throttle_view,
     })
 }
 
@@ -159,6 +197,9 @@ impl Explanation {
                     );
                 }
             }
+            if let Some(t) = &self.throttle {
+                let _ = writeln!(s, "throttle:   {}", t.text(self.now));
+            }
             match &d.client_record {
                 Some(c) if self.auto_allow_after > 0 => {
                     let _ = writeln!(
@@ -203,6 +244,33 @@ impl Explanation {
     }
 }
 
+impl ThrottleView {
+    fn text(&self, now: u64) -> String {
+        if self.limit == 0 {
+            return "off (no limit on new triplets per client group)".into();
+        }
+        if !self.known {
+            return format!(
+                "at most {} new triplets per client group in {} s (counted by the running \
+                 daemon only: explain --live shows this group's count)",
+                self.limit, self.window
+            );
+        }
+        match self.counted {
+            Some(w) => format!(
+                "{} of {} new triplets from this client group in the window that began {}",
+                w.count,
+                self.limit,
+                when(w.window_start, now)
+            ),
+            None => format!(
+                "0 of {} new triplets from this client group (window {} s)",
+                self.limit, self.window
+            ),
+        }
+    }
+}
+
 /// Reads a time given as Unix seconds or RFC 3339 (`--at`, the API's `at`).
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -232,6 +300,7 @@ mod tests {
             auto_allow_after: engine.policy.auto_allow_after,
             facts: req.facts.clone(),
             dns: None,
+            throttle: None,
         }
     }
 
@@ -244,6 +313,76 @@ mod tests {
             recipient: "bob@rcpt.example".into(),
             ..Request::default()
         }
+    }
+
+    /// Explain shows the group's count against the limit, and the `throttled` decision
+    /// when it is reached; without the daemon's counts it says they are not known here.
+    #[tokio::test]
+    async fn explanations_show_the_new_triplet_limit() {
+        use crate::engine::{NewTriplets, Policy, Rule};
+        use crate::store::MemoryStore;
+        let engine = Engine::new(
+            Policy {
+                new_triplets_per_client: 2,
+                new_triplets_window: 600,
+                ..Policy::default()
+            },
+            Default::default(),
+        );
+        let store = MemoryStore::new();
+        let throttle = Throttle::default();
+        let now = 1_700_000_000;
+        let req = request();
+        let group = engine.key(req.client_ip.unwrap(), "", "").client;
+        let store: &dyn Store = &store;
+        let x = explain(&engine, Ok(store), Some(&throttle), None, &req, now, |_| {
+            "DEFER".into()
+        })
+        .await
+        .expect("explained");
+        assert_eq!(x.decision.rule, Rule::New);
+        assert!(
+            x.to_text().contains("throttle:   0 of 2 new triplets"),
+            "{}",
+            x.to_text()
+        );
+        for _ in 0..2 {
+            throttle.update(&group, |w| engine.count_new_triplet(w, now - 100));
+        }
+        let x = explain(&engine, Ok(store), Some(&throttle), None, &req, now, |_| {
+            "DEFER".into()
+        })
+        .await
+        .expect("explained");
+        assert_eq!(x.decision.rule, Rule::Throttled);
+        assert_eq!(x.decision.remaining, Some(500 + 300));
+        assert_eq!(x.triplet_after, None, "not stored");
+        let text = x.to_text();
+        assert!(
+            text.contains("decision:   defer (rule: throttled)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("throttle:   2 of 2 new triplets from this client group"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&x).expect("JSON");
+        assert_eq!(json["throttle"]["counted"]["count"], 2);
+        assert_eq!(
+            x.throttle.and_then(|t| t.counted),
+            Some(NewTriplets {
+                window_start: now - 100,
+                count: 2
+            })
+        );
+        // Offline (no daemon): the count is not known, and the explanation says so.
+        let x = explain(&engine, Ok(store), None, None, &req, now, |_| {
+            "DEFER".into()
+        })
+        .await
+        .expect("explained");
+        assert_eq!(x.decision.rule, Rule::New);
+        assert!(x.to_text().contains("explain --live"), "{}", x.to_text());
     }
 
     #[test]

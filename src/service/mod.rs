@@ -6,9 +6,10 @@
 
 pub mod entries;
 pub mod explain;
+pub mod throttle;
 
 use std::borrow::Cow;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +26,7 @@ use crate::metrics::{Activity, DecisionSeen, ListenerStats, Metrics, StoreOp};
 use crate::store::{MemoryStore, Store, StoreError, UpdateFn};
 
 pub use entries::{EntriesError, RuntimeEntries, Selector};
+pub use throttle::Throttle;
 
 /// What to answer when the store fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
@@ -223,6 +225,8 @@ pub struct Greylister {
     pub activity: Activity,
     /// Operator allow/deny entries; changing them swaps a new engine into `live`.
     pub entries: RuntimeEntries,
+    /// New triplets per client group, for `new_triplets_per_client`.
+    pub throttle: Throttle,
     listeners: Mutex<Vec<Arc<ListenerStats>>>,
     /// Unix seconds the service was created.
     pub started_at: u64,
@@ -244,6 +248,7 @@ impl Greylister {
             metrics: Metrics::default(),
             activity: Activity::default(),
             entries: RuntimeEntries::in_memory(),
+            throttle: Throttle::default(),
             listeners: Mutex::new(Vec::new()),
             started_at: unix_now(),
             store_failing: Summarised::new(|count, over| {
@@ -544,11 +549,34 @@ impl Greylister {
                 return Ok(Engine::auto_allow_decision(lookup, client));
             }
         }
-        let old = store
-            .triplet(key, &|old| Some(engine.triplet_step(old, now, delay).1))
-            .await?;
+        // The throttle is asked only about a triplet the step finds new (the update knows,
+        // under its lock): known ones cost nothing. The step may run more than once
+        // (optimistic stores), so it only reads the count, and says what it found in
+        // `throttled` (seconds until the group's window ends; NOT_THROTTLED: it may add).
+        const NOT_THROTTLED: u64 = u64::MAX;
+        let throttled = AtomicU64::new(NOT_THROTTLED);
+        let step = |old: Option<&Triplet>| {
+            let (outcome, next) = engine.triplet_step(old, now, delay);
+            if outcome == TripletOutcome::New && engine.throttle_enabled() {
+                let wait = engine.throttled(self.throttle.get(&key.client).as_ref(), now);
+                throttled.store(wait.unwrap_or(NOT_THROTTLED), Ordering::Relaxed);
+                if wait.is_some() {
+                    return None;
+                }
+            }
+            Some(next)
+        };
+        let old = store.triplet(key, &step).await?;
         lap(Some(StoreOp::UpdateTriplet));
         let (outcome, _) = engine.triplet_step(old.as_ref(), now, delay);
+        if outcome == TripletOutcome::New && engine.throttle_enabled() {
+            match throttled.load(Ordering::Relaxed) {
+                NOT_THROTTLED => self
+                    .throttle
+                    .update(&key.client, |w| engine.count_new_triplet(w, now)),
+                wait => return Ok(engine.throttled_decision(lookup, wait, old, client)),
+            }
+        }
         let passed = matches!(
             outcome,
             TripletOutcome::Delayed { .. } | TripletOutcome::Known

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use proptest::prelude::*;
 
 use super::*;
-use crate::engine::{ClientRecord, Policy, Rule, State, Triplet, TripletKey};
+use crate::engine::{ClientRecord, NewTriplets, Policy, Rule, State, Triplet, TripletKey};
 use crate::store::{Counts, EntryFilter, EntryKind, ExpireStep, MemoryStore, Page, UpdateFn};
 
 fn request(ip: &str, sender: &str, recipient: &str) -> Request {
@@ -281,6 +281,85 @@ async fn learn_mode_records_but_never_defers() {
     );
 }
 
+/// Past `new_triplets_per_client` new triplets in a window, a group's further new ones are
+/// deferred (rule `throttled`) and not stored; its known triplets, its passes and other
+/// groups go on as before; the next window takes new ones again (stepped `now`). The same
+/// holds through a store behind futures.
+#[tokio::test]
+async fn new_triplets_past_the_limit_are_deferred_unstored() {
+    let engine = Engine::new(
+        Policy {
+            new_triplets_per_client: 3,
+            new_triplets_window: 600,
+            auto_allow_after: 0,
+            ..Policy::default()
+        },
+        Default::default(),
+    );
+    let options = ServiceOptions {
+        mode: Mode::Enforce,
+        fail_mode: FailMode::Closed,
+        store_timeout: Duration::from_secs(5),
+    };
+    for store in [
+        Arc::new(MemoryStore::new()) as Arc<dyn Store>,
+        Arc::new(BadStore::new(false, false, false)),
+    ] {
+        let svc = Greylister::new(engine.clone(), StoreSlot::new(store.clone()), options);
+        let t0 = 1_000_000;
+        let req = |i: usize| request("192.0.2.1", &format!("s{i}@example.net"), "r@example.org");
+        for i in 0..3 {
+            assert_eq!(
+                svc.check(&req(i), t0 + i as u64).await.decision.rule,
+                Rule::New
+            );
+        }
+        let o = svc.check(&req(3), t0 + 10).await;
+        assert_eq!(
+            (o.decision.rule, o.decision.verdict),
+            (Rule::Throttled, Verdict::Defer)
+        );
+        // Back once the window ended (590 s) and the delay served (300 s).
+        assert_eq!(o.decision.remaining, Some(590 + 300));
+        assert_eq!(
+            store.counts().await.unwrap().triplets_pending,
+            3,
+            "not stored"
+        );
+        // A retry of a stored one is not new: it passes after the delay.
+        assert_eq!(
+            svc.check(&req(0), t0 + 400).await.decision.rule,
+            Rule::Delayed
+        );
+        assert_eq!(
+            svc.check(&req(0), t0 + 401).await.decision.rule,
+            Rule::Known
+        );
+        // The throttled one is still new, and still over the limit.
+        assert_eq!(
+            svc.check(&req(3), t0 + 500).await.decision.rule,
+            Rule::Throttled
+        );
+        // Another group is not affected.
+        let other = request("198.51.100.7", "s3@example.net", "r@example.org");
+        assert_eq!(svc.check(&other, t0 + 500).await.decision.rule, Rule::New);
+        // The next window: new triplets are stored again.
+        assert_eq!(svc.check(&req(3), t0 + 600).await.decision.rule, Rule::New);
+        assert_eq!(
+            svc.check(&req(3), t0 + 900).await.decision.rule,
+            Rule::Delayed
+        );
+        assert_eq!(
+            svc.metrics
+                .decisions()
+                .into_iter()
+                .find(|(r, ..)| *r == Rule::Throttled)
+                .map(|(.., n)| n),
+            Some(2)
+        );
+    }
+}
+
 /// A small policy so random sequences reach every rule.
 fn small_engine() -> Engine {
     Engine::new(
@@ -290,6 +369,9 @@ fn small_engine() -> Engine {
             max_age: 10_000,
             auto_allow_after: 2,
             auto_allow_lifetime: 20_000,
+            // Low enough that random sequences run into it.
+            new_triplets_per_client: 3,
+            new_triplets_window: 2000,
             ..Policy::default()
         },
         Default::default(),
@@ -318,6 +400,7 @@ proptest! {
         let engine = small_engine();
         let mut triplets: HashMap<TripletKey, Triplet> = HashMap::new();
         let mut clients: HashMap<String, ClientRecord> = HashMap::new();
+        let mut windows: HashMap<String, NewTriplets> = HashMap::new();
         let ips = ["192.0.2.1", "192.0.2.200", "198.51.100.7"];
         let mut now = 1_000_000u64;
         for (ip, who, advance, jump) in steps {
@@ -337,11 +420,13 @@ proptest! {
             let state = State {
                 client: clients.get(&key.client).copied(),
                 triplet: triplets.get(&key).copied(),
+                new_triplets: windows.get(&key.client).copied(),
             };
             let (want, next) = engine.decide(&req, &state, now);
             prop_assert_eq!(&got, &want);
             if let Some(t) = next.triplet { triplets.insert(key.clone(), t); }
             if let Some(c) = next.client { clients.insert(key.client.clone(), c); }
+            if let Some(w) = next.new_triplets { windows.insert(key.client.clone(), w); }
         }
     }
 }

@@ -10,8 +10,8 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::engine::{
-    ClientRecord, Decision, Engine, HostName, IdentityFacts, Listing, Request, SpfFact, State,
-    Triplet, TripletKey, Verdict,
+    ClientRecord, Decision, Engine, HostName, IdentityFacts, Listing, NewTriplets, Request,
+    SpfFact, State, Triplet, TripletKey, Verdict,
 };
 use crate::tools::bench::Rng;
 
@@ -23,6 +23,8 @@ use super::scenario::{IpModel, PtrKind, Scenario, SenderClass, SimConfig};
 pub struct MemState {
     triplets: HashMap<TripletKey, Triplet>,
     clients: HashMap<String, ClientRecord>,
+    /// Each client group's new triplets in its throttle window (the service's count).
+    new_triplets: HashMap<String, NewTriplets>,
 }
 
 impl MemState {
@@ -35,12 +37,18 @@ impl MemState {
         let before = State {
             client: self.clients.get(&key.client).copied(),
             triplet: self.triplets.get(&key).copied(),
+            new_triplets: self.new_triplets.get(&key.client).copied(),
         };
         let (d, after) = engine.decide(req, &before, now);
         if after.triplet != before.triplet
             && let Some(t) = after.triplet
         {
             self.triplets.insert(key.clone(), t);
+        }
+        if after.new_triplets != before.new_triplets
+            && let Some(w) = after.new_triplets
+        {
+            self.new_triplets.insert(key.client.clone(), w);
         }
         if after.client != before.client
             && let Some(c) = after.client
