@@ -10,6 +10,7 @@ mod daemon;
 mod dashboard;
 mod dns;
 mod failures;
+mod flood;
 mod harness;
 mod milter;
 mod outbound;
