@@ -270,15 +270,9 @@ async fn accept_loop(
                 Err(e) if accept::out_of_descriptors(&e) => {
                     // See `server::accept`: the spare lets the waiting connection be taken
                     // and closed, instead of leaving it hanging.
-                    match reserve.shed(|cx| l.poll_accept(cx).map_ok(drop)).await {
-                        accept::Shed::Refused => log.no_descriptors(&e),
-                        accept::Shed::Nothing => {}
-                        accept::Shed::NoSpare => {
-                            log.no_descriptors(&e);
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(accept::MAX_PAUSE);
-                        }
-                    }
+                    reserve
+                        .out_of_descriptors(|cx| l.poll_accept(cx).map_ok(drop), &log, &e, &mut pause)
+                        .await;
                     continue;
                 }
                 Err(e) => {

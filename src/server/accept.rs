@@ -94,6 +94,33 @@ impl Reserve {
     }
 }
 
+impl Reserve {
+    /// What an accept loop does when accepting failed for want of descriptors (`error`):
+    /// refuses a waiting connection with the spare, or pauses (`pause` doubles up to
+    /// [`MAX_PAUSE`]) when it cannot; logged summarised. True when a connection was refused.
+    pub async fn out_of_descriptors<T>(
+        &mut self,
+        poll_accept: impl FnMut(&mut Context<'_>) -> Poll<io::Result<T>>,
+        log: &AdmissionLog,
+        error: &io::Error,
+        pause: &mut Duration,
+    ) -> bool {
+        match self.shed(poll_accept).await {
+            Shed::Refused => {
+                log.no_descriptors(error);
+                true
+            }
+            Shed::Nothing => false,
+            Shed::NoSpare => {
+                log.no_descriptors(error);
+                tokio::time::sleep(*pause).await;
+                *pause = (*pause * 2).min(MAX_PAUSE);
+                false
+            }
+        }
+    }
+}
+
 /// What [`Reserve::shed`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shed {

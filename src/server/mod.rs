@@ -288,17 +288,11 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
                 x
             }
             Err(e) if accept::out_of_descriptors(&e) => {
-                match reserve.shed(|cx| poll_accept(&l, cx)).await {
-                    accept::Shed::Refused => {
-                        stats.refused.fetch_add(1, Ordering::Relaxed);
-                        log.no_descriptors(&e);
-                    }
-                    accept::Shed::Nothing => {}
-                    accept::Shed::NoSpare => {
-                        log.no_descriptors(&e);
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(accept::MAX_PAUSE);
-                    }
+                if reserve
+                    .out_of_descriptors(|cx| poll_accept(&l, cx), &log, &e, &mut pause)
+                    .await
+                {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
             }
