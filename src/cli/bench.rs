@@ -75,9 +75,23 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = &args.null_server {
-        bench::run_null_server(addr, |bound| {
-            eprintln!("greygate bench: null responder listening on {bound}");
-        })?;
+        // Lazy: the signal handlers are installed inside the responder's runtime.
+        let stop = async {
+            match super::common::stop_signal() {
+                Ok(stopped) => {
+                    stopped.await;
+                }
+                // Without handlers the default action (exit) still stops the process.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        bench::run_null_server(
+            addr,
+            |bound| {
+                eprintln!("greygate bench: null responder listening on {bound}");
+            },
+            stop,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     if let (Some(count), Some(db)) = (args.preload, &args.db) {

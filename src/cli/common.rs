@@ -66,3 +66,18 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .context("cannot start the async runtime")
 }
+
+/// SIGTERM or SIGINT as a future that completes with the signal's name. The handlers are
+/// installed by this call (inside a runtime), so a signal sent after it is not lost.
+pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}

@@ -175,8 +175,7 @@ fn signals() -> anyhow::Result<(
     tokio::sync::mpsc::Receiver<&'static str>,
 )> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stopped = super::common::stop_signal()?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -186,10 +185,8 @@ fn signals() -> anyhow::Result<(
         }
     });
     let stop = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
+        let name = stopped.await;
+        tracing::info!("{name} received");
     };
     Ok((stop, rx))
 }

@@ -10,14 +10,20 @@ use super::BenchError;
 use crate::proto::policy::{Decoder, Limits, encode_response};
 use crate::server::ListenAddr;
 
-/// Serves `action=DUNNO` to every request on `addr` until SIGINT or SIGTERM: the protocol's
-/// ceiling. It decodes with the daemon's codec and keeps no state, so the difference to
-/// greygate is the decision and the store. `ready` is called with the bound address.
+/// Serves `action=DUNNO` to every request on `addr` until `stop` completes (the binary
+/// passes SIGINT or SIGTERM; the future is first polled inside this function's runtime):
+/// the protocol's ceiling. It decodes with the daemon's codec and keeps no state, so the
+/// difference to greygate is the decision and the store. `ready` is called with the bound
+/// address.
 ///
 /// # Errors
 ///
 /// The address cannot be bound, or the runtime cannot start.
-pub fn run_null_server(addr: &ListenAddr, ready: impl FnOnce(&str)) -> Result<(), BenchError> {
+pub fn run_null_server(
+    addr: &ListenAddr,
+    ready: impl FnOnce(&str),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), BenchError> {
     // Same runtime flavour as the daemon (multi-thread, one worker per core), so the two are
     // compared on equal terms.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -45,7 +51,7 @@ pub fn run_null_server(addr: &ListenAddr, ready: impl FnOnce(&str)) -> Result<()
         ready(&bound);
         tokio::select! {
             () = null_accept(&listener) => {}
-            () = shutdown_signal() => {}
+            () = stop => {}
         }
         if let NullListener::Unix(_, p) = &listener {
             let _ = std::fs::remove_file(p);
@@ -57,23 +63,6 @@ pub fn run_null_server(addr: &ListenAddr, ready: impl FnOnce(&str)) -> Result<()
 enum NullListener<'a> {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener, &'a PathBuf),
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        // Without signal handlers the default action (exit) still stops the process.
-        _ => std::future::pending().await,
-    }
 }
 
 async fn null_accept(listener: &NullListener<'_>) {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::BenchError;
 use super::stream::Rng;
 use crate::engine::{ClientRecord, Engine};
-use crate::store::{EmbeddedStore, Store};
+use crate::store::{Access, StoreKind, StoreSpec};
 
 /// What a preload wrote and how long it took.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +44,14 @@ pub fn preload(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(BenchError::Runtime)?;
-    let store = EmbeddedStore::open(path, now)?;
+    // Through the one place that opens stores, as a command would (no daemon holds it).
+    let spec = StoreSpec {
+        kind: StoreKind::Embedded(path.to_path_buf()),
+        flush_interval: std::time::Duration::from_secs(1),
+        timeout: std::time::Duration::from_secs(60),
+        max_entries: 0,
+    };
+    let store = crate::store::open(&spec, Access::Write)?;
     let engine = Engine::default();
     let p = engine.policy.clone();
     let mut rng = Rng::stream(seed, u64::MAX);
