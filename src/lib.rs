@@ -16,6 +16,7 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod tools;
 
 /// Locks `m`, also when another thread panicked while holding it: the data behind the

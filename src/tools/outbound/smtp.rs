@@ -3,7 +3,6 @@
 //! any async stream; every reply is bounded in line length and line count, and every read
 //! has a timeout, so a hostile or wedged server cannot hold the probe forever.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_rustls::rustls;
@@ -37,68 +36,6 @@ pub enum SmtpError {
 /// What a session runs over, before and after STARTTLS.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-/// Accepts any server certificate: a probe diagnoses delivery, and MX hosts with
-/// self-signed or mismatched certificates still take mail from opportunistic-TLS senders.
-/// Signatures are still checked, so the handshake itself is real.
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, SmtpError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SmtpError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
 
 /// One line of the transcript: what we sent (`>`) or what the server answered (`<`).
 #[derive(Debug, Clone)]
@@ -185,10 +122,15 @@ impl Session {
         let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
         let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
             .map_err(|e| SmtpError::Tls(format!("bad server name {server_name:?}: {e}")))?;
-        let tls = tokio::time::timeout(self.timeout, tls_connector()?.connect(name, plain))
-            .await
-            .map_err(|_| SmtpError::Timeout(self.timeout))?
-            .map_err(|e| SmtpError::Tls(e.to_string()))?;
+        let tls = tokio::time::timeout(
+            self.timeout,
+            crate::tls::unverified_connector()
+                .map_err(SmtpError::Tls)?
+                .connect(name, plain),
+        )
+        .await
+        .map_err(|_| SmtpError::Timeout(self.timeout))?
+        .map_err(|e| SmtpError::Tls(e.to_string()))?;
         let (_, conn) = tls.get_ref();
         let version = conn
             .protocol_version()
