@@ -180,6 +180,30 @@ pub struct Metrics {
     pub reload_failures: AtomicU64,
     /// Shared with the DNS facts gatherer, which a reload may replace.
     pub dns: std::sync::Arc<DnsStats>,
+    /// The SMTP front end's sessions.
+    pub smtp: SmtpStats,
+}
+
+/// Counters of the SMTP front end (decisions at its RCPT count with the others).
+#[derive(Debug, Default)]
+pub struct SmtpStats {
+    /// Sessions started.
+    pub sessions: AtomicU64,
+    /// Clients caught talking before the banner ended.
+    pub pregreets: AtomicU64,
+    /// RCPTs to a greytrap address.
+    pub trap_hits: AtomicU64,
+    /// Sessions whose replies were slowed down.
+    pub tarpitted: AtomicU64,
+    /// Sessions closed for too many errors.
+    pub error_disconnects: AtomicU64,
+    /// The backend could not be reached or stopped answering.
+    pub backend_failures: AtomicU64,
+    /// Messages the backend accepted.
+    pub messages: AtomicU64,
+    pub message_bytes: AtomicU64,
+    /// Sessions that started TLS.
+    pub tls_sessions: AtomicU64,
 }
 
 /// Counters of every request, one copy per stripe.

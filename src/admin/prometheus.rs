@@ -399,6 +399,57 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
         &[],
         &dns.gather_seconds.snapshot(),
     );
+    let smtp = &m.smtp;
+    for (name, help, v) in [
+        (
+            "greygate_smtp_sessions_total",
+            "SMTP front sessions started.",
+            &smtp.sessions,
+        ),
+        (
+            "greygate_smtp_pregreets_total",
+            "SMTP clients caught talking before the banner ended (rule pregreet).",
+            &smtp.pregreets,
+        ),
+        (
+            "greygate_smtp_trap_hits_total",
+            "RCPTs to a greytrap address (the client is denied for [smtp] trap_deny_for).",
+            &smtp.trap_hits,
+        ),
+        (
+            "greygate_smtp_tarpitted_total",
+            "SMTP sessions whose replies were slowed down.",
+            &smtp.tarpitted,
+        ),
+        (
+            "greygate_smtp_error_disconnects_total",
+            "SMTP sessions closed for too many errors.",
+            &smtp.error_disconnects,
+        ),
+        (
+            "greygate_smtp_backend_failures_total",
+            "Times the SMTP backend could not be reached or stopped answering.",
+            &smtp.backend_failures,
+        ),
+        (
+            "greygate_smtp_messages_total",
+            "Messages relayed through the SMTP front and accepted by the backend.",
+            &smtp.messages,
+        ),
+        (
+            "greygate_smtp_message_bytes_total",
+            "Bytes of messages relayed through the SMTP front and accepted by the backend.",
+            &smtp.message_bytes,
+        ),
+        (
+            "greygate_smtp_tls_sessions_total",
+            "SMTP sessions that started TLS.",
+            &smtp.tls_sessions,
+        ),
+    ] {
+        o.head(name, "counter", help);
+        o.sample(name, &[], v.load(Ordering::Relaxed));
+    }
     o.head(
         "greygate_config_reloads_total",
         "counter",

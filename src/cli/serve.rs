@@ -24,6 +24,12 @@ pub struct ServeArgs {
     /// Serve the milter protocol here instead of the configured milter addresses (repeatable)
     #[arg(long, value_name = "ADDR")]
     pub milter_listen: Vec<String>,
+    /// Take SMTP here (e.g. 0.0.0.0:25) and relay what passes to --smtp-backend, instead of the configured [smtp] addresses (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub smtp_listen: Vec<String>,
+    /// The mail server the SMTP front relays to, instead of [smtp] backend
+    #[arg(long, value_name = "HOST:PORT")]
+    pub smtp_backend: Option<String>,
     /// Serve the admin API, /metrics and the dashboard here instead of the configured addresses (repeatable)
     #[arg(long, value_name = "ADDR", conflicts_with = "no_admin")]
     pub admin_listen: Vec<String>,
@@ -85,6 +91,16 @@ fn serve_overrides(args: &ServeArgs, raw: &mut RawConfig) {
             // Milter addresses given alone mean a milter-only daemon.
             raw.policy.listen.clear();
         }
+    }
+    if !args.smtp_listen.is_empty() {
+        raw.smtp.listen = args.smtp_listen.clone();
+        if args.listen.is_empty() {
+            // SMTP addresses given alone mean a daemon in front of a mail server only.
+            raw.policy.listen.clear();
+        }
+    }
+    if let Some(b) = &args.smtp_backend {
+        raw.smtp.backend = Some(b.clone());
     }
     if !args.admin_listen.is_empty() {
         raw.admin.listen = Some(args.admin_listen.clone());

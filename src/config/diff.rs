@@ -1,7 +1,7 @@
 //! What a reload can change in a running daemon. The daemon built its sockets, its store
 //! and its logging from some sections at start; a change to one of those waits for a
 //! restart. Everything else (mode, host name, engine and allow lists, replies, failure
-//! policy, DNS) is swapped in by the reload.
+//! policy, DNS, the SMTP front's certificate and greytraps) is swapped in by the reload.
 
 use super::Config;
 
@@ -12,6 +12,7 @@ impl Config {
         let sections = [
             ("policy", self.policy != new.policy),
             ("milter", self.milter != new.milter),
+            ("smtp", !self.smtp.same_sockets_and_limits(&new.smtp)),
             ("store", self.store != new.store),
             ("admin", self.admin != new.admin),
             ("log", self.log != new.log),

@@ -119,7 +119,7 @@ impl RawPolicyServer {
         if self.listen.is_empty() && milter_listen_empty {
             p.at(
                 &["policy", "listen"],
-                "at least one listen address is needed (policy or milter)".into(),
+                "at least one listen address is needed (policy, milter or smtp)".into(),
             );
         }
         for (i, l) in self.listen.iter().enumerate() {

@@ -14,6 +14,7 @@ mod dns;
 mod greylist;
 mod listeners;
 mod log;
+mod smtp;
 mod store;
 
 use std::path::Path;
@@ -27,6 +28,7 @@ pub use dns::{RawDns, RawDnsbl, RawDnswl, RawIdentity};
 pub use greylist::RawGreylist;
 pub use listeners::{RawMilter, RawPolicyServer};
 pub use log::RawLog;
+pub use smtp::RawSmtp;
 pub use store::RawStore;
 
 use crate::admin::AdminConfig;
@@ -36,6 +38,7 @@ use crate::logfmt::LogConfig;
 use crate::server::milter::MilterConfig;
 use crate::server::policy::PolicyConfig;
 use crate::server::replies::Replies;
+use crate::server::smtp::SmtpConfig;
 use crate::service::{FailMode, ServiceOptions};
 use crate::store::StoreSpec;
 
@@ -58,6 +61,7 @@ pub struct RawConfig {
     pub greylist: RawGreylist,
     pub policy: RawPolicyServer,
     pub milter: RawMilter,
+    pub smtp: RawSmtp,
     pub store: RawStore,
     pub allow: RawAllow,
     pub admin: RawAdmin,
@@ -78,6 +82,7 @@ pub struct Config {
     pub replies: Replies,
     pub policy: PolicyConfig,
     pub milter: MilterConfig,
+    pub smtp: SmtpConfig,
     pub store: StoreSpec,
     pub fail_mode: FailMode,
     pub dns: DnsSettings,
@@ -107,9 +112,12 @@ impl RawConfig {
     pub fn validate(self, src: Option<&Source<'_>>) -> Result<Config, ConfigErrors> {
         let mut p = Problems::new(src);
         let policy = self.greylist.check(&mut p);
-        let (policy_listeners, defer_action) =
-            self.policy.check(self.milter.listen.is_empty(), &mut p);
+        let (policy_listeners, defer_action) = self.policy.check(
+            self.milter.listen.is_empty() && self.smtp.listen.is_empty(),
+            &mut p,
+        );
         let (milter, milter_code) = self.milter.check(&mut p);
+        let mut smtp = self.smtp.check(self.hostname.as_deref(), &mut p);
         let store = self.store.check(&mut p);
         let (selective, dns) = self.check_dns(&policy, &mut p);
         let log = self.log.check(&mut p);
@@ -125,6 +133,9 @@ impl RawConfig {
                 .hostname
                 .clone()
                 .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+            if smtp.hostname.is_empty() {
+                smtp.hostname = hostname.clone();
+            }
             Config {
                 mode: self.mode,
                 replies: Replies {
@@ -137,6 +148,7 @@ impl RawConfig {
                 engine: Engine::new(policy, allow).with_selective(selective),
                 policy: policy_listeners,
                 milter,
+                smtp,
                 fail_mode: self.store.fail_mode,
                 store,
                 dns,
@@ -178,6 +190,7 @@ impl Default for RawConfig {
             greylist: RawGreylist::default(),
             policy: RawPolicyServer::default(),
             milter: RawMilter::default(),
+            smtp: RawSmtp::default(),
             store: RawStore::default(),
             allow: RawAllow::default(),
             admin: RawAdmin::default(),

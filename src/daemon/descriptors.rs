@@ -22,7 +22,8 @@ pub const MARGIN: u64 = 64;
 /// What the configuration needs, by part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Needed {
-    /// Policy and milter connections: `max_connections` × listeners, summed.
+    /// Policy, milter and SMTP connections: `max_connections` × listeners, summed (twice
+    /// for SMTP: each session has a backend connection too).
     pub mail: u64,
     /// Admin connections: `max_connections` × admin listeners.
     pub admin: u64,
@@ -58,9 +59,14 @@ impl fmt::Display for Needed {
 /// The descriptors `cfg`'s limits can use at once.
 pub fn needed(cfg: &Config) -> Needed {
     let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
-    let listeners = cfg.policy.listen.len() + cfg.milter.listen.len() + cfg.admin.listen.len();
+    let listeners = cfg.policy.listen.len()
+        + cfg.milter.listen.len()
+        + cfg.smtp.listen.len()
+        + cfg.admin.listen.len();
+    // An SMTP session holds two: the client's and the backend's.
     let mail = n(cfg.policy.listen.len()).saturating_mul(n(cfg.policy.limits.max_connections))
-        + n(cfg.milter.listen.len()).saturating_mul(n(cfg.milter.limits.max_connections));
+        + n(cfg.milter.listen.len()).saturating_mul(n(cfg.milter.limits.max_connections))
+        + n(cfg.smtp.listen.len()).saturating_mul(n(cfg.smtp.limits.max_connections) * 2);
     let admin = n(cfg.admin.listen.len()).saturating_mul(n(cfg.admin.max_connections));
     let store = match &cfg.store.kind {
         StoreKind::Memory | StoreKind::Embedded(_) => 0,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,12 +20,13 @@ use crate::config::Config;
 use crate::dns::Gatherer;
 use crate::server::milter::MilterContext;
 use crate::server::policy::PolicyContext;
-use crate::server::{self, Bound, Handler, StoreOpener};
+use crate::server::smtp::{self, Guard, SmtpContext, Traps, load_acceptor};
+use crate::server::{self, Bound, Handler, ListenAddr, StoreOpener};
 use crate::service::{Greylister, RuntimeEntries, StoreSlot};
 use crate::store::{self, Access};
 
 pub use reload::ConfigLoader;
-use reload::Reloader;
+use reload::{Reloader, SmtpReload};
 
 /// How long open requests may take to finish after the stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -115,8 +116,27 @@ pub async fn run(
         stops: stops.clone(),
     });
 
+    let traps = Traps::load(&cfg.smtp.traps).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "greytraps unreadable; running without them");
+        Traps::default()
+    });
+    let tls = Arc::new(ArcSwapOption::from(match &cfg.smtp.tls {
+        Some(files) => Some(Arc::new(load_acceptor(files).map_err(anyhow::Error::msg)?)),
+        None => None,
+    }));
+    let guard = Arc::new(Guard::new(traps, cfg.smtp.tarpit.max_sessions));
+    let smtp = Arc::new(SmtpContext {
+        svc: svc.clone(),
+        replies: replies.clone(),
+        config: cfg.smtp.clone(),
+        tls: tls.clone(),
+        guard: guard.clone(),
+        stops: stops.clone(),
+    });
+
     let mut listeners = Vec::new();
     let policy_handler = Handler::Policy(policy.clone());
+    let smtp_handler = Handler::Smtp(smtp.clone());
     let milter_handler = Handler::Milter(milter.clone());
     let wanted = cfg
         .policy
@@ -129,6 +149,13 @@ pub async fn run(
             .iter()
             .map(|a| (a, "milter", &milter_handler)),
     );
+    let smtp_listen: Vec<_> = cfg
+        .smtp
+        .listen
+        .iter()
+        .map(|a| ListenAddr::Tcp(*a))
+        .collect();
+    let wanted = wanted.chain(smtp_listen.iter().map(|a| (a, "smtp", &smtp_handler)));
     for (addr, kind, handler) in wanted {
         let bound = Bound::bind(addr, cfg.policy.socket_mode)
             .await
@@ -157,7 +184,23 @@ pub async fn run(
     let token = cfg.admin.token.resolve_or_create();
     let admin_cfg = cfg.admin.clone();
     let flush_interval = cfg.store.flush_interval;
-    let reloader = Arc::new(Reloader::new(svc.clone(), replies, loader, cfg));
+    if let Some(backend) = cfg.smtp.backend.clone()
+        && !cfg.smtp.listen.is_empty()
+    {
+        tokio::spawn(smtp::check_backend(
+            backend,
+            cfg.smtp.clone(),
+            guard.clone(),
+        ));
+    }
+    let smtp_reload = SmtpReload { tls, guard };
+    let reloader = Arc::new(Reloader::new(
+        svc.clone(),
+        replies,
+        loader,
+        cfg,
+        smtp_reload,
+    ));
     let admin_state = Arc::new(AdminState::new(
         svc.clone(),
         reloader.clone(),

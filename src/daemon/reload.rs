@@ -10,12 +10,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::admin::Control;
 use crate::admin::wire::ReloadReport;
 use crate::config::{Config, ConfigErrors};
 use crate::server::replies::Replies;
+use crate::server::smtp::{Guard, SmtpConfig, Traps, load_acceptor};
 use crate::service::{Greylister, Live};
 
 /// Reads and checks the configuration again (same file, same command-line overrides).
@@ -29,8 +30,34 @@ pub(super) struct Reloader {
     loader: ConfigLoader,
     /// The configuration the sockets and store were made from.
     started: Config,
+    /// What the SMTP front reloads: its certificate and its greytraps.
+    smtp: SmtpReload,
     /// Serialises reloads (SIGHUP and API at once).
     lock: tokio::sync::Mutex<()>,
+}
+
+/// The SMTP front's parts a reload replaces.
+pub(super) struct SmtpReload {
+    pub tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
+    pub guard: Arc<Guard>,
+}
+
+impl SmtpReload {
+    /// Reads the certificate and the trap file again; a bad one keeps what runs.
+    fn apply(&self, cfg: &SmtpConfig) {
+        if let Some(files) = &cfg.tls {
+            match load_acceptor(files) {
+                Ok(a) => self.tls.store(Some(Arc::new(a))),
+                Err(e) => {
+                    tracing::error!(error = %e, "SMTP certificate not reloaded; the running one stays")
+                }
+            }
+        }
+        match Traps::load(&cfg.traps) {
+            Ok(t) => self.guard.set_traps(t),
+            Err(e) => tracing::error!(error = %e, "greytraps not reloaded; the running list stays"),
+        }
+    }
 }
 
 impl Reloader {
@@ -39,12 +66,14 @@ impl Reloader {
         replies: Arc<ArcSwap<Replies>>,
         loader: ConfigLoader,
         started: Config,
+        smtp: SmtpReload,
     ) -> Self {
         Reloader {
             svc,
             replies,
             loader,
             started,
+            smtp,
             lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -90,6 +119,7 @@ impl Control for Reloader {
             dns,
         });
         self.replies.store(Arc::new(cfg.replies));
+        self.smtp.apply(&cfg.smtp);
         self.svc.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         let p = &self.svc.live().engine.policy;
         tracing::info!(

@@ -13,6 +13,7 @@ pub mod milter;
 pub mod policy;
 pub mod replies;
 pub mod slots;
+pub mod smtp;
 
 pub use addr::ListenAddr;
 
@@ -203,6 +204,7 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
 pub enum Handler {
     Policy(Arc<policy::PolicyContext>),
     Milter(Arc<milter::MilterContext>),
+    Smtp(Arc<smtp::SmtpContext>),
 }
 
 impl Handler {
@@ -210,6 +212,7 @@ impl Handler {
         match self {
             Handler::Policy(c) => c.limits.max_connections,
             Handler::Milter(c) => c.limits.max_connections,
+            Handler::Smtp(c) => c.config.limits.max_connections,
         }
     }
 
@@ -217,6 +220,7 @@ impl Handler {
         match self {
             Handler::Policy(c) => c.limits.max_connections_per_peer,
             Handler::Milter(c) => c.limits.max_connections_per_peer,
+            Handler::Smtp(c) => c.config.limits.max_connections_per_peer,
         }
     }
 
@@ -224,6 +228,7 @@ impl Handler {
         match self {
             Handler::Policy(c) => &c.svc,
             Handler::Milter(c) => &c.svc,
+            Handler::Smtp(c) => &c.svc,
         }
     }
 
@@ -231,6 +236,7 @@ impl Handler {
         match self {
             Handler::Policy(_) => "policy",
             Handler::Milter(_) => "milter",
+            Handler::Smtp(_) => "smtp",
         }
     }
 
@@ -238,13 +244,21 @@ impl Handler {
         match self {
             Handler::Policy(c) => &c.stops.shutdown,
             Handler::Milter(c) => &c.stops.shutdown,
+            Handler::Smtp(c) => &c.stops.shutdown,
         }
     }
 
-    async fn serve<S: Io>(&self, stream: S, peer: &str, slot: &slots::Slot) {
+    async fn serve<S: Io + 'static>(
+        &self,
+        stream: S,
+        peer: &str,
+        local: Option<std::net::SocketAddr>,
+        slot: &slots::Slot,
+    ) {
         match self {
             Handler::Policy(c) => policy::serve_connection(stream, peer, c, slot).await,
             Handler::Milter(c) => milter::serve_connection(stream, peer, c, slot).await,
+            Handler::Smtp(c) => smtp::serve_connection(stream, peer, local, c, slot).await,
         }
     }
 }
@@ -282,7 +296,7 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             _ = handler.shutdown().cancelled() => break,
             r = accept(&l) => r,
         };
-        let (stream, peer, key) = match accepted {
+        let (stream, peer, key, local) = match accepted {
             Ok(x) => {
                 backoff = Duration::from_millis(10);
                 x
@@ -335,8 +349,8 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
         tracker.spawn(async move {
             let slot = lease.slot();
             match stream {
-                Stream::Tcp(s) => handler.serve(s, &peer, slot).await,
-                Stream::Unix(s) => handler.serve(s, &peer, slot).await,
+                Stream::Tcp(s) => handler.serve(s, &peer, local, slot).await,
+                Stream::Unix(s) => handler.serve(s, &peer, local, slot).await,
             }
             stats.open.fetch_sub(1, Ordering::Relaxed);
             drop(lease);
@@ -360,12 +374,21 @@ fn poll_accept(l: &Bound, cx: &mut std::task::Context<'_>) -> std::task::Poll<io
     }
 }
 
-async fn accept(l: &Bound) -> io::Result<(Stream, String, PeerKey)> {
+/// A connection, its peer's name and key, and the address it came in on (TCP only).
+type Accepted = (Stream, String, PeerKey, Option<std::net::SocketAddr>);
+
+async fn accept(l: &Bound) -> io::Result<Accepted> {
     match l {
         Bound::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), peer.to_string(), PeerKey::Ip(peer.ip())))
+            let local = s.local_addr().ok();
+            Ok((
+                Stream::Tcp(s),
+                peer.to_string(),
+                PeerKey::Ip(peer.ip()),
+                local,
+            ))
         }
         Bound::Unix(l, path) => {
             let (s, _) = l.accept().await?;
@@ -373,7 +396,12 @@ async fn accept(l: &Bound) -> io::Result<(Stream, String, PeerKey)> {
             let key = s
                 .peer_cred()
                 .map_or(PeerKey::Local, |c| PeerKey::Uid(c.uid()));
-            Ok((Stream::Unix(s), format!("unix:{}", path.display()), key))
+            Ok((
+                Stream::Unix(s),
+                format!("unix:{}", path.display()),
+                key,
+                None,
+            ))
         }
     }
 }

@@ -1,0 +1,954 @@
+//! One client session of the SMTP front: banner and pregreet test, then commands in order
+//! (pipelined replies go out together once no command is left buffered, RFC 2920), with
+//! RCPT decided by the shared service and relayed to the backend when it passes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use smtp_proto::Request as Command;
+use tokio::time::Instant;
+
+use super::backend::{Backend, BackendError, ClientFacts, Reply};
+use super::wire::{Client, DataScan, Line, ReadError, Tarpit};
+use super::{PregreetAction, SmtpContext};
+use crate::engine::identity::{IdentityFacts, Listing};
+use crate::engine::normalize::client_group;
+use crate::engine::{ListKind, Request, Target};
+use crate::server::Io;
+use crate::server::replies::x_greylist;
+use crate::server::slots::Slot;
+use crate::service::unix_now;
+
+/// Longest wait for a reply to be taken by the client.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes of a BDAT chunk relayed at once.
+const BDAT_PIECE: usize = 64 * 1024;
+
+/// The message in progress.
+#[derive(Default)]
+struct Transaction {
+    /// `MAIL FROM` as the backend gets it (address and the parameters passed on).
+    mail_line: String,
+    sender: String,
+    /// Recipients the engine passed and the backend accepted.
+    accepted: usize,
+    /// RCPT commands in this transaction.
+    recipients: usize,
+    /// The backend has the MAIL command.
+    backend_has_mail: bool,
+    /// The backend session broke after accepting recipients: the message cannot go on.
+    broken: bool,
+    /// Longest greylisting delay a recipient of this message just served.
+    delayed: Option<u64>,
+    /// BDAT chunks sent (the trace headers go before the first).
+    chunks: usize,
+    /// Message bytes so far (DATA or BDAT).
+    size: u64,
+}
+
+struct Session<'a> {
+    ctx: &'a SmtpContext,
+    client: Client,
+    peer: SocketAddr,
+    local: SocketAddr,
+    group: String,
+    helo: Option<String>,
+    esmtp: bool,
+    /// Protocol and cipher once STARTTLS is done.
+    tls: Option<String>,
+    suspect: bool,
+    tx: Option<Transaction>,
+    backend: Option<Backend>,
+    commands: usize,
+    errors: usize,
+}
+
+/// How a session ended, for the log.
+enum End {
+    Quit,
+    Closed(String),
+}
+
+/// Serves one SMTP client. `local` is the address it connected to.
+pub async fn serve_connection<S: Io + 'static>(
+    stream: S,
+    peer: &str,
+    local: Option<SocketAddr>,
+    ctx: &SmtpContext,
+    slot: &Slot,
+) {
+    let Ok(peer) = peer.parse::<SocketAddr>() else {
+        tracing::warn!(peer, "SMTP front: not a TCP client; closing");
+        return;
+    };
+    let local = local.unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
+    let now = unix_now();
+    let live = ctx.svc.live();
+    let p = &live.engine.policy;
+    let group = client_group(peer.ip(), p.ipv4_prefix, p.ipv6_prefix);
+    drop(live);
+    let stats = &ctx.svc.metrics.smtp;
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    let mut s = Session {
+        ctx,
+        client: Client::new(Box::new(stream)),
+        peer,
+        local,
+        suspect: ctx.guard.is_suspect(&group, now),
+        group,
+        helo: None,
+        esmtp: false,
+        tls: None,
+        tx: None,
+        backend: None,
+        commands: 0,
+        errors: 0,
+    };
+    if s.suspect {
+        s.start_tarpit();
+    }
+    let end = s.run(slot).await;
+    if let Some(b) = s.backend.take() {
+        b.quit().await;
+    }
+    match end {
+        End::Quit => tracing::debug!(peer = %s.peer, "SMTP session ended"),
+        End::Closed(why) => tracing::info!(peer = %s.peer, "SMTP session closed: {why}"),
+    }
+}
+
+impl Session<'_> {
+    async fn run(&mut self, slot: &Slot) -> End {
+        if let Some(end) = self.greet().await {
+            return end;
+        }
+        let (shutdown, hard_stop) = self.ctx.stops.waits();
+        let evicted = slot.evicted();
+        tokio::pin!(shutdown, hard_stop, evicted);
+        let limits = &self.ctx.config.limits;
+        loop {
+            if !self.client.has_line() {
+                if let Err(e) = self.client.flush(WRITE_TIMEOUT).await {
+                    return End::Closed(format!("reply not taken: {e}"));
+                }
+                slot.done(Instant::now());
+            }
+            let line = tokio::select! {
+                biased;
+                () = &mut hard_stop => return End::Closed("shutting down".into()),
+                () = &mut shutdown, if !self.client.has_line() => {
+                    return self.close("421 4.3.2 Service shutting down, try again later\r\n", "shutting down").await;
+                }
+                () = &mut evicted => {
+                    return self.close("421 4.7.0 Too many connections, try again later\r\n", "closed to make room").await;
+                }
+                r = self.client.line(limits.max_line_length, limits.command_timeout) => r,
+            };
+            let line = match line {
+                Ok(l) => l,
+                Err(ReadError::Timeout) => {
+                    return self
+                        .close(
+                            "421 4.4.2 Timeout waiting for a command\r\n",
+                            "client timed out",
+                        )
+                        .await;
+                }
+                Err(e) => return End::Closed(e.to_string()),
+            };
+            if !slot.begin() {
+                return End::Closed("closed to make room".into());
+            }
+            self.commands += 1;
+            if self.commands > limits.max_commands {
+                return self
+                    .close("421 4.7.0 Too many commands\r\n", "too many commands")
+                    .await;
+            }
+            let line = match line {
+                Line::Complete(l) => l,
+                Line::TooLong => {
+                    self.error("500 5.5.2 Line too long\r\n");
+                    if let Some(end) = self.too_many_errors().await {
+                        return end;
+                    }
+                    continue;
+                }
+            };
+            match self.command(&line).await {
+                Ok(Some(end)) => return end,
+                Ok(None) => {}
+                Err(e) => return End::Closed(e.to_string()),
+            }
+            if let Some(end) = self.too_many_errors().await {
+                return end;
+            }
+        }
+    }
+
+    /// The banner, with the pregreet test when it applies. `Some` ends the session.
+    async fn greet(&mut self) -> Option<End> {
+        let cfg = &self.ctx.config;
+        let host = &cfg.hostname;
+        let now = unix_now();
+        let ip = self.peer.ip();
+        let wait = cfg.pregreet.wait;
+        if wait.is_zero() || self.ctx.guard.has_passed(ip, now) {
+            self.client.reply(&format!("220 {host} ESMTP\r\n"));
+            return None;
+        }
+        self.client.reply(&format!("220-{host} ESMTP\r\n"));
+        if let Err(e) = self.client.flush(WRITE_TIMEOUT).await {
+            return Some(End::Closed(format!("banner not taken: {e}")));
+        }
+        if !self.client.talks_within(wait).await {
+            let until = now.saturating_add(cfg.pregreet.pass_for.as_secs());
+            self.ctx.guard.passed(ip, until, now);
+            self.client.reply(&format!("220 {host} ESMTP\r\n"));
+            return None;
+        }
+        // Spoke before the banner ended: a bot that does not wait for replies.
+        self.ctx
+            .svc
+            .metrics
+            .smtp
+            .pregreets
+            .fetch_add(1, Ordering::Relaxed);
+        let until = now.saturating_add(cfg.pregreet.suspect_for.as_secs());
+        self.ctx.guard.suspect(&self.group, until, now);
+        let said = String::from_utf8_lossy(
+            &self.client.buffered()[..self.client.buffered().len().min(64)],
+        )
+        .into_owned();
+        let (reply, action) = match cfg.pregreet.action {
+            PregreetAction::Reject => (
+                format!("554 5.5.1 {host} Protocol error: talked before the greeting\r\n"),
+                "reject",
+            ),
+            PregreetAction::Defer => (
+                format!("421 4.7.1 {host} Service temporarily unavailable, try again later\r\n"),
+                "defer",
+            ),
+        };
+        tracing::info!(
+            rule = "pregreet", client = %ip, group = %self.group, action, said = ?said,
+            suspect_for = ?cfg.pregreet.suspect_for,
+            "client spoke before the banner ended"
+        );
+        Some(self.close(&reply, "pregreet").await)
+    }
+
+    /// Sends a last reply and ends the session.
+    async fn close(&mut self, reply: &str, why: &str) -> End {
+        self.client.reply(reply);
+        let _ = self.client.flush(Duration::from_secs(5)).await;
+        End::Closed(why.to_string())
+    }
+
+    fn error(&mut self, reply: &str) {
+        self.errors += 1;
+        self.client.reply(reply);
+    }
+
+    async fn too_many_errors(&mut self) -> Option<End> {
+        if self.errors < self.ctx.config.limits.max_errors {
+            return None;
+        }
+        self.ctx
+            .svc
+            .metrics
+            .smtp
+            .error_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        Some(
+            self.close(
+                "421 4.7.0 Too many errors, closing connection\r\n",
+                "too many errors",
+            )
+            .await,
+        )
+    }
+
+    /// Tarpits the rest of the session, if the tarpit is on and has room.
+    fn start_tarpit(&mut self) {
+        let rate = self.ctx.config.tarpit.rate;
+        if rate == 0 || self.client.tarpit.is_some() {
+            return;
+        }
+        if let Ok(permit) = self.ctx.guard.tarpit.clone().try_acquire_owned() {
+            self.ctx
+                .svc
+                .metrics
+                .smtp
+                .tarpitted
+                .fetch_add(1, Ordering::Relaxed);
+            self.client.tarpit = Some(Tarpit {
+                rate,
+                _permit: permit,
+            });
+        }
+    }
+
+    /// Answers one command line. `Ok(Some)` ends the session; `Err` is a failure to
+    /// talk to the client.
+    async fn command(&mut self, line: &[u8]) -> std::io::Result<Option<End>> {
+        let parsed = Command::parse(&mut line.iter());
+        let cmd = match parsed {
+            Ok(c) => c.into_owned(),
+            Err(e) => {
+                let reply = match e {
+                    smtp_proto::Error::UnknownCommand => {
+                        "500 5.5.2 Command unrecognized\r\n".into()
+                    }
+                    smtp_proto::Error::InvalidSenderAddress => {
+                        "501 5.1.7 Bad sender address syntax\r\n".into()
+                    }
+                    smtp_proto::Error::InvalidRecipientAddress => {
+                        "501 5.1.3 Bad recipient address syntax\r\n".into()
+                    }
+                    smtp_proto::Error::SyntaxError { syntax } => {
+                        format!("501 5.5.4 Syntax: {syntax}\r\n")
+                    }
+                    smtp_proto::Error::InvalidParameter { param } => {
+                        format!("501 5.5.4 Invalid parameter {param}\r\n")
+                    }
+                    smtp_proto::Error::UnsupportedParameter { param } => {
+                        let param: String = param.chars().take(64).collect();
+                        format!("555 5.5.4 Unsupported parameter {param:?}\r\n")
+                    }
+                    _ => "500 5.5.2 Syntax error\r\n".into(),
+                };
+                self.error(&reply);
+                return Ok(None);
+            }
+        };
+        match cmd {
+            Command::Ehlo { host } => self.hello(host, true),
+            Command::Helo { host } => self.hello(host, false),
+            Command::Mail { from } => self.mail(from),
+            Command::Rcpt { to } => self.rcpt(to.address).await,
+            Command::Data => self.data().await?,
+            Command::Bdat {
+                chunk_size,
+                is_last,
+            } => return self.bdat(chunk_size, is_last).await,
+            Command::Rset => {
+                self.reset_transaction().await;
+                self.client.reply("250 2.0.0 Ok\r\n");
+            }
+            Command::Noop { .. } => self.client.reply("250 2.0.0 Ok\r\n"),
+            Command::Quit => {
+                self.client.reply("221 2.0.0 Bye\r\n");
+                self.client.flush(WRITE_TIMEOUT).await?;
+                return Ok(Some(End::Quit));
+            }
+            Command::StartTls => return self.starttls().await,
+            Command::Vrfy { .. } => self.client.reply(
+                "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
+            ),
+            Command::Help { .. } => self.client.reply(
+                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS\r\n",
+            ),
+            Command::Auth { .. } => {
+                self.error("502 5.5.1 AUTH not available: this is a mail exchanger\r\n")
+            }
+            Command::Expn { .. }
+            | Command::Etrn { .. }
+            | Command::Atrn { .. }
+            | Command::Burl { .. }
+            | Command::Lhlo { .. } => self.error("502 5.5.1 Command not implemented\r\n"),
+        }
+        Ok(None)
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) {
+        // A new greeting is an implicit RSET (RFC 5321 §4.1.4); the backend session, if
+        // any, is reset at the next MAIL.
+        if let Some(tx) = self.tx.take()
+            && tx.backend_has_mail
+        {
+            self.backend_needs_reset();
+        }
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        let cfg = &self.ctx.config;
+        if !esmtp {
+            self.client.reply(&format!("250 {}\r\n", cfg.hostname));
+            return;
+        }
+        let mut caps = vec![
+            cfg.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", cfg.limits.max_message_size),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
+            caps.push("CHUNKING".into());
+        }
+        if self.tls.is_none() && self.ctx.tls.load().is_some() {
+            caps.push("STARTTLS".into());
+        }
+        let last = caps.len() - 1;
+        for (i, c) in caps.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.client.reply(&format!("250{sep}{c}\r\n"));
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        if self.helo.is_none() {
+            self.error("503 5.5.1 Error: send HELO/EHLO first\r\n");
+            return;
+        }
+        if self.tx.is_some() {
+            self.error("503 5.5.1 Error: nested MAIL command\r\n");
+            return;
+        }
+        let max = self.ctx.config.limits.max_message_size;
+        if from.size as u64 > max {
+            self.client
+                .reply("552 5.3.4 Message size exceeds fixed limit\r\n");
+            return;
+        }
+        let mut line = format!("MAIL FROM:<{}>", from.address);
+        if from.size > 0 {
+            line.push_str(&format!(" SIZE={}", from.size));
+        }
+        if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
+            line.push_str(" BODY=8BITMIME");
+        } else if from.flags & smtp_proto::MAIL_BODY_7BIT != 0 {
+            line.push_str(" BODY=7BIT");
+        }
+        if from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 {
+            line.push_str(" SMTPUTF8");
+        }
+        self.tx = Some(Transaction {
+            mail_line: line,
+            sender: from.address,
+            ..Transaction::default()
+        });
+        self.client.reply("250 2.1.0 Ok\r\n");
+    }
+
+    async fn rcpt(&mut self, recipient: String) {
+        let limits = &self.ctx.config.limits;
+        let Some(tx) = self.tx.as_mut() else {
+            self.error("503 5.5.1 Error: need MAIL command\r\n");
+            return;
+        };
+        tx.recipients += 1;
+        if tx.recipients > limits.max_recipients {
+            self.client.reply("452 4.5.3 Too many recipients\r\n");
+            return;
+        }
+        let now = unix_now();
+        let ip = self.peer.ip();
+        if self.ctx.guard.traps().catches(&recipient) {
+            self.trapped(ip, &recipient, now).await;
+        }
+        let tx = self.tx.as_mut().expect("checked above");
+        let req = Request {
+            stage: "RCPT".into(),
+            client_ip: Some(ip),
+            client_name: "unknown".into(),
+            helo: self.helo.clone().unwrap_or_default(),
+            sender: tx.sender.clone(),
+            recipient: recipient.clone(),
+            sasl_username: String::new(),
+            reverse_client_name: String::new(),
+            facts: self.suspect.then(|| IdentityFacts {
+                dnsbl: Listing {
+                    hits: vec!["pregreet".into()],
+                    complete: true,
+                },
+                ..IdentityFacts::default()
+            }),
+        };
+        let outcome = self.ctx.svc.check(&req, now).await;
+        if let Some(deferral) = self.ctx.replies.load().milter_deferral(&outcome) {
+            self.client.reply(&deferral);
+            self.client.reply("\r\n");
+            self.start_tarpit();
+            return;
+        }
+        if outcome.enforced
+            && let Some(by) = outcome.decision.delayed
+        {
+            tx.delayed = Some(tx.delayed.map_or(by, |d| d.max(by)));
+        }
+        match self.relay_rcpt(&recipient).await {
+            Ok(reply) => {
+                let tx = self.tx.as_mut().expect("still in a transaction");
+                if reply.is_positive() {
+                    tx.accepted += 1;
+                }
+                let mut out = String::new();
+                reply.write_to(&mut out);
+                self.client.reply(&out);
+            }
+            Err(e) => {
+                self.backend_failed(&e);
+                self.client
+                    .reply("451 4.4.1 Mail server unavailable, try again later\r\n");
+            }
+        }
+    }
+
+    /// A greytrap hit: the client goes on the runtime deny list, on every front end.
+    async fn trapped(&mut self, ip: IpAddr, recipient: &str, now: u64) {
+        let stats = &self.ctx.svc.metrics.smtp;
+        stats.trap_hits.fetch_add(1, Ordering::Relaxed);
+        let ttl = self.ctx.config.traps.deny_for.as_secs();
+        let comment = format!(
+            "greytrap: sent to {}",
+            recipient.chars().take(200).collect::<String>()
+        );
+        let svc = self.ctx.svc.clone();
+        let value = ip.to_string();
+        let added = tokio::task::spawn_blocking(move || {
+            svc.add_entry(
+                ListKind::Deny,
+                Target::Client,
+                &value,
+                Some(ttl),
+                &comment,
+                now,
+            )
+        })
+        .await;
+        match added {
+            Ok(Ok(_)) => tracing::warn!(
+                rule = "greytrap", client = %ip, recipient, deny_for = ?self.ctx.config.traps.deny_for,
+                "client sent to a trap address; denied on every front end"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry")
+            }
+            Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed"),
+        }
+    }
+
+    /// Opens the backend session if needed, gives it the MAIL command if it has not got
+    /// it, and the recipient.
+    async fn relay_rcpt(&mut self, recipient: &str) -> Result<Reply, BackendError> {
+        self.ensure_backend().await?;
+        let tx = self.tx.as_mut().expect("in a transaction");
+        let backend = self.backend.as_mut().expect("opened");
+        if !tx.backend_has_mail {
+            let r = backend.command(&tx.mail_line).await?;
+            if !r.is_positive() {
+                // The backend refuses the sender: this recipient gets its answer.
+                return Ok(r);
+            }
+            tx.backend_has_mail = true;
+        }
+        backend.command(&format!("RCPT TO:<{recipient}>")).await
+    }
+
+    async fn ensure_backend(&mut self) -> Result<(), BackendError> {
+        if self.backend.is_some() {
+            return Ok(());
+        }
+        let cfg = &self.ctx.config;
+        let Some(target) = &cfg.backend else {
+            return Err(BackendError::Malformed("no backend configured".into()));
+        };
+        let facts = ClientFacts {
+            addr: self.peer,
+            local: self.local,
+            name: None,
+            helo: self.helo.clone().unwrap_or_default(),
+            esmtp: self.esmtp,
+        };
+        let b = Backend::open(target, &cfg.backend_options, &cfg.hostname, &facts).await?;
+        self.ctx
+            .guard
+            .backend_chunking
+            .store(b.caps.chunking, Ordering::Relaxed);
+        self.backend = Some(b);
+        Ok(())
+    }
+
+    fn backend_failed(&mut self, e: &BackendError) {
+        self.ctx
+            .svc
+            .metrics
+            .smtp
+            .backend_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %self.peer, backend = ?self.ctx.config.backend, error = %e, "SMTP front: backend unavailable; client told to try again later");
+        self.backend = None;
+        if let Some(tx) = self.tx.as_mut() {
+            // Recipients it accepted are gone with it.
+            tx.broken = tx.accepted > 0;
+            tx.backend_has_mail = false;
+        }
+    }
+
+    /// The backend is in a transaction that is over on the client's side.
+    fn backend_needs_reset(&mut self) {
+        // Simplest and always right: the next message opens a fresh backend session.
+        if let Some(b) = self.backend.take() {
+            tokio::spawn(b.quit());
+        }
+    }
+
+    async fn reset_transaction(&mut self) {
+        if let Some(tx) = self.tx.take()
+            && tx.backend_has_mail
+            && let Some(b) = self.backend.as_mut()
+        {
+            match b.command("RSET").await {
+                Ok(r) if r.is_positive() => {}
+                _ => self.backend_needs_reset(),
+            }
+        }
+    }
+
+    /// Checks that the transaction can take message data; the error reply otherwise.
+    fn ready_for_data(&self) -> Result<(), &'static str> {
+        match &self.tx {
+            None => Err("503 5.5.1 Error: need MAIL command\r\n"),
+            Some(tx) if tx.broken => {
+                Err("451 4.4.2 Connection to the mail server lost, try again later\r\n")
+            }
+            Some(tx) if tx.accepted == 0 => Err("554 5.5.1 Error: no valid recipients\r\n"),
+            Some(_) if self.backend.is_none() => {
+                Err("451 4.4.2 Connection to the mail server lost, try again later\r\n")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The trace headers greygate adds in front of the message.
+    fn trace_headers(&self) -> String {
+        let cfg = &self.ctx.config;
+        let ip = self.peer.ip();
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let proto = match (self.esmtp, self.tls.is_some()) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
+        let tls = self
+            .tls
+            .as_deref()
+            .map(|t| format!(" ({t})"))
+            .unwrap_or_default();
+        let now = unix_now();
+        let date = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(0))
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .strftime("%a, %d %b %Y %H:%M:%S +0000");
+        let mut h = format!(
+            "Received: from {helo} (unknown [{ip}])\r\n\tby {} (greygate) with {proto}{tls};\r\n\t{date}\r\n",
+            cfg.hostname
+        );
+        if let (Some(by), Some(host)) = (
+            self.tx.as_ref().and_then(|t| t.delayed),
+            &self.ctx.replies.load().header_host,
+        ) {
+            h.push_str(&x_greylist(by, host, now));
+            h.push_str("\r\n");
+        }
+        h
+    }
+
+    async fn data(&mut self) -> std::io::Result<()> {
+        if let Err(reply) = self.ready_for_data() {
+            self.error(reply);
+            return Ok(());
+        }
+        let headers = self.trace_headers();
+        let backend = self.backend.as_mut().expect("checked");
+        match backend.command("DATA").await {
+            Ok(r) if r.code == 354 => {}
+            Ok(r) => {
+                let mut out = String::new();
+                r.write_to(&mut out);
+                self.client.reply(&out);
+                return Ok(());
+            }
+            Err(e) => {
+                self.backend_failed(&e);
+                self.client
+                    .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                return Ok(());
+            }
+        }
+        self.client.reply("354 End data with <CR><LF>.<CR><LF>\r\n");
+        self.client.flush(WRITE_TIMEOUT).await?;
+        let limits = &self.ctx.config.limits;
+        let max = limits.max_message_size;
+        let mut failed: Option<BackendError> = backend.send(headers.as_bytes()).await.err();
+        let mut scan = DataScan::default();
+        let mut size = 0u64;
+        loop {
+            let (bytes, done) = match self.client.take_data(&mut scan, limits.data_timeout).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // The client stopped mid-message: dropping the backend session
+                    // without the final dot makes the backend discard it.
+                    self.backend = None;
+                    self.tx = None;
+                    return Err(std::io::Error::other(format!("during DATA: {e}")));
+                }
+            };
+            size += bytes.len() as u64;
+            if failed.is_none() && size <= max {
+                let backend = self.backend.as_mut().expect("open while relaying");
+                failed = backend.send(bytes).await.err();
+            }
+            if done {
+                break;
+            }
+        }
+        let tx = self.tx.take();
+        self.finish_message(size, failed, tx).await;
+        Ok(())
+    }
+
+    /// After the message's last byte: the backend's verdict, or why there is none.
+    async fn finish_message(
+        &mut self,
+        size: u64,
+        failed: Option<BackendError>,
+        tx: Option<Transaction>,
+    ) {
+        let stats = &self.ctx.svc.metrics.smtp;
+        if size > self.ctx.config.limits.max_message_size {
+            // The backend has part of it: closing its session discards that.
+            self.backend = None;
+            self.client
+                .reply("552 5.3.4 Message size exceeds fixed limit\r\n");
+            return;
+        }
+        if let Some(e) = failed {
+            self.backend_failed(&e);
+            self.client
+                .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+            return;
+        }
+        let backend = self.backend.as_mut().expect("open after relaying");
+        match backend.final_reply().await {
+            Ok(r) => {
+                if r.is_positive() {
+                    stats.messages.fetch_add(1, Ordering::Relaxed);
+                    stats.message_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+                tracing::debug!(
+                    peer = %self.peer, size, recipients = tx.as_ref().map_or(0, |t| t.accepted),
+                    reply = %r.text(), "message relayed"
+                );
+                let mut out = String::new();
+                r.write_to(&mut out);
+                self.client.reply(&out);
+            }
+            Err(e) => {
+                self.backend_failed(&e);
+                self.client
+                    .reply("451 4.4.2 No answer from the mail server, try again later\r\n");
+            }
+        }
+    }
+
+    async fn bdat(&mut self, chunk: usize, last: bool) -> std::io::Result<Option<End>> {
+        let refusal = match self.ready_for_data() {
+            Err(r) => Some(r),
+            Ok(()) if !self.backend.as_ref().is_some_and(|b| b.caps.chunking) => {
+                Some("451 4.4.2 The mail server does not take BDAT now, try again later\r\n")
+            }
+            Ok(()) => None,
+        };
+        let limits = &self.ctx.config.limits;
+        let tx = self.tx.as_mut();
+        let over = tx.is_some_and(|t| {
+            t.size = t.size.saturating_add(chunk as u64);
+            t.size > limits.max_message_size
+        });
+        if refusal.is_some() || over {
+            // The chunk's bytes are read and dropped whatever happens: they are not commands.
+            if let Err(e) = self.discard(chunk).await {
+                return Err(std::io::Error::other(format!("during BDAT: {e}")));
+            }
+            if over {
+                self.backend = None;
+                self.tx = None;
+                self.client
+                    .reply("552 5.3.4 Message size exceeds fixed limit\r\n");
+            } else if let Some(r) = refusal {
+                self.error(r);
+            }
+            return Ok(None);
+        }
+        let headers = (self.tx.as_ref().expect("ready").chunks == 0).then(|| self.trace_headers());
+        let backend = self.backend.as_mut().expect("ready");
+        let mut failed = None;
+        if let Some(h) = headers {
+            match backend
+                .command_with_data(&format!("BDAT {}", h.len()), h.as_bytes())
+                .await
+            {
+                Ok(r) if r.is_positive() => {}
+                Ok(r) => failed = Some(BackendError::Refused(r)),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let verb = if last {
+            format!("BDAT {chunk} LAST\r\n")
+        } else {
+            format!("BDAT {chunk}\r\n")
+        };
+        if failed.is_none() {
+            failed = backend.send(verb.as_bytes()).await.err();
+        }
+        let mut left = chunk;
+        while left > 0 {
+            let piece = match self
+                .client
+                .take_upto(left.min(BDAT_PIECE), limits.data_timeout)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    self.backend = None;
+                    self.tx = None;
+                    return Err(std::io::Error::other(format!("during BDAT: {e}")));
+                }
+            };
+            left -= piece.len();
+            if failed.is_none() {
+                let backend = self.backend.as_mut().expect("open while relaying");
+                failed = backend.send(piece).await.err();
+            }
+        }
+        if let Some(tx) = self.tx.as_mut() {
+            tx.chunks += 1;
+        }
+        if let Some(e) = failed {
+            if let BackendError::Refused(r) = &e {
+                let mut out = String::new();
+                r.write_to(&mut out);
+                self.client.reply(&out);
+                self.backend_needs_reset();
+                self.tx = None;
+            } else {
+                self.backend_failed(&e);
+                self.tx = None;
+                self.client
+                    .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+            }
+            return Ok(None);
+        }
+        if last {
+            let tx = self.tx.take();
+            let size = tx.as_ref().map_or(0, |t| t.size);
+            self.finish_message(size, None, tx).await;
+        } else {
+            let backend = self.backend.as_mut().expect("open");
+            match backend.flush().await {
+                Ok(()) => {}
+                Err(e) => {
+                    self.backend_failed(&e);
+                    self.client
+                        .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                    return Ok(None);
+                }
+            }
+            let timeout = self.ctx.config.backend_options.reply_timeout;
+            match self.backend.as_mut().expect("open").reply(timeout).await {
+                Ok(r) => {
+                    if !r.is_positive() {
+                        self.tx = None;
+                        self.backend_needs_reset();
+                    }
+                    let mut out = String::new();
+                    r.write_to(&mut out);
+                    self.client.reply(&out);
+                }
+                Err(e) => {
+                    self.backend_failed(&e);
+                    self.client
+                        .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn discard(&mut self, mut left: usize) -> Result<(), ReadError> {
+        let limit = self.ctx.config.limits.data_timeout;
+        while left > 0 {
+            let n = self
+                .client
+                .take_upto(left.min(BDAT_PIECE), limit)
+                .await?
+                .len();
+            left -= n;
+        }
+        Ok(())
+    }
+
+    async fn starttls(&mut self) -> std::io::Result<Option<End>> {
+        if self.tls.is_some() {
+            self.error("503 5.5.1 Error: TLS already active\r\n");
+            return Ok(None);
+        }
+        let Some(acceptor) = self.ctx.tls.load_full() else {
+            self.error("502 5.5.1 STARTTLS not available\r\n");
+            return Ok(None);
+        };
+        self.client.reply("220 2.0.0 Ready to start TLS\r\n");
+        self.client.flush(WRITE_TIMEOUT).await?;
+        // Commands pipelined after STARTTLS were sent in clear: never act on them.
+        let dropped = self.client.drop_buffered();
+        if dropped > 0 {
+            return Ok(Some(End::Closed(format!(
+                "{dropped} bytes pipelined after STARTTLS (command injection?)"
+            ))));
+        }
+        let placeholder: Box<dyn Io> =
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
+        let client = std::mem::replace(&mut self.client, Client::new(placeholder));
+        let tarpit = {
+            let mut c = client;
+            let t = c.tarpit.take();
+            (c.into_io(), t)
+        };
+        let (io, tarpit) = tarpit;
+        let limit = self.ctx.config.limits.command_timeout;
+        let tls = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+            Err(_) => return Ok(Some(End::Closed("TLS handshake timed out".into()))),
+            Ok(Err(e)) => return Ok(Some(End::Closed(format!("TLS handshake failed: {e}")))),
+            Ok(Ok(t)) => t,
+        };
+        let (_, conn) = tls.get_ref();
+        let version = conn
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("TLS");
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|c| c.suite().as_str())
+            .unwrap_or("?");
+        self.tls = Some(format!("version={version} cipher={cipher}"));
+        self.client.replace_io(Box::new(tls));
+        self.client.tarpit = tarpit;
+        self.ctx
+            .svc
+            .metrics
+            .smtp
+            .tls_sessions
+            .fetch_add(1, Ordering::Relaxed);
+        // RFC 3207 §4.2: everything known before is forgotten; the client greets again.
+        self.helo = None;
+        self.tx = None;
+        if let Some(b) = self.backend.take() {
+            tokio::spawn(b.quit());
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,359 @@
+//! Bytes on the client's side of an SMTP session: command lines read within a length
+//! limit and a timeout, replies gathered and written (slowly, when the session is
+//! tarpitted), and the end of a DATA section found while its bytes stream through.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::server::Io;
+
+/// Read buffer kept between commands; a bigger one (a long pipelined burst) is given back.
+const KEEP_BUFFER: usize = 16 * 1024;
+/// Bytes read from the client at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why reading from the client stopped.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client closed the connection.
+    Closed,
+    Timeout,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Closed => f.write_str("client closed the connection"),
+            ReadError::Timeout => f.write_str("client timed out"),
+            ReadError::Io(e) => write!(f, "read failed: {e}"),
+        }
+    }
+}
+
+/// One command line, or the fact that it was too long (its bytes were dropped).
+pub enum Line {
+    /// The line, CRLF (or a bare LF) included.
+    Complete(Vec<u8>),
+    TooLong,
+}
+
+/// Slow replies: `rate` bytes per second while the permit is held.
+pub struct Tarpit {
+    pub rate: u32,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// The client's side of a session.
+pub struct Client {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+    pub tarpit: Option<Tarpit>,
+    /// Bytes read in all.
+    pub received: u64,
+}
+
+impl Client {
+    pub fn new(io: Box<dyn Io>) -> Self {
+        Client {
+            io,
+            buf: Vec::with_capacity(4096),
+            start: 0,
+            out: Vec::with_capacity(512),
+            tarpit: None,
+            received: 0,
+        }
+    }
+
+    /// Bytes read but not yet taken.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Forgets everything read but not taken (after STARTTLS: RFC 3207 §4.2 asks for it,
+    /// and it defeats command injection into the TLS session).
+    pub fn drop_buffered(&mut self) -> usize {
+        let n = self.buf.len() - self.start;
+        self.buf.clear();
+        self.start = 0;
+        n
+    }
+
+    /// The stream, to wrap in TLS. Replies must have been written.
+    pub fn into_io(self) -> Box<dyn Io> {
+        self.io
+    }
+
+    pub fn replace_io(&mut self, io: Box<dyn Io>) {
+        self.io = io;
+    }
+
+    /// Reads more bytes, within `limit`. Returns how many.
+    async fn fill(&mut self, limit: Duration) -> Result<usize, ReadError> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+            if self.buf.capacity() > KEEP_BUFFER {
+                self.buf.shrink_to(KEEP_BUFFER);
+            }
+        } else if self.start > KEEP_BUFFER {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + READ_CHUNK, 0);
+        let read = tokio::time::timeout(limit, self.io.read(&mut self.buf[len..])).await;
+        let n = match read {
+            Err(_) => Err(ReadError::Timeout),
+            Ok(Err(e)) => Err(ReadError::Io(e)),
+            Ok(Ok(0)) => Err(ReadError::Closed),
+            Ok(Ok(n)) => Ok(n),
+        };
+        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+        let n = n?;
+        self.received += n as u64;
+        Ok(n)
+    }
+
+    /// Whether a whole line is buffered: pipelined commands are answered together, in one
+    /// write, once none is left (RFC 2920).
+    pub fn has_line(&self) -> bool {
+        self.buffered().contains(&b'\n')
+    }
+
+    /// The next command line. A line longer than `max` is read to its end and dropped.
+    pub async fn line(&mut self, max: usize, limit: Duration) -> Result<Line, ReadError> {
+        let mut too_long = false;
+        loop {
+            let rest = &self.buf[self.start..];
+            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
+                let line = rest[..=i].to_vec();
+                self.start += i + 1;
+                return Ok(if too_long || line.len() > max {
+                    Line::TooLong
+                } else {
+                    Line::Complete(line)
+                });
+            }
+            if rest.len() > max {
+                // Over the limit without an end: drop what came, keep looking for the end.
+                too_long = true;
+                self.start = self.buf.len();
+            }
+            self.fill(limit).await?;
+        }
+    }
+
+    /// Waits up to `wait` for the client to send anything; true when it did (the pregreet
+    /// test). Closed connections count as talking: nothing is lost by closing them.
+    pub async fn talks_within(&mut self, wait: Duration) -> bool {
+        if !self.buffered().is_empty() {
+            return true;
+        }
+        !matches!(self.fill(wait).await, Err(ReadError::Timeout))
+    }
+
+    /// Queues a reply (one or more CRLF-ended lines).
+    pub fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Writes the queued replies: at once, or at the tarpit's rate.
+    pub async fn flush(&mut self, limit: Duration) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let result = match &self.tarpit {
+            None => write_within(&mut self.io, &out, limit).await,
+            Some(t) => write_slowly(&mut self.io, &out, t.rate, limit).await,
+        };
+        self.out = out;
+        self.out.clear();
+        result
+    }
+
+    /// Takes up to `n` bytes of message data (BDAT), reading when none is buffered.
+    pub async fn take_upto(&mut self, n: usize, limit: Duration) -> Result<&[u8], ReadError> {
+        if self.buffered().is_empty() {
+            self.fill(limit).await?;
+        }
+        let start = self.start;
+        let take = n.min(self.buf.len() - start);
+        self.start += take;
+        Ok(&self.buf[start..start + take])
+    }
+
+    /// Takes the buffered DATA bytes up to and including the end-of-data line, reading
+    /// when none is buffered; `scan` tracks where the end is.
+    pub async fn take_data(
+        &mut self,
+        scan: &mut DataScan,
+        limit: Duration,
+    ) -> Result<(&[u8], bool), ReadError> {
+        if self.buffered().is_empty() {
+            self.fill(limit).await?;
+        }
+        let start = self.start;
+        let (used, done) = scan.feed(&self.buf[start..]);
+        self.start += used;
+        Ok((&self.buf[start..start + used], done))
+    }
+}
+
+async fn write_within(io: &mut Box<dyn Io>, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    match tokio::time::timeout(limit, async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client took no reply",
+        )),
+    }
+}
+
+/// Writes a byte at a time, `rate` bytes per second.
+async fn write_slowly(
+    io: &mut Box<dyn Io>,
+    bytes: &[u8],
+    rate: u32,
+    limit: Duration,
+) -> io::Result<()> {
+    let gap = Duration::from_secs(1) / rate.max(1);
+    let mut next = tokio::time::Instant::now();
+    for b in bytes {
+        tokio::time::sleep_until(next).await;
+        write_within(io, std::slice::from_ref(b), limit).await?;
+        next += gap;
+    }
+    Ok(())
+}
+
+/// Finds the end of a DATA section (`CRLF . CRLF`, the first line counting as after a
+/// CRLF) in bytes fed in pieces of any size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataScan {
+    state: Scan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// At the start of a line.
+    LineStart,
+    /// A `.` at the start of a line.
+    Dot,
+    /// `.` CR at the start of a line.
+    DotCr,
+    /// Within a line.
+    Mid,
+    /// A CR within a line.
+    Cr,
+}
+
+impl Default for DataScan {
+    fn default() -> Self {
+        DataScan {
+            state: Scan::LineStart,
+        }
+    }
+}
+
+impl DataScan {
+    /// Consumes `bytes` up to and including the end-of-data line; returns how many were
+    /// consumed and whether the end was found.
+    pub fn feed(&mut self, bytes: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == Scan::Mid {
+                // Most bytes are inside lines: skip to the next CR at once.
+                match bytes[i..].iter().position(|&b| b == b'\r') {
+                    Some(at) => i += at,
+                    None => return (bytes.len(), false),
+                }
+            }
+            let b = bytes[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (Scan::DotCr, b'\n') => {
+                    self.state = Scan::LineStart;
+                    return (i, true);
+                }
+                (Scan::LineStart, b'.') => Scan::Dot,
+                (Scan::Dot, b'\r') => Scan::DotCr,
+                (Scan::Cr, b'\n') => Scan::LineStart,
+                (_, b'\r') => Scan::Cr,
+                _ => Scan::Mid,
+            };
+        }
+        (i, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_in_pieces(data: &[u8], piece: usize) -> Option<usize> {
+        let mut scan = DataScan::default();
+        let mut at = 0;
+        for chunk in data.chunks(piece) {
+            let (used, done) = scan.feed(chunk);
+            at += used;
+            if done {
+                return Some(at);
+            }
+            assert_eq!(used, chunk.len(), "a piece without the end is taken whole");
+        }
+        None
+    }
+
+    #[test]
+    fn the_end_of_data_is_found_whatever_the_pieces() {
+        let cases: &[(&[u8], Option<usize>)] = &[
+            (b".\r\n", Some(3)),
+            (b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", Some(23)),
+            (b"a\r\n..\r\nb\r\n.\r\n", Some(13)),
+            (b"a\r\n.x\r\n", None),
+            (b"a\n.\nb", None),
+            (b"a\r\r\n.\r\n", Some(7)),
+            (b"a\r\n.\r\r\n.\r\n", Some(10)),
+            (b"no end\r\n", None),
+        ];
+        for (data, want) in cases {
+            for piece in 1..=data.len() {
+                assert_eq!(
+                    end_in_pieces(data, piece),
+                    *want,
+                    "{:?} in pieces of {piece}",
+                    String::from_utf8_lossy(data)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_dropped_to_their_end_and_the_next_is_read() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut c = Client::new(Box::new(a));
+        let mut input = vec![b'x'; 10_000];
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        b.write_all(&input).await.unwrap();
+        let t = Duration::from_secs(1);
+        assert!(matches!(c.line(512, t).await, Ok(Line::TooLong)));
+        match c.line(512, t).await {
+            Ok(Line::Complete(l)) => assert_eq!(l, b"NOOP\r\n"),
+            _ => panic!("the next line is read"),
+        }
+        drop(b);
+        assert!(matches!(c.line(512, t).await, Err(ReadError::Closed)));
+    }
+}
