@@ -1120,3 +1120,128 @@ fn milter_macro_limits_reach_the_listener() {
         )
     );
 }
+
+#[test]
+fn smtp_section_reaches_the_front_end() {
+    let traps = temp_file("# traps\nspam@trap.example\n@honeypot.example\n");
+    let c = valid(&format!(
+        r#"
+hostname = "mx1.example"
+[smtp]
+listen = ["0.0.0.0:25", "[::]:25"]
+backend = "exchange.internal:2525"
+max_connections = 300
+max_connections_per_peer = 20
+max_line_length = 2048
+max_commands = 500
+max_errors = 5
+max_recipients = 200
+max_message_size = 20000000
+command_timeout = "2m"
+data_timeout = "1m"
+backend_connect_timeout = 5
+backend_timeout = "1m"
+backend_xclient = false
+backend_proxy = "v2"
+backend_starttls = true
+pregreet_wait = "3s"
+pregreet_action = "defer"
+pregreet_suspect_for = "12h"
+pregreet_pass_for = "2d"
+tarpit_rate = 10
+tarpit_max_sessions = 8
+traps = ["trap@example.org"]
+traps_file = "{}"
+trap_deny_for = "6h"
+"#,
+        toml_path(&traps)
+    ));
+    let s = &c.smtp;
+    assert_eq!(s.listen.len(), 2);
+    assert_eq!(s.backend.as_deref(), Some("exchange.internal:2525"));
+    assert_eq!(
+        s.hostname, "mx1.example",
+        "the daemon's host name by default"
+    );
+    assert_eq!(
+        (s.limits.max_connections, s.limits.max_connections_per_peer),
+        (300, 20)
+    );
+    assert_eq!(
+        (
+            s.limits.max_line_length,
+            s.limits.max_commands,
+            s.limits.max_errors,
+            s.limits.max_recipients
+        ),
+        (2048, 500, 5, 200)
+    );
+    assert_eq!(s.limits.max_message_size, 20_000_000);
+    assert_eq!(s.limits.command_timeout, Duration::from_secs(120));
+    assert_eq!(s.limits.data_timeout, Duration::from_secs(60));
+    assert!(!s.backend_options.xclient && s.backend_options.starttls);
+    assert_eq!(
+        s.backend_options.proxy,
+        crate::server::smtp::ProxyProtocol::V2
+    );
+    assert_eq!(s.backend_options.connect_timeout, Duration::from_secs(5));
+    assert_eq!(s.pregreet.wait, Duration::from_secs(3));
+    assert_eq!(
+        s.pregreet.action,
+        crate::server::smtp::PregreetAction::Defer
+    );
+    assert_eq!(s.pregreet.pass_for, Duration::from_secs(2 * 86400));
+    assert_eq!((s.tarpit.rate, s.tarpit.max_sessions), (10, 8));
+    assert_eq!(s.traps.deny_for, Duration::from_secs(6 * 3600));
+    let t = crate::server::smtp::Traps::load(&s.traps).unwrap();
+    assert!(t.catches("trap@example.org") && t.catches("SPAM@trap.example"));
+    assert!(t.catches("x@honeypot.example") && !t.catches("x@example.org"));
+    // SMTP alone is enough of a listener; no SMTP by default.
+    let only = valid(
+        "[policy]\nlisten = []\n[smtp]\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"[::1]:25\"\n",
+    );
+    assert!(only.policy.listen.is_empty());
+    assert!(valid("").smtp.listen.is_empty());
+}
+
+#[test]
+fn smtp_errors_point_at_the_bad_setting() {
+    let e = single_error("[smtp]\nlisten = [\"127.0.0.1:2525\"]\n");
+    assert!(e.message.contains("needs a backend"), "{e}");
+    for (line, bad, says) in [
+        (
+            2,
+            "listen = [\"unix:/x\"]\nbackend = \"h:25\"",
+            "TCP address",
+        ),
+        (2, "backend = \"no-port\"", "host:port"),
+        (2, "backend = \"h:0\"", "host:port"),
+        (2, "pregreet_action = \"drop\"", "reject"),
+        (2, "backend_proxy = \"v3\"", "v1"),
+        (2, "max_line_length = 100", "512"),
+        (2, "max_recipients = 10", "at least 100"),
+        (2, "pregreet_wait = \"2m\"", "60 s"),
+        (2, "traps = [\"nobody\"]", "address or @domain"),
+        (2, "tls_cert = \"/nonexistent.pem\"", "set both"),
+        (2, "command_timeout = 0", "positive"),
+    ] {
+        let e = single_error(&format!("[smtp]\n{bad}\n"));
+        assert!(e.location.starts_with(&at_line(line)), "{bad}: {e}");
+        assert!(e.message.contains(says), "{bad}: {e}");
+    }
+    let e = single_error(
+        "[smtp]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+    );
+    assert!(e.message.contains("/nonexistent/c.pem"), "{e}");
+}
+
+#[test]
+fn smtp_traps_reload_but_its_listeners_need_a_restart() {
+    let base = valid("[smtp]\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"127.0.0.1:25\"\n");
+    let traps = valid(
+        "[smtp]\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"127.0.0.1:25\"\ntraps = [\"t@example.org\"]\n",
+    );
+    assert!(base.needs_restart(&traps).is_empty());
+    let moved = valid("[smtp]\nlisten = [\"127.0.0.1:2526\"]\nbackend = \"127.0.0.1:25\"\n");
+    assert_eq!(base.needs_restart(&moved), ["smtp"]);
+}
