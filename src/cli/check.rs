@@ -40,6 +40,22 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     );
     let listen: Vec<String> = cfg.policy.listen.iter().map(ToString::to_string).collect();
     println!("  policy listeners: {}", listen.join(", "));
+    if !cfg.milter.listen.is_empty() {
+        let listen: Vec<String> = cfg.milter.listen.iter().map(ToString::to_string).collect();
+        println!("  milter listeners: {}", listen.join(", "));
+    }
+    if !cfg.smtp.listen.is_empty() {
+        let s = &cfg.smtp;
+        let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        println!(
+            "  SMTP front: {} -> backend {}; STARTTLS {}; pregreet wait {:?}; {} greytrap entries",
+            listen.join(", "),
+            s.backend.as_deref().unwrap_or("(none)"),
+            if s.tls.is_some() { "on" } else { "off" },
+            s.pregreet.wait,
+            greygate::server::smtp::Traps::load(&s.traps).map_or(0, |t| t.len())
+        );
+    }
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
     let order: Vec<&str> = cfg
         .engine

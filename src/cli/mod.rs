@@ -36,7 +36,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: policy and milter listeners, admin API, metrics and dashboard.
+    /// Run the daemon: policy, milter and SMTP listeners, admin API, metrics and dashboard.
     Serve(serve::ServeArgs),
     /// Check the configuration and allow-list files; report every problem with its line.
     CheckConfig(check::CheckConfigArgs),
