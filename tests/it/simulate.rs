@@ -161,8 +161,13 @@ fn pregreet_scenario_reports_what_detection_adds() {
         let c = config(&r, name);
         let p = &c["pregreet"];
         assert_eq!(
-            (u(&p["wait"]), p["action"].as_str(), u(&p["suspect_for"])),
-            (6, Some(action), 86_400),
+            (
+                u(&p["wait"]),
+                p["action"].as_str(),
+                u(&p["suspect_for"]),
+                u(&p["pass_for"])
+            ),
+            (6, Some(action), 86_400, 86_400),
             "{p}"
         );
         assert_eq!(u(&p["suspect_delay"]), 3 * 3600);
@@ -204,7 +209,7 @@ fn pregreet_scenario_reports_what_detection_adds() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(text.matches("pregreet detection (").count(), 2, "{text}");
     assert!(
-        text.contains("pregreet detection (wait 6s, reject, suspect for 1d00h)"),
+        text.contains("pregreet detection (wait 6s, reject, suspect for 1d00h, pass for 1d00h)"),
         "{text}"
     );
     assert!(

@@ -71,16 +71,17 @@ pub struct PregreetResult {
     /// `pregreet_wait`, seconds.
     pub wait: u64,
     pub action: &'static str,
-    /// `pregreet_suspect_for`, seconds.
+    /// `pregreet_suspect_for` and `pregreet_pass_for`, seconds.
     pub suspect_for: u64,
-    /// `[dnsbl] delay`, which suspect groups serve; `None`: not set, so a suspect group is
-    /// greylisted as usual.
+    pub pass_for: u64,
+    /// `[dnsbl] delay`, which suspect groups serve; `None`: not set, so they serve the
+    /// configured delay.
     pub suspect_delay: Option<u64>,
     /// Connections refused for talking before the banner ended.
     pub caught: u64,
     /// Of those, from legitimate senders.
     pub caught_legitimate: u64,
-    /// RCPTs that served `[dnsbl] delay` only because their client group was suspect.
+    /// RCPTs from suspect client groups (keyed on the IP prefix, with a DNSBL hit).
     pub suspect_rcpts: u64,
     /// Spam accepted with the test, and by greylisting alone.
     pub spam_accepted: u64,
@@ -90,7 +91,7 @@ pub struct PregreetResult {
     /// Legitimate messages greylisting alone delivered and the test lost.
     pub legitimate_lost: u64,
     /// Connections of legitimate senders held for the banner's end (the first from each
-    /// address in 24 hours), and their seconds in all: added to those messages' delays.
+    /// address in `pregreet_pass_for`), and their seconds in all: added to their delays.
     pub legitimate_waits: u64,
     pub legitimate_wait_seconds: u64,
     /// Added delay of delivered legitimate mail with the test and by greylisting alone.
@@ -113,18 +114,19 @@ pub struct PregreetClass {
     /// Connections held for the banner's end, and their seconds in all.
     pub waits: u64,
     pub wait_seconds: u64,
-    /// RCPTs that served `[dnsbl] delay` only because their client group was suspect.
+    /// RCPTs from suspect client groups.
     pub suspect_rcpts: u64,
 }
 
 impl PregreetResult {
-    /// `wait 6s, reject, suspect for 1d00h`.
+    /// `wait 6s, reject, suspect for 1d00h, pass for 1d00h`.
     fn settings(&self) -> String {
         format!(
-            "wait {}, {}, suspect for {}",
+            "wait {}, {}, suspect for {}, pass for {}",
             fmt_dur(self.wait),
             self.action,
-            fmt_dur(self.suspect_for)
+            fmt_dur(self.suspect_for),
+            fmt_dur(self.pass_for)
         )
     }
 }
@@ -370,11 +372,14 @@ fn pregreet_text(s: &mut String, w: usize, p: &PregreetResult) {
         p.caught_legitimate,
         match p.suspect_delay {
             Some(d) => format!(
-                "{} RCPTs of suspect groups served the DNSBL delay ({})",
+                "{} RCPTs from suspect groups served the DNSBL delay ({})",
                 p.suspect_rcpts,
                 fmt_dur(d)
             ),
-            None => "no [dnsbl] delay: suspect groups are greylisted as usual".into(),
+            None => format!(
+                "{} RCPTs from suspect groups (no [dnsbl] delay: they served the configured one)",
+                p.suspect_rcpts
+            ),
         }
     );
     let _ = writeln!(
@@ -472,7 +477,7 @@ fn grouped_bars(title: &str, series: &[String], groups: &[(String, Vec<(f64, Str
 /// The HTML report's pregreet section: one row per configuration with a test.
 fn pregreet_html(r: &Report) -> String {
     let mut s = String::from(
-        "<h2>Pregreet detection</h2>\n<p>Each configuration with a pregreet test against the same configuration without it (greylisting alone). Legitimate senders wait for the banner's end on their first connection from an address in 24 hours; that wait is counted in their delays.</p>\n<table><tr><th>Config</th><th>Test</th><th>Caught</th><th>Caught legitimate</th><th>Spam accepted without / with</th><th>Spam blocked</th><th>Suspect RCPTs</th><th>Legitimate waits</th><th>Seconds waited</th><th>Legitimate p95 without / with</th><th>Legitimate lost</th></tr>\n",
+        "<h2>Pregreet detection</h2>\n<p>Each configuration with a pregreet test against the same configuration without it (greylisting alone). Legitimate senders wait for the banner's end on their first connection from an address within the pass time; that wait is counted in their delays.</p>\n<table><tr><th>Config</th><th>Test</th><th>Caught</th><th>Caught legitimate</th><th>Spam accepted without / with</th><th>Spam blocked</th><th>Suspect RCPTs</th><th>Legitimate waits</th><th>Seconds waited</th><th>Legitimate p95 without / with</th><th>Legitimate lost</th></tr>\n",
     );
     for c in &r.configs {
         let Some(p) = &c.pregreet else { continue };

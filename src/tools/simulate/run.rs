@@ -6,15 +6,16 @@
 //! for each configuration, so configurations differ only in what the engine decides.
 //!
 //! A configuration with `[config.smtp]` receives each attempt through the SMTP front's
-//! pregreet test first. Whether an address talks before the banner ends is a fact of the
-//! address, like its DNS listings (its class's `pregreet` share). A talker is refused
-//! before any RCPT (`reject`: the sender gives up on the message; `defer`: its retry
-//! schedule applies) and its client group (the IP prefix: nothing else is known before the
-//! banner) is suspect for `pregreet_suspect_for`: its RCPTs then carry a DNSBL hit, so they
-//! serve `[dnsbl] delay` when one is set. Any other address waits `pregreet_wait` before its
-//! RCPT, unless it passed the test in the last 24 hours; the wait counts in the message's
-//! delivery delay. The same configuration runs once more without the test, and the report
-//! compares the two message by message.
+//! pregreet test first, as the front runs it. Whether an address talks before the banner
+//! ends is a fact of the address, like its DNS listings (its class's `pregreet` share). A
+//! talker is refused before any RCPT (`reject`: the sender gives up on the message;
+//! `defer`: its retry schedule applies) and its client group (the IP prefix) is suspect
+//! for `pregreet_suspect_for`. A connection from a suspect group carries, instead of DNS
+//! facts, only a DNSBL hit, as the front sends it: it is keyed on its IP prefix and serves
+//! `[dnsbl] delay` when one is set. An address that does not talk waits `pregreet_wait`
+//! before its RCPT, unless it passed within `pregreet_pass_for`; the wait counts in the
+//! message's delivery delay. The same configuration runs once more without the test, and
+//! the report compares the two message by message.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -28,7 +29,7 @@ use crate::tools::bench::Rng;
 
 use super::report::{ClassInfo, ClassResult, ConfigResult, PregreetClass, PregreetResult, Report};
 use super::scenario::{
-    IpModel, PREGREET_PASS_FOR, Pregreet, PregreetAction, PtrKind, Scenario, SenderClass, SimConfig,
+    IpModel, Pregreet, PregreetAction, PtrKind, Scenario, SenderClass, SimConfig,
 };
 
 /// The stored state of a simulated site: what a store backend would hold.
@@ -226,13 +227,22 @@ fn pregreets(seed: u64, ip: Ipv4Addr, share: f64) -> bool {
     listed(seed, 0x9e, ip, share)
 }
 
-/// The DNSBL "zone" a suspect group's requests are listed by.
-const SUSPECT_HIT: &str = "pregreet";
+/// The facts the SMTP front gives a request from a suspect group: a DNSBL hit and nothing
+/// else (DNS facts are gathered only for requests that carry none).
+fn suspect_facts() -> IdentityFacts {
+    IdentityFacts {
+        dnsbl: Listing {
+            hits: vec!["pregreet".into()],
+            complete: true,
+        },
+        ..IdentityFacts::default()
+    }
+}
 
 /// The SMTP front's memory of the pregreet test while a configuration runs.
 #[derive(Debug, Default)]
 struct Front {
-    /// Addresses that passed the test, and when.
+    /// Addresses that passed the test, and until when they are not tested again.
     passed: HashMap<Ipv4Addr, u64>,
     /// Client groups that pregreeted, and until when they are suspect.
     suspect: HashMap<String, u64>,
@@ -249,23 +259,19 @@ enum Greeting {
 impl Front {
     /// The test for a connection from `ip` at `t`; `talks`: whether it pregreets.
     fn greet(&mut self, p: &Pregreet, group: &str, ip: Ipv4Addr, talks: bool, t: u64) -> Greeting {
-        if self
-            .passed
-            .get(&ip)
-            .is_some_and(|&at| t < at + PREGREET_PASS_FOR)
-        {
+        if self.passed.get(&ip).is_some_and(|&until| until > t) {
             return Greeting::Waited(0);
         }
         if talks {
             self.suspect.insert(group.to_string(), t + p.suspect_for);
             return Greeting::Caught;
         }
-        self.passed.insert(ip, t + p.wait);
+        self.passed.insert(ip, t + p.pass_for);
         Greeting::Waited(p.wait)
     }
 
     fn is_suspect(&self, group: &str, t: u64) -> bool {
-        self.suspect.get(group).is_some_and(|&until| t < until)
+        self.suspect.get(group).is_some_and(|&until| until > t)
     }
 }
 
@@ -310,7 +316,7 @@ struct Tally {
     /// Connections held for the banner's end, and their seconds.
     waits: u64,
     wait_seconds: u64,
-    /// RCPTs that served the DNSBL delay only because their group was suspect.
+    /// RCPTs from suspect groups.
     suspect_rcpts: u64,
 }
 
@@ -357,6 +363,8 @@ fn run_config(s: &Scenario, cfg: &SimConfig, msgs: &[Msg], domains: &[Vec<String
                 cfg.engine.policy.ipv6_prefix,
             );
             let talks = pregreets(s.seed, ip, c.pregreet);
+            // The front looks its group up as the connection comes in.
+            suspect = front.is_suspect(&group, t);
             let tally = &mut tallies[m.class];
             match front.greet(p, &group, ip, talks, t) {
                 Greeting::Caught => {
@@ -387,25 +395,16 @@ fn run_config(s: &Scenario, cfg: &SimConfig, msgs: &[Msg], domains: &[Vec<String
                     at = t + w;
                 }
             }
-            suspect = front.is_suspect(&group, at);
         }
         let domain = &domains[m.class][m.sender_domain];
         let name = ptr_name(c, domain, ip);
-        let mut facts = cfg
-            .dns
-            .then(|| facts(cfg, s.seed, c, domain, ip, name.as_deref()));
-        // A suspect group serves `[dnsbl] delay`, when there is one (which needs DNS on).
-        if suspect
-            && cfg.engine.selective.dnsbl_delay.is_some()
-            && let Some(f) = facts.as_mut()
-        {
-            // Counted where the mark changes the delay: not listed already, and no DNSWL
-            // listing that passes the client whatever the DNSBLs say.
-            if f.dnsbl.hits.is_empty() && !f.dnswl.listed() {
-                tallies[m.class].suspect_rcpts += 1;
-            }
-            f.dnsbl.hits.push(SUSPECT_HIT.into());
-        }
+        let facts = if suspect {
+            tallies[m.class].suspect_rcpts += 1;
+            Some(suspect_facts())
+        } else {
+            cfg.dns
+                .then(|| facts(cfg, s.seed, c, domain, ip, name.as_deref()))
+        };
         let req = Request {
             stage: "RCPT".into(),
             client_ip: Some(IpAddr::V4(ip)),
@@ -517,6 +516,7 @@ fn compare(
         wait: p.wait,
         action: p.action.as_str(),
         suspect_for: p.suspect_for,
+        pass_for: p.pass_for,
         suspect_delay: cfg.engine.selective.dnsbl_delay,
         caught: sum(true, &|c| c.caught) + sum(false, &|c| c.caught),
         caught_legitimate: sum(false, &|c| c.caught),
@@ -679,6 +679,12 @@ name = "off"
 enabled = true
 [config.smtp]
 pregreet_wait = "0s"
+[[config]]
+name = "no-pass"
+[config.dns]
+enabled = true
+[config.smtp]
+pregreet_pass_for = "0s"
 [[sender]]
 name = "gmail"
 messages = 200
@@ -774,10 +780,16 @@ pregreet = 1.0
             let gmail = p.classes.iter().find(|x| x.class == "gmail").unwrap();
             assert!(gmail.waits > 100, "{gmail:?}");
         }
+        // Passes remembered for no time: every connection waits.
+        let c = config(&r, "no-pass");
+        let office = c.pregreet.as_ref().unwrap().classes[1].clone();
+        assert_eq!(office.class, "office");
+        assert_eq!(office.waits, c.class("office").unwrap().attempts);
     }
 
     #[test]
     fn a_suspect_group_serves_the_dnsbl_delay_for_its_time() {
+        // The quiet bots are on a DNSWL: with their DNS facts they pass at once.
         let text = r#"
 [simulation]
 duration = "1d"
@@ -788,6 +800,8 @@ name = "suspect"
 auto_allow_after = 0
 [config.dns]
 enabled = true
+[config.dnswl]
+zones = ["wl.example"]
 [config.dnsbl]
 zones = ["bl.example"]
 delay = "3h"
@@ -798,6 +812,8 @@ name = "forgotten"
 auto_allow_after = 0
 [config.dns]
 enabled = true
+[config.dnswl]
+zones = ["wl.example"]
 [config.dnsbl]
 zones = ["bl.example"]
 delay = "3h"
@@ -822,6 +838,7 @@ give_up = "1h"
 network = "198.51.100.128/25"
 hosts = 4
 domain = "q.example"
+dnswl = 1.0
 "#;
         let r = run(&Scenario::parse("t.toml", text).unwrap());
         let quiet = |name: &str| {
@@ -832,7 +849,8 @@ domain = "q.example"
                 .unwrap()
         };
         // The talkers' /24 is suspect after their first connection: the quiet bots there
-        // then serve the 3 h DNSBL delay and give up after 1 h.
+        // then carry the front's DNSBL hit instead of their DNS facts (so no DNSWL pass),
+        // serve the 3 h DNSBL delay and give up after 1 h.
         let q = quiet("suspect");
         assert_eq!(q.caught, 0);
         assert!(q.suspect_rcpts > 0 && q.blocked > 25, "{q:?}");

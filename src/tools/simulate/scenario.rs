@@ -8,7 +8,8 @@
 //! simulated configuration means exactly what it would mean in `greygate.toml`. A
 //! `[config.smtp]` table puts the configuration behind greygate's SMTP front: of `[smtp]`
 //! it takes the pregreet test's keys (`pregreet_wait`, `pregreet_action`,
-//! `pregreet_suspect_for`), with the daemon's names and defaults.
+//! `pregreet_suspect_for`, `pregreet_pass_for`), with the daemon's names, defaults and
+//! checks.
 
 use std::net::Ipv4Addr;
 
@@ -92,26 +93,29 @@ pub struct RawEngineConfig {
 pub struct RawSmtp {
     /// How long the banner's last line is held back; `"0s"` turns the test off.
     pub pregreet_wait: Dur,
-    /// What a client that talks before the banner ends gets.
-    pub pregreet_action: PregreetAction,
-    /// How long a pregreeting client's group stays suspect (its RCPTs then serve
-    /// `[dnsbl] delay`, when that is set).
+    /// `reject` (554) or `defer` (421) a client that talked first.
+    pub pregreet_action: String,
+    /// How long a pregreeting client's group is suspect: its RCPTs then carry a DNSBL hit
+    /// (`[dnsbl] delay`, when that is set).
     pub pregreet_suspect_for: Dur,
+    /// How long an address that waited for the banner is not made to wait again.
+    pub pregreet_pass_for: Dur,
 }
 
 impl Default for RawSmtp {
     fn default() -> Self {
+        let day = Dur(std::time::Duration::from_secs(86_400));
         RawSmtp {
             pregreet_wait: Dur(std::time::Duration::from_secs(6)),
-            pregreet_action: PregreetAction::Reject,
-            pregreet_suspect_for: Dur(std::time::Duration::from_secs(PREGREET_PASS_FOR)),
+            pregreet_action: "reject".into(),
+            pregreet_suspect_for: day,
+            pregreet_pass_for: day,
         }
     }
 }
 
 /// What a client that talks before the banner ends gets (`pregreet_action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PregreetAction {
     /// `554 5.5.1` and the connection closes: the sender gives up on the message.
     Reject,
@@ -128,13 +132,20 @@ impl PregreetAction {
     }
 }
 
-/// How long a client address that passed the pregreet test is not made to wait again
-/// (postscreen's `postscreen_greet_ttl`, and the SMTP front's).
-pub const PREGREET_PASS_FOR: u64 = 86_400;
+impl std::str::FromStr for PregreetAction {
+    type Err = String;
+    /// As the daemon reads `[smtp] pregreet_action`, with its message.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reject" => Ok(PregreetAction::Reject),
+            "defer" => Ok(PregreetAction::Defer),
+            _ => Err(format!("{s:?} is not \"reject\" or \"defer\"")),
+        }
+    }
+}
 
-/// Longest `pregreet_wait` a simulation takes: RFC 5321 §4.5.3.2.1 has senders wait 5
-/// minutes for the greeting, so a longer wait would lose mail the model counts as delivered.
-const MAX_PREGREET_WAIT: u64 = 300;
+/// Longest `pregreet_wait` the daemon takes.
+const MAX_PREGREET_WAIT: u64 = 60;
 
 /// Retry behaviour of a sender class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -279,6 +290,7 @@ pub struct Pregreet {
     pub wait: u64,
     pub action: PregreetAction,
     pub suspect_for: u64,
+    pub pass_for: u64,
 }
 
 /// Where a class's addresses come from, checked.
@@ -488,11 +500,11 @@ impl RawScenario {
     }
 }
 
-/// Checks `[config.smtp]`; `None` when the test is off (`pregreet_wait = "0s"`) or a
-/// problem was reported through `err`.
+/// Checks `[config.smtp]` as the daemon checks `[smtp]`'s pregreet keys, and that times
+/// are whole seconds (the simulated clock's); `None` when the test is off
+/// (`pregreet_wait = "0s"`) or a problem was reported through `err`.
 fn check_smtp(r: &RawSmtp, err: &mut impl FnMut(&str, String)) -> Option<Pregreet> {
     let mut ok = true;
-    // The simulated clock counts whole seconds.
     let mut secs = |key: &str, d: Dur, err: &mut dyn FnMut(&str, String)| {
         if d.0.subsec_nanos() != 0 {
             err(
@@ -504,20 +516,25 @@ fn check_smtp(r: &RawSmtp, err: &mut impl FnMut(&str, String)) -> Option<Pregree
         d.0.as_secs()
     };
     let wait = secs("pregreet_wait", r.pregreet_wait, err);
-    if wait >= MAX_PREGREET_WAIT {
+    if r.pregreet_wait.0 > std::time::Duration::from_secs(MAX_PREGREET_WAIT) {
         err(
             "pregreet_wait",
-            format!(
-                "pregreet_wait {} must be shorter than 5m: senders give up waiting for the banner after 5 minutes (RFC 5321 4.5.3.2.1)",
-                r.pregreet_wait
-            ),
+            "pregreet_wait over 60 s would make real mail servers give up".into(),
         );
     }
+    let action = r
+        .pregreet_action
+        .parse::<PregreetAction>()
+        .map_err(|e| err("pregreet_action", e))
+        .ok();
     let suspect_for = secs("pregreet_suspect_for", r.pregreet_suspect_for, err);
-    (ok && wait > 0 && wait < MAX_PREGREET_WAIT).then_some(Pregreet {
+    let pass_for = secs("pregreet_pass_for", r.pregreet_pass_for, err);
+    let action = action.filter(|_| ok && wait > 0 && wait <= MAX_PREGREET_WAIT)?;
+    Some(Pregreet {
         wait,
-        action: r.pregreet_action,
+        action,
         suspect_for,
+        pass_for,
     })
 }
 
@@ -849,11 +866,12 @@ dnsbl = 1.5
             Some(Pregreet {
                 wait: 6,
                 action: PregreetAction::Reject,
-                suspect_for: 86_400
+                suspect_for: 86_400,
+                pass_for: 86_400
             })
         );
         let s = with(
-            "pregreet_wait = \"10s\"\npregreet_action = \"defer\"\npregreet_suspect_for = \"2h\"\n",
+            "pregreet_wait = \"10s\"\npregreet_action = \"defer\"\npregreet_suspect_for = \"2h\"\npregreet_pass_for = \"7d\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -861,7 +879,8 @@ dnsbl = 1.5
             Some(Pregreet {
                 wait: 10,
                 action: PregreetAction::Defer,
-                suspect_for: 7200
+                suspect_for: 7200,
+                pass_for: 7 * 86_400
             })
         );
         // "0s" turns the test off, as in the daemon.
@@ -886,23 +905,34 @@ dnsbl = 1.5
             ))
             .unwrap_err()
         };
-        // Types and names: serde's errors, at the line.
-        let e = smtp("pregreet_action = \"drop\"\n");
-        assert!(e.starts_with("s.toml:8:"), "{e}");
-        assert!(e.contains("reject") && e.contains("defer"), "{e}");
+        // Names and types: serde's errors, at the line.
         let e = smtp("listen = [\"0.0.0.0:25\"]\n");
         assert!(e.starts_with("s.toml:8:"), "{e}");
         assert!(e.contains("pregreet_wait"), "{e}");
         let e = smtp("pregreet_wait = \"soon\"\n");
         assert!(e.starts_with("s.toml:8:"), "{e}");
-        // Checks: every problem at once, each at its line.
-        let e = smtp("pregreet_wait = \"5m\"\npregreet_suspect_for = \"1500ms\"\n");
+        // The daemon's checks, with its messages, and whole seconds: every problem at once,
+        // each at its line.
+        let e = smtp(
+            "pregreet_wait = \"61s\"\npregreet_action = \"drop\"\npregreet_suspect_for = \"1500ms\"\n",
+        );
         let lines: Vec<&str> = e.lines().collect();
-        assert_eq!(lines.len(), 2, "{e}");
+        assert_eq!(lines.len(), 3, "{e}");
         assert!(lines[0].starts_with("s.toml:8:"), "{e}");
-        assert!(lines[0].contains("shorter than 5m"), "{e}");
+        assert!(
+            lines[0].ends_with("pregreet_wait over 60 s would make real mail servers give up"),
+            "{e}"
+        );
         assert!(lines[1].starts_with("s.toml:9:"), "{e}");
-        assert!(lines[1].contains("1s 500ms must be whole seconds"), "{e}");
+        assert!(
+            lines[1].ends_with(r#""drop" is not "reject" or "defer""#),
+            "{e}"
+        );
+        assert!(lines[2].starts_with("s.toml:10:"), "{e}");
+        assert!(lines[2].contains("1s 500ms must be whole seconds"), "{e}");
+        // 60 s itself is taken.
+        let e = smtp("pregreet_wait = \"60s\"\npregreet_action = \"x\"\n");
+        assert!(e.starts_with("s.toml:9:") && !e.contains("60 s"), "{e}");
 
         let text = MINIMAL.replace(
             "domain = \"friends.example\"",
