@@ -19,7 +19,7 @@ use greygate::tools::simulate::{Scenario, replay, report};
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Shipped scenarios: contrib/scenarios/small-business.toml, big-providers.toml, spam-wave.toml.\n\
+    after_help = "Shipped scenarios: contrib/scenarios/small-business.toml, big-providers.toml, spam-wave.toml, pregreet.toml.\n\
 Exit codes: 0 done, 1 unwritable report, 2 bad scenario."
 )]
 pub struct SimulateArgs {

@@ -1,5 +1,6 @@
 //! `greygate simulate` on the shipped scenarios (issue 9's done-when claims, asserted on
-//! the big-provider scenario) and `greygate replay` on an inbound log fixture.
+//! the big-provider scenario; issue 17's pregreet figures on the pregreet scenario) and
+//! `greygate replay` on an inbound log fixture.
 
 use std::io::Write as _;
 
@@ -128,13 +129,101 @@ fn simulate_is_deterministic_and_renders_text_and_html() {
 
 #[test]
 fn every_shipped_scenario_runs() {
-    for name in ["small-business", "spam-wave"] {
+    for name in ["small-business", "spam-wave", "pregreet"] {
         let r = simulate(&[&scenario(name), "--scale", "0.1"]);
         assert!(u(&r["messages"]) > 0, "{name}");
         for c in r["configs"].as_array().unwrap() {
             assert_eq!(u(&c["legitimate"]["lost"]), 0, "{name}/{}", c["name"]);
         }
     }
+}
+
+#[test]
+fn pregreet_scenario_reports_what_detection_adds() {
+    let path = scenario("pregreet");
+    let r = simulate(&[&path]);
+    let alone = config(&r, "greylisting");
+    assert!(
+        alone.get("pregreet").is_none(),
+        "no [config.smtp], no figures: {alone}"
+    );
+    let pclass = |p: &Value, name: &str| -> Value {
+        p["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["class"] == name)
+            .unwrap_or_else(|| panic!("no class {name}"))
+            .clone()
+    };
+    let mut caught = Vec::new();
+    for (name, action) in [("pregreet-reject", "reject"), ("pregreet-defer", "defer")] {
+        let c = config(&r, name);
+        let p = &c["pregreet"];
+        assert_eq!(
+            (
+                u(&p["wait"]),
+                p["action"].as_str(),
+                u(&p["suspect_for"]),
+                u(&p["pass_for"])
+            ),
+            (6, Some(action), 86_400, 86_400),
+            "{p}"
+        );
+        assert_eq!(u(&p["suspect_delay"]), 3 * 3600);
+        // The baseline is the same configuration without the test: "greylisting" here.
+        let (with, without) = (u(&p["spam_accepted"]), u(&p["spam_accepted_without"]));
+        assert_eq!(without, u(&alone["spam"]["delivered"]), "{name}");
+        assert_eq!(with, u(&c["spam"]["delivered"]), "{name}");
+        assert!(with < without, "{name}: {p}");
+        assert!(u(&p["spam_blocked"]) >= without - with, "{name}: {p}");
+        assert!(
+            u(&p["caught"]) > 0 && u(&p["suspect_rcpts"]) > 0,
+            "{name}: {p}"
+        );
+        caught.push(u(&p["caught"]));
+        // Bots that never retry: greylisting alone stops them; the test only catches them.
+        let b = pclass(p, "botnet-no-retry");
+        assert!(u(&b["caught"]) > 0 && u(&b["blocked"]) == 0, "{b}");
+        // Spam software that retries through greylisting: most of it is stopped now.
+        let retrying = u(&class(alone, "spamware-every-5m")["delivered"]);
+        let b = pclass(p, "spamware-every-5m");
+        assert!(u(&b["blocked"]) * 2 > retrying, "{b} of {retrying}");
+        // Spammers' own MTAs wait for the banner like any MTA.
+        assert_eq!(u(&pclass(p, "snowshoe")["caught"]), 0);
+        // Legitimate mail: never refused, only slower by the waits.
+        assert_eq!(u(&p["caught_legitimate"]), 0);
+        assert_eq!(u(&p["legitimate_lost"]), 0);
+        assert_eq!(u(&c["legitimate"]["lost"]), 0);
+        let waits = u(&p["legitimate_waits"]);
+        assert!(waits > 0);
+        assert_eq!(u(&p["legitimate_wait_seconds"]), 6 * waits);
+        assert!(u(&p["legitimate_p95"]) >= u(&p["legitimate_p95_without"]));
+    }
+    assert!(
+        caught[1] > caught[0],
+        "deferred bots retry and are caught again"
+    );
+
+    let (code, text, err) = run_cli(&["simulate", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text.matches("pregreet detection (").count(), 2, "{text}");
+    assert!(
+        text.contains("pregreet detection (wait 6s, reject, suspect for 1d00h, pass for 1d00h)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blocked that greylisting alone let through"),
+        "{text}"
+    );
+    assert!(text.contains("cost to legitimate mail"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let (code, _, err) = run_cli(&["simulate", &path, "--html", html.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<h2>Pregreet detection</h2>"), "{page}");
 }
 
 #[test]

@@ -4,6 +4,18 @@
 //! Messages and every random choice (arrival, sender, recipient, the pool address of each
 //! attempt, the queue runner's phase) are drawn once from the seed and replayed unchanged
 //! for each configuration, so configurations differ only in what the engine decides.
+//!
+//! A configuration with `[config.smtp]` receives each attempt through the SMTP front's
+//! pregreet test first, as the front runs it. Whether an address talks before the banner
+//! ends is a fact of the address, like its DNS listings (its class's `pregreet` share). A
+//! talker is refused before any RCPT (`reject`: the sender gives up on the message;
+//! `defer`: its retry schedule applies) and its client group (the IP prefix) is suspect
+//! for `pregreet_suspect_for`. A connection from a suspect group carries, instead of DNS
+//! facts, only a DNSBL hit, as the front sends it: it is keyed on its IP prefix and serves
+//! `[dnsbl] delay` when one is set. An address that does not talk waits `pregreet_wait`
+//! before its RCPT, unless it passed within `pregreet_pass_for`; the wait counts in the
+//! message's delivery delay. The same configuration runs once more without the test, and
+//! the report compares the two message by message.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,8 +27,10 @@ use crate::engine::{
 };
 use crate::tools::bench::Rng;
 
-use super::report::{ClassInfo, ClassResult, ConfigResult, Report};
-use super::scenario::{IpModel, PtrKind, Scenario, SenderClass, SimConfig};
+use super::report::{ClassInfo, ClassResult, ConfigResult, PregreetClass, PregreetResult, Report};
+use super::scenario::{
+    IpModel, Pregreet, PregreetAction, PtrKind, Scenario, SenderClass, SimConfig,
+};
 
 /// The stored state of a simulated site: what a store backend would hold.
 #[derive(Debug, Default)]
@@ -208,6 +222,59 @@ fn listed(seed: u64, salt: u64, ip: Ipv4Addr, share: f64) -> bool {
     share > 0.0 && unit(mix(mix(seed, salt), u64::from(u32::from(ip)))) < share
 }
 
+/// Whether `ip` talks before the banner ends (the same answer for every connection).
+fn pregreets(seed: u64, ip: Ipv4Addr, share: f64) -> bool {
+    listed(seed, 0x9e, ip, share)
+}
+
+/// The facts the SMTP front gives a request from a suspect group: a DNSBL hit and nothing
+/// else (DNS facts are gathered only for requests that carry none).
+fn suspect_facts() -> IdentityFacts {
+    IdentityFacts {
+        dnsbl: Listing {
+            hits: vec!["pregreet".into()],
+            complete: true,
+        },
+        ..IdentityFacts::default()
+    }
+}
+
+/// The SMTP front's memory of the pregreet test while a configuration runs.
+#[derive(Debug, Default)]
+struct Front {
+    /// Addresses that passed the test, and until when they are not tested again.
+    passed: HashMap<Ipv4Addr, u64>,
+    /// Client groups that pregreeted, and until when they are suspect.
+    suspect: HashMap<String, u64>,
+}
+
+/// What the pregreet test made of one connection.
+enum Greeting {
+    /// The client talked before the banner ended: refused before any RCPT.
+    Caught,
+    /// Waited this long for the banner's end (0: passed recently).
+    Waited(u64),
+}
+
+impl Front {
+    /// The test for a connection from `ip` at `t`; `talks`: whether it pregreets.
+    fn greet(&mut self, p: &Pregreet, group: &str, ip: Ipv4Addr, talks: bool, t: u64) -> Greeting {
+        if self.passed.get(&ip).is_some_and(|&until| until > t) {
+            return Greeting::Waited(0);
+        }
+        if talks {
+            self.suspect.insert(group.to_string(), t + p.suspect_for);
+            return Greeting::Caught;
+        }
+        self.passed.insert(ip, t + p.pass_for);
+        Greeting::Waited(p.wait)
+    }
+
+    fn is_suspect(&self, group: &str, t: u64) -> bool {
+        self.suspect.get(group).is_some_and(|&until| until > t)
+    }
+}
+
 /// The DNS facts a request carries under a configuration with DNS on.
 fn facts(
     cfg: &SimConfig,
@@ -244,16 +311,27 @@ struct Tally {
     delayed: u64,
     attempts: u64,
     delays: Vec<u64>,
+    /// Connections the pregreet test refused.
+    caught: u64,
+    /// Connections held for the banner's end, and their seconds.
+    waits: u64,
+    wait_seconds: u64,
+    /// RCPTs from suspect groups.
+    suspect_rcpts: u64,
+}
+
+/// One configuration's result and which messages it accepted.
+struct Outcome {
+    result: ConfigResult,
+    accepted: Vec<bool>,
+    tallies: Vec<Tally>,
 }
 
 /// Runs one configuration over the messages.
-fn run_config(
-    s: &Scenario,
-    cfg: &SimConfig,
-    msgs: &[Msg],
-    domains: &[Vec<String>],
-) -> ConfigResult {
+fn run_config(s: &Scenario, cfg: &SimConfig, msgs: &[Msg], domains: &[Vec<String>]) -> Outcome {
     let mut state = MemState::default();
+    let mut front = Front::default();
+    let mut accepted = vec![false; msgs.len()];
     let mut tallies = vec![Tally::default(); s.classes.len()];
     let mut cursors: Vec<_> = msgs
         .iter()
@@ -275,25 +353,74 @@ fn run_config(
         let c = &s.classes[m.class];
         let ip = address(c, m, attempt[i]);
         attempt[i] += 1;
+        // When the RCPT is decided: after the banner's end.
+        let mut at = t;
+        let mut suspect = false;
+        if let Some(p) = &cfg.pregreet {
+            let group = crate::engine::normalize::client_group(
+                IpAddr::V4(ip),
+                cfg.engine.policy.ipv4_prefix,
+                cfg.engine.policy.ipv6_prefix,
+            );
+            let talks = pregreets(s.seed, ip, c.pregreet);
+            // The front looks its group up as the connection comes in.
+            suspect = front.is_suspect(&group, t);
+            let tally = &mut tallies[m.class];
+            match front.greet(p, &group, ip, talks, t) {
+                Greeting::Caught => {
+                    tally.attempts += 1;
+                    tally.caught += 1;
+                    let retry = match p.action {
+                        PregreetAction::Reject => None,
+                        PregreetAction::Defer => {
+                            deferrals += 1;
+                            if !deferred[i] {
+                                deferred[i] = true;
+                                tally.delayed += 1;
+                            }
+                            cursors[i].next_after_failure(t - m.arrival)
+                        }
+                    };
+                    match retry {
+                        Some(rel) => heap.push(Reverse((m.arrival + rel, i))),
+                        None => tally.lost += 1,
+                    }
+                    continue;
+                }
+                Greeting::Waited(w) => {
+                    if w > 0 {
+                        tally.waits += 1;
+                        tally.wait_seconds += w;
+                    }
+                    at = t + w;
+                }
+            }
+        }
         let domain = &domains[m.class][m.sender_domain];
         let name = ptr_name(c, domain, ip);
+        let facts = if suspect {
+            tallies[m.class].suspect_rcpts += 1;
+            Some(suspect_facts())
+        } else {
+            cfg.dns
+                .then(|| facts(cfg, s.seed, c, domain, ip, name.as_deref()))
+        };
         let req = Request {
             stage: "RCPT".into(),
             client_ip: Some(IpAddr::V4(ip)),
             client_name: name.clone().unwrap_or_else(|| "unknown".into()),
             sender: m.sender.clone(),
             recipient: m.recipient.clone(),
-            facts: cfg
-                .dns
-                .then(|| facts(cfg, s.seed, c, domain, ip, name.as_deref())),
+            facts,
             ..Request::default()
         };
-        let d = state.check(&cfg.engine, &req, s.start + t);
+        let d = state.check(&cfg.engine, &req, s.start + at);
         let tally = &mut tallies[m.class];
         tally.attempts += 1;
         if d.verdict != Verdict::Defer {
             tally.delivered += 1;
-            tally.delays.push(t - m.arrival);
+            tally.delays.push(at - m.arrival);
+            accepted[i] = true;
             continue;
         }
         deferrals += 1;
@@ -301,7 +428,8 @@ fn run_config(
             deferred[i] = true;
             tally.delayed += 1;
         }
-        match cursors[i].next_after_failure(t - m.arrival) {
+        // The sender's retry clock starts when the attempt failed: after the banner's end.
+        match cursors[i].next_after_failure(at - m.arrival) {
             Some(rel) => heap.push(Reverse((m.arrival + rel, i))),
             None => tally.lost += 1,
         }
@@ -321,7 +449,7 @@ fn run_config(
     let mut legit = Tally::default();
     let mut spam = Tally::default();
     let mut classes = Vec::new();
-    for (c, t) in s.classes.iter().zip(tallies) {
+    for (c, t) in s.classes.iter().zip(&tallies) {
         let sum = if c.spam { &mut spam } else { &mut legit };
         sum.messages += t.messages;
         sum.delivered += t.delivered;
@@ -329,28 +457,107 @@ fn run_config(
         sum.delayed += t.delayed;
         sum.attempts += t.attempts;
         sum.delays.extend_from_slice(&t.delays);
-        classes.push(result(&c.name, c.spam, t));
+        classes.push(result(&c.name, c.spam, t.clone()));
     }
-    ConfigResult {
-        name: cfg.name.clone(),
-        description: cfg.description.clone(),
-        dns: cfg.dns,
-        classes,
-        legitimate: result("all legitimate", false, legit),
-        spam: result("all spam", true, spam),
-        deferrals,
-        triplets: state.triplets(),
-        client_records: state.clients(),
+    Outcome {
+        result: ConfigResult {
+            name: cfg.name.clone(),
+            description: cfg.description.clone(),
+            dns: cfg.dns,
+            classes,
+            legitimate: result("all legitimate", false, legit),
+            spam: result("all spam", true, spam),
+            deferrals,
+            triplets: state.triplets(),
+            client_records: state.clients(),
+            pregreet: None,
+        },
+        accepted,
+        tallies,
     }
 }
 
-/// Runs every configuration of the scenario (scaled already, if wanted).
+/// What the pregreet test of `cfg` changed against the same configuration without it.
+fn compare(
+    s: &Scenario,
+    cfg: &SimConfig,
+    p: &Pregreet,
+    msgs: &[Msg],
+    with: &Outcome,
+    without: &Outcome,
+) -> PregreetResult {
+    // Messages the baseline accepted and the test kept out, per class.
+    let mut blocked = vec![0u64; s.classes.len()];
+    for (m, (&w, &wo)) in msgs.iter().zip(with.accepted.iter().zip(&without.accepted)) {
+        if wo && !w {
+            blocked[m.class] += 1;
+        }
+    }
+    let classes: Vec<PregreetClass> = s
+        .classes
+        .iter()
+        .zip(&with.tallies)
+        .zip(blocked)
+        .map(|((c, t), blocked)| PregreetClass {
+            class: c.name.clone(),
+            spam: c.spam,
+            caught: t.caught,
+            blocked,
+            waits: t.waits,
+            wait_seconds: t.wait_seconds,
+            suspect_rcpts: t.suspect_rcpts,
+        })
+        .collect();
+    let sum = |spam: bool, f: &dyn Fn(&PregreetClass) -> u64| -> u64 {
+        classes.iter().filter(|c| c.spam == spam).map(f).sum()
+    };
+    let (r, b) = (&with.result, &without.result);
+    PregreetResult {
+        wait: p.wait,
+        action: p.action.as_str(),
+        suspect_for: p.suspect_for,
+        pass_for: p.pass_for,
+        suspect_delay: cfg.engine.selective.dnsbl_delay,
+        caught: sum(true, &|c| c.caught) + sum(false, &|c| c.caught),
+        caught_legitimate: sum(false, &|c| c.caught),
+        suspect_rcpts: sum(true, &|c| c.suspect_rcpts) + sum(false, &|c| c.suspect_rcpts),
+        spam_accepted: r.spam.delivered,
+        spam_accepted_without: b.spam.delivered,
+        spam_blocked: sum(true, &|c| c.blocked),
+        legitimate_lost: sum(false, &|c| c.blocked),
+        legitimate_waits: sum(false, &|c| c.waits),
+        legitimate_wait_seconds: sum(false, &|c| c.wait_seconds),
+        legitimate_p50: r.legitimate.delay_p50,
+        legitimate_p50_without: b.legitimate.delay_p50,
+        legitimate_p95: r.legitimate.delay_p95,
+        legitimate_p95_without: b.legitimate.delay_p95,
+        classes,
+    }
+}
+
+/// Runs every configuration of the scenario (scaled already, if wanted); one with a
+/// pregreet test runs again without it, as its baseline.
 pub fn run(s: &Scenario) -> Report {
     let (msgs, domains) = messages(s);
     let configs = s
         .configs
         .iter()
-        .map(|cfg| run_config(s, cfg, &msgs, &domains))
+        .map(|cfg| {
+            let with = run_config(s, cfg, &msgs, &domains);
+            let Some(p) = &cfg.pregreet else {
+                return with.result;
+            };
+            let baseline = SimConfig {
+                pregreet: None,
+                ..cfg.clone()
+            };
+            let without = run_config(s, &baseline, &msgs, &domains);
+            let pregreet = compare(s, cfg, p, &msgs, &with, &without);
+            ConfigResult {
+                pregreet: Some(pregreet),
+                ..with.result
+            }
+        })
         .collect();
     Report {
         scenario: s.name.clone(),
@@ -442,6 +649,216 @@ domain = "x.example"
         assert!(p.delay_p95.unwrap() > 600, "{p:?}");
         assert_eq!(postgrey.classes[1].delivered, 0);
         assert_eq!(aware.classes[1].delivered, 0);
+    }
+
+    /// The same engine configuration four times: greylisting alone, behind the pregreet
+    /// test (reject, defer), and behind a test turned off with "0s".
+    const PREGREET: &str = r#"
+[simulation]
+duration = "12h"
+seed = 11
+recipients = 20
+[[config]]
+name = "greylisting"
+[config.dns]
+enabled = true
+[[config]]
+name = "reject"
+[config.dns]
+enabled = true
+[config.smtp]
+[[config]]
+name = "defer"
+[config.dns]
+enabled = true
+[config.smtp]
+pregreet_action = "defer"
+[[config]]
+name = "off"
+[config.dns]
+enabled = true
+[config.smtp]
+pregreet_wait = "0s"
+[[config]]
+name = "no-pass"
+[config.dns]
+enabled = true
+[config.smtp]
+pregreet_pass_for = "0s"
+[[sender]]
+name = "gmail"
+messages = 200
+ips = "pool"
+network = "209.85.128.0/17"
+subnets = 16
+domain = "gmail.com"
+spf = "pass"
+ptr = "verified"
+ptr_domain = "google.com"
+[[sender]]
+name = "office"
+messages = 100
+mta = "exchange"
+network = "192.0.2.0/24"
+domain = "office.example"
+[[sender]]
+name = "talkers"
+spam = true
+messages = 300
+mta = "fixed"
+retry_every = "5m"
+give_up = "2h"
+ips = "botnet"
+network = "100.64.0.0/10"
+domain = "x.example"
+pregreet = 1.0
+"#;
+
+    fn config<'a>(r: &'a Report, name: &str) -> &'a ConfigResult {
+        r.configs.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn pregreeting_bots_are_blocked_only_with_detection_on() {
+        let s = Scenario::parse("t.toml", PREGREET).unwrap();
+        let r = run(&s);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            serde_json::to_string(&run(&s)).unwrap(),
+            "same seed, same report"
+        );
+        let alone = config(&r, "greylisting");
+        let off = config(&r, "off");
+        assert!(alone.pregreet.is_none() && off.pregreet.is_none());
+        // Spam software retrying every 5 minutes gets through greylisting alone...
+        let talkers = alone.class("talkers").unwrap();
+        assert!(talkers.delivered > 250, "{talkers:?}");
+        // ... and through a test that is off: "0s" is no test at all.
+        assert_eq!(
+            serde_json::to_string(&off.classes).unwrap(),
+            serde_json::to_string(&alone.classes).unwrap()
+        );
+
+        // reject: every talker is refused at its first connection and gives up.
+        let reject = config(&r, "reject");
+        let t = reject.class("talkers").unwrap();
+        assert_eq!((t.delivered, t.lost, t.attempts), (0, 300, 300), "{t:?}");
+        let p = reject.pregreet.as_ref().unwrap();
+        assert_eq!((p.wait, p.action, p.suspect_for), (6, "reject", 86_400));
+        assert_eq!(p.caught, 300);
+        assert_eq!(p.spam_accepted_without, alone.spam.delivered);
+        assert_eq!(p.spam_accepted, 0);
+        assert_eq!(p.spam_blocked, talkers.delivered);
+        assert_eq!(p.suspect_delay, None);
+
+        // defer: refused at every attempt, on the sender's own schedule (25 attempts in 2 h).
+        let defer = config(&r, "defer");
+        let t = defer.class("talkers").unwrap();
+        assert_eq!((t.delivered, t.lost, t.delayed), (0, 300, 300), "{t:?}");
+        assert_eq!(t.attempts, 300 * 25);
+        let p = defer.pregreet.as_ref().unwrap();
+        assert_eq!(p.caught, 300 * 25);
+        assert_eq!(p.spam_blocked, talkers.delivered);
+
+        // Legitimate mail is never blocked by it, only waits for the banner.
+        for c in [reject, defer] {
+            let p = c.pregreet.as_ref().unwrap();
+            assert_eq!(
+                (p.caught_legitimate, p.legitimate_lost),
+                (0, 0),
+                "{}",
+                c.name
+            );
+            assert_eq!(c.legitimate.delivered, 300, "{}", c.name);
+            assert_eq!(p.legitimate_wait_seconds, 6 * p.legitimate_waits);
+            assert_eq!(p.legitimate_p95_without, alone.legitimate.delay_p95);
+            assert!(p.legitimate_p50 >= p.legitimate_p50_without, "{p:?}");
+            // One office server: it waits on its first connection only (within 24 h).
+            let office = p.classes.iter().find(|x| x.class == "office").unwrap();
+            assert_eq!((office.waits, office.caught, office.blocked), (1, 0, 0));
+            // Gmail's pool: a new address waits again.
+            let gmail = p.classes.iter().find(|x| x.class == "gmail").unwrap();
+            assert!(gmail.waits > 100, "{gmail:?}");
+        }
+        // Passes remembered for no time: every connection waits.
+        let c = config(&r, "no-pass");
+        let office = c.pregreet.as_ref().unwrap().classes[1].clone();
+        assert_eq!(office.class, "office");
+        assert_eq!(office.waits, c.class("office").unwrap().attempts);
+    }
+
+    #[test]
+    fn a_suspect_group_serves_the_dnsbl_delay_for_its_time() {
+        // The quiet bots are on a DNSWL: with their DNS facts they pass at once.
+        let text = r#"
+[simulation]
+duration = "1d"
+seed = 4
+[[config]]
+name = "suspect"
+[config.greylist]
+auto_allow_after = 0
+[config.dns]
+enabled = true
+[config.dnswl]
+zones = ["wl.example"]
+[config.dnsbl]
+zones = ["bl.example"]
+delay = "3h"
+[config.smtp]
+[[config]]
+name = "forgotten"
+[config.greylist]
+auto_allow_after = 0
+[config.dns]
+enabled = true
+[config.dnswl]
+zones = ["wl.example"]
+[config.dnsbl]
+zones = ["bl.example"]
+delay = "3h"
+[config.smtp]
+pregreet_suspect_for = "0s"
+[[sender]]
+name = "talkers"
+spam = true
+messages = 50
+mta = "never"
+network = "198.51.100.0/25"
+hosts = 4
+domain = "t.example"
+pregreet = 1.0
+[[sender]]
+name = "quiet-bots"
+spam = true
+messages = 50
+mta = "fixed"
+retry_every = "5m"
+give_up = "1h"
+network = "198.51.100.128/25"
+hosts = 4
+domain = "q.example"
+dnswl = 1.0
+"#;
+        let r = run(&Scenario::parse("t.toml", text).unwrap());
+        let quiet = |name: &str| {
+            let p = config(&r, name).pregreet.clone().unwrap();
+            p.classes
+                .into_iter()
+                .find(|x| x.class == "quiet-bots")
+                .unwrap()
+        };
+        // The talkers' /24 is suspect after their first connection: the quiet bots there
+        // then carry the front's DNSBL hit instead of their DNS facts (so no DNSWL pass),
+        // serve the 3 h DNSBL delay and give up after 1 h.
+        let q = quiet("suspect");
+        assert_eq!(q.caught, 0);
+        assert!(q.suspect_rcpts > 0 && q.blocked > 25, "{q:?}");
+        let p = config(&r, "suspect").pregreet.clone().unwrap();
+        assert_eq!(p.suspect_delay, Some(3 * 3600));
+        // Suspect for no time: nothing but the talkers themselves is blocked.
+        let q = quiet("forgotten");
+        assert_eq!((q.suspect_rcpts, q.blocked), (0, 0), "{q:?}");
     }
 
     #[test]

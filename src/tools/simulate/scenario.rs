@@ -5,7 +5,11 @@
 //!
 //! Each `[[config]]` takes the daemon's own `[greylist]`, `[identity]`, `[dns]`, `[dnswl]`,
 //! `[dnsbl]` and `[allow]` tables and is checked by the daemon's own validation, so a
-//! simulated configuration means exactly what it would mean in `greygate.toml`.
+//! simulated configuration means exactly what it would mean in `greygate.toml`. A
+//! `[config.smtp]` table puts the configuration behind greygate's SMTP front: of `[smtp]`
+//! it takes the pregreet test's keys (`pregreet_wait`, `pregreet_action`,
+//! `pregreet_suspect_for`, `pregreet_pass_for`), with the daemon's names, defaults and
+//! checks.
 
 use std::net::Ipv4Addr;
 
@@ -78,7 +82,70 @@ pub struct RawEngineConfig {
     pub dnswl: RawDnswl,
     pub dnsbl: RawDnsbl,
     pub allow: RawAllow,
+    /// `[config.smtp]`: mail comes through the SMTP front and its pregreet test; absent,
+    /// the configuration is a policy service behind the site's own MTA (no test).
+    pub smtp: Option<RawSmtp>,
 }
+
+/// `[config.smtp]`: the pregreet test's keys of the daemon's `[smtp]`, with its defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSmtp {
+    /// How long the banner's last line is held back; `"0s"` turns the test off.
+    pub pregreet_wait: Dur,
+    /// `reject` (554) or `defer` (421) a client that talked first.
+    pub pregreet_action: String,
+    /// How long a pregreeting client's group is suspect: its RCPTs then carry a DNSBL hit
+    /// (`[dnsbl] delay`, when that is set).
+    pub pregreet_suspect_for: Dur,
+    /// How long an address that waited for the banner is not made to wait again.
+    pub pregreet_pass_for: Dur,
+}
+
+impl Default for RawSmtp {
+    fn default() -> Self {
+        let day = Dur(std::time::Duration::from_secs(86_400));
+        RawSmtp {
+            pregreet_wait: Dur(std::time::Duration::from_secs(6)),
+            pregreet_action: "reject".into(),
+            pregreet_suspect_for: day,
+            pregreet_pass_for: day,
+        }
+    }
+}
+
+/// What a client that talks before the banner ends gets (`pregreet_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PregreetAction {
+    /// `554 5.5.1` and the connection closes: the sender gives up on the message.
+    Reject,
+    /// A temporary refusal: the sender's retry schedule applies.
+    Defer,
+}
+
+impl PregreetAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PregreetAction::Reject => "reject",
+            PregreetAction::Defer => "defer",
+        }
+    }
+}
+
+impl std::str::FromStr for PregreetAction {
+    type Err = String;
+    /// As the daemon reads `[smtp] pregreet_action`, with its message.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reject" => Ok(PregreetAction::Reject),
+            "defer" => Ok(PregreetAction::Defer),
+            _ => Err(format!("{s:?} is not \"reject\" or \"defer\"")),
+        }
+    }
+}
+
+/// Longest `pregreet_wait` the daemon takes.
+const MAX_PREGREET_WAIT: u64 = 60;
 
 /// Retry behaviour of a sender class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -177,6 +244,9 @@ pub struct RawSender {
     /// Share of addresses (0–1) the configured DNSWL zone lists.
     #[serde(default)]
     pub dnswl: f64,
+    /// Share of addresses (0–1) that talk before the banner ends (bots: most; real MTAs: 0).
+    #[serde(default)]
+    pub pregreet: f64,
 }
 
 fn default_mta() -> MtaKind {
@@ -209,6 +279,18 @@ pub struct SimConfig {
     /// The zone named in DNSWL hits, when one is configured.
     pub dnswl_zone: Option<String>,
     pub dnsbl_zone: Option<String>,
+    /// The SMTP front's pregreet test; `None`: no test (no `[config.smtp]`, or
+    /// `pregreet_wait = "0s"`).
+    pub pregreet: Option<Pregreet>,
+}
+
+/// The pregreet test of a configuration, checked; times in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pregreet {
+    pub wait: u64,
+    pub action: PregreetAction,
+    pub suspect_for: u64,
+    pub pass_for: u64,
 }
 
 /// Where a class's addresses come from, checked.
@@ -244,6 +326,7 @@ pub struct SenderClass {
     pub ptr_domain: Option<String>,
     pub dnsbl: f64,
     pub dnswl: f64,
+    pub pregreet: f64,
 }
 
 impl SenderClass {
@@ -354,6 +437,11 @@ impl RawScenario {
                 allow: c.allow.clone(),
                 ..RawConfig::default()
             };
+            let pregreet = c.smtp.as_ref().and_then(|smtp| {
+                check_smtp(smtp, &mut |key: &str, message: String| {
+                    err(&["config", &at, "smtp", key], message);
+                })
+            });
             match raw.validate(None) {
                 Ok(cfg) => configs.push(SimConfig {
                     name: c.name.clone(),
@@ -362,6 +450,7 @@ impl RawScenario {
                     dns: cfg.dns.enabled,
                     dnswl_zone: cfg.dns.dnswl_zones.first().cloned(),
                     dnsbl_zone: cfg.dns.dnsbl_zones.first().cloned(),
+                    pregreet,
                 }),
                 Err(ConfigErrors(list)) => {
                     for e in list {
@@ -409,6 +498,44 @@ impl RawScenario {
             classes,
         })
     }
+}
+
+/// Checks `[config.smtp]` as the daemon checks `[smtp]`'s pregreet keys, and that times
+/// are whole seconds (the simulated clock's); `None` when the test is off
+/// (`pregreet_wait = "0s"`) or a problem was reported through `err`.
+fn check_smtp(r: &RawSmtp, err: &mut impl FnMut(&str, String)) -> Option<Pregreet> {
+    let mut ok = true;
+    let mut secs = |key: &str, d: Dur, err: &mut dyn FnMut(&str, String)| {
+        if d.0.subsec_nanos() != 0 {
+            err(
+                key,
+                format!("{key} {d} must be whole seconds in a simulation"),
+            );
+            ok = false;
+        }
+        d.0.as_secs()
+    };
+    let wait = secs("pregreet_wait", r.pregreet_wait, err);
+    if r.pregreet_wait.0 > std::time::Duration::from_secs(MAX_PREGREET_WAIT) {
+        err(
+            "pregreet_wait",
+            "pregreet_wait over 60 s would make real mail servers give up".into(),
+        );
+    }
+    let action = r
+        .pregreet_action
+        .parse::<PregreetAction>()
+        .map_err(|e| err("pregreet_action", e))
+        .ok();
+    let suspect_for = secs("pregreet_suspect_for", r.pregreet_suspect_for, err);
+    let pass_for = secs("pregreet_pass_for", r.pregreet_pass_for, err);
+    let action = action.filter(|_| ok && wait > 0 && wait <= MAX_PREGREET_WAIT)?;
+    Some(Pregreet {
+        wait,
+        action,
+        suspect_for,
+        pass_for,
+    })
 }
 
 /// Checks one sender class; `None` when something is wrong (reported through `err`).
@@ -584,7 +711,11 @@ fn check_sender(r: &RawSender, err: &mut impl FnMut(&str, String)) -> Option<Sen
     if r.senders == 0 {
         errs("senders", "senders must be at least 1".into());
     }
-    for (key, v) in [("dnsbl", r.dnsbl), ("dnswl", r.dnswl)] {
+    for (key, v) in [
+        ("dnsbl", r.dnsbl),
+        ("dnswl", r.dnswl),
+        ("pregreet", r.pregreet),
+    ] {
         if !(0.0..=1.0).contains(&v) {
             errs(key, format!("{key} is a share between 0 and 1, not {v}"));
         }
@@ -608,6 +739,7 @@ fn check_sender(r: &RawSender, err: &mut impl FnMut(&str, String)) -> Option<Sen
         ptr_domain: r.ptr_domain.clone(),
         dnsbl: r.dnsbl,
         dnswl: r.dnswl,
+        pregreet: r.pregreet,
     })
 }
 
@@ -712,6 +844,106 @@ dnsbl = 1.5
         let e = parse("").unwrap_err();
         assert!(e.contains("no [[config]]"), "{e}");
         assert!(e.contains("no [[sender]]"), "{e}");
+    }
+
+    #[test]
+    fn smtp_table_takes_the_daemons_pregreet_keys_and_defaults() {
+        // No [config.smtp]: no SMTP front, no test; a class pregreets 0 by default.
+        let s = parse(MINIMAL).unwrap();
+        assert_eq!(s.configs[0].pregreet, None);
+        assert_eq!(s.classes[0].pregreet, 0.0);
+
+        let with = |table: &str| {
+            let text = MINIMAL.replace(
+                "name = \"postgrey-like\"\n",
+                &format!("name = \"postgrey-like\"\n[config.smtp]\n{table}"),
+            );
+            parse(&text)
+        };
+        // An empty table: the daemon's defaults.
+        assert_eq!(
+            with("").unwrap().configs[0].pregreet,
+            Some(Pregreet {
+                wait: 6,
+                action: PregreetAction::Reject,
+                suspect_for: 86_400,
+                pass_for: 86_400
+            })
+        );
+        let s = with(
+            "pregreet_wait = \"10s\"\npregreet_action = \"defer\"\npregreet_suspect_for = \"2h\"\npregreet_pass_for = \"7d\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.configs[0].pregreet,
+            Some(Pregreet {
+                wait: 10,
+                action: PregreetAction::Defer,
+                suspect_for: 7200,
+                pass_for: 7 * 86_400
+            })
+        );
+        // "0s" turns the test off, as in the daemon.
+        assert_eq!(
+            with("pregreet_wait = \"0s\"\n").unwrap().configs[0].pregreet,
+            None
+        );
+
+        let text = MINIMAL.replace(
+            "domain = \"friends.example\"",
+            "domain = \"friends.example\"\npregreet = 0.25",
+        );
+        assert_eq!(parse(&text).unwrap().classes[0].pregreet, 0.25);
+    }
+
+    #[test]
+    fn pregreet_problems_name_file_line_and_value() {
+        let smtp = |table: &str| {
+            parse(&MINIMAL.replace(
+                "name = \"postgrey-like\"\n",
+                &format!("name = \"postgrey-like\"\n[config.smtp]\n{table}"),
+            ))
+            .unwrap_err()
+        };
+        // Names and types: serde's errors, at the line.
+        let e = smtp("listen = [\"0.0.0.0:25\"]\n");
+        assert!(e.starts_with("s.toml:8:"), "{e}");
+        assert!(e.contains("pregreet_wait"), "{e}");
+        let e = smtp("pregreet_wait = \"soon\"\n");
+        assert!(e.starts_with("s.toml:8:"), "{e}");
+        // The daemon's checks, with its messages, and whole seconds: every problem at once,
+        // each at its line.
+        let e = smtp(
+            "pregreet_wait = \"61s\"\npregreet_action = \"drop\"\npregreet_suspect_for = \"1500ms\"\n",
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(lines[0].starts_with("s.toml:8:"), "{e}");
+        assert!(
+            lines[0].ends_with("pregreet_wait over 60 s would make real mail servers give up"),
+            "{e}"
+        );
+        assert!(lines[1].starts_with("s.toml:9:"), "{e}");
+        assert!(
+            lines[1].ends_with(r#""drop" is not "reject" or "defer""#),
+            "{e}"
+        );
+        assert!(lines[2].starts_with("s.toml:10:"), "{e}");
+        assert!(lines[2].contains("1s 500ms must be whole seconds"), "{e}");
+        // 60 s itself is taken.
+        let e = smtp("pregreet_wait = \"60s\"\npregreet_action = \"x\"\n");
+        assert!(e.starts_with("s.toml:9:") && !e.contains("60 s"), "{e}");
+
+        let text = MINIMAL.replace(
+            "domain = \"friends.example\"",
+            "domain = \"friends.example\"\npregreet = 1.1",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.starts_with("s.toml:13:"), "{e}");
+        assert!(
+            e.contains("pregreet is a share between 0 and 1, not 1.1"),
+            "{e}"
+        );
     }
 
     #[test]
