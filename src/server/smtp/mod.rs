@@ -39,6 +39,15 @@ pub enum PregreetAction {
     Defer,
 }
 
+impl PregreetAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PregreetAction::Reject => "reject",
+            PregreetAction::Defer => "defer",
+        }
+    }
+}
+
 impl std::str::FromStr for PregreetAction {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

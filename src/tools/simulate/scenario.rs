@@ -114,35 +114,9 @@ impl Default for RawSmtp {
     }
 }
 
-/// What a client that talks before the banner ends gets (`pregreet_action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PregreetAction {
-    /// `554 5.5.1` and the connection closes: the sender gives up on the message.
-    Reject,
-    /// A temporary refusal: the sender's retry schedule applies.
-    Defer,
-}
-
-impl PregreetAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PregreetAction::Reject => "reject",
-            PregreetAction::Defer => "defer",
-        }
-    }
-}
-
-impl std::str::FromStr for PregreetAction {
-    type Err = String;
-    /// As the daemon reads `[smtp] pregreet_action`, with its message.
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "reject" => Ok(PregreetAction::Reject),
-            "defer" => Ok(PregreetAction::Defer),
-            _ => Err(format!("{s:?} is not \"reject\" or \"defer\"")),
-        }
-    }
-}
+/// What a client that talks before the banner ends gets (`pregreet_action`), as the
+/// daemon's SMTP front reads it.
+pub use crate::server::smtp::PregreetAction;
 
 /// Longest `pregreet_wait` the daemon takes.
 const MAX_PREGREET_WAIT: u64 = 60;
