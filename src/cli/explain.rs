@@ -101,6 +101,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         sasl_username: args.sasl_user.clone(),
         reverse_client_name: String::new(),
         facts: None,
+        tls: false,
     };
     let (reader, busy) = match store::open(&cfg.store, Access::Read) {
         Ok(store) => (Ok(store), false),

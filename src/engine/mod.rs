@@ -107,6 +107,10 @@ pub struct Request {
     /// What DNS (or a simulator) found out about the client; `None` when nothing was
     /// gathered: the identity is then the IP prefix and the delay the configured one.
     pub facts: Option<IdentityFacts>,
+    /// The client's session is encrypted (STARTTLS, as the front end knows it: Postfix's
+    /// `encryption_protocol`, the milter `{tls_version}` macro, the SMTP front's own).
+    /// No rule reads it yet; decisions are logged with it.
+    pub tls: bool,
 }
 
 /// The greylisting key of a request.

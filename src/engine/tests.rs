@@ -99,6 +99,7 @@ fn rcpt(client: &str, sender: &str, recipient: &str) -> Request {
         sasl_username: String::new(),
         reverse_client_name: "unknown".into(),
         facts: None,
+        tls: false,
     }
 }
 

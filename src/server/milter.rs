@@ -409,11 +409,13 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext, peer: &str) ->
             let want = action::ADD_HEADERS | action::SET_SYMLIST;
             let actions = want & actions;
             // Ask for the client's PTR name and how it resolved at connect (DNS facts need
-            // no lookup of their own then), the SASL login with MAIL, and the queue id for
-            // logs, if the MTA lets us.
+            // no lookup of their own then), the TLS version after HELO (sent again after
+            // STARTTLS's new HELO), the SASL login with MAIL, and the queue id for logs, if
+            // the MTA lets us.
             let macros = if actions & action::SET_SYMLIST != 0 {
                 vec![
                     (stage::CONNECT, "{client_ptr} {client_resolve}".to_string()),
+                    (stage::HELO, "{tls_version}".to_string()),
                     (stage::ENVFROM, "{auth_authen} i".to_string()),
                 ]
             } else {
@@ -487,6 +489,7 @@ async fn step(s: &mut Session, cmd: Command, ctx: &MilterContext, peer: &str) ->
                 sasl_username: s.macros.get("auth_authen").unwrap_or_default().to_string(),
                 reverse_client_name: s.reverse_client_name.clone(),
                 facts: None,
+                tls: s.macros.get("tls_version").is_some_and(|v| !v.is_empty()),
             };
             let outcome = ctx.svc.check(&req, unix_now()).await;
             if outcome.enforced

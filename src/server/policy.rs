@@ -61,6 +61,11 @@ pub fn to_request(p: PolicyRequest) -> Option<Request> {
                 client_name = Some(value);
                 continue;
             }
+            // Postfix 2.3+: `TLSv1.3` and the like once STARTTLS is done, empty before.
+            "encryption_protocol" => {
+                r.tls = !value.is_empty();
+                continue;
+            }
             "protocol_state" => &mut r.stage,
             "helo_name" => &mut r.helo,
             "sender" => &mut r.sender,
@@ -282,6 +287,20 @@ mod tests {
     use crate::service::{FailMode, ServiceOptions, StoreSlot};
     use crate::store::MemoryStore;
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn encryption_protocol_says_whether_the_session_is_tls() {
+        let req = |tls: &str| {
+            let mut p = PolicyRequest::new();
+            p.push("request", "smtpd_access_policy");
+            p.push("protocol_state", "RCPT");
+            p.push("client_address", "192.0.2.1");
+            p.push("encryption_protocol", tls);
+            to_request(p).expect("a policy request")
+        };
+        assert!(req("TLSv1.3").tls);
+        assert!(!req("").tls);
+    }
 
     fn context() -> PolicyContext {
         let svc = Greylister::new(

@@ -741,6 +741,7 @@ impl DecisionLine<'_> {
         let group = d.key.as_ref().map(|k| k.client.as_str());
         let detail = d.detail.as_deref();
         let (identity, delay, would, dns) = (self.identity(), self.delay(), self.would(), self.dns);
+        let tls = req.tls.then_some(true);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -758,6 +759,7 @@ impl DecisionLine<'_> {
                     recipient = req.recipient.as_str(),
                     remaining = d.remaining,
                     delayed = d.delayed,
+                    tls,
                     detail,
                     "decision"
                 )
@@ -806,6 +808,9 @@ impl DecisionLine<'_> {
         text(out, "recipient", Some(&req.recipient));
         num(out, "remaining", d.remaining);
         num(out, "delayed", d.delayed);
+        if req.tls {
+            out.push_str(" tls=true");
+        }
         text(out, "detail", d.detail.as_deref());
     }
 }

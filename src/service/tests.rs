@@ -477,6 +477,9 @@ async fn the_prewritten_decision_line_matches_the_structured_event() {
     let mut no_ip = req.clone();
     no_ip.client_ip = None;
     cases.push((no_ip, failed));
+    let mut tls = req.clone();
+    tls.tls = true;
+    cases.push((tls, o.clone()));
 
     for (i, (req, o)) in cases.iter().enumerate() {
         for (dns, level) in [

@@ -122,6 +122,7 @@ impl Mta {
             macros,
             vec![
                 (stage::CONNECT, "{client_ptr} {client_resolve}".to_string()),
+                (stage::HELO, "{tls_version}".to_string()),
                 (stage::ENVFROM, "{auth_authen} i".to_string())
             ]
         );

@@ -466,6 +466,7 @@ impl Session<'_> {
                 },
                 ..IdentityFacts::default()
             }),
+            tls: self.tls.is_some(),
         };
         let outcome = self.ctx.svc.check(&req, now).await;
         if let Some(deferral) = self.ctx.replies.load().milter_deferral(&outcome) {
