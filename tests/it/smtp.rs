@@ -1,0 +1,466 @@
+//! The SMTP front end end to end: swaks or a raw socket talks SMTP to greygate's own
+//! listener, which greylists at RCPT and relays what passes to a private Postfix (the
+//! backend, which trusts greygate's XCLIENT), which relays to smtp-sink; what arrives is
+//! read back from smtp-sink's dump files. Other addresses of 127/8 stand in for other hosts.
+//!
+//! Tests that need Postfix or swaks skip without them under plain `cargo test` and fail
+//! under `GREYGATE_REQUIRE_PEERS=1`; the others need only the daemon. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::admin::{Http, scrape};
+use crate::harness::postfix::{self, Policy, Postfix, Swaks, SwaksResult, free_port};
+use crate::harness::{
+    Daemon, DaemonConfig, PolicyClient, connect_from, raise_own_nofile, rcpt_request,
+};
+
+/// The greylisting delay of tests that wait for a retry to pass.
+const DELAY: u64 = 1;
+/// The delay of tests that only look at deferrals: no retry in the test can pass.
+const LONG: u64 = 300;
+/// Every loopback client skips greylisting: for tests about relaying, not deferring.
+const ALLOW_LOOPBACK: &str = "[allow]\nclients = [\"127.0.0.0/8\"]\n";
+/// The host name greygate uses in its banner and headers.
+const HOSTNAME: &str = "gw.test.invalid";
+
+const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+/// greygate's configuration: `sections` (e.g. `[allow]`) and `[smtp]` settings. The
+/// pregreet test is off unless `smtp` sets its wait: it would slow every other test down.
+fn greygate_toml(delay: u64, smtp: &str, sections: &str) -> String {
+    let pregreet = if smtp.contains("pregreet_wait") {
+        ""
+    } else {
+        "pregreet_wait = \"0s\"\n"
+    };
+    format!(
+        "hostname = \"{HOSTNAME}\"\n\n[greylist]\ndelay = {delay}\n\n{sections}\n\
+         [smtp]\n{pregreet}{smtp}\n"
+    )
+}
+
+/// A daemon with an SMTP front (and its policy and admin listeners) relaying to `backend`.
+fn start_greygate(dir: &Path, toml: &str, backend: &str) -> Daemon {
+    DaemonConfig::new(dir)
+        .toml(toml)
+        .smtp(&["127.0.0.1:0"], backend)
+        .start()
+}
+
+/// greygate's SMTP front in front of a private Postfix.
+struct Site {
+    greygate: Daemon,
+    postfix: Postfix,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// `None` (after saying why) when Postfix or swaks is missing and peers are optional.
+    fn start(test: &str, toml: &str, postfix_main: &[&str]) -> Option<Site> {
+        if !postfix::available(test) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let postfix = Postfix::start(Policy::None, postfix_main);
+        let backend = format!("127.0.0.1:{}", postfix.smtp_port);
+        let greygate = start_greygate(dir.path(), toml, &backend);
+        Some(Site {
+            greygate,
+            postfix,
+            dir,
+        })
+    }
+
+    /// swaks towards greygate's SMTP front.
+    fn swaks(&self) -> Swaks {
+        Swaks::at(&self.greygate.smtp().to_string())
+    }
+
+    /// A file in the test's directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A message as written to a file for `swaks --data @FILE`: CRLF line ends, no line that
+/// starts with a dot or holds swaks' `%TOKEN%`s or `\n`, and no line end at the very end
+/// (swaks adds the CRLF before the final dot).
+struct Message {
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Message {
+    fn new(subject: &str, from: &str, to: &str, body_lines: usize) -> Message {
+        let headers = format!(
+            "Date: Mon, 02 Mar 2026 10:00:00 +0000\r\n\
+             From: Sender <{from}>\r\n\
+             To: Recipient <{to}>\r\n\
+             Subject: {subject}\r\n\
+             Message-ID: <{subject}@client.example.net>\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=us-ascii\r\n"
+        );
+        let mut body = Vec::with_capacity(body_lines * 80);
+        for i in 0..body_lines {
+            // 78 characters and CRLF: a line of a typical base64 attachment's length.
+            let _ = write!(
+                body,
+                "line {i:010} of the test body {:>47}\r\n",
+                "x".repeat(i % 40)
+            );
+        }
+        body.extend_from_slice(b"the end");
+        Message { headers, body }
+    }
+
+    /// Writes the message to `path` for `--data @path`; returns `@path`.
+    fn write(&self, path: &Path) -> String {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        f.write_all(self.headers.as_bytes()).unwrap();
+        f.write_all(b"\r\n").unwrap();
+        f.write_all(&self.body).unwrap();
+        f.flush().unwrap();
+        format!("@{}", path.display())
+    }
+
+    /// The body as the server receives it (swaks ends the last line before the dot).
+    fn sent_body(&self) -> Vec<u8> {
+        let mut b = self.body.clone();
+        b.extend_from_slice(b"\r\n");
+        b
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A delivered message (smtp-sink's dump) split into its header lines and its body.
+struct Delivered {
+    headers: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Delivered {
+    fn parse(text: &str) -> Delivered {
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .or_else(|| text.split_once("\n\n"))
+            .unwrap_or_else(|| panic!("no end of headers in the delivered message:\n{text}"));
+        let headers = head.lines().map(str::to_string).collect();
+        Delivered {
+            headers,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// The message body as received, less the empty line smtp-sink ends each dump with
+    /// (smtp-sink writes LF line ends: compare with [`lf`] of what was sent).
+    fn body(&self) -> &[u8] {
+        self.body.strip_suffix(b"\n").unwrap_or(&self.body)
+    }
+
+    fn header(&self, prefix: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .map(String::as_str)
+    }
+
+    /// Where greygate's `Received:` header starts (its first line names greygate on the
+    /// next line, `by HOST (greygate)`).
+    fn greygate_received(&self) -> usize {
+        self.headers
+            .windows(2)
+            .position(|w| w[0].starts_with("Received: ") && w[1].contains("(greygate)"))
+            .unwrap_or_else(|| panic!("no Received: header of greygate in {:#?}", self.headers))
+    }
+
+    /// Greygate's `Received:` header, folded lines joined.
+    fn greygate_received_text(&self) -> String {
+        let at = self.greygate_received();
+        let mut text = self.headers[at].clone();
+        for l in &self.headers[at + 1..] {
+            if !l.starts_with([' ', '\t']) {
+                break;
+            }
+            text.push(' ');
+            text.push_str(l.trim());
+        }
+        text
+    }
+}
+
+/// Waits (bounded) until smtp-sink holds the whole message whose headers contain `marker`
+/// and whose body ends with `tail`: the dump is written as the message arrives.
+fn delivered_whole(pf: &Postfix, marker: &str, tail: &[u8]) -> Delivered {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = Delivered::parse(&pf.delivered(marker));
+        if d.body().ends_with(tail) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {marker:?} never reached smtp-sink whole ({} body bytes, ending {:?})",
+            d.body.len(),
+            String::from_utf8_lossy(&d.body[d.body.len().saturating_sub(200)..])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Line ends as smtp-sink writes them (LF).
+fn lf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+            i += 1;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Asserts `X-Greylist: delayed N seconds by greygate-...` with N plausible for `delay`.
+fn assert_x_greylist(header: &str, delay: u64) {
+    let n: u64 = header
+        .strip_prefix("X-Greylist: delayed ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("malformed header {header:?}"));
+    assert!(
+        (delay..=delay + 15).contains(&n),
+        "delayed {n} s for a {delay} s delay: {header}"
+    );
+    assert!(header.contains(" seconds by greygate-"), "{header}");
+    assert!(header.contains(&format!(" at {HOSTNAME}; ")), "{header}");
+}
+
+/// Waits until a retry of a triplet first seen now may pass.
+fn wait_delay() {
+    std::thread::sleep(Duration::from_millis(DELAY * 1000 + 600));
+}
+
+/// A raw SMTP client: what a test sends and receives byte for byte.
+struct Smtp {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Smtp {
+    /// Connects from `from` without reading anything.
+    fn connect(from: Ipv4Addr, to: SocketAddr) -> Smtp {
+        let stream = connect_from(from, to);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Smtp { stream, reader }
+    }
+
+    /// Connects from `from` and reads the banner, which must be `220 `.
+    fn greeted(from: Ipv4Addr, to: SocketAddr) -> Smtp {
+        let mut c = Smtp::connect(from, to);
+        let banner = c.reply();
+        assert!(banner.starts_with("220 "), "banner: {banner:?}");
+        c
+    }
+
+    /// One line (CRLF stripped); `None` at the end of the stream.
+    fn line(&mut self) -> Option<String> {
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) => None,
+            Ok(_) => Some(l.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("no reply line within the read timeout; partial {l:?}")
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// One whole (multi-line) reply, its lines joined by `\n`.
+    fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let Some(l) = self.line() else {
+                panic!("connection closed after {lines:?}")
+            };
+            let last = l.as_bytes().get(3) != Some(&b'-');
+            lines.push(l);
+            if last {
+                return lines.join("\n");
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\r\n").unwrap();
+    }
+
+    /// Sends a command and reads its reply.
+    fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.reply()
+    }
+
+    /// Reads until the server closes the connection, within `limit`; what came before the
+    /// close, or `None` if it stayed open.
+    fn closed_within(&mut self, limit: Duration) -> Option<String> {
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            }
+        }
+        None
+    }
+}
+
+/// A sample of the daemon's `/metrics` (labels sorted, as `admin::scrape` keys them).
+fn metric(d: &Daemon, key: &str) -> f64 {
+    let m = scrape(&Http::new(d));
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no metric {key}; have {:?}", m.keys().collect::<Vec<_>>()))
+}
+
+/// Waits (bounded) until `/metrics` shows `key` at `want` or more; returns the value.
+fn wait_metric(d: &Daemon, key: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(d, key);
+        if v >= want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{key} is {v}, not {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_code(r: &SwaksResult, code: i32, what: &str) {
+    assert_eq!(r.code, code, "{what}: swaks exit code:\n{}", r.transcript);
+}
+
+// 1. Greylisting at RCPT, then the message relayed unchanged but for greygate's headers.
+#[test]
+fn smtp_front_greylists_then_relays_the_message_unchanged_with_trace_headers() {
+    let toml = greygate_toml(DELAY, "", "");
+    let Some(s) = Site::start("smtp_front_greylists_then_relays", &toml, &[]) else {
+        return;
+    };
+    let msg = Message::new(
+        "front-greylist",
+        "alice@example.net",
+        "bob@example.org",
+        200,
+    );
+    let data = msg.write(&s.path("message.eml"));
+    let attempt = |rcpt_only: bool| {
+        let mut w = s
+            .swaks()
+            .from("alice@example.net")
+            .to("bob@example.org")
+            .arg("--data", &data);
+        if rcpt_only {
+            w = w.rcpt_only();
+        }
+        w.run()
+    };
+    let first = attempt(false);
+    assert_code(&first, 24, "first attempt");
+    assert!(
+        first.rcpt_reply().contains("451 4.7.1"),
+        "first attempt: {}",
+        first.transcript
+    );
+    let early = attempt(true);
+    assert_code(&early, 24, "early retry");
+    assert!(
+        early.rcpt_reply().contains("451 4.7.1"),
+        "early retry: {}",
+        early.transcript
+    );
+    s.greygate.expect_log("rule=\"early-retry\"");
+
+    wait_delay();
+    let retry = attempt(false);
+    assert_code(&retry, 0, "retry after the delay");
+    assert!(
+        retry.rcpt_reply().contains("250"),
+        "retry: {}",
+        retry.transcript
+    );
+
+    let got = delivered_whole(&s.postfix, "Subject: front-greylist", b"the end\n");
+    let sent = lf(&msg.sent_body());
+    assert_eq!(
+        sha256(got.body()),
+        sha256(&sent),
+        "the body arrives byte for byte ({} bytes sent, {} delivered)",
+        sent.len(),
+        got.body().len()
+    );
+    // greygate's headers come right before the client's, which are unchanged and in order.
+    let at = got.greygate_received();
+    let received = got.greygate_received_text();
+    assert!(
+        received.starts_with("Received: from client.example.net (unknown [127.0.0.1])"),
+        "{received}"
+    );
+    assert!(
+        received.contains(&format!("by {HOSTNAME} (greygate) with ESMTP;")),
+        "{received}"
+    );
+    let x_greylist = got
+        .header("X-Greylist: ")
+        .unwrap_or_else(|| panic!("X-Greylist header in {:#?}", got.headers));
+    assert_x_greylist(x_greylist, DELAY);
+    let sent: Vec<&str> = msg.headers.lines().collect();
+    let start = got
+        .headers
+        .iter()
+        .position(|l| l == sent[0])
+        .unwrap_or_else(|| panic!("the client's first header in {:#?}", got.headers));
+    assert!(
+        start > at,
+        "greygate's headers go first: {:#?}",
+        got.headers
+    );
+    assert_eq!(
+        got.headers[start..]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        sent,
+        "the client's headers arrive unchanged"
+    );
+    assert!(
+        got.headers[at..start]
+            .iter()
+            .any(|l| l.starts_with("X-Greylist: ")),
+        "X-Greylist is greygate's, before the client's headers: {:#?}",
+        got.headers
+    );
+}
