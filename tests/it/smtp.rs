@@ -464,3 +464,270 @@ fn smtp_front_greylists_then_relays_the_message_unchanged_with_trace_headers() {
         got.headers
     );
 }
+
+// 2. XCLIENT: the backend logs the real client, not greygate.
+#[test]
+fn backend_logs_the_real_client_address_through_xclient() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("backend_logs_the_real_client_address", &toml, &[]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .local("127.0.0.2")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("xclient-addr")
+        .run();
+    assert_code(&r, 0, "relayed");
+    let got = delivered_whole(&s.postfix, "Subject: xclient-addr", b"");
+    let received = got.greygate_received_text();
+    assert!(received.contains("(unknown [127.0.0.2])"), "{received}");
+    let log = s.postfix.maillog();
+    let connect = log
+        .lines()
+        .find(|l| l.contains("smtpd") && l.contains("connect from "))
+        .unwrap_or_else(|| panic!("Postfix logged no connection:\n{log}"));
+    assert!(
+        connect.contains("[127.0.0.1]"),
+        "the connection itself is greygate's: {connect}"
+    );
+    let client = log
+        .lines()
+        .find(|l| l.contains(": client="))
+        .unwrap_or_else(|| panic!("Postfix logged no client= line:\n{log}"));
+    assert!(
+        client.contains("client=unknown[127.0.0.2]"),
+        "Postfix logs the real client: {client}\n{log}"
+    );
+}
+
+// 3. The backend's refusal of a recipient reaches the client as it was.
+#[test]
+fn backend_550_for_an_unknown_user_reaches_the_client() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let refuse = "smtpd_recipient_restrictions = check_recipient_access \
+                  inline:{ { unknown@example.org = 550 5.1.1 unknown user } }, \
+                  reject_unauth_destination";
+    let Some(s) = Site::start("backend_550_for_an_unknown_user", &toml, &[refuse]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("unknown@example.org")
+        .subject("unknown-user")
+        .run();
+    assert_code(&r, 24, "the only recipient refused");
+    let reply = r.rcpt_reply();
+    assert!(
+        reply.contains("550 5.1.1") && reply.contains("unknown user"),
+        "the backend's reply: {reply}\n{}",
+        r.transcript
+    );
+    // The same client's mail to a known user still goes through.
+    let ok = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("known-user")
+        .run();
+    assert_code(&ok, 0, "a known recipient");
+    delivered_whole(&s.postfix, "Subject: known-user", b"");
+    let log = s.postfix.maillog();
+    assert!(log.contains("550 5.1.1 <unknown@example.org>"), "{log}");
+}
+
+// 4. No backend: a temporary failure at RCPT, and the daemon goes on.
+#[test]
+fn backend_down_defers_at_rcpt_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let backend = format!("127.0.0.1:{}", free_port());
+    let toml = greygate_toml(LONG, "backend_connect_timeout = \"5s\"\n", ALLOW_LOOPBACK);
+    let d = start_greygate(dir.path(), &toml, &backend);
+    d.expect_log("SMTP backend does not answer");
+    for round in ["first client", "next client"] {
+        let mut c = Smtp::greeted(LOCAL, d.smtp());
+        assert!(c.ask("EHLO client.example.net").starts_with("250"));
+        assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+        let rcpt = c.ask("RCPT TO:<bob@example.org>");
+        assert!(rcpt.starts_with("451 4.4."), "{round}: {rcpt}");
+        let data = c.ask("DATA");
+        assert!(
+            data.starts_with("554") || data.starts_with("503") || data.starts_with("451"),
+            "{round}: nothing is accepted: {data}"
+        );
+        assert!(c.ask("QUIT").starts_with("221"), "{round}");
+    }
+    assert_eq!(metric(&d, "greygate_smtp_backend_failures_total{}"), 2.0);
+    assert_eq!(metric(&d, "greygate_smtp_messages_total{}"), 0.0);
+    d.expect_log("backend unavailable");
+}
+
+// 5. RFC 2920 pipelining, greylisted and then relayed.
+#[test]
+fn pipelined_session_is_greylisted_then_relayed() {
+    let toml = greygate_toml(DELAY, "", "");
+    let Some(s) = Site::start("pipelined_session", &toml, &[]) else {
+        return;
+    };
+    let attempt = || {
+        s.swaks()
+            .flag("--pipeline")
+            .from("carol@example.net")
+            .to("dave@example.org,erin@example.org")
+            .subject("pipelined")
+            .run()
+    };
+    let first = attempt();
+    assert_code(&first, 24, "first pipelined attempt");
+    assert!(
+        first.transcript.matches("451 4.7.1").count() >= 2,
+        "both recipients greylisted:\n{}",
+        first.transcript
+    );
+    wait_delay();
+    let retry = attempt();
+    assert_code(&retry, 0, "pipelined retry");
+    // swaks sent MAIL, both RCPTs and DATA before reading a reply.
+    let t = &retry.transcript;
+    let mail = t.find("-> MAIL FROM:").expect("MAIL in the transcript");
+    let data = t[mail..].find("-> DATA").expect("DATA in the transcript") + mail;
+    assert!(
+        !t[mail..data].contains("<-"),
+        "commands went out together:\n{t}"
+    );
+    let got = delivered_whole(&s.postfix, "Subject: pipelined", b"");
+    assert_x_greylist(
+        got.header("X-Greylist: ").expect("X-Greylist header"),
+        DELAY,
+    );
+    let rcpts = got.header("X-Rcpt-Args: ").unwrap_or_default().to_string();
+    let log = s.postfix.maillog();
+    for r in ["dave@example.org", "erin@example.org"] {
+        assert!(
+            log.contains(&format!("to=<{r}>")) || rcpts.contains(r),
+            "{r} relayed:\n{log}"
+        );
+    }
+}
+
+/// A self-signed certificate for `localhost`, made with openssl in `dir`: (cert, key).
+fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "2"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+// 6. STARTTLS towards the client; greygate's Received header records it.
+#[test]
+fn starttls_session_is_relayed_with_an_esmtps_received_header() {
+    if !postfix::available("starttls_session") {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_certificate(certs.path());
+    let smtp = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        cert.display(),
+        key.display()
+    );
+    let toml = greygate_toml(LONG, &smtp, ALLOW_LOOPBACK);
+    let Some(s) = Site::start("starttls_session", &toml, &[]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .flag("--tls")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("over-tls")
+        .run();
+    assert_code(&r, 0, "relayed over TLS");
+    assert!(
+        r.transcript.contains("STARTTLS") && r.transcript.contains("TLS started"),
+        "{}",
+        r.transcript
+    );
+    let got = delivered_whole(&s.postfix, "Subject: over-tls", b"");
+    let received = got.greygate_received_text();
+    assert!(
+        received.contains(&format!("by {HOSTNAME} (greygate) with ESMTPS")),
+        "{received}"
+    );
+    assert!(received.contains("version=TLS"), "{received}");
+    wait_metric(&s.greygate, "greygate_smtp_tls_sessions_total{}", 1.0);
+}
+
+// 7. A big message streams through: the daemon never holds it.
+#[test]
+fn fifty_megabyte_message_streams_through_without_growing_the_daemon() {
+    const MAX: &str = "104857600";
+    let toml = greygate_toml(LONG, &format!("max_message_size = {MAX}\n"), ALLOW_LOOPBACK);
+    let Some(s) = Site::start(
+        "fifty_megabyte_message_streams_through",
+        &toml,
+        &[
+            &format!("message_size_limit = {MAX}"),
+            "mailbox_size_limit = 0",
+        ],
+    ) else {
+        return;
+    };
+    // 655,360 lines of 80 bytes: 50 MiB.
+    let msg = Message::new(
+        "big-message",
+        "alice@example.net",
+        "bob@example.org",
+        655_360,
+    );
+    assert!(msg.body.len() >= 50 << 20);
+    let data = msg.write(&s.path("big.eml"));
+    let before = s.greygate.status_kib("VmRSS");
+    let started = Instant::now();
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .arg("--data", &data)
+        .flag("--suppress-data")
+        .arg("--timeout", "120")
+        .run();
+    assert_code(&r, 0, "the 50 MiB message accepted");
+    let took = started.elapsed();
+    let after = s.greygate.status_kib("VmRSS");
+    let peak = s.greygate.status_kib("VmHWM");
+    eprintln!("50 MiB in {took:?}: RSS {before} KiB before, {after} KiB after, peak {peak} KiB");
+    assert!(
+        after.saturating_sub(before) < 10 * 1024,
+        "RSS {before} KiB before, {after} KiB after the message"
+    );
+    assert!(
+        peak.saturating_sub(before) < 10 * 1024,
+        "RSS {before} KiB before, peak {peak} KiB"
+    );
+    let got = delivered_whole(&s.postfix, "Subject: big-message", b"the end\n");
+    let sent = lf(&msg.sent_body());
+    assert_eq!(got.body().len(), sent.len(), "took {took:?}");
+    assert_eq!(sha256(got.body()), sha256(&sent));
+    wait_metric(
+        &s.greygate,
+        "greygate_smtp_message_bytes_total{}",
+        (50 << 20) as f64,
+    );
+}
