@@ -623,6 +623,21 @@ pub fn raise_own_nofile(want: u64) -> u64 {
     lim.rlim_cur
 }
 
+/// Whether the program `bin` (an absolute path) a test needs is installed: false (after
+/// printing why) when the test should be skipped; panics instead when real peers are
+/// required, as [`postfix::available`] does.
+pub fn tool_available(test: &str, bin: &str) -> bool {
+    if Path::new(bin).exists() {
+        return true;
+    }
+    assert!(
+        !peers_required(),
+        "{test}: {bin} required but not installed"
+    );
+    eprintln!("skipped {test}: {bin} is not installed");
+    false
+}
+
 /// True when the variable that makes missing peers fatal is set (the README's test command
 /// sets it); plain `cargo test` skips such tests with a printed reason instead.
 pub fn peers_required() -> bool {
