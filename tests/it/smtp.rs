@@ -16,11 +16,13 @@ use sha2::{Digest, Sha256};
 use crate::admin::{Http, scrape};
 use crate::harness::postfix::{self, Policy, Postfix, Swaks, SwaksResult, free_port};
 use crate::harness::{
-    Daemon, DaemonConfig, PolicyClient, connect_from, raise_own_nofile, rcpt_request,
+    Daemon, DaemonConfig, connect_from, raise_own_nofile, rcpt_request, tool_available,
 };
 
-/// The greylisting delay of tests that wait for a retry to pass.
-const DELAY: u64 = 1;
+/// The greylisting delay of tests that wait for a retry to pass: two seconds, so that an
+/// early retry a moment after the first attempt is early even when the two fall either
+/// side of a second's boundary on a loaded machine.
+const DELAY: u64 = 2;
 /// The delay of tests that only look at deferrals: no retry in the test can pass.
 const LONG: u64 = 300;
 /// Every loopback client skips greylisting: for tests about relaying, not deferring.
@@ -251,7 +253,7 @@ fn assert_x_greylist(header: &str, delay: u64) {
 
 /// Waits until a retry of a triplet first seen now may pass.
 fn wait_delay() {
-    std::thread::sleep(Duration::from_millis(DELAY * 1000 + 600));
+    std::thread::sleep(Duration::from_millis(DELAY * 1000 + 300));
 }
 
 /// A raw SMTP client: what a test sends and receives byte for byte.
@@ -616,7 +618,7 @@ fn pipelined_session_is_greylisted_then_relayed() {
 /// A self-signed certificate for `localhost`, made with openssl in `dir`: (cert, key).
 fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
-    let out = std::process::Command::new("openssl")
+    let out = std::process::Command::new("/usr/bin/openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
         .args(["-subj", "/CN=localhost", "-days", "2"])
         .arg("-keyout")
@@ -637,7 +639,9 @@ fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
 // 6. STARTTLS towards the client; greygate's Received header records it.
 #[test]
 fn starttls_session_is_relayed_with_an_esmtps_received_header() {
-    if !postfix::available("starttls_session") {
+    if !postfix::available("starttls_session")
+        || !tool_available("starttls_session", "/usr/bin/openssl")
+    {
         return;
     }
     let certs = tempfile::tempdir().unwrap();
@@ -730,4 +734,290 @@ fn fifty_megabyte_message_streams_through_without_growing_the_daemon() {
         "greygate_smtp_message_bytes_total{}",
         (50 << 20) as f64,
     );
+}
+
+/// A daemon with an SMTP front whose backend is a free port: for tests that never get as
+/// far as relaying.
+fn without_backend(dir: &Path, toml: &str) -> Daemon {
+    start_greygate(dir, toml, &format!("127.0.0.1:{}", free_port()))
+}
+
+// 8. Postscreen's pregreet test.
+#[test]
+fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
+    const WAIT: Duration = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(LONG, "pregreet_wait = \"2s\"\n", ""),
+    );
+
+    // A bot: talks as soon as the first banner line is there.
+    let mut bot = Smtp::connect(LOCAL, d.smtp());
+    let first = bot.line().expect("the banner's first line");
+    assert!(first.starts_with("220-"), "{first}");
+    bot.send("EHLO x");
+    let rest = bot
+        .closed_within(Duration::from_secs(5))
+        .expect("the bot's connection is closed");
+    assert!(rest.starts_with("554 5.5.1"), "{rest:?}");
+    assert!(
+        !rest.contains("220 "),
+        "no final banner line for the bot: {rest:?}"
+    );
+    assert_eq!(wait_metric(&d, "greygate_smtp_pregreets_total{}", 1.0), 1.0);
+    d.expect_log("rule=\"pregreet\"");
+
+    // A real mail server (another network) waits for the last banner line, gets it after
+    // the wait, and goes on.
+    let patient = Ipv4Addr::new(127, 0, 1, 1);
+    let started = Instant::now();
+    let mut mta = Smtp::connect(patient, d.smtp());
+    let banner = mta.reply();
+    let waited = started.elapsed();
+    assert!(
+        banner.ends_with(&format!("220 {HOSTNAME} ESMTP")),
+        "{banner}"
+    );
+    assert!(
+        waited >= WAIT - Duration::from_millis(200) && waited < WAIT + Duration::from_secs(3),
+        "the banner ended after {waited:?}"
+    );
+    let ehlo = mta.ask("EHLO mx.example.net");
+    assert!(
+        ehlo.starts_with("250-") && ehlo.contains("PIPELINING"),
+        "{ehlo}"
+    );
+    assert!(mta.ask("NOOP").starts_with("250"));
+    assert!(mta.ask("QUIT").starts_with("221"));
+    // Having passed, it is not made to wait again.
+    let started = Instant::now();
+    let _again = Smtp::greeted(patient, d.smtp());
+    assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
+    assert_eq!(metric(&d, "greygate_smtp_pregreets_total{}"), 1.0);
+}
+
+// 9. A greytrap denies its sender on every front end, the policy service's too.
+#[test]
+fn greytrap_hit_denies_the_client_on_the_policy_front_end_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = "traps = [\"trap@example.org\"]\n";
+    let d = without_backend(dir.path(), &greygate_toml(DELAY, smtp, ""));
+    let mut policy = d.client();
+    let trapped = rcpt_request("127.0.0.3", "news@example.net", "bob@example.org");
+    let control = rcpt_request("127.0.0.4", "news@example.net", "carol@example.org");
+    for req in [&trapped, &control] {
+        let a = policy.ask(req);
+        assert!(a.starts_with("DEFER_IF_PERMIT"), "first attempt: {a}");
+    }
+    wait_delay();
+
+    let mut c = Smtp::greeted(Ipv4Addr::new(127, 0, 0, 3), d.smtp());
+    assert!(c.ask("EHLO spam.example.com").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<spam@example.com>").starts_with("250"));
+    let rcpt = c.ask("RCPT TO:<Trap@Example.org>");
+    assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
+    assert!(c.ask("QUIT").starts_with("221"));
+    d.expect_log("rule=\"greytrap\"");
+    assert_eq!(metric(&d, "greygate_smtp_trap_hits_total{}"), 1.0);
+
+    let listed = Http::new(&d).get_json("/api/runtime");
+    let entries = listed["entries"].as_array().expect("entries");
+    assert!(
+        entries.iter().any(|e| e["list"] == "deny"
+            && e["target"] == "client"
+            && e["value"] == "127.0.0.3"
+            && e["comment"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Trap@Example.org")),
+        "a runtime deny entry for the client: {listed}"
+    );
+
+    // The triplet has served its delay, but its client is denied now.
+    let a = policy.ask(&trapped);
+    assert!(a.starts_with("DEFER_IF_PERMIT"), "trapped client: {a}");
+    d.expect_log("rule=\"deny\"");
+    // Its neighbour's triplet, as old, passes: the entry is the client's alone.
+    let a = policy.ask(&control);
+    assert!(a.starts_with("PREPEND X-Greylist:"), "control: {a}");
+}
+
+// 10. Deferred clients are answered slowly.
+#[test]
+fn deferred_client_gets_its_later_replies_at_the_tarpit_rate() {
+    const RATE: f64 = 20.0;
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "tarpit_rate = 20\n", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    // Before any deferral: at full speed.
+    let started = Instant::now();
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "untarpitted replies took {:?}",
+        started.elapsed()
+    );
+    let rcpt = c.ask("RCPT TO:<bob@example.org>");
+    assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
+    assert_eq!(metric(&d, "greygate_smtp_tarpitted_total{}"), 1.0);
+    // A reply of known length, after the deferral.
+    let started = Instant::now();
+    let help = c.ask("HELP");
+    let took = started.elapsed().as_secs_f64();
+    let bytes = (help.len() + 2) as f64;
+    assert!(help.starts_with("214 "), "{help}");
+    let expected = bytes / RATE;
+    assert!(
+        took >= expected * 0.8 && took <= expected * 1.5 + 1.0,
+        "{bytes} bytes took {took:.2} s; at {RATE} bytes/s: {expected:.2} s"
+    );
+}
+
+// 11. Bad input: junk commands up to the error limit.
+#[test]
+fn junk_commands_get_500_until_max_errors_then_421_and_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "max_errors = 5\n", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    for junk in ["FOO", "\u{1}\u{2}\u{7f}", "GET / HTTP/1.1", "MAILFROM"] {
+        let r = c.ask(junk);
+        assert!(r.starts_with("500 5.5.2"), "{junk:?}: {r}");
+    }
+    // The session goes on between errors.
+    assert!(c.ask("NOOP").starts_with("250"));
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    c.send("XYZZY");
+    let rest = c
+        .closed_within(Duration::from_secs(5))
+        .expect("closed after the fifth error");
+    assert!(
+        rest.starts_with("500 5.5.2") && rest.contains("\r\n421 4.7.0"),
+        "{rest:?}"
+    );
+    assert_eq!(metric(&d, "greygate_smtp_error_disconnects_total{}"), 1.0);
+    // Others are still served.
+    let mut next = Smtp::greeted(LOCAL, d.smtp());
+    assert!(next.ask("NOOP").starts_with("250"));
+}
+
+// 11. Bad input: a 1 MB command line.
+#[test]
+fn megabyte_command_line_gets_500_and_the_next_command_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    let long = format!("EHLO {}", "x".repeat(1 << 20));
+    let r = c.ask(&long);
+    assert_eq!(r, "500 5.5.2 Line too long");
+    let ehlo = c.ask("EHLO mx.example.net");
+    assert!(ehlo.starts_with("250-"), "{ehlo}");
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+}
+
+// 11. Bad input: a client that stops in the middle of DATA.
+#[test]
+fn client_gone_mid_data_delivers_nothing_and_others_are_served() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("client_gone_mid_data", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    let rcpt = c.ask("RCPT TO:<bob@example.org>");
+    assert!(
+        rcpt.starts_with("250"),
+        "the backend takes the recipient: {rcpt}"
+    );
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: abandoned-mid-data\r\n\r\nhalf a message\r\n")
+        .unwrap();
+    c.stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    s.greygate.expect_log("during DATA");
+
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("after-the-abandoned-one")
+        .run();
+    assert_code(&r, 0, "the next client");
+    delivered_whole(&s.postfix, "Subject: after-the-abandoned-one", b"");
+    // Postfix saw its client go in the middle of the message and queued nothing of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.postfix.maillog().contains("lost connection after DATA") {
+        assert!(
+            Instant::now() < deadline,
+            "Postfix never saw the session end mid-DATA:\n{}",
+            s.postfix.maillog()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sink = s.postfix.dir.join("sink");
+    for e in std::fs::read_dir(&sink).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(
+            !text.contains("abandoned-mid-data"),
+            "the half message was delivered:\n{text}"
+        );
+    }
+    assert_eq!(metric(&s.greygate, "greygate_smtp_messages_total{}"), 1.0);
+}
+
+// 11. Bad input: thousands of idle connections do not keep a real client out.
+#[test]
+fn two_thousand_idle_connections_and_a_client_still_completes_its_session() {
+    const IDLE: usize = 2000;
+    let toml = greygate_toml(
+        LONG,
+        "max_connections = 4096\nmax_connections_per_peer = 4096\n",
+        ALLOW_LOOPBACK,
+    );
+    let Some(s) = Site::start("two_thousand_idle_connections", &toml, &[]) else {
+        return;
+    };
+    let limit = raise_own_nofile(IDLE as u64 + 512);
+    assert!(
+        limit >= IDLE as u64 + 256,
+        "this test needs {} descriptors; the hard limit allows {limit}",
+        IDLE + 256
+    );
+    let addr = s.greygate.smtp();
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|i| connect_from(Ipv4Addr::new(127, 0, 2, (i % 250) as u8 + 1), addr))
+        .collect();
+    // Every one is served its banner, and then sends nothing.
+    for (i, conn) in idle.iter().enumerate() {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).unwrap();
+        assert!(line.starts_with("220 "), "idle connection {i}: {line:?}");
+    }
+    let open = scrape(&Http::new(&s.greygate))
+        .iter()
+        .filter(|(k, _)| k.starts_with("greygate_connections_open{") && k.contains("protocol=smtp"))
+        .map(|(_, v)| *v)
+        .sum::<f64>();
+    assert!(open >= IDLE as f64, "{open} SMTP connections open");
+
+    let started = Instant::now();
+    let r = s
+        .swaks()
+        .local("127.0.0.2")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("among-the-idle")
+        .run();
+    let took = started.elapsed();
+    assert_code(&r, 0, "a client among 2,000 idle connections");
+    assert!(took < Duration::from_secs(10), "the session took {took:?}");
+    delivered_whole(&s.postfix, "Subject: among-the-idle", b"");
+    drop(idle);
 }
