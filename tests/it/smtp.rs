@@ -90,8 +90,8 @@ impl Site {
 }
 
 /// A message as written to a file for `swaks --data @FILE`: CRLF line ends, no line that
-/// starts with a dot or holds swaks' `%TOKEN%`s or `\n`, and no line end at the very end
-/// (swaks adds the CRLF before the final dot).
+/// holds swaks' `%TOKEN%`s or `\n`, and no line end at the very end (swaks adds the CRLF
+/// before the final dot). swaks dot-stuffs lines that start with a dot.
 struct Message {
     headers: String,
     body: Vec<u8>,
@@ -110,12 +110,20 @@ impl Message {
         );
         let mut body = Vec::with_capacity(body_lines * 80);
         for i in 0..body_lines {
-            // 78 characters and CRLF: a line of a typical base64 attachment's length.
-            let _ = write!(
-                body,
-                "line {i:010} of the test body {:>47}\r\n",
-                "x".repeat(i % 40)
-            );
+            match i % 100 {
+                // Lines that would end the message or lose a dot if either side got
+                // transparency (RFC 5321 §4.5.2) wrong: swaks doubles their dot.
+                7 => body.extend_from_slice(b".\r\n"),
+                8 => body.extend_from_slice(b"..two dots, then a line with one\r\n"),
+                // 78 characters and CRLF: a line of a typical base64 attachment's length.
+                _ => {
+                    let _ = write!(
+                        body,
+                        "line {i:010} of the test body {:>47}\r\n",
+                        "x".repeat(i % 40)
+                    );
+                }
+            }
         }
         body.extend_from_slice(b"the end");
         Message { headers, body }
