@@ -565,8 +565,8 @@ fn backend_down_defers_at_rcpt_and_the_daemon_keeps_serving() {
         assert!(rcpt.starts_with("451 4.4."), "{round}: {rcpt}");
         let data = c.ask("DATA");
         assert!(
-            data.starts_with("554") || data.starts_with("503") || data.starts_with("451"),
-            "{round}: nothing is accepted: {data}"
+            data.starts_with("554 5.5.1"),
+            "{round}: no recipient, no message: {data}"
         );
         assert!(c.ask("QUIT").starts_with("221"), "{round}");
     }
@@ -613,12 +613,16 @@ fn pipelined_session_is_greylisted_then_relayed() {
         got.header("X-Greylist: ").expect("X-Greylist header"),
         DELAY,
     );
-    let rcpts = got.header("X-Rcpt-Args: ").unwrap_or_default().to_string();
-    let log = s.postfix.maillog();
+    // smtp-sink writes one X-Rcpt-Args header per recipient it got.
+    let rcpts: Vec<&String> = got
+        .headers
+        .iter()
+        .filter(|l| l.starts_with("X-Rcpt-Args: "))
+        .collect();
     for r in ["dave@example.org", "erin@example.org"] {
         assert!(
-            log.contains(&format!("to=<{r}>")) || rcpts.contains(r),
-            "{r} relayed:\n{log}"
+            rcpts.iter().any(|l| l.contains(&format!("<{r}>"))),
+            "{r} relayed: {rcpts:?}"
         );
     }
 }
