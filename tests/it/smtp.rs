@@ -5,6 +5,7 @@
 //!
 //! Tests that need Postfix or swaks skip without them under plain `cargo test` and fail
 //! under `GREYGATE_REQUIRE_PEERS=1`; the others need only the daemon. Every wait is bounded.
+//! The tests follow the "done when" list of issue 17 (the SMTP front), in its order.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -373,7 +374,7 @@ fn assert_code(r: &SwaksResult, code: i32, what: &str) {
     assert_eq!(r.code, code, "{what}: swaks exit code:\n{}", r.transcript);
 }
 
-// 1. Greylisting at RCPT, then the message relayed unchanged but for greygate's headers.
+// Done when 1: Greylisting at RCPT, then the message relayed unchanged but for greygate's headers.
 #[test]
 fn smtp_front_greylists_then_relays_the_message_unchanged_with_trace_headers() {
     let toml = greygate_toml(DELAY, "", "");
@@ -475,7 +476,7 @@ fn smtp_front_greylists_then_relays_the_message_unchanged_with_trace_headers() {
     );
 }
 
-// 2. XCLIENT: the backend logs the real client, not greygate.
+// Done when 2: XCLIENT: the backend logs the real client, not greygate.
 #[test]
 fn backend_logs_the_real_client_address_through_xclient() {
     let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
@@ -512,7 +513,7 @@ fn backend_logs_the_real_client_address_through_xclient() {
     );
 }
 
-// 3. The backend's refusal of a recipient reaches the client as it was.
+// Done when 3: The backend's refusal of a recipient reaches the client as it was.
 #[test]
 fn backend_550_for_an_unknown_user_reaches_the_client() {
     let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
@@ -548,7 +549,7 @@ fn backend_550_for_an_unknown_user_reaches_the_client() {
     assert!(log.contains("550 5.1.1 <unknown@example.org>"), "{log}");
 }
 
-// 4. No backend: a temporary failure at RCPT, and the daemon goes on.
+// Done when 4: No backend: a temporary failure at RCPT, and the daemon goes on.
 #[test]
 fn backend_down_defers_at_rcpt_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -575,7 +576,7 @@ fn backend_down_defers_at_rcpt_and_the_daemon_keeps_serving() {
     d.expect_log("backend unavailable");
 }
 
-// 5. RFC 2920 pipelining, greylisted and then relayed.
+// Done when 5: RFC 2920 pipelining, greylisted and then relayed.
 #[test]
 fn pipelined_session_is_greylisted_then_relayed() {
     let toml = greygate_toml(DELAY, "", "");
@@ -648,7 +649,7 @@ fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-// 6. STARTTLS towards the client; greygate's Received header records it.
+// Done when 6: STARTTLS towards the client; greygate's Received header records it.
 #[test]
 fn starttls_session_is_relayed_with_an_esmtps_received_header() {
     if !postfix::available("starttls_session")
@@ -690,7 +691,7 @@ fn starttls_session_is_relayed_with_an_esmtps_received_header() {
     wait_metric(&s.greygate, "greygate_smtp_tls_sessions_total{}", 1.0);
 }
 
-// 7. A big message streams through: the daemon never holds it.
+// Done when 7: A big message streams through: the daemon never holds it.
 #[test]
 fn fifty_megabyte_message_streams_through_without_growing_the_daemon() {
     const MAX: &str = "104857600";
@@ -754,7 +755,7 @@ fn without_backend(dir: &Path, toml: &str) -> Daemon {
     start_greygate(dir, toml, &format!("127.0.0.1:{}", free_port()))
 }
 
-// 8. Postscreen's pregreet test.
+// Done when 8: Postscreen's pregreet test.
 #[test]
 fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     const WAIT: Duration = Duration::from_secs(2);
@@ -809,7 +810,7 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     assert_eq!(metric(&d, "greygate_smtp_pregreets_total{}"), 1.0);
 }
 
-// 9. A greytrap denies its sender on every front end, the policy service's too.
+// Done when 9: A greytrap denies its sender on every front end, the policy service's too.
 #[test]
 fn greytrap_hit_denies_the_client_on_the_policy_front_end_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -855,7 +856,7 @@ fn greytrap_hit_denies_the_client_on_the_policy_front_end_too() {
     assert!(a.starts_with("PREPEND X-Greylist:"), "control: {a}");
 }
 
-// 10. Deferred clients are answered slowly.
+// Done when 10: Deferred clients are answered slowly.
 #[test]
 fn deferred_client_gets_its_later_replies_at_the_tarpit_rate() {
     const RATE: f64 = 20.0;
@@ -887,7 +888,7 @@ fn deferred_client_gets_its_later_replies_at_the_tarpit_rate() {
     );
 }
 
-// 11. Bad input: junk commands up to the error limit.
+// Done when 11: Bad input: junk commands up to the error limit.
 #[test]
 fn junk_commands_get_500_until_max_errors_then_421_and_close() {
     let dir = tempfile::tempdir().unwrap();
@@ -914,7 +915,7 @@ fn junk_commands_get_500_until_max_errors_then_421_and_close() {
     assert!(next.ask("NOOP").starts_with("250"));
 }
 
-// 11. Bad input: a 1 MB command line.
+// Done when 11: Bad input: a 1 MB command line.
 #[test]
 fn megabyte_command_line_gets_500_and_the_next_command_works() {
     let dir = tempfile::tempdir().unwrap();
@@ -929,7 +930,7 @@ fn megabyte_command_line_gets_500_and_the_next_command_works() {
     assert!(c.ask("QUIT").starts_with("221"));
 }
 
-// 11. Bad input: a client that stops in the middle of DATA.
+// Done when 11: Bad input: a client that stops in the middle of DATA.
 #[test]
 fn client_gone_mid_data_delivers_nothing_and_others_are_served() {
     let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
@@ -982,7 +983,7 @@ fn client_gone_mid_data_delivers_nothing_and_others_are_served() {
     assert_eq!(metric(&s.greygate, "greygate_smtp_messages_total{}"), 1.0);
 }
 
-// 11. Bad input: thousands of idle connections do not keep a real client out.
+// Done when 11: Bad input: thousands of idle connections do not keep a real client out.
 #[test]
 fn two_thousand_idle_connections_and_a_client_still_completes_its_session() {
     const IDLE: usize = 2000;
