@@ -18,4 +18,5 @@ mod policy;
 mod postfix;
 mod simulate;
 mod slots;
+mod smtp;
 mod store;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use greygate::proto::milter::{Command, DEFAULT_MAX_FRAME, Decoded, Family, Reply, decode_reply};
 
-use crate::harness::{Daemon, DaemonConfig, PolicyClient, rcpt_request};
+use crate::harness::{Daemon, DaemonConfig, PolicyClient, connect_from, rcpt_request};
 
 /// The address the floods come from (Postfix on the same host would be here too).
 const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
@@ -24,37 +24,6 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const PROMPT: Duration = Duration::from_millis(100);
 
 const FLOOD: usize = 512;
-
-/// A TCP connection to `to` from the loopback address `from`.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 only: {to}")
-    };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a new socket, owned by the TcpStream at once (closed on any panic below);
-    // bind and connect read the address structs we pass.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sockaddr(from, 0);
-        let rc = libc::bind(fd, (&raw const local).cast(), len);
-        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
-        let remote = sockaddr(*to.ip(), to.port());
-        let rc = libc::connect(fd, (&raw const remote).cast(), len);
-        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
-        stream
-    }
-}
 
 /// `GET path` over a new connection from `from`; the status, or `None` when the
 /// connection was closed without an answer. Gives up (panics) after `limit`.

@@ -11,7 +11,7 @@ pub mod postgres;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -45,6 +45,8 @@ pub struct Daemon {
     pub listeners: Vec<String>,
     /// Milter listener addresses as reported.
     pub milter_listeners: Vec<String>,
+    /// SMTP front listener addresses as reported.
+    pub smtp_listeners: Vec<String>,
     /// Admin listener (`127.0.0.1:PORT`), when one was started.
     pub admin: Option<SocketAddr>,
     pub dir: PathBuf,
@@ -60,6 +62,10 @@ pub struct DaemonConfig {
     pub listen: Vec<String>,
     /// Milter listen addresses; default none.
     pub milter_listen: Vec<String>,
+    /// SMTP front listen addresses (`--smtp-listen`); default none.
+    pub smtp_listen: Vec<String>,
+    /// The SMTP front's backend (`--smtp-backend`, `host:port`).
+    pub smtp_backend: Option<String>,
     pub extra_args: Vec<String>,
     /// The daemon's `RLIMIT_NOFILE` (soft, hard), set in the child before it starts.
     pub nofile: Option<(u64, u64)>,
@@ -74,6 +80,8 @@ impl DaemonConfig {
             toml: String::new(),
             listen: vec!["127.0.0.1:0".into()],
             milter_listen: Vec::new(),
+            smtp_listen: Vec::new(),
+            smtp_backend: None,
             extra_args: Vec::new(),
             nofile: None,
             log_filter: "debug".into(),
@@ -108,6 +116,14 @@ impl DaemonConfig {
         self
     }
 
+    /// Adds an SMTP front listening on `addrs` (on top of the policy listeners) that
+    /// relays to `backend` (`host:port`).
+    pub fn smtp(mut self, addrs: &[&str], backend: &str) -> Self {
+        self.smtp_listen = addrs.iter().map(|s| s.to_string()).collect();
+        self.smtp_backend = Some(backend.to_string());
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> Self {
         self.extra_args.extend(args.iter().map(|s| s.to_string()));
         self
@@ -136,6 +152,12 @@ impl DaemonConfig {
         }
         for l in &self.milter_listen {
             cmd.arg("--milter-listen").arg(l);
+        }
+        for l in &self.smtp_listen {
+            cmd.arg("--smtp-listen").arg(l);
+        }
+        if let Some(b) = &self.smtp_backend {
+            cmd.arg("--smtp-backend").arg(b);
         }
         // Never the default port: tests run side by side. Explicit admin arguments decide
         // for themselves.
@@ -185,6 +207,7 @@ impl DaemonConfig {
             log,
             listeners: Vec::new(),
             milter_listeners: Vec::new(),
+            smtp_listeners: Vec::new(),
             admin: None,
             dir: self.dir.clone(),
         };
@@ -192,6 +215,7 @@ impl DaemonConfig {
         let deadline = Instant::now() + Duration::from_secs(20);
         while d.listeners.len() < self.listen.len()
             || d.milter_listeners.len() < self.milter_listen.len()
+            || d.smtp_listeners.len() < self.smtp_listen.len()
             || (want_admin && d.admin.is_none())
         {
             if let Ok(Some(status)) = d.child.try_wait() {
@@ -213,6 +237,7 @@ impl DaemonConfig {
             };
             d.listeners = ready("policy");
             d.milter_listeners = ready("milter");
+            d.smtp_listeners = ready("smtp");
             d.admin = ready("admin").first().and_then(|a| a.parse().ok());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -275,6 +300,25 @@ impl Daemon {
             .iter()
             .find_map(|l| l.parse().ok())
             .expect("a TCP milter listener")
+    }
+
+    /// The first SMTP front listener.
+    pub fn smtp(&self) -> SocketAddr {
+        self.smtp_listeners
+            .iter()
+            .find_map(|l| l.parse().ok())
+            .expect("an SMTP listener")
+    }
+
+    /// A field of `/proc/PID/status` given in kB (`VmRSS`, `VmHWM`), in KiB.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
     }
 
     /// A connected policy client on the first TCP listener.
@@ -528,6 +572,70 @@ impl PolicyClient {
 
 fn count_replies(data: &[u8]) -> usize {
     data.windows(2).filter(|w| w == b"\n\n").count()
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+pub fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only: {to}")
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream at once (closed on any panic below);
+    // bind and connect read the address structs we pass.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        let rc = libc::bind(fd, (&raw const local).cast(), len);
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(*to.ip(), to.port());
+        let rc = libc::connect(fd, (&raw const remote).cast(), len);
+        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to at least `want` (within the hard limit);
+/// returns the soft limit now in force. Tests that hold thousands of connections need it.
+pub fn raise_own_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Whether the program `bin` (an absolute path) a test needs is installed: false (after
+/// printing why) when the test should be skipped; panics instead when real peers are
+/// required, as [`postfix::available`] does.
+pub fn tool_available(test: &str, bin: &str) -> bool {
+    if Path::new(bin).exists() {
+        return true;
+    }
+    assert!(
+        !peers_required(),
+        "{test}: {bin} required but not installed"
+    );
+    eprintln!("skipped {test}: {bin} is not installed");
+    false
 }
 
 /// True when the variable that makes missing peers fatal is set (the README's test command

@@ -245,7 +245,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     /// A swaks conversation with this instance.
     pub fn swaks(&self) -> Swaks {
-        Swaks::new(self.smtp_port)
+        Swaks::at(&format!("127.0.0.1:{}", self.smtp_port))
     }
 }
 
@@ -286,7 +286,7 @@ fn wait_port(port: u16) {
 
 /// One swaks run.
 pub struct Swaks {
-    port: u16,
+    server: String,
     args: Vec<String>,
 }
 
@@ -301,18 +301,26 @@ pub struct SwaksResult {
 impl SwaksResult {
     /// The server's reply lines to RCPT TO (`<** 450 ...` or `<- 250 ...`).
     pub fn rcpt_reply(&self) -> String {
+        self.reply_to("RCPT TO:")
+    }
+
+    /// The first server line after the first client line containing `command`.
+    pub fn reply_to(&self, command: &str) -> String {
         let mut lines = self
             .transcript
             .lines()
-            .skip_while(|l| !l.contains("RCPT TO:"));
-        lines.nth(1).unwrap_or("").to_string()
+            .skip_while(|l| !l.contains(command))
+            .skip(1)
+            .skip_while(|l| !l.starts_with('<'));
+        lines.next().unwrap_or("").to_string()
     }
 }
 
 impl Swaks {
-    fn new(port: u16) -> Self {
+    /// A conversation with the SMTP server at `server` (`host:port`).
+    pub fn at(server: &str) -> Self {
         Swaks {
-            port,
+            server: server.to_string(),
             args: vec![
                 "--helo".into(),
                 "client.example.net".into(),
@@ -326,6 +334,18 @@ impl Swaks {
         self.args.push(k.into());
         self.args.push(v.into());
         self
+    }
+
+    /// An option without a value (`--pipeline`, `--tls`).
+    pub fn flag(mut self, k: &str) -> Self {
+        self.args.push(k.into());
+        self
+    }
+
+    /// Connects from this local address (another loopback address stands in for another
+    /// host).
+    pub fn local(self, addr: &str) -> Self {
+        self.arg("--local-interface", addr)
     }
 
     /// Presents the client as `addr` (IPv4, or IPv6 written plainly) named `name` via XCLIENT.
@@ -362,7 +382,7 @@ impl Swaks {
     pub fn run(self) -> SwaksResult {
         let out = Command::new("/usr/bin/swaks")
             .arg("--server")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(&self.server)
             .args(&self.args)
             .stdin(Stdio::null())
             .output()

@@ -1,0 +1,1036 @@
+//! The SMTP front end end to end: swaks or a raw socket talks SMTP to greygate's own
+//! listener, which greylists at RCPT and relays what passes to a private Postfix (the
+//! backend, which trusts greygate's XCLIENT), which relays to smtp-sink; what arrives is
+//! read back from smtp-sink's dump files. Other addresses of 127/8 stand in for other hosts.
+//!
+//! Tests that need Postfix or swaks skip without them under plain `cargo test` and fail
+//! under `GREYGATE_REQUIRE_PEERS=1`; the others need only the daemon. Every wait is bounded.
+//! The tests follow the "done when" list of issue 17 (the SMTP front), in its order.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::admin::{Http, scrape};
+use crate::harness::postfix::{self, Policy, Postfix, Swaks, SwaksResult, free_port};
+use crate::harness::{
+    Daemon, DaemonConfig, connect_from, raise_own_nofile, rcpt_request, tool_available,
+};
+
+/// The greylisting delay of tests that wait for a retry to pass: two seconds, so that an
+/// early retry a moment after the first attempt is early even when the two fall either
+/// side of a second's boundary on a loaded machine.
+const DELAY: u64 = 2;
+/// The delay of tests that only look at deferrals: no retry in the test can pass.
+const LONG: u64 = 300;
+/// Every loopback client skips greylisting: for tests about relaying, not deferring.
+const ALLOW_LOOPBACK: &str = "[allow]\nclients = [\"127.0.0.0/8\"]\n";
+/// The host name greygate uses in its banner and headers.
+const HOSTNAME: &str = "gw.test.invalid";
+
+const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+/// greygate's configuration: `sections` (e.g. `[allow]`) and `[smtp]` settings. The
+/// pregreet test is off unless `smtp` sets its wait: it would slow every other test down.
+fn greygate_toml(delay: u64, smtp: &str, sections: &str) -> String {
+    let pregreet = if smtp.contains("pregreet_wait") {
+        ""
+    } else {
+        "pregreet_wait = \"0s\"\n"
+    };
+    format!(
+        "hostname = \"{HOSTNAME}\"\n\n[greylist]\ndelay = {delay}\n\n{sections}\n\
+         [smtp]\n{pregreet}{smtp}\n"
+    )
+}
+
+/// A daemon with an SMTP front (and its policy and admin listeners) relaying to `backend`.
+fn start_greygate(dir: &Path, toml: &str, backend: &str) -> Daemon {
+    DaemonConfig::new(dir)
+        .toml(toml)
+        .smtp(&["127.0.0.1:0"], backend)
+        .start()
+}
+
+/// greygate's SMTP front in front of a private Postfix.
+struct Site {
+    greygate: Daemon,
+    postfix: Postfix,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// `None` (after saying why) when Postfix or swaks is missing and peers are optional.
+    fn start(test: &str, toml: &str, postfix_main: &[&str]) -> Option<Site> {
+        if !postfix::available(test) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let postfix = Postfix::start(Policy::None, postfix_main);
+        let backend = format!("127.0.0.1:{}", postfix.smtp_port);
+        let greygate = start_greygate(dir.path(), toml, &backend);
+        Some(Site {
+            greygate,
+            postfix,
+            dir,
+        })
+    }
+
+    /// swaks towards greygate's SMTP front.
+    fn swaks(&self) -> Swaks {
+        Swaks::at(&self.greygate.smtp().to_string())
+    }
+
+    /// A file in the test's directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A message as written to a file for `swaks --data @FILE`: CRLF line ends, no line that
+/// holds swaks' `%TOKEN%`s or `\n`, and no line end at the very end (swaks adds the CRLF
+/// before the final dot). swaks dot-stuffs lines that start with a dot.
+struct Message {
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Message {
+    fn new(subject: &str, from: &str, to: &str, body_lines: usize) -> Message {
+        let headers = format!(
+            "Date: Mon, 02 Mar 2026 10:00:00 +0000\r\n\
+             From: Sender <{from}>\r\n\
+             To: Recipient <{to}>\r\n\
+             Subject: {subject}\r\n\
+             Message-ID: <{subject}@client.example.net>\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=us-ascii\r\n"
+        );
+        let mut body = Vec::with_capacity(body_lines * 80);
+        for i in 0..body_lines {
+            match i % 100 {
+                // Lines that would end the message or lose a dot if either side got
+                // transparency (RFC 5321 §4.5.2) wrong: swaks doubles their dot.
+                7 => body.extend_from_slice(b".\r\n"),
+                8 => body.extend_from_slice(b"..two dots, then a line with one\r\n"),
+                // 78 characters and CRLF: a line of a typical base64 attachment's length.
+                _ => {
+                    let _ = write!(
+                        body,
+                        "line {i:010} of the test body {:>47}\r\n",
+                        "x".repeat(i % 40)
+                    );
+                }
+            }
+        }
+        body.extend_from_slice(b"the end");
+        Message { headers, body }
+    }
+
+    /// Writes the message to `path` for `--data @path`; returns `@path`.
+    fn write(&self, path: &Path) -> String {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        f.write_all(self.headers.as_bytes()).unwrap();
+        f.write_all(b"\r\n").unwrap();
+        f.write_all(&self.body).unwrap();
+        f.flush().unwrap();
+        format!("@{}", path.display())
+    }
+
+    /// The body as the server receives it (swaks ends the last line before the dot).
+    fn sent_body(&self) -> Vec<u8> {
+        let mut b = self.body.clone();
+        b.extend_from_slice(b"\r\n");
+        b
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A delivered message (smtp-sink's dump) split into its header lines and its body.
+struct Delivered {
+    headers: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Delivered {
+    fn parse(text: &str) -> Delivered {
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .or_else(|| text.split_once("\n\n"))
+            .unwrap_or_else(|| panic!("no end of headers in the delivered message:\n{text}"));
+        let headers = head.lines().map(str::to_string).collect();
+        Delivered {
+            headers,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// The message body as received, less the empty line smtp-sink ends each dump with
+    /// (smtp-sink writes LF line ends: compare with [`lf`] of what was sent).
+    fn body(&self) -> &[u8] {
+        self.body.strip_suffix(b"\n").unwrap_or(&self.body)
+    }
+
+    fn header(&self, prefix: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .map(String::as_str)
+    }
+
+    /// Where greygate's `Received:` header starts (its first line names greygate on the
+    /// next line, `by HOST (greygate)`).
+    fn greygate_received(&self) -> usize {
+        self.headers
+            .windows(2)
+            .position(|w| w[0].starts_with("Received: ") && w[1].contains("(greygate)"))
+            .unwrap_or_else(|| panic!("no Received: header of greygate in {:#?}", self.headers))
+    }
+
+    /// Greygate's `Received:` header, folded lines joined.
+    fn greygate_received_text(&self) -> String {
+        let at = self.greygate_received();
+        let mut text = self.headers[at].clone();
+        for l in &self.headers[at + 1..] {
+            if !l.starts_with([' ', '\t']) {
+                break;
+            }
+            text.push(' ');
+            text.push_str(l.trim());
+        }
+        text
+    }
+}
+
+/// Waits (bounded) until smtp-sink holds the whole message whose headers contain `marker`
+/// and whose body ends with `tail`: the dump is written as the message arrives.
+fn delivered_whole(pf: &Postfix, marker: &str, tail: &[u8]) -> Delivered {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = Delivered::parse(&pf.delivered(marker));
+        if d.body().ends_with(tail) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {marker:?} never reached smtp-sink whole ({} body bytes, ending {:?})",
+            d.body.len(),
+            String::from_utf8_lossy(&d.body[d.body.len().saturating_sub(200)..])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Line ends as smtp-sink writes them (LF).
+fn lf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+            i += 1;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Asserts `X-Greylist: delayed N seconds by greygate-...` with N plausible for `delay`.
+fn assert_x_greylist(header: &str, delay: u64) {
+    let n: u64 = header
+        .strip_prefix("X-Greylist: delayed ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("malformed header {header:?}"));
+    assert!(
+        (delay..=delay + 15).contains(&n),
+        "delayed {n} s for a {delay} s delay: {header}"
+    );
+    assert!(header.contains(" seconds by greygate-"), "{header}");
+    assert!(header.contains(&format!(" at {HOSTNAME}; ")), "{header}");
+}
+
+/// Waits until a retry of a triplet first seen now may pass.
+fn wait_delay() {
+    std::thread::sleep(Duration::from_millis(DELAY * 1000 + 300));
+}
+
+/// A raw SMTP client: what a test sends and receives byte for byte.
+struct Smtp {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Smtp {
+    /// Connects from `from` without reading anything.
+    fn connect(from: Ipv4Addr, to: SocketAddr) -> Smtp {
+        let stream = connect_from(from, to);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Smtp { stream, reader }
+    }
+
+    /// Connects from `from` and reads the banner, which must be `220 `.
+    fn greeted(from: Ipv4Addr, to: SocketAddr) -> Smtp {
+        let mut c = Smtp::connect(from, to);
+        let banner = c.reply();
+        assert!(banner.starts_with("220 "), "banner: {banner:?}");
+        c
+    }
+
+    /// One line (CRLF stripped); `None` at the end of the stream.
+    fn line(&mut self) -> Option<String> {
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) => None,
+            Ok(_) => Some(l.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("no reply line within the read timeout; partial {l:?}")
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// One whole (multi-line) reply, its lines joined by `\n`.
+    fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let Some(l) = self.line() else {
+                panic!("connection closed after {lines:?}")
+            };
+            let last = l.as_bytes().get(3) != Some(&b'-');
+            lines.push(l);
+            if last {
+                return lines.join("\n");
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\r\n").unwrap();
+    }
+
+    /// Sends a command and reads its reply.
+    fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.reply()
+    }
+
+    /// Reads until the server closes the connection, within `limit`; what came before the
+    /// close, or `None` if it stayed open.
+    fn closed_within(&mut self, limit: Duration) -> Option<String> {
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            }
+        }
+        None
+    }
+}
+
+/// A sample of the daemon's `/metrics` (labels sorted, as `admin::scrape` keys them).
+fn metric(d: &Daemon, key: &str) -> f64 {
+    let m = scrape(&Http::new(d));
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no metric {key}; have {:?}", m.keys().collect::<Vec<_>>()))
+}
+
+/// Waits (bounded) until `/metrics` shows `key` at `want` or more; returns the value.
+fn wait_metric(d: &Daemon, key: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(d, key);
+        if v >= want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{key} is {v}, not {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_code(r: &SwaksResult, code: i32, what: &str) {
+    assert_eq!(r.code, code, "{what}: swaks exit code:\n{}", r.transcript);
+}
+
+// Done when 1: Greylisting at RCPT, then the message relayed unchanged but for greygate's headers.
+#[test]
+fn smtp_front_greylists_then_relays_the_message_unchanged_with_trace_headers() {
+    let toml = greygate_toml(DELAY, "", "");
+    let Some(s) = Site::start("smtp_front_greylists_then_relays", &toml, &[]) else {
+        return;
+    };
+    let msg = Message::new(
+        "front-greylist",
+        "alice@example.net",
+        "bob@example.org",
+        200,
+    );
+    let data = msg.write(&s.path("message.eml"));
+    let attempt = |rcpt_only: bool| {
+        let mut w = s
+            .swaks()
+            .from("alice@example.net")
+            .to("bob@example.org")
+            .arg("--data", &data);
+        if rcpt_only {
+            w = w.rcpt_only();
+        }
+        w.run()
+    };
+    let first = attempt(false);
+    assert_code(&first, 24, "first attempt");
+    assert!(
+        first.rcpt_reply().contains("451 4.7.1"),
+        "first attempt: {}",
+        first.transcript
+    );
+    let early = attempt(true);
+    assert_code(&early, 24, "early retry");
+    assert!(
+        early.rcpt_reply().contains("451 4.7.1"),
+        "early retry: {}",
+        early.transcript
+    );
+    s.greygate.expect_log("rule=\"early-retry\"");
+
+    wait_delay();
+    let retry = attempt(false);
+    assert_code(&retry, 0, "retry after the delay");
+    assert!(
+        retry.rcpt_reply().contains("250"),
+        "retry: {}",
+        retry.transcript
+    );
+
+    let got = delivered_whole(&s.postfix, "Subject: front-greylist", b"the end\n");
+    let sent = lf(&msg.sent_body());
+    assert_eq!(
+        sha256(got.body()),
+        sha256(&sent),
+        "the body arrives byte for byte ({} bytes sent, {} delivered)",
+        sent.len(),
+        got.body().len()
+    );
+    // greygate's headers come right before the client's, which are unchanged and in order.
+    let at = got.greygate_received();
+    let received = got.greygate_received_text();
+    assert!(
+        received.starts_with("Received: from client.example.net (unknown [127.0.0.1])"),
+        "{received}"
+    );
+    assert!(
+        received.contains(&format!("by {HOSTNAME} (greygate) with ESMTP;")),
+        "{received}"
+    );
+    let x_greylist = got
+        .header("X-Greylist: ")
+        .unwrap_or_else(|| panic!("X-Greylist header in {:#?}", got.headers));
+    assert_x_greylist(x_greylist, DELAY);
+    let sent: Vec<&str> = msg.headers.lines().collect();
+    let start = got
+        .headers
+        .iter()
+        .position(|l| l == sent[0])
+        .unwrap_or_else(|| panic!("the client's first header in {:#?}", got.headers));
+    assert!(
+        start > at,
+        "greygate's headers go first: {:#?}",
+        got.headers
+    );
+    assert_eq!(
+        got.headers[start..]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        sent,
+        "the client's headers arrive unchanged"
+    );
+    assert!(
+        got.headers[at..start]
+            .iter()
+            .any(|l| l.starts_with("X-Greylist: ")),
+        "X-Greylist is greygate's, before the client's headers: {:#?}",
+        got.headers
+    );
+}
+
+// Done when 2: XCLIENT: the backend logs the real client, not greygate.
+#[test]
+fn backend_logs_the_real_client_address_through_xclient() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("backend_logs_the_real_client_address", &toml, &[]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .local("127.0.0.2")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("xclient-addr")
+        .run();
+    assert_code(&r, 0, "relayed");
+    let got = delivered_whole(&s.postfix, "Subject: xclient-addr", b"");
+    let received = got.greygate_received_text();
+    assert!(received.contains("(unknown [127.0.0.2])"), "{received}");
+    let log = s.postfix.maillog();
+    let connect = log
+        .lines()
+        .find(|l| l.contains("smtpd") && l.contains("connect from "))
+        .unwrap_or_else(|| panic!("Postfix logged no connection:\n{log}"));
+    assert!(
+        connect.contains("[127.0.0.1]"),
+        "the connection itself is greygate's: {connect}"
+    );
+    let client = log
+        .lines()
+        .find(|l| l.contains(": client="))
+        .unwrap_or_else(|| panic!("Postfix logged no client= line:\n{log}"));
+    assert!(
+        client.contains("client=unknown[127.0.0.2]"),
+        "Postfix logs the real client: {client}\n{log}"
+    );
+}
+
+// Done when 3: The backend's refusal of a recipient reaches the client as it was.
+#[test]
+fn backend_550_for_an_unknown_user_reaches_the_client() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let refuse = "smtpd_recipient_restrictions = check_recipient_access \
+                  inline:{ { unknown@example.org = 550 5.1.1 unknown user } }, \
+                  reject_unauth_destination";
+    let Some(s) = Site::start("backend_550_for_an_unknown_user", &toml, &[refuse]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("unknown@example.org")
+        .subject("unknown-user")
+        .run();
+    assert_code(&r, 24, "the only recipient refused");
+    let reply = r.rcpt_reply();
+    assert!(
+        reply.contains("550 5.1.1") && reply.contains("unknown user"),
+        "the backend's reply: {reply}\n{}",
+        r.transcript
+    );
+    // The same client's mail to a known user still goes through.
+    let ok = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("known-user")
+        .run();
+    assert_code(&ok, 0, "a known recipient");
+    delivered_whole(&s.postfix, "Subject: known-user", b"");
+    let log = s.postfix.maillog();
+    assert!(log.contains("550 5.1.1 <unknown@example.org>"), "{log}");
+}
+
+// Done when 4: No backend: a temporary failure at RCPT, and the daemon goes on.
+#[test]
+fn backend_down_defers_at_rcpt_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let backend = format!("127.0.0.1:{}", free_port());
+    let toml = greygate_toml(LONG, "backend_connect_timeout = \"5s\"\n", ALLOW_LOOPBACK);
+    let d = start_greygate(dir.path(), &toml, &backend);
+    d.expect_log("SMTP backend does not answer");
+    for round in ["first client", "next client"] {
+        let mut c = Smtp::greeted(LOCAL, d.smtp());
+        assert!(c.ask("EHLO client.example.net").starts_with("250"));
+        assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+        let rcpt = c.ask("RCPT TO:<bob@example.org>");
+        assert!(rcpt.starts_with("451 4.4."), "{round}: {rcpt}");
+        let data = c.ask("DATA");
+        assert!(
+            data.starts_with("554 5.5.1"),
+            "{round}: no recipient, no message: {data}"
+        );
+        assert!(c.ask("QUIT").starts_with("221"), "{round}");
+    }
+    assert_eq!(metric(&d, "greygate_smtp_backend_failures_total{}"), 2.0);
+    assert_eq!(metric(&d, "greygate_smtp_messages_total{}"), 0.0);
+    d.expect_log("backend unavailable");
+}
+
+// Done when 5: RFC 2920 pipelining, greylisted and then relayed.
+#[test]
+fn pipelined_session_is_greylisted_then_relayed() {
+    let toml = greygate_toml(DELAY, "", "");
+    let Some(s) = Site::start("pipelined_session", &toml, &[]) else {
+        return;
+    };
+    let attempt = || {
+        s.swaks()
+            .flag("--pipeline")
+            .from("carol@example.net")
+            .to("dave@example.org,erin@example.org")
+            .subject("pipelined")
+            .run()
+    };
+    let first = attempt();
+    assert_code(&first, 24, "first pipelined attempt");
+    assert!(
+        first.transcript.matches("451 4.7.1").count() >= 2,
+        "both recipients greylisted:\n{}",
+        first.transcript
+    );
+    wait_delay();
+    let retry = attempt();
+    assert_code(&retry, 0, "pipelined retry");
+    // swaks sent MAIL, both RCPTs and DATA before reading a reply.
+    let t = &retry.transcript;
+    let mail = t.find("-> MAIL FROM:").expect("MAIL in the transcript");
+    let data = t[mail..].find("-> DATA").expect("DATA in the transcript") + mail;
+    assert!(
+        !t[mail..data].contains("<-"),
+        "commands went out together:\n{t}"
+    );
+    let got = delivered_whole(&s.postfix, "Subject: pipelined", b"");
+    assert_x_greylist(
+        got.header("X-Greylist: ").expect("X-Greylist header"),
+        DELAY,
+    );
+    // smtp-sink writes one X-Rcpt-Args header per recipient it got.
+    let rcpts: Vec<&String> = got
+        .headers
+        .iter()
+        .filter(|l| l.starts_with("X-Rcpt-Args: "))
+        .collect();
+    for r in ["dave@example.org", "erin@example.org"] {
+        assert!(
+            rcpts.iter().any(|l| l.contains(&format!("<{r}>"))),
+            "{r} relayed: {rcpts:?}"
+        );
+    }
+}
+
+/// A self-signed certificate for `localhost`, made with openssl in `dir`: (cert, key).
+fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    let out = std::process::Command::new("/usr/bin/openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "2"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+// Done when 6: STARTTLS towards the client; greygate's Received header records it.
+#[test]
+fn starttls_session_is_relayed_with_an_esmtps_received_header() {
+    if !postfix::available("starttls_session")
+        || !tool_available("starttls_session", "/usr/bin/openssl")
+    {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_certificate(certs.path());
+    let smtp = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        cert.display(),
+        key.display()
+    );
+    let toml = greygate_toml(LONG, &smtp, ALLOW_LOOPBACK);
+    let Some(s) = Site::start("starttls_session", &toml, &[]) else {
+        return;
+    };
+    let r = s
+        .swaks()
+        .flag("--tls")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("over-tls")
+        .run();
+    assert_code(&r, 0, "relayed over TLS");
+    assert!(
+        r.transcript.contains("STARTTLS") && r.transcript.contains("TLS started"),
+        "{}",
+        r.transcript
+    );
+    let got = delivered_whole(&s.postfix, "Subject: over-tls", b"");
+    let received = got.greygate_received_text();
+    assert!(
+        received.contains(&format!("by {HOSTNAME} (greygate) with ESMTPS")),
+        "{received}"
+    );
+    assert!(received.contains("version=TLS"), "{received}");
+    wait_metric(&s.greygate, "greygate_smtp_tls_sessions_total{}", 1.0);
+}
+
+// Done when 7: A big message streams through: the daemon never holds it.
+#[test]
+fn fifty_megabyte_message_streams_through_without_growing_the_daemon() {
+    const MAX: &str = "104857600";
+    let toml = greygate_toml(LONG, &format!("max_message_size = {MAX}\n"), ALLOW_LOOPBACK);
+    let Some(s) = Site::start(
+        "fifty_megabyte_message_streams_through",
+        &toml,
+        &[
+            &format!("message_size_limit = {MAX}"),
+            "mailbox_size_limit = 0",
+        ],
+    ) else {
+        return;
+    };
+    // 655,360 lines of 80 bytes: 50 MiB.
+    let msg = Message::new(
+        "big-message",
+        "alice@example.net",
+        "bob@example.org",
+        655_360,
+    );
+    assert!(msg.body.len() >= 50 << 20);
+    let data = msg.write(&s.path("big.eml"));
+    let before = s.greygate.status_kib("VmRSS");
+    let started = Instant::now();
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .arg("--data", &data)
+        .flag("--suppress-data")
+        .arg("--timeout", "120")
+        .run();
+    assert_code(&r, 0, "the 50 MiB message accepted");
+    let took = started.elapsed();
+    let after = s.greygate.status_kib("VmRSS");
+    let peak = s.greygate.status_kib("VmHWM");
+    eprintln!("50 MiB in {took:?}: RSS {before} KiB before, {after} KiB after, peak {peak} KiB");
+    assert!(
+        after.saturating_sub(before) < 10 * 1024,
+        "RSS {before} KiB before, {after} KiB after the message"
+    );
+    assert!(
+        peak.saturating_sub(before) < 10 * 1024,
+        "RSS {before} KiB before, peak {peak} KiB"
+    );
+    let got = delivered_whole(&s.postfix, "Subject: big-message", b"the end\n");
+    let sent = lf(&msg.sent_body());
+    assert_eq!(got.body().len(), sent.len(), "took {took:?}");
+    assert_eq!(sha256(got.body()), sha256(&sent));
+    wait_metric(
+        &s.greygate,
+        "greygate_smtp_message_bytes_total{}",
+        (50 << 20) as f64,
+    );
+}
+
+/// A daemon with an SMTP front whose backend is a free port: for tests that never get as
+/// far as relaying.
+fn without_backend(dir: &Path, toml: &str) -> Daemon {
+    start_greygate(dir, toml, &format!("127.0.0.1:{}", free_port()))
+}
+
+// Done when 8: Postscreen's pregreet test.
+#[test]
+fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
+    const WAIT: Duration = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(LONG, "pregreet_wait = \"2s\"\n", ""),
+    );
+
+    // A bot: talks as soon as the first banner line is there.
+    let mut bot = Smtp::connect(LOCAL, d.smtp());
+    let first = bot.line().expect("the banner's first line");
+    assert!(first.starts_with("220-"), "{first}");
+    bot.send("EHLO x");
+    let rest = bot
+        .closed_within(Duration::from_secs(5))
+        .expect("the bot's connection is closed");
+    assert!(rest.starts_with("554 5.5.1"), "{rest:?}");
+    assert!(
+        !rest.contains("220 "),
+        "no final banner line for the bot: {rest:?}"
+    );
+    assert_eq!(wait_metric(&d, "greygate_smtp_pregreets_total{}", 1.0), 1.0);
+    d.expect_log("rule=\"pregreet\"");
+
+    // A real mail server (another network) waits for the last banner line, gets it after
+    // the wait, and goes on.
+    let patient = Ipv4Addr::new(127, 0, 1, 1);
+    let started = Instant::now();
+    let mut mta = Smtp::connect(patient, d.smtp());
+    let banner = mta.reply();
+    let waited = started.elapsed();
+    assert!(
+        banner.ends_with(&format!("220 {HOSTNAME} ESMTP")),
+        "{banner}"
+    );
+    assert!(
+        waited >= WAIT - Duration::from_millis(200) && waited < WAIT + Duration::from_secs(3),
+        "the banner ended after {waited:?}"
+    );
+    let ehlo = mta.ask("EHLO mx.example.net");
+    assert!(
+        ehlo.starts_with("250-") && ehlo.contains("PIPELINING"),
+        "{ehlo}"
+    );
+    assert!(mta.ask("NOOP").starts_with("250"));
+    assert!(mta.ask("QUIT").starts_with("221"));
+    // Having passed, it is not made to wait again.
+    let started = Instant::now();
+    let _again = Smtp::greeted(patient, d.smtp());
+    assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
+    assert_eq!(metric(&d, "greygate_smtp_pregreets_total{}"), 1.0);
+}
+
+// Done when 9: A greytrap denies its sender on every front end, the policy service's too.
+#[test]
+fn greytrap_hit_denies_the_client_on_the_policy_front_end_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = "traps = [\"trap@example.org\"]\n";
+    let d = without_backend(dir.path(), &greygate_toml(DELAY, smtp, ""));
+    let mut policy = d.client();
+    let trapped = rcpt_request("127.0.0.3", "news@example.net", "bob@example.org");
+    let control = rcpt_request("127.0.0.4", "news@example.net", "carol@example.org");
+    for req in [&trapped, &control] {
+        let a = policy.ask(req);
+        assert!(a.starts_with("DEFER_IF_PERMIT"), "first attempt: {a}");
+    }
+    wait_delay();
+
+    let mut c = Smtp::greeted(Ipv4Addr::new(127, 0, 0, 3), d.smtp());
+    assert!(c.ask("EHLO spam.example.com").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<spam@example.com>").starts_with("250"));
+    let rcpt = c.ask("RCPT TO:<Trap@Example.org>");
+    assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
+    assert!(c.ask("QUIT").starts_with("221"));
+    d.expect_log("rule=\"greytrap\"");
+    assert_eq!(metric(&d, "greygate_smtp_trap_hits_total{}"), 1.0);
+
+    let listed = Http::new(&d).get_json("/api/runtime");
+    let entries = listed["entries"].as_array().expect("entries");
+    assert!(
+        entries.iter().any(|e| e["list"] == "deny"
+            && e["target"] == "client"
+            && e["value"] == "127.0.0.3"
+            && e["comment"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Trap@Example.org")),
+        "a runtime deny entry for the client: {listed}"
+    );
+
+    // The triplet has served its delay, but its client is denied now.
+    let a = policy.ask(&trapped);
+    assert!(a.starts_with("DEFER_IF_PERMIT"), "trapped client: {a}");
+    d.expect_log("rule=\"deny\"");
+    // Its neighbour's triplet, as old, passes: the entry is the client's alone.
+    let a = policy.ask(&control);
+    assert!(a.starts_with("PREPEND X-Greylist:"), "control: {a}");
+}
+
+// Done when 10: Deferred clients are answered slowly.
+#[test]
+fn deferred_client_gets_its_later_replies_at_the_tarpit_rate() {
+    const RATE: f64 = 20.0;
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "tarpit_rate = 20\n", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    // Before any deferral: at full speed.
+    let started = Instant::now();
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "untarpitted replies took {:?}",
+        started.elapsed()
+    );
+    let rcpt = c.ask("RCPT TO:<bob@example.org>");
+    assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
+    assert_eq!(metric(&d, "greygate_smtp_tarpitted_total{}"), 1.0);
+    // A reply of known length, after the deferral.
+    let started = Instant::now();
+    let help = c.ask("HELP");
+    let took = started.elapsed().as_secs_f64();
+    let bytes = (help.len() + 2) as f64;
+    assert!(help.starts_with("214 "), "{help}");
+    let expected = bytes / RATE;
+    assert!(
+        took >= expected * 0.8 && took <= expected * 1.5 + 1.0,
+        "{bytes} bytes took {took:.2} s; at {RATE} bytes/s: {expected:.2} s"
+    );
+}
+
+// Done when 11: Bad input: junk commands up to the error limit.
+#[test]
+fn junk_commands_get_500_until_max_errors_then_421_and_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "max_errors = 5\n", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    for junk in ["FOO", "\u{1}\u{2}\u{7f}", "GET / HTTP/1.1", "MAILFROM"] {
+        let r = c.ask(junk);
+        assert!(r.starts_with("500 5.5.2"), "{junk:?}: {r}");
+    }
+    // The session goes on between errors.
+    assert!(c.ask("NOOP").starts_with("250"));
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    c.send("XYZZY");
+    let rest = c
+        .closed_within(Duration::from_secs(5))
+        .expect("closed after the fifth error");
+    assert!(
+        rest.starts_with("500 5.5.2") && rest.contains("\r\n421 4.7.0"),
+        "{rest:?}"
+    );
+    assert_eq!(metric(&d, "greygate_smtp_error_disconnects_total{}"), 1.0);
+    // Others are still served.
+    let mut next = Smtp::greeted(LOCAL, d.smtp());
+    assert!(next.ask("NOOP").starts_with("250"));
+}
+
+// Done when 11: Bad input: a 1 MB command line.
+#[test]
+fn megabyte_command_line_gets_500_and_the_next_command_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(dir.path(), &greygate_toml(LONG, "", ""));
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    let long = format!("EHLO {}", "x".repeat(1 << 20));
+    let r = c.ask(&long);
+    assert_eq!(r, "500 5.5.2 Line too long");
+    let ehlo = c.ask("EHLO mx.example.net");
+    assert!(ehlo.starts_with("250-"), "{ehlo}");
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+}
+
+// Done when 11: Bad input: a client that stops in the middle of DATA.
+#[test]
+fn client_gone_mid_data_delivers_nothing_and_others_are_served() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("client_gone_mid_data", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    let rcpt = c.ask("RCPT TO:<bob@example.org>");
+    assert!(
+        rcpt.starts_with("250"),
+        "the backend takes the recipient: {rcpt}"
+    );
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: abandoned-mid-data\r\n\r\nhalf a message\r\n")
+        .unwrap();
+    c.stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    s.greygate.expect_log("during DATA");
+
+    let r = s
+        .swaks()
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("after-the-abandoned-one")
+        .run();
+    assert_code(&r, 0, "the next client");
+    delivered_whole(&s.postfix, "Subject: after-the-abandoned-one", b"");
+    // Postfix saw its client go in the middle of the message and queued nothing of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.postfix.maillog().contains("lost connection after DATA") {
+        assert!(
+            Instant::now() < deadline,
+            "Postfix never saw the session end mid-DATA:\n{}",
+            s.postfix.maillog()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sink = s.postfix.dir.join("sink");
+    for e in std::fs::read_dir(&sink).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(
+            !text.contains("abandoned-mid-data"),
+            "the half message was delivered:\n{text}"
+        );
+    }
+    assert_eq!(metric(&s.greygate, "greygate_smtp_messages_total{}"), 1.0);
+}
+
+// Done when 11: Bad input: thousands of idle connections do not keep a real client out.
+#[test]
+fn two_thousand_idle_connections_and_a_client_still_completes_its_session() {
+    const IDLE: usize = 2000;
+    let toml = greygate_toml(
+        LONG,
+        "max_connections = 4096\nmax_connections_per_peer = 4096\n",
+        ALLOW_LOOPBACK,
+    );
+    let Some(s) = Site::start("two_thousand_idle_connections", &toml, &[]) else {
+        return;
+    };
+    let limit = raise_own_nofile(IDLE as u64 + 512);
+    assert!(
+        limit >= IDLE as u64 + 256,
+        "this test needs {} descriptors; the hard limit allows {limit}",
+        IDLE + 256
+    );
+    let addr = s.greygate.smtp();
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|i| connect_from(Ipv4Addr::new(127, 0, 2, (i % 250) as u8 + 1), addr))
+        .collect();
+    // Every one is served its banner, and then sends nothing.
+    for (i, conn) in idle.iter().enumerate() {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).unwrap();
+        assert!(line.starts_with("220 "), "idle connection {i}: {line:?}");
+    }
+    let open = scrape(&Http::new(&s.greygate))
+        .iter()
+        .filter(|(k, _)| k.starts_with("greygate_connections_open{") && k.contains("protocol=smtp"))
+        .map(|(_, v)| *v)
+        .sum::<f64>();
+    assert!(open >= IDLE as f64, "{open} SMTP connections open");
+
+    let started = Instant::now();
+    let r = s
+        .swaks()
+        .local("127.0.0.2")
+        .from("alice@example.net")
+        .to("bob@example.org")
+        .subject("among-the-idle")
+        .run();
+    let took = started.elapsed();
+    assert_code(&r, 0, "a client among 2,000 idle connections");
+    assert!(took < Duration::from_secs(10), "the session took {took:?}");
+    delivered_whole(&s.postfix, "Subject: among-the-idle", b"");
+    drop(idle);
+}
