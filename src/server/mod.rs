@@ -146,6 +146,9 @@ impl std::future::Future for StopWait<'_> {
     }
 }
 
+/// Connections the kernel holds for a listener before they are accepted.
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// A bound listening socket.
 pub enum Bound {
     Tcp(TcpListener),
@@ -157,7 +160,17 @@ impl Bound {
     /// a live process still answers on is an error.
     pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Bound> {
         match addr {
-            ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Tcp(a) => {
+                // A backlog for bursts of connections (std's default is 128; the kernel
+                // caps it at net.core.somaxconn).
+                let sock = match a {
+                    std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                sock.set_reuseaddr(true)?;
+                sock.bind(*a)?;
+                Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
+            }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
                 let l = UnixListener::bind(path)?;

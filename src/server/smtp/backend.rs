@@ -164,7 +164,8 @@ impl Backend {
         if opts.xclient && !b.caps.xclient.is_empty() {
             let line = xclient_line(&b.caps.xclient, client);
             let r = b.command(&line).await?;
-            if r.code == 220 {
+            // Postfix answers with a new greeting (220); some servers say 250.
+            if r.is_positive() && r.code < 300 {
                 b.xclient_used = true;
                 b.ehlo(&client.helo_or(hostname)).await?;
             } else {

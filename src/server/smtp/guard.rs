@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
+use crate::lock;
+
 use super::TrapConfig;
 use crate::engine::normalize::strip_envelope;
 
@@ -135,6 +137,8 @@ pub struct Guard {
     pub tarpit: Arc<Semaphore>,
     /// The backend offered CHUNKING when last asked: BDAT is offered to clients.
     pub backend_chunking: std::sync::atomic::AtomicBool,
+    /// The backend offered SMTPUTF8 when last asked: so is it to clients.
+    pub backend_smtputf8: std::sync::atomic::AtomicBool,
 }
 
 impl Guard {
@@ -145,6 +149,7 @@ impl Guard {
             traps: ArcSwap::from_pointee(traps),
             tarpit: Arc::new(Semaphore::new(tarpit_sessions)),
             backend_chunking: std::sync::atomic::AtomicBool::new(false),
+            backend_smtputf8: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -168,6 +173,13 @@ impl Guard {
         self.traps.load_full()
     }
 
+    /// What the backend offered at its last session, for the EHLO reply.
+    pub fn learn_backend(&self, caps: &super::backend::Capabilities) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.backend_chunking.store(caps.chunking, Relaxed);
+        self.backend_smtputf8.store(caps.smtputf8, Relaxed);
+    }
+
     /// A reload's new trap list.
     pub fn set_traps(&self, traps: Traps) {
         self.traps.store(Arc::new(traps));
@@ -177,10 +189,6 @@ impl Guard {
     pub fn sizes(&self) -> (usize, usize) {
         (lock(&self.suspects).len(), lock(&self.passed).len())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

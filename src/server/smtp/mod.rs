@@ -227,13 +227,10 @@ pub struct SmtpContext {
 /// deferred while it does not) and whether XCLIENT will carry client addresses, and
 /// learns whether to offer BDAT.
 pub async fn check_backend(target: String, cfg: SmtpConfig, guard: Arc<Guard>) {
-    use std::sync::atomic::Ordering;
     let opts = &cfg.backend_options;
     match backend::Backend::capabilities(&target, opts, &cfg.hostname).await {
         Ok(caps) => {
-            guard
-                .backend_chunking
-                .store(caps.chunking, Ordering::Relaxed);
+            guard.learn_backend(&caps);
             let xclient = opts.xclient && !caps.xclient.is_empty();
             tracing::info!(
                 backend = %target, chunking = caps.chunking, xclient,

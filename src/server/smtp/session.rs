@@ -202,7 +202,11 @@ impl Session<'_> {
         if let Err(e) = self.client.flush(WRITE_TIMEOUT).await {
             return Some(End::Closed(format!("banner not taken: {e}")));
         }
-        if !self.client.talks_within(wait).await {
+        let talked = match self.client.talks_within(wait).await {
+            Ok(t) => t,
+            Err(e) => return Some(End::Closed(format!("during the banner: {e}"))),
+        };
+        if !talked {
             let until = now.saturating_add(cfg.pregreet.pass_for.as_secs());
             self.ctx.guard.passed(ip, until, now);
             self.client.reply(&format!("220 {host} ESMTP\r\n"));
@@ -382,9 +386,11 @@ impl Session<'_> {
             "PIPELINING".into(),
             format!("SIZE {}", cfg.limits.max_message_size),
             "8BITMIME".into(),
-            "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
+        if self.ctx.guard.backend_smtputf8.load(Ordering::Relaxed) {
+            caps.push("SMTPUTF8".into());
+        }
         if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
             caps.push("CHUNKING".into());
         }
@@ -565,10 +571,7 @@ impl Session<'_> {
             esmtp: self.esmtp,
         };
         let b = Backend::open(target, &cfg.backend_options, &cfg.hostname, &facts).await?;
-        self.ctx
-            .guard
-            .backend_chunking
-            .store(b.caps.chunking, Ordering::Relaxed);
+        self.ctx.guard.learn_backend(&b.caps);
         self.backend = Some(b);
         Ok(())
     }
@@ -628,7 +631,15 @@ impl Session<'_> {
     fn trace_headers(&self) -> String {
         let cfg = &self.ctx.config;
         let ip = self.peer.ip();
-        let helo = self.helo.as_deref().unwrap_or("unknown");
+        // The client's words go into a header: printable ASCII only.
+        let helo: String = self
+            .helo
+            .as_deref()
+            .unwrap_or("unknown")
+            .chars()
+            .take(255)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
         let proto = match (self.esmtp, self.tls.is_some()) {
             (true, true) => "ESMTPS",
             (true, false) => "ESMTP",
@@ -709,6 +720,7 @@ impl Session<'_> {
         }
         let tx = self.tx.take();
         self.finish_message(size, failed, tx).await;
+        self.client.shrink();
         Ok(())
     }
 
@@ -848,6 +860,7 @@ impl Session<'_> {
             let tx = self.tx.take();
             let size = tx.as_ref().map_or(0, |t| t.size);
             self.finish_message(size, None, tx).await;
+            self.client.shrink();
         } else {
             let backend = self.backend.as_mut().expect("open");
             match backend.flush().await {

@@ -10,10 +10,13 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::server::Io;
 
-/// Read buffer kept between commands; a bigger one (a long pipelined burst) is given back.
-const KEEP_BUFFER: usize = 16 * 1024;
-/// Bytes read from the client at once.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer kept between commands; a bigger one (message data, a long pipelined burst)
+/// is given back.
+const KEEP_BUFFER: usize = 4 * 1024;
+/// Bytes read from the client at once while reading commands.
+const LINE_CHUNK: usize = 2 * 1024;
+/// Bytes read from the client at once while reading message data.
+const DATA_CHUNK: usize = 64 * 1024;
 
 /// Why reading from the client stopped.
 #[derive(Debug)]
@@ -93,28 +96,27 @@ impl Client {
         self.io = io;
     }
 
-    /// Reads more bytes, within `limit`. Returns how many.
-    async fn fill(&mut self, limit: Duration) -> Result<usize, ReadError> {
-        if self.start > 0 && self.start == self.buf.len() {
+    /// Reads more bytes, up to `chunk` of them, within `limit`. Returns how many.
+    ///
+    /// Command lines are read in small pieces and message data in big ones: an idle
+    /// session keeps a few KiB, not a message-sized buffer.
+    async fn fill(&mut self, limit: Duration, chunk: usize) -> Result<usize, ReadError> {
+        if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
-            if self.buf.capacity() > KEEP_BUFFER {
-                self.buf.shrink_to(KEEP_BUFFER);
-            }
         } else if self.start > KEEP_BUFFER {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + READ_CHUNK, 0);
-        let read = tokio::time::timeout(limit, self.io.read(&mut self.buf[len..])).await;
+        // Into spare capacity, without zeroing it first.
+        self.buf.reserve(chunk);
+        let read = tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await;
         let n = match read {
             Err(_) => Err(ReadError::Timeout),
             Ok(Err(e)) => Err(ReadError::Io(e)),
             Ok(Ok(0)) => Err(ReadError::Closed),
             Ok(Ok(n)) => Ok(n),
         };
-        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
         let n = n?;
         self.received += n as u64;
         Ok(n)
@@ -145,17 +147,35 @@ impl Client {
                 too_long = true;
                 self.start = self.buf.len();
             }
-            self.fill(limit).await?;
+            self.fill(limit, LINE_CHUNK).await?;
         }
     }
 
-    /// Waits up to `wait` for the client to send anything; true when it did (the pregreet
-    /// test). Closed connections count as talking: nothing is lost by closing them.
-    pub async fn talks_within(&mut self, wait: Duration) -> bool {
-        if !self.buffered().is_empty() {
-            return true;
+    /// Gives back a buffer grown for message data once it is all taken.
+    pub fn shrink(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
         }
-        !matches!(self.fill(wait).await, Err(ReadError::Timeout))
+        if self.buf.capacity() > KEEP_BUFFER && self.buf.len() <= KEEP_BUFFER {
+            self.buf.drain(..self.start);
+            self.start = 0;
+            self.buf.shrink_to(KEEP_BUFFER);
+        }
+    }
+
+    /// Waits up to `wait` for the client to send anything (the pregreet test). A client
+    /// that hangs up without a word did not talk: port checks and impatient MTAs are not
+    /// bots.
+    pub async fn talks_within(&mut self, wait: Duration) -> Result<bool, ReadError> {
+        if !self.buffered().is_empty() {
+            return Ok(true);
+        }
+        match self.fill(wait, LINE_CHUNK).await {
+            Ok(_) => Ok(true),
+            Err(ReadError::Timeout) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Queues a reply (one or more CRLF-ended lines).
@@ -181,7 +201,7 @@ impl Client {
     /// Takes up to `n` bytes of message data (BDAT), reading when none is buffered.
     pub async fn take_upto(&mut self, n: usize, limit: Duration) -> Result<&[u8], ReadError> {
         if self.buffered().is_empty() {
-            self.fill(limit).await?;
+            self.fill(limit, DATA_CHUNK.min(n.max(LINE_CHUNK))).await?;
         }
         let start = self.start;
         let take = n.min(self.buf.len() - start);
@@ -197,7 +217,7 @@ impl Client {
         limit: Duration,
     ) -> Result<(&[u8], bool), ReadError> {
         if self.buffered().is_empty() {
-            self.fill(limit).await?;
+            self.fill(limit, DATA_CHUNK).await?;
         }
         let start = self.start;
         let (used, done) = scan.feed(&self.buf[start..]);
