@@ -781,9 +781,18 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     assert_eq!(wait_metric(&d, "greygate_smtp_pregreets_total{}", 1.0), 1.0);
     d.expect_log("rule=\"pregreet\"");
 
-    // A real mail server (another network) waits for the last banner line, gets it after
+    // A port check (another network) that hangs up during the wait did not talk: not
+    // counted, and its network is not suspect.
+    let checker = Ipv4Addr::new(127, 0, 1, 1);
+    let mut check = Smtp::connect(checker, d.smtp());
+    assert!(check.line().expect("first banner line").starts_with("220-"));
+    drop(check);
+    std::thread::sleep(WAIT + Duration::from_millis(500));
+    assert_eq!(metric(&d, "greygate_smtp_pregreets_total{}"), 1.0);
+
+    // A real mail server (the same network) waits for the last banner line, gets it after
     // the wait, and goes on.
-    let patient = Ipv4Addr::new(127, 0, 1, 1);
+    let patient = Ipv4Addr::new(127, 0, 1, 2);
     let started = Instant::now();
     let mut mta = Smtp::connect(patient, d.smtp());
     let banner = mta.reply();
@@ -808,6 +817,29 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     let _again = Smtp::greeted(patient, d.smtp());
     assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
     assert_eq!(metric(&d, "greygate_smtp_pregreets_total{}"), 1.0);
+    // Its network was never made suspect: its recipients get the ordinary delay.
+    let mut mta = Smtp::greeted(patient, d.smtp());
+    assert!(mta.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(mta.ask("MAIL FROM:<a@example.net>").starts_with("250"));
+    let rcpt = mta.ask("RCPT TO:<b@example.org>");
+    assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
+    d.expect_log("rule=\"new\" client=127.0.1.2");
+    assert!(
+        !d.log().contains("listed by pregreet"),
+        "the checker's hang-up made no one suspect"
+    );
+    // The bot's network is suspect: when it comes back and waits, its recipients are
+    // greylisted as listed by `pregreet`.
+    let mut back = Smtp::connect(Ipv4Addr::new(127, 0, 0, 9), d.smtp());
+    let banner = back.reply();
+    assert!(
+        banner.ends_with(&format!("220 {HOSTNAME} ESMTP")),
+        "{banner}"
+    );
+    assert!(back.ask("EHLO x").starts_with("250"));
+    assert!(back.ask("MAIL FROM:<a@example.net>").starts_with("250"));
+    assert!(back.ask("RCPT TO:<b@example.org>").starts_with("451 4.7.1"));
+    d.expect_log("listed by pregreet");
 }
 
 // Done when 9: A greytrap denies its sender on every front end, the policy service's too.
