@@ -73,6 +73,8 @@ impl Reply {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
     pub chunking: bool,
+    /// RFC 2920: MAIL and RCPT go out in one write.
+    pub pipelining: bool,
     pub starttls: bool,
     pub smtputf8: bool,
     pub eight_bit_mime: bool,
@@ -90,6 +92,7 @@ impl Capabilities {
             let Some(kw) = words.next() else { continue };
             match kw.to_ascii_uppercase().as_str() {
                 "CHUNKING" => caps.chunking = true,
+                "PIPELINING" => caps.pipelining = true,
                 "STARTTLS" => caps.starttls = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
@@ -244,6 +247,23 @@ impl Backend {
     /// Sends one command line (without CRLF) and reads its reply.
     pub async fn command(&mut self, line: &str) -> Result<Reply, BackendError> {
         self.command_with_data(line, &[]).await
+    }
+
+    /// Sends command lines in one write and reads a reply to each, in order (RFC 2920;
+    /// only for a backend that offers PIPELINING).
+    pub async fn pipelined(&mut self, lines: &[&str]) -> Result<Vec<Reply>, BackendError> {
+        let mut bytes = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
+        for l in lines {
+            bytes.extend_from_slice(l.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        self.send(&bytes).await?;
+        self.flush().await?;
+        let mut replies = Vec::with_capacity(lines.len());
+        for _ in lines {
+            replies.push(self.reply(self.timeout).await?);
+        }
+        Ok(replies)
     }
 
     /// Sends a command line and data right after it (a BDAT chunk), and reads the reply.

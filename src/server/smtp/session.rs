@@ -544,15 +544,26 @@ impl Session<'_> {
         self.ensure_backend().await?;
         let tx = self.tx.as_mut().expect("in a transaction");
         let backend = self.backend.as_mut().expect("opened");
+        let rcpt = format!("RCPT TO:<{recipient}>");
         if !tx.backend_has_mail {
-            let r = backend.command(&tx.mail_line).await?;
-            if !r.is_positive() {
+            let (mail, rcpt) = if backend.caps.pipelining {
+                // One round trip for both; a refused MAIL makes the RCPT fail too.
+                let mut r = backend.pipelined(&[&tx.mail_line, &rcpt]).await?;
+                let rcpt = r.pop().expect("two replies");
+                (r.pop().expect("two replies"), Some(rcpt))
+            } else {
+                (backend.command(&tx.mail_line).await?, None)
+            };
+            if !mail.is_positive() {
                 // The backend refuses the sender: this recipient gets its answer.
-                return Ok(r);
+                return Ok(mail);
             }
             tx.backend_has_mail = true;
+            if let Some(r) = rcpt {
+                return Ok(r);
+            }
         }
-        backend.command(&format!("RCPT TO:<{recipient}>")).await
+        backend.command(&rcpt).await
     }
 
     async fn ensure_backend(&mut self) -> Result<(), BackendError> {
@@ -695,7 +706,9 @@ impl Session<'_> {
         self.client.flush(WRITE_TIMEOUT).await?;
         let limits = &self.ctx.config.limits;
         let max = limits.max_message_size;
-        let mut failed: Option<BackendError> = backend.send(headers.as_bytes()).await.err();
+        // The trace headers go out with the message's first bytes, in one write.
+        let mut headers = Some(headers.into_bytes());
+        let mut failed: Option<BackendError> = None;
         let mut scan = DataScan::default();
         let mut size = 0u64;
         loop {
@@ -712,7 +725,13 @@ impl Session<'_> {
             size += bytes.len() as u64;
             if failed.is_none() && size <= max {
                 let backend = self.backend.as_mut().expect("open while relaying");
-                failed = backend.send(bytes).await.err();
+                failed = match headers.take() {
+                    Some(mut first) => {
+                        first.extend_from_slice(bytes);
+                        backend.send(&first).await.err()
+                    }
+                    None => backend.send(bytes).await.err(),
+                };
             }
             if done {
                 break;
