@@ -125,7 +125,7 @@ impl Client {
     /// Whether a whole line is buffered: pipelined commands are answered together, in one
     /// write, once none is left (RFC 2920).
     pub fn has_line(&self) -> bool {
-        self.buffered().contains(&b'\n')
+        memchr::memchr(b'\n', self.buffered()).is_some()
     }
 
     /// The next command line. A line longer than `max` is read to its end and dropped.
@@ -133,7 +133,7 @@ impl Client {
         let mut too_long = false;
         loop {
             let rest = &self.buf[self.start..];
-            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            if let Some(i) = memchr::memchr(b'\n', rest) {
                 let line = rest[..=i].to_vec();
                 self.start += i + 1;
                 return Ok(if too_long || line.len() > max {
@@ -295,7 +295,7 @@ impl DataScan {
         while i < bytes.len() {
             if self.state == Scan::Mid {
                 // Most bytes are inside lines: skip to the next CR at once.
-                match bytes[i..].iter().position(|&b| b == b'\r') {
+                match memchr::memchr(b'\r', &bytes[i..]) {
                     Some(at) => i += at,
                     None => return (bytes.len(), false),
                 }
