@@ -1,6 +1,7 @@
 //! TLS towards mail servers whose certificates are not checked: `probe` diagnoses delivery
 //! to MX hosts with self-signed or mismatched certificates, and the SMTP front's backend
 //! is the operator's own server. Signatures are still checked, so the handshake is real.
+//! Also how a session's version and cipher are named in logs and headers.
 
 use std::sync::Arc;
 
@@ -66,4 +67,17 @@ pub fn unverified_connector() -> Result<tokio_rustls::TlsConnector, String> {
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The protocol version and cipher suite of an established session, for logs and headers.
+pub fn summary(conn: &rustls::CommonState) -> (&'static str, &'static str) {
+    let version = conn
+        .protocol_version()
+        .and_then(|v| v.as_str())
+        .unwrap_or("TLS");
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|c| c.suite().as_str())
+        .unwrap_or("?");
+    (version, cipher)
 }

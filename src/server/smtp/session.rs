@@ -22,6 +22,8 @@ use crate::service::unix_now;
 
 /// Longest wait for a reply to be taken by the client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The reply when the backend session broke in mid-transaction.
+const BACKEND_LOST: &str = "451 4.4.2 Connection to the mail server lost, try again later\r\n";
 /// Bytes of a BDAT chunk relayed at once.
 const BDAT_PIECE: usize = 64 * 1024;
 
@@ -248,6 +250,13 @@ impl Session<'_> {
         self.client.reply(reply);
         let _ = self.client.flush(Duration::from_secs(5)).await;
         End::Closed(why.to_string())
+    }
+
+    /// Passes a backend reply on to the client as it is.
+    fn relay(&mut self, r: &Reply) {
+        let mut out = String::new();
+        r.write_to(&mut out);
+        self.client.reply(&out);
     }
 
     fn error(&mut self, reply: &str) {
@@ -492,9 +501,7 @@ impl Session<'_> {
                 if reply.is_positive() {
                     tx.accepted += 1;
                 }
-                let mut out = String::new();
-                reply.write_to(&mut out);
-                self.client.reply(&out);
+                self.relay(&reply);
             }
             Err(e) => {
                 self.backend_failed(&e);
@@ -627,13 +634,9 @@ impl Session<'_> {
     fn ready_for_data(&self) -> Result<(), &'static str> {
         match &self.tx {
             None => Err("503 5.5.1 Error: need MAIL command\r\n"),
-            Some(tx) if tx.broken => {
-                Err("451 4.4.2 Connection to the mail server lost, try again later\r\n")
-            }
+            Some(tx) if tx.broken => Err(BACKEND_LOST),
             Some(tx) if tx.accepted == 0 => Err("554 5.5.1 Error: no valid recipients\r\n"),
-            Some(_) if self.backend.is_none() => {
-                Err("451 4.4.2 Connection to the mail server lost, try again later\r\n")
-            }
+            Some(_) if self.backend.is_none() => Err(BACKEND_LOST),
             Some(_) => Ok(()),
         }
     }
@@ -690,15 +693,12 @@ impl Session<'_> {
         match backend.command("DATA").await {
             Ok(r) if r.code == 354 => {}
             Ok(r) => {
-                let mut out = String::new();
-                r.write_to(&mut out);
-                self.client.reply(&out);
+                self.relay(&r);
                 return Ok(());
             }
             Err(e) => {
                 self.backend_failed(&e);
-                self.client
-                    .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                self.client.reply(BACKEND_LOST);
                 return Ok(());
             }
         }
@@ -760,8 +760,7 @@ impl Session<'_> {
         }
         if let Some(e) = failed {
             self.backend_failed(&e);
-            self.client
-                .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+            self.client.reply(BACKEND_LOST);
             return;
         }
         let backend = self.backend.as_mut().expect("open after relaying");
@@ -775,9 +774,7 @@ impl Session<'_> {
                     peer = %self.peer, size, recipients = tx.as_ref().map_or(0, |t| t.accepted),
                     reply = %r.text(), "message relayed"
                 );
-                let mut out = String::new();
-                r.write_to(&mut out);
-                self.client.reply(&out);
+                self.relay(&r);
             }
             Err(e) => {
                 self.backend_failed(&e);
@@ -862,16 +859,13 @@ impl Session<'_> {
         }
         if let Some(e) = failed {
             if let BackendError::Refused(r) = &e {
-                let mut out = String::new();
-                r.write_to(&mut out);
-                self.client.reply(&out);
+                self.relay(r);
                 self.backend_needs_reset();
                 self.tx = None;
             } else {
                 self.backend_failed(&e);
                 self.tx = None;
-                self.client
-                    .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                self.client.reply(BACKEND_LOST);
             }
             return Ok(None);
         }
@@ -886,8 +880,7 @@ impl Session<'_> {
                 Ok(()) => {}
                 Err(e) => {
                     self.backend_failed(&e);
-                    self.client
-                        .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                    self.client.reply(BACKEND_LOST);
                     return Ok(None);
                 }
             }
@@ -898,14 +891,11 @@ impl Session<'_> {
                         self.tx = None;
                         self.backend_needs_reset();
                     }
-                    let mut out = String::new();
-                    r.write_to(&mut out);
-                    self.client.reply(&out);
+                    self.relay(&r);
                 }
                 Err(e) => {
                     self.backend_failed(&e);
-                    self.client
-                        .reply("451 4.4.2 Connection to the mail server lost, try again later\r\n");
+                    self.client.reply(BACKEND_LOST);
                 }
             }
         }
@@ -958,15 +948,7 @@ impl Session<'_> {
             Ok(Err(e)) => return Ok(Some(End::Closed(format!("TLS handshake failed: {e}")))),
             Ok(Ok(t)) => t,
         };
-        let (_, conn) = tls.get_ref();
-        let version = conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS");
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|c| c.suite().as_str())
-            .unwrap_or("?");
+        let (version, cipher) = crate::tls::summary(tls.get_ref().1);
         self.tls = Some(format!("version={version} cipher={cipher}"));
         self.client.replace_io(Box::new(tls));
         self.client.tarpit = tarpit;

@@ -131,15 +131,7 @@ impl Session {
         .await
         .map_err(|_| SmtpError::Timeout(self.timeout))?
         .map_err(|e| SmtpError::Tls(e.to_string()))?;
-        let (_, conn) = tls.get_ref();
-        let version = conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS");
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|c| c.suite().as_str())
-            .unwrap_or("?");
+        let (version, cipher) = crate::tls::summary(tls.get_ref().1);
         self.transcript.push(Line {
             dir: "*",
             text: format!("TLS established: {version} {cipher} (certificate not verified)"),

@@ -397,3 +397,21 @@ impl Swaks {
         }
     }
 }
+
+/// Asserts `X-Greylist: delayed N seconds by greygate-... at HOST; ...` with N plausible for
+/// `delay` (and the host, when given).
+pub fn assert_x_greylist(header: &str, delay: u64, host: Option<&str>) {
+    let n: u64 = header
+        .strip_prefix("X-Greylist: delayed ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("malformed header {header:?}"));
+    assert!(
+        (delay..=delay + 15).contains(&n),
+        "delayed {n} s for a {delay} s delay: {header}"
+    );
+    assert!(header.contains(" seconds by greygate-"), "{header}");
+    if let Some(host) = host {
+        assert!(header.contains(&format!(" at {host}; ")), "{header}");
+    }
+}
