@@ -394,6 +394,9 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
     match l {
         Bound::Tcp(l) => {
             let (s, peer) = l.accept().await?;
+            // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d: it is the
+            // IPv4 address to every front end, limit and log.
+            let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let _ = s.set_nodelay(true);
             let local = s.local_addr().ok();
             Ok((

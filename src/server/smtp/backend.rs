@@ -151,10 +151,15 @@ impl Backend {
             timeout: opts.reply_timeout,
             xclient_used: false,
         };
-        match opts.proxy {
-            ProxyProtocol::Off => {}
-            ProxyProtocol::V1 => b.send(&proxy_v1(client.addr, client.local)).await?,
-            ProxyProtocol::V2 => b.send(&proxy_v2(client.addr, client.local)).await?,
+        // A connection of greygate's own (the start-up check) has no client: the header
+        // says so (v1 UNKNOWN, v2 LOCAL), as a backend that expects one needs it.
+        let own = client.addr.port() == 0;
+        match (opts.proxy, own) {
+            (ProxyProtocol::Off, _) => {}
+            (ProxyProtocol::V1, false) => b.send(&proxy_v1(client.addr, client.local)).await?,
+            (ProxyProtocol::V2, false) => b.send(&proxy_v2(client.addr, client.local)).await?,
+            (ProxyProtocol::V1, true) => b.send(b"PROXY UNKNOWN\r\n").await?,
+            (ProxyProtocol::V2, true) => b.send(&proxy_v2_local()).await?,
         }
         let banner = b.reply(opts.reply_timeout).await?;
         if banner.code != 220 {
@@ -190,7 +195,6 @@ impl Backend {
     ) -> Result<Capabilities, BackendError> {
         let opts = BackendOptions {
             xclient: false,
-            proxy: ProxyProtocol::Off,
             ..opts.clone()
         };
         let unknown = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0);
@@ -446,6 +450,13 @@ fn v6(ip: IpAddr) -> std::net::Ipv6Addr {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
         IpAddr::V6(a) => a,
     }
+}
+
+/// PROXY protocol version 2, LOCAL: a connection of the proxy's own, no addresses.
+pub fn proxy_v2_local() -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    h
 }
 
 /// PROXY protocol version 2: the binary header for a proxied TCP connection.

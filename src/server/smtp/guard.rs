@@ -38,13 +38,16 @@ impl<K: Hash + Eq + Clone> Expiring<K> {
         if self.until.len() >= self.cap && !self.until.contains_key(&key) {
             self.until.retain(|_, t| *t > now);
             if self.until.len() >= self.cap {
-                // Still full of live entries: the one ending soonest goes.
-                if let Some(k) = self
+                // Still full of live entries: a sixteenth goes at once (whichever the map
+                // yields first), so a flood pays for one scan per cap/16 inserts, not one
+                // per insert.
+                let drop: Vec<K> = self
                     .until
-                    .iter()
-                    .min_by_key(|(_, t)| **t)
-                    .map(|(k, _)| k.clone())
-                {
+                    .keys()
+                    .take((self.cap / 16).max(1))
+                    .cloned()
+                    .collect();
+                for k in drop {
                     self.until.remove(&k);
                 }
             }
@@ -132,6 +135,8 @@ pub struct Guard {
     suspects: Mutex<Expiring<String>>,
     /// Addresses that waited for the whole banner.
     passed: Mutex<Expiring<IpAddr>>,
+    /// Addresses denied for a trap hit, until their entry ends.
+    trapped: Mutex<Expiring<IpAddr>>,
     traps: ArcSwap<Traps>,
     /// One permit per session being tarpitted.
     pub tarpit: Arc<Semaphore>,
@@ -146,6 +151,7 @@ impl Guard {
         Guard {
             suspects: Mutex::new(Expiring::new(MAX_REMEMBERED)),
             passed: Mutex::new(Expiring::new(MAX_REMEMBERED)),
+            trapped: Mutex::new(Expiring::new(MAX_REMEMBERED)),
             traps: ArcSwap::from_pointee(traps),
             tarpit: Arc::new(Semaphore::new(tarpit_sessions)),
             backend_chunking: std::sync::atomic::AtomicBool::new(false),
@@ -167,6 +173,17 @@ impl Guard {
 
     pub fn has_passed(&self, ip: IpAddr, now: u64) -> bool {
         lock(&self.passed).contains(&ip, now)
+    }
+
+    /// Whether `ip` hit a trap for the first time since `until` was last set for it: only
+    /// then is its deny entry written.
+    pub fn first_trap(&self, ip: IpAddr, until: u64, now: u64) -> bool {
+        let mut t = lock(&self.trapped);
+        if t.contains(&ip, now) {
+            return false;
+        }
+        t.insert(ip, until, now);
+        true
     }
 
     pub fn traps(&self) -> Arc<Traps> {

@@ -10,11 +10,11 @@ use smtp_proto::Request as Command;
 use tokio::time::Instant;
 
 use super::backend::{Backend, BackendError, ClientFacts, Reply};
-use super::wire::{Client, DataScan, Line, ReadError, Tarpit};
+use super::wire::{Client, DataScan, Line, Normalize, ReadError, Tarpit};
 use super::{PregreetAction, SmtpContext};
 use crate::engine::identity::{IdentityFacts, Listing};
 use crate::engine::normalize::client_group;
-use crate::engine::{ListKind, Request, Target};
+use crate::engine::{Classified, ListKind, Request, Target, Verdict};
 use crate::server::Io;
 use crate::server::replies::x_greylist;
 use crate::server::slots::Slot;
@@ -22,6 +22,78 @@ use crate::service::unix_now;
 
 /// Longest wait for a reply to be taken by the client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Slowest message data taken (Postfix's `smtpd_min_data_rate`): a DATA or BDAT phase
+/// may last `data_timeout` plus one second per this many bytes, however it trickles in.
+const MIN_DATA_RATE: u64 = 500;
+
+/// The address as an SMTP path (RFC 5321 §4.1.2) between `<>`: `smtp-proto` hands over a
+/// quoted local part unquoted, so it is quoted again when it is not a dot-atom (a
+/// `"john smith"@example.org` stays one). `None` for what no path may hold: control
+/// characters, or brackets and quotes in the domain — the backend must get the very
+/// address the engine decided on, never one that reads as more parameters.
+fn path(address: &str) -> Option<String> {
+    if address.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    let (local, domain) = match address.rfind('@') {
+        Some(at) => (&address[..at], Some(&address[at + 1..])),
+        None => (address, None),
+    };
+    if let Some(d) = domain
+        && (d.is_empty() || d.contains(['<', '>', '"', '\\', ' ', '(', ')', ',', ';', '@']))
+    {
+        return None;
+    }
+    let atext = |c: char| c.is_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| c == '.' || atext(c));
+    let mut out = String::with_capacity(address.len() + 2);
+    if dot_atom || local.is_empty() {
+        out.push_str(local);
+    } else {
+        out.push('"');
+        for c in local.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    if let Some(d) = domain {
+        out.push('@');
+        out.push_str(d);
+    }
+    Some(out)
+}
+
+/// The command line's path is `<postmaster>` (which `smtp-proto` reads as empty).
+fn names_postmaster(line: &[u8]) -> bool {
+    let Some(open) = memchr::memchr(b'<', line) else {
+        return false;
+    };
+    let rest = &line[open + 1..];
+    memchr::memchr(b'>', rest)
+        .is_some_and(|close| rest[..close].eq_ignore_ascii_case(b"postmaster"))
+}
+
+/// MAIL, RCPT, DATA, BDAT and STARTTLS: the commands that take a message (or the session's
+/// security) a step further.
+fn moves_a_message_on(line: &[u8]) -> bool {
+    let verb = line.get(..4).unwrap_or(line);
+    [&b"MAIL"[..], b"RCPT", b"DATA", b"BDAT", b"STAR"]
+        .iter()
+        .any(|v| verb.eq_ignore_ascii_case(v))
+}
+
+/// How long message data of `size` bytes so far may have taken.
+fn data_allowance(data_timeout: Duration, size: u64) -> Duration {
+    data_timeout + Duration::from_secs(size / MIN_DATA_RATE)
+}
+
 /// The reply when the backend session broke in mid-transaction.
 const BACKEND_LOST: &str = "451 4.4.2 Connection to the mail server lost, try again later\r\n";
 /// Bytes of a BDAT chunk relayed at once.
@@ -110,7 +182,14 @@ pub async fn serve_connection<S: Io + 'static>(
     if s.suspect {
         s.start_tarpit();
     }
-    let end = s.run(slot).await;
+    // The hard stop ends a session wherever it is: in message data, waiting on the
+    // backend, writing a tarpitted reply (the command loop also watches it between
+    // commands, to say goodbye).
+    let hard_stop = ctx.stops.hard_stop.clone();
+    let end = tokio::select! {
+        end = s.run(slot) => end,
+        () = hard_stop.cancelled() => End::Closed("shutting down".into()),
+    };
     if let Some(b) = s.backend.take() {
         b.quit().await;
     }
@@ -129,12 +208,18 @@ impl Session<'_> {
         let evicted = slot.evicted();
         tokio::pin!(shutdown, hard_stop, evicted);
         let limits = &self.ctx.config.limits;
+        // The banner counts as the connection's first progress.
+        let mut progressed = true;
         loop {
             if !self.client.has_line() {
                 if let Err(e) = self.client.flush(WRITE_TIMEOUT).await {
                     return End::Closed(format!("reply not taken: {e}"));
                 }
-                slot.done(Instant::now());
+                if std::mem::take(&mut progressed) {
+                    slot.done(Instant::now());
+                }
+                // Between commands a session keeps a small buffer, whatever it read before.
+                self.client.shrink();
             }
             let line = tokio::select! {
                 biased;
@@ -159,8 +244,16 @@ impl Session<'_> {
                 }
                 Err(e) => return End::Closed(e.to_string()),
             };
-            if !slot.begin() {
-                return End::Closed("closed to make room".into());
+            // Only commands that move a message on are progress for the slots (NOOP, RSET,
+            // HELP or junk every second must not keep a connection from being closed to
+            // make room), and only they keep it from being closed while answered.
+            if let Line::Complete(l) = &line
+                && moves_a_message_on(l)
+            {
+                if !slot.begin() {
+                    return End::Closed("closed to make room".into());
+                }
+                progressed = true;
             }
             self.commands += 1;
             if self.commands > limits.max_commands {
@@ -339,8 +432,29 @@ impl Session<'_> {
         match cmd {
             Command::Ehlo { host } => self.hello(host, true),
             Command::Helo { host } => self.hello(host, false),
-            Command::Mail { from } => self.mail(from),
-            Command::Rcpt { to } => self.rcpt(to.address).await,
+            Command::Mail { mut from } => {
+                if from.address.is_empty() && names_postmaster(line) {
+                    from.address = "postmaster".into();
+                }
+                match path(&from.address) {
+                    Some(_) => self.mail(from),
+                    None => self.error("553 5.1.7 Sender address not accepted here\r\n"),
+                }
+            }
+            Command::Rcpt { to } => {
+                let address = match to.address.as_str() {
+                    "" if names_postmaster(line) => "postmaster".to_string(),
+                    "" => {
+                        self.error("501 5.1.3 Bad recipient address syntax\r\n");
+                        return Ok(None);
+                    }
+                    _ => to.address,
+                };
+                match path(&address) {
+                    Some(_) => self.rcpt(address).await,
+                    None => self.error("553 5.1.3 Recipient address not accepted here\r\n"),
+                }
+            }
             Command::Data => self.data().await?,
             Command::Bdat {
                 chunk_size,
@@ -428,7 +542,7 @@ impl Session<'_> {
                 .reply("552 5.3.4 Message size exceeds fixed limit\r\n");
             return;
         }
-        let mut line = format!("MAIL FROM:<{}>", from.address);
+        let mut line = format!("MAIL FROM:<{}>", path(&from.address).unwrap_or_default());
         if from.size > 0 {
             line.push_str(&format!(" SIZE={}", from.size));
         }
@@ -461,16 +575,16 @@ impl Session<'_> {
         }
         let now = unix_now();
         let ip = self.peer.ip();
-        if self.ctx.guard.traps().catches(&recipient) {
-            self.trapped(ip, &recipient, now).await;
-        }
-        let tx = self.tx.as_mut().expect("checked above");
         let req = Request {
             stage: "RCPT".into(),
             client_ip: Some(ip),
             client_name: "unknown".into(),
             helo: self.helo.clone().unwrap_or_default(),
-            sender: tx.sender.clone(),
+            sender: self
+                .tx
+                .as_ref()
+                .map(|t| t.sender.clone())
+                .unwrap_or_default(),
             recipient: recipient.clone(),
             sasl_username: String::new(),
             reverse_client_name: String::new(),
@@ -483,7 +597,11 @@ impl Session<'_> {
             }),
             tls: self.tls.is_some(),
         };
+        if self.ctx.guard.traps().catches(&recipient) {
+            trapped(self.ctx, self.peer.ip(), &req, now).await;
+        }
         let outcome = self.ctx.svc.check(&req, now).await;
+        let tx = self.tx.as_mut().expect("checked above");
         if let Some(deferral) = self.ctx.replies.load().milter_deferral(&outcome) {
             self.client.reply(&deferral);
             self.client.reply("\r\n");
@@ -496,6 +614,12 @@ impl Session<'_> {
             tx.delayed = Some(tx.delayed.map_or(by, |d| d.max(by)));
         }
         match self.relay_rcpt(&recipient).await {
+            Ok(reply) if reply.code == 421 => {
+                // The backend is closing its session: the client may try again later,
+                // on this connection or another.
+                self.backend_failed(&BackendError::Refused(reply));
+                self.client.reply(BACKEND_LOST);
+            }
             Ok(reply) => {
                 let tx = self.tx.as_mut().expect("still in a transaction");
                 if reply.is_positive() {
@@ -511,47 +635,34 @@ impl Session<'_> {
         }
     }
 
-    /// A greytrap hit: the client goes on the runtime deny list, on every front end.
-    async fn trapped(&mut self, ip: IpAddr, recipient: &str, now: u64) {
-        let stats = &self.ctx.svc.metrics.smtp;
-        stats.trap_hits.fetch_add(1, Ordering::Relaxed);
-        let ttl = self.ctx.config.traps.deny_for.as_secs();
-        let comment = format!(
-            "greytrap: sent to {}",
-            recipient.chars().take(200).collect::<String>()
-        );
-        let svc = self.ctx.svc.clone();
-        let value = ip.to_string();
-        let added = tokio::task::spawn_blocking(move || {
-            svc.add_entry(
-                ListKind::Deny,
-                Target::Client,
-                &value,
-                Some(ttl),
-                &comment,
-                now,
-            )
-        })
-        .await;
-        match added {
-            Ok(Ok(_)) => tracing::warn!(
-                rule = "greytrap", client = %ip, recipient, deny_for = ?self.ctx.config.traps.deny_for,
-                "client sent to a trap address; denied on every front end"
-            ),
-            Ok(Err(e)) => {
-                tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry")
-            }
-            Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed"),
-        }
-    }
-
     /// Opens the backend session if needed, gives it the MAIL command if it has not got
     /// it, and the recipient.
     async fn relay_rcpt(&mut self, recipient: &str) -> Result<Reply, BackendError> {
+        let reused = self.backend.is_some();
+        let first = self.tx.as_ref().is_some_and(|t| !t.backend_has_mail);
+        let attempt = self.relay_rcpt_once(recipient).await;
+        // A backend session kept from an earlier message may have been closed by the
+        // backend meanwhile (its idle timeout): with nothing of this message given to it
+        // yet, open a fresh one and try once more.
+        let stale = match &attempt {
+            Err(_) => true,
+            Ok(r) => r.code == 421,
+        };
+        if reused && first && stale {
+            self.backend = None;
+            if let Some(tx) = self.tx.as_mut() {
+                tx.backend_has_mail = false;
+            }
+            return self.relay_rcpt_once(recipient).await;
+        }
+        attempt
+    }
+
+    async fn relay_rcpt_once(&mut self, recipient: &str) -> Result<Reply, BackendError> {
         self.ensure_backend().await?;
         let tx = self.tx.as_mut().expect("in a transaction");
         let backend = self.backend.as_mut().expect("opened");
-        let rcpt = format!("RCPT TO:<{recipient}>");
+        let rcpt = format!("RCPT TO:<{}>", path(recipient).unwrap_or_default());
         if !tx.backend_has_mail {
             let (mail, rcpt) = if backend.caps.pipelining {
                 // One round trip for both; a refused MAIL makes the RCPT fail too.
@@ -635,6 +746,10 @@ impl Session<'_> {
         match &self.tx {
             None => Err("503 5.5.1 Error: need MAIL command\r\n"),
             Some(tx) if tx.broken => Err(BACKEND_LOST),
+            // RFC 3030 §2: DATA after BDAT in one transaction is an error.
+            Some(tx) if tx.chunks > 0 => {
+                Err("503 5.5.1 Error: BDAT already began this message\r\n")
+            }
             Some(tx) if tx.accepted == 0 => Err("554 5.5.1 Error: no valid recipients\r\n"),
             Some(_) if self.backend.is_none() => Err(BACKEND_LOST),
             Some(_) => Ok(()),
@@ -707,10 +822,14 @@ impl Session<'_> {
         let limits = &self.ctx.config.limits;
         let max = limits.max_message_size;
         // The trace headers go out with the message's first bytes, in one write.
-        let mut headers = Some(headers.into_bytes());
+        // The trace headers go out with the message's first bytes, in one write; what
+        // follows has its bare line endings made CRLF (see `Normalize`).
+        let mut out = headers.into_bytes();
+        let mut normalize = Normalize::default();
         let mut failed: Option<BackendError> = None;
         let mut scan = DataScan::default();
         let mut size = 0u64;
+        let started = Instant::now();
         loop {
             let (bytes, done) = match self.client.take_data(&mut scan, limits.data_timeout).await {
                 Ok(x) => x,
@@ -724,22 +843,30 @@ impl Session<'_> {
             };
             size += bytes.len() as u64;
             if failed.is_none() && size <= max {
+                normalize.feed(bytes, &mut out);
                 let backend = self.backend.as_mut().expect("open while relaying");
-                failed = match headers.take() {
-                    Some(mut first) => {
-                        first.extend_from_slice(bytes);
-                        backend.send(&first).await.err()
-                    }
-                    None => backend.send(bytes).await.err(),
-                };
+                failed = backend.send(&out).await.err();
+                out.clear();
             }
             if done {
                 break;
             }
+            if started.elapsed() > data_allowance(limits.data_timeout, size) {
+                self.backend = None;
+                self.tx = None;
+                return Err(std::io::Error::other(format!(
+                    "message data slower than {MIN_DATA_RATE} bytes/s"
+                )));
+            }
+        }
+        if normalize.rewritten > 0 {
+            tracing::info!(
+                peer = %self.peer, bare_line_endings = normalize.rewritten,
+                "message with bare CR or LF line endings: sent on with CRLF"
+            );
         }
         let tx = self.tx.take();
         self.finish_message(size, failed, tx).await;
-        self.client.shrink();
         Ok(())
     }
 
@@ -793,6 +920,16 @@ impl Session<'_> {
             Ok(()) => None,
         };
         let limits = &self.ctx.config.limits;
+        if chunk as u64 > limits.max_message_size {
+            // More than any message may be: reading it would only hold the connection.
+            return Ok(Some(
+                self.close(
+                    "552 5.3.4 Message size exceeds fixed limit; closing connection\r\n",
+                    "BDAT chunk over max_message_size",
+                )
+                .await,
+            ));
+        }
         let tx = self.tx.as_mut();
         let over = tx.is_some_and(|t| {
             t.size = t.size.saturating_add(chunk as u64);
@@ -835,6 +972,7 @@ impl Session<'_> {
             failed = backend.send(verb.as_bytes()).await.err();
         }
         let mut left = chunk;
+        let started = Instant::now();
         while left > 0 {
             let piece = match self
                 .client
@@ -852,6 +990,15 @@ impl Session<'_> {
             if failed.is_none() {
                 let backend = self.backend.as_mut().expect("open while relaying");
                 failed = backend.send(piece).await.err();
+            }
+            if left > 0
+                && started.elapsed() > data_allowance(limits.data_timeout, (chunk - left) as u64)
+            {
+                self.backend = None;
+                self.tx = None;
+                return Err(std::io::Error::other(format!(
+                    "BDAT data slower than {MIN_DATA_RATE} bytes/s"
+                )));
             }
         }
         if let Some(tx) = self.tx.as_mut() {
@@ -873,7 +1020,6 @@ impl Session<'_> {
             let tx = self.tx.take();
             let size = tx.as_ref().map_or(0, |t| t.size);
             self.finish_message(size, None, tx).await;
-            self.client.shrink();
         } else {
             let backend = self.backend.as_mut().expect("open");
             match backend.flush().await {
@@ -904,6 +1050,7 @@ impl Session<'_> {
 
     async fn discard(&mut self, mut left: usize) -> Result<(), ReadError> {
         let limit = self.ctx.config.limits.data_timeout;
+        let (started, total) = (Instant::now(), left as u64);
         while left > 0 {
             let n = self
                 .client
@@ -911,6 +1058,9 @@ impl Session<'_> {
                 .await?
                 .len();
             left -= n;
+            if started.elapsed() > data_allowance(limit, total - left as u64) {
+                return Err(ReadError::Timeout);
+            }
         }
         Ok(())
     }
@@ -965,5 +1115,104 @@ impl Session<'_> {
             tokio::spawn(b.quit());
         }
         Ok(None)
+    }
+}
+
+/// A greytrap hit: the client goes on the runtime deny list, on every front end —
+/// unless an allow list names it (a big provider's outbound host that relayed mail
+/// to a harvested trap address must not be denied for a day), and once: a client
+/// already denied for a trap is not written again, however many traps it tries.
+async fn trapped(ctx: &SmtpContext, ip: IpAddr, req: &Request, now: u64) {
+    let recipient = req.recipient.as_str();
+    let stats = &ctx.svc.metrics.smtp;
+    stats.trap_hits.fetch_add(1, Ordering::Relaxed);
+    let allowed = match ctx.svc.live().engine.classify(req, now) {
+        Classified::Decided(d) => d.verdict != Verdict::Defer,
+        Classified::Lookup(_) => false,
+    };
+    if allowed {
+        tracing::info!(
+            rule = "greytrap", client = %ip, recipient,
+            "client sent to a trap address but is allow-listed; not denied"
+        );
+        return;
+    }
+    let until = now.saturating_add(ctx.config.traps.deny_for.as_secs());
+    if !ctx.guard.first_trap(ip, until, now) {
+        return;
+    }
+    let ttl = ctx.config.traps.deny_for.as_secs();
+    let comment = format!(
+        "greytrap: sent to {}",
+        recipient.chars().take(200).collect::<String>()
+    );
+    let svc = ctx.svc.clone();
+    let value = ip.to_string();
+    let added = tokio::task::spawn_blocking(move || {
+        svc.add_entry(
+            ListKind::Deny,
+            Target::Client,
+            &value,
+            Some(ttl),
+            &comment,
+            now,
+        )
+    })
+    .await;
+    match added {
+        Ok(Ok(_)) => tracing::warn!(
+            rule = "greytrap", client = %ip, recipient, deny_for = ?ctx.config.traps.deny_for,
+            "client sent to a trap address; denied on every front end"
+        ),
+        Ok(Err(e)) => {
+            tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry")
+        }
+        Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_requoted_and_injections_refused() {
+        assert_eq!(path("a.b@example.org").as_deref(), Some("a.b@example.org"));
+        assert_eq!(path("").as_deref(), Some(""));
+        assert_eq!(path("postmaster").as_deref(), Some("postmaster"));
+        assert_eq!(
+            path("john smith@example.org").as_deref(),
+            Some("\"john smith\"@example.org")
+        );
+        assert_eq!(
+            path("spammer@bad.example> ENVID=x@ok.example").as_deref(),
+            Some("\"spammer@bad.example> ENVID=x\"@ok.example")
+        );
+        assert_eq!(path("a\"b@x.org").as_deref(), Some("\"a\\\"b\"@x.org"));
+        assert_eq!(path("x@bad>domain"), None);
+        assert_eq!(path("x@dom\r\nRSET"), None);
+        assert_eq!(
+            path("ü@bücher.example").as_deref(),
+            Some("ü@bücher.example")
+        );
+    }
+
+    #[test]
+    fn postmaster_is_read_from_the_line() {
+        assert!(names_postmaster(b"RCPT TO:<PostMaster>\r\n"));
+        assert!(!names_postmaster(b"RCPT TO:<>\r\n"));
+        assert!(!names_postmaster(b"MAIL FROM:<postmaster@example.org>\r\n"));
+    }
+
+    #[test]
+    fn smtp_proto_unquotes_as_path_expects() {
+        let line = b"RCPT TO:<\"john smith\"@example.org>\r\n";
+        let Ok(Command::Rcpt { to }) = Command::parse(&mut line.iter()) else {
+            panic!("parses")
+        };
+        assert_eq!(
+            path(&to.address).as_deref(),
+            Some("\"john smith\"@example.org")
+        );
     }
 }

@@ -318,6 +318,97 @@ impl DataScan {
     }
 }
 
+/// What the backend gets of a DATA section: every line ending as CRLF. A bare LF or CR
+/// ends a line too (as Postfix's `smtpd_forbid_bare_newline = normalize` reads it), and a
+/// dot that starts such a line is stuffed. So the backend sees the end of data exactly
+/// where greygate did, whatever it makes of bare line endings (SMTP smuggling,
+/// CVE-2023-51764, needs them to differ).
+#[derive(Debug, Default)]
+pub struct Normalize {
+    /// A CR was the last byte; whether it is bare depends on the next one.
+    cr: bool,
+    /// Where in its line the output is.
+    col: Col,
+    /// The line being written started after a bare ending (rewritten as CRLF).
+    after_bare: bool,
+    /// Bare line endings rewritten so far.
+    pub rewritten: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    /// Nothing of the line written yet.
+    #[default]
+    Start,
+    /// The line so far is one dot: ended by a real CRLF it is the end of data.
+    Dot,
+    /// Anything else.
+    Mid,
+}
+
+impl Normalize {
+    /// Appends `bytes`, normalised, to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < bytes.len() {
+            if !self.cr && self.col == Col::Mid {
+                // Inside a line, up to the next CR or LF, the bytes go as they are.
+                match memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
+                    Some(at) => {
+                        out.extend_from_slice(&bytes[i..i + at]);
+                        i += at;
+                    }
+                    None => {
+                        out.extend_from_slice(&bytes[i..]);
+                        return;
+                    }
+                }
+            }
+            let b = bytes[i];
+            i += 1;
+            if self.cr {
+                self.cr = false;
+                if b == b'\n' {
+                    self.end_line(false, out);
+                    continue;
+                }
+                // A bare CR ends a line of its own; this byte starts the next one.
+                self.end_line(true, out);
+            }
+            match (b, self.col) {
+                (b'\r', _) => self.cr = true,
+                (b'\n', _) => self.end_line(true, out),
+                (b'.', Col::Start) if self.after_bare => {
+                    // The client did not see a line start here, so did not stuff it.
+                    out.extend_from_slice(b"..");
+                    self.col = Col::Mid;
+                }
+                (b'.', Col::Start) => {
+                    out.push(b'.');
+                    self.col = Col::Dot;
+                }
+                _ => {
+                    out.push(b);
+                    self.col = Col::Mid;
+                }
+            }
+        }
+    }
+
+    /// Writes a line ending; a bare one never leaves a line that is a lone dot.
+    fn end_line(&mut self, bare: bool, out: &mut Vec<u8>) {
+        if bare {
+            self.rewritten += 1;
+            if self.col == Col::Dot {
+                out.push(b'.');
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        self.col = Col::Start;
+        self.after_bare = bare;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +448,67 @@ mod tests {
                     String::from_utf8_lossy(data)
                 );
             }
+        }
+    }
+
+    fn normalised(data: &[u8], piece: usize) -> Vec<u8> {
+        let mut n = Normalize::default();
+        let mut out = Vec::new();
+        for chunk in data.chunks(piece) {
+            n.feed(chunk, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn bare_line_endings_become_crlf_and_cannot_end_the_data_early() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n.\r\n"),
+            (b"a\nb\r\n.\r\n", b"a\r\nb\r\n.\r\n"),
+            // The smuggling shapes: the dot after a bare ending is content, stuffed.
+            (b"x\n.\r\nMAIL", b"x\r\n..\r\nMAIL"),
+            (b"x\r.\rMAIL", b"x\r\n..\r\nMAIL"),
+            (b"x\r\n.\nMAIL", b"x\r\n..\r\nMAIL"),
+            (b"x\r\n.\rMAIL", b"x\r\n..\r\nMAIL"),
+            (b"x\r\n.y\nMAIL", b"x\r\n.y\r\nMAIL"),
+            (b"\r\r\n", b"\r\n\r\n"),
+            (b"..\r\n", b"..\r\n"),
+        ];
+        for (data, want) in cases {
+            for piece in 1..=data.len() {
+                assert_eq!(
+                    String::from_utf8_lossy(&normalised(data, piece)),
+                    String::from_utf8_lossy(want),
+                    "{:?} in pieces of {piece}",
+                    String::from_utf8_lossy(data)
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the client sends before its end of data, the backend never sees an end
+        /// of data in what greygate forwards.
+        #[test]
+        fn no_end_of_data_reaches_the_backend_early(
+            data in proptest::collection::vec(
+                proptest::sample::select(vec![b'\r', b'\n', b'.', b'a']), 0..40),
+            piece in 1usize..8,
+        ) {
+            let mut scan = DataScan::default();
+            let (used, done) = scan.feed(&data);
+            let before_end = if done { &data[..used - 3] } else { &data[..] };
+            let mut out = b"\r\n".to_vec();
+            let mut n = Normalize::default();
+            for chunk in before_end.chunks(piece) {
+                n.feed(chunk, &mut out);
+            }
+            // A CR still pending at the cut is completed by what follows; end it here.
+            n.feed(b"x", &mut out);
+            proptest::prop_assert!(
+                memchr::memmem::find(&out, b"\r\n.\r\n").is_none(),
+                "{:?} -> {:?}", String::from_utf8_lossy(&data), String::from_utf8_lossy(&out)
+            );
         }
     }
 
