@@ -1053,3 +1053,76 @@ fn two_thousand_idle_connections_and_a_client_still_completes_its_session() {
     delivered_whole(&s.postfix, "Subject: among-the-idle", b"");
     drop(idle);
 }
+
+/// SMTP smuggling (CVE-2023-51764 and kin): a bare LF before a dot must not end the message
+/// at the backend while greygate reads on. The would-be second message stays text of the
+/// first; the backend gets exactly one message, with the line endings made CRLF.
+#[test]
+fn bare_line_endings_cannot_smuggle_a_second_message_past_greylisting() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("bare_line_endings_smuggling", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(
+            b"Subject: smuggling-carrier\r\n\r\nfirst\n.\r\nMAIL FROM:<ceo@example.org>\r\n\
+              RCPT TO:<smuggled@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n",
+        )
+        .unwrap();
+    let end = c.reply();
+    assert!(end.starts_with("250"), "the carrier is accepted: {end}");
+    assert!(c.ask("QUIT").starts_with("221"));
+    let got = delivered_whole(&s.postfix, "Subject: smuggling-carrier", b"");
+    let body = String::from_utf8_lossy(&got.body).into_owned();
+    assert!(
+        body.contains("first\r\n.\r\nMAIL FROM:<ceo@example.org>")
+            || body.contains("first\n.\nMAIL FROM:<ceo@example.org>"),
+        "the would-be commands stay text of the message: {body:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let log = s.postfix.maillog();
+    assert!(
+        !log.contains("smuggled@example.org"),
+        "the backend took a second message:\n{log}"
+    );
+    s.greygate.expect_log("bare_line_endings=1");
+}
+
+/// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
+/// address that would read as more parameters is refused.
+#[test]
+fn quoted_local_parts_and_postmaster_reach_the_backend_as_written() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("quoted_local_parts", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    let quoted = c.ask("RCPT TO:<\"john smith\"@example.org>");
+    assert!(quoted.starts_with("250"), "{quoted}");
+    // Relayed as `<>`, Postfix would answer 501 (bad recipient syntax).
+    let pm = c.ask("RCPT TO:<Postmaster>");
+    assert!(!pm.starts_with("501"), "postmaster relayed as <>: {pm}");
+    let injected = c.ask("RCPT TO:<x@example.org> NOTIFY=NEVER>");
+    assert!(injected.starts_with('5'), "{injected}");
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: quoted-local-part\r\n\r\nhi\r\n.\r\n")
+        .unwrap();
+    assert!(c.reply().starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+    let got = delivered_whole(&s.postfix, "Subject: quoted-local-part", b"");
+    assert!(
+        got.headers
+            .iter()
+            .any(|h| h.contains("\"john smith\"@example.org")),
+        "{:?}",
+        got.headers
+    );
+}

@@ -243,6 +243,15 @@ mod tests {
     }
 
     #[test]
+    fn a_client_is_trapped_once_per_deny_period() {
+        let g = Guard::new(Traps::default(), 1);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(g.first_trap(ip, 200, 100));
+        assert!(!g.first_trap(ip, 250, 150), "still denied: not written again");
+        assert!(g.first_trap(ip, 400, 300), "after the entry ended it is written anew");
+    }
+
+    #[test]
     fn tables_stay_bounded_and_forget_expired_entries() {
         let mut t = Expiring::new(3);
         for i in 0..10u64 {
