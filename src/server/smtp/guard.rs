@@ -247,8 +247,14 @@ mod tests {
         let g = Guard::new(Traps::default(), 1);
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         assert!(g.first_trap(ip, 200, 100));
-        assert!(!g.first_trap(ip, 250, 150), "still denied: not written again");
-        assert!(g.first_trap(ip, 400, 300), "after the entry ended it is written anew");
+        assert!(
+            !g.first_trap(ip, 250, 150),
+            "still denied: not written again"
+        );
+        assert!(
+            g.first_trap(ip, 400, 300),
+            "after the entry ended it is written anew"
+        );
     }
 
     #[test]
