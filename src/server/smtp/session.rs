@@ -664,6 +664,14 @@ impl Session<'_> {
         let backend = self.backend.as_mut().expect("opened");
         let rcpt = format!("RCPT TO:<{}>", path(recipient).unwrap_or_default());
         if !tx.backend_has_mail {
+            if tx.mail_line.ends_with(" SMTPUTF8") && !backend.caps.smtputf8 {
+                // Offered when the backend last had it; it has not now. Not the sender's
+                // fault: try again later rather than the backend's permanent 555.
+                return Ok(Reply {
+                    code: 451,
+                    lines: vec!["4.3.0 SMTPUTF8 not available now, try again later".into()],
+                });
+            }
             let (mail, rcpt) = if backend.caps.pipelining {
                 // One round trip for both; a refused MAIL makes the RCPT fail too.
                 let mut r = backend.pipelined(&[&tx.mail_line, &rcpt]).await?;
@@ -896,6 +904,9 @@ impl Session<'_> {
                 if r.is_positive() {
                     stats.messages.fetch_add(1, Ordering::Relaxed);
                     stats.message_bytes.fetch_add(size, Ordering::Relaxed);
+                    // A client whose message the backend took is not slowed down any
+                    // more: a tarpitted final reply would only invite a duplicate.
+                    self.client.tarpit = None;
                 }
                 tracing::debug!(
                     peer = %self.peer, size, recipients = tx.as_ref().map_or(0, |t| t.accepted),
