@@ -177,17 +177,23 @@ pub fn x_greylist(delayed: u64, host: &str, now: u64) -> String {
     line
 }
 
-/// [`x_greylist`], appended to `out`. The date is formatted once per second and thread.
+/// [`x_greylist`], appended to `out`.
 fn write_x_greylist(out: &mut String, delayed: u64, host: &str, now: u64) {
-    thread_local! {
-        static DATE: std::cell::RefCell<(Option<u64>, String)> =
-            const { std::cell::RefCell::new((None, String::new())) };
-    }
     let _ = write!(
         out,
         "X-Greylist: delayed {delayed} seconds by greygate-{} at {host}; ",
         env!("CARGO_PKG_VERSION")
     );
+    write_date(out, now);
+}
+
+/// The unix second `now` as a header date (RFC 5322, UTC), appended to `out`; formatted
+/// once per second and thread (every `X-Greylist:` and `Received:` header takes one).
+pub fn write_date(out: &mut String, now: u64) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(Option<u64>, String)> =
+            const { std::cell::RefCell::new((None, String::new())) };
+    }
     DATE.with(|cell| {
         let mut date = cell.borrow_mut();
         if date.0 != Some(now) {

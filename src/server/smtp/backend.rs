@@ -77,7 +77,6 @@ pub struct Capabilities {
     pub pipelining: bool,
     pub starttls: bool,
     pub smtputf8: bool,
-    pub eight_bit_mime: bool,
     /// `SIZE`'s limit; `Some(0)`: no limit said.
     pub size: Option<u64>,
     /// XCLIENT attribute names offered (upper case).
@@ -95,7 +94,6 @@ impl Capabilities {
                 "PIPELINING" => caps.pipelining = true,
                 "STARTTLS" => caps.starttls = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
-                "8BITMIME" => caps.eight_bit_mime = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|s| s.parse().ok()).unwrap_or(0)),
                 "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
@@ -124,8 +122,6 @@ pub struct Backend {
     buf: Vec<u8>,
     pub caps: Capabilities,
     timeout: Duration,
-    /// The backend accepted XCLIENT: its logs and checks see the real client.
-    pub xclient_used: bool,
 }
 
 impl Backend {
@@ -149,7 +145,6 @@ impl Backend {
             buf: Vec::with_capacity(1024),
             caps: Capabilities::default(),
             timeout: opts.reply_timeout,
-            xclient_used: false,
         };
         // A connection of greygate's own (the start-up check) has no client: the header
         // says so (v1 UNKNOWN, v2 LOCAL), as a backend that expects one needs it.
@@ -174,7 +169,6 @@ impl Backend {
             let r = b.command(&line).await?;
             // Postfix answers with a new greeting (220); some servers say 250.
             if r.is_positive() && r.code < 300 {
-                b.xclient_used = true;
                 b.ehlo(&client.helo_or(hostname)).await?;
             } else {
                 tracing::warn!(
@@ -552,7 +546,6 @@ mod tests {
             buf: Vec::new(),
             caps: Capabilities::default(),
             timeout: Duration::from_secs(1),
-            xclient_used: false,
         };
         b.write_all(b"250-first\r\n250 second\r\n550 5.1.1 unknown\r\nbad\r\n")
             .await

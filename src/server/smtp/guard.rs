@@ -59,6 +59,7 @@ impl<K: Hash + Eq + Clone> Expiring<K> {
         self.until.get(key).is_some_and(|t| *t > now)
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.until.len()
     }
@@ -200,11 +201,6 @@ impl Guard {
     /// A reload's new trap list.
     pub fn set_traps(&self, traps: Traps) {
         self.traps.store(Arc::new(traps));
-    }
-
-    /// Entries held: (suspects, passed).
-    pub fn sizes(&self) -> (usize, usize) {
-        (lock(&self.suspects).len(), lock(&self.passed).len())
     }
 }
 

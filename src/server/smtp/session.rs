@@ -16,7 +16,7 @@ use crate::engine::identity::{IdentityFacts, Listing};
 use crate::engine::normalize::client_group;
 use crate::engine::{Classified, ListKind, Request, Target, Verdict};
 use crate::server::Io;
-use crate::server::replies::x_greylist;
+use crate::server::replies::{write_date, x_greylist};
 use crate::server::slots::Slot;
 use crate::service::unix_now;
 
@@ -789,13 +789,12 @@ impl Session<'_> {
             .map(|t| format!(" ({t})"))
             .unwrap_or_default();
         let now = unix_now();
-        let date = jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(0))
-            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-            .strftime("%a, %d %b %Y %H:%M:%S +0000");
         let mut h = format!(
-            "Received: from {helo} (unknown [{ip}])\r\n\tby {} (greygate) with {proto}{tls};\r\n\t{date}\r\n",
+            "Received: from {helo} (unknown [{ip}])\r\n\tby {} (greygate) with {proto}{tls};\r\n\t",
             cfg.hostname
         );
+        write_date(&mut h, now);
+        h.push_str("\r\n");
         if let (Some(by), Some(host)) = (
             self.tx.as_ref().and_then(|t| t.delayed),
             &self.ctx.replies.load().header_host,

@@ -57,8 +57,6 @@ pub struct Client {
     start: usize,
     out: Vec<u8>,
     pub tarpit: Option<Tarpit>,
-    /// Bytes read in all.
-    pub received: u64,
 }
 
 impl Client {
@@ -69,7 +67,6 @@ impl Client {
             start: 0,
             out: Vec::with_capacity(512),
             tarpit: None,
-            received: 0,
         }
     }
 
@@ -110,16 +107,12 @@ impl Client {
         }
         // Into spare capacity, without zeroing it first.
         self.buf.reserve(chunk);
-        let read = tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await;
-        let n = match read {
+        match tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await {
             Err(_) => Err(ReadError::Timeout),
             Ok(Err(e)) => Err(ReadError::Io(e)),
             Ok(Ok(0)) => Err(ReadError::Closed),
             Ok(Ok(n)) => Ok(n),
-        };
-        let n = n?;
-        self.received += n as u64;
-        Ok(n)
+        }
     }
 
     /// Whether a whole line is buffered: pipelined commands are answered together, in one
