@@ -201,10 +201,21 @@ fn the_embedded_store_survives_sigkill_and_a_full_disk_under_load() {
     assert_still_pass(&socket, &durable, "SIGKILL");
 
     // The disk fills: answers go on from memory; it frees again: writes resume.
+    // redb may still have free pages inside its file: the load's new triplets use them up
+    // until a commit must grow the file, and fails.
     let filler = disk.fill();
+    assert!(
+        daemon.wait_log("store flush failed", Duration::from_secs(30)),
+        "no commit failed on the full disk:\n{}",
+        daemon.log()
+    );
     wait_for_passes(&load, 50);
     std::fs::remove_file(filler).unwrap();
-    assert!(daemon.wait_log("store writes succeed again", Duration::from_secs(15)));
+    assert!(
+        daemon.wait_log("store writes succeed again", Duration::from_secs(30)),
+        "writes never resumed:\n{}",
+        daemon.log()
+    );
     wait_for_passes(&load, 50);
 
     let seen = load.finish();
