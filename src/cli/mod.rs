@@ -7,9 +7,10 @@ mod bench;
 mod check;
 mod common;
 mod explain;
-mod outbound;
+mod probe;
 mod serve;
 mod simulate;
+mod track;
 
 use std::process::ExitCode;
 
@@ -45,9 +46,9 @@ pub enum Command {
     /// Explain what greygate would decide for a request, without changing anything.
     Explain(explain::ExplainArgs),
     /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
-    Probe(outbound::ProbeArgs),
+    Probe(probe::ProbeArgs),
     /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
-    Track(outbound::TrackArgs),
+    Track(track::TrackArgs),
     /// Counters of the running daemon (or the store's record counts when none runs).
     Stats(admin::StatsArgs),
     /// List greylisting records: pending and passed triplets, auto-allowed client groups.
@@ -91,8 +92,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig(args) => check::run(&args),
         Command::CheckStore(args) => check::run_store(&args),
         Command::Explain(args) => explain::run(args),
-        Command::Probe(args) => outbound::probe(args),
-        Command::Track(args) => outbound::track(args),
+        Command::Probe(args) => probe::probe(args),
+        Command::Track(args) => track::track(args),
         Command::Stats(args) => admin::stats(args),
         Command::List(args) => admin::list(args),
         Command::Purge(args) => admin::purge(args),
