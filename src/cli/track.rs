@@ -4,7 +4,8 @@
 //! Exit codes: 0 done, 1 unreadable input or unwritable report, 2 usage.
 
 use std::io::{IsTerminal as _, Read, Write as _};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 
+use greygate::dur::Dur;
 use greygate::tools::maillog::Clock;
+use greygate::tools::outbound::track::follow::{Follower, POLL_BUDGET};
+use greygate::tools::outbound::track::metrics::{self, Progress};
 use greygate::tools::outbound::track::report::{self, Filter};
 use greygate::tools::outbound::track::{self, Message, Tracker};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct TrackArgs {
@@ -42,6 +47,23 @@ pub struct TrackArgs {
     /// year if the log starts in a later month than now].
     #[arg(long)]
     pub year: Option<i64>,
+    /// Keep reading the last LOG as it grows, across rotation (rename or copytruncate),
+    /// until SIGINT or SIGTERM; then print the report as without it. The other LOGs are
+    /// read first, oldest first.
+    #[arg(long, conflicts_with_all = ["to", "queue_id", "message_id"])]
+    pub follow: bool,
+    /// With --follow: print the most painful destination domains this often.
+    #[arg(
+        long,
+        default_value = "1m",
+        value_name = "DURATION",
+        requires = "follow"
+    )]
+    pub summary_every: Dur,
+    /// With --follow: serve the per-domain report as Prometheus metrics at
+    /// http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", requires = "follow")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Counts bytes read from a file, for the progress line.
@@ -64,8 +86,24 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         logs.push(PathBuf::from("-"));
     }
     track::order_rotated(&mut logs);
+    let followed = match args.follow {
+        true => match logs.pop() {
+            Some(p) if p.as_os_str() != "-" => Some(p),
+            _ => {
+                eprintln!("greygate: --follow needs a log file (not standard input)");
+                return Ok(super::common::Exit::Usage.into());
+            }
+        },
+        false => None,
+    };
     let clock = Clock::for_year_or_today(args.year);
-    let mut tracker = Tracker::with_clock(clock);
+    let filter = Filter {
+        to: args.to.clone(),
+        queue_id: args.queue_id.clone(),
+        message_id: args.message_id.clone(),
+        all: false,
+    };
+    let mut tracker = Tracker::with_clock(clock).keeping(filter.clone());
     // A progress line only for people watching (stderr a terminal) and files of known size.
     let total: u64 = logs
         .iter()
@@ -93,23 +131,21 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     if show {
         eprint!("\r\x1b[K");
     }
+    if let Some(path) = &followed {
+        follow(&mut tracker, path, &args)?;
+    }
     let lines = tracker.lines;
-    let messages = tracker.finish();
-    let stats = report::domains(&messages);
-    let filter = Filter {
-        to: args.to.clone(),
-        queue_id: args.queue_id.clone(),
-        message_id: args.message_id.clone(),
-    };
-    let selected: Option<Vec<&Message>> =
-        (!filter.is_empty()).then(|| messages.iter().filter(|m| filter.matches(m)).collect());
+    let (agg, kept) = tracker.finish();
+    let messages = agg.messages as usize;
+    let stats = report::domains(&agg);
+    let selected: Option<Vec<&Message>> = (!filter.is_empty()).then(|| kept.iter().collect());
     if let Some(path) = &args.html {
-        std::fs::write(path, report::render_html(&stats, messages.len(), lines))
+        std::fs::write(path, report::render_html(&stats, messages, lines))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        let v = report::to_json(&stats, selected.as_deref(), lines, messages.len());
+        let v = report::to_json(&stats, selected.as_deref(), lines, messages);
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if let Some(sel) = &selected {
         if sel.is_empty() {
@@ -117,7 +153,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         }
         write!(out, "{}", report::render_timelines(sel, args.to.as_deref()))?;
     } else {
-        write!(out, "{}", report::render_domains(&stats, messages.len()))?;
+        write!(out, "{}", report::render_domains(&stats, messages))?;
     }
     if show {
         eprintln!(
@@ -126,6 +162,107 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often a followed log is looked at.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// How often the metrics are computed again while lines come in.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+/// Rows of the periodic summary.
+const SUMMARY_ROWS: usize = 20;
+
+/// `--follow`: reads `path` as it grows until SIGINT/SIGTERM, serving metrics and printing
+/// summaries meanwhile.
+fn follow(tracker: &mut Tracker, path: &Path, args: &TrackArgs) -> anyhow::Result<()> {
+    let rt = super::common::runtime()?;
+    rt.block_on(async {
+        let mut stop = std::pin::pin!(super::common::stop_signal()?);
+        let mut follower =
+            Follower::new(path).with_context(|| format!("following {}", path.display()))?;
+        let shutdown = CancellationToken::new();
+        let text: Arc<std::sync::Mutex<String>> = Arc::default();
+        if let Some(addr) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            eprintln!(
+                "greygate track: metrics at http://{}/metrics",
+                listener.local_addr()?
+            );
+            let text = text.clone();
+            tokio::spawn(metrics::serve(
+                listener,
+                Arc::new(move || text.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                shutdown.clone(),
+            ));
+        }
+        let mut tick = tokio::time::interval(FOLLOW_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_metrics = Instant::now();
+        let mut metrics_stale = true;
+        let mut next_summary = Instant::now() + args.summary_every.0;
+        loop {
+            let n = follower
+                .poll(|line| tracker.feed(line))
+                .with_context(|| format!("following {}", path.display()))?;
+            metrics_stale |= n > 0;
+            let now = Instant::now();
+            if args.metrics_listen.is_some() && metrics_stale && now >= next_metrics {
+                let stats = report::domains(&tracker.snapshot());
+                *text.lock().unwrap_or_else(|e| e.into_inner()) =
+                    metrics::render(&stats, &progress(tracker, &follower));
+                metrics_stale = false;
+                next_metrics = now + METRICS_EVERY;
+            }
+            if now >= next_summary {
+                next_summary = now + args.summary_every.0;
+                let agg = tracker.snapshot();
+                let stats = report::domains(&agg);
+                let top = &stats[..stats.len().min(SUMMARY_ROWS)];
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(
+                    out,
+                    "== {}  lines {}  messages {}  in flight {}",
+                    jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M:%S"),
+                    tracker.lines,
+                    agg.messages,
+                    tracker.in_flight()
+                );
+                let _ = write!(
+                    out,
+                    "{}",
+                    report::render_domains(top, agg.messages as usize)
+                );
+                let _ = out.flush();
+            }
+            if n >= POLL_BUDGET {
+                // More to read at once; still let a signal through.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                signal = &mut stop => {
+                    // What is in the file now belongs to the report.
+                    while follower.poll(|line| tracker.feed(line))? >= POLL_BUDGET {}
+                    eprintln!("greygate track: {signal}: stopped following {}", path.display());
+                    break;
+                }
+            }
+        }
+        shutdown.cancel();
+        anyhow::Ok(())
+    })
+}
+
+fn progress(tracker: &Tracker, follower: &Follower) -> Progress {
+    Progress {
+        lines: tracker.lines,
+        messages: tracker.messages(),
+        in_flight: tracker.in_flight(),
+        rotations: follower.rotations,
+        truncations: follower.truncations,
+    }
 }
 
 /// Feeds a reader, redrawing the progress line a few times a second when asked to.

@@ -2,10 +2,14 @@
 //! what greylisting costs per destination domain.
 //!
 //! [`crate::tools::maillog`] turns a line into an event (pure, no allocation); [`Tracker`]
-//! folds the queue events into messages keyed by queue id; [`report`] computes per-domain
-//! statistics and renders text, JSON and HTML. [`open_log`] is the only I/O: plain or gzip
-//! files, or stdin.
+//! folds the queue events into messages keyed by queue id while they are in flight, and
+//! finished messages into per-domain aggregates ([`fold`]); [`report`] turns those into
+//! statistics and renders text, JSON, HTML and Prometheus metrics. [`open_log`] reads
+//! plain or gzip files or stdin; [`follow`] tails a live log across rotation.
 
+pub mod fold;
+pub mod follow;
+pub mod metrics;
 pub mod report;
 
 use std::collections::HashMap;
@@ -14,6 +18,7 @@ use std::path::Path;
 
 use crate::tools::maillog::{self, Clock, DeliveryStatus, Event, MAX_LINE, Ts};
 use crate::tools::outbound::classify::{Class, Reply, classify};
+use report::Filter;
 
 /// Calls `f` with every line of `input` (newline included), each cut at [`MAX_LINE`]
 /// bytes: one absurd line cannot grow the buffer past `MAX_LINE` plus a read.
@@ -105,19 +110,41 @@ pub struct Message {
     pub from: Option<String>,
     /// First line seen for this queue id (ms since the epoch).
     pub first_seen: Ts,
+    /// Last line seen for it.
+    #[serde(skip)]
+    pub last_seen: Ts,
     /// qmgr logged `removed`.
     pub removed: bool,
     pub recipients: Vec<Recipient>,
 }
 
-/// Folds log lines into messages. Queue ids are interned: each id's bytes are stored once
-/// in the index, and a `removed` line frees the id so Postfix may reuse it.
+/// How long (log time) a message may go without a line before it is taken as finished
+/// with what it has: longer than Postfix's `maximal_queue_lifetime` and Exim's usual
+/// retry limit (5 days), so only messages whose last lines are missing from the logs
+/// (a log that starts or ends mid-way) go this way.
+pub const STALE_AFTER_MS: Ts = 7 * 86_400_000;
+
+/// Lines between two looks for stale messages.
+pub(crate) const SWEEP_EVERY: u64 = 1 << 16;
+
+/// Folds log lines into messages while they are in flight, and finished messages into
+/// per-domain aggregates ([`fold::Aggregates`]): memory grows with the messages in flight
+/// and the destination domains, not with the log. Queue ids are interned while in flight;
+/// a `removed` line finishes the message and frees the id so Postfix may reuse it.
+///
+/// Messages that match the [`Filter`] given are kept whole ([`Tracker::selected`]), and
+/// only then does an attempt keep its texts (relay, DSN, detail).
 #[derive(Debug)]
 pub struct Tracker {
     clock: Clock,
-    live: HashMap<Box<[u8]>, usize>,
-    messages: Vec<Message>,
-    /// Lines seen / lines that were Postfix queue events.
+    live: HashMap<Box<[u8]>, Message>,
+    done: fold::Aggregates,
+    keep: Filter,
+    selected: Vec<Message>,
+    /// The latest time stamp seen, for the stale sweep.
+    latest: Ts,
+    peak_in_flight: usize,
+    /// Lines seen / lines that were queue events.
     pub lines: u64,
     pub events: u64,
 }
@@ -133,16 +160,29 @@ impl Tracker {
         Tracker {
             clock,
             live: HashMap::new(),
-            messages: Vec::new(),
+            done: fold::Aggregates::default(),
+            keep: Filter::default(),
+            selected: Vec::new(),
+            latest: Ts::MIN,
+            peak_in_flight: 0,
             lines: 0,
             events: 0,
         }
     }
 
+    /// Keeps the messages that match `filter` whole, with every attempt's texts.
+    pub fn keeping(mut self, filter: Filter) -> Self {
+        self.keep = filter;
+        self
+    }
+
     /// Feeds one line (with or without its newline). Never fails: lines that are not
-    /// Postfix queue events are counted and skipped.
+    /// queue events are counted and skipped.
     pub fn feed(&mut self, line: &[u8]) {
         self.lines += 1;
+        if self.lines.is_multiple_of(SWEEP_EVERY) {
+            self.sweep_stale();
+        }
         let Some(parsed) = maillog::parse_line(maillog::trim_line(line), &mut self.clock) else {
             return;
         };
@@ -151,23 +191,35 @@ impl Tracker {
             return;
         }
         self.events += 1;
-        let idx = match self.live.get(parsed.queue_id) {
-            Some(&i) => i,
-            None => {
-                let i = self.messages.len();
-                self.messages.push(Message {
+        self.latest = self.latest.max(parsed.ts);
+        if let Event::Removed = parsed.event {
+            if let Some(mut msg) = self.live.remove(parsed.queue_id) {
+                msg.removed = true;
+                msg.last_seen = msg.last_seen.max(parsed.ts);
+                self.finish_message(msg);
+            }
+            return;
+        }
+        let detail = !self.keep.is_empty();
+        if !self.live.contains_key(parsed.queue_id) {
+            self.live.insert(
+                parsed.queue_id.into(),
+                Message {
                     queue_id: lossy(parsed.queue_id),
                     message_id: None,
                     from: None,
                     first_seen: parsed.ts,
+                    last_seen: parsed.ts,
                     removed: false,
                     recipients: Vec::new(),
-                });
-                self.live.insert(parsed.queue_id.into(), i);
-                i
-            }
+                },
+            );
+            self.peak_in_flight = self.peak_in_flight.max(self.live.len());
+        }
+        let Some(msg) = self.live.get_mut(parsed.queue_id) else {
+            return;
         };
-        let msg = &mut self.messages[idx];
+        msg.last_seen = msg.last_seen.max(parsed.ts);
         match parsed.event {
             Event::MessageId(id) => msg.message_id = Some(lossy(id)),
             Event::From(from) => {
@@ -182,26 +234,23 @@ impl Tracker {
                     }
                 }
             }
-            Event::Removed => {
-                msg.removed = true;
-                self.live.remove(parsed.queue_id);
-            }
-            // Skipped above, before they were counted.
-            Event::Client(_) | Event::Reject(_) => {}
+            // Handled above / skipped before they were counted.
+            Event::Removed | Event::Client(_) | Event::Reject(_) => {}
             Event::Delivery(d) => {
                 let (greylisting, evidence) = if d.status == DeliveryStatus::Deferred {
-                    deferral_class(d.detail)
+                    deferral_class(d.detail, detail)
                 } else {
                     (false, None)
                 };
+                let text = |b: &[u8]| if detail { lossy(b) } else { String::new() };
                 let attempt = Attempt {
                     ts: parsed.ts,
                     status: d.status,
-                    relay: lossy(d.relay),
+                    relay: text(d.relay),
                     delay: d.delay,
-                    delays: lossy(d.delays),
-                    dsn: lossy(d.dsn),
-                    detail: lossy(d.detail),
+                    delays: text(d.delays),
+                    dsn: text(d.dsn),
+                    detail: text(d.detail),
                     greylisting,
                     evidence,
                 };
@@ -225,24 +274,85 @@ impl Tracker {
         }
     }
 
+    fn finish_message(&mut self, msg: Message) {
+        self.done.fold(&msg);
+        if !self.keep.is_empty() && self.keep.matches(&msg) {
+            self.selected.push(msg);
+        }
+    }
+
+    /// Finishes the messages without a line for [`STALE_AFTER_MS`] of log time.
+    fn sweep_stale(&mut self) {
+        let Some(cut) = self.latest.checked_sub(STALE_AFTER_MS) else {
+            return;
+        };
+        if self.live.values().all(|m| m.last_seen >= cut) {
+            return;
+        }
+        let stale: Vec<Box<[u8]>> = self
+            .live
+            .iter()
+            .filter(|(_, m)| m.last_seen < cut)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(m) = self.live.remove(&k) {
+                self.finish_message(m);
+            }
+        }
+    }
+
     /// Feeds every line of `input`.
     pub fn feed_reader(&mut self, input: impl BufRead) -> std::io::Result<()> {
         for_each_line(input, |line| self.feed(line))
     }
 
-    /// The messages, in order of first appearance.
-    pub fn finish(self) -> Vec<Message> {
-        self.messages
+    /// Messages seen so far, finished or in flight.
+    pub fn messages(&self) -> u64 {
+        self.done.messages + self.live.len() as u64
+    }
+
+    /// Messages in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The most messages in flight at once so far.
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak_in_flight
+    }
+
+    /// The report as it stands: the finished messages' aggregates with the messages in
+    /// flight folded in as they are (still queued where nothing final happened). Leaves
+    /// the tracker as it was: `--follow` asks again and again.
+    pub fn snapshot(&self) -> fold::Aggregates {
+        let mut all = self.done.clone();
+        for m in self.live.values() {
+            all.fold(m);
+        }
+        all
+    }
+
+    /// Ends the log: the messages still in flight are finished as they are. The
+    /// aggregates, and the kept messages in order of first appearance.
+    pub fn finish(mut self) -> (fold::Aggregates, Vec<Message>) {
+        let mut rest: Vec<Message> = std::mem::take(&mut self.live).into_values().collect();
+        rest.sort_by_key(|m| m.first_seen);
+        for m in rest {
+            self.finish_message(m);
+        }
+        self.selected.sort_by_key(|m| m.first_seen);
+        (self.done, self.selected)
     }
 }
 
-/// Whether a deferral's detail carries a greylisting reply, and the evidence.
-fn deferral_class(detail: &[u8]) -> (bool, Option<String>) {
+/// Whether a deferral's detail carries a greylisting reply, and (with `evidence`) why.
+fn deferral_class(detail: &[u8], evidence: bool) -> (bool, Option<String>) {
     let Some(reply) = maillog::remote_reply(detail) else {
         return (false, None);
     };
     match Reply::parse(&String::from_utf8_lossy(reply)).map(|r| classify(&r)) {
-        Some(Class::Greylisted { evidence }) => (true, Some(evidence)),
+        Some(Class::Greylisted { evidence: e }) => (true, evidence.then_some(e)),
         _ => (false, None),
     }
 }
@@ -311,6 +421,186 @@ mod tests {
         );
     }
 
+    /// A relay log of `messages` messages in time order, lines of concurrent messages
+    /// interleaved (the shape of tools/gen-maillog.py): a third of the domains greylist
+    /// the first attempt, one never answers, a few deliveries bounce.
+    fn relay_log(messages: u32) -> String {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let stamp = |s: u64| {
+            format!(
+                "Nov 28 {:02}:{:02}:{:02} relay",
+                s / 3600 % 24,
+                s / 60 % 60,
+                s % 60
+            )
+        };
+        let mut later: BinaryHeap<Reverse<(u64, u64, String)>> = BinaryHeap::new();
+        let (mut out, mut seq) = (String::new(), 0u64);
+        for m in 0..u64::from(messages) {
+            let t = m / 4;
+            while let Some(Reverse((at, _, _))) = later.peek() {
+                if *at > t {
+                    break;
+                }
+                let Reverse((at, _, line)) = later.pop().unwrap();
+                out += &format!("{} {line}\n", stamp(at));
+            }
+            let q = format!("{:X}", 0x1000_0000 + m);
+            out += &format!(
+                "{} postfix/cleanup[1]: {q}: message-id=<{m}@s.example>\n",
+                stamp(t)
+            );
+            let mut done = t + 1;
+            for r in 0..1 + rnd(4) / 3 {
+                let d = rnd(30);
+                let to = format!("u{m}r{r}@d{d}.example");
+                let mut push = |at: u64, line: String| {
+                    seq += 1;
+                    later.push(Reverse((at, seq, line)));
+                };
+                let line = |st: &str, dsn: &str, text: &str| {
+                    format!(
+                        "postfix/smtp[2]: {q}: to=<{to}>, relay=mx.d{d}.example[192.0.2.1]:25, delay=1, delays=0/0/0/1, dsn={dsn}, status={st} ({text})"
+                    )
+                };
+                if d < 10 {
+                    let added = 60 + rnd(3000);
+                    push(
+                        t + 1,
+                        line(
+                            "deferred",
+                            "4.7.1",
+                            "host mx[192.0.2.1] said: 450 4.7.1 Greylisted, try again (in reply to RCPT TO command)",
+                        ),
+                    );
+                    push(t + 1 + added, line("sent", "2.0.0", "250 ok"));
+                    done = done.max(t + 1 + added);
+                } else if d == 10 {
+                    push(
+                        t + 1,
+                        line(
+                            "deferred",
+                            "4.4.1",
+                            "connect to mx[192.0.2.1]:25: Connection refused",
+                        ),
+                    );
+                    done = done.max(t + 7200);
+                } else if rnd(50) == 0 {
+                    push(
+                        t + 1,
+                        line(
+                            "bounced",
+                            "5.1.1",
+                            "host mx[192.0.2.1] said: 550 5.1.1 unknown (in reply to RCPT TO command)",
+                        ),
+                    );
+                } else {
+                    push(t + 1, line("sent", "2.0.0", "250 ok"));
+                }
+            }
+            seq += 1;
+            later.push(Reverse((
+                done,
+                seq,
+                format!("postfix/qmgr[3]: {q}: removed"),
+            )));
+        }
+        // The last messages stay in flight: the log ends before their removal.
+        while let Some(Reverse((at, _, line))) = later.pop() {
+            if at < u64::from(messages) / 4 + 600 {
+                out += &format!("{} {line}\n", stamp(at));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_bounded_report_equals_the_unbounded_one() {
+        let log = relay_log(40_000);
+        // Unbounded: every message kept whole to the end.
+        let mut all = Tracker::new(2026).keeping(Filter::everything());
+        all.feed_reader(log.as_bytes()).unwrap();
+        let (_, messages) = all.finish();
+        // Bounded: finished messages folded as they finish.
+        let mut bounded = Tracker::new(2026);
+        bounded.feed_reader(log.as_bytes()).unwrap();
+        assert!(
+            bounded.peak_in_flight() < messages.len() / 4,
+            "{}",
+            bounded.peak_in_flight()
+        );
+        let (agg, kept) = bounded.finish();
+        assert!(kept.is_empty());
+        assert_eq!(agg.messages as usize, messages.len());
+        let stats = report::domains(&agg);
+        let mut sketched = 0;
+        for d in &stats {
+            let mine = |m: &&Message| m.recipients.iter().any(|r| r.domain == d.domain);
+            let in_domain: Vec<&Message> = messages.iter().filter(mine).collect();
+            let per = |r: &Recipient| r.domain == d.domain;
+            let count = |f: &dyn Fn(&Recipient) -> bool| {
+                in_domain
+                    .iter()
+                    .filter(|m| m.recipients.iter().filter(|r| per(r)).any(f))
+                    .count() as u64
+            };
+            assert_eq!(d.messages, in_domain.len() as u64, "{}", d.domain);
+            assert_eq!(d.greylisted, count(&|r| r.greylisted()), "{}", d.domain);
+            assert_eq!(
+                d.still_queued,
+                count(&|r| r.outcome().is_none()),
+                "{}",
+                d.domain
+            );
+            assert_eq!(
+                d.bounced,
+                count(&|r| matches!(
+                    r.outcome(),
+                    Some(DeliveryStatus::Bounced | DeliveryStatus::Expired)
+                )),
+                "{}",
+                d.domain
+            );
+            let added: Vec<f64> = in_domain
+                .iter()
+                .filter_map(|m| {
+                    m.recipients
+                        .iter()
+                        .filter(|r| per(r))
+                        .filter_map(Recipient::added_delay)
+                        .reduce(f64::max)
+                })
+                .collect();
+            assert_eq!(d.added_buckets.iter().sum::<u64>(), added.len() as u64);
+            let total: f64 = added.iter().sum();
+            assert!((d.added_delay_total - total).abs() < 1e-6 * total.max(1.0));
+            sketched += usize::from(added.len() > fold::EXACT_DELAYS);
+            for (q, got) in [(0.5, d.added_delay_median), (0.95, d.added_delay_p95)] {
+                let (Some(got), Some(want)) = (got, fold::exact_quantile(&added, q)) else {
+                    assert_eq!(got, None, "{}", d.domain);
+                    assert!(added.is_empty());
+                    continue;
+                };
+                assert!(
+                    (got - want).abs() <= want * fold::SKETCH_RELATIVE_ERROR + 1e-9,
+                    "{} q={q}: {got} vs {want}",
+                    d.domain
+                );
+            }
+        }
+        assert!(stats.iter().any(|d| d.still_queued > 0 && d.greylisted > 0));
+        assert!(stats.iter().any(|d| d.bounced > 0));
+        assert!(sketched >= 5, "the sketch was not exercised: {sketched}");
+    }
+
     #[test]
     fn random_input_never_panics() {
         use proptest::prelude::*;
@@ -319,7 +609,7 @@ mod tests {
             .run(&proptest::collection::vec(any::<u8>(), 0..400), |bytes| {
                 let mut t = Tracker::new(2026);
                 t.feed(&bytes);
-                let _ = report::domains(&t.finish());
+                let _ = report::domains(&t.finish().0);
                 Ok(())
             })
             .unwrap();
@@ -334,6 +624,6 @@ mod tests {
             b[i] = b' ';
             t.feed(&b);
         }
-        let _ = report::domains(&t.finish());
+        let _ = report::domains(&t.finish().0);
     }
 }

@@ -2,10 +2,10 @@
 //! delay median/p95, still queued, bounced; sorted by pain), per-message timelines, and
 //! the renderings: text table, JSON, self-contained HTML with inline SVG charts.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::Message;
+use super::fold::{Aggregates, DELAY_BUCKETS};
 use crate::tools::maillog::{DeliveryStatus, Ts};
 use crate::tools::outbound::probe::fmt_secs;
 
@@ -20,7 +20,8 @@ pub struct DomainStats {
     /// Messages deferred for other reasons only.
     pub deferred_other: u64,
     /// Added delay (first greylisting deferral → delivery), seconds, over greylisted
-    /// messages that were delivered.
+    /// messages that were delivered: exact for a domain's first 64 such messages, then
+    /// within 1 % (a DDSketch).
     pub added_delay_median: Option<f64>,
     pub added_delay_p95: Option<f64>,
     /// Sum of added delays: the sort key ("pain").
@@ -28,97 +29,30 @@ pub struct DomainStats {
     pub still_queued: u64,
     /// Bounced or expired.
     pub bounced: u64,
-    /// Every added delay, for charts.
+    /// Added delays per [`DELAY_BUCKETS`] bucket, for charts and metrics.
     #[serde(skip)]
-    pub added_delays: Vec<f64>,
-}
-
-/// One message's recipients in one domain, folded.
-struct Folded<'a> {
-    domain: &'a str,
-    grey: bool,
-    other: bool,
-    added: Option<f64>,
-    queued: bool,
-    bounced: bool,
+    pub added_buckets: [u64; DELAY_BUCKETS.len()],
 }
 
 /// Per-domain statistics, most painful first (total added delay, then greylisted count,
 /// then messages, then name).
-pub fn domains(messages: &[Message]) -> Vec<DomainStats> {
-    let mut by: HashMap<&str, DomainStats> = HashMap::new();
-    for m in messages {
-        // Per (message, domain): fold recipients.
-        let mut seen: Vec<Folded<'_>> = Vec::new();
-        for r in &m.recipients {
-            let outcome = r.outcome();
-            let grey = r.greylisted();
-            let f = Folded {
-                domain: &r.domain,
-                grey,
-                other: !grey
-                    && r.attempts
-                        .iter()
-                        .any(|a| a.status == DeliveryStatus::Deferred),
-                added: r.added_delay(),
-                queued: outcome.is_none(),
-                bounced: matches!(
-                    outcome,
-                    Some(DeliveryStatus::Bounced | DeliveryStatus::Expired)
-                ),
-            };
-            match seen.iter_mut().find(|s| s.domain == f.domain) {
-                Some(s) => {
-                    s.grey |= f.grey;
-                    s.other |= f.other;
-                    s.added = match (s.added, f.added) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        (a, b) => a.or(b),
-                    };
-                    s.queued |= f.queued;
-                    s.bounced |= f.bounced;
-                }
-                None => seen.push(f),
-            }
-        }
-        for Folded {
-            domain,
-            grey,
-            other,
-            added,
-            queued,
-            bounced,
-        } in seen
-        {
-            let d = by.entry(domain).or_insert_with(|| DomainStats {
-                domain: domain.to_string(),
-                messages: 0,
-                greylisted: 0,
-                deferred_other: 0,
-                added_delay_median: None,
-                added_delay_p95: None,
-                added_delay_total: 0.0,
-                still_queued: 0,
-                bounced: 0,
-                added_delays: Vec::new(),
-            });
-            d.messages += 1;
-            d.greylisted += u64::from(grey);
-            d.deferred_other += u64::from(other && !grey);
-            d.still_queued += u64::from(queued);
-            d.bounced += u64::from(bounced);
-            if let Some(a) = added {
-                d.added_delays.push(a);
-                d.added_delay_total += a;
-            }
-        }
-    }
-    let mut out: Vec<DomainStats> = by.into_values().collect();
-    for d in &mut out {
-        d.added_delays.sort_by(f64::total_cmp);
-        d.added_delay_median = percentile(&d.added_delays, 0.5);
-        d.added_delay_p95 = percentile(&d.added_delays, 0.95);
-    }
+pub fn domains(agg: &Aggregates) -> Vec<DomainStats> {
+    let mut out: Vec<DomainStats> = agg
+        .domains
+        .iter()
+        .map(|(domain, d)| DomainStats {
+            domain: domain.to_string(),
+            messages: d.messages,
+            greylisted: d.greylisted,
+            deferred_other: d.deferred_other,
+            added_delay_median: d.added.quantile(0.5),
+            added_delay_p95: d.added.quantile(0.95),
+            added_delay_total: d.added_total,
+            still_queued: d.still_queued,
+            bounced: d.bounced,
+            added_buckets: d.added_buckets,
+        })
+        .collect();
     out.sort_by(|a, b| {
         b.added_delay_total
             .total_cmp(&a.added_delay_total)
@@ -129,29 +63,34 @@ pub fn domains(messages: &[Message]) -> Vec<DomainStats> {
     out
 }
 
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 /// Which messages a per-message report shows.
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
     pub to: Option<String>,
     pub queue_id: Option<String>,
     pub message_id: Option<String>,
+    /// Every message matches (memory grows with the log: for small logs and tests).
+    pub all: bool,
 }
 
 impl Filter {
+    /// A filter that every message matches.
+    pub fn everything() -> Filter {
+        Filter {
+            all: true,
+            ..Filter::default()
+        }
+    }
+
+    /// Matches nothing: no field given.
     pub fn is_empty(&self) -> bool {
-        self.to.is_none() && self.queue_id.is_none() && self.message_id.is_none()
+        !self.all && self.to.is_none() && self.queue_id.is_none() && self.message_id.is_none()
     }
 
     pub fn matches(&self, m: &Message) -> bool {
+        if self.all {
+            return true;
+        }
         let strip = |s: &str| {
             s.trim()
                 .trim_start_matches('<')
@@ -329,32 +268,28 @@ fn bar_chart(title: &str, bars: &[(String, f64, String)]) -> String {
     s
 }
 
-/// Buckets for the delay distribution chart (upper bounds in seconds).
-const BUCKETS: &[(f64, &str)] = &[
-    (60.0, "< 1 min"),
-    (300.0, "1-5 min"),
-    (900.0, "5-15 min"),
-    (3600.0, "15-60 min"),
-    (4.0 * 3600.0, "1-4 h"),
-    (f64::INFINITY, "> 4 h"),
+/// Labels of the delay distribution chart, one per [`DELAY_BUCKETS`] bucket.
+const BUCKET_LABELS: [&str; DELAY_BUCKETS.len()] = [
+    "< 1 min",
+    "1-5 min",
+    "5-15 min",
+    "15-60 min",
+    "1-4 h",
+    "> 4 h",
 ];
 
 /// A self-contained HTML report (no scripts, no external resources).
 pub fn render_html(stats: &[DomainStats], messages: usize, lines: u64) -> String {
-    let mut counts = vec![0u64; BUCKETS.len()];
+    let mut counts = [0u64; DELAY_BUCKETS.len()];
     for d in stats {
-        for &a in &d.added_delays {
-            let i = BUCKETS
-                .iter()
-                .position(|(ub, _)| a < *ub)
-                .unwrap_or(BUCKETS.len() - 1);
-            counts[i] += 1;
+        for (c, n) in counts.iter_mut().zip(d.added_buckets) {
+            *c += n;
         }
     }
-    let dist: Vec<(String, f64, String)> = BUCKETS
+    let dist: Vec<(String, f64, String)> = BUCKET_LABELS
         .iter()
         .zip(&counts)
-        .map(|((_, l), &c)| (l.to_string(), c as f64, c.to_string()))
+        .map(|(l, &c)| (l.to_string(), c as f64, c.to_string()))
         .collect();
     let grey: Vec<(String, f64, String)> = stats
         .iter()
@@ -403,7 +338,7 @@ pub fn render_html(stats: &[DomainStats], messages: usize, lines: u64) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::outbound::track::Tracker;
+    use crate::tools::outbound::track::{SWEEP_EVERY as SWEEP_LINES, Tracker};
 
     const LOG: &str = "\
 Nov 28 19:31:45 relay postfix/smtpd[100]: 4FzQ1b2c3d: client=localhost[127.0.0.1]
@@ -418,8 +353,8 @@ Nov 28 19:40:01 relay postfix/smtp[126]: 5ABCDEF012: to=<x@slow.example>, relay=
 Nov 28 19:40:02 relay postfix/smtp[127]: 6ABCDEF012: to=<y@bad.example>, relay=mx.bad.example[192.0.2.4]:25, delay=1, delays=0/0/1/0, dsn=5.1.1, status=bounced (host mx.bad.example[192.0.2.4] said: 550 5.1.1 User unknown (in reply to RCPT TO command))
 ";
 
-    fn messages() -> Vec<Message> {
-        let mut t = Tracker::new(2026);
+    fn tracked() -> (Aggregates, Vec<Message>) {
+        let mut t = Tracker::new(2026).keeping(Filter::everything());
         t.feed_reader(LOG.as_bytes()).unwrap();
         assert_eq!(t.lines, 10);
         t.finish()
@@ -427,9 +362,10 @@ Nov 28 19:40:02 relay postfix/smtp[127]: 6ABCDEF012: to=<y@bad.example>, relay=m
 
     #[test]
     fn per_domain() {
-        let msgs = messages();
+        let (agg, msgs) = tracked();
         assert_eq!(msgs.len(), 3);
-        let stats = domains(&msgs);
+        assert_eq!(agg.messages, 3);
+        let stats = domains(&agg);
         let names: Vec<&str> = stats.iter().map(|d| d.domain.as_str()).collect();
         // Most pain first.
         assert_eq!(names[0], "example.org");
@@ -454,7 +390,7 @@ Nov 28 19:40:02 relay postfix/smtp[127]: 6ABCDEF012: to=<y@bad.example>, relay=m
 
     #[test]
     fn timelines_and_filters() {
-        let msgs = messages();
+        let (_, msgs) = tracked();
         let f = Filter {
             message_id: Some("<m1@example.net>".into()),
             ..Filter::default()
@@ -472,23 +408,57 @@ Nov 28 19:40:02 relay postfix/smtp[127]: 6ABCDEF012: to=<y@bad.example>, relay=m
     }
 
     #[test]
-    fn queue_id_reuse_starts_a_new_message() {
+    fn a_filtered_tracker_keeps_only_what_matches_and_reports_everything() {
+        let f = Filter {
+            to: Some("dave@example.org".into()),
+            ..Filter::default()
+        };
+        let mut t = Tracker::new(2026).keeping(f);
+        t.feed_reader(LOG.as_bytes()).unwrap();
+        let (agg, kept) = t.finish();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].recipients[0].attempts[0].dsn, "4.7.1");
+        assert_eq!(agg.messages, 3);
+        // Without a filter nothing is kept, and attempts keep no texts while in flight.
         let mut t = Tracker::new(2026);
+        t.feed_reader(LOG.as_bytes()).unwrap();
+        assert_eq!(t.in_flight(), 2, "the two messages never removed");
+        assert_eq!(t.peak_in_flight(), 2);
+        let snap = domains(&t.snapshot());
+        let (agg, kept) = t.finish();
+        assert!(kept.is_empty());
+        let stats = domains(&agg);
+        assert_eq!(
+            serde_json::to_value(&snap).unwrap(),
+            serde_json::to_value(&stats).unwrap()
+        );
+    }
+
+    #[test]
+    fn queue_id_reuse_starts_a_new_message() {
+        let mut t = Tracker::new(2026).keeping(Filter::everything());
         t.feed_reader(LOG.as_bytes()).unwrap();
         t.feed(
             b"Nov 28 20:00:00 relay postfix/cleanup[101]: 4FzQ1b2c3d: message-id=<m3@example.net>",
         );
-        let msgs = t.finish();
+        let (agg, msgs) = t.finish();
         assert_eq!(msgs.len(), 4);
+        assert_eq!(agg.messages, 4);
         assert_eq!(msgs[3].message_id.as_deref(), Some("m3@example.net"));
     }
 
     #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), Some(50.0));
-        assert_eq!(percentile(&v, 0.95), Some(95.0));
-        assert_eq!(percentile(&[7.0], 0.95), Some(7.0));
-        assert_eq!(percentile(&[], 0.5), None);
+    fn a_message_silent_for_a_week_is_finished_as_it_stands() {
+        let mut t = Tracker::new(2026);
+        t.feed_reader(LOG.as_bytes()).unwrap();
+        // A week later, enough lines for a sweep.
+        let line = b"Dec  6 10:00:00 relay postfix/smtp[9]: 7ABCDEF012: to=<z@late.example>, relay=mx[192.0.2.9]:25, delay=1, delays=0/0/1/0, dsn=2.0.0, status=sent (250 ok)";
+        for _ in 0..SWEEP_LINES {
+            t.feed(line);
+        }
+        assert_eq!(t.in_flight(), 1, "only the week-later message is left");
+        let stats = domains(&t.finish().0);
+        let slow = stats.iter().find(|d| d.domain == "slow.example").unwrap();
+        assert_eq!(slow.still_queued, 1);
     }
 }
