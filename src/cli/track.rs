@@ -52,7 +52,8 @@ pub struct TrackArgs {
     /// read first, oldest first.
     #[arg(long, conflicts_with_all = ["to", "queue_id", "message_id"])]
     pub follow: bool,
-    /// With --follow: print the most painful destination domains this often.
+    /// With --follow: print the most painful destination domains this often (to standard
+    /// error with --json).
     #[arg(
         long,
         default_value = "1m",
@@ -219,7 +220,12 @@ fn follow(tracker: &mut Tracker, path: &Path, args: &TrackArgs) -> anyhow::Resul
                 let agg = tracker.snapshot();
                 let stats = report::domains(&agg);
                 let top = &stats[..stats.len().min(SUMMARY_ROWS)];
-                let mut out = std::io::stdout().lock();
+                // With --json, standard output is kept for the final JSON document.
+                let mut out: Box<dyn std::io::Write> = if args.json {
+                    Box::new(std::io::stderr().lock())
+                } else {
+                    Box::new(std::io::stdout().lock())
+                };
                 let _ = writeln!(
                     out,
                     "== {}  lines {}  messages {}  in flight {}",

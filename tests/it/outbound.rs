@@ -543,3 +543,213 @@ fn probe_starttls_upgrades_before_mail_from() {
     assert_eq!(code, 7, "{v:#}");
     assert!(v.to_string().contains("does not offer STARTTLS"), "{v:#}");
 }
+
+/// Every `status=sent` line across the relay's log pieces (the rotated ones too).
+fn sent_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .map(|t| t.matches("status=sent").count())
+        .sum()
+}
+
+/// Waits (flushing the relay's queue) until `n` deliveries are logged across the pieces.
+fn wait_sent_in(relay: &Postfix, n: usize) {
+    let logs = relay.dir.join("log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent_in(&logs) < n {
+        assert!(
+            Instant::now() < deadline,
+            "never delivered {n}; maillog:\n{}",
+            relay.maillog()
+        );
+        let _ = Command::new("/usr/sbin/postqueue")
+            .arg("-c")
+            .arg(relay.dir.join("etc"))
+            .arg("-f")
+            .stdin(Stdio::null())
+            .output();
+        std::thread::sleep(Duration::from_millis(700));
+    }
+}
+
+/// `name{domain="d"} value` from a Prometheus text page.
+fn metric(page: &str, name: &str, domain: &str) -> Option<u64> {
+    let prefix = format!("{name}{{domain=\"{domain}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn track_follow_keeps_metrics_current_across_both_rotations() {
+    if !postfix::available("track_follow") {
+        return;
+    }
+    let (_gg, grey_b, _dir) = greygate_site(DELAY);
+    let plain_b = Postfix::start(Policy::None, &[]);
+    let transport = format!(
+        "transport_maps = inline:{{ example.org=smtp:[127.0.0.1]:{}, example.com=smtp:[127.0.0.1]:{} }}",
+        grey_b.smtp_port, plain_b.smtp_port
+    );
+    let relay = Postfix::start(
+        Policy::None,
+        &[
+            &transport,
+            "queue_run_delay = 1s",
+            "minimal_backoff_time = 1s",
+            "maximal_backoff_time = 2s",
+        ],
+    );
+    let logs = relay.dir.join("log");
+    let maillog = logs.join("maillog");
+    let port = free_port();
+    let mut follower = Command::new(crate::harness::greygate_bin())
+        .args(["track", "--json", "--follow", "--summary-every", "1s"])
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(&maillog)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start track --follow");
+    let scrape = || -> Option<String> {
+        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    };
+    let send = |batch: usize| {
+        let sent = relay
+            .swaks()
+            .from(&format!("carol{batch}@example.net"))
+            .to("dave@example.org,erin@example.com")
+            .subject(&format!("follow-{batch}"))
+            .run();
+        assert_eq!(sent.code, 0, "{}", sent.transcript);
+    };
+    let postfix_cmd = |what: &str| {
+        let out = Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(relay.dir.join("etc"))
+            .arg(what)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "postfix {what}");
+    };
+
+    send(1);
+    wait_sent_in(&relay, 2);
+    // Rotation by rename, as `postfix logrotate` does: the log daemon reopens on reload.
+    std::fs::rename(&maillog, logs.join("maillog.1")).unwrap();
+    postfix_cmd("reload");
+    send(2);
+    wait_sent_in(&relay, 4);
+    // copytruncate, with the relay idle (lines written between the copy and the
+    // truncation would be in neither file for any reader).
+    std::fs::copy(&maillog, logs.join("maillog.0")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&maillog)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    send(3);
+    wait_sent_in(&relay, 6);
+
+    // What a full track of the final logs says (read oldest first whatever the order).
+    let pieces: Vec<String> = ["maillog", "maillog.0", "maillog.1"]
+        .iter()
+        .map(|n| logs.join(n).display().to_string())
+        .collect();
+    let mut args = vec!["track", "--json"];
+    args.extend(pieces.iter().map(String::as_str));
+    let (code, out, err) = run_cli(&args);
+    assert_eq!(code, 0, "{err}");
+    let full = json(&out);
+    let messages = full["messages"].as_u64().unwrap();
+    assert_eq!(messages, 3, "{full:#}");
+    let org = full["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["domain"] == "example.org")
+        .unwrap_or_else(|| panic!("{full:#}"));
+    assert_eq!(org["greylisted"], 3, "{full:#}");
+
+    // The follower's metrics come to say the same (they are computed once a second).
+    let differences = |page: &str| -> Vec<String> {
+        let mut bad = Vec::new();
+        for d in full["domains"].as_array().unwrap() {
+            let name = d["domain"].as_str().unwrap();
+            for (metric_name, field) in [
+                ("greygate_track_messages_total", "messages"),
+                ("greygate_track_greylisted_total", "greylisted"),
+                ("greygate_track_deferred_other_total", "deferred_other"),
+                ("greygate_track_bounced_total", "bounced"),
+                ("greygate_track_still_queued", "still_queued"),
+            ] {
+                if metric(page, metric_name, name) != d[field].as_u64() {
+                    bad.push(format!("{metric_name} of {name}: want {}", d[field]));
+                }
+            }
+            let count = format!("greygate_track_added_delay_seconds_count{{domain=\"{name}\"}} ");
+            let delivered = page
+                .lines()
+                .find_map(|l| l.strip_prefix(&count))
+                .and_then(|v| v.parse::<u64>().ok());
+            let want = if name == "example.org" { 3 } else { 0 };
+            if delivered != Some(want) {
+                bad.push(format!("{count}: want {want}"));
+            }
+        }
+        if !page.contains(&format!("greygate_track_log_messages_total {messages}\n")) {
+            bad.push("greygate_track_log_messages_total".into());
+        }
+        bad
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let page = loop {
+        let page = scrape().unwrap_or_default();
+        let bad = differences(&page);
+        if bad.is_empty() {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{bad:?}\n{page}\nfull track: {full:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        page.contains("greygate_track_rotations_total 2\n"),
+        "a rename and a truncation:\n{page}"
+    );
+
+    // SIGTERM: the final report, the same as the full track's.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follower.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "track --follow ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = follower.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Summaries (one a second) went to stderr, standard output has just the JSON report.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("== ") && stderr.contains("example.org"),
+        "{stderr}"
+    );
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["domains"], full["domains"]);
+}
