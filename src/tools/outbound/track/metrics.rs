@@ -251,4 +251,71 @@ mod tests {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
     }
+
+    async fn served() -> (std::net::SocketAddr, CancellationToken) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(l, Arc::new(|| "m 1\n".to_string()), stop.clone()));
+        (addr, stop)
+    }
+
+    async fn get(s: &mut tokio::net::TcpStream, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_closes_connections_past_the_limit() {
+        use tokio::io::AsyncReadExt;
+        let (addr, stop) = served().await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let page = get(&mut s, "/metrics").await;
+        assert!(
+            page.starts_with("HTTP/1.1 200") && page.ends_with("m 1\n"),
+            "{page}"
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(get(&mut s, "/other").await.starts_with("HTTP/1.1 404"));
+        // MAX_CONNECTIONS idle connections hold every slot: the next is closed at once.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut b))
+            .await
+            .expect("closed at once, not held");
+        assert_eq!(n.unwrap_or(0), 0);
+        // Freed slots serve again.
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(get(&mut s, "/metrics").await.starts_with("HTTP/1.1 200"));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_head_timeout() {
+        use tokio::io::AsyncReadExt;
+        let (addr, stop) = served().await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut b = [0u8; 64];
+        let n = tokio::time::timeout(HEAD_TIMEOUT + Duration::from_secs(3), s.read(&mut b))
+            .await
+            .expect("closed by the head timeout");
+        assert!(n.is_ok());
+        assert!(started.elapsed() >= HEAD_TIMEOUT - Duration::from_millis(500));
+        stop.cancel();
+    }
 }
