@@ -16,9 +16,13 @@ fuzz_target!(|data: &[u8]| {
     {
         let _ = classify(&reply);
     }
-    let mut tracker = Tracker::new(2026);
+    // Kept whole and folded, as with and without a --to filter.
+    let mut tracker = Tracker::new(2026).keeping(report::Filter::everything());
     tracker.feed_reader(data).expect("reading from a slice cannot fail");
-    let messages = tracker.finish();
-    let stats = report::domains(&messages);
+    let _ = report::domains(&tracker.snapshot());
+    let (agg, messages) = tracker.finish();
+    let stats = report::domains(&agg);
     let _ = report::render_domains(&stats, messages.len());
+    let refs: Vec<_> = messages.iter().collect();
+    let _ = report::render_timelines(&refs, None);
 });
