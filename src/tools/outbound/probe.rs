@@ -459,9 +459,11 @@ async fn run_job<P: Prober>(
         let attempts = prober
             .attempt(&job.domain, job.server.as_deref(), &names, &gate, start)
             .await;
+        // When the first attempt reached its server; never before it was due (`at_secs`
+        // is rounded to milliseconds), so the last retry due at `until` is not lost.
         let first = *first.get_or_insert_with(|| {
             let at = attempts.first().map_or(0.0, |a| a.at_secs.max(0.0));
-            start + Duration::try_from_secs_f64(at).unwrap_or_default()
+            (start + Duration::try_from_secs_f64(at).unwrap_or_default()).max(due)
         });
         let done: Vec<bool> = attempts.iter().map(|a| a.status.is_final()).collect();
         let members = job.rcpts.iter().map(|(i, _)| *i).collect();
