@@ -145,6 +145,12 @@ fn destinations(args: &ProbeArgs) -> Result<Result<Vec<Target>, String>, anyhow:
         return Ok(Err(bad.join("\n")));
     }
     let all = targets::dedup(all);
+    if all.is_empty() {
+        // Only comments and blank lines: most likely the wrong file.
+        return Ok(Err(
+            "no destinations to probe (the file has only comments and blank lines)".into(),
+        ));
+    }
     if all.len() > targets::MAX_DESTINATIONS {
         return Ok(Err(format!(
             "more than {} destinations in one run: split the list",

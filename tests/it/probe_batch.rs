@@ -300,6 +300,9 @@ u@r3.test {rej}
     }
     assert!(err.contains("nothing was probed"), "{err}");
     assert_eq!(all.total(), 0, "connections made for a bad file");
+    let (code, _, err) = probe(&["--file", "-"], Some("# nothing yet\n\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no destinations"), "{err}");
     // Absurd input: refused without reading it all.
     let huge = tmp.path().join("huge.txt");
     std::fs::write(&huge, "u@example.org\n".repeat(3 << 20 >> 4)).unwrap();
