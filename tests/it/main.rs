@@ -16,6 +16,7 @@ mod milter;
 mod outbound;
 mod policy;
 mod postfix;
+mod probe_batch;
 mod simulate;
 mod slots;
 mod smtp;

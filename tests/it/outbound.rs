@@ -11,7 +11,7 @@ use crate::harness::postfix::{self, Policy, Postfix, free_port};
 use crate::harness::{DaemonConfig, run_cli};
 
 /// Greylisting delay of greygate and postgrey where a retry must pass.
-const DELAY: u64 = 2;
+pub(crate) const DELAY: u64 = 2;
 
 fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
@@ -33,7 +33,7 @@ fn probe(args: &[&str]) -> (i32, serde_json::Value, String) {
 }
 
 /// A greygate daemon (delay `delay`) with a Postfix asking it.
-fn greygate_site(delay: u64) -> (crate::harness::Daemon, Postfix, tempfile::TempDir) {
+pub(crate) fn greygate_site(delay: u64) -> (crate::harness::Daemon, Postfix, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let gg = DaemonConfig::new(dir.path())
         .toml(&format!(
@@ -45,14 +45,14 @@ fn greygate_site(delay: u64) -> (crate::harness::Daemon, Postfix, tempfile::Temp
 }
 
 /// A private postgrey on a loopback port. Stopped on drop.
-struct Postgrey {
-    port: u16,
+pub(crate) struct Postgrey {
+    pub(crate) port: u16,
     pidfile: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Postgrey {
-    fn start(delay: u64) -> Postgrey {
+    pub(crate) fn start(delay: u64) -> Postgrey {
         let dir = tempfile::tempdir().unwrap();
         // postgrey drops to its own user; its database directory must be its own.
         let status = Command::new("chown")
