@@ -175,6 +175,10 @@ impl Tracker {
                     msg.from = Some(lossy(from));
                 }
             }
+            Event::Arrival { from, message_id } => {
+                msg.from = Some(lossy(from));
+                msg.message_id = message_id.map(lossy);
+            }
             Event::Expired => {
                 for r in &mut msg.recipients {
                     if r.outcome().is_none() {
