@@ -143,7 +143,7 @@ impl Tracker {
     /// Postfix queue events are counted and skipped.
     pub fn feed(&mut self, line: &[u8]) {
         self.lines += 1;
-        let Some(parsed) = maillog::parse_line(maillog::trim_line(line), &mut self.clock) else {
+        let Some(parsed) = maillog::parse_any(maillog::trim_line(line), &mut self.clock) else {
             return;
         };
         if let Event::Client(_) | Event::Reject(_) = parsed.event {
