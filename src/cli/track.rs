@@ -180,6 +180,7 @@ fn follow(tracker: &mut Tracker, path: &Path, args: &TrackArgs) -> anyhow::Resul
         let mut stop = std::pin::pin!(super::common::stop_signal()?);
         let mut follower =
             Follower::new(path).with_context(|| format!("following {}", path.display()))?;
+        tracker.new_file();
         let shutdown = CancellationToken::new();
         let text: Arc<std::sync::Mutex<String>> = Arc::default();
         if let Some(addr) = args.metrics_listen {

@@ -9,6 +9,7 @@ mod cluster;
 mod daemon;
 mod dashboard;
 mod dns;
+mod exim;
 mod failures;
 mod flood;
 mod harness;

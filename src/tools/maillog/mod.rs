@@ -1,6 +1,7 @@
-//! The one place that knows the Postfix log line format: `greygate track` (outbound
+//! The one place that knows the mail log line formats: `greygate track` (outbound
 //! delivery timelines), `greygate replay` and their fuzz targets all read lines through
-//! [`parse_line`], so a line shape learnt here is learnt by every tool.
+//! [`parse_line`] (Postfix), [`parse_exim_line`] (Exim 4's mainlog), or [`Parser`] and
+//! [`parse_any`] (either), so a line shape learnt here is learnt by every tool.
 //!
 //! Pure and allocation-free: byte slices in (logs are not always UTF-8), borrowed fields
 //! out, and it never panics: anything it does not understand is `None`, and the tools skip
@@ -15,14 +16,17 @@
 //! `postfix/smtp[123]`, `postfix-out/qmgr[9]`), then a queue id and the event:
 //! `time.rs` reads timestamps ([`Clock`]), `queue.rs` the queue events (cleanup, qmgr,
 //! delivery agents: [`Delivery`]), `smtpd.rs` smtpd's own ([`Client`], [`Reject`]).
+//! `exim.rs` reads Exim's mainlog into the same events (see there for its line kinds).
 
+mod exim;
 mod queue;
 mod smtpd;
 mod time;
 
+pub use exim::parse_line as parse_exim_line;
 pub use queue::{Delivery, DeliveryStatus, remote_reply};
 pub use smtpd::{Client, Reject};
-pub use time::{Clock, Ts, days_from_civil, timestamp};
+pub use time::{Clock, Ts, days_from_civil, exim_timestamp, timestamp};
 
 /// Longest line kept; longer lines are cut (Postfix itself limits log lines to a few KB).
 pub const MAX_LINE: usize = 16 * 1024;
@@ -50,15 +54,22 @@ pub enum Event<'a> {
     Expired,
     /// A delivery agent (smtp, lmtp, local, ...): one attempt for one recipient.
     Delivery(Delivery<'a>),
-    /// qmgr: `removed`: the queue id is free for reuse after this.
+    /// qmgr: `removed`; Exim: `Completed`: the queue id is free for reuse after this.
     Removed,
+    /// Exim: `<= sender ... id=MESSAGE-ID`: a message arrived. Exim logs its sender and
+    /// its Message-ID header on this one line (what Postfix's [`Event::From`] and
+    /// [`Event::MessageId`] say apart). `from` is empty for the null sender `<>`.
+    Arrival {
+        from: &'a [u8],
+        message_id: Option<&'a [u8]>,
+    },
 }
 
 /// A parsed line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Line<'a> {
     pub ts: Ts,
-    /// The syslog tag without its `: `, e.g. `postfix/smtpd[77]`.
+    /// The syslog tag without its `: `, e.g. `postfix/smtpd[77]`; `exim` for Exim lines.
     pub program: &'a [u8],
     pub queue_id: &'a [u8],
     pub event: Event<'a>,
@@ -93,6 +104,72 @@ pub fn parse_line<'a>(line: &'a [u8], clock: &mut Clock) -> Option<Line<'a>> {
         queue_id,
         event,
     })
+}
+
+/// The log formats [`Parser`] tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Postfix through syslog or its own `maillog_file`: [`parse_line`].
+    Postfix,
+    /// Exim 4's `mainlog`: [`parse_exim_line`].
+    Exim,
+}
+
+/// Parses a line of either format: Postfix first, then Exim. The two never both accept a
+/// line (a Postfix line has a host and a `program: ` after its timestamp, an Exim line a
+/// message id and an event marker), so the order only saves work. For readers that see
+/// one file at a time, [`Parser`] tries both only until one has parsed.
+pub fn parse_any<'a>(line: &'a [u8], clock: &mut Clock) -> Option<Line<'a>> {
+    detect(line, clock).map(|(_, l)| l)
+}
+
+fn detect<'a>(line: &'a [u8], clock: &mut Clock) -> Option<(Format, Line<'a>)> {
+    if let Some(l) = parse_line(line, clock) {
+        return Some((Format::Postfix, l));
+    }
+    exim::parse_line(line).map(|l| (Format::Exim, l))
+}
+
+/// Reads the lines of log files whose format is found per file: while a file's format is
+/// unknown each line is tried as either, and the first that parses decides for the rest of
+/// the file. [`Parser::new_file`] forgets the format (the next file may be another MTA's);
+/// the clock (the year of classic timestamps) goes on across files.
+#[derive(Debug, Clone)]
+pub struct Parser {
+    clock: Clock,
+    format: Option<Format>,
+}
+
+impl Parser {
+    pub fn new(clock: Clock) -> Self {
+        Parser {
+            clock,
+            format: None,
+        }
+    }
+
+    /// Parses one line (without its newline, see [`trim_line`]).
+    pub fn parse<'a>(&mut self, line: &'a [u8]) -> Option<Line<'a>> {
+        match self.format {
+            Some(Format::Postfix) => parse_line(line, &mut self.clock),
+            Some(Format::Exim) => exim::parse_line(line),
+            None => {
+                let (format, l) = detect(line, &mut self.clock)?;
+                self.format = Some(format);
+                Some(l)
+            }
+        }
+    }
+
+    /// A new file starts: its format is found again.
+    pub fn new_file(&mut self) {
+        self.format = None;
+    }
+
+    /// The current file's format, once a line has told.
+    pub fn format(&self) -> Option<Format> {
+        self.format
+    }
 }
 
 /// `TIMESTAMP HOST PROGRAM: ` at the start of every line: the time, the program and the

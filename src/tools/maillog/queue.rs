@@ -110,10 +110,14 @@ fn delivery<'a>(body: &'a [u8], line: &'a [u8]) -> Option<Delivery<'a>> {
     })
 }
 
-/// The remote server's reply inside a deferral detail (`host X[ip] said: 450 ... (in reply
-/// to RCPT TO command)`), when there is one. Only cuts the text out: what the reply means
-/// is `outbound::classify`'s business.
+/// The remote server's reply inside a deferral detail (Postfix: `host X[ip] said: 450 ...
+/// (in reply to RCPT TO command)`; Exim: `SMTP error from remote mail server after RCPT
+/// TO:<...>: 451 ...`), when there is one. Only cuts the text out: what the reply means is
+/// `outbound::classify`'s business.
 pub fn remote_reply(detail: &[u8]) -> Option<&[u8]> {
+    if detail.starts_with(b"SMTP error from remote ") {
+        return super::exim::remote_reply(detail);
+    }
     let at = find(detail, b" said: ")?;
     let reply = &detail[at + 7..];
     Some(match rfind(reply, b" (in reply to ") {

@@ -105,28 +105,9 @@ fn classic<'a>(line: &'a [u8], clock: &mut Clock) -> Option<(Ts, &'a [u8])> {
 
 /// `2026-11-28T19:31:46[.ffffff](Z|+hh:mm|-hh:mm)`.
 fn iso(line: &[u8]) -> Option<(Ts, &[u8])> {
-    let head = line.get(..19)?;
-    if head[4] != b'-' || head[7] != b'-' || !matches!(head[10], b'T' | b' ') {
-        return None;
-    }
-    let year = digits(&head[..4])?;
-    let month = digits(&head[5..7])?;
-    let day = digits(&head[8..10])?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let secs = hms(&head[11..19])?;
-    let mut rest = &line[19..];
-    let mut millis = 0i64;
-    if let Some(frac) = rest.strip_prefix(b".") {
-        let n = frac.iter().take_while(|b| b.is_ascii_digit()).count();
-        let mut scale = 100;
-        for &b in frac.iter().take(n.min(3)) {
-            millis += i64::from(b - b'0') * scale;
-            scale /= 10;
-        }
-        rest = &frac[n..];
-    }
+    let (local, mut rest) = date_time(line, b"T ")?;
+    let (millis, r) = fraction(rest);
+    rest = r;
     let mut offset = 0i64;
     if let Some(r) = rest.strip_prefix(b"Z") {
         rest = r;
@@ -139,8 +120,71 @@ fn iso(line: &[u8]) -> Option<(Ts, &[u8])> {
             (digits(&z[..2])? * 3600 + digits(&z[3..5])? * 60) * if *sign == b'-' { -1 } else { 1 };
         rest = &rest[6..];
     }
+    Some(((local - offset) * 1000 + millis, rest))
+}
+
+/// Exim's mainlog timestamp: `2026-11-28 19:31:46`, with `.123` when `log_selector` has
+/// `+millisec` and ` +0100` when `log_timezone` is set. Without a zone the time is local
+/// and taken as UTC, like a classic syslog time: differences between lines stay right.
+pub fn exim_timestamp(line: &[u8]) -> Option<(Ts, &[u8])> {
+    let (local, rest) = date_time(line, b" ")?;
+    if let Some(frac) = rest.strip_prefix(b".") {
+        // `+millisec`: exactly three digits.
+        if frac.iter().take_while(|b| b.is_ascii_digit()).count() != 3 {
+            return None;
+        }
+    }
+    let (millis, mut rest) = fraction(rest);
+    let mut offset = 0i64;
+    // ` +hhmm` / ` -hhmm`, then a space or the end: message ids and `[pid]` never start
+    // with a sign.
+    if let Some(z) = rest
+        .get(1..6)
+        .filter(|z| rest[0] == b' ' && matches!(z[0], b'+' | b'-'))
+        && rest.get(6).is_none_or(|&b| b == b' ')
+    {
+        let (h, m) = (digits(&z[1..3])?, digits(&z[3..5])?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        offset = (h * 3600 + m * 60) * if z[0] == b'-' { -1 } else { 1 };
+        rest = &rest[6..];
+    }
+    Some(((local - offset) * 1000 + millis, rest))
+}
+
+/// `2026-11-28?19:31:46` where `?` is one of `seps`: seconds since the epoch (the time
+/// read as UTC) and the rest of the line.
+fn date_time<'a>(line: &'a [u8], seps: &[u8]) -> Option<(i64, &'a [u8])> {
+    let head = line.get(..19)?;
+    if head[4] != b'-' || head[7] != b'-' || !seps.contains(&head[10]) {
+        return None;
+    }
+    let year = digits(&head[..4])?;
+    let month = digits(&head[5..7])?;
+    let day = digits(&head[8..10])?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let secs = hms(&head[11..19])?;
     let days = days_from_civil(year, month as u8, day as u8);
-    Some(((days * 86_400 + secs - offset) * 1000 + millis, rest))
+    Some((days * 86_400 + secs, &line[19..]))
+}
+
+/// An optional `.fff...` fraction of a second: milliseconds (the first three digits) and
+/// the rest after all its digits.
+fn fraction(rest: &[u8]) -> (i64, &[u8]) {
+    let Some(frac) = rest.strip_prefix(b".") else {
+        return (0, rest);
+    };
+    let n = frac.iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut millis = 0i64;
+    let mut scale = 100;
+    for &b in frac.iter().take(n.min(3)) {
+        millis += i64::from(b - b'0') * scale;
+        scale /= 10;
+    }
+    (millis, &frac[n..])
 }
 
 /// `19:31:46` as seconds of the day.

@@ -85,7 +85,7 @@ pub fn parse_inbound<'a>(line: &'a [u8], clock: &mut Clock) -> Option<InboundLin
             rcpt: d.orig_to.unwrap_or(d.to),
         },
         Event::Removed => Inbound::Removed { queue_id },
-        Event::MessageId(_) | Event::Expired => return None,
+        Event::MessageId(_) | Event::Expired | Event::Arrival { .. } => return None,
     };
     Some(InboundLine {
         ts: parsed.ts,

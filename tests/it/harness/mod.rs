@@ -6,6 +6,7 @@
 
 pub mod disk;
 pub mod dns;
+pub mod exim;
 pub mod postfix;
 pub mod postgres;
 pub mod redis;

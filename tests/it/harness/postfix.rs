@@ -415,3 +415,36 @@ pub fn assert_x_greylist(header: &str, delay: u64, host: Option<&str>) {
         assert!(header.contains(&format!(" at {host}; ")), "{header}");
     }
 }
+
+/// A standalone `smtp-sink` on a free port of 127.0.0.1, as a destination for an MTA under
+/// test: it takes every message (and throws it away) unless `args` say otherwise (`-f
+/// RCPT`: 5xx at RCPT; `-r RCPT`: 4xx). Stopped on drop. Needs root (it runs as `postfix`).
+pub struct SmtpSink {
+    pub port: u16,
+    child: Child,
+}
+
+impl SmtpSink {
+    pub fn start(args: &[&str]) -> SmtpSink {
+        let port = free_port();
+        let child = Command::new("/usr/sbin/smtp-sink")
+            .args(["-u", "postfix"])
+            .args(args)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("100")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start smtp-sink");
+        wait_port(port);
+        SmtpSink { port, child }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

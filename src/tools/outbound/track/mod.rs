@@ -136,7 +136,8 @@ pub(crate) const SWEEP_EVERY: u64 = 1 << 16;
 /// only then does an attempt keep its texts (relay, DSN, detail).
 #[derive(Debug)]
 pub struct Tracker {
-    clock: Clock,
+    /// Reads Postfix or Exim lines, the format found per file.
+    parser: maillog::Parser,
     live: HashMap<Box<[u8]>, Message>,
     done: fold::Aggregates,
     keep: Filter,
@@ -158,7 +159,7 @@ impl Tracker {
     /// With a clock that knows today's date (see [`Clock::for_now`]).
     pub fn with_clock(clock: Clock) -> Self {
         Tracker {
-            clock,
+            parser: maillog::Parser::new(clock),
             live: HashMap::new(),
             done: fold::Aggregates::default(),
             keep: Filter::default(),
@@ -183,7 +184,7 @@ impl Tracker {
         if self.lines.is_multiple_of(SWEEP_EVERY) {
             self.sweep_stale();
         }
-        let Some(parsed) = maillog::parse_line(maillog::trim_line(line), &mut self.clock) else {
+        let Some(parsed) = self.parser.parse(maillog::trim_line(line)) else {
             return;
         };
         if let Event::Client(_) | Event::Reject(_) = parsed.event {
@@ -226,6 +227,10 @@ impl Tracker {
                 if msg.from.is_none() {
                     msg.from = Some(lossy(from));
                 }
+            }
+            Event::Arrival { from, message_id } => {
+                msg.from = Some(lossy(from));
+                msg.message_id = message_id.map(lossy);
             }
             Event::Expired => {
                 for r in &mut msg.recipients {
@@ -302,9 +307,16 @@ impl Tracker {
         }
     }
 
-    /// Feeds every line of `input`.
+    /// Feeds every line of `input`, a file of its own: its format (Postfix or Exim) is
+    /// found anew.
     pub fn feed_reader(&mut self, input: impl BufRead) -> std::io::Result<()> {
+        self.new_file();
         for_each_line(input, |line| self.feed(line))
+    }
+
+    /// The next lines come from another file, which may be in the other format.
+    pub fn new_file(&mut self) {
+        self.parser.new_file();
     }
 
     /// Messages seen so far, finished or in flight.
@@ -599,6 +611,25 @@ mod tests {
         assert!(stats.iter().any(|d| d.still_queued > 0 && d.greylisted > 0));
         assert!(stats.iter().any(|d| d.bounced > 0));
         assert!(sketched >= 5, "the sketch was not exercised: {sketched}");
+    }
+
+    #[test]
+    fn postfix_and_exim_files_read_one_after_the_other() {
+        let postfix = "Nov 28 19:31:46 relay postfix/smtp[123]: 4FzQ1b2c3d: to=<dave@example.org>, relay=mx[192.0.2.1]:25, delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok)\n";
+        let exim = "2026-12-04 16:23:29 1xZW4H-0005Mf-2R <= carol@example.net H=(c) [127.0.0.1] P=esmtp S=401 id=m1@example.net\n\
+            2026-12-04 16:23:30 1xZW4H-0005Mf-2R == erin@example.com R=r T=remote_smtp defer (-44) H=mx.example.com [192.0.2.2]: SMTP error from remote mail server after RCPT TO:<erin@example.com>: 451 4.7.1 Greylisted, try again later\n\
+            2026-12-04 16:28:30 1xZW4H-0005Mf-2R => erin@example.com R=r T=remote_smtp H=mx.example.com [192.0.2.2] C=\"250 ok\"\n\
+            2026-12-04 16:28:30 1xZW4H-0005Mf-2R Completed\n";
+        let mut t = Tracker::new(2026).keeping(Filter::everything());
+        t.feed_reader(postfix.as_bytes()).unwrap();
+        t.feed_reader(exim.as_bytes()).unwrap();
+        let (agg, msgs) = t.finish();
+        assert_eq!(agg.messages, 2);
+        assert_eq!(msgs[1].message_id.as_deref(), Some("m1@example.net"));
+        let stats = report::domains(&agg);
+        let com = stats.iter().find(|d| d.domain == "example.com").unwrap();
+        assert_eq!((com.greylisted, com.added_delay_median), (1, Some(300.0)));
+        assert!(stats.iter().any(|d| d.domain == "example.org"));
     }
 
     #[test]
