@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dns;
 pub mod dur;
 pub mod engine;
+pub mod import;
 pub mod logfmt;
 pub mod metrics;
 pub mod proto;
