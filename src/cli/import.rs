@@ -259,7 +259,8 @@ fn run_sqlgrey(a: SqlgreyArgs) -> anyhow::Result<ExitCode> {
     target_notes(&mut imp, &target.cfg);
     imp.note(
         "from_awl and domain_awl rows count as passes of their client group towards \
-         auto-allow (greygate allows client groups, not a sender at a client)",
+         auto-allow (greygate allows client groups, not a sender at a client); connect rows \
+         they cover are imported as passed",
     );
     let rt = runtime()?;
     let report = rt.block_on(async {

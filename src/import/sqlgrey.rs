@@ -19,15 +19,17 @@
 //! (`2001:0db8:0000:...`), for EUI-64 addresses its first four groups (the /64).
 //!
 //! greygate keys triplets by recipient and keeps no per-sender allow list, so: `connect`
-//! rows become pending triplets with their first sighting; each `from_awl` and
-//! `domain_awl` row is one pass of its client group towards greygate's auto-allow
-//! (`auto_allow_after`), since every one of them is a sender that passed greylisting from
-//! there.
+//! rows become pending triplets with their first sighting, or passed ones when an allow
+//! list row covers them (sqlgrey passes them at once; it also leaves the rows of senders
+//! with an `+extension` in `connect` after they passed); each `from_awl` and `domain_awl`
+//! row is one pass of its client group towards greygate's auto-allow (`auto_allow_after`),
+//! since every one of them is a sender that passed greylisting from there.
 //!
 //! Times: in PostgreSQL `timestamp` columns hold the local time of the server's `TimeZone`
 //! (sqlgrey writes `NOW()`), read here in that zone; in SQLite sqlgrey stores Unix seconds.
 //! MySQL is not read (no MySQL client is built in).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,17 +49,25 @@ pub enum Cell {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRow {
     pub net: SourceNet,
+    /// `src` as sqlgrey wrote it (the allow lists are matched on it).
+    pub src: String,
+    pub sender_name: String,
+    pub sender_domain: String,
     /// The sender as MAIL FROM gave it (empty: the null sender).
     pub sender: String,
     pub recipient: String,
     pub first_seen: u64,
 }
 
-/// A `from_awl` or `domain_awl` row, read (only what greygate keeps of it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A `from_awl` or `domain_awl` row, read (what greygate uses of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwlRow {
     pub net: SourceNet,
+    pub src: String,
     pub last_seen: u64,
+    pub sender_domain: String,
+    /// `from_awl`'s (de-VERPed) sender name; `None` for `domain_awl`.
+    pub sender_name: Option<String>,
 }
 
 /// sqlgrey's stand-in for a missing sender part.
@@ -143,9 +153,11 @@ pub fn parse_src(s: &str) -> Option<SourceNet> {
     None
 }
 
-fn src_of(cell: Option<&Cell>) -> Result<SourceNet, Bad> {
+fn src_of(cell: Option<&Cell>) -> Result<(SourceNet, String), Bad> {
     let s = text(cell, "src")?;
-    parse_src(s).ok_or_else(|| Bad::unparseable(format!("src {s:?} is not an address or network")))
+    let net = parse_src(s)
+        .ok_or_else(|| Bad::unparseable(format!("src {s:?} is not an address or network")))?;
+    Ok((net, s.to_string()))
 }
 
 /// Reads a `connect` row: `sender_name, sender_domain, src, rcpt, first_seen`.
@@ -156,7 +168,7 @@ fn src_of(cell: Option<&Cell>) -> Result<SourceNet, Bad> {
 pub fn parse_connect(cells: &[Cell]) -> Result<ConnectRow, Bad> {
     let name = text(cells.first(), "sender_name")?;
     let domain = text(cells.get(1), "sender_domain")?;
-    let net = src_of(cells.get(2))?;
+    let (net, src) = src_of(cells.get(2))?;
     let recipient = text(cells.get(3), "rcpt")?;
     let first_seen = time_of(cells.get(4), "first_seen")?;
     let sender = match (name, domain) {
@@ -169,22 +181,97 @@ pub fn parse_connect(cells: &[Cell]) -> Result<ConnectRow, Bad> {
     }
     Ok(ConnectRow {
         net,
+        src,
+        sender_name: name.to_string(),
+        sender_domain: domain.to_string(),
         sender,
         recipient: recipient.to_string(),
         first_seen,
     })
 }
 
-/// Reads a `from_awl` or `domain_awl` row as this import selects it: `src, last_seen`.
+/// Reads a `from_awl` row as this import selects it (`src, last_seen, sender_domain,
+/// sender_name`), or a `domain_awl` one (`src, last_seen, sender_domain`).
 ///
 /// # Errors
 ///
 /// As [`parse_connect`].
-pub fn parse_awl(cells: &[Cell]) -> Result<AwlRow, Bad> {
+pub fn parse_awl(cells: &[Cell], with_name: bool) -> Result<AwlRow, Bad> {
+    let (net, src) = src_of(cells.first())?;
     Ok(AwlRow {
-        net: src_of(cells.first())?,
+        net,
+        src,
         last_seen: time_of(cells.get(1), "last_seen")?,
+        sender_domain: text(cells.get(2), "sender_domain")?.to_string(),
+        sender_name: if with_name {
+            Some(text(cells.get(3), "sender_name")?.to_string())
+        } else {
+            None
+        },
     })
+}
+
+/// What sqlgrey's allow lists say of senders at clients, for the `connect` rows: a row
+/// they cover passes in sqlgrey at once, so it is imported as passed.
+#[derive(Debug, Default)]
+pub struct AllowLists {
+    /// (src, sender_domain, sender_name) of `from_awl` → its latest `last_seen`.
+    senders: HashMap<(String, String, String), u64>,
+    /// (src, sender_domain) of `domain_awl` → its latest `last_seen`.
+    domains: HashMap<(String, String), u64>,
+}
+
+/// Most allow-list rows kept for matching `connect` rows: a bound on the import's memory.
+pub const MAX_ALLOW_ROWS: usize = 10_000_000;
+
+impl AllowLists {
+    /// Keeps an allow-list row (false when the bound is reached: the row is not kept).
+    pub fn add(&mut self, row: &AwlRow) -> bool {
+        if self.senders.len() + self.domains.len() >= MAX_ALLOW_ROWS {
+            return false;
+        }
+        let seen = row.last_seen;
+        match &row.sender_name {
+            Some(name) => {
+                let k = (row.src.clone(), row.sender_domain.clone(), name.clone());
+                let slot = self.senders.entry(k).or_insert(seen);
+                *slot = (*slot).max(seen);
+            }
+            None => {
+                let k = (row.src.clone(), row.sender_domain.clone());
+                let slot = self.domains.entry(k).or_insert(seen);
+                *slot = (*slot).max(seen);
+            }
+        }
+        true
+    }
+
+    /// When sqlgrey's allow lists last let this row's sender through from its `src`:
+    /// `domain_awl` by domain; `from_awl` by the sender's name, as it is and without its
+    /// `+extension` (sqlgrey's de-VERPing strips it; names it rewrites further are not
+    /// matched, and stay pending).
+    pub fn covers(&self, row: &ConnectRow) -> Option<u64> {
+        if row.sender_domain == UNDEF {
+            return None;
+        }
+        let by_domain = self
+            .domains
+            .get(&(row.src.clone(), row.sender_domain.clone()))
+            .copied();
+        let base = row
+            .sender_name
+            .split_once('+')
+            .map_or(row.sender_name.as_str(), |(b, _)| b);
+        let by_name = [row.sender_name.as_str(), base]
+            .into_iter()
+            .filter_map(|name| {
+                self.senders
+                    .get(&(row.src.clone(), row.sender_domain.clone(), name.to_string()))
+                    .copied()
+            })
+            .max();
+        by_domain.max(by_name)
+    }
 }
 
 /// Where sqlgrey's database is.
@@ -264,6 +351,14 @@ impl Table {
         }
     }
 
+    /// Where [`Table::select`] puts the time column.
+    fn time_column(self) -> usize {
+        match self {
+            Table::Connect => 4,
+            Table::FromAwl | Table::DomainAwl => 1,
+        }
+    }
+
     /// The columns read, with the time column spelled by `time` (its conversion to Unix
     /// seconds in the source's SQL).
     fn select(self, time: impl Fn(&str) -> String) -> String {
@@ -272,8 +367,13 @@ impl Table {
                 "sender_name, sender_domain, src, rcpt, {} FROM connect",
                 time("first_seen")
             ),
-            Table::FromAwl => format!("src, {} FROM from_awl", time("last_seen")),
-            Table::DomainAwl => format!("src, {} FROM domain_awl", time("last_seen")),
+            Table::FromAwl => format!(
+                "src, {}, sender_domain, sender_name FROM from_awl",
+                time("last_seen")
+            ),
+            Table::DomainAwl => {
+                format!("src, {}, sender_domain FROM domain_awl", time("last_seen"))
+            }
         }
     }
 }
@@ -283,7 +383,11 @@ const BATCH: usize = 5000;
 
 /// An open source database.
 enum Reader {
-    Postgres(tokio_postgres::Client),
+    Postgres {
+        client: tokio_postgres::Client,
+        /// The time column of the table being read.
+        time: usize,
+    },
     #[cfg(feature = "sqlite")]
     Sqlite {
         conn: rusqlite::Connection,
@@ -323,7 +427,7 @@ impl Reader {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                Ok(Reader::Postgres(client))
+                Ok(Reader::Postgres { client, time: 0 })
             }
             #[cfg(feature = "sqlite")]
             Source::Sqlite(path) => {
@@ -357,7 +461,7 @@ impl Reader {
 
     async fn has_table(&mut self, name: &str) -> Result<bool, ImportError> {
         match self {
-            Reader::Postgres(c) => {
+            Reader::Postgres { client: c, .. } => {
                 let row = c
                     .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
                     .await
@@ -383,7 +487,7 @@ impl Reader {
         }
         let q = "SELECT value FROM config WHERE parameter = 'version'";
         match self {
-            Reader::Postgres(c) => Ok(c
+            Reader::Postgres { client: c, .. } => Ok(c
                 .query_opt(q, &[])
                 .await
                 .map_err(|e| pg_error(&e))?
@@ -407,7 +511,8 @@ impl Reader {
     /// Starts reading `table`.
     async fn start(&mut self, table: Table) -> Result<(), ImportError> {
         match self {
-            Reader::Postgres(c) => {
+            Reader::Postgres { client: c, time } => {
+                *time = table.time_column();
                 // A cursor in a read-only transaction: the rows arrive in batches, so the
                 // import's memory does not grow with the table.
                 let select = table.select(|col| {
@@ -434,12 +539,12 @@ impl Reader {
     /// not be taken is `Err` with why.
     async fn next(&mut self) -> Result<Vec<Result<Vec<Cell>, String>>, ImportError> {
         match self {
-            Reader::Postgres(c) => {
+            Reader::Postgres { client: c, time } => {
                 let rows = c
                     .query(&format!("FETCH FORWARD {BATCH} FROM greygate_import"), &[])
                     .await
                     .map_err(|e| pg_error(&e))?;
-                Ok(rows.iter().map(pg_cells).collect())
+                Ok(rows.iter().map(|r| pg_cells(r, *time)).collect())
             }
             #[cfg(feature = "sqlite")]
             Reader::Sqlite {
@@ -468,7 +573,7 @@ impl Reader {
     /// Ends reading the table.
     async fn end(&mut self) -> Result<(), ImportError> {
         match self {
-            Reader::Postgres(c) => c
+            Reader::Postgres { client: c, .. } => c
                 .batch_execute("CLOSE greygate_import; COMMIT")
                 .await
                 .map_err(|e| pg_error(&e)),
@@ -478,12 +583,11 @@ impl Reader {
     }
 }
 
-/// A PostgreSQL row as cells: the text columns, then the time as epoch seconds.
-fn pg_cells(row: &tokio_postgres::Row) -> Result<Vec<Cell>, String> {
-    let n = row.len();
-    let mut cells = Vec::with_capacity(n);
-    for i in 0..n {
-        let cell = if i + 1 == n {
+/// A PostgreSQL row as cells: text columns, and the time (epoch seconds) at `time`.
+fn pg_cells(row: &tokio_postgres::Row, time: usize) -> Result<Vec<Cell>, String> {
+    let mut cells = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        let cell = if i == time {
             row.try_get::<_, Option<f64>>(i)
                 .map(|v| v.map_or(Cell::Null, Cell::Real))
         } else {
@@ -539,8 +643,9 @@ pub async fn import(imp: &mut Importer, source: &Source) -> Result<(), ImportErr
             source.shown()
         )));
     }
-    let now = imp.now();
-    for table in [Table::Connect, Table::FromAwl, Table::DomainAwl] {
+    // The allow lists first: they also say which connect rows sqlgrey passes at once.
+    let mut allow = AllowLists::default();
+    for table in [Table::FromAwl, Table::DomainAwl, Table::Connect] {
         if table != Table::Connect && !db.has_table(table.name()).await? {
             imp.note(format!(
                 "no {} table: nothing of it to import",
@@ -560,51 +665,74 @@ pub async fn import(imp: &mut Importer, source: &Source) -> Result<(), ImportErr
                 n += 1;
                 imp.read(t);
                 let what = || format!("row {n}");
-                let cells = match row {
-                    Ok(cells) => cells,
-                    Err(why) => {
-                        imp.skip(t, Bad::unparseable(why), what);
-                        continue;
+                let used = match row {
+                    Ok(cells) if table == Table::Connect => {
+                        connect_row(imp, t, &cells, &allow).await?
                     }
+                    Ok(cells) => awl_row(imp, t, &cells, table, &mut allow)?,
+                    Err(why) => Err(Bad::unparseable(why)),
                 };
-                if table == Table::Connect {
-                    let r = match parse_connect(&cells) {
-                        Ok(r) => r,
-                        Err(bad) => {
-                            imp.skip(t, bad, what);
-                            continue;
-                        }
-                    };
-                    let key = match super::key_of(imp.engine(), r.net, &r.sender, &r.recipient) {
-                        Ok(k) => k,
-                        Err(bad) => {
-                            imp.skip(t, bad, what);
-                            continue;
-                        }
-                    };
-                    let first = clamp_time(r.first_seen, now);
-                    let record = super::pending(imp.engine(), first, first);
-                    imp.triplet(t, key, record).await?;
-                } else {
-                    let r = match parse_awl(&cells) {
-                        Ok(r) => r,
-                        Err(bad) => {
-                            imp.skip(t, bad, what);
-                            continue;
-                        }
-                    };
-                    match super::group_of(imp.engine(), r.net) {
-                        Ok(group) => {
-                            imp.client_pass_each(t, group, clamp_time(r.last_seen, now))?;
-                        }
-                        Err(bad) => imp.skip(t, bad, what),
-                    }
+                if let Err(bad) = used {
+                    imp.skip(t, bad, what);
                 }
             }
         }
         db.end().await?;
     }
     Ok(())
+}
+
+/// A `from_awl` or `domain_awl` row: one pass of its client group, and kept for matching
+/// `connect` rows.
+fn awl_row(
+    imp: &mut Importer,
+    t: usize,
+    cells: &[Cell],
+    table: Table,
+    allow: &mut AllowLists,
+) -> Result<Result<(), Bad>, ImportError> {
+    let r = match parse_awl(cells, table == Table::FromAwl) {
+        Ok(r) => r,
+        Err(bad) => return Ok(Err(bad)),
+    };
+    if !allow.add(&r) {
+        imp.note(format!(
+            "more than {MAX_ALLOW_ROWS} allow-list rows: connect rows of senders beyond them              are imported as pending"
+        ));
+    }
+    let group = match super::group_of(imp.engine(), r.net) {
+        Ok(g) => g,
+        Err(bad) => return Ok(Err(bad)),
+    };
+    imp.client_pass_each(t, group, clamp_time(r.last_seen, imp.now()))?;
+    Ok(Ok(()))
+}
+
+/// A `connect` row: a pending triplet with its first sighting, or a passed one when
+/// sqlgrey's allow lists let its sender through from its client.
+async fn connect_row(
+    imp: &mut Importer,
+    t: usize,
+    cells: &[Cell],
+    allow: &AllowLists,
+) -> Result<Result<(), Bad>, ImportError> {
+    let r = match parse_connect(cells) {
+        Ok(r) => r,
+        Err(bad) => return Ok(Err(bad)),
+    };
+    let key = match super::key_of(imp.engine(), r.net, &r.sender, &r.recipient) {
+        Ok(k) => k,
+        Err(bad) => return Ok(Err(bad)),
+    };
+    let now = imp.now();
+    let first = clamp_time(r.first_seen, now);
+    let passed = allow
+        .covers(&r)
+        .map(|seen| super::passed(imp.engine(), first, clamp_time(seen, now)))
+        .filter(|p| imp.engine().triplet_alive(p, now));
+    let record = passed.unwrap_or_else(|| super::pending(imp.engine(), first, first));
+    imp.triplet(t, key, record).await?;
+    Ok(Ok(()))
 }
 
 #[cfg(test)]

@@ -91,9 +91,58 @@ fn connect_rows_give_the_sender_back() {
     assert!(parse_connect(&[t("a"), t("b"), t("x"), t("r@d"), Cell::Int(1)]).is_err());
     assert!(parse_connect(&[t("a"), t("b"), t("192.0.2"), t(""), Cell::Int(1)]).is_err());
     assert!(parse_connect(&[t("a"), Cell::Int(3), t("192.0.2"), t("r@d"), Cell::Int(1)]).is_err());
-    let r = parse_awl(&[t("2001:0db8:0001:0002"), Cell::Real(7.0)]).unwrap();
-    assert_eq!((r.net.prefix, r.last_seen), (64, 7));
-    assert!(parse_awl(&[t("192.0.2"), Cell::Null]).is_err());
+    let r = parse_awl(
+        &[t("2001:0db8:0001:0002"), Cell::Real(7.0), t("example.net")],
+        false,
+    )
+    .unwrap();
+    assert_eq!((r.net.prefix, r.last_seen, r.sender_name), (64, 7, None));
+    let r = parse_awl(
+        &[t("192.0.2"), Cell::Int(7), t("example.net"), t("alice")],
+        true,
+    )
+    .unwrap();
+    assert_eq!(r.sender_name.as_deref(), Some("alice"));
+    assert!(parse_awl(&[t("192.0.2"), Cell::Null, t("d")], false).is_err());
+    assert!(parse_awl(&[t("192.0.2"), Cell::Int(1), t("d")], true).is_err());
+}
+
+#[test]
+fn allow_lists_cover_connect_rows_as_sqlgrey_matches_them() {
+    let awl = |src: &str, domain: &str, name: Option<&str>, seen| {
+        let mut cells = vec![t(src), Cell::Int(seen), t(domain)];
+        cells.extend(name.map(t));
+        parse_awl(&cells, name.is_some()).unwrap()
+    };
+    let conn = |src: &str, name: &str, domain: &str| {
+        parse_connect(&[t(name), t(domain), t(src), t("r@d"), Cell::Int(1)]).unwrap()
+    };
+    let mut lists = AllowLists::default();
+    assert!(lists.add(&awl("192.0.2", "example.net", Some("alice"), 50)));
+    assert!(lists.add(&awl("192.0.2", "example.net", Some("alice"), 40)));
+    assert!(lists.add(&awl("198.51.100.9", "bulk.example", None, 60)));
+    assert_eq!(
+        lists.covers(&conn("192.0.2", "alice+news", "example.net")),
+        Some(50)
+    );
+    assert_eq!(
+        lists.covers(&conn("192.0.2", "alice", "example.net")),
+        Some(50)
+    );
+    assert_eq!(
+        lists.covers(&conn("192.0.2.7", "alice", "example.net")),
+        None,
+        "src must match"
+    );
+    assert_eq!(lists.covers(&conn("192.0.2", "bob", "example.net")), None);
+    assert_eq!(
+        lists.covers(&conn("198.51.100.9", "anyone", "bulk.example")),
+        Some(60)
+    );
+    assert_eq!(
+        lists.covers(&conn("198.51.100.9", "-undef-", "-undef-")),
+        None
+    );
 }
 
 #[test]
@@ -148,7 +197,8 @@ proptest! {
     #[test]
     fn any_row_parses_without_panic(cells in proptest::collection::vec(cell(), 0..7)) {
         let _ = parse_connect(&cells);
-        let _ = parse_awl(&cells);
+        let _ = parse_awl(&cells, true);
+        let _ = parse_awl(&cells, false);
         if let Some(Cell::Text(t)) = cells.first() {
             let _ = parse_src(&String::from_utf8_lossy(t));
         }
