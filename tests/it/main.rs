@@ -13,6 +13,7 @@ mod exim;
 mod failures;
 mod flood;
 mod harness;
+mod import;
 mod milter;
 mod outbound;
 mod policy;

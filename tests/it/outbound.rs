@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::dns::{Dnsmasq, have};
 use crate::harness::postfix::{self, Policy, Postfix, free_port};
+use crate::harness::postgrey::Postgrey;
 use crate::harness::{DaemonConfig, run_cli};
 
 /// Greylisting delay of greygate and postgrey where a retry must pass.
@@ -42,64 +43,6 @@ pub(crate) fn greygate_site(delay: u64) -> (crate::harness::Daemon, Postfix, tem
         .start();
     let pf = Postfix::start(Policy::Service(format!("inet:{}", gg.tcp())), &[]);
     (gg, pf, dir)
-}
-
-/// A private postgrey on a loopback port. Stopped on drop.
-pub(crate) struct Postgrey {
-    pub(crate) port: u16,
-    pidfile: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Postgrey {
-    pub(crate) fn start(delay: u64) -> Postgrey {
-        let dir = tempfile::tempdir().unwrap();
-        // postgrey drops to its own user; its database directory must be its own.
-        let status = Command::new("chown")
-            .arg("postgrey:postgrey")
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "chown postgrey");
-        let port = free_port();
-        let pidfile = dir.path().join("postgrey.pid");
-        let out = Command::new("/usr/sbin/postgrey")
-            .arg(format!("--inet=127.0.0.1:{port}"))
-            .arg(format!("--dbdir={}", dir.path().display()))
-            .arg(format!("--pidfile={}", pidfile.display()))
-            .arg(format!("--delay={delay}"))
-            .arg("--daemonize")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run postgrey");
-        assert!(
-            out.status.success(),
-            "postgrey failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "postgrey never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Postgrey {
-            port,
-            pidfile,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Postgrey {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) on the pid our own postgrey wrote.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
 }
 
 fn one(v: &serde_json::Value) -> &serde_json::Value {

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::dns::have;
 use crate::harness::postfix::{self, Policy, Postfix, free_port};
+use crate::harness::postgrey::Postgrey;
 use crate::harness::run_cli;
-use crate::outbound::{DELAY, Postgrey, greygate_site};
+use crate::outbound::{DELAY, greygate_site};
 
 /// How long a relay holds each connection before the server's banner: sessions overlap
 /// for sure when the prober lets them.

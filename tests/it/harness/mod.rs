@@ -9,7 +9,9 @@ pub mod dns;
 pub mod exim;
 pub mod postfix;
 pub mod postgres;
+pub mod postgrey;
 pub mod redis;
+pub mod sqlgrey;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

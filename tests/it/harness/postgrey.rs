@@ -1,0 +1,102 @@
+//! A private postgrey (Debian's, `/usr/sbin/postgrey`) on a free loopback port, its
+//! Berkeley DB files in a temp directory it owns. Stopped on drop; [`Postgrey::stop`]
+//! stops it and waits for it to exit, leaving its database for a look.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::postfix::free_port;
+
+/// A running private postgrey.
+pub struct Postgrey {
+    pub port: u16,
+    pidfile: std::path::PathBuf,
+    /// `None` once stopped.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Postgrey {
+    /// Starts postgrey with `--delay=DELAY` (seconds).
+    pub fn start(delay: u64) -> Postgrey {
+        Postgrey::start_with(delay, &[])
+    }
+
+    /// Starts postgrey with `--delay=DELAY` and further options.
+    pub fn start_with(delay: u64, args: &[&str]) -> Postgrey {
+        let dir = tempfile::tempdir().unwrap();
+        // postgrey drops to its own user; its database directory must be its own.
+        let status = Command::new("chown")
+            .arg("postgrey:postgrey")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown postgrey");
+        let port = free_port();
+        let pidfile = dir.path().join("postgrey.pid");
+        let out = Command::new("/usr/sbin/postgrey")
+            .arg(format!("--inet=127.0.0.1:{port}"))
+            .arg(format!("--dbdir={}", dir.path().display()))
+            .arg(format!("--pidfile={}", pidfile.display()))
+            .arg(format!("--delay={delay}"))
+            .args(args)
+            .arg("--daemonize")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run postgrey");
+        assert!(
+            out.status.success(),
+            "postgrey failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "postgrey never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Postgrey {
+            port,
+            pidfile,
+            dir: Some(dir),
+        }
+    }
+
+    /// postgrey's `--dbdir`.
+    pub fn dbdir(&self) -> &Path {
+        self.dir.as_ref().expect("running").path()
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    }
+
+    /// SIGTERM, then waits (at most 15 s) for postgrey to exit; returns its database
+    /// directory, removed when the returned value is dropped.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on the pid our own postgrey wrote.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            // SAFETY: signal 0 only asks whether the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 {
+                assert!(Instant::now() < deadline, "postgrey did not exit");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.dir.take().expect("running")
+    }
+}
+
+impl Drop for Postgrey {
+    fn drop(&mut self) {
+        if self.dir.is_none() {
+            return;
+        }
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on the pid our own postgrey wrote.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
