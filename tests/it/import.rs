@@ -291,9 +291,17 @@ fn postgrey_import_passes_what_postgrey_passed() {
     );
 }
 
-/// Drives sqlgrey on `db`, ages two pending rows with `age(sql-for-seconds)`, imports `url`
-/// and checks a daemon on the result.
-fn sqlgrey_scenario(test: &str, db: SqlgreyDb, url: &str, age: impl Fn(&str, u64)) {
+/// Drives sqlgrey on `db`, ages two pending rows with `age(sender name, seconds)`, imports
+/// `url` and checks a daemon on the result. `store_toml`: a greygate configuration naming
+/// a shared store, into which the import runs while the daemon serves from it; `None`: an
+/// embedded store, imported before the daemon starts.
+fn sqlgrey_scenario(
+    test: &str,
+    db: SqlgreyDb,
+    url: &str,
+    age: impl Fn(&str, u64),
+    store_toml: Option<&str>,
+) {
     let sq = Sqlgrey::start(&db);
     let mut c = client(sq.port);
     let mut ask = |ip: &str, name: &str, from: &str, to: &str| {
@@ -358,9 +366,21 @@ fn sqlgrey_scenario(test: &str, db: SqlgreyDb, url: &str, age: impl Fn(&str, u64
     age("hank", 3 * 86_400);
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = DaemonConfig::new(dir.path());
-    let store = cfg.db_path();
-    let (code, r, err) = import(&["sqlgrey", url, "--db", store.to_str().unwrap()]);
+    let mut cfg = DaemonConfig::new(dir.path());
+    let store = cfg.db_path().display().to_string();
+    let config = dir.path().join("greygate.toml");
+    let config = config.to_str().unwrap();
+    let mut daemon = None;
+    let target = match store_toml {
+        Some(toml) => {
+            // A shared store: the import merges while the daemon serves from it.
+            cfg = cfg.toml(toml);
+            daemon = Some(cfg.start());
+            ["--config", config]
+        }
+        None => ["--db", store.as_str()],
+    };
+    let (code, r, err) = import(&["sqlgrey", url, target[0], target[1]]);
     assert_eq!(code, 0, "{test}: {err}");
     let fa = table(&r, "from_awl");
     assert_eq!(
@@ -391,7 +411,7 @@ fn sqlgrey_scenario(test: &str, db: SqlgreyDb, url: &str, age: impl Fn(&str, u64
     assert_eq!(r["clients"]["new"], 3, "{r:#}");
     assert_eq!(r["clients"]["passed_or_allowed"], 1, "{r:#}");
 
-    let d = cfg.start();
+    let d = daemon.unwrap_or_else(|| cfg.start());
     expect_rules(
         &d,
         &[
@@ -424,6 +444,7 @@ fn sqlgrey_scenario(test: &str, db: SqlgreyDb, url: &str, age: impl Fn(&str, u64
     );
 }
 
+#[cfg(feature = "sqlite")]
 #[test]
 fn sqlgrey_import_from_sqlite() {
     let test = "sqlgrey_import_from_sqlite";
@@ -434,16 +455,22 @@ fn sqlgrey_import_from_sqlite() {
         return;
     }
     let url = format!("sqlite:{}", path.display());
-    sqlgrey_scenario(test, db, &url, |name, secs| {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let n = conn
-            .execute(
-                "UPDATE connect SET first_seen = first_seen - ?1 WHERE sender_name = ?2",
-                rusqlite::params![i64::try_from(secs).unwrap(), name],
-            )
-            .unwrap();
-        assert_eq!(n, 1, "{name}");
-    });
+    sqlgrey_scenario(
+        test,
+        db,
+        &url,
+        |name, secs| {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            let n = conn
+                .execute(
+                    "UPDATE connect SET first_seen = first_seen - ?1 WHERE sender_name = ?2",
+                    rusqlite::params![i64::try_from(secs).unwrap(), name],
+                )
+                .unwrap();
+            assert_eq!(n, 1, "{name}");
+        },
+        None,
+    );
 }
 
 /// Runs SQL statements on a PostgreSQL database.
@@ -486,7 +513,7 @@ fn sqlgrey_import_from_postgres() {
         port: pg.port,
         dbname: "sqlgrey".into(),
     };
-    sqlgrey_scenario(test, db, &url, |name, secs| {
+    let age = |name: &str, secs: u64| {
         pg_exec(
             &url,
             &format!(
@@ -494,5 +521,13 @@ fn sqlgrey_import_from_postgres() {
                  WHERE sender_name = '{name}'"
             ),
         );
-    });
+    };
+    // Into greygate's own PostgreSQL store (another database on the same server), while
+    // a daemon serves from it.
+    pg_exec(&pg.url(), "CREATE DATABASE greygate");
+    let store = format!(
+        "[store]\nbackend = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/greygate\"\n",
+        pg.port
+    );
+    sqlgrey_scenario(test, db, &url, age, Some(&store));
 }
