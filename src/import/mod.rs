@@ -375,27 +375,29 @@ impl Report {
     /// The text report.
     pub fn to_text(&self) -> String {
         let mut o = String::new();
-        let (verb, merged_word) = if self.dry_run {
-            ("dry run, nothing written: ", "would merge")
+        let (merged, written) = if self.dry_run {
+            let _ = writeln!(o, "dry run: nothing was written");
+            ("would merge", "would be written")
         } else {
-            ("", "merged")
+            ("merged", "written")
         };
-        let _ = writeln!(o, "{verb}import from {} into {}", self.source, self.store);
+        let _ = writeln!(o, "from:  {}", self.source);
+        let _ = writeln!(o, "into:  {}", self.store);
         let width = self.tables.iter().map(|t| t.name.len()).max().unwrap_or(0);
         for t in &self.tables {
             let skipped: u64 = t.skipped.values().sum();
             let _ = writeln!(
                 o,
-                "  {:width$}  {} read: {} {merged_word}, {} skipped",
+                "  {:width$}  {:>8} read, {:>8} {merged}, {:>8} skipped",
                 t.name, t.read, t.merged, skipped
             );
         }
-        let w = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         let t = &self.triplets;
         let _ = writeln!(
             o,
-            "triplets:      {} ({} passed, {} pending; {} new, {} into existing records)",
-            w(t.new + t.into_existing, "written", "written"),
+            "triplets {written}: {} ({} passed, {} pending; {} new, {} merged into records \
+             greygate held)",
+            t.new + t.into_existing,
             t.passed_or_allowed,
             (t.new + t.into_existing).saturating_sub(t.passed_or_allowed),
             t.new,
@@ -404,14 +406,14 @@ impl Report {
         let c = &self.clients;
         let _ = writeln!(
             o,
-            "client groups: {} ({} auto-allowed; {} new, {} into existing records)",
-            w(c.new + c.into_existing, "written", "written"),
+            "client groups {written}: {} ({} auto-allowed; {} new, {} merged into records \
+             greygate held)",
+            c.new + c.into_existing,
             c.passed_or_allowed,
             c.new,
             c.into_existing
         );
-        let any_skipped = Skip::ALL.iter().any(|s| self.skipped(*s) > 0);
-        if any_skipped {
+        if Skip::ALL.iter().any(|s| self.skipped(*s) > 0) {
             let _ = writeln!(o, "skipped:");
             for s in Skip::ALL {
                 let n = self.skipped(s);
@@ -421,7 +423,7 @@ impl Report {
             }
             for t in &self.tables {
                 for e in &t.examples {
-                    let _ = writeln!(o, "           e.g. {}: {e}", t.name);
+                    let _ = writeln!(o, "           e.g. {} {e}", t.name);
                 }
             }
         }
