@@ -32,14 +32,24 @@ pub enum ImportSource {
     /// ones keep their first sighting) and its client auto-whitelist.
     ///
     /// Reads postgrey.db and postgrey_clients.db through Berkeley DB's db_dump (Debian
-    /// package db-util or db5.3-util). Give the options postgrey ran with (see
+    /// package db5.3-util). Give the options postgrey ran with (POSTGREY_OPTS in
     /// /etc/default/postgrey) where they differ from its defaults.
+    ///
+    /// An embedded store must not be held by a running daemon (exit code 3: stop it, import,
+    /// start it); Redis and PostgreSQL stores may be imported into while daemons serve.
+    /// Records greygate holds as new or newer are kept, so the import may run again.
     Postgrey(PostgreyArgs),
-    /// Import sqlgrey's database: its pending triplets (connect) and, as passes of their
-    /// client groups towards auto-allow, its from_awl and domain_awl rows.
+    /// Import sqlgrey's database: its pending triplets (connect; those its allow lists cover
+    /// as passed) and its from_awl and domain_awl rows, as passes of their client groups
+    /// towards auto-allow.
     ///
     /// URL: postgres://USER:PASSWORD@HOST/DB (PostgreSQL), or sqlite:PATH (SQLite, e.g.
-    /// sqlite:/var/lib/sqlgrey/sqlgrey.db). MySQL is not supported.
+    /// sqlite:/var/lib/sqlgrey/sqlgrey.db). MySQL is not supported. sqlgrey may keep running:
+    /// its database is only read.
+    ///
+    /// An embedded store must not be held by a running daemon (exit code 3: stop it, import,
+    /// start it); Redis and PostgreSQL stores may be imported into while daemons serve.
+    /// Records greygate holds as new or newer are kept, so the import may run again.
     Sqlgrey(SqlgreyArgs),
 }
 
@@ -66,7 +76,8 @@ pub struct PostgreyArgs {
     pub dbdir: PathBuf,
     #[command(flatten)]
     pub target: TargetArgs,
-    /// postgrey's --delay: a triplet last seen this long after its first sighting had passed
+    /// postgrey's --delay (seconds, or e.g. 5m): a triplet last seen at least this long after
+    /// its first sighting had passed
     #[arg(long, value_name = "DURATION", default_value = "300")]
     pub delay: Dur,
     /// postgrey's --ipv4cidr: the width of its IPv4 client networks
@@ -188,7 +199,10 @@ fn run_postgrey(a: PostgreyArgs) -> anyhow::Result<ExitCode> {
         lookup_by_host: a.lookup_by_host,
         auto_whitelist_clients: a.auto_whitelist_clients,
     };
-    let tool = match postgrey::find_db_dump(a.db_dump.as_deref()) {
+    // The source first: a failed import leaves no new store file behind.
+    let tool = match postgrey::find_db_dump(a.db_dump.as_deref())
+        .and_then(|t| postgrey::check_dbdir(&a.dbdir).map(|()| t))
+    {
         Ok(t) => t,
         Err(e) => return Ok(failed(&e)),
     };
@@ -244,6 +258,12 @@ fn run_sqlgrey(a: SqlgreyArgs) -> anyhow::Result<ExitCode> {
             return Ok(Exit::Usage.into());
         }
     };
+    let rt = runtime()?;
+    // The source first: a database that cannot be read leaves no new store file behind.
+    let db = match rt.block_on(sqlgrey::SqlgreyDb::open(&source)) {
+        Ok(db) => db,
+        Err(e) => return Ok(failed(&e)),
+    };
     let target = match open_target(&a.target) {
         Ok(t) => t,
         Err(code) => return Ok(code),
@@ -262,9 +282,8 @@ fn run_sqlgrey(a: SqlgreyArgs) -> anyhow::Result<ExitCode> {
          auto-allow (greygate allows client groups, not a sender at a client); connect rows \
          they cover are imported as passed",
     );
-    let rt = runtime()?;
     let report = rt.block_on(async {
-        sqlgrey::import(&mut imp, &source).await?;
+        sqlgrey::import(&mut imp, db).await?;
         imp.finish(|passes| passes).await
     });
     match report {

@@ -472,14 +472,16 @@ fn dump_file(
     parsed?;
     if !status.success() {
         return Err(ImportError::Source(format!(
-            "{} -p -h {} {file} failed ({status}): {}",
+            "{} -p -h {} {file} failed ({status}): {}; if postgrey's environment is damaged \
+             (a crash), `db5.3_recover -h {}` with postgrey stopped repairs it",
             tool.display(),
             dbdir.display(),
             if stderr.is_empty() {
                 "no message"
             } else {
                 &stderr
-            }
+            },
+            dbdir.display()
         )));
     }
     Ok(())
@@ -503,6 +505,22 @@ pub fn client_count(count: u32, opts: &PostgreyOptions, auto_allow_after: u32) -
     }
 }
 
+/// Whether `dbdir` is postgrey's database directory (it holds `postgrey.db`).
+///
+/// # Errors
+///
+/// It is not.
+pub fn check_dbdir(dbdir: &Path) -> Result<(), ImportError> {
+    if dbdir.join("postgrey.db").is_file() {
+        Ok(())
+    } else {
+        Err(ImportError::Source(format!(
+            "{} holds no postgrey.db: not postgrey's --dbdir",
+            dbdir.display()
+        )))
+    }
+}
+
 /// Reads postgrey's `DBDIR` into the importer: `postgrey.db` as triplets,
 /// `postgrey_clients.db` (when present) as client counts. `rt` runs the store's writes.
 ///
@@ -516,12 +534,7 @@ pub fn import(
     tool: &Path,
     opts: &PostgreyOptions,
 ) -> Result<(), ImportError> {
-    if !dbdir.join("postgrey.db").is_file() {
-        return Err(ImportError::Source(format!(
-            "{} holds no postgrey.db: not postgrey's --dbdir",
-            dbdir.display()
-        )));
-    }
+    check_dbdir(dbdir)?;
     let now = imp.now();
     let t = imp.table("postgrey.db");
     let mut n = 0u64;

@@ -620,29 +620,48 @@ fn sqlite_cells(row: &rusqlite::Row<'_>, columns: usize) -> Result<Vec<Cell>, St
 /// The sqlgrey database version this import reads (sqlgrey 1.7 and 1.8).
 const DB_VERSION: &str = "3";
 
+/// sqlgrey's database, opened and checked: its version and its tables are what this import
+/// reads.
+pub struct SqlgreyDb {
+    db: Reader,
+}
+
+impl SqlgreyDb {
+    /// Connects (PostgreSQL) or opens read-only (SQLite) and checks the database.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be reached or read, is not sqlgrey's (no `connect` table) or is
+    /// of another version.
+    pub async fn open(source: &Source) -> Result<SqlgreyDb, ImportError> {
+        let mut db = Reader::open(source).await?;
+        match db.version().await? {
+            Some(v) if v.trim() != DB_VERSION => {
+                return Err(ImportError::Source(format!(
+                    "sqlgrey database version {v}; this import reads version {DB_VERSION} \
+                     (sqlgrey 1.7 and later): let a current sqlgrey start on it once to \
+                     upgrade it"
+                )));
+            }
+            _ => {}
+        }
+        if !db.has_table("connect").await? {
+            return Err(ImportError::Source(format!(
+                "{} has no connect table: not sqlgrey's database",
+                source.shown()
+            )));
+        }
+        Ok(SqlgreyDb { db })
+    }
+}
+
 /// Reads sqlgrey's tables into the importer.
 ///
 /// # Errors
 ///
-/// The database cannot be reached or read, is not sqlgrey's (no `connect` table) or of
-/// another version; or the store failed.
-pub async fn import(imp: &mut Importer, source: &Source) -> Result<(), ImportError> {
-    let mut db = Reader::open(source).await?;
-    match db.version().await? {
-        Some(v) if v.trim() != DB_VERSION => {
-            return Err(ImportError::Source(format!(
-                "sqlgrey database version {v}; this import reads version {DB_VERSION} \
-                 (sqlgrey 1.7 and later): let a current sqlgrey start on it once to upgrade it"
-            )));
-        }
-        _ => {}
-    }
-    if !db.has_table("connect").await? {
-        return Err(ImportError::Source(format!(
-            "{} has no connect table: not sqlgrey's database",
-            source.shown()
-        )));
-    }
+/// The database failed while being read, or the store failed.
+pub async fn import(imp: &mut Importer, source: SqlgreyDb) -> Result<(), ImportError> {
+    let mut db = source.db;
     // The allow lists first: they also say which connect rows sqlgrey passes at once.
     let mut allow = AllowLists::default();
     for table in [Table::FromAwl, Table::DomainAwl, Table::Connect] {

@@ -291,6 +291,47 @@ fn postgrey_import_passes_what_postgrey_passed() {
     );
 }
 
+/// postgrey killed hard leaves records only in its database environment's cache, not yet
+/// in `postgrey.db`: the import reads them all the same (db_dump joins the environment).
+#[test]
+fn postgrey_import_reads_what_a_killed_postgrey_left_in_its_cache() {
+    let test = "postgrey_import_reads_what_a_killed_postgrey_left_in_its_cache";
+    if !have(test, "/usr/sbin/postgrey", "postgrey")
+        || !have(test, "/usr/bin/db5.3_dump", "db5.3-util")
+    {
+        return;
+    }
+    let pg = Postgrey::start(300);
+    let mut c = client(pg.port);
+    for i in 1..=20 {
+        let ip = format!("192.0.2.{i}");
+        let r = c.ask(&request_with(
+            &ip,
+            &format!("s{i}@a.example"),
+            "r@example.org",
+            &[],
+        ));
+        assert!(r.starts_with("DEFER_IF_PERMIT"), "{r}");
+    }
+    drop(c);
+    let dbdir = pg.kill9();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.redb");
+    let (code, r, err) = import(&[
+        "postgrey",
+        dbdir.path().to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let t = table(&r, "postgrey.db");
+    assert_eq!(
+        (t["read"].as_u64(), t["merged"].as_u64()),
+        (Some(20), Some(20)),
+        "{r:#}"
+    );
+}
+
 /// Drives sqlgrey on `db`, ages two pending rows with `age(sender name, seconds)`, imports
 /// `url` and checks a daemon on the result. `store_toml`: a greygate configuration naming
 /// a shared store, into which the import runs while the daemon serves from it; `None`: an
@@ -530,4 +571,51 @@ fn sqlgrey_import_from_postgres() {
         pg.port
     );
     sqlgrey_scenario(test, db, &url, age, Some(&store));
+}
+
+/// What the import cannot use is refused before anything is written.
+#[test]
+fn import_refuses_what_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.redb");
+    let db = db.to_str().unwrap();
+    let (code, _, err) = import(&["sqlgrey", "mysql://sqlgrey@db/sqlgrey", "--db", db]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("MySQL") && err.contains("not supported"),
+        "{err}"
+    );
+    let (code, _, err) = import(&["sqlgrey", "redis://127.0.0.1", "--db", db]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = import(&["sqlgrey", "sqlite:/nonexistent/sqlgrey.db", "--db", db]);
+    assert_eq!(code, 1, "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = import(&[
+        "postgrey",
+        empty.path().to_str().unwrap(),
+        "--db",
+        db,
+        "--db-dump",
+        "/bin/false",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("holds no postgrey.db"), "{err}");
+    assert!(
+        !std::path::Path::new(db).exists(),
+        "a failed import created the store"
+    );
+    // The memory store lives only in a daemon.
+    let config = dir.path().join("memory.toml");
+    std::fs::write(&config, "[store]\nbackend = \"memory\"\n").unwrap();
+    std::fs::write(empty.path().join("postgrey.db"), "").unwrap();
+    let (code, _, err) = import(&[
+        "postgrey",
+        empty.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--db-dump",
+        "/bin/false",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("memory store"), "{err}");
 }

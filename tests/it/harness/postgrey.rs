@@ -74,10 +74,19 @@ impl Postgrey {
 
     /// SIGTERM, then waits (at most 15 s) for postgrey to exit; returns its database
     /// directory, removed when the returned value is dropped.
-    pub fn stop(mut self) -> tempfile::TempDir {
+    pub fn stop(self) -> tempfile::TempDir {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// SIGKILL: postgrey ends without closing its database, as in a crash.
+    pub fn kill9(self) -> tempfile::TempDir {
+        self.stop_with(libc::SIGKILL)
+    }
+
+    fn stop_with(mut self, signal: i32) -> tempfile::TempDir {
         if let Some(pid) = self.pid() {
             // SAFETY: kill(2) on the pid our own postgrey wrote.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe { libc::kill(pid, signal) };
             let deadline = Instant::now() + Duration::from_secs(15);
             // SAFETY: signal 0 only asks whether the process exists.
             while unsafe { libc::kill(pid, 0) } == 0 {
