@@ -136,6 +136,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         follow(&mut tracker, path, &args)?;
     }
     let lines = tracker.lines;
+    let peak = tracker.peak_in_flight();
     let (agg, kept) = tracker.finish();
     let messages = agg.messages as usize;
     let stats = report::domains(&agg);
@@ -146,7 +147,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        let v = report::to_json(&stats, selected.as_deref(), lines, messages);
+        let v = report::to_json(&stats, selected.as_deref(), lines, messages, peak);
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if let Some(sel) = &selected {
         if sel.is_empty() {
@@ -158,7 +159,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     }
     if show {
         eprintln!(
-            "read {lines} lines in {:.1}s",
+            "read {lines} lines in {:.1}s; at most {peak} messages in flight",
             started.elapsed().as_secs_f64()
         );
     }
