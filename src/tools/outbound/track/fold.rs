@@ -159,10 +159,7 @@ impl Aggregates {
             let f = Folded {
                 domain: &r.domain,
                 grey,
-                other: !grey
-                    && r.attempts
-                        .iter()
-                        .any(|a| a.status == DeliveryStatus::Deferred),
+                other: !grey && r.deferred(),
                 added: r.added_delay(),
                 queued: outcome.is_none(),
                 bounced: matches!(
