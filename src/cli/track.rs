@@ -24,14 +24,15 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct TrackArgs {
-    /// Postfix logs, plain or gzipped; rotated files are read oldest first. `-` or none:
+    /// Postfix or Exim logs (the format found per file), plain or gzipped; rotated files are
+    /// read oldest first. `-` or none:
     /// standard input.
     #[arg(value_name = "LOG")]
     pub logs: Vec<PathBuf>,
     /// Show the timeline of messages to this recipient.
     #[arg(long, value_name = "ADDR")]
     pub to: Option<String>,
-    /// Show the timeline of the message with this queue id.
+    /// Show the timeline of the message with this queue id (Exim: message id).
     #[arg(long, value_name = "ID")]
     pub queue_id: Option<String>,
     /// Show the timeline of the message with this Message-ID.

@@ -753,3 +753,14 @@ fn track_follow_keeps_metrics_current_across_both_rotations() {
     let report = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(report["domains"], full["domains"]);
 }
+
+#[test]
+fn track_follow_needs_a_file_and_its_options_need_follow() {
+    let (code, _, err) = run_cli(&["track", "--follow", "-"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--follow needs a log file"), "{err}");
+    let (code, _, err) = run_cli(&["track", "--metrics-listen", "127.0.0.1:0", "x.log"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run_cli(&["track", "--follow", "--to", "a@b.example", "x.log"]);
+    assert_eq!(code, 2, "{err}");
+}
