@@ -165,8 +165,8 @@ pub(crate) const SWEEP_EVERY: u64 = 1 << 16;
 /// and the destination domains, not with the log. Queue ids are interned while in flight;
 /// a `removed` line finishes the message and frees the id so Postfix may reuse it.
 ///
-/// Messages that match the [`Filter`] given are kept whole ([`Tracker::selected`]), and
-/// only then does an attempt keep its texts (relay, DSN, detail).
+/// Messages that match the [`Filter`] given are kept whole (returned by
+/// [`Tracker::finish`]), and only then does an attempt keep its texts (relay, DSN, detail).
 #[derive(Debug)]
 pub struct Tracker {
     /// Reads Postfix or Exim lines, the format found per file.
