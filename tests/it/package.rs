@@ -290,7 +290,9 @@ fn debian_package_installs_serves_and_purges() {
     );
     let depends = field("Depends");
     assert!(
-        depends.contains("libc6 (>= ") && depends.contains("adduser"),
+        depends.contains("libc6 (>= ")
+            && depends.contains("libgcc-s1")
+            && depends.contains("adduser"),
         "Depends: {depends}"
     );
     let installed_size: u64 = field("Installed-Size").parse().expect("Installed-Size");
@@ -371,6 +373,16 @@ fn debian_package_installs_serves_and_purges() {
     ));
     assert!(copyright.contains("\nLicense: MIT or Apache-2.0\n"));
 
+    // The unit is enabled, as deb-systemd-helper does without a running systemd too.
+    let wants = Path::new("/etc/systemd/system/multi-user.target.wants/greygate.service");
+    let target = std::fs::read_link(wants).expect("postinst enables the unit");
+    assert!(
+        target.ends_with("systemd/system/greygate.service"),
+        "{} -> {}",
+        wants.display(),
+        target.display()
+    );
+
     // Installing again (dpkg's reconfigure of an installed version) keeps the user.
     let user = getent("passwd", "greygate").expect("postinst creates the user greygate");
     assert_eq!(user[5], STATE, "home of greygate: {user:?}");
@@ -413,6 +425,8 @@ fn debian_package_installs_serves_and_purges() {
     assert_eq!(setting(&service, "StateDirectory"), "greygate");
     assert_eq!(setting(&service, "ReadWritePaths"), STATE);
     assert_eq!(setting(&service, "NoNewPrivileges"), "yes");
+    assert_eq!(setting(&service, "ProtectSystem"), "strict");
+    assert_eq!(setting(&service, "ExecReload"), "/bin/kill -HUP $MAINPID");
     let pre = argv(setting(&service, "ExecStartPre"));
     let start = argv(setting(&service, "ExecStart"));
     assert_eq!(start[0], "/usr/sbin/greygate");
