@@ -48,7 +48,7 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
     Probe(probe::ProbeArgs),
-    /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
+    /// Rebuild delivery timelines from Postfix or Exim logs; report greylisting per destination.
     Track(track::TrackArgs),
     /// Counters of the running daemon (or the store's record counts when none runs).
     Stats(admin::StatsArgs),
