@@ -7,6 +7,7 @@ mod bench;
 mod check;
 mod common;
 mod explain;
+mod generate;
 mod probe;
 mod serve;
 mod simulate;
@@ -69,6 +70,9 @@ pub enum Command {
     /// Feed a site's own inbound Postfix log through the engine offline: what greylisting
     /// would have delayed.
     Replay(simulate::ReplayArgs),
+    /// Manual pages and shell completions for packages (scripts/package).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 impl Command {
@@ -103,6 +107,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Simulate(args) => simulate::simulate(&args),
         Command::Replay(args) => simulate::replay(&args),
+        Command::Generate(args) => generate::run(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("greygate: {e:#}");

@@ -15,6 +15,7 @@ mod flood;
 mod harness;
 mod milter;
 mod outbound;
+mod package;
 mod policy;
 mod postfix;
 mod probe_batch;
