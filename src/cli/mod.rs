@@ -7,6 +7,7 @@ mod bench;
 mod check;
 mod common;
 mod explain;
+mod generate;
 mod import;
 mod probe;
 mod serve;
@@ -48,7 +49,7 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Ask a recipient's mail servers whether they accept, greylist or reject (no mail is sent).
     Probe(probe::ProbeArgs),
-    /// Rebuild delivery timelines from Postfix logs; report greylisting per destination.
+    /// Rebuild delivery timelines from Postfix or Exim logs; report greylisting per destination.
     Track(track::TrackArgs),
     /// Counters of the running daemon (or the store's record counts when none runs).
     Stats(admin::StatsArgs),
@@ -73,6 +74,9 @@ pub enum Command {
     /// Carry postgrey's or sqlgrey's database into the store, so that switching greylists
     /// no known correspondent again.
     Import(import::ImportArgs),
+    /// Manual pages and shell completions for packages (scripts/package).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 impl Command {
@@ -108,6 +112,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Simulate(args) => simulate::simulate(&args),
         Command::Replay(args) => simulate::replay(&args),
         Command::Import(args) => import::run(args),
+        Command::Generate(args) => generate::run(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("greygate: {e:#}");

@@ -24,14 +24,15 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct TrackArgs {
-    /// Postfix logs, plain or gzipped; rotated files are read oldest first. `-` or none:
+    /// Postfix or Exim logs (the format found per file), plain or gzipped; rotated files are
+    /// read oldest first. `-` or none:
     /// standard input.
     #[arg(value_name = "LOG")]
     pub logs: Vec<PathBuf>,
     /// Show the timeline of messages to this recipient.
     #[arg(long, value_name = "ADDR")]
     pub to: Option<String>,
-    /// Show the timeline of the message with this queue id.
+    /// Show the timeline of the message with this queue id (Exim: message id).
     #[arg(long, value_name = "ID")]
     pub queue_id: Option<String>,
     /// Show the timeline of the message with this Message-ID.
@@ -136,6 +137,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         follow(&mut tracker, path, &args)?;
     }
     let lines = tracker.lines;
+    let peak = tracker.peak_in_flight();
     let (agg, kept) = tracker.finish();
     let messages = agg.messages as usize;
     let stats = report::domains(&agg);
@@ -146,7 +148,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        let v = report::to_json(&stats, selected.as_deref(), lines, messages);
+        let v = report::to_json(&stats, selected.as_deref(), lines, messages, peak);
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if let Some(sel) = &selected {
         if sel.is_empty() {
@@ -158,7 +160,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     }
     if show {
         eprintln!(
-            "read {lines} lines in {:.1}s",
+            "read {lines} lines in {:.1}s; at most {peak} messages in flight",
             started.elapsed().as_secs_f64()
         );
     }

@@ -173,3 +173,77 @@ fn track_reads_an_exim_mainlog_with_greylisted_plain_and_rejecting_destinations(
         "{out}\n{log}"
     );
 }
+
+/// The README's Exim recipe (`contrib/exim-rcpt-acl.conf`, which the README shows
+/// verbatim) in a real Exim: the first attempt is deferred with greygate's text, a retry
+/// after the delay is accepted, and with greygate stopped mail is accepted.
+#[test]
+fn the_readme_recipe_defers_with_greygates_text_then_accepts_and_fails_open() {
+    let test = "exim_recipe";
+    if !exim::available(test)
+        || !postfix::available(test)
+        || !tool_available(test, "/usr/bin/swaks")
+    {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let recipe = std::fs::read_to_string(format!("{root}/contrib/exim-rcpt-acl.conf")).unwrap();
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    assert!(
+        readme.contains(&recipe),
+        "the README shows contrib/exim-rcpt-acl.conf verbatim"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let greygate = DaemonConfig::new(dir.path())
+        .toml(&format!("[greylist]\ndelay = {DELAY}\n"))
+        .start();
+    let sink = SmtpSink::start(&[]);
+    let acl = recipe.replace("127.0.0.1:10023", &greygate.tcp().to_string()) + "accept\n";
+    let exim = EximConfig::new()
+        .route("example.org : example.net", sink.port)
+        .rcpt_acl(&acl)
+        .start();
+    let send = |from: &str| exim.swaks().from(from).to("dave@example.org").run();
+
+    let first = send("carol@example.net");
+    assert_ne!(first.code, 0, "{}", first.transcript);
+    assert!(
+        first.transcript.contains(&format!(
+            "451 Greylisted, please try again in {DELAY} seconds"
+        )),
+        "greygate's own text at RCPT:\n{}\n{}",
+        first.transcript,
+        exim.diagnostics()
+    );
+    greygate.expect_log("verdict=\"defer\" rule=\"new\"");
+
+    // A retry too early is deferred again; after the delay it is accepted.
+    let deadline = Instant::now() + Duration::from_secs(DELAY + 10);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let retry = send("carol@example.net");
+        if retry.code == 0 {
+            break;
+        }
+        assert!(
+            retry.transcript.contains("451 Greylisted"),
+            "{}",
+            retry.transcript
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never accepted: {}",
+            retry.transcript
+        );
+    }
+
+    // Accepted because greygate passed it, not because readsocket failed.
+    greygate.expect_log("rule=\"delayed\"");
+
+    // greygate stopped: readsocket fails and the mail goes on, a new triplet included.
+    let (status, log) = greygate.terminate();
+    assert!(status.success(), "{log}");
+    let open = send("frank@example.net");
+    assert_eq!(open.code, 0, "fails open:\n{}", open.transcript);
+}

@@ -16,6 +16,7 @@ mod harness;
 mod import;
 mod milter;
 mod outbound;
+mod package;
 mod policy;
 mod postfix;
 mod probe_batch;

@@ -261,6 +261,23 @@ fn probe_resolves_mx_with_a_dns_server_on_loopback() {
 }
 
 /// Flushes `pf`'s queue until its log has `n` `status=sent` lines.
+/// A relay that sends example.org to the Postfix on `org_port` and example.com to the one
+/// on `com_port`, retrying deferred mail every second or two.
+fn relay_to(org_port: u16, com_port: u16) -> Postfix {
+    let transport = format!(
+        "transport_maps = inline:{{ example.org=smtp:[127.0.0.1]:{org_port}, example.com=smtp:[127.0.0.1]:{com_port} }}"
+    );
+    Postfix::start(
+        Policy::None,
+        &[
+            &transport,
+            "queue_run_delay = 1s",
+            "minimal_backoff_time = 1s",
+            "maximal_backoff_time = 2s",
+        ],
+    )
+}
+
 fn wait_sent(pf: &Postfix, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -292,21 +309,8 @@ fn track_reads_a_relay_log_with_greygate_and_postgrey_deferrals() {
     let (_gg, grey_b, _dir) = greygate_site(DELAY);
     let pg = Postgrey::start(DELAY);
     let pg_b = Postfix::start(Policy::Service(format!("inet:127.0.0.1:{}", pg.port)), &[]);
-    // The relay: example.org goes to the greygate site, example.com to the postgrey one,
-    // retried quickly.
-    let transport = format!(
-        "transport_maps = inline:{{ example.org=smtp:[127.0.0.1]:{}, example.com=smtp:[127.0.0.1]:{} }}",
-        grey_b.smtp_port, pg_b.smtp_port
-    );
-    let relay = Postfix::start(
-        Policy::None,
-        &[
-            &transport,
-            "queue_run_delay = 1s",
-            "minimal_backoff_time = 1s",
-            "maximal_backoff_time = 2s",
-        ],
-    );
+    // The relay: example.org goes to the greygate site, example.com to the postgrey one.
+    let relay = relay_to(grey_b.smtp_port, pg_b.smtp_port);
     let sent = relay
         .swaks()
         .from("carol@example.net")
@@ -532,19 +536,7 @@ fn track_follow_keeps_metrics_current_across_both_rotations() {
     }
     let (_gg, grey_b, _dir) = greygate_site(DELAY);
     let plain_b = Postfix::start(Policy::None, &[]);
-    let transport = format!(
-        "transport_maps = inline:{{ example.org=smtp:[127.0.0.1]:{}, example.com=smtp:[127.0.0.1]:{} }}",
-        grey_b.smtp_port, plain_b.smtp_port
-    );
-    let relay = Postfix::start(
-        Policy::None,
-        &[
-            &transport,
-            "queue_run_delay = 1s",
-            "minimal_backoff_time = 1s",
-            "maximal_backoff_time = 2s",
-        ],
-    );
+    let relay = relay_to(grey_b.smtp_port, plain_b.smtp_port);
     let logs = relay.dir.join("log");
     let maillog = logs.join("maillog");
     let port = free_port();
@@ -695,4 +687,15 @@ fn track_follow_keeps_metrics_current_across_both_rotations() {
     );
     let report = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(report["domains"], full["domains"]);
+}
+
+#[test]
+fn track_follow_needs_a_file_and_its_options_need_follow() {
+    let (code, _, err) = run_cli(&["track", "--follow", "-"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--follow needs a log file"), "{err}");
+    let (code, _, err) = run_cli(&["track", "--metrics-listen", "127.0.0.1:0", "x.log"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run_cli(&["track", "--follow", "--to", "a@b.example", "x.log"]);
+    assert_eq!(code, 2, "{err}");
 }

@@ -79,7 +79,7 @@ fn sketch_config() -> Config {
     Config::new(SKETCH_RELATIVE_ERROR, 2048, 1e-9)
 }
 
-/// The `q` quantile of unsorted `values` by the rule of [`rank`]: the reference the
+/// The `q` quantile of unsorted `values`, the value at rank `floor(q × (n − 1))`: the reference the
 /// sketch is held to.
 pub fn exact_quantile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() {
@@ -159,10 +159,7 @@ impl Aggregates {
             let f = Folded {
                 domain: &r.domain,
                 grey,
-                other: !grey
-                    && r.attempts
-                        .iter()
-                        .any(|a| a.status == DeliveryStatus::Deferred),
+                other: !grey && r.deferred(),
                 added: r.added_delay(),
                 queued: outcome.is_none(),
                 bounced: matches!(

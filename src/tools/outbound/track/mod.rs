@@ -60,15 +60,47 @@ pub struct Attempt {
     pub evidence: Option<String>,
 }
 
-/// One recipient of a message and its attempts, in log order.
+/// One recipient of a message: what its attempts came to, and (for a message kept whole)
+/// the attempts themselves, in log order.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Recipient {
     pub to: String,
     /// Lower-cased domain of `to`.
     pub domain: String,
+    /// Every attempt, when the message is kept whole (a `--to`/`--queue-id`/
+    /// `--message-id` filter); empty otherwise: [`Recipient::summary`] is all the report
+    /// needs, whatever the number of attempts.
     pub attempts: Vec<Attempt>,
+    #[serde(skip)]
+    pub summary: Summary,
     /// Set when qmgr expired the message while this recipient was pending.
     pub expired: bool,
+}
+
+/// What a recipient's attempts came to, in a few fixed fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    /// The first greylisting deferral.
+    pub first_greylisting: Option<Ts>,
+    /// The last successful delivery.
+    pub last_sent: Option<Ts>,
+    /// The latest attempt's status.
+    pub last_status: Option<DeliveryStatus>,
+    /// Some attempt was deferred (for whatever reason).
+    pub deferred: bool,
+}
+
+impl Summary {
+    fn add(&mut self, ts: Ts, status: DeliveryStatus, greylisting: bool) {
+        if greylisting && self.first_greylisting.is_none() {
+            self.first_greylisting = Some(ts);
+        }
+        if status == DeliveryStatus::Sent {
+            self.last_sent = Some(ts);
+        }
+        self.deferred |= status == DeliveryStatus::Deferred;
+        self.last_status = Some(status);
+    }
 }
 
 impl Recipient {
@@ -77,7 +109,7 @@ impl Recipient {
         if self.expired {
             return Some(DeliveryStatus::Expired);
         }
-        match self.attempts.last()?.status {
+        match self.summary.last_status? {
             DeliveryStatus::Deferred | DeliveryStatus::Other => None,
             s => Some(s),
         }
@@ -86,17 +118,18 @@ impl Recipient {
     /// Seconds from the first greylisting deferral to the successful delivery: what
     /// greylisting added.
     pub fn added_delay(&self) -> Option<f64> {
-        let first = self.attempts.iter().find(|a| a.greylisting)?;
-        let sent = self
-            .attempts
-            .iter()
-            .rev()
-            .find(|a| a.status == DeliveryStatus::Sent)?;
-        Some((sent.ts - first.ts).max(0) as f64 / 1000.0)
+        let first = self.summary.first_greylisting?;
+        let sent = self.summary.last_sent?;
+        Some((sent - first).max(0) as f64 / 1000.0)
     }
 
     pub fn greylisted(&self) -> bool {
-        self.attempts.iter().any(|a| a.greylisting)
+        self.summary.first_greylisting.is_some()
+    }
+
+    /// Some attempt was deferred, for greylisting or not.
+    pub fn deferred(&self) -> bool {
+        self.summary.deferred
     }
 }
 
@@ -132,8 +165,8 @@ pub(crate) const SWEEP_EVERY: u64 = 1 << 16;
 /// and the destination domains, not with the log. Queue ids are interned while in flight;
 /// a `removed` line finishes the message and frees the id so Postfix may reuse it.
 ///
-/// Messages that match the [`Filter`] given are kept whole ([`Tracker::selected`]), and
-/// only then does an attempt keep its texts (relay, DSN, detail).
+/// Messages that match the [`Filter`] given are kept whole (returned by
+/// [`Tracker::finish`]), and only then does an attempt keep its texts (relay, DSN, detail).
 #[derive(Debug)]
 pub struct Tracker {
     /// Reads Postfix or Exim lines, the format found per file.
@@ -222,16 +255,18 @@ impl Tracker {
         };
         msg.last_seen = msg.last_seen.max(parsed.ts);
         match parsed.event {
-            Event::MessageId(id) => msg.message_id = Some(lossy(id)),
-            Event::From(from) => {
+            // Only a kept message shows (or is found by) its Message-ID and sender.
+            Event::MessageId(id) if detail => msg.message_id = Some(lossy(id)),
+            Event::From(from) if detail => {
                 if msg.from.is_none() {
                     msg.from = Some(lossy(from));
                 }
             }
-            Event::Arrival { from, message_id } => {
+            Event::Arrival { from, message_id } if detail => {
                 msg.from = Some(lossy(from));
                 msg.message_id = message_id.map(lossy);
             }
+            Event::MessageId(_) | Event::From(_) | Event::Arrival { .. } => {}
             Event::Expired => {
                 for r in &mut msg.recipients {
                     if r.outcome().is_none() {
@@ -247,20 +282,8 @@ impl Tracker {
                 } else {
                     (false, None)
                 };
-                let text = |b: &[u8]| if detail { lossy(b) } else { String::new() };
-                let attempt = Attempt {
-                    ts: parsed.ts,
-                    status: d.status,
-                    relay: text(d.relay),
-                    delay: d.delay,
-                    delays: text(d.delays),
-                    dsn: text(d.dsn),
-                    detail: text(d.detail),
-                    greylisting,
-                    evidence,
-                };
-                match msg.recipients.iter_mut().find(|r| r.to.as_bytes() == d.to) {
-                    Some(r) => r.attempts.push(attempt),
+                let i = match msg.recipients.iter().position(|r| r.to.as_bytes() == d.to) {
+                    Some(i) => i,
                     None => {
                         let to = lossy(d.to);
                         let domain = to
@@ -270,10 +293,27 @@ impl Tracker {
                         msg.recipients.push(Recipient {
                             to,
                             domain,
-                            attempts: vec![attempt],
+                            attempts: Vec::new(),
+                            summary: Summary::default(),
                             expired: false,
                         });
+                        msg.recipients.len() - 1
                     }
+                };
+                let r = &mut msg.recipients[i];
+                r.summary.add(parsed.ts, d.status, greylisting);
+                if detail {
+                    r.attempts.push(Attempt {
+                        ts: parsed.ts,
+                        status: d.status,
+                        relay: lossy(d.relay),
+                        delay: d.delay,
+                        delays: lossy(d.delays),
+                        dsn: lossy(d.dsn),
+                        detail: lossy(d.detail),
+                        greylisting,
+                        evidence,
+                    });
                 }
             }
         }

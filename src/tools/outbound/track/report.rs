@@ -217,16 +217,19 @@ pub fn render_timelines(messages: &[&Message], only_to: Option<&str>) -> String 
     s
 }
 
-/// The JSON document: per-domain statistics, and the selected messages when filtering.
+/// The JSON document: per-domain statistics, the most messages in flight at once (what
+/// the memory grew with), and the selected messages when filtering.
 pub fn to_json(
     stats: &[DomainStats],
     selected: Option<&[&Message]>,
     lines: u64,
     messages: usize,
+    peak_in_flight: usize,
 ) -> serde_json::Value {
     let mut v = serde_json::json!({
         "lines": lines,
         "messages": messages,
+        "peak_in_flight": peak_in_flight,
         "domains": stats,
     });
     if let Some(sel) = selected {
@@ -425,6 +428,14 @@ Nov 28 19:40:02 relay postfix/smtp[127]: 6ABCDEF012: to=<y@bad.example>, relay=m
         assert_eq!(t.in_flight(), 2, "the two messages never removed");
         assert_eq!(t.peak_in_flight(), 2);
         let snap = domains(&t.snapshot());
+        let v = to_json(
+            &snap,
+            None,
+            t.lines,
+            t.messages() as usize,
+            t.peak_in_flight(),
+        );
+        assert_eq!(v["peak_in_flight"], 2);
         let (agg, kept) = t.finish();
         assert!(kept.is_empty());
         let stats = domains(&agg);
