@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::harness::dns::have;
 use crate::harness::postgres::Postgres;
 use crate::harness::postgrey::Postgrey;
+use crate::harness::redis::Redis;
 use crate::harness::sqlgrey::{self, Sqlgrey, SqlgreyDb};
 use crate::harness::{Daemon, DaemonConfig, PolicyClient, request_with, run_cli};
 
@@ -289,6 +290,50 @@ fn postgrey_import_passes_what_postgrey_passed() {
         10,
         "{again:#}"
     );
+
+    // The same into Redis: `explain` reads what the daemons would decide.
+    let Some(redis) = Redis::start(test) else {
+        return;
+    };
+    let config = dir.path().join("redis.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url()),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, r, err) = import(&[
+        "postgrey",
+        dbdir,
+        "--config",
+        config,
+        "--auto-whitelist-clients",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["triplets"]["new"], 7, "{r:#}");
+    assert_eq!(r["clients"]["passed_or_allowed"], 1, "{r:#}");
+    for (ip, from, to, rule) in [
+        ("192.0.2.99", "new@z.example", "x@example.org", "auto-allow"),
+        ("198.51.100.20", "", "carol@example.org", "known"),
+        (
+            "203.0.113.31",
+            "dave@example.net",
+            "erin@example.org",
+            "delayed",
+        ),
+        ("198.51.100.20", "new@z.example", "carol@example.org", "new"),
+    ] {
+        let (code, out, err) = run_cli(&[
+            "explain", "--config", config, "--client", ip, "--from", from, "--to", to, "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            json(&out)["decision"]["rule"],
+            rule,
+            "{ip} {from} {to}: {out}"
+        );
+    }
 }
 
 /// postgrey killed hard leaves records only in its database environment's cache, not yet
