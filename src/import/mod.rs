@@ -327,16 +327,25 @@ pub struct TableReport {
     pub examples: Vec<String>,
 }
 
-/// Greygate records of one kind an import wrote.
+/// Triplets an import wrote.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Written {
-    /// Records the key had no live record for.
+pub struct TripletsWritten {
+    /// Keys greygate held no live record for.
     pub new: u64,
-    /// Records merged into a live record greygate held.
+    /// Merged into a live record greygate held.
     pub into_existing: u64,
-    /// Triplets: how many of those written are passed (the rest pending). Client groups:
-    /// how many are auto-allowed now.
-    pub passed_or_allowed: u64,
+    /// Of those written, passed (the rest pending).
+    pub passed: u64,
+    pub pending: u64,
+}
+
+/// Client group records an import wrote.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ClientsWritten {
+    pub new: u64,
+    pub into_existing: u64,
+    /// Of those written, auto-allowed now (`auto_allow_after` counted passes or more).
+    pub auto_allowed: u64,
 }
 
 /// What an import did (or, with `dry_run`, would do).
@@ -346,8 +355,8 @@ pub struct Report {
     pub store: String,
     pub dry_run: bool,
     pub tables: Vec<TableReport>,
-    pub triplets: Written,
-    pub clients: Written,
+    pub triplets: TripletsWritten,
+    pub clients: ClientsWritten,
     /// Things the operator should know (what the source could not say, settings that make
     /// imported records not match).
     pub notes: Vec<String>,
@@ -398,8 +407,8 @@ impl Report {
             "triplets {written}: {} ({} passed, {} pending; {} new, {} merged into records \
              greygate held)",
             t.new + t.into_existing,
-            t.passed_or_allowed,
-            (t.new + t.into_existing).saturating_sub(t.passed_or_allowed),
+            t.passed,
+            t.pending,
             t.new,
             t.into_existing
         );
@@ -409,7 +418,7 @@ impl Report {
             "client groups {written}: {} ({} auto-allowed; {} new, {} merged into records \
              greygate held)",
             c.new + c.into_existing,
-            c.passed_or_allowed,
+            c.auto_allowed,
             c.new,
             c.into_existing
         );
@@ -569,13 +578,9 @@ impl Importer {
             self.wrote().await?;
             outcome
         };
-        let final_passed = match outcome {
-            Merge::Kept => None,
-            // A pending source record merged into a passed one cannot happen (kept), so
-            // the written record is passed exactly when either side was.
-            _ => Some(record.passed),
-        };
-        self.count(table, outcome, 1, final_passed, true);
+        // A pending source record is never merged into a passed one (that is kept), so a
+        // written record is passed exactly when the source's was.
+        self.count(table, outcome, 1, record.passed, true);
         Ok(())
     }
 
@@ -599,7 +604,7 @@ impl Importer {
         }
         if !self.clients.contains_key(&group) && self.clients.len() >= MAX_CLIENT_GROUPS {
             return Err(ImportError::Source(format!(
-                "more than {MAX_CLIENT_GROUPS} client groups: import the source in parts"
+                "more than {MAX_CLIENT_GROUPS} client groups, more than an import holds"
             )));
         }
         let t = self.clients.entry(group).or_insert(ClientTally {
@@ -670,7 +675,7 @@ impl Importer {
             };
             let allowed_now = outcome
                 .1
-                .map(|r| self.engine.client_allowed(Some(&r), self.now));
+                .is_some_and(|r| self.engine.client_allowed(Some(&r), self.now));
             self.count(tally.table, outcome.0, tally.records, allowed_now, false);
         }
         if let Some(store) = &self.store
@@ -694,22 +699,10 @@ impl Importer {
         Ok(())
     }
 
-    fn count(
-        &mut self,
-        table: usize,
-        outcome: Merge,
-        records: u64,
-        passed_or_allowed: Option<bool>,
-        triplet: bool,
-    ) {
-        let written = if triplet {
-            &mut self.report.triplets
-        } else {
-            &mut self.report.clients
-        };
-        match outcome {
-            Merge::New => written.new += 1,
-            Merge::Into => written.into_existing += 1,
+    /// Counts what became of `records` source records of `table` offered as one greygate
+    /// record; `passed`: whether the triplet written is passed, or the group auto-allowed.
+    fn count(&mut self, table: usize, outcome: Merge, records: u64, passed: bool, triplet: bool) {
+        let (new, into) = match outcome {
             Merge::Kept => {
                 self.skip_n(
                     table,
@@ -719,9 +712,25 @@ impl Importer {
                 );
                 return;
             }
-        }
-        if passed_or_allowed == Some(true) {
-            written.passed_or_allowed += 1;
+            Merge::New => (1, 0),
+            Merge::Into => (0, 1),
+        };
+        if triplet {
+            let t = &mut self.report.triplets;
+            t.new += new;
+            t.into_existing += into;
+            if passed {
+                t.passed += 1;
+            } else {
+                t.pending += 1;
+            }
+        } else {
+            let c = &mut self.report.clients;
+            c.new += new;
+            c.into_existing += into;
+            if passed {
+                c.auto_allowed += 1;
+            }
         }
         self.report.tables[table].merged += records;
     }

@@ -209,11 +209,7 @@ fn an_import_merges_counts_and_skips() {
     ));
     assert_eq!(r.read(), 8);
     assert_eq!(
-        (
-            r.triplets.new,
-            r.triplets.into_existing,
-            r.triplets.passed_or_allowed
-        ),
+        (r.triplets.new, r.triplets.into_existing, r.triplets.passed),
         (2, 0, 1)
     );
     assert_eq!(
@@ -223,7 +219,7 @@ fn an_import_merges_counts_and_skips() {
     );
     assert_eq!(r.skipped(Skip::Expired), 2);
     assert_eq!(r.skipped(Skip::Unparseable), 1);
-    assert_eq!((r.clients.new, r.clients.passed_or_allowed), (1, 1));
+    assert_eq!((r.clients.new, r.clients.auto_allowed), (1, 1));
     assert_eq!(r.tables[1].merged, 2, "two addresses, one group");
     assert!(
         r.tables[0].examples[0].contains("record 5"),

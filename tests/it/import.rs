@@ -224,7 +224,7 @@ fn postgrey_import_passes_what_postgrey_passed() {
     );
     assert_eq!(skipped(t, "expired"), 1, "{r:#}");
     assert_eq!(r["triplets"]["new"], 7, "{r:#}");
-    assert_eq!(r["triplets"]["passed_or_allowed"], 5, "{r:#}");
+    assert_eq!(r["triplets"]["passed"], 5, "{r:#}");
     let c = table(&r, "postgrey_clients.db");
     assert_eq!(
         (c["read"].as_u64(), c["merged"].as_u64()),
@@ -232,7 +232,7 @@ fn postgrey_import_passes_what_postgrey_passed() {
         "{r:#}"
     );
     assert_eq!(r["clients"]["new"], 3, "{r:#}");
-    assert_eq!(r["clients"]["passed_or_allowed"], 1, "{r:#}");
+    assert_eq!(r["clients"]["auto_allowed"], 1, "{r:#}");
     assert_eq!(dry["tables"], r["tables"], "the dry run said the same");
 
     let d = cfg.start();
@@ -312,7 +312,7 @@ fn postgrey_import_passes_what_postgrey_passed() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(r["triplets"]["new"], 7, "{r:#}");
-    assert_eq!(r["clients"]["passed_or_allowed"], 1, "{r:#}");
+    assert_eq!(r["clients"]["auto_allowed"], 1, "{r:#}");
     for (ip, from, to, rule) in [
         ("192.0.2.99", "new@z.example", "x@example.org", "auto-allow"),
         ("198.51.100.20", "", "carol@example.org", "known"),
@@ -491,11 +491,11 @@ fn sqlgrey_scenario(
     assert_eq!(skipped(cn, "expired"), 1, "{r:#}");
     assert_eq!(r["triplets"]["new"], 3, "{r:#}");
     assert_eq!(
-        r["triplets"]["passed_or_allowed"], 1,
+        r["triplets"]["passed"], 1,
         "Alice's, covered by from_awl: {r:#}"
     );
     assert_eq!(r["clients"]["new"], 3, "{r:#}");
-    assert_eq!(r["clients"]["passed_or_allowed"], 1, "{r:#}");
+    assert_eq!(r["clients"]["auto_allowed"], 1, "{r:#}");
 
     let d = daemon.unwrap_or_else(|| cfg.start());
     expect_rules(
