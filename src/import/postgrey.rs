@@ -28,6 +28,9 @@ use std::io::{BufRead, Read};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::{Bad, ImportError, Importer, Skip, SourceNet, clamp_time};
 
@@ -428,11 +431,94 @@ pub fn find_db_dump(tool: Option<&Path>) -> Result<PathBuf, ImportError> {
 /// Most bytes of `db_dump`'s standard error kept for the report of a failure.
 const MAX_STDERR: u64 = 16 * 1024;
 
+/// How long `db_dump` may go without writing a byte before it is stopped (it waits
+/// forever on a lock a crashed postgrey left in its environment).
+const STALL: Duration = Duration::from_secs(60);
+
+/// Stops a process that makes no progress for a while: the import's bound in time.
+struct Watchdog {
+    start: Instant,
+    /// Milliseconds from `start` to the latest progress.
+    last: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Watches process `pid` (a child not reaped before [`Watchdog::stop`]): SIGKILL once
+    /// it made no progress for `limit`.
+    fn start(pid: u32, limit: Duration) -> Watchdog {
+        let start = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (l, d, s) = (last.clone(), done.clone(), stalled.clone());
+        let limit = millis(limit);
+        let thread = std::thread::spawn(move || {
+            while !d.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if millis(start.elapsed()).saturating_sub(l.load(Ordering::Relaxed)) > limit {
+                    s.store(true, Ordering::Relaxed);
+                    if let Ok(pid) = i32::try_from(pid) {
+                        // SAFETY: kill(2) on the caller's child, which is not reaped
+                        // before this thread is joined, so the pid is still its.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    return;
+                }
+            }
+        });
+        Watchdog {
+            start,
+            last,
+            done,
+            stalled,
+            thread: Some(thread),
+        }
+    }
+
+    fn progress(&self) {
+        self.last
+            .fetch_max(millis(self.start.elapsed()), Ordering::Relaxed);
+    }
+
+    /// Ends the watch; whether the process was stopped for making no progress.
+    fn stop(mut self) -> bool {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A reader that tells the watchdog of every read that brought bytes.
+struct Progress<'a, R> {
+    inner: R,
+    watch: &'a Watchdog,
+}
+
+impl<R: Read> Read for Progress<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.watch.progress();
+        }
+        Ok(n)
+    }
+}
+
 /// Runs `db_dump -p -h DBDIR FILE` and calls `each` with every record of its output.
 fn dump_file(
     tool: &Path,
     dbdir: &Path,
     file: &str,
+    stall: Duration,
     mut each: impl FnMut(DumpItem) -> Result<(), ImportError>,
 ) -> Result<(), ImportError> {
     let mut child = Command::new(tool)
@@ -456,9 +542,24 @@ fn dump_file(
         })
     });
     let stdout = child.stdout.take().expect("stdout is piped");
-    let parsed = parse_dump(std::io::BufReader::new(stdout), &mut each);
-    if parsed.is_err() {
-        // Our own failure (the store, a bound): db_dump need not finish its output.
+    // Progress is output read or a record stored: a slow store is not a stalled db_dump.
+    let watch = Watchdog::start(child.id(), stall);
+    let parsed = parse_dump(
+        std::io::BufReader::new(Progress {
+            inner: stdout,
+            watch: &watch,
+        }),
+        |item| {
+            watch.progress();
+            each(item)
+        },
+    );
+    // The watch ends before the child is reaped, so it never signals a reused pid.
+    let stalled = watch.stop();
+    // A failure while db_dump still runs is ours (the store, a bound, its output): it
+    // need not finish. One after it ended comes second to how it ended.
+    let ours = parsed.is_err() && !matches!(child.try_wait(), Ok(Some(_)));
+    if ours {
         let _ = child.kill();
     }
     let status = child
@@ -469,7 +570,20 @@ fn dump_file(
         .unwrap_or_default()
         .trim()
         .to_string();
-    parsed?;
+    if stalled {
+        return Err(ImportError::Source(format!(
+            "{} -p -h {} {file} wrote nothing for {} s and was stopped: is the environment \
+             locked by a postgrey that crashed? `db5.3_recover -h {}` with postgrey stopped \
+             repairs it",
+            tool.display(),
+            dbdir.display(),
+            stall.as_secs(),
+            dbdir.display()
+        )));
+    }
+    if ours {
+        return parsed;
+    }
     if !status.success() {
         return Err(ImportError::Source(format!(
             "{} -p -h {} {file} failed ({status}): {}; if postgrey's environment is damaged \
@@ -484,7 +598,7 @@ fn dump_file(
             dbdir.display()
         )));
     }
-    Ok(())
+    parsed
 }
 
 impl From<DumpError> for ImportError {
@@ -538,7 +652,7 @@ pub fn import(
     let now = imp.now();
     let t = imp.table("postgrey.db");
     let mut n = 0u64;
-    dump_file(tool, dbdir, "postgrey.db", |item| {
+    dump_file(tool, dbdir, "postgrey.db", STALL, |item| {
         n += 1;
         imp.read(t);
         let what = || format!("record {n}");
@@ -580,7 +694,7 @@ pub fn import(
     }
     let t = imp.table("postgrey_clients.db");
     let mut n = 0u64;
-    dump_file(tool, dbdir, "postgrey_clients.db", |item| {
+    dump_file(tool, dbdir, "postgrey_clients.db", STALL, |item| {
         n += 1;
         imp.read(t);
         let what = || format!("record {n}");

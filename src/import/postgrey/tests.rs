@@ -211,6 +211,45 @@ fn client_counts_keep_each_sides_verdict() {
     assert_eq!(client_count(50, &off, 5), 4);
 }
 
+/// A `db_dump` that writes a header and then hangs (as on a lock a crashed postgrey left)
+/// is stopped once it makes no progress for the stall limit; one that fails says so.
+#[test]
+fn a_stalled_or_failing_db_dump_is_an_error_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = dir.path().join("hang");
+    std::fs::write(
+        &hang,
+        "#!/bin/sh\nprintf 'format=print\\nHEADER=END\\n k\\n 1,2\\n'\nexec sleep 600\n",
+    )
+    .unwrap();
+    let fail = dir.path().join("fail");
+    std::fs::write(
+        &fail,
+        "#!/bin/sh\necho 'db_dump: no such file' >&2\nexit 1\n",
+    )
+    .unwrap();
+    for p in [&hang, &fail] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let e = dump_file(&hang, dir.path(), "x.db", Duration::from_secs(1), |item| {
+        got.push(item);
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("wrote nothing for 1 s"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(got, vec![DumpItem::Pair(b"k".to_vec(), b"1,2".to_vec())]);
+    let e = dump_file(&fail, dir.path(), "x.db", STALL, |_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("no such file"), "{e}");
+}
+
 /// The inverse of [`unescape`], as db_dump writes it.
 fn escape(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
