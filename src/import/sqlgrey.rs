@@ -417,7 +417,14 @@ impl Reader {
                 let mut config: tokio_postgres::Config = url
                     .parse()
                     .map_err(|e| ImportError::Source(format!("bad postgres URL: {e}")))?;
+                // Every statement bounded (a lock someone holds on a table must not hold the
+                // import forever), after whatever options the URL sets.
+                let options = format!(
+                    "{} -c statement_timeout=60000",
+                    config.get_options().unwrap_or_default()
+                );
                 config
+                    .options(options.trim_start())
                     .connect_timeout(Duration::from_secs(10))
                     .application_name("greygate import");
                 let (client, conn) = config
