@@ -212,7 +212,10 @@ fn parse_line(text: &str, opts: &ParseOptions) -> Result<Option<(String, Option<
         dest.to_string()
     } else {
         check_domain(dest).map_err(|e| format!("{dest:?}: {e}"))?;
-        format!("{}@{dest}", opts.local_part)
+        let recipient = format!("{}@{dest}", opts.local_part);
+        // A domain near 253 bytes leaves no room for the local part in a 254-byte path.
+        check_address(&recipient).map_err(|e| format!("{recipient:?}: {e}"))?;
+        recipient
     };
     let server = server
         .map(|s| check_server(s, opts.default_port).map_err(|e| format!("server {s:?}: {e}")))
@@ -351,6 +354,28 @@ mod tests {
             Err(FileError::Invalid { errors, .. }) => errors,
             other => panic!("{text:?}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_bare_domain_too_long_for_a_path_with_the_local_part_is_a_line_error() {
+        let domain = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(59)
+        );
+        assert!(check_domain(&domain).is_ok(), "a valid host name");
+        let opts = ParseOptions {
+            local_part: DEFAULT_LOCAL_PART,
+            default_port: 25,
+        };
+        assert!(parse(domain.as_bytes(), &opts).is_err());
+        assert!(parse(format!("someone@{domain}").as_bytes(), &opts).is_err());
+        assert!(
+            parse(format!("x@{domain}").as_bytes(), &opts).is_ok(),
+            "253 bytes fit"
+        );
     }
 
     #[test]
