@@ -61,7 +61,17 @@ fn records() -> Vec<String> {
         txt("twice.test", "v=spf1 -all"),
         txt("twice.test", "v=spf1 ip4:192.0.2.9 -all"),
         txt("broken.test", "v=spf1 ip4:192.0.2.300 -all"),
+        // What no list can hold, and a range far too wide.
+        txt(
+            "dyn.test",
+            "v=spf1 ptr exists:%{i}.x.dyn.test include:%{ir}.y.dyn.test ip4:0.0.0.0/1 ip4:192.0.2.99 -all",
+        ),
     ];
+    // An mx with 11 names (the limit is 10).
+    for i in 0..11 {
+        r.push(format!("--mx-host=manymx.test,mx{i}.manymx.test,{i}"));
+    }
+    r.push(txt("manymx.test", "v=spf1 mx -all"));
     // Chains of 10 includes (the limit) and 11 (over it).
     for (zone, depth) in [("ten.test", 10), ("eleven.test", 11)] {
         for i in 0..depth {
@@ -171,7 +181,11 @@ fn lists_update_follows_includes_and_keeps_rfc_7208_limits() {
     assert!(lines(&out).contains(&"10.10.10.0/24  # ten.test".to_string()));
 
     let before = std::fs::read(&out).unwrap();
-    let cases: [(&str, &str); 7] = [
+    let cases: [(&str, &str); 8] = [
+        (
+            "manymx.test",
+            "manymx.test: mx finds 11 MX names, more than 10 (RFC 7208 4.6.4)",
+        ),
         (
             "eleven.test",
             "eleven.test: more than 10 DNS lookups (RFC 7208 4.6.4), the 11th at include:n11.eleven.test in n10.eleven.test's record",
@@ -211,6 +225,34 @@ fn lists_update_follows_includes_and_keeps_rfc_7208_limits() {
     }
 
     // Two void lookups are allowed: what is left is written.
+    let (code, stdout, err) = update(&dns, &out, &config, &["void.test"]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert_eq!(lines(&out), ["192.0.2.77/32  # void.test"]);
+
+    // ptr, exists and client macros are left out and said so; a huge range is a warning.
+    let (code, stdout, err) = update(&dns, &out, &config, &["dyn.test"]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(
+        stdout.contains("dyn.test: 2 ranges, 3 DNS lookups"),
+        "{stdout}"
+    );
+    for note in [
+        "left out: dyn.test: ptr depends on the client",
+        "left out: dyn.test: exists:%{i}.x.dyn.test depends on the client",
+        "left out: dyn.test: include:%{ir}.y.dyn.test depends on the client",
+    ] {
+        assert!(stdout.contains(note), "{note}: {stdout}");
+    }
+    assert!(
+        err.contains(
+            "warning: dyn.test: left out 0.0.0.0/1 (from dyn.test's record): wider than /8"
+        ),
+        "{err}"
+    );
+    assert_eq!(lines(&out), ["192.0.2.99/32  # dyn.test"]);
+
+    // A damaged file is not read: the update replaces it.
+    std::fs::write(&out, "not an allow-list entry\n").unwrap();
     let (code, stdout, err) = update(&dns, &out, &config, &["void.test"]);
     assert_eq!(code, 0, "{stdout}{err}");
     assert_eq!(lines(&out), ["192.0.2.77/32  # void.test"]);
@@ -321,4 +363,57 @@ fn lists_update_reload_makes_the_daemon_pass_a_client_of_the_ranges() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(d.log().matches("configuration reloaded").count(), 1);
     assert_eq!(ask(&mut c, "100.64.2.2"), "DUNNO");
+
+    // No daemon answers the reload: the file is written all the same, the exit code says so.
+    drop(d);
+    std::fs::remove_file(&out).unwrap();
+    let (code, stdout, err) = run_cli(&[
+        "lists",
+        "update",
+        "--config",
+        config.to_str().unwrap(),
+        "--resolver",
+        &dns.addr(),
+        "--domain",
+        "void.test",
+        "--reload",
+        "--admin",
+        &url,
+    ]);
+    assert_eq!(code, 1, "{stdout}{err}");
+    assert!(err.contains("no daemon to reload"), "{err}");
+    assert_eq!(lines(&out), ["192.0.2.77/32  # void.test"]);
+}
+
+#[test]
+fn lists_domains_prints_the_set_with_who_sends_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("greygate.toml");
+    std::fs::write(&config, "").unwrap();
+    let (code, out, err) = run_cli(&["lists", "domains", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let google = out
+        .lines()
+        .find(|l| l.starts_with("_spf.google.com "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        google.ends_with("# Google: Gmail and Google Workspace"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("amazonses.com ")),
+        "{out}"
+    );
+
+    std::fs::write(
+        &config,
+        "[lists]\ndomains = [\"amazonses.com\"]\nextra_domains = [\"partner.example\"]\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["lists", "domains", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "amazonses.com    # Amazon SES (every region)\npartner.example\n"
+    );
 }
