@@ -224,9 +224,22 @@ fn lists_update_follows_includes_and_keeps_rfc_7208_limits() {
         assert_eq!(std::fs::read(&out).unwrap(), before, "{domain}: file kept");
     }
 
-    // Two void lookups are allowed: what is left is written.
-    let (code, stdout, err) = update(&dns, &out, &config, &["void.test"]);
+    // Two void lookups are allowed: what is left is written. Without --resolver, the
+    // configuration's [dns] resolver is asked, and [lists] domains.
+    let configured = dir.path().join("configured.toml");
+    std::fs::write(
+        &configured,
+        format!(
+            "[dns]\nresolver = \"{}\"\n[lists]\ndomains = [\"void.test\"]\noutput = {:?}\n",
+            dns.addr(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, stdout, err) =
+        run_cli(&["lists", "update", "--config", configured.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("wrote 1 ranges from 1 domains"), "{stdout}");
     assert_eq!(lines(&out), ["192.0.2.77/32  # void.test"]);
 
     // ptr, exists and client macros are left out and said so; a huge range is a warning.
