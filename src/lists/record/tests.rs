@@ -169,3 +169,38 @@ fn macros_of_the_domain_expand_others_are_dynamic() {
     let got = spec(&long).expand("abcdefghij.example", "o").unwrap();
     assert!(got.len() <= 253 && got.ends_with(".example.com"), "{got}");
 }
+
+proptest::proptest! {
+    /// Records made of SPF-looking pieces: no panic; what parses keeps its bounds, and a
+    /// domain-spec expands to a domain name or says why not.
+    #[test]
+    fn any_record_parses_or_fails_within_bounds(
+        terms in proptest::collection::vec(
+            "[+~?-]?(ip4:[0-9./]{0,20}|ip6:[0-9a-f:./]{0,45}|a|mx|ptr|all|include:|exists:|redirect=|exp=|[a-z]{1,4}=)(%\\{[dolsiphvcrt][0-9]{0,3}r?[.+-]?\\}|[a-z0-9._/%-]){0,12}",
+            0..12,
+        ),
+    ) {
+        let txt = format!("v=spf1 {}", terms.join(" "));
+        if let Ok(rec) = parse(&txt) {
+            for t in &rec.terms {
+                let spec = match t {
+                    Term::Directive(_, Mechanism::Ip4(n)) => {
+                        proptest::prop_assert_eq!(*n, n.trunc());
+                        None
+                    }
+                    Term::Directive(_, Mechanism::A { domain, v4, v6 } | Mechanism::Mx { domain, v4, v6 }) => {
+                        proptest::prop_assert!(*v4 <= 32 && *v6 <= 128);
+                        domain.as_ref()
+                    }
+                    Term::Directive(_, Mechanism::Include(d) | Mechanism::Exists(d)) | Term::Redirect(d) => Some(d),
+                    _ => None,
+                };
+                if let Some(spec) = spec
+                    && let Ok(name) = spec.expand("mail.example.com", "example.com")
+                {
+                    proptest::prop_assert!(is_domain_name(&name), "{} -> {}", spec, name);
+                }
+            }
+        }
+    }
+}
