@@ -1,13 +1,15 @@
-//! Listing and purging stored records by filter: the admin API's `/api/entries` and
-//! `/api/purge`, and the CLI's `list` and `purge` when no daemon runs.
+//! Listing, purging and releasing stored records: the admin API's `/api/entries`,
+//! `/api/purge` and `/api/release`, and the CLI's `list`, `purge` and `release` when no
+//! daemon runs.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::PurgeReport;
-use crate::engine::Engine;
+use super::wire::{PurgeReport, ReleaseReport, ReleaseRequest};
+use crate::engine::normalize::{normalize_recipient, normalize_sender};
+use crate::engine::{Engine, ReleaseOutcome, TripletKey};
 use crate::store::{Entry, EntryKind, SCAN_EXAMINE, Store, StoreError};
 
 /// Records per page when the caller does not say.
@@ -231,6 +233,165 @@ pub async fn purge(
         }
     }
     store.flush_fully().await?;
+    Ok(report)
+}
+
+/// Most triplet keys a [`ReleaseReport`] lists (its `count` counts them all).
+pub const SHOWN: usize = 100;
+
+/// Which pending triplets a release names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseTarget {
+    /// One triplet, under each client key it may be stored with.
+    Keys(Vec<TripletKey>),
+    /// Every pending triplet of this (normalised) recipient, and sender when given, whatever
+    /// its client key.
+    Recipient {
+        recipient: String,
+        sender: Option<String>,
+    },
+}
+
+impl ReleaseTarget {
+    /// Checks a request: a client needs a sender (a triplet has all three), the recipient is
+    /// required. Sender and recipient are normalised as the engine keys them; a client IP
+    /// becomes its group under `engine`'s prefixes (the daemon adds the identity its DNS
+    /// facts give), anything else is taken as a client key as listed.
+    pub fn of(req: &ReleaseRequest, engine: &Engine) -> Result<ReleaseTarget, String> {
+        let delimiters = &engine.policy.recipient_delimiter;
+        let recipient = normalize_recipient(&req.recipient, delimiters);
+        if recipient.is_empty() {
+            return Err("name the recipient whose pending triplets to release".into());
+        }
+        let sender = req
+            .sender
+            .as_deref()
+            .map(|s| normalize_sender(s, delimiters));
+        let client = req
+            .client
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        let Some(client) = client else {
+            return Ok(ReleaseTarget::Recipient { recipient, sender });
+        };
+        let Some(sender) = sender else {
+            return Err(format!(
+                "a client names one triplet: give its sender too (<> for the null sender), \
+                 or leave out the client to release every pending triplet of {recipient}"
+            ));
+        };
+        let client = match client.parse::<IpAddr>() {
+            Ok(ip) => engine.key(ip, "", "").client,
+            Err(_) => client.to_lowercase(),
+        };
+        Ok(ReleaseTarget::Keys(vec![TripletKey {
+            client,
+            sender,
+            recipient,
+        }]))
+    }
+
+    /// Also tries `key` (the identity DNS facts give a client IP), when it is another one.
+    pub fn also(&mut self, key: TripletKey) {
+        if let ReleaseTarget::Keys(keys) = self
+            && !keys.contains(&key)
+        {
+            keys.push(key);
+        }
+    }
+
+    fn keeps(&self, e: &Entry) -> bool {
+        match (self, e) {
+            (ReleaseTarget::Recipient { recipient, sender }, Entry::Triplet { key, record }) => {
+                !record.passed
+                    && key.recipient == *recipient
+                    && sender.as_ref().is_none_or(|s| key.sender == *s)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The keys for a log line: `client / sender / recipient; ...`, with how many more were
+/// released than listed.
+pub fn keys_text(keys: &[TripletKey], count: u64) -> String {
+    let mut text = keys
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let more = count.saturating_sub(keys.len() as u64);
+    if more > 0 {
+        text.push_str(&format!("; and {more} more"));
+    }
+    text
+}
+
+/// Releases what `target` names: each live pending triplet becomes passed with no pass
+/// counted yet, atomically ([`Engine::release_step`]), so its next retry passes with rule
+/// `released`. A recipient's triplets are walked within `budget`.
+pub async fn release(
+    store: &dyn Store,
+    engine: &Engine,
+    target: &ReleaseTarget,
+    now: u64,
+    budget: Duration,
+) -> Result<ReleaseReport, StoreError> {
+    let started = Instant::now();
+    let mut report = ReleaseReport::default();
+    let mut one = async |key: &TripletKey| -> Result<(), StoreError> {
+        let old = store
+            .update_triplet(key, &|old| engine.release_step(old, now).1)
+            .await?;
+        match engine.release_step(old.as_ref(), now).0 {
+            ReleaseOutcome::Released => {
+                report.count += 1;
+                if report.released.len() < SHOWN {
+                    report.released.push(key.clone());
+                }
+            }
+            ReleaseOutcome::AlreadyPassed if report.already_passed.len() < SHOWN => {
+                report.already_passed.push(key.clone());
+            }
+            ReleaseOutcome::AlreadyPassed | ReleaseOutcome::NotFound => {}
+        }
+        Ok(())
+    };
+    match target {
+        ReleaseTarget::Keys(keys) => {
+            for key in keys {
+                one(key).await?;
+            }
+            report.complete = true;
+        }
+        ReleaseTarget::Recipient { .. } => {
+            let keep = |e: &Entry| target.keeps(e);
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = store
+                    .scan(EntryKind::Triplets, cursor.as_deref(), 500, now, &keep)
+                    .await?;
+                for e in &page.entries {
+                    if let Entry::Triplet { key, .. } = e {
+                        one(key).await?;
+                    }
+                }
+                match page.next {
+                    None => {
+                        report.complete = true;
+                        break;
+                    }
+                    Some(next) => cursor = Some(next),
+                }
+                if started.elapsed() >= budget {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    store.flush().await?;
     Ok(report)
 }
 
