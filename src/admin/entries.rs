@@ -536,6 +536,124 @@ mod tests {
         assert!(page.budget_spent && page.next.is_some());
     }
 
+    /// A recipient's release walks the whole store: 150 pending triplets of the recipient
+    /// among 20,000 others are all released, the report lists the first [`SHOWN`] and counts
+    /// them all, and nothing of another recipient or already passed changes.
+    #[tokio::test]
+    async fn a_recipient_release_counts_all_and_lists_the_first() {
+        let store = filled(20_000).await;
+        let engine = Engine::default();
+        let pending = Triplet {
+            first_seen: 1,
+            last_seen: 1,
+            expires_at: 4_000_000_000,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        };
+        let key = |i: usize, recipient: &str| TripletKey {
+            client: format!("192.0.2.{}/32", i % 256),
+            sender: format!("held{i}@example.net"),
+            recipient: recipient.into(),
+        };
+        for i in 0..150 {
+            store
+                .update_triplet(&key(i, "held@example.org"), &|_| Some(pending))
+                .await
+                .unwrap();
+        }
+        let passed = Triplet {
+            passed: true,
+            passes: 3,
+            ..pending
+        };
+        let done = key(999, "held@example.org");
+        store
+            .update_triplet(&done, &|_| Some(passed))
+            .await
+            .unwrap();
+
+        let req = ReleaseRequest {
+            recipient: "Held+x@Example.org".into(),
+            ..ReleaseRequest::default()
+        };
+        let target = ReleaseTarget::of(&req, &engine).unwrap();
+        let r = release(&store, &engine, &target, 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!((r.count, r.released.len(), r.complete), (150, SHOWN, true));
+        assert!(r.already_passed.is_empty(), "a walk skips passed triplets");
+        assert_eq!(
+            keys_text(&r.released[..2], r.count),
+            format!("{}; {}; and 148 more", r.released[0], r.released[1])
+        );
+        for i in 0..150 {
+            let t = store
+                .get_triplet(&key(i, "held@example.org"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((t.passed, t.passes), (true, 0), "{i}");
+        }
+        assert_eq!(store.get_triplet(&done).await.unwrap(), Some(passed));
+        let other = TripletKey {
+            client: "10.0.7.0/24".into(),
+            sender: "s7@example.net".into(),
+            recipient: "r@example.org".into(),
+        };
+        assert!(!store.get_triplet(&other).await.unwrap().unwrap().passed);
+
+        // Named one by one: the passed one is reported as such.
+        let one = ReleaseTarget::Keys(vec![done.clone(), key(1000, "held@example.org")]);
+        let r = release(&store, &engine, &one, 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.count, r.already_passed, r.complete),
+            (0, vec![done], true)
+        );
+    }
+
+    #[test]
+    fn a_release_names_a_triplet_or_a_recipient() {
+        let engine = Engine::default();
+        let req = |client: Option<&str>, sender: Option<&str>, recipient: &str| ReleaseRequest {
+            client: client.map(Into::into),
+            sender: sender.map(Into::into),
+            recipient: recipient.into(),
+            by: None,
+        };
+        let key = |client: &str, sender: &str| {
+            ReleaseTarget::Keys(vec![TripletKey {
+                client: client.into(),
+                sender: sender.into(),
+                recipient: "b@example.org".into(),
+            }])
+        };
+        let of = |r: ReleaseRequest| ReleaseTarget::of(&r, &engine);
+        assert_eq!(
+            of(req(
+                Some("192.0.2.7"),
+                Some("A+x@Example.NET"),
+                "<B@example.org>"
+            )),
+            Ok(key("192.0.2.0/24", "a@example.net"))
+        );
+        assert_eq!(
+            of(req(Some(" SPF:Pool.test "), Some("<>"), "b@example.org")),
+            Ok(key("spf:pool.test", "<>"))
+        );
+        assert_eq!(
+            of(req(None, None, "b+tag@example.org")),
+            Ok(ReleaseTarget::Recipient {
+                recipient: "b@example.org".into(),
+                sender: None
+            })
+        );
+        assert!(of(req(Some("192.0.2.7"), None, "b@example.org")).is_err());
+        assert!(of(req(None, None, " ")).is_err());
+    }
+
     #[tokio::test]
     async fn a_junk_cursor_is_a_bad_cursor() {
         let store = filled(10).await;

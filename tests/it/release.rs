@@ -6,6 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::admin::{Http, TOKEN, admin_toml, scrape};
+use crate::harness::dns::{Dnsmasq, dnsmasq_available};
 use crate::harness::{Daemon, DaemonConfig, rcpt_request, run_cli};
 
 /// `greygate ARGS --config DIR/greygate.toml --admin URL`, as an operator's shell runs it.
@@ -148,6 +149,24 @@ fn a_triplet_released_through_the_cli_passes_at_its_next_retry() {
         err.contains("nothing released: no pending triplet 192.0.2.0/24 / nobody@example.net"),
         "{err}"
     );
+    // The null sender is named `<>`, as keys and listings write it.
+    let bounce = rcpt_request("192.0.2.71", "", "bob@example.org");
+    assert!(deferred(&c.ask(&bounce)));
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "release",
+            "--client",
+            "192.0.2.71",
+            "--sender",
+            "<>",
+            "--recipient",
+            "bob@example.org",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("192.0.2.0/24 / <> / bob@example.org"), "{out}");
+    assert!(passed_at_last(&c.ask(&bounce)));
     // A client without a sender names no triplet: usage error.
     let (code, _, err) = cli(
         &d,
@@ -232,7 +251,8 @@ fn a_recipient_release_takes_all_its_pending_triplets_and_no_others() {
     ];
     let others = [
         rcpt_request("192.0.2.80", "a@example.net", "erin@example.org"),
-        rcpt_request("192.0.2.80", "a@example.net", "bobby@example.org"),
+        // Holds bob@example.org in its text: only the whole recipient counts.
+        rcpt_request("192.0.2.80", "a@example.net", "jimbob@example.org"),
     ];
     for r in bobs.iter().chain(&others) {
         assert!(deferred(&c.ask(r)), "{r}");
@@ -346,5 +366,57 @@ fn the_cli_releases_in_the_store_when_no_daemon_runs() {
 
     let d = start();
     assert!(passed_at_last(&d.client().ask(&req)));
+    d.expect_log("rule=\"released\"");
+}
+
+/// With DNS facts the engine keys a pool sender by `spf:<domain>`, not by the address's
+/// /24: a release naming the client IP releases the key the engine computes for it now,
+/// so the pool's retry from its other /24 passes at once.
+#[test]
+fn a_client_ip_releases_the_identity_the_engine_keys_it_by() {
+    if !dnsmasq_available("release_spf_identity") {
+        return;
+    }
+    let dns = Dnsmasq::start(&[
+        "--local=/in-addr.arpa/".to_string(),
+        "--txt-record=pool.test,v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/24 -all".to_string(),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[greylist]\ndelay = 300\n[dns]\nenabled = true\nresolver = \"{}\"\nbudget = \"2s\"\n\
+         [admin]\ntoken = \"{TOKEN}\"\n",
+        dns.addr()
+    );
+    let d = DaemonConfig::new(dir.path()).toml(&toml).start();
+    let mut c = d.client();
+    let first = rcpt_request("198.51.100.7", "news@pool.test", "bob@rcpt.test");
+    assert!(deferred(&c.ask(&first)), "{}", d.log());
+    d.expect_log("group=\"spf:pool.test\"");
+
+    // Named by another address of the pool, as the operator may know it from the log.
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "release",
+            "--client",
+            "203.0.113.9",
+            "--sender",
+            "news@pool.test",
+            "--recipient",
+            "bob@rcpt.test",
+        ],
+    );
+    assert_eq!(code, 0, "{err}\n{}", d.log());
+    assert!(
+        out.contains("released 1 pending triplet")
+            && out.contains("spf:pool.test / news@pool.test / bob@rcpt.test"),
+        "{out}"
+    );
+    let retry = c.ask(&rcpt_request(
+        "203.0.113.9",
+        "news@pool.test",
+        "bob@rcpt.test",
+    ));
+    assert!(passed_at_last(&retry), "{retry}\n{}", d.log());
     d.expect_log("rule=\"released\"");
 }
