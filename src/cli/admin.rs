@@ -404,7 +404,12 @@ fn entries_text(entries: &[Entry]) -> String {
                 );
             }
             Entry::Triplet { key: k, record: r } => {
-                let state = if r.passed { "passed" } else { "pending" };
+                let state = match (r.passed, r.passes) {
+                    // Released by an operator, not retried since (see `release`).
+                    (true, 0) => "released",
+                    (true, _) => "passed",
+                    (false, _) => "pending",
+                };
                 let sender = if k.sender.is_empty() { "<>" } else { &k.sender };
                 let _ = writeln!(
                     o,

@@ -78,6 +78,29 @@ fn a_triplet_released_through_the_cli_passes_at_its_next_retry() {
         "{out}"
     );
 
+    let (code, out, err) = cli(&d, &["list", "--client", "192.0.2.70"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("released 192.0.2.0/24"), "{out}");
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "explain",
+            "--live",
+            "--client",
+            "192.0.2.70",
+            "--from",
+            "alice@example.net",
+            "--to",
+            "bob@example.org",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("decision:   pass (rule: released)"), "{out}");
+    assert!(
+        out.contains("record:     released by an operator, not retried since"),
+        "{out}"
+    );
+
     // The retry seconds later, far before the delay, passes with the rule that says why.
     let reply = c.ask(&req);
     assert!(passed_at_last(&reply), "{reply}");
