@@ -456,29 +456,34 @@ async fn release(
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let budget = st.request_timeout / 2;
-    match entries::release(store.as_ref(), &live.engine, &target, now, budget).await {
-        Ok(r) => {
-            st.svc
-                .metrics
-                .released
-                .fetch_add(r.count, Ordering::Relaxed);
-            let who = peer.map_or_else(
-                || "admin token".to_string(),
-                |p| format!("admin token from {}", p.0.0),
-            );
-            let triplets = entries::keys_text(&r.released, r.count);
-            tracing::info!(
-                who = who.as_str(),
-                user = b.by.as_deref().unwrap_or("-"),
-                at = now,
-                count = r.count,
-                triplets = triplets.as_str(),
-                already_passed = r.already_passed.len(),
-                complete = r.complete,
-                "released"
-            );
-            Json(r).into_response()
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    let done = entries::release(store.as_ref(), &live.engine, &target, now, budget).await;
+    let r = done.report;
+    st.svc
+        .metrics
+        .released
+        .fetch_add(r.count, Ordering::Relaxed);
+    let who = peer.map_or_else(
+        || "admin token".to_string(),
+        |p| format!("admin token from {}", p.0.0),
+    );
+    let triplets = entries::keys_text(&r.released, r.count);
+    let failed = done.error.as_ref().map(ToString::to_string);
+    tracing::info!(
+        who = who.as_str(),
+        user = b.by.as_deref().unwrap_or("-"),
+        at = now,
+        count = r.count,
+        triplets = triplets.as_str(),
+        already_passed = r.already_passed.len(),
+        complete = r.complete,
+        error = failed.as_deref(),
+        "released"
+    );
+    match failed {
+        None => Json(r).into_response(),
+        Some(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e} (after releasing {} triplet(s))", r.count),
+        ),
     }
 }

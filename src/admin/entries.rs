@@ -328,6 +328,15 @@ pub fn keys_text(keys: &[TripletKey], count: u64) -> String {
     text
 }
 
+/// What a release did, also when the store failed part of the way: what was released
+/// before the failure must still be audited.
+#[derive(Debug)]
+pub struct Released {
+    pub report: ReleaseReport,
+    /// The store failed: `report` holds what was released before.
+    pub error: Option<StoreError>,
+}
+
 /// Releases what `target` names: each live pending triplet becomes passed with no pass
 /// counted yet, atomically ([`Engine::release_step`]), so its next retry passes with rule
 /// `released`. A recipient's triplets are walked within `budget`.
@@ -337,9 +346,23 @@ pub async fn release(
     target: &ReleaseTarget,
     now: u64,
     budget: Duration,
-) -> Result<ReleaseReport, StoreError> {
-    let started = Instant::now();
+) -> Released {
     let mut report = ReleaseReport::default();
+    let error = release_into(&mut report, store, engine, target, now, budget)
+        .await
+        .err();
+    Released { report, error }
+}
+
+async fn release_into(
+    report: &mut ReleaseReport,
+    store: &dyn Store,
+    engine: &Engine,
+    target: &ReleaseTarget,
+    now: u64,
+    budget: Duration,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
     let mut one = async |key: &TripletKey| -> Result<(), StoreError> {
         let old = store
             .update_triplet(key, &|old| engine.release_step(old, now).1)
@@ -391,8 +414,7 @@ pub async fn release(
             }
         }
     }
-    store.flush().await?;
-    Ok(report)
+    store.flush().await
 }
 
 #[cfg(test)]
@@ -580,7 +602,7 @@ mod tests {
         let target = ReleaseTarget::of(&req, &engine).unwrap();
         let r = release(&store, &engine, &target, 10, Duration::from_secs(60))
             .await
-            .unwrap();
+            .report;
         assert_eq!((r.count, r.released.len(), r.complete), (150, SHOWN, true));
         assert!(r.already_passed.is_empty(), "a walk skips passed triplets");
         assert_eq!(
@@ -607,11 +629,113 @@ mod tests {
         let one = ReleaseTarget::Keys(vec![done.clone(), key(1000, "held@example.org")]);
         let r = release(&store, &engine, &one, 10, Duration::from_secs(60))
             .await
-            .unwrap();
+            .report;
         assert_eq!(
             (r.count, r.already_passed, r.complete),
             (0, vec![done], true)
         );
+    }
+
+    /// The memory store whose triplet updates fail after the first `ok` (a shared store
+    /// going away in the middle of a walk).
+    struct FailsAfter {
+        inner: MemoryStore,
+        ok: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FailsAfter {
+        fn describe(&self) -> String {
+            "fails after a few updates".into()
+        }
+        async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+            self.inner.get_triplet(key).await
+        }
+        async fn update_triplet(
+            &self,
+            key: &TripletKey,
+            f: crate::store::UpdateFn<'_, Triplet>,
+        ) -> Result<Option<Triplet>, StoreError> {
+            use std::sync::atomic::Ordering;
+            let left = self.ok.load(Ordering::Relaxed);
+            if left == 0 {
+                return Err(StoreError::Unavailable("gone".into()));
+            }
+            self.ok.store(left - 1, Ordering::Relaxed);
+            self.inner.update_triplet(key, f).await
+        }
+        async fn get_client(
+            &self,
+            client: &str,
+        ) -> Result<Option<crate::engine::ClientRecord>, StoreError> {
+            self.inner.get_client(client).await
+        }
+        async fn update_client(
+            &self,
+            client: &str,
+            f: crate::store::UpdateFn<'_, crate::engine::ClientRecord>,
+        ) -> Result<Option<crate::engine::ClientRecord>, StoreError> {
+            self.inner.update_client(client, f).await
+        }
+        async fn expire(
+            &self,
+            now: u64,
+            max_scan: usize,
+        ) -> Result<crate::store::ExpireStep, StoreError> {
+            self.inner.expire(now, max_scan).await
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush().await
+        }
+        async fn counts(&self) -> Result<crate::store::Counts, StoreError> {
+            self.inner.counts().await
+        }
+        async fn scan(
+            &self,
+            kind: EntryKind,
+            cursor: Option<&str>,
+            limit: usize,
+            now: u64,
+            keep: crate::store::EntryFilter<'_>,
+        ) -> Result<crate::store::Page, StoreError> {
+            self.inner.scan(kind, cursor, limit, now, keep).await
+        }
+        async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+            self.inner.remove_triplet(key).await
+        }
+        async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+            self.inner.remove_client(client).await
+        }
+    }
+
+    /// A store failing in the middle of a recipient's walk: what was released before stays
+    /// in the report (to be audited), beside the error.
+    #[tokio::test]
+    async fn a_release_cut_short_by_the_store_reports_what_it_released() {
+        let store = FailsAfter {
+            inner: filled(10).await,
+            ok: 4.into(),
+        };
+        let engine = Engine::default();
+        let target = ReleaseTarget::of(
+            &ReleaseRequest {
+                recipient: "r@example.org".into(),
+                ..ReleaseRequest::default()
+            },
+            &engine,
+        )
+        .unwrap();
+        let done = release(&store, &engine, &target, 10, Duration::from_secs(60)).await;
+        assert!(
+            matches!(done.error, Some(StoreError::Unavailable(_))),
+            "{done:?}"
+        );
+        assert_eq!((done.report.count, done.report.released.len()), (4, 4));
+        assert!(!done.report.complete);
+        for key in &done.report.released {
+            let t = store.inner.get_triplet(key).await.unwrap().unwrap();
+            assert!(t.passed, "{key}");
+        }
     }
 
     #[test]

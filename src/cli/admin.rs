@@ -647,19 +647,25 @@ pub fn release(a: ReleaseArgs) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let now = unix_now();
             let mut total = ReleaseReport::default();
+            let mut failed = None;
             loop {
-                let r = rt.block_on(entries::release(
+                let done = rt.block_on(entries::release(
                     store.as_ref(),
                     &ctx.cfg.engine,
                     &target,
                     now,
                     Duration::from_secs(60),
-                ))?;
+                ));
+                let r = done.report;
                 total.count += r.count;
                 total.released.extend(r.released);
                 total.released.truncate(entries::SHOWN);
                 total.already_passed.extend(r.already_passed);
                 total.already_passed.truncate(entries::SHOWN);
+                if let Some(e) = done.error {
+                    failed = Some(e);
+                    break;
+                }
                 if r.complete {
                     break;
                 }
@@ -667,7 +673,9 @@ pub fn release(a: ReleaseArgs) -> anyhow::Result<ExitCode> {
                     bail!("found nothing to release in 60 s before the walk of the store ended");
                 }
             }
-            rt.block_on(store.flush_fully())?;
+            if failed.is_none() {
+                failed = rt.block_on(store.flush_fully()).err();
+            }
             // No daemon log to write to: the audit line goes to stderr.
             eprintln!(
                 "greygate: released who=\"local user {}, store opened directly\" at={now} count={} triplets=\"{}\"",
@@ -675,6 +683,9 @@ pub fn release(a: ReleaseArgs) -> anyhow::Result<ExitCode> {
                 total.count,
                 entries::keys_text(&total.released, total.count)
             );
+            if let Some(e) = failed {
+                bail!("{e} (after releasing {} triplet(s))", total.count);
+            }
             total
         }
     };
