@@ -58,6 +58,8 @@ pub enum Command {
     List(admin::ListArgs),
     /// Forget greylisting records that match a filter.
     Purge(admin::PurgeArgs),
+    /// Accept a pending triplet's next retry at once (or every pending triplet of a recipient).
+    Release(admin::ReleaseArgs),
     /// Runtime allow entries: skip greylisting for a client, sender or recipient now.
     Allow(admin::RuntimeArgs),
     /// Runtime deny entries: always answer "try again later".
@@ -108,6 +110,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Stats(args) => admin::stats(args),
         Command::List(args) => admin::list(args),
         Command::Purge(args) => admin::purge(args),
+        Command::Release(args) => admin::release(args),
         Command::Allow(args) => admin::runtime_entries(greygate::engine::ListKind::Allow, args),
         Command::Deny(args) => admin::runtime_entries(greygate::engine::ListKind::Deny, args),
         Command::Reload(args) => admin::reload(args),

@@ -21,6 +21,7 @@ mod package;
 mod policy;
 mod postfix;
 mod probe_batch;
+mod release;
 mod simulate;
 mod slots;
 mod smtp;
