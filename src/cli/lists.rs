@@ -2,8 +2,8 @@
 //! their own SPF records (the work is in `greygate::lists`); `domains` prints the domains it
 //! asks about.
 //!
-//! Exit codes: 0 written (or printed), 1 a domain failed or the file could not be written
-//! (the previous file stays), 2 usage or configuration.
+//! Exit codes: 0 written (or printed), 1 a domain failed (it kept its previous ranges) or
+//! the file could not be written (the previous file stays), 2 usage or configuration.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 
 use greygate::config::{Config, built_in_comment};
 use greygate::dur::Dur;
-use greygate::lists::{self, MIN_PREFIX_V4, MIN_PREFIX_V6, Walked};
+use greygate::lists::{self, Failed, MIN_PREFIX_V4, MIN_PREFIX_V6, Walked};
 
 use super::admin::{admin_client, reload_through};
 use super::common::{ConfigArgs, Exit, config_failed, runtime};
@@ -36,8 +36,9 @@ pub enum ListsAction {
     /// than 10 names, an include loop, a missing or invalid record are errors. Ranges wider
     /// than /8 (IPv4) or /16 (IPv6) are left out with a warning. The ranges of all domains
     /// are merged and written at once (a temporary file renamed over the old one), each
-    /// with its source domains as a comment. All or nothing: when any domain fails, nothing
-    /// is written and the previous file stays (exit 1).
+    /// with its source domains as a comment. A domain that fails keeps the ranges the
+    /// previous file gave it, the others are updated (exit 1); when every domain fails,
+    /// nothing is written and the previous file stays (exit 1).
     Update(UpdateArgs),
     /// Print the domains `update` asks about, with who sends from each built-in one.
     Domains(DomainsArgs),
@@ -45,8 +46,8 @@ pub enum ListsAction {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit codes: 0 written, 1 a domain failed or the file could not be \
-written (the previous file is kept), 2 usage or configuration."
+    after_help = "Exit codes: 0 written, 1 a domain failed (it kept its previous ranges) or \
+the file could not be written (the previous file is kept), 2 usage or configuration."
 )]
 pub struct UpdateArgs {
     #[command(flatten)]
@@ -153,7 +154,7 @@ fn update(a: UpdateArgs) -> anyhow::Result<ExitCode> {
     })?;
 
     let mut walked: Vec<(String, Walked)> = Vec::new();
-    let mut failed = 0;
+    let mut errors: Vec<(String, String)> = Vec::new();
     for r in results {
         match r.walked {
             Ok(w) => {
@@ -169,21 +170,33 @@ fn update(a: UpdateArgs) -> anyhow::Result<ExitCode> {
                 walked.push((r.domain, w));
             }
             Err(e) => {
-                failed += 1;
                 eprintln!("greygate: {}: {e}", r.domain);
+                errors.push((r.domain, e.to_string()));
             }
         }
     }
     let output = &cfg.lists.output;
-    if failed > 0 {
+    if walked.is_empty() {
         eprintln!(
-            "greygate: {failed} of {} domains failed: nothing written, {} keeps the previous list",
-            failed + walked.len(),
+            "greygate: every domain failed: nothing written, {} keeps the previous list",
             output.display()
         );
         return Ok(Exit::Failure.into());
     }
-    let (ranges, wide) = lists::merge(&walked);
+    // A failed domain keeps what the previous list gave it: one retired or broken name
+    // must not freeze the other domains' ranges.
+    let previous = std::fs::read_to_string(output).unwrap_or_default();
+    let failed: Vec<Failed> = errors
+        .into_iter()
+        .map(|(domain, error)| Failed {
+            kept: lists::previous_ranges(&previous, &domain),
+            domain,
+            error,
+        })
+        .collect();
+    let mut all = walked.clone();
+    all.extend(failed.iter().map(Failed::as_walked));
+    let (ranges, wide) = lists::merge(&all);
     for w in &wide {
         eprintln!(
             "greygate: warning: {}: left out {} (from {}'s record): wider than /{} (IPv4) or /{} (IPv6)",
@@ -191,7 +204,7 @@ fn update(a: UpdateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let now = jiff::Timestamp::now().round(jiff::Unit::Second)?;
-    let text = lists::render(&ranges, &walked, &now.to_string());
+    let text = lists::render(&ranges, &walked, &failed, &now.to_string());
     lists::write(output, &text).with_context(|| {
         format!(
             "cannot write {} (the previous list stays)",
@@ -204,9 +217,27 @@ fn update(a: UpdateArgs) -> anyhow::Result<ExitCode> {
         walked.len(),
         output.display()
     );
+    for f in &failed {
+        eprintln!(
+            "greygate: {}: failed; kept its {} ranges from the previous list",
+            f.domain,
+            f.kept.len()
+        );
+    }
     if a.reload {
         let client = admin_client(&cfg, a.admin, a.token);
-        return reload_through(client.as_ref());
+        let code = reload_through(client.as_ref())?;
+        if failed.is_empty() {
+            return Ok(code);
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!(
+            "greygate: {} of {} domains failed",
+            failed.len(),
+            failed.len() + walked.len()
+        );
+        return Ok(Exit::Failure.into());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,8 +6,10 @@
 //! daemon reads that file (`[lists] output`) as one of its client allow lists, so the
 //! ranges skip greylisting (rule `allow`) from the next reload on.
 //!
-//! An update is all or nothing: when any domain fails (DNS trouble, or a record that
-//! breaks RFC 7208), nothing is written and the previous file stays.
+//! A domain that fails (DNS trouble, or a record that breaks RFC 7208) keeps the ranges
+//! the previous file gave it ([`previous_ranges`]), so that one retired or broken name
+//! does not freeze the others' updates; when every domain fails, nothing is written and
+//! the previous file stays.
 
 pub mod domains;
 pub mod record;
@@ -217,12 +219,60 @@ fn canonical_net(net: IpNet) -> IpNet {
     net.trunc()
 }
 
-/// Source domains named in a range's comment before "and N more".
-const COMMENT_DOMAINS: usize = 4;
+/// A domain whose walk failed in this update, and the ranges the previous file gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub domain: String,
+    pub error: String,
+    pub kept: Vec<IpNet>,
+}
 
-/// The allow-list file: a header (when, from which domains, how many ranges each), then
-/// one range a line with its source domains as a comment.
-pub fn render(ranges: &[Range], walked: &[(String, Walked)], written_at: &str) -> String {
+impl Failed {
+    /// The kept ranges as a walk, for [`merge`].
+    pub fn as_walked(&self) -> (String, Walked) {
+        let ranges = self
+            .kept
+            .iter()
+            .map(|&net| Found {
+                net,
+                record: "the previous list".into(),
+            })
+            .collect();
+        (
+            self.domain.clone(),
+            Walked {
+                ranges,
+                ..Walked::default()
+            },
+        )
+    }
+}
+
+/// The ranges that a file written by [`render`] gave `domain`: every range line whose
+/// comment names it. Lines that are not such a range line are passed over.
+pub fn previous_ranges(previous: &str, domain: &str) -> Vec<IpNet> {
+    previous
+        .lines()
+        .filter_map(|line| {
+            let (net, comment) = line.split_once('#')?;
+            let net: IpNet = net.trim().parse().ok()?;
+            comment
+                .split(',')
+                .any(|d| d.trim() == domain)
+                .then_some(net)
+        })
+        .collect()
+}
+
+/// The allow-list file: a header (when, from which domains, how many ranges each, which
+/// failed and kept their previous ranges), then one range a line with all its source
+/// domains as a comment (what [`previous_ranges`] reads back).
+pub fn render(
+    ranges: &[Range],
+    walked: &[(String, Walked)],
+    failed: &[Failed],
+    written_at: &str,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -239,16 +289,19 @@ pub fn render(ranges: &[Range], walked: &[(String, Walked)], written_at: &str) -
             w.lookups
         );
     }
+    for f in failed {
+        let _ = writeln!(
+            s,
+            "# {}: update failed ({}); {} ranges kept from the previous list",
+            f.domain,
+            f.error,
+            f.kept.len()
+        );
+    }
     let _ = writeln!(s, "#\n# {} ranges after merging", ranges.len());
     for r in ranges {
-        let mut names: Vec<&str> = r.domains.iter().map(String::as_str).collect();
-        let more = names.len().saturating_sub(COMMENT_DOMAINS);
-        names.truncate(COMMENT_DOMAINS);
-        let mut comment = names.join(", ");
-        if more > 0 {
-            let _ = write!(comment, " and {more} more");
-        }
-        let _ = writeln!(s, "{}  # {comment}", r.net);
+        let names: Vec<&str> = r.domains.iter().map(String::as_str).collect();
+        let _ = writeln!(s, "{}  # {}", r.net, names.join(", "));
     }
     s
 }

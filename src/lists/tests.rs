@@ -100,7 +100,7 @@ fn render_is_an_allow_list_file_with_the_domains_as_comments() {
         walked("b.example", &["192.0.2.0/24", "2001:db8::/32"]),
     ];
     let (ranges, _) = merge(&input);
-    let text = render(&ranges, &input, "2026-01-02T03:04:05Z");
+    let text = render(&ranges, &input, &[], "2026-01-02T03:04:05Z");
     assert!(text.contains("at 2026-01-02T03:04:05Z"), "{text}");
     assert!(
         text.contains("# b.example: 2 ranges, 1 DNS lookups"),
@@ -125,18 +125,62 @@ fn render_is_an_allow_list_file_with_the_domains_as_comments() {
     let (_, origin) = allow.match_client(ip, "unknown").unwrap();
     assert_eq!(origin.entry, "2001:db8::/32");
 
-    // Many source domains: four named, the rest counted.
+    // Many source domains: all named, so that a later update can keep any one's ranges.
     let many: Vec<(String, Walked)> = (0..6)
         .map(|i| walked(&format!("d{i}.example"), &["198.51.100.0/24"]))
         .collect();
     let (ranges, _) = merge(&many);
-    let text = render(&ranges, &many, "now");
+    let text = render(&ranges, &many, &[], "now");
     assert!(
         text.contains(
-            "198.51.100.0/24  # d0.example, d1.example, d2.example, d3.example and 2 more"
+            "198.51.100.0/24  # d0.example, d1.example, d2.example, d3.example, d4.example, d5.example\n"
         ),
         "{text}"
     );
+    assert_eq!(
+        previous_ranges(&text, "d5.example"),
+        ["198.51.100.0/24".parse::<IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn a_failed_domain_keeps_the_ranges_the_previous_file_gave_it() {
+    let input = [
+        walked("a.example", &["192.0.2.0/24", "203.0.113.0/24"]),
+        walked("b.example", &["192.0.2.0/24", "2001:db8::/32"]),
+    ];
+    let (ranges, _) = merge(&input);
+    let previous = render(&ranges, &input, &[], "then");
+    let mut kept = previous_ranges(&previous, "a.example");
+    kept.sort();
+    let want: Vec<IpNet> = ["192.0.2.0/24", "203.0.113.0/24"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(kept, want);
+    // A name that is only part of another, comments without ranges, junk: nothing.
+    assert!(previous_ranges(&previous, "example").is_empty());
+    assert!(previous_ranges("# a.example: 2 ranges\njunk # a.example\n", "a.example").is_empty());
+
+    // b.example updates, a.example fails and keeps its two ranges.
+    let failed = [Failed {
+        domain: "a.example".into(),
+        error: "a.example has no SPF record".into(),
+        kept,
+    }];
+    let mut all = vec![walked("b.example", &["2001:db8::/32"])];
+    all.push(failed[0].as_walked());
+    let (ranges, _) = merge(&all);
+    let text = render(&ranges, &all[..1], &failed, "now");
+    assert!(
+        text.contains(
+            "# a.example: update failed (a.example has no SPF record); 2 ranges kept from the previous list"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\n192.0.2.0/24  # a.example\n"), "{text}");
+    assert!(text.contains("\n203.0.113.0/24  # a.example\n"), "{text}");
+    assert!(text.contains("\n2001:db8::/32  # b.example\n"), "{text}");
 }
 
 #[test]

@@ -213,16 +213,54 @@ fn lists_update_follows_includes_and_keeps_rfc_7208_limits() {
         ),
     ];
     for (domain, want) in cases {
-        // A failing domain fails the whole update, the good one beside it included.
-        let (code, stdout, err) = update(&dns, &out, &config, &["void.test", domain]);
+        // The only domain fails: nothing is written.
+        let (code, stdout, err) = update(&dns, &out, &config, &[domain]);
         assert_eq!(code, 1, "{domain}: {stdout}{err}");
         assert!(err.contains(want), "{domain}: {err}");
         assert!(
-            err.contains("1 of 2 domains failed: nothing written"),
+            err.contains("every domain failed: nothing written"),
             "{domain}: {err}"
         );
         assert_eq!(std::fs::read(&out).unwrap(), before, "{domain}: file kept");
     }
+
+    // A domain that fails beside others keeps the ranges the previous list gave it, and
+    // the others are updated: chain.test and other.test listed, then chain.test's name
+    // gone from DNS (a second server that knows only a renumbered other.test).
+    let (code, stdout, err) = update(&dns, &out, &config, &["chain.test", "other.test"]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    let renumbered = Dnsmasq::start(&[txt("other.test", "v=spf1 ip4:100.64.10.0/24 -all")]);
+    let (code, stdout, err) = update(&renumbered, &out, &config, &["chain.test", "other.test"]);
+    assert_eq!(code, 1, "{stdout}{err}");
+    assert!(
+        err.contains("chain.test: chain.test has no SPF record"),
+        "{err}"
+    );
+    assert!(
+        err.contains("chain.test: failed; kept its 7 ranges from the previous list"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 2 domains failed"), "{err}");
+    assert_eq!(
+        lines(&out),
+        [
+            "100.64.1.0/28  # chain.test",
+            "100.64.2.2/32  # chain.test",
+            "100.64.7.0/24  # chain.test",
+            "100.64.10.0/24  # other.test",
+            // Merged with other.test's /24 before; all of it was chain.test's too.
+            "192.0.2.0/24  # chain.test",
+            "198.51.100.0/24  # chain.test",
+            "2001:db8:3::/48  # chain.test",
+            "2001:db8:9::1/128  # chain.test",
+        ]
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("# chain.test: update failed (chain.test has no SPF record); 7 ranges kept from the previous list"),
+        "{text}"
+    );
+    drop(renumbered);
 
     // Two void lookups are allowed: what is left is written. Without --resolver, the
     // configuration's [dns] resolver is asked, and [lists] domains.
