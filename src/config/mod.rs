@@ -11,6 +11,7 @@ mod allow;
 mod diagnostics;
 mod diff;
 mod dns;
+mod domains;
 mod greylist;
 mod listeners;
 mod log;
@@ -25,6 +26,7 @@ pub use admin::RawAdmin;
 pub use allow::RawAllow;
 pub use diagnostics::{ConfigError, ConfigErrors, Problems, Source};
 pub use dns::{RawDns, RawDnsbl, RawDnswl, RawIdentity};
+pub use domains::RawDomain;
 pub use greylist::RawGreylist;
 pub use listeners::{RawMilter, RawPolicyServer};
 pub use log::RawLog;
@@ -70,6 +72,8 @@ pub struct RawConfig {
     pub dnswl: RawDnswl,
     pub dnsbl: RawDnsbl,
     pub log: RawLog,
+    /// `[[domains]]`: per-recipient-domain sections, in precedence order.
+    pub domains: Vec<RawDomain>,
 }
 
 /// The checked configuration, in sections the components own.
@@ -128,6 +132,7 @@ impl RawConfig {
         }
         let admin = self.admin.check(&store.kind, &mut p);
         let allow = self.allow.check(&mut p);
+        let domains = domains::check(&self.domains, &policy, self.dns.enabled, &mut p);
         p.finish(|| {
             let hostname = self
                 .hostname
@@ -145,7 +150,9 @@ impl RawConfig {
                     header_host: self.greylist.x_greylist_header.then(|| hostname.clone()),
                 },
                 hostname,
-                engine: Engine::new(policy, allow).with_selective(selective),
+                engine: Engine::new(policy, allow)
+                    .with_selective(selective)
+                    .with_domains(domains),
                 policy: policy_listeners,
                 milter,
                 smtp,
@@ -199,6 +206,7 @@ impl Default for RawConfig {
             dnswl: RawDnswl::default(),
             dnsbl: RawDnsbl::default(),
             log: RawLog::default(),
+            domains: Vec::new(),
         }
     }
 }

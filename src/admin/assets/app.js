@@ -183,6 +183,7 @@ function showRecent(list) {
     cell(tr, d.group);
     cell(tr, d.sender || "<>");
     cell(tr, d.recipient);
+    cell(tr, d.domain || "");
   });
 }
 
