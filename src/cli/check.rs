@@ -57,6 +57,17 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    let sections = cfg.engine.domains.sections();
+    if !sections.is_empty() {
+        let from_files = sections
+            .iter()
+            .filter(|s| s.applied.source.is_some())
+            .count();
+        println!(
+            "  domain sections: {} in the configuration, {from_files} file lines",
+            sections.len() - from_files
+        );
+    }
     let order: Vec<&str> = cfg
         .engine
         .selective

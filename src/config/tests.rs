@@ -1437,3 +1437,20 @@ fn domain_files_are_read_again_by_each_load() {
         Some(Rule::DomainOff)
     );
 }
+
+#[test]
+fn a_sections_inline_recipients_come_before_its_files_lines() {
+    let file = temp_file("a.example off\nb.example off\n");
+    let c = valid(&format!(
+        "[[domains]]\nname = \"s\"\nrecipients = [\"a.example\"]\nmode = \"learn\"\nfiles = [\"{}\"]\n",
+        toml_path(&file)
+    ));
+    assert_eq!(
+        section_for(&c, "x@a.example"),
+        Some(("s".into(), Some("learn"), None))
+    );
+    assert_eq!(
+        section_for(&c, "x@b.example"),
+        Some(("s".into(), Some("off"), None))
+    );
+}

@@ -1734,6 +1734,40 @@ fn runtime_deny_still_defers_an_off_section() {
 }
 
 #[test]
+fn runtime_allow_and_dnswl_accept_mail_to_any_section() {
+    let mut engine = domain_engine(
+        Selective::default(),
+        &[
+            ("strict", &["rcpt.example"], ENFORCE),
+            ("slow", &["slow.example"], SLOW),
+        ],
+    );
+    let (lists, _) = RuntimeLists::build(
+        vec![RuntimeEntry {
+            id: 1,
+            list: ListKind::Allow,
+            target: Target::Client,
+            value: "198.51.100.0/24".into(),
+            added_at: T,
+            expires_at: None,
+            comment: String::new(),
+        }],
+        T,
+    );
+    engine.runtime = Arc::new(lists);
+    let (d, _) = engine.decide(&base_request(), &NO_STATE, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::RuntimeAllow));
+    assert_eq!(d.domain.map(|s| s.name), Some("strict".into()));
+    let listed = with_facts(
+        rcpt("209.85.220.41", "alice@gmail.com", "bob@slow.example"),
+        facts(None, HostName::Unverified, &["list.dnswl.org"], &[]),
+    );
+    let (d, _) = engine.decide(&listed, &NO_STATE, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::Dnswl));
+    assert_eq!(d.domain.map(|s| s.name), Some("slow".into()));
+}
+
+#[test]
 fn stage_auth_and_missing_client_skip_before_any_section() {
     let engine = domain_engine(Selective::default(), &[("off", &["rcpt.example"], OFF)]);
     let mut req = base_request();

@@ -59,6 +59,13 @@ fn off_learn_and_slower_domains_in_a_daemon() {
         customers.display().to_string()
     ));
     let d = DaemonConfig::new(dir.path()).toml(&toml).start();
+    let config = d.dir.join("greygate.toml");
+    let (code, out, err) = run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("domain sections: 4 in the configuration, 1 file lines"),
+        "{out}"
+    );
     let mut c = d.client();
     let ask = |c: &mut crate::harness::PolicyClient, to: &str| {
         c.ask(&rcpt_request("198.51.100.7", "alice@sender.example", to))
@@ -134,7 +141,7 @@ fn off_learn_and_slower_domains_in_a_daemon() {
     .unwrap();
     d.hup();
     assert!(
-        d.wait_log("configuration reloaded", WAIT),
+        d.wait_log("domain_sections=5", WAIT),
         "no reload:\n{}",
         d.log()
     );
@@ -143,6 +150,12 @@ fn off_learn_and_slower_domains_in_a_daemon() {
     let line = decision_line(&d, "sales@shop.example");
     assert!(line.contains("remaining=600"), "{line}");
     assert!(line.contains("domain=\"hosted\""), "{line}");
+    let x = explain_live(&d, "sales@shop.example");
+    let want = format!(
+        "domain:     section \"hosted\" ({}:2), mode enforce",
+        customers.display()
+    );
+    assert!(x.contains(&want), "{x}");
 
     // A bad line is refused with its line number, by check-config and by a reload (which
     // keeps the running sections).
@@ -151,7 +164,6 @@ fn off_learn_and_slower_domains_in_a_daemon() {
         "shop.example enforce delay=10m\nbad..example off\n",
     )
     .unwrap();
-    let config = d.dir.join("greygate.toml");
     let (code, _, err) = run_cli(&["check-config", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(
