@@ -1,4 +1,4 @@
-//! `greygate check-config`: check the configuration and allow-list files, summarise what
+//! `greygate check-config`: check the configuration, allow-list and domain files, summarise what
 //! they set, and with `--connect` ask the store's server who it is; `greygate check-store`:
 //! read the embedded store file offline and say what the daemon would do with it.
 

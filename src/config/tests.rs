@@ -1454,3 +1454,25 @@ fn a_sections_inline_recipients_come_before_its_files_lines() {
         Some(("s".into(), Some("off"), None))
     );
 }
+
+#[test]
+fn a_sections_verified_keys_replace_both_global_ones() {
+    let c = valid(
+        "[dns]\nenabled = true\n[identity]\nverified_delay = 60\n\n\
+         [[domains]]\nrecipients = [\"no-skip.example\"]\nverified_skip = false\n\n\
+         [[domains]]\nrecipients = [\"skip.example\"]\nverified_skip = true\n\n\
+         [[domains]]\nrecipients = [\"short.example\"]\nverified_delay = \"10s\"\n\n\
+         [[domains]]\nrecipients = [\"inherit.example\"]\ndelay = 600\n",
+    );
+    let verified = |d: &str| c.engine.domain_section(&format!("x@{d}")).unwrap().verified;
+    assert_eq!(
+        verified("no-skip.example"),
+        Some(VerifiedTreatment::Greylist)
+    );
+    assert_eq!(verified("skip.example"), Some(VerifiedTreatment::Skip));
+    assert_eq!(
+        verified("short.example"),
+        Some(VerifiedTreatment::Delay(10))
+    );
+    assert_eq!(verified("inherit.example"), None);
+}
