@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration, 3 the store is
 //! held by a running daemon; `probe`: 0 accepted, 4 greylisted, 5 other temporary failure,
-//! 6 rejected, 7 no connection.
+//! 6 rejected, 7 no connection; `release`: 4 nothing was pending.
 
 mod cli;
 

@@ -178,6 +178,8 @@ pub struct Metrics {
     pub fail_closed: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Pending triplets an operator released through the admin API.
+    pub released: AtomicU64,
     /// Shared with the DNS facts gatherer, which a reload may replace.
     pub dns: std::sync::Arc<DnsStats>,
     /// The SMTP front end's sessions.

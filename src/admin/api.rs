@@ -2,14 +2,14 @@
 //! the token (checked by the guard in `mod.rs`). Every request and answer is a type of
 //! `wire.rs`, which the CLI reads with.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -17,8 +17,8 @@ use axum::routing::{delete, get, post};
 use super::entries::{self, EntryQuery};
 use super::wire::{
     AddEntry, EntriesPage, EntriesQuery, ExplainAnswer, ExplainQuery, LimitQuery, ListenerView,
-    PolicyView, PurgeRequest, Recent, Removed, RuleCount, RuntimeList, Series, SeriesQuery,
-    StatsView, Top, ValueQuery,
+    PolicyView, PurgeRequest, Recent, ReleaseRequest, Removed, RuleCount, RuntimeList, Series,
+    SeriesQuery, StatsView, Top, ValueQuery,
 };
 use super::{AdminState, error, prometheus};
 use crate::engine::{ListKind, Request, Verdict};
@@ -46,6 +46,7 @@ pub fn routes() -> Router<Arc<AdminState>> {
         .route("/api/reload", post(reload))
         .route("/api/entries", get(entries))
         .route("/api/purge", post(purge))
+        .route("/api/release", post(release))
 }
 
 /// The store's record counts, cached briefly; `None` when the store cannot answer now.
@@ -407,5 +408,82 @@ async fn purge(
             Json(r).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/release`: marks pending triplets passed so their next retry is accepted at
+/// once. Audited: one `released` line names who (the token's holder, from which peer, and
+/// the user the caller says it acts for), when, and the triplets.
+async fn release(
+    State(st): State<Arc<AdminState>>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    body: Result<Json<ReleaseRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let live = st.svc.live();
+    let now = unix_now();
+    let mut target = match entries::ReleaseTarget::of(&b, &live.engine) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    // A client IP names its group; the engine may have keyed the triplet by the identity
+    // the client's DNS facts give (`spf:`, `org:`): that key is released too.
+    let ip = b
+        .client
+        .as_deref()
+        .and_then(|c| c.trim().parse::<IpAddr>().ok());
+    if let (Some(ip), Some(sender), Some(dns)) = (ip, b.sender.as_deref(), live.dns.as_deref()) {
+        let req = Request {
+            stage: "RCPT".into(),
+            client_ip: Some(ip),
+            client_name: "unknown".into(),
+            sender: crate::engine::normalize::strip_envelope(sender).to_string(),
+            recipient: crate::engine::normalize::strip_envelope(&b.recipient).to_string(),
+            ..Request::default()
+        };
+        if let Some((with, _)) = dns.facts_for(&live.engine, &req, now).await {
+            let (key, _) =
+                live.engine
+                    .identified_key(ip, &with.sender, &with.recipient, with.facts.as_ref());
+            target.also(key);
+        }
+    }
+    let store = match st.svc.store.get() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let budget = st.request_timeout / 2;
+    let done = entries::release(store.as_ref(), &live.engine, &target, now, budget).await;
+    let r = done.report;
+    st.svc
+        .metrics
+        .released
+        .fetch_add(r.count, Ordering::Relaxed);
+    let who = peer.map_or_else(
+        || "admin token".to_string(),
+        |p| format!("admin token from {}", p.0.0),
+    );
+    let triplets = entries::keys_text(&r.released, r.count);
+    let failed = done.error.as_ref().map(ToString::to_string);
+    tracing::info!(
+        who = who.as_str(),
+        user = b.by.as_deref().unwrap_or("-"),
+        at = now,
+        count = r.count,
+        triplets = triplets.as_str(),
+        already_passed = r.already_passed.len(),
+        complete = r.complete,
+        error = failed.as_deref(),
+        "released"
+    );
+    match failed {
+        None => Json(r).into_response(),
+        Some(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e} (after releasing {} triplet(s))", r.count),
+        ),
     }
 }

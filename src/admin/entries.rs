@@ -1,13 +1,15 @@
-//! Listing and purging stored records by filter: the admin API's `/api/entries` and
-//! `/api/purge`, and the CLI's `list` and `purge` when no daemon runs.
+//! Listing, purging and releasing stored records: the admin API's `/api/entries`,
+//! `/api/purge` and `/api/release`, and the CLI's `list`, `purge` and `release` when no
+//! daemon runs.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::PurgeReport;
-use crate::engine::Engine;
+use super::wire::{PurgeReport, ReleaseReport, ReleaseRequest};
+use crate::engine::normalize::{normalize_recipient, normalize_sender};
+use crate::engine::{Engine, ReleaseOutcome, TripletKey};
 use crate::store::{Entry, EntryKind, SCAN_EXAMINE, Store, StoreError};
 
 /// Records per page when the caller does not say.
@@ -234,6 +236,187 @@ pub async fn purge(
     Ok(report)
 }
 
+/// Most triplet keys a [`ReleaseReport`] lists (its `count` counts them all).
+pub const SHOWN: usize = 100;
+
+/// Which pending triplets a release names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseTarget {
+    /// One triplet, under each client key it may be stored with.
+    Keys(Vec<TripletKey>),
+    /// Every pending triplet of this (normalised) recipient, and sender when given, whatever
+    /// its client key.
+    Recipient {
+        recipient: String,
+        sender: Option<String>,
+    },
+}
+
+impl ReleaseTarget {
+    /// Checks a request: a client needs a sender (a triplet has all three), the recipient is
+    /// required. Sender and recipient are normalised as the engine keys them; a client IP
+    /// becomes its group under `engine`'s prefixes (the daemon adds the identity its DNS
+    /// facts give), anything else is taken as a client key as listed.
+    pub fn of(req: &ReleaseRequest, engine: &Engine) -> Result<ReleaseTarget, String> {
+        let delimiters = &engine.policy.recipient_delimiter;
+        let recipient = normalize_recipient(&req.recipient, delimiters);
+        if recipient.is_empty() {
+            return Err("name the recipient whose pending triplets to release".into());
+        }
+        let sender = req
+            .sender
+            .as_deref()
+            .map(|s| normalize_sender(s, delimiters));
+        let client = req
+            .client
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        let Some(client) = client else {
+            return Ok(ReleaseTarget::Recipient { recipient, sender });
+        };
+        let Some(sender) = sender else {
+            return Err(format!(
+                "a client names one triplet: give its sender too (<> for the null sender), \
+                 or leave out the client to release every pending triplet of {recipient}"
+            ));
+        };
+        let client = match client.parse::<IpAddr>() {
+            Ok(ip) => engine.key(ip, "", "").client,
+            Err(_) => client.to_lowercase(),
+        };
+        Ok(ReleaseTarget::Keys(vec![TripletKey {
+            client,
+            sender,
+            recipient,
+        }]))
+    }
+
+    /// Also tries `key` (the identity DNS facts give a client IP), when it is another one.
+    pub fn also(&mut self, key: TripletKey) {
+        if let ReleaseTarget::Keys(keys) = self
+            && !keys.contains(&key)
+        {
+            keys.push(key);
+        }
+    }
+
+    fn keeps(&self, e: &Entry) -> bool {
+        match (self, e) {
+            (ReleaseTarget::Recipient { recipient, sender }, Entry::Triplet { key, record }) => {
+                !record.passed
+                    && key.recipient == *recipient
+                    && sender.as_ref().is_none_or(|s| key.sender == *s)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The keys for a log line: `client / sender / recipient; ...`, with how many more were
+/// released than listed.
+pub fn keys_text(keys: &[TripletKey], count: u64) -> String {
+    let mut text = keys
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let more = count.saturating_sub(keys.len() as u64);
+    if more > 0 {
+        text.push_str(&format!("; and {more} more"));
+    }
+    text
+}
+
+/// What a release did, also when the store failed part of the way: what was released
+/// before the failure must still be audited.
+#[derive(Debug)]
+pub struct Released {
+    pub report: ReleaseReport,
+    /// The store failed: `report` holds what was released before.
+    pub error: Option<StoreError>,
+}
+
+/// Releases what `target` names: each live pending triplet becomes passed with no pass
+/// counted yet, atomically ([`Engine::release_step`]), so its next retry passes with rule
+/// `released`. A recipient's triplets are walked within `budget`.
+pub async fn release(
+    store: &dyn Store,
+    engine: &Engine,
+    target: &ReleaseTarget,
+    now: u64,
+    budget: Duration,
+) -> Released {
+    let mut report = ReleaseReport::default();
+    let error = release_into(&mut report, store, engine, target, now, budget)
+        .await
+        .err();
+    Released { report, error }
+}
+
+async fn release_into(
+    report: &mut ReleaseReport,
+    store: &dyn Store,
+    engine: &Engine,
+    target: &ReleaseTarget,
+    now: u64,
+    budget: Duration,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let mut one = async |key: &TripletKey| -> Result<(), StoreError> {
+        let old = store
+            .update_triplet(key, &|old| engine.release_step(old, now).1)
+            .await?;
+        match engine.release_step(old.as_ref(), now).0 {
+            ReleaseOutcome::Released => {
+                report.count += 1;
+                if report.released.len() < SHOWN {
+                    report.released.push(key.clone());
+                }
+            }
+            ReleaseOutcome::AlreadyPassed if report.already_passed.len() < SHOWN => {
+                report.already_passed.push(key.clone());
+            }
+            ReleaseOutcome::AlreadyPassed | ReleaseOutcome::NotFound => {}
+        }
+        Ok(())
+    };
+    match target {
+        ReleaseTarget::Keys(keys) => {
+            for key in keys {
+                one(key).await?;
+            }
+            report.complete = true;
+        }
+        ReleaseTarget::Recipient { .. } => {
+            let keep = |e: &Entry| target.keeps(e);
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = store
+                    .scan(EntryKind::Triplets, cursor.as_deref(), 500, now, &keep)
+                    .await?;
+                for e in &page.entries {
+                    if let Entry::Triplet { key, .. } = e {
+                        one(key).await?;
+                    }
+                }
+                match page.next {
+                    None => {
+                        report.complete = true;
+                        break;
+                    }
+                    Some(next) => cursor = Some(next),
+                }
+                if started.elapsed() >= budget {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    store.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +556,226 @@ mod tests {
         };
         let page = list(&store, &m, None, 50, 10, none).await.unwrap();
         assert!(page.budget_spent && page.next.is_some());
+    }
+
+    /// A recipient's release walks the whole store: 150 pending triplets of the recipient
+    /// among 20,000 others are all released, the report lists the first [`SHOWN`] and counts
+    /// them all, and nothing of another recipient or already passed changes.
+    #[tokio::test]
+    async fn a_recipient_release_counts_all_and_lists_the_first() {
+        let store = filled(20_000).await;
+        let engine = Engine::default();
+        let pending = Triplet {
+            first_seen: 1,
+            last_seen: 1,
+            expires_at: 4_000_000_000,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        };
+        let key = |i: usize, recipient: &str| TripletKey {
+            client: format!("192.0.2.{}/32", i % 256),
+            sender: format!("held{i}@example.net"),
+            recipient: recipient.into(),
+        };
+        for i in 0..150 {
+            store
+                .update_triplet(&key(i, "held@example.org"), &|_| Some(pending))
+                .await
+                .unwrap();
+        }
+        let passed = Triplet {
+            passed: true,
+            passes: 3,
+            ..pending
+        };
+        let done = key(999, "held@example.org");
+        store
+            .update_triplet(&done, &|_| Some(passed))
+            .await
+            .unwrap();
+
+        let req = ReleaseRequest {
+            recipient: "Held+x@Example.org".into(),
+            ..ReleaseRequest::default()
+        };
+        let target = ReleaseTarget::of(&req, &engine).unwrap();
+        let r = release(&store, &engine, &target, 10, Duration::from_secs(60))
+            .await
+            .report;
+        assert_eq!((r.count, r.released.len(), r.complete), (150, SHOWN, true));
+        assert!(r.already_passed.is_empty(), "a walk skips passed triplets");
+        assert_eq!(
+            keys_text(&r.released[..2], r.count),
+            format!("{}; {}; and 148 more", r.released[0], r.released[1])
+        );
+        for i in 0..150 {
+            let t = store
+                .get_triplet(&key(i, "held@example.org"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((t.passed, t.passes), (true, 0), "{i}");
+        }
+        assert_eq!(store.get_triplet(&done).await.unwrap(), Some(passed));
+        let other = TripletKey {
+            client: "10.0.7.0/24".into(),
+            sender: "s7@example.net".into(),
+            recipient: "r@example.org".into(),
+        };
+        assert!(!store.get_triplet(&other).await.unwrap().unwrap().passed);
+
+        // Named one by one: the passed one is reported as such.
+        let one = ReleaseTarget::Keys(vec![done.clone(), key(1000, "held@example.org")]);
+        let r = release(&store, &engine, &one, 10, Duration::from_secs(60))
+            .await
+            .report;
+        assert_eq!(
+            (r.count, r.already_passed, r.complete),
+            (0, vec![done], true)
+        );
+    }
+
+    /// The memory store whose triplet updates fail after the first `ok` (a shared store
+    /// going away in the middle of a walk).
+    struct FailsAfter {
+        inner: MemoryStore,
+        ok: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FailsAfter {
+        fn describe(&self) -> String {
+            "fails after a few updates".into()
+        }
+        async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
+            self.inner.get_triplet(key).await
+        }
+        async fn update_triplet(
+            &self,
+            key: &TripletKey,
+            f: crate::store::UpdateFn<'_, Triplet>,
+        ) -> Result<Option<Triplet>, StoreError> {
+            use std::sync::atomic::Ordering;
+            let left = self.ok.load(Ordering::Relaxed);
+            if left == 0 {
+                return Err(StoreError::Unavailable("gone".into()));
+            }
+            self.ok.store(left - 1, Ordering::Relaxed);
+            self.inner.update_triplet(key, f).await
+        }
+        async fn get_client(
+            &self,
+            client: &str,
+        ) -> Result<Option<crate::engine::ClientRecord>, StoreError> {
+            self.inner.get_client(client).await
+        }
+        async fn update_client(
+            &self,
+            client: &str,
+            f: crate::store::UpdateFn<'_, crate::engine::ClientRecord>,
+        ) -> Result<Option<crate::engine::ClientRecord>, StoreError> {
+            self.inner.update_client(client, f).await
+        }
+        async fn expire(
+            &self,
+            now: u64,
+            max_scan: usize,
+        ) -> Result<crate::store::ExpireStep, StoreError> {
+            self.inner.expire(now, max_scan).await
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush().await
+        }
+        async fn counts(&self) -> Result<crate::store::Counts, StoreError> {
+            self.inner.counts().await
+        }
+        async fn scan(
+            &self,
+            kind: EntryKind,
+            cursor: Option<&str>,
+            limit: usize,
+            now: u64,
+            keep: crate::store::EntryFilter<'_>,
+        ) -> Result<crate::store::Page, StoreError> {
+            self.inner.scan(kind, cursor, limit, now, keep).await
+        }
+        async fn remove_triplet(&self, key: &TripletKey) -> Result<bool, StoreError> {
+            self.inner.remove_triplet(key).await
+        }
+        async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
+            self.inner.remove_client(client).await
+        }
+    }
+
+    /// A store failing in the middle of a recipient's walk: what was released before stays
+    /// in the report (to be audited), beside the error.
+    #[tokio::test]
+    async fn a_release_cut_short_by_the_store_reports_what_it_released() {
+        let store = FailsAfter {
+            inner: filled(10).await,
+            ok: 4.into(),
+        };
+        let engine = Engine::default();
+        let target = ReleaseTarget::of(
+            &ReleaseRequest {
+                recipient: "r@example.org".into(),
+                ..ReleaseRequest::default()
+            },
+            &engine,
+        )
+        .unwrap();
+        let done = release(&store, &engine, &target, 10, Duration::from_secs(60)).await;
+        assert!(
+            matches!(done.error, Some(StoreError::Unavailable(_))),
+            "{done:?}"
+        );
+        assert_eq!((done.report.count, done.report.released.len()), (4, 4));
+        assert!(!done.report.complete);
+        for key in &done.report.released {
+            let t = store.inner.get_triplet(key).await.unwrap().unwrap();
+            assert!(t.passed, "{key}");
+        }
+    }
+
+    #[test]
+    fn a_release_names_a_triplet_or_a_recipient() {
+        let engine = Engine::default();
+        let req = |client: Option<&str>, sender: Option<&str>, recipient: &str| ReleaseRequest {
+            client: client.map(Into::into),
+            sender: sender.map(Into::into),
+            recipient: recipient.into(),
+            by: None,
+        };
+        let key = |client: &str, sender: &str| {
+            ReleaseTarget::Keys(vec![TripletKey {
+                client: client.into(),
+                sender: sender.into(),
+                recipient: "b@example.org".into(),
+            }])
+        };
+        let of = |r: ReleaseRequest| ReleaseTarget::of(&r, &engine);
+        assert_eq!(
+            of(req(
+                Some("192.0.2.7"),
+                Some("A+x@Example.NET"),
+                "<B@example.org>"
+            )),
+            Ok(key("192.0.2.0/24", "a@example.net"))
+        );
+        assert_eq!(
+            of(req(Some(" SPF:Pool.test "), Some("<>"), "b@example.org")),
+            Ok(key("spf:pool.test", "<>"))
+        );
+        assert_eq!(
+            of(req(None, None, "b+tag@example.org")),
+            Ok(ReleaseTarget::Recipient {
+                recipient: "b@example.org".into(),
+                sender: None
+            })
+        );
+        assert!(of(req(Some("192.0.2.7"), None, "b@example.org")).is_err());
+        assert!(of(req(None, None, " ")).is_err());
     }
 
     #[tokio::test]

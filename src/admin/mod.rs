@@ -1,7 +1,7 @@
 //! The admin HTTP listener: JSON API, Prometheus `/metrics` and the web dashboard.
 //!
 //! Loopback by default. Reads are open unless `token_for_reads` is set; every change
-//! (runtime entries, purge, reload) needs `Authorization: Bearer <token>`, compared in
+//! (runtime entries, purge, release, reload) needs `Authorization: Bearer <token>`, compared in
 //! constant time. The dashboard's own files never need it (they hold no data; the page
 //! asks for the token and sends it with its API calls). Like the mail listeners it has a
 //! connection limit and one per peer (with the idle connection closed to make room,
@@ -312,8 +312,11 @@ async fn accept_loop(
             // handler's answer: only then may the connection not be closed to make room. A
             // head still trickling in, or a keep-alive wait, is idle.
             let marked = slot.clone();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
                 let (app, slot) = (app.clone(), marked.clone());
+                // Changes are logged with the peer that asked (`/api/release`).
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
                 async move {
                     if !slot.begin() {
                         // Closed to make room as the request came in; the task drops the

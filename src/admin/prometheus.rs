@@ -470,6 +470,16 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
         &[],
         m.reload_failures.load(Ordering::Relaxed),
     );
+    o.head(
+        "greygate_released_triplets_total",
+        "counter",
+        "Pending triplets an operator released through the admin API (next retry passes).",
+    );
+    o.sample(
+        "greygate_released_triplets_total",
+        &[],
+        m.released.load(Ordering::Relaxed),
+    );
     o.0
 }
 
@@ -480,8 +490,10 @@ fn possible(rule: Rule, v: Verdict) -> bool {
         (
             Rule::New | Rule::Throttled | Rule::EarlyRetry | Rule::Deny,
             Verdict::Defer
-        ) | (Rule::Delayed | Rule::Known | Rule::AutoAllow, Verdict::Pass)
-            | (Rule::StoreFailOpen, Verdict::Pass)
+        ) | (
+            Rule::Delayed | Rule::Known | Rule::Released | Rule::AutoAllow,
+            Verdict::Pass
+        ) | (Rule::StoreFailOpen, Verdict::Pass)
             | (Rule::StoreFailClosed, Verdict::Defer)
     )
 }

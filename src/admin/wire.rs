@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dur::Dur;
-use crate::engine::{Mode, RuntimeEntry, Target, Verdict};
+use crate::engine::{Mode, RuntimeEntry, Target, TripletKey, Verdict};
 use crate::metrics::{Bucket, RecentDecision, TopEntry};
 use crate::service::explain::Explanation;
 use crate::store::{Capacity, Counts, Entry, StoreHealth};
@@ -246,6 +246,40 @@ pub struct PurgeRequest {
 pub struct PurgeReport {
     pub removed: u64,
     /// False when the time budget ran out first; purging again continues.
+    pub complete: bool,
+}
+
+/// `POST /api/release`: which pending triplets to mark passed, so that the sender's next
+/// retry is accepted at once (rule `released`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// With `sender`: one triplet. A client IP (its group, and in the daemon also the
+    /// identity its DNS facts give it now), or a client identity as listed and logged
+    /// (`192.0.2.0/24`, `spf:example.com`, `org:example.com`).
+    pub client: Option<String>,
+    /// The envelope sender (`<>` or empty: the null sender). Without `client`: only this
+    /// sender's pending triplets of the recipient.
+    pub sender: Option<String>,
+    /// The recipient, whole (normalised as keys are: lower case, extension stripped).
+    pub recipient: String,
+    /// Who asks, in the caller's words (the CLI sends the local user name); logged beside
+    /// the peer's address.
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// What a release did (the answer to [`ReleaseRequest`], and the CLI's own release
+/// without a daemon).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReport {
+    /// Triplets released (the first [`crate::admin::entries::SHOWN`] of them).
+    pub released: Vec<TripletKey>,
+    /// Triplets released in all.
+    pub count: u64,
+    /// Triplets named that had already passed (or been released): left as they were.
+    pub already_passed: Vec<TripletKey>,
+    /// False when the time budget ran out first; releasing again continues.
     pub complete: bool,
 }
 

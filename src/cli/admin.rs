@@ -1,9 +1,9 @@
 //! The commands that operate a running daemon through its admin API — `stats`, `list`,
-//! `purge`, `allow`, `deny`, `reload`, `explain --live` — and their fall-back when no
-//! daemon runs: open the store (or the runtime-entries file) directly.
+//! `purge`, `release`, `allow`, `deny`, `reload`, `explain --live` — and their fall-back
+//! when no daemon runs: open the store (or the runtime-entries file) directly.
 //!
 //! Exit codes: 0 done, 1 failure, 2 usage or configuration, 3 the store is held by a
-//! daemon that does not answer on its admin address.
+//! daemon that does not answer on its admin address; `release`: 4 nothing was pending.
 //!
 //! The daemon's answers are read into the types of `greygate::admin::wire`, the ones its
 //! handlers write, so an answer without a field shown here fails loudly instead of
@@ -21,7 +21,8 @@ use greygate::admin::client::{AdminClient, ClientError};
 use greygate::admin::entries::{self, EntryQuery};
 use greygate::admin::wire::{
     AddEntry, EntriesPage, EntriesQuery, ExplainAnswer, ExplainQuery, PurgeReport, PurgeRequest,
-    ReloadReport, ReloadRequest, Removed, RuntimeList, StatsView, ValueQuery,
+    ReleaseReport, ReleaseRequest, ReloadReport, ReloadRequest, Removed, RuntimeList, StatsView,
+    ValueQuery,
 };
 use greygate::config::Config;
 use greygate::dur::Dur;
@@ -118,6 +119,37 @@ pub struct PurgeArgs {
     pub everything: bool,
 }
 
+/// `release`'s exit code when nothing it names was pending.
+const NOTHING_RELEASED: u8 = 4;
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  greygate release --client 192.0.2.10 --sender alice@example.net --recipient bob@example.org
+  greygate release --recipient bob@example.org
+
+A released triplet counts as passed: the sender's next retry is accepted at once (rule
+`released`, before its delay), and later ones as any passed triplet's. The daemon logs a
+`released` line with the token's peer, the local user, the time and the triplets.
+
+Exit codes: 0 released, 1 failure, 2 usage, 3 store held by an unanswering daemon,
+4 nothing was pending (not seen, expired, or already passed).")]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// One triplet's client: its IP (the group and, in the daemon, the identity its DNS
+    /// facts give), or a client key as `list` shows it (spf:example.com); needs --sender
+    #[arg(long, value_name = "IP|KEY", requires = "sender")]
+    pub client: Option<String>,
+    /// The envelope sender (<> for the null sender); without --client, only this sender's
+    /// pending triplets of the recipient
+    #[arg(long, value_name = "ADDRESS")]
+    pub sender: Option<String>,
+    /// The recipient; alone, every pending triplet of it is released
+    #[arg(long, value_name = "ADDRESS")]
+    pub recipient: String,
+}
+
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
     #[command(subcommand)]
@@ -176,13 +208,23 @@ fn context(a: &DaemonArgs) -> anyhow::Result<Result<Ctx, ExitCode>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(config_failed(&e))),
     };
-    let url = a.admin.clone().or_else(|| cfg.admin.url());
-    let token = a.token.clone().or_else(|| cfg.admin.token.resolve());
-    let client = match (a.offline, url) {
-        (false, Some(url)) => Some(AdminClient::new(&url, token, Duration::from_secs(30))),
-        _ => None,
+    let client = match a.offline {
+        false => admin_client(&cfg, a.admin.clone(), a.token.clone()),
+        true => None,
     };
     Ok(Ok(Ctx { cfg, client }))
+}
+
+/// The client for the daemon's admin API: `url` or the first `[admin] listen` address,
+/// `token` or the configured one; `None` when the daemon has no admin listener.
+pub(super) fn admin_client(
+    cfg: &Config,
+    url: Option<String>,
+    token: Option<String>,
+) -> Option<AdminClient> {
+    let url = url.or_else(|| cfg.admin.url())?;
+    let token = token.or_else(|| cfg.admin.token.resolve());
+    Some(AdminClient::new(&url, token, Duration::from_secs(30)))
 }
 
 /// Asks the daemon; `Ok(None)` when none answers (the caller falls back).
@@ -190,7 +232,15 @@ fn ask<T>(
     ctx: &Ctx,
     f: impl FnOnce(&AdminClient) -> Result<T, ClientError>,
 ) -> anyhow::Result<Option<T>> {
-    let Some(c) = &ctx.client else {
+    ask_client(ctx.client.as_ref(), f)
+}
+
+/// [`ask`] with a client of its own (or none).
+fn ask_client<T>(
+    client: Option<&AdminClient>,
+    f: impl FnOnce(&AdminClient) -> Result<T, ClientError>,
+) -> anyhow::Result<Option<T>> {
+    let Some(c) = client else {
         return Ok(None);
     };
     match f(c) {
@@ -372,7 +422,12 @@ fn entries_text(entries: &[Entry]) -> String {
                 );
             }
             Entry::Triplet { key: k, record: r } => {
-                let state = if r.passed { "passed" } else { "pending" };
+                let state = match (r.passed, r.passes) {
+                    // Released by an operator, not retried since (see `release`).
+                    (true, 0) => "released",
+                    (true, _) => "passed",
+                    (false, _) => "pending",
+                };
                 let sender = if k.sender.is_empty() { "<>" } else { &k.sender };
                 let _ = writeln!(
                     o,
@@ -512,6 +567,164 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("removed {total} record(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The local user, for the audit line: the login name the environment gives, and the uid.
+fn local_user() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let name = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    if name.is_empty() {
+        format!("uid {uid}")
+    } else {
+        format!("{name} (uid {uid})")
+    }
+}
+
+fn release_text(r: &ReleaseReport) -> String {
+    let mut o = String::new();
+    if r.count > 0 {
+        let _ = writeln!(
+            o,
+            "released {} pending triplet(s); the next retry of each is accepted at once:",
+            r.count
+        );
+        for k in &r.released {
+            let _ = writeln!(o, "  {k}");
+        }
+        let more = r.count.saturating_sub(r.released.len() as u64);
+        if more > 0 {
+            let _ = writeln!(o, "  ... and {more} more");
+        }
+    }
+    for k in &r.already_passed {
+        let _ = writeln!(o, "already passed, left as it is: {k}");
+    }
+    o
+}
+
+pub fn release(a: ReleaseArgs) -> anyhow::Result<ExitCode> {
+    let ctx = match context(&a.daemon)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let body = ReleaseRequest {
+        client: a.client.clone(),
+        sender: a.sender.clone(),
+        recipient: a.recipient.clone(),
+        by: Some(local_user()),
+    };
+    let target = match entries::ReleaseTarget::of(&body, &ctx.cfg.engine) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("greygate: {e}");
+            return Ok(Exit::Usage.into());
+        }
+    };
+    let report = match ask(&ctx, |c| {
+        let mut total: Option<ReleaseReport> = None;
+        loop {
+            let r: ReleaseReport = c.post("/api/release", &body)?;
+            let done = r.complete;
+            if !done && r.count == 0 {
+                // Each call starts over, skipping what is released: one that released
+                // nothing would be followed by the same.
+                return Err(ClientError::Refused {
+                    status: 503,
+                    message: "the daemon found nothing to release within its request time \
+                              before the walk of the store ended; try again"
+                        .into(),
+                });
+            }
+            total = Some(match total {
+                None => r,
+                Some(mut t) => {
+                    t.count += r.count;
+                    t.released.extend(r.released);
+                    t.released.truncate(entries::SHOWN);
+                    t.already_passed.extend(r.already_passed);
+                    t.already_passed.truncate(entries::SHOWN);
+                    t.complete = done;
+                    t
+                }
+            });
+            if done {
+                return Ok(total.unwrap_or_default());
+            }
+        }
+    })? {
+        Some(r) => r,
+        None => {
+            let store = match open_store(&ctx.cfg, Access::Write) {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            let rt = runtime()?;
+            let now = unix_now();
+            let mut total = ReleaseReport::default();
+            let mut failed = None;
+            loop {
+                let done = rt.block_on(entries::release(
+                    store.as_ref(),
+                    &ctx.cfg.engine,
+                    &target,
+                    now,
+                    Duration::from_secs(60),
+                ));
+                let r = done.report;
+                total.count += r.count;
+                total.released.extend(r.released);
+                total.released.truncate(entries::SHOWN);
+                total.already_passed.extend(r.already_passed);
+                total.already_passed.truncate(entries::SHOWN);
+                if let Some(e) = done.error {
+                    failed = Some(e);
+                    break;
+                }
+                if r.complete {
+                    break;
+                }
+                if r.count == 0 {
+                    bail!("found nothing to release in 60 s before the walk of the store ended");
+                }
+            }
+            if failed.is_none() {
+                failed = rt.block_on(store.flush_fully()).err();
+            }
+            // No daemon log to write to: the audit line goes to stderr.
+            eprintln!(
+                "greygate: released who=\"local user {}, store opened directly\" at={now} count={} triplets=\"{}\"",
+                local_user(),
+                total.count,
+                entries::keys_text(&total.released, total.count)
+            );
+            if let Some(e) = failed {
+                bail!("{e} (after releasing {} triplet(s))", total.count);
+            }
+            total
+        }
+    };
+    print!("{}", release_text(&report));
+    if report.count == 0 {
+        let what = match &target {
+            entries::ReleaseTarget::Keys(keys) => keys
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            entries::ReleaseTarget::Recipient { recipient, sender } => match sender {
+                Some(s) => format!("from {s} to {recipient}"),
+                None => format!("to {recipient}"),
+            },
+        };
+        eprintln!(
+            "greygate: nothing released: no pending triplet {what} (never seen, expired, or already passed)"
+        );
+        return Ok(ExitCode::from(NOTHING_RELEASED));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -660,7 +873,13 @@ pub fn reload(a: ReloadArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    match ask(&ctx, |c| {
+    reload_through(ctx.client.as_ref())
+}
+
+/// Asks the daemon behind `client` to reload its configuration and allow-list files, and
+/// says what it answered: `greygate reload` and `greygate lists update --reload`.
+pub(super) fn reload_through(client: Option<&AdminClient>) -> anyhow::Result<ExitCode> {
+    match ask_client(client, |c| {
         c.post::<_, ReloadReport>("/api/reload", &ReloadRequest {})
     })? {
         Some(r) => {

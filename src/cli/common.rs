@@ -8,7 +8,8 @@ use clap::Args;
 
 use greygate::config::{self, Config, ConfigErrors, DEFAULT_CONFIG_PATH, RawConfig, Source};
 
-/// The exit codes every command shares (`probe` adds its own verdicts, 4 to 7).
+/// The exit codes every command shares (`probe` adds its own verdicts, 4 to 7; `release`
+/// 4 when nothing was pending).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// Runtime failure: something the command needed did not work.

@@ -9,6 +9,7 @@ mod common;
 mod explain;
 mod generate;
 mod import;
+mod lists;
 mod probe;
 mod serve;
 mod simulate;
@@ -57,12 +58,16 @@ pub enum Command {
     List(admin::ListArgs),
     /// Forget greylisting records that match a filter.
     Purge(admin::PurgeArgs),
+    /// Accept a pending triplet's next retry at once (or every pending triplet of a recipient).
+    Release(admin::ReleaseArgs),
     /// Runtime allow entries: skip greylisting for a client, sender or recipient now.
     Allow(admin::RuntimeArgs),
     /// Runtime deny entries: always answer "try again later".
     Deny(admin::RuntimeArgs),
     /// Make the running daemon reload its configuration, allow-list and domain files.
     Reload(admin::ReloadArgs),
+    /// Client allow lists of the big senders' ranges, from their own SPF records.
+    Lists(lists::ListsArgs),
     /// Benchmarks: load a policy server, run a null responder, or preload a store.
     Bench(bench::BenchArgs),
     /// Replay a scenario of senders and their MTAs through the engine on a simulated clock;
@@ -105,9 +110,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Stats(args) => admin::stats(args),
         Command::List(args) => admin::list(args),
         Command::Purge(args) => admin::purge(args),
+        Command::Release(args) => admin::release(args),
         Command::Allow(args) => admin::runtime_entries(greygate::engine::ListKind::Allow, args),
         Command::Deny(args) => admin::runtime_entries(greygate::engine::ListKind::Deny, args),
         Command::Reload(args) => admin::reload(args),
+        Command::Lists(args) => lists::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Simulate(args) => simulate::simulate(&args),
         Command::Replay(args) => simulate::replay(&args),

@@ -14,6 +14,7 @@ mod dns;
 mod domains;
 mod greylist;
 mod listeners;
+mod lists;
 mod log;
 mod smtp;
 mod store;
@@ -29,6 +30,7 @@ pub use dns::{RawDns, RawDnsbl, RawDnswl, RawIdentity};
 pub use domains::RawDomain;
 pub use greylist::RawGreylist;
 pub use listeners::{RawMilter, RawPolicyServer};
+pub use lists::{RawLists, built_in_comment};
 pub use log::RawLog;
 pub use smtp::RawSmtp;
 pub use store::RawStore;
@@ -36,6 +38,7 @@ pub use store::RawStore;
 use crate::admin::AdminConfig;
 use crate::dns::DnsSettings;
 use crate::engine::{Engine, Mode};
+use crate::lists::ListsSettings;
 use crate::logfmt::LogConfig;
 use crate::server::milter::MilterConfig;
 use crate::server::policy::PolicyConfig;
@@ -71,6 +74,7 @@ pub struct RawConfig {
     pub dns: RawDns,
     pub dnswl: RawDnswl,
     pub dnsbl: RawDnsbl,
+    pub lists: RawLists,
     pub log: RawLog,
     /// `[[domains]]`: per-recipient-domain sections, in precedence order.
     pub domains: Vec<RawDomain>,
@@ -92,6 +96,9 @@ pub struct Config {
     pub dns: DnsSettings,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// `greygate lists update`'s domains and file (the daemon reads the file as a client
+    /// allow list, `allow` already holds its entries).
+    pub lists: ListsSettings,
 }
 
 impl Config {
@@ -131,7 +138,8 @@ impl RawConfig {
             p.at(&["hostname"], format!("{h:?} is not a host name"));
         }
         let admin = self.admin.check(&store.kind, &mut p);
-        let allow = self.allow.check(&mut p);
+        let lists = self.lists.check(&mut p);
+        let allow = self.allow.check(&lists.output, &mut p);
         let domains = domains::check(&self.domains, &policy, self.dns.enabled, &mut p);
         p.finish(|| {
             let hostname = self
@@ -161,6 +169,7 @@ impl RawConfig {
                 dns,
                 log,
                 admin,
+                lists,
             }
         })
     }
@@ -205,6 +214,7 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             dnswl: RawDnswl::default(),
             dnsbl: RawDnsbl::default(),
+            lists: RawLists::default(),
             log: RawLog::default(),
             domains: Vec::new(),
         }

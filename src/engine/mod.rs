@@ -206,6 +206,9 @@ pub enum Rule {
     Delayed,
     /// Already passed and seen within `max_age`.
     Known,
+    /// Pending, released by an operator (`greygate release`): the first retry after the
+    /// release passes at once, before its delay; the record is then an ordinary passed one.
+    Released,
     StoreFailOpen,
     StoreFailClosed,
 }
@@ -213,7 +216,7 @@ pub enum Rule {
 impl Rule {
     /// Every rule, in declaration order (`rule as usize` indexes it): metrics keep one
     /// counter per rule without a map.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::NotRcptStage,
         Rule::NoClientAddress,
         Rule::Authenticated,
@@ -232,6 +235,7 @@ impl Rule {
         Rule::EarlyRetry,
         Rule::Delayed,
         Rule::Known,
+        Rule::Released,
         Rule::StoreFailOpen,
         Rule::StoreFailClosed,
     ];
@@ -256,6 +260,7 @@ impl Rule {
             Rule::EarlyRetry => "early-retry",
             Rule::Delayed => "delayed",
             Rule::Known => "known",
+            Rule::Released => "released",
             Rule::StoreFailOpen => "store-fail-open",
             Rule::StoreFailClosed => "store-fail-closed",
         }
@@ -436,9 +441,41 @@ pub enum Classified {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TripletOutcome {
     New,
-    EarlyRetry { remaining: u64 },
-    Delayed { by: u64 },
+    EarlyRetry {
+        remaining: u64,
+    },
+    Delayed {
+        by: u64,
+    },
     Known,
+    /// The first retry after an operator released the pending triplet.
+    Released {
+        by: u64,
+    },
+}
+
+impl TripletOutcome {
+    /// Whether the request passes (and counts towards auto-allow).
+    pub fn passes(self) -> bool {
+        matches!(
+            self,
+            TripletOutcome::Delayed { .. }
+                | TripletOutcome::Known
+                | TripletOutcome::Released { .. }
+        )
+    }
+}
+
+/// What releasing a triplet found (see [`Engine::release_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseOutcome {
+    /// It was pending: its next retry passes at once (rule `released`).
+    Released,
+    /// It had already passed (or been released): nothing changed.
+    AlreadyPassed,
+    /// No live record: nothing to release.
+    NotFound,
 }
 
 /// Stored state relevant to one request, for [`Engine::decide`].
@@ -858,6 +895,19 @@ impl Engine {
                     passed: false,
                 },
             ),
+            // Released by an operator and not retried since: this retry ends greylisting,
+            // leaving the record a pass of the engine's own would leave.
+            Some(t) if t.passed && t.passes == 0 => (
+                TripletOutcome::Released {
+                    by: now.saturating_sub(t.first_seen),
+                },
+                Triplet {
+                    last_seen: now,
+                    expires_at: now.saturating_add(p.max_age),
+                    passes: 1,
+                    ..*t
+                },
+            ),
             Some(t) if t.passed => (
                 TripletOutcome::Known,
                 Triplet {
@@ -890,6 +940,32 @@ impl Engine {
                     (TripletOutcome::Delayed { by: elapsed }, next)
                 }
             }
+        }
+    }
+
+    /// An operator's release as a pure state transition, run inside a store's atomic
+    /// update: a live pending triplet becomes passed with no pass counted yet
+    /// (`passes` 0, which the engine's own passes never leave), so that its next retry
+    /// passes at once with rule `released` ([`Engine::triplet_step`]). It lives as a passed
+    /// record does, `max_age` from its last attempt. Anything else is left as it is
+    /// (`None`: nothing to write).
+    pub fn release_step(
+        &self,
+        old: Option<&Triplet>,
+        now: u64,
+    ) -> (ReleaseOutcome, Option<Triplet>) {
+        match old.filter(|t| self.triplet_alive(t, now)) {
+            None => (ReleaseOutcome::NotFound, None),
+            Some(t) if t.passed => (ReleaseOutcome::AlreadyPassed, None),
+            Some(t) => (
+                ReleaseOutcome::Released,
+                Some(Triplet {
+                    expires_at: t.last_seen.saturating_add(self.policy.max_age),
+                    passes: 0,
+                    passed: true,
+                    ..*t
+                }),
+            ),
         }
     }
 
@@ -927,6 +1003,10 @@ impl Engine {
                 ..Decision::new(Verdict::Pass, Rule::Delayed)
             },
             TripletOutcome::Known => Decision::new(Verdict::Pass, Rule::Known),
+            TripletOutcome::Released { by } => Decision {
+                delayed: Some(by),
+                ..Decision::new(Verdict::Pass, Rule::Released)
+            },
         };
         d.key = Some(lookup.key);
         d.identity = Some(lookup.identity);
@@ -966,10 +1046,7 @@ impl Engine {
             }
             new_triplets = Some(self.count_new_triplet(w, now));
         }
-        let passed = matches!(
-            outcome,
-            TripletOutcome::Delayed { .. } | TripletOutcome::Known
-        );
+        let passed = outcome.passes();
         let next = State {
             client: if passed {
                 self.count_pass(client, now).or(state.client)

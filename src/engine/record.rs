@@ -15,7 +15,9 @@ pub struct Triplet {
     pub expires_at: u64,
     /// Attempts deferred in this round (the first one included).
     pub attempts: u32,
-    /// Attempts accepted since the delay ended.
+    /// Attempts accepted since the delay ended. A passed record with 0 was released by an
+    /// operator and not retried since (the engine's own passes start at 1): its next retry
+    /// passes with rule `released`.
     pub passes: u32,
     /// The delay has been served: later attempts pass while the record lives.
     pub passed: bool,

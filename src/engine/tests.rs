@@ -1781,3 +1781,77 @@ fn stage_auth_and_missing_client_skip_before_any_section() {
         Rule::NoClientAddress
     );
 }
+
+/// A released pending triplet passes at its next retry, before its delay, with rule
+/// `released`; after that it is the record an ordinary pass leaves, and answers `known`.
+#[test]
+fn a_released_triplet_passes_at_once_then_is_an_ordinary_pass() {
+    let engine = engine();
+    let req = base_request();
+    let delay = engine.policy.delay;
+    // Deferred at T, released 10 s later: far before the delay ends.
+    let (_, first) = engine.triplet_step(None, T, delay);
+    let (outcome, released) = engine.release_step(Some(&first), T + 10);
+    assert_eq!(outcome, ReleaseOutcome::Released);
+    let released = released.expect("a pending record is released");
+    assert_eq!(
+        (
+            released.first_seen,
+            released.attempts,
+            released.passed,
+            released.passes
+        ),
+        (T, 1, true, 0)
+    );
+    assert!(engine.triplet_alive(&released, T + 20));
+
+    let (d, next) = engine.decide(&req, &state(None, Some(released)), T + 20);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::Released));
+    assert_eq!(d.delayed, Some(20), "delayed since the first attempt");
+    assert_eq!(d.record, Some(released));
+    let after = next.triplet.expect("record written");
+    assert!(
+        next.client.is_some_and(|c| c.passes == 1),
+        "the pass counts"
+    );
+
+    // The same record as a pass after the delay would leave, but for its times.
+    let (_, delayed_pass) = engine.triplet_step(Some(&first), T + 20 + delay, 0);
+    assert_eq!(
+        after,
+        Triplet {
+            last_seen: T + 20,
+            expires_at: T + 20 + engine.policy.max_age,
+            ..delayed_pass
+        }
+    );
+    let (d, again) = engine.decide(&req, &state(None, Some(after)), T + 30);
+    assert_eq!(d.rule, Rule::Known);
+    assert_eq!(again.triplet.map(|t| t.passes), Some(2));
+
+    // Nothing else is released: passed (also released) records, dead or missing ones.
+    for (old, at, want) in [
+        (Some(after), T + 30, ReleaseOutcome::AlreadyPassed),
+        (Some(released), T + 30, ReleaseOutcome::AlreadyPassed),
+        (None, T, ReleaseOutcome::NotFound),
+        (
+            Some(first),
+            T + engine.policy.retry_window + 1,
+            ReleaseOutcome::NotFound,
+        ),
+    ] {
+        assert_eq!(
+            engine.release_step(old.as_ref(), at),
+            (want, None),
+            "{old:?}"
+        );
+    }
+    // A released record lives as a passed one does, from its last attempt.
+    assert_eq!(released.expires_at, T + engine.policy.max_age);
+    let (d, _) = engine.decide(
+        &req,
+        &state(None, Some(released)),
+        T + engine.policy.max_age + 1,
+    );
+    assert_eq!(d.rule, Rule::New, "a release never retried is forgotten");
+}

@@ -196,7 +196,11 @@ impl Explanation {
                     let _ = writeln!(s, "record:     none (first sighting)");
                 }
                 Some(t) => {
-                    let state = if t.passed { "passed" } else { "pending" };
+                    let state = match (t.passed, t.passes) {
+                        (true, 0) => "released by an operator, not retried since",
+                        (true, _) => "passed",
+                        (false, _) => "pending",
+                    };
                     let _ = writeln!(
                         s,
                         "record:     {state}; first seen {}; last seen {}; {} deferred attempt(s), {} pass(es); expires {}",

@@ -582,10 +582,7 @@ impl Greylister {
                 wait => return Ok(engine.throttled_decision(lookup, wait, old, client)),
             }
         }
-        let passed = matches!(
-            outcome,
-            TripletOutcome::Delayed { .. } | TripletOutcome::Known
-        );
+        let passed = outcome.passes();
         if passed && engine.auto_allow_enabled() {
             // The triplet's new state is committed: the decision stands. Losing one pass
             // count only delays auto-allow a little; answering a store failure now would

@@ -2,13 +2,13 @@
 //!
 //! Call [`run`] from a test with a fresh, empty store ([`run_with`] for a store that
 //! expires by server TTL). It checks atomic updates under concurrency, first-sighting
-//! races, expiry, counts, scans and removal, using the engine's own step functions as
-//! update closures.
+//! races, expiry, counts, scans, removal and an operator's release, using the engine's own
+//! step functions as update closures.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use crate::engine::{ClientRecord, Engine, Triplet, TripletKey, TripletOutcome};
+use crate::engine::{ClientRecord, Engine, ReleaseOutcome, Triplet, TripletKey, TripletOutcome};
 
 use super::{Entry, EntryFilter, EntryKind, SCAN_EXAMINE, Store};
 
@@ -56,6 +56,7 @@ pub async fn run_with(store: Arc<dyn Store>, expiry: Expiry) {
     scan_pages_list_every_live_client_once(&*store).await;
     junk_cursors_are_refused_as_such(&*store).await;
     removal_removes_and_reports(&*store).await;
+    release_passes_the_next_retry(&*store).await;
     store.flush().await.expect("flush");
 }
 
@@ -616,4 +617,87 @@ pub async fn scan_examines_a_bounded_number(s: &dyn Store) {
     }
     assert!(pages >= 2, "examined everything in one call");
     assert_eq!(found, 1, "the one match found once");
+}
+
+/// An operator's release, the engine's step in one atomic update, makes a pending triplet
+/// passed with no pass counted yet: read back, listed and counted as passed. Its next retry
+/// passes as `released` and leaves an ordinary passed record (`known` after). Releasing a
+/// passed or a missing triplet writes nothing.
+async fn release_passes_the_next_retry(s: &dyn Store) {
+    let engine = &Engine::default();
+    let delay = engine.policy.delay;
+    let k = TripletKey {
+        client: "203.0.113.0/24".into(),
+        sender: "held@example.net".into(),
+        recipient: "release@example.org".into(),
+    };
+    let t0 = 5_000;
+    let release = |at: u64| move |old: Option<&Triplet>| engine.release_step(old, at).1;
+    let old = s.update_triplet(&k, &release(t0)).await.unwrap();
+    assert_eq!(old, None, "release of a missing triplet");
+    assert_eq!(
+        s.get_triplet(&k).await.unwrap(),
+        None,
+        "releasing a missing triplet writes nothing"
+    );
+
+    s.update_triplet(&k, &|old| Some(engine.triplet_step(old, t0, delay).1))
+        .await
+        .unwrap();
+    let old = s.update_triplet(&k, &release(t0 + 10)).await.unwrap();
+    assert_eq!(
+        engine.release_step(old.as_ref(), t0 + 10).0,
+        ReleaseOutcome::Released,
+        "the update saw the pending record: {old:?}"
+    );
+    let released = s.get_triplet(&k).await.unwrap().expect("released record");
+    assert_eq!(
+        (released.first_seen, released.passed, released.passes),
+        (t0, true, 0),
+        "released: passed, no pass counted yet"
+    );
+    let listed = scan_all(s, EntryKind::Triplets, 50, t0 + 10, &|e: &Entry| {
+        triplet_of(e).is_some_and(|(key, _)| *key == k)
+    })
+    .await;
+    assert_eq!(
+        listed,
+        vec![Entry::Triplet {
+            key: k.clone(),
+            record: released
+        }],
+        "listed as released"
+    );
+    assert!(
+        s.counts().await.unwrap().triplets_passed >= 1,
+        "counted as passed"
+    );
+
+    let again = s.update_triplet(&k, &release(t0 + 11)).await.unwrap();
+    assert_eq!(
+        engine.release_step(again.as_ref(), t0 + 11).0,
+        ReleaseOutcome::AlreadyPassed
+    );
+    assert_eq!(
+        s.get_triplet(&k).await.unwrap(),
+        Some(released),
+        "a second release changes nothing"
+    );
+
+    let step = |at: u64| move |old: Option<&Triplet>| Some(engine.triplet_step(old, at, delay).1);
+    let old = s.update_triplet(&k, &step(t0 + 20)).await.unwrap();
+    assert_eq!(
+        engine.triplet_step(old.as_ref(), t0 + 20, delay).0,
+        TripletOutcome::Released { by: 20 },
+        "the retry before the delay passes"
+    );
+    let old = s.update_triplet(&k, &step(t0 + 30)).await.unwrap();
+    assert_eq!(
+        engine.triplet_step(old.as_ref(), t0 + 30, delay).0,
+        TripletOutcome::Known,
+        "then an ordinary passed triplet"
+    );
+    let now = s.get_triplet(&k).await.unwrap().expect("kept");
+    assert_eq!((now.passed, now.passes), (true, 2));
+    assert!(s.remove_triplet(&k).await.unwrap(), "cleaned up");
 }

@@ -621,6 +621,15 @@ fn every_answer_reads_into_its_wire_type() {
     assert_eq!(s, 200, "{r}");
     let removed: wire::Removed = typed("removed", r);
     assert_eq!(removed.removed, vec![added]);
+    let (s, r) = http.post(
+        "/api/release",
+        Some(TOKEN),
+        &json!({"recipient": "bob@example.org"}),
+    );
+    assert_eq!(s, 200, "{r}");
+    let released: wire::ReleaseReport = typed("release", r);
+    assert_eq!((released.count, released.complete), (1, true));
+    assert_eq!(released.released[0].client, "192.0.2.0/24");
     let (s, r) = http.post("/api/purge", Some(TOKEN), &json!({"all": true}));
     assert_eq!(s, 200, "{r}");
     let purged: wire::PurgeReport = typed("purge", r);

@@ -1,6 +1,6 @@
 //! The web dashboard in a real headless Chromium, driven through ChromeDriver's WebDriver
 //! API: the page loads without console errors, its counters match the traffic the test
-//! sent, the explain box answers, an allow entry can be added, and with `token_for_reads`
+//! sent, the explain box answers, an allow entry can be added, a deferral released, and with `token_for_reads`
 //! the page asks for the token before it shows data; screenshots are kept as artifacts.
 
 use std::path::{Path, PathBuf};
@@ -320,6 +320,41 @@ fn dashboard_in_headless_chromium() {
         "the entry added in the browser applies"
     );
     s.wait_text("#count-pass", |t| t == "2", "counter follows traffic");
+
+    // The release button beside a deferral (the token is in the form): the sender's next
+    // retry is accepted at once, long before the 300 s delay.
+    s.wait_text(
+        "#recent tbody",
+        |t| t.contains("203.0.3.0/24"),
+        "deferral listed",
+    );
+    let buttons = s.script("return document.querySelectorAll('#recent button.release').length;");
+    assert!(buttons.as_u64().unwrap_or(0) >= 3, "{buttons}");
+    // Found and clicked in one script: the table is redrawn every few seconds.
+    let clicked = s.script(
+        "for (const tr of document.querySelectorAll('#recent tbody tr')) { \
+           if (tr.textContent.includes('203.0.3.0/24')) { \
+             tr.querySelector('button.release').click(); return true; } } \
+         return false;",
+    );
+    assert_eq!(clicked, true);
+    s.wait_text(
+        "#release-message",
+        |t| t.contains("released 203.0.3.0/24 / newsletter@shop.example / bob@example.org"),
+        "release message",
+    );
+    let reply = c.ask(&rcpt_request(
+        "203.0.3.10",
+        "newsletter@shop.example",
+        "bob@example.org",
+    ));
+    assert!(reply.starts_with("PREPEND X-Greylist: delayed"), "{reply}");
+    s.wait_text(
+        "#recent tbody",
+        |t| t.contains("released"),
+        "the released pass listed",
+    );
+    d.expect_log("released who=\"admin token from 127.0.0.1:");
 
     keep_screenshot(&s, "dashboard.png");
 

@@ -51,8 +51,9 @@ fn off_learn_and_slower_domains_in_a_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let customers = dir.path().join("customers.txt");
     std::fs::write(&customers, "# hosted customers\nshop.example off\n").unwrap();
+    // No DNS: this test needs no resolver (and must never query the system's).
     let toml = admin_toml(&format!(
-        "\n[[domains]]\nname = \"no-greylisting\"\nrecipients = [\"off.example\"]\nmode = \"off\"\n\n\
+        "\n[dns]\nenabled = false\n\n[[domains]]\nname = \"no-greylisting\"\nrecipients = [\"off.example\"]\nmode = \"off\"\n\n\
          [[domains]]\nname = \"trial\"\nrecipients = [\"learn.example\"]\nmode = \"learn\"\n\n\
          [[domains]]\nname = \"slow\"\nrecipients = [\"slow.example\"]\ndelay = \"20m\"\n\n\
          [[domains]]\nname = \"hosted\"\nfiles = [{:?}]\n",

@@ -379,7 +379,7 @@ fn replay_with_domain_sections() {
     let cfg = dir.path().join("domains.toml");
     std::fs::write(
         &cfg,
-        "[[domains]]\nname = \"bob-off\"\nrecipients = [\"bob@site.example\"]\nmode = \"off\"\n\n\
+        "[dns]\nenabled = false\n\n[[domains]]\nname = \"bob-off\"\nrecipients = [\"bob@site.example\"]\nmode = \"off\"\n\n\
          [[domains]]\nname = \"carol-learn\"\nrecipients = [\"carol@site.example\"]\nmode = \"learn\"\n\n\
          [[domains]]\nname = \"dave-slow\"\nrecipients = [\"dave@site.example\"]\ndelay = \"15m\"\n",
     )

@@ -184,7 +184,42 @@ function showRecent(list) {
     cell(tr, d.sender || "<>");
     cell(tr, d.recipient);
     cell(tr, d.domain || "");
+    const td = document.createElement("td");
+    // A deferral that left a pending triplet: releasing it accepts the next retry at once.
+    if (d.verdict === "defer" && (d.rule === "new" || d.rule === "early-retry")) {
+      const b = document.createElement("button");
+      b.textContent = "release";
+      b.className = "small release";
+      b.title = "accept the sender's next retry at once (needs the admin token)";
+      b.addEventListener("click", () => release(d));
+      td.appendChild(b);
+    }
+    tr.appendChild(td);
   });
+}
+
+async function release(d) {
+  const m = $("#release-message");
+  try {
+    const r = await api("/api/release", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ client: d.group, sender: d.sender, recipient: d.recipient }),
+    });
+    if (token()) sessionStorage.setItem(TOKEN_KEY, token());
+    if (r.count > 0) {
+      const keys = r.released.map((k) => k.client + " / " + k.sender + " / " + k.recipient);
+      text(m, "released " + keys.join(", ") + ": the next retry is accepted at once");
+    } else if (r.already_passed.length) {
+      text(m, "already passed, nothing to release");
+    } else {
+      text(m, "nothing to release: no pending triplet (expired or removed)");
+    }
+    m.className = "message " + (r.count > 0 ? "ok" : "bad");
+  } catch (err) {
+    text(m, err.message);
+    m.className = "message bad";
+  }
 }
 
 function showEntries(res) {
