@@ -353,6 +353,9 @@ pub struct RecentDecision {
     pub delayed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The recipient's `[[domains]]` section, when one applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// Answers in one 10-second bucket.
@@ -564,6 +567,8 @@ pub struct DecisionSeen<'a> {
     pub recipient: &'a str,
     pub delayed: Option<u64>,
     pub detail: Option<&'a str>,
+    /// The recipient's `[[domains]]` section, when one applied.
+    pub domain: Option<&'a str>,
 }
 
 impl DecisionSeen<'_> {
@@ -590,6 +595,7 @@ impl DecisionSeen<'_> {
             recipient,
             delayed: self.delayed,
             detail: self.detail.map(str::to_owned),
+            domain: self.domain.map(str::to_owned),
         }
     }
 }
@@ -616,6 +622,7 @@ mod tests {
             recipient: "r@example.org",
             delayed: None,
             detail: None,
+            domain: None,
         }
     }
 

@@ -21,7 +21,7 @@ use super::wire::{
     SeriesQuery, StatsView, Top, ValueQuery,
 };
 use super::{AdminState, error, prometheus};
-use crate::engine::{ListKind, Mode, Request, Verdict};
+use crate::engine::{ListKind, Request, Verdict};
 use crate::service::{EntriesError, Selector, unix_now};
 use crate::store::{Counts, StoreError};
 
@@ -189,13 +189,13 @@ async fn explain(State(st): State<Arc<AdminState>>, Query(q): Query<ExplainQuery
         Ok(s) => Ok(s.as_ref()),
         Err(e) => Err(e.to_string()),
     };
-    let enforced = live.options.mode == Mode::Enforce;
+    let mode = live.options.mode;
     let replies = st.control.replies();
     let dns = live.dns.as_deref();
     let throttle = Some(&st.svc.throttle);
     let result =
         crate::service::explain::explain(&live.engine, store_ref, throttle, dns, &req, now, |d| {
-            replies.action_text(d, enforced, now)
+            replies.action_text(d, d.enforced(mode), now)
         })
         .await;
     match result {

@@ -1,4 +1,4 @@
-//! `greygate check-config`: check the configuration and allow-list files, summarise what
+//! `greygate check-config`: check the configuration, allow-list and domain files, summarise what
 //! they set, and with `--connect` ask the store's server who it is; `greygate check-store`:
 //! read the embedded store file offline and say what the daemon would do with it.
 
@@ -57,6 +57,17 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  allow lists: {clients} client, {recipients} recipient, {senders} sender entries");
+    let sections = cfg.engine.domains.sections();
+    if !sections.is_empty() {
+        let from_files = sections
+            .iter()
+            .filter(|s| s.applied.source.is_some())
+            .count();
+        println!(
+            "  domain sections: {} in the configuration, {from_files} file lines",
+            sections.len() - from_files
+        );
+    }
     let order: Vec<&str> = cfg
         .engine
         .selective

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use greygate::admin::wire::ExplainQuery;
-use greygate::engine::{Mode, Request};
+use greygate::engine::Request;
 use greygate::service::unix_now;
 use greygate::store::{self, Access, StoreError};
 
@@ -108,7 +108,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         Err(e) => (Err(e.to_string()), matches!(e, StoreError::Locked { .. })),
     };
     let replies = &cfg.replies;
-    let enforced = cfg.mode == Mode::Enforce;
+    let mode = cfg.mode;
     let rt = runtime()?;
     let store_ref = reader.as_deref().map_err(Clone::clone);
     // DNS facts as the daemon would gather them; a resolver that cannot be set up only
@@ -134,7 +134,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         dns.as_ref(),
         &req,
         now,
-        |d| replies.action_text(d, enforced, now),
+        |d| replies.action_text(d, d.enforced(mode), now),
     ));
     match result {
         Ok(x) if args.json => println!("{}", serde_json::to_string_pretty(&x)?),

@@ -42,7 +42,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: policy, milter and SMTP listeners, admin API, metrics and dashboard.
     Serve(serve::ServeArgs),
-    /// Check the configuration and allow-list files; report every problem with its line.
+    /// Check the configuration, allow-list and domain files; report every problem with its line.
     CheckConfig(check::CheckConfigArgs),
     /// Read the embedded store file without writing; say whether the daemon can load it.
     CheckStore(check::CheckStoreArgs),
@@ -64,7 +64,7 @@ pub enum Command {
     Allow(admin::RuntimeArgs),
     /// Runtime deny entries: always answer "try again later".
     Deny(admin::RuntimeArgs),
-    /// Make the running daemon reload its configuration and allow-list files.
+    /// Make the running daemon reload its configuration, allow-list and domain files.
     Reload(admin::ReloadArgs),
     /// Client allow lists of the big senders' ranges, from their own SPF records.
     Lists(lists::ListsArgs),

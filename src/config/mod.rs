@@ -11,6 +11,7 @@ mod allow;
 mod diagnostics;
 mod diff;
 mod dns;
+mod domains;
 mod greylist;
 mod listeners;
 mod lists;
@@ -26,6 +27,7 @@ pub use admin::RawAdmin;
 pub use allow::RawAllow;
 pub use diagnostics::{ConfigError, ConfigErrors, Problems, Source};
 pub use dns::{RawDns, RawDnsbl, RawDnswl, RawIdentity};
+pub use domains::RawDomain;
 pub use greylist::RawGreylist;
 pub use listeners::{RawMilter, RawPolicyServer};
 pub use lists::{RawLists, built_in_comment};
@@ -74,6 +76,8 @@ pub struct RawConfig {
     pub dnsbl: RawDnsbl,
     pub lists: RawLists,
     pub log: RawLog,
+    /// `[[domains]]`: per-recipient-domain sections, in precedence order.
+    pub domains: Vec<RawDomain>,
 }
 
 /// The checked configuration, in sections the components own.
@@ -136,6 +140,7 @@ impl RawConfig {
         let admin = self.admin.check(&store.kind, &mut p);
         let lists = self.lists.check(&mut p);
         let allow = self.allow.check(&lists.output, &mut p);
+        let domains = domains::check(&self.domains, &policy, self.dns.enabled, &mut p);
         p.finish(|| {
             let hostname = self
                 .hostname
@@ -153,7 +158,9 @@ impl RawConfig {
                     header_host: self.greylist.x_greylist_header.then(|| hostname.clone()),
                 },
                 hostname,
-                engine: Engine::new(policy, allow).with_selective(selective),
+                engine: Engine::new(policy, allow)
+                    .with_selective(selective)
+                    .with_domains(domains),
                 policy: policy_listeners,
                 milter,
                 smtp,
@@ -209,6 +216,7 @@ impl Default for RawConfig {
             dnsbl: RawDnsbl::default(),
             lists: RawLists::default(),
             log: RawLog::default(),
+            domains: Vec::new(),
         }
     }
 }

@@ -1246,6 +1246,237 @@ fn smtp_traps_reload_but_its_listeners_need_a_restart() {
     assert_eq!(base.needs_restart(&moved), ["smtp"]);
 }
 
+/// The section that applies to `recipient`, its mode and delay (None: inherited).
+fn section_for(c: &Config, recipient: &str) -> Option<(String, Option<&'static str>, Option<u64>)> {
+    c.engine
+        .domain_section(recipient)
+        .map(|s| (s.name().to_string(), s.mode().map(|m| m.as_str()), s.delay))
+}
+
+#[test]
+fn domain_sections_and_their_files() {
+    let file = temp_file(
+        "# customers of the hosting platform\n\
+         a.example off\n\
+         \n\
+         b.example   learn delay=10m   # trial\n\
+         c@d.example mode=enforce\n\
+         *.e.example\n",
+    );
+    let c = valid(&format!(
+        "[greylist]\ndelay = 300\n\n\
+         [[domains]]\nrecipients = [\"VIP@a.example\", \"x.example\"]\nmode = \"enforce\"\ndelay = \"20m\"\n\n\
+         [[domains]]\nname = \"customers\"\nfiles = [\"{}\"]\ndelay = 600\n\n\
+         [[domains]]\nname = \"late\"\nrecipients = [\"a.example\"]\nmode = \"learn\"\n",
+        toml_path(&file)
+    ));
+    let vip = Some(("vip@a.example".to_string(), Some("enforce"), Some(1200)));
+    assert_eq!(section_for(&c, "vip@a.example"), vip);
+    assert_eq!(section_for(&c, "bob@x.example"), vip);
+    let customers = |mode, delay| Some(("customers".to_string(), mode, Some(delay)));
+    assert_eq!(
+        section_for(&c, "bob@a.example"),
+        customers(Some("off"), 600)
+    );
+    assert_eq!(
+        section_for(&c, "bob@b.example"),
+        customers(Some("learn"), 600)
+    );
+    assert_eq!(
+        section_for(&c, "c@d.example"),
+        customers(Some("enforce"), 600)
+    );
+    assert_eq!(section_for(&c, "x@d.example"), None);
+    assert_eq!(section_for(&c, "x@mx.e.example"), customers(None, 600));
+    let s = c.engine.domain_section("bob@b.example").unwrap();
+    let source = s.applied.source.as_deref().unwrap();
+    assert_eq!(source, format!("{}:4", file.path().display()));
+    // Three sections, the file's four lines each a section of their own after theirs;
+    // "late" lists a.example after the file did: the file's line applied above.
+    let names: Vec<&str> = c
+        .engine
+        .domains
+        .sections()
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "vip@a.example",
+            "customers",
+            "customers",
+            "customers",
+            "customers",
+            "customers",
+            "late"
+        ]
+    );
+}
+
+#[test]
+fn domain_section_errors_name_their_line() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "[[domains]]\nrecipients = [\"a.example\"]\nmode = \"sometimes\"\n",
+            3,
+            "unknown variant",
+        ),
+        (
+            "[[domains]]\nrecipients = [\"a.example\", \"not a domain\"]\n",
+            2,
+            "not a recipient pattern",
+        ),
+        (
+            "[[domains]]\nmode = \"off\"\n",
+            1,
+            "needs recipients or files",
+        ),
+        (
+            "[[domains]]\nrecipients = [\"a.example\"]\n\n[[domains]]\nname = \"a.example\"\nrecipients = [\"b.example\"]\n",
+            5,
+            "appears twice",
+        ),
+        (
+            "[[domains]]\nrecipients = [\"a.example\"]\ndelay = \"3d\"\n",
+            3,
+            "longer than [greylist] retry_window",
+        ),
+        (
+            "[[domains]]\nrecipients = [\"a.example\"]\nmode = \"off\"\ndelay = 60\n",
+            4,
+            "no effect with mode \"off\"",
+        ),
+        (
+            "[dns]\nenabled = false\n[[domains]]\nrecipients = [\"a.example\"]\nverified_skip = true\n",
+            5,
+            "unless [dns] enabled",
+        ),
+        (
+            "[dns]\nenabled = true\n[[domains]]\nrecipients = [\"a.example\"]\nverified_skip = true\nverified_delay = 5\n",
+            6,
+            "exclude each other",
+        ),
+        (
+            "[[domains]]\nrecipients = [\"a.example\"]\nlevel = 3\n",
+            3,
+            "unknown field",
+        ),
+    ];
+    for (text, line, want) in cases {
+        let e = single_error(text);
+        assert!(e.location.starts_with(&at_line(*line)), "{text}\n{e}");
+        assert!(e.message.contains(want), "{text}\n{e}");
+    }
+}
+
+#[test]
+fn domain_file_errors_name_file_and_line() {
+    let file = temp_file(
+        "ok.example learn\n\
+         bad..example off\n\
+         c.example sometimes\n\
+         d.example delay=3d\n\
+         e.example off delay=5m\n\
+         f.example learn off\n\
+         g.example colour=blue\n\
+         h.example verified_skip=true\n",
+    );
+    let list = errors(&format!(
+        "[dns]\nenabled = false\n[[domains]]\nname = \"f\"\nfiles = [\"{}\", \"/nonexistent/greygate-domains\"]\n",
+        toml_path(&file)
+    ));
+    let shown = file.path().display().to_string();
+    assert!(list[0].location.starts_with(&at_line(5)), "{}", list[0]);
+    let got: Vec<&str> = list[1..].iter().map(|e| e.location.as_str()).collect();
+    let want: Vec<String> = (2..=8).map(|n| format!("{shown}:{n}")).collect();
+    assert_eq!(got, want, "{list:?}");
+    assert!(
+        list[0]
+            .message
+            .contains("cannot read /nonexistent/greygate-domains")
+    );
+    for (i, part) in [
+        "not a recipient pattern",
+        "not a mode",
+        "longer than [greylist] retry_window",
+        "no effect with mode \"off\"",
+        "given twice",
+        "unknown setting \"colour\"",
+        "unless [dns] enabled",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(list[i + 1].message.contains(part), "{}", list[i + 1]);
+    }
+}
+
+#[test]
+fn domain_files_are_read_again_by_each_load() {
+    // A reload validates the configuration anew: the file's current lines apply.
+    let file = temp_file("a.example off\n");
+    let text = format!(
+        "[[domains]]\nname = \"hosted\"\nfiles = [\"{}\"]\n",
+        toml_path(&file)
+    );
+    let before = valid(&text);
+    assert_eq!(
+        rule_for(&before, &rcpt("bob@a.example")),
+        Some(Rule::DomainOff)
+    );
+    std::fs::write(file.path(), "b.example off\na.example learn\n").expect("rewrite");
+    let after = valid(&text);
+    assert_eq!(rule_for(&after, &rcpt("bob@a.example")), None);
+    assert_eq!(
+        section_for(&after, "bob@a.example"),
+        Some(("hosted".into(), Some("learn"), None))
+    );
+    assert_eq!(
+        rule_for(&after, &rcpt("bob@b.example")),
+        Some(Rule::DomainOff)
+    );
+}
+
+#[test]
+fn a_sections_inline_recipients_come_before_its_files_lines() {
+    let file = temp_file("a.example off\nb.example off\n");
+    let c = valid(&format!(
+        "[[domains]]\nname = \"s\"\nrecipients = [\"a.example\"]\nmode = \"learn\"\nfiles = [\"{}\"]\n",
+        toml_path(&file)
+    ));
+    assert_eq!(
+        section_for(&c, "x@a.example"),
+        Some(("s".into(), Some("learn"), None))
+    );
+    assert_eq!(
+        section_for(&c, "x@b.example"),
+        Some(("s".into(), Some("off"), None))
+    );
+}
+
+#[test]
+fn a_sections_verified_keys_replace_both_global_ones() {
+    let c = valid(
+        "[dns]\nenabled = true\n[identity]\nverified_delay = 60\n\n\
+         [[domains]]\nrecipients = [\"no-skip.example\"]\nverified_skip = false\n\n\
+         [[domains]]\nrecipients = [\"skip.example\"]\nverified_skip = true\n\n\
+         [[domains]]\nrecipients = [\"short.example\"]\nverified_delay = \"10s\"\n\n\
+         [[domains]]\nrecipients = [\"inherit.example\"]\ndelay = 600\n",
+    );
+    let verified = |d: &str| c.engine.domain_section(&format!("x@{d}")).unwrap().verified;
+    assert_eq!(
+        verified("no-skip.example"),
+        Some(VerifiedTreatment::Greylist)
+    );
+    assert_eq!(verified("skip.example"), Some(VerifiedTreatment::Skip));
+    assert_eq!(
+        verified("short.example"),
+        Some(VerifiedTreatment::Delay(10))
+    );
+    assert_eq!(verified("inherit.example"), None);
+}
+
 // ---------------------------------------------------------------------------------------
 // [lists]
 // ---------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ impl Control for Reloader {
         };
         let needs_restart = self.started.needs_restart(&cfg);
         let allow_entries = cfg.engine.allow.counts();
+        let domain_sections = cfg.engine.domains.sections().len();
         let mode = cfg.mode;
         // The same DNS settings keep the gatherer, and with it the cache.
         let current = self.svc.live().dns.clone();
@@ -129,6 +130,7 @@ impl Control for Reloader {
             allow_clients = allow_entries.0,
             allow_recipients = allow_entries.1,
             allow_senders = allow_entries.2,
+            domain_sections,
             "configuration reloaded"
         );
         if !needs_restart.is_empty() {

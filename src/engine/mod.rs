@@ -6,6 +6,7 @@
 //! see a triplet at the same moment still agree on its first sighting.
 
 pub mod allow;
+pub mod domains;
 pub mod identity;
 pub mod normalize;
 pub mod record;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use allow::{AllowKind, AllowLists, Origin};
+pub use domains::{DomainApplied, DomainMode, DomainPolicies, DomainSection, SharedStr};
 pub use identity::{
     HostName, Identity, IdentityFacts, IdentityKind, IdentityReason, Listing, SpfFact, SpfResult,
 };
@@ -185,6 +187,8 @@ pub enum Rule {
     RuntimeAllow,
     /// An operator's runtime deny entry: always "try again later".
     Deny,
+    /// The recipient's `[[domains]]` section has `mode = "off"`: not greylisted.
+    DomainOff,
     AutoAllow,
     /// Listed by a configured DNS allow list (DNSWL) zone.
     Dnswl,
@@ -212,7 +216,7 @@ pub enum Rule {
 impl Rule {
     /// Every rule, in declaration order (`rule as usize` indexes it): metrics keep one
     /// counter per rule without a map.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::NotRcptStage,
         Rule::NoClientAddress,
         Rule::Authenticated,
@@ -222,6 +226,7 @@ impl Rule {
         Rule::AllowSender,
         Rule::RuntimeAllow,
         Rule::Deny,
+        Rule::DomainOff,
         Rule::AutoAllow,
         Rule::Dnswl,
         Rule::VerifiedUnlisted,
@@ -246,6 +251,7 @@ impl Rule {
             Rule::AllowSender => "allow-sender",
             Rule::RuntimeAllow => "runtime-allow",
             Rule::Deny => "deny",
+            Rule::DomainOff => "domain-off",
             Rule::AutoAllow => "auto-allow",
             Rule::Dnswl => "dnswl",
             Rule::VerifiedUnlisted => "verified-unlisted",
@@ -312,6 +318,9 @@ pub struct Decision {
     /// The delay the triplet rule applied to this request, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delay: Option<Delay>,
+    /// The recipient's `[[domains]]` section, when one matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainApplied>,
 }
 
 /// Why a request serves the delay it does.
@@ -324,6 +333,8 @@ pub enum DelayReason {
     Dnsbl,
     /// A verified identity that no DNSBL zone lists: `[identity] verified_delay`.
     Verified,
+    /// The `delay` of the recipient's `[[domains]]` section.
+    Domain,
 }
 
 /// The delay of one request: per request, since DNS list facts may lengthen or shorten it.
@@ -378,6 +389,17 @@ impl Decision {
             delayed: None,
             identity: None,
             delay: None,
+            domain: None,
+        }
+    }
+
+    /// Whether the verdict is enforced: the recipient's section's mode decides, else the
+    /// global one (`learn` only records).
+    pub fn enforced(&self, global: Mode) -> bool {
+        match self.domain.as_ref().and_then(|d| d.mode) {
+            Some(DomainMode::Learn) => false,
+            Some(DomainMode::Enforce | DomainMode::Off) => true,
+            None => global == Mode::Enforce,
         }
     }
 
@@ -404,6 +426,8 @@ pub struct Lookup {
     pub identity: IdentityReason,
     /// Why the delay differs from the configured one (the DNSBL zones that list the client).
     pub detail: Option<String>,
+    /// The recipient's `[[domains]]` section, when one matched.
+    pub domain: Option<DomainApplied>,
 }
 
 /// Rules 1–3 either decide, or yield the lookup that the stored state decides on.
@@ -484,6 +508,8 @@ pub struct Engine {
     /// Operator entries made while running; shared so a reload keeps them.
     pub runtime: Arc<RuntimeLists>,
     pub selective: Selective,
+    /// Per-recipient-domain sections (`[[domains]]`), in precedence order.
+    pub domains: Arc<DomainPolicies>,
 }
 
 impl Engine {
@@ -493,7 +519,23 @@ impl Engine {
             allow: Arc::new(allow),
             runtime: Arc::default(),
             selective: Selective::default(),
+            domains: Arc::default(),
         }
+    }
+
+    /// The same engine with other per-recipient-domain sections.
+    #[must_use]
+    pub fn with_domains(self, domains: DomainPolicies) -> Self {
+        Engine {
+            domains: Arc::new(domains),
+            ..self
+        }
+    }
+
+    /// The section that applies to `recipient` (as received), if any.
+    pub fn domain_section(&self, recipient: &str) -> Option<&DomainSection> {
+        self.domains
+            .find(recipient, &self.policy.recipient_delimiter)
     }
 
     /// The same engine with other selective-greylisting settings.
@@ -529,15 +571,23 @@ impl Engine {
     }
 
     /// The delay this request serves: DNSBL-listed clients may wait longer, verified and
-    /// unlisted ones less. `None` means verified, unlisted and `verified_skip`: no delay.
+    /// unlisted ones less; the recipient's section may replace the configured delay and the
+    /// verified treatment. `None` means verified, unlisted and `verified_skip`: no delay.
     fn delay_for(
         &self,
         facts: Option<&IdentityFacts>,
         identity: IdentityKind,
+        section: Option<&DomainSection>,
     ) -> Option<(Delay, Option<String>)> {
-        let configured = Delay {
-            seconds: self.policy.delay,
-            reason: DelayReason::Configured,
+        let configured = match section.and_then(|s| s.delay) {
+            Some(seconds) => Delay {
+                seconds,
+                reason: DelayReason::Domain,
+            },
+            None => Delay {
+                seconds: self.policy.delay,
+                reason: DelayReason::Configured,
+            },
         };
         let Some(f) = facts else {
             return Some((configured, None));
@@ -554,7 +604,10 @@ impl Engine {
             return Some((delay, Some(detail)));
         }
         if identity.is_verified() && f.dnsbl.clean() {
-            return match self.selective.verified {
+            let verified = section
+                .and_then(|s| s.verified)
+                .unwrap_or(self.selective.verified);
+            return match verified {
                 VerifiedTreatment::Greylist => Some((configured, None)),
                 VerifiedTreatment::Delay(seconds) => Some((
                     Delay {
@@ -569,23 +622,46 @@ impl Engine {
         Some((configured, None))
     }
 
-    /// Rules 1–3: stage, authentication, runtime deny, static and runtime allow lists;
-    /// none needs the store. `now` only decides whether runtime entries have expired.
+    /// Rules 1–3: stage, authentication, runtime deny and allow entries, the recipient's
+    /// section when its mode is `off`, static allow lists, DNS lists; none needs the store. `now` only
+    /// decides whether runtime entries have expired. Every decision past the first three
+    /// checks names the recipient's section, when one matched.
     pub fn classify(&self, req: &Request, now: u64) -> Classified {
+        if !req.stage.eq_ignore_ascii_case("RCPT") {
+            return Classified::Decided(Decision::new(Verdict::Skip, Rule::NotRcptStage));
+        }
+        if !req.sasl_username.is_empty() {
+            return Classified::Decided(Decision::new(Verdict::Skip, Rule::Authenticated));
+        }
+        let Some(ip) = req.client_ip else {
+            return Classified::Decided(Decision::new(Verdict::Skip, Rule::NoClientAddress));
+        };
+        let section = self.domain_section(&req.recipient);
+        match self.classify_with(req, ip, section, now) {
+            Classified::Decided(mut d) => {
+                d.domain = section.map(|s| s.applied.clone());
+                Classified::Decided(d)
+            }
+            Classified::Lookup(mut l) => {
+                l.domain = section.map(|s| s.applied.clone());
+                Classified::Lookup(l)
+            }
+        }
+    }
+
+    /// [`Engine::classify`] past its first three checks, for the recipient's `section`.
+    fn classify_with(
+        &self,
+        req: &Request,
+        ip: IpAddr,
+        section: Option<&DomainSection>,
+        now: u64,
+    ) -> Classified {
         let done = |verdict, rule, detail: Option<String>| {
             Classified::Decided(Decision {
                 detail,
                 ..Decision::new(verdict, rule)
             })
-        };
-        if !req.stage.eq_ignore_ascii_case("RCPT") {
-            return done(Verdict::Skip, Rule::NotRcptStage, None);
-        }
-        if !req.sasl_username.is_empty() {
-            return done(Verdict::Skip, Rule::Authenticated, None);
-        }
-        let Some(ip) = req.client_ip else {
-            return done(Verdict::Skip, Rule::NoClientAddress, None);
         };
         if !self.runtime.is_empty() {
             let key = self.key(ip, &req.sender, &req.recipient);
@@ -610,6 +686,13 @@ impl Engine {
             if let Some(m) = find(ListKind::Allow) {
                 return done(Verdict::Pass, Rule::RuntimeAllow, Some(m.entry.to_string()));
             }
+        }
+        if let Some(s) = section.filter(|s| s.mode() == Some(DomainMode::Off)) {
+            let detail = match &s.applied.source {
+                Some(src) => format!("section {:?} ({src}) has mode off", s.name()),
+                None => format!("section {:?} has mode off", s.name()),
+            };
+            return done(Verdict::Pass, Rule::DomainOff, Some(detail));
         }
         if let Some((kind, origin)) = self.allow.match_client(ip, &req.client_name) {
             let rule = match kind {
@@ -640,7 +723,7 @@ impl Engine {
                 ..Decision::new(Verdict::Pass, Rule::Dnswl)
             });
         }
-        let Some((delay, detail)) = self.delay_for(facts, identity.kind) else {
+        let Some((delay, detail)) = self.delay_for(facts, identity.kind, section) else {
             return Classified::Decided(Decision {
                 detail: Some("verified identity, not listed by any DNSBL zone".into()),
                 key: Some(key),
@@ -653,6 +736,7 @@ impl Engine {
             delay,
             identity,
             detail,
+            domain: None,
         })
     }
 
@@ -772,6 +856,7 @@ impl Engine {
             key: Some(lookup.key),
             identity: Some(lookup.identity),
             delay: Some(lookup.delay),
+            domain: lookup.domain,
             record,
             client_record,
             ..Decision::new(Verdict::Defer, Rule::Throttled)
@@ -890,6 +975,7 @@ impl Engine {
             key: Some(lookup.key),
             identity: Some(lookup.identity),
             detail: lookup.detail,
+            domain: lookup.domain,
             client_record,
             ..Decision::new(Verdict::Pass, Rule::AutoAllow)
         }
@@ -926,6 +1012,7 @@ impl Engine {
         d.identity = Some(lookup.identity);
         d.delay = Some(lookup.delay);
         d.detail = lookup.detail;
+        d.domain = lookup.domain;
         d.record = record;
         d.client_record = client_record;
         d

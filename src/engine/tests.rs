@@ -355,6 +355,7 @@ fn classify_yields_the_key_when_the_store_must_decide() {
             delay: configured,
             identity: no_facts.clone(),
             detail: None,
+            domain: None,
         })
     );
     let (d, next) = engine.decide(&req, &NO_STATE, T);
@@ -1456,6 +1457,329 @@ fn new_triplets_are_throttled_per_group_and_window() {
     );
     let (d, next) = off.decide(&req, &before, T + 100);
     assert_eq!((d.rule, next.new_triplets), (Rule::New, Some(full)));
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Per-recipient-domain sections
+// ---------------------------------------------------------------------------------------
+
+/// A section's own settings; `None` inherits.
+#[derive(Clone, Copy, Default)]
+struct Sec {
+    mode: Option<DomainMode>,
+    delay: Option<u64>,
+    verified: Option<VerifiedTreatment>,
+}
+
+/// An engine whose sections are `(name, patterns, settings)`, in this order.
+fn domain_engine(selective: Selective, sections: &[(&str, &[&str], Sec)]) -> Engine {
+    let mut d = DomainPolicies::default();
+    for (name, patterns, s) in sections {
+        let i = d.push(DomainSection {
+            applied: DomainApplied {
+                name: (*name).into(),
+                source: None,
+                mode: s.mode,
+            },
+            delay: s.delay,
+            verified: s.verified,
+        });
+        for p in *patterns {
+            d.add_pattern(i, p).expect("test pattern");
+        }
+    }
+    engine().with_selective(selective).with_domains(d)
+}
+
+const OFF: Sec = Sec {
+    mode: Some(DomainMode::Off),
+    delay: None,
+    verified: None,
+};
+const LEARN: Sec = Sec {
+    mode: Some(DomainMode::Learn),
+    delay: None,
+    verified: None,
+};
+const ENFORCE: Sec = Sec {
+    mode: Some(DomainMode::Enforce),
+    delay: None,
+    verified: None,
+};
+const SLOW: Sec = Sec {
+    mode: None,
+    delay: Some(1_800),
+    verified: None,
+};
+
+struct DomainCase {
+    name: &'static str,
+    recipient: &'static str,
+    global: Mode,
+    /// The section that should apply.
+    section: Option<&'static str>,
+    verdict: Verdict,
+    rule: Rule,
+    /// Whether the verdict is enforced (false: learn, the MTA is told to accept).
+    enforced: bool,
+    /// `remaining` of a first sighting, and the delay's reason.
+    delay: Option<(u64, DelayReason)>,
+}
+
+#[test]
+fn domain_sections_decide_mode_delay_and_precedence() {
+    use DelayReason::{Configured, Domain};
+    use Mode::{Enforce, Learn};
+    use Verdict::{Defer, Pass};
+    let sections: &[(&str, &[&str], Sec)] = &[
+        ("vip", &["ceo@slow.example"], OFF),
+        ("off", &["off.example"], OFF),
+        ("learning", &["learn.example", "*.learn.example"], LEARN),
+        ("strict", &["strict.example"], ENFORCE),
+        ("slow", &["slow.example"], SLOW),
+        // Later than "slow": never applies to its addresses.
+        ("shadowed", &["boss@slow.example", "slow.example"], OFF),
+        ("inherits", &["plain.example"], Sec::default()),
+    ];
+    let engine = domain_engine(Selective::default(), sections);
+    #[rustfmt::skip]
+    let cases = [
+        DomainCase { name: "no section: global enforce", recipient: "bob@other.example", global: Enforce, section: None, verdict: Defer, rule: Rule::New, enforced: true, delay: Some((300, Configured)) },
+        DomainCase { name: "no section: global learn", recipient: "bob@other.example", global: Learn, section: None, verdict: Defer, rule: Rule::New, enforced: false, delay: Some((300, Configured)) },
+        DomainCase { name: "off: accepted, not greylisted", recipient: "bob@off.example", global: Enforce, section: Some("off"), verdict: Pass, rule: Rule::DomainOff, enforced: true, delay: None },
+        DomainCase { name: "off under global learn", recipient: "<Bob+x@OFF.example>", global: Learn, section: Some("off"), verdict: Pass, rule: Rule::DomainOff, enforced: true, delay: None },
+        DomainCase { name: "learn: decided, not enforced", recipient: "bob@learn.example", global: Enforce, section: Some("learning"), verdict: Defer, rule: Rule::New, enforced: false, delay: Some((300, Configured)) },
+        DomainCase { name: "learn by a subdomain pattern", recipient: "bob@eu.learn.example", global: Enforce, section: Some("learning"), verdict: Defer, rule: Rule::New, enforced: false, delay: Some((300, Configured)) },
+        DomainCase { name: "enforce beats global learn", recipient: "bob@strict.example", global: Learn, section: Some("strict"), verdict: Defer, rule: Rule::New, enforced: true, delay: Some((300, Configured)) },
+        DomainCase { name: "own delay, mode inherited", recipient: "bob@slow.example", global: Enforce, section: Some("slow"), verdict: Defer, rule: Rule::New, enforced: true, delay: Some((1_800, Domain)) },
+        DomainCase { name: "own delay, global learn inherited", recipient: "bob@slow.example", global: Learn, section: Some("slow"), verdict: Defer, rule: Rule::New, enforced: false, delay: Some((1_800, Domain)) },
+        DomainCase { name: "earlier address section beats the domain", recipient: "CEO@slow.example", global: Enforce, section: Some("vip"), verdict: Pass, rule: Rule::DomainOff, enforced: true, delay: None },
+        DomainCase { name: "later address section never applies", recipient: "boss@slow.example", global: Enforce, section: Some("slow"), verdict: Defer, rule: Rule::New, enforced: true, delay: Some((1_800, Domain)) },
+        DomainCase { name: "empty section inherits everything", recipient: "bob@plain.example", global: Enforce, section: Some("inherits"), verdict: Defer, rule: Rule::New, enforced: true, delay: Some((300, Configured)) },
+        DomainCase { name: "static allow list still applies, section named", recipient: "postmaster@learn.example", global: Enforce, section: Some("learning"), verdict: Pass, rule: Rule::AllowRecipient, enforced: false, delay: None },
+    ];
+    for c in cases {
+        let req = rcpt("198.51.100.10", "alice@sender.example", c.recipient);
+        let (d, next) = engine.decide(&req, &NO_STATE, T);
+        assert_eq!((d.verdict, d.rule), (c.verdict, c.rule), "{}", c.name);
+        assert_eq!(d.domain.as_ref().map(|s| &*s.name), c.section, "{}", c.name);
+        assert_eq!(d.enforced(c.global), c.enforced, "{}", c.name);
+        assert_eq!(
+            d.delay.map(|d| (d.seconds, d.reason)),
+            c.delay,
+            "{}",
+            c.name
+        );
+        assert_eq!(d.remaining, c.delay.map(|d| d.0), "{}", c.name);
+        if c.rule == Rule::DomainOff {
+            assert_eq!(next, NO_STATE, "{}: off stores nothing", c.name);
+            let detail = d.detail.as_deref().unwrap_or_default();
+            assert!(detail.contains(c.section.unwrap()), "{}: {detail}", c.name);
+        }
+    }
+}
+
+#[test]
+fn a_section_delay_is_served_by_the_retry() {
+    let engine = domain_engine(Selective::default(), &[("slow", &["rcpt.example"], SLOW)]);
+    let req = base_request();
+    let (d, s1) = engine.decide(&req, &NO_STATE, T);
+    assert_eq!(d.rule, Rule::New);
+    // The global delay (300 s) has passed, the section's (1800 s) has not.
+    let (d, s2) = engine.decide(&req, &s1, T + 600);
+    assert_eq!((d.rule, d.remaining), (Rule::EarlyRetry, Some(1_200)));
+    let (d, _) = engine.decide(&req, &s2, T + 1_800);
+    assert_eq!((d.rule, d.delayed), (Rule::Delayed, Some(1_800)));
+    assert_eq!(d.domain.map(|s| s.name), Some("slow".into()));
+    // An auto-allowed client group still names the section.
+    let allowed = State {
+        client: Some(client_rec(engine.policy.auto_allow_after, T - 10)),
+        ..NO_STATE
+    };
+    let (d, _) = engine.decide(&req, &allowed, T);
+    assert_eq!(d.rule, Rule::AutoAllow);
+    assert_eq!(d.domain.map(|s| s.name), Some("slow".into()));
+}
+
+#[test]
+fn a_section_sets_its_own_verified_treatment() {
+    let gmail = || HostName::Verified(GMAIL_HOST.into());
+    let verified_facts = || facts(spf_pass("gmail.com"), gmail(), &[], &[]);
+    let sections: &[(&str, &[&str], Sec)] = &[
+        (
+            "skip",
+            &["skip.example"],
+            Sec {
+                verified: Some(VerifiedTreatment::Skip),
+                ..Sec::default()
+            },
+        ),
+        (
+            "short",
+            &["short.example"],
+            Sec {
+                verified: Some(VerifiedTreatment::Delay(60)),
+                delay: Some(900),
+                ..Sec::default()
+            },
+        ),
+        (
+            "greylist",
+            &["greylist.example"],
+            Sec {
+                verified: Some(VerifiedTreatment::Greylist),
+                ..Sec::default()
+            },
+        ),
+        ("slow", &["slow.example"], SLOW),
+    ];
+    // Globally: verified identities wait 120 s; listed clients an hour.
+    let global = Selective {
+        verified: VerifiedTreatment::Delay(120),
+        dnsbl_delay: Some(3_600),
+        ..Selective::default()
+    };
+    let engine = domain_engine(global, sections);
+    let cases: &[(&str, IdentityFacts, Verdict, Rule, Option<u64>)] = &[
+        (
+            "skip.example",
+            verified_facts(),
+            Verdict::Pass,
+            Rule::VerifiedUnlisted,
+            None,
+        ),
+        (
+            "short.example",
+            verified_facts(),
+            Verdict::Defer,
+            Rule::New,
+            Some(60),
+        ),
+        // Unverified: the section's own delay.
+        (
+            "short.example",
+            facts(None, HostName::Unverified, &[], &[]),
+            Verdict::Defer,
+            Rule::New,
+            Some(900),
+        ),
+        (
+            "greylist.example",
+            verified_facts(),
+            Verdict::Defer,
+            Rule::New,
+            Some(300),
+        ),
+        // Inherited: the global verified_delay.
+        (
+            "slow.example",
+            verified_facts(),
+            Verdict::Defer,
+            Rule::New,
+            Some(120),
+        ),
+        (
+            "other.example",
+            verified_facts(),
+            Verdict::Defer,
+            Rule::New,
+            Some(120),
+        ),
+        // A DNSBL listing keeps its delay whatever the section says.
+        (
+            "skip.example",
+            facts(spf_pass("gmail.com"), gmail(), &[], &["zen.spamhaus.org"]),
+            Verdict::Defer,
+            Rule::New,
+            Some(3_600),
+        ),
+    ];
+    for (domain, f, verdict, rule, remaining) in cases {
+        let rcpt_to = format!("bob@{domain}");
+        let req = with_facts(
+            rcpt("209.85.220.41", "alice@gmail.com", &rcpt_to),
+            f.clone(),
+        );
+        let (d, _) = engine.decide(&req, &NO_STATE, T);
+        assert_eq!(
+            (d.verdict, d.rule, d.remaining),
+            (*verdict, *rule, *remaining),
+            "{domain} {f:?}"
+        );
+    }
+}
+
+#[test]
+fn runtime_deny_still_defers_an_off_section() {
+    let mut engine = domain_engine(Selective::default(), &[("off", &["rcpt.example"], OFF)]);
+    let (lists, bad) = RuntimeLists::build(
+        vec![RuntimeEntry {
+            id: 1,
+            list: ListKind::Deny,
+            target: Target::Sender,
+            value: "@sender.example".into(),
+            added_at: T,
+            expires_at: None,
+            comment: String::new(),
+        }],
+        T,
+    );
+    assert!(bad.is_empty());
+    engine.runtime = Arc::new(lists);
+    let (d, _) = engine.decide(&base_request(), &NO_STATE, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Defer, Rule::Deny));
+    assert_eq!(d.domain.map(|s| s.name), Some("off".into()));
+    let other = rcpt("198.51.100.10", "x@elsewhere.example", "bob@rcpt.example");
+    assert_eq!(engine.decide(&other, &NO_STATE, T).0.rule, Rule::DomainOff);
+}
+
+#[test]
+fn runtime_allow_and_dnswl_accept_mail_to_any_section() {
+    let mut engine = domain_engine(
+        Selective::default(),
+        &[
+            ("strict", &["rcpt.example"], ENFORCE),
+            ("slow", &["slow.example"], SLOW),
+        ],
+    );
+    let (lists, _) = RuntimeLists::build(
+        vec![RuntimeEntry {
+            id: 1,
+            list: ListKind::Allow,
+            target: Target::Client,
+            value: "198.51.100.0/24".into(),
+            added_at: T,
+            expires_at: None,
+            comment: String::new(),
+        }],
+        T,
+    );
+    engine.runtime = Arc::new(lists);
+    let (d, _) = engine.decide(&base_request(), &NO_STATE, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::RuntimeAllow));
+    assert_eq!(d.domain.map(|s| s.name), Some("strict".into()));
+    let listed = with_facts(
+        rcpt("209.85.220.41", "alice@gmail.com", "bob@slow.example"),
+        facts(None, HostName::Unverified, &["list.dnswl.org"], &[]),
+    );
+    let (d, _) = engine.decide(&listed, &NO_STATE, T);
+    assert_eq!((d.verdict, d.rule), (Verdict::Pass, Rule::Dnswl));
+    assert_eq!(d.domain.map(|s| s.name), Some("slow".into()));
+}
+
+#[test]
+fn stage_auth_and_missing_client_skip_before_any_section() {
+    let engine = domain_engine(Selective::default(), &[("off", &["rcpt.example"], OFF)]);
+    let mut req = base_request();
+    req.stage = "DATA".into();
+    let (d, _) = engine.decide(&req, &NO_STATE, T);
+    assert_eq!((d.rule, d.domain), (Rule::NotRcptStage, None));
+    let mut req = base_request();
+    req.client_ip = None;
+    assert_eq!(
+        engine.decide(&req, &NO_STATE, T).0.rule,
+        Rule::NoClientAddress
+    );
 }
 
 /// A released pending triplet passes at its next retry, before its delay, with rule

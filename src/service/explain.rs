@@ -164,6 +164,17 @@ impl Explanation {
         let mut s = String::new();
         let _ = writeln!(s, "decision:   {} (rule: {})", d.verdict.as_str(), d.rule);
         let _ = writeln!(s, "reply:      {}", self.reply);
+        if let Some(sec) = &d.domain {
+            let _ = write!(s, "domain:     section {:?}", &*sec.name);
+            if let Some(src) = &sec.source {
+                let _ = write!(s, " ({src})");
+            }
+            let _ = writeln!(
+                s,
+                ", mode {}",
+                sec.mode.map_or("as configured globally", |m| m.as_str())
+            );
+        }
         if let Some(detail) = &d.detail {
             let _ = writeln!(s, "because:    {detail}");
         }
@@ -230,6 +241,7 @@ impl Explanation {
             let why = match d.delay.map(|d| d.reason) {
                 Some(DelayReason::Dnsbl) => ", longer for DNSBL-listed clients",
                 Some(DelayReason::Verified) => ", for a verified identity on no DNSBL",
+                Some(DelayReason::Domain) => ", the delay of the recipient's section",
                 Some(DelayReason::Configured) | None => "",
             };
             let _ = writeln!(

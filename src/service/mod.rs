@@ -101,11 +101,9 @@ impl<'r> Decided<'r> {
         started: Instant,
         finished: Option<Instant>,
     ) -> Self {
+        let enforced = decision.enforced(live.options.mode);
         Decided {
-            outcome: Outcome {
-                decision,
-                enforced: live.options.mode == Mode::Enforce,
-            },
+            outcome: Outcome { decision, enforced },
             req,
             dns_note,
             now,
@@ -430,7 +428,7 @@ impl Greylister {
                             .unwrap_or(Err(StoreError::Timeout(limit)))
                     }
                 };
-                self.or_fail_mode(&live, result, &mut finished)
+                self.or_fail_mode(&live, &req, result, &mut finished)
             }
         };
         Decided::new(&live, decision, req, dns_note, now, started, finished)
@@ -466,7 +464,7 @@ impl Greylister {
                     }
                     None => Err(self.store.unavailable()),
                 };
-                self.or_fail_mode(live, result, &mut finished)
+                self.or_fail_mode(live, &req, result, &mut finished)
             }
         };
         Ok(Decided::new(
@@ -474,10 +472,12 @@ impl Greylister {
         ))
     }
 
-    /// The store's decision, or the fail mode's when the store failed.
+    /// The store's decision, or the fail mode's when the store failed (naming the
+    /// recipient's section, whose mode still decides whether it is enforced).
     fn or_fail_mode(
         &self,
         live: &Live,
+        req: &Request,
         result: Result<Decision, StoreError>,
         finished: &mut Option<Instant>,
     ) -> Decision {
@@ -491,7 +491,12 @@ impl Greylister {
                 &self.metrics.fail_closed
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            Decision::store_failure(open, e.to_string())
+            let mut d = Decision::store_failure(open, e.to_string());
+            d.domain = live
+                .engine
+                .domain_section(&req.recipient)
+                .map(|s| s.applied.clone());
+            d
         })
     }
 
@@ -622,6 +627,7 @@ impl Greylister {
             recipient: &req.recipient,
             delayed: d.delayed,
             detail: d.detail.as_deref(),
+            domain: d.domain.as_ref().map(|s| &*s.name),
         });
         if d.rule == Rule::StoreFailOpen || d.rule == Rule::StoreFailClosed {
             // The decision line below is the request's record, at INFO like every other;
@@ -727,6 +733,11 @@ impl DecisionLine<'_> {
             .map(|d| d.seconds)
     }
 
+    /// The name of the recipient's `[[domains]]` section, when one applied.
+    fn domain(&self) -> Option<&str> {
+        self.o.decision.domain.as_ref().map(|s| &*s.name)
+    }
+
     fn would(&self) -> Option<&'static str> {
         (!self.o.enforced).then(|| self.o.decision.verdict.as_str())
     }
@@ -738,6 +749,7 @@ impl DecisionLine<'_> {
         let group = d.key.as_ref().map(|k| k.client.as_str());
         let detail = d.detail.as_deref();
         let (identity, delay, would, dns) = (self.identity(), self.delay(), self.would(), self.dns);
+        let domain = self.domain();
         let tls = req.tls.then_some(true);
         macro_rules! line {
             ($level:ident) => {
@@ -746,6 +758,7 @@ impl DecisionLine<'_> {
                     verdict = o.effective().as_str(),
                     rule = d.rule.as_str(),
                     would,
+                    domain,
                     client,
                     name = req.client_name.as_str(),
                     group,
@@ -792,6 +805,7 @@ impl DecisionLine<'_> {
         text(out, "verdict", Some(o.effective().as_str()));
         text(out, "rule", Some(d.rule.as_str()));
         text(out, "would", self.would());
+        text(out, "domain", self.domain());
         if let Some(ip) = req.client_ip {
             out.push_str(" client=");
             let _ = write_ip(out, ip);

@@ -281,6 +281,79 @@ async fn learn_mode_records_but_never_defers() {
     );
 }
 
+/// A `learn` section is recorded but never deferred, an `enforce` one defers under global
+/// learn mode, and a store failure (fail-closed) still names the section whose mode
+/// decides whether it is enforced; through an in-process store and one behind futures.
+#[tokio::test]
+async fn domain_sections_decide_enforcement_per_request() {
+    use crate::engine::{DomainApplied, DomainMode, DomainPolicies, DomainSection};
+    let mut domains = DomainPolicies::default();
+    for (name, mode) in [("l", DomainMode::Learn), ("e", DomainMode::Enforce)] {
+        let i = domains.push(DomainSection {
+            applied: DomainApplied {
+                name: name.into(),
+                source: None,
+                mode: Some(mode),
+            },
+            delay: None,
+            verified: None,
+        });
+        domains.add_pattern(i, &format!("{name}.example")).unwrap();
+    }
+    let engine = Engine::default().with_domains(domains);
+    let options = |mode, fail_mode| ServiceOptions {
+        mode,
+        fail_mode,
+        store_timeout: Duration::from_millis(200),
+    };
+    let stores: [Arc<dyn Store>; 2] = [
+        Arc::new(MemoryStore::new()),
+        Arc::new(BadStore::new(false, false, false)),
+    ];
+    for store in stores {
+        let svc = Greylister::new(
+            engine.clone(),
+            StoreSlot::new(store),
+            options(Mode::Learn, FailMode::Closed),
+        );
+        let learn = request("192.0.2.1", "a@example.net", "b@l.example");
+        let o = svc.check(&learn, 1000).await;
+        assert_eq!(
+            (o.decision.verdict, o.effective()),
+            (Verdict::Defer, Verdict::Pass)
+        );
+        let enforce = request("192.0.2.1", "a@example.net", "b@e.example");
+        let o = svc.check(&enforce, 1000).await;
+        assert_eq!((o.effective(), o.enforced), (Verdict::Defer, true));
+        let other = request("192.0.2.1", "a@example.net", "b@other.example");
+        assert_eq!(svc.check(&other, 1000).await.effective(), Verdict::Pass);
+        assert_eq!(
+            svc.check(&learn, 1100).await.decision.rule,
+            Rule::EarlyRetry
+        );
+    }
+    let svc = Greylister::new(
+        engine,
+        StoreSlot::new(Arc::new(BadStore::failing())),
+        options(Mode::Enforce, FailMode::Closed),
+    );
+    let o = svc
+        .check(&request("192.0.2.1", "a@example.net", "b@l.example"), 1000)
+        .await;
+    assert_eq!(o.decision.rule, Rule::StoreFailClosed);
+    assert_eq!(o.decision.domain.map(|s| s.name), Some("l".into()));
+    assert!(!o.enforced);
+    let missing = Greylister::new(
+        Engine::default().with_domains(DomainPolicies::default()),
+        StoreSlot::missing("gone".into()),
+        options(Mode::Enforce, FailMode::Closed),
+    );
+    let o = missing
+        .check(&request("192.0.2.1", "a@example.net", "b@l.example"), 1000)
+        .await;
+    assert_eq!((o.decision.rule, o.enforced), (Rule::StoreFailClosed, true));
+}
+
 /// Past `new_triplets_per_client` new triplets in a window, a group's further new ones are
 /// deferred (rule `throttled`) and not stored; its known triplets, its passes and other
 /// groups go on as before; the next window takes new ones again (stepped `now`). The same
@@ -459,7 +532,14 @@ async fn the_prewritten_decision_line_matches_the_structured_event() {
     let mut learn = o.clone();
     learn.enforced = false;
     learn.decision.verdict = Verdict::Defer;
-    cases.push((req.clone(), learn));
+    cases.push((req.clone(), learn.clone()));
+    let mut section = learn;
+    section.decision.domain = Some(crate::engine::DomainApplied {
+        name: "customer \"a\"".into(),
+        source: Some("/etc/greygate/customers:3".into()),
+        mode: Some(crate::engine::DomainMode::Learn),
+    });
+    cases.push((req.clone(), section));
     let mut with_facts = req.clone();
     with_facts.facts = Some(IdentityFacts::default());
     let mut spf = o.clone();

@@ -234,7 +234,11 @@ fn dashboard_in_headless_chromium() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let d = DaemonConfig::new(dir.path()).toml(&admin_toml("")).start();
+    // A section that changes nothing but its name, shown with the recent decisions.
+    let section = "\n[[domains]]\nname = \"org-mail\"\nrecipients = [\"example.org\"]\n";
+    let d = DaemonConfig::new(dir.path())
+        .toml(&admin_toml(section))
+        .start();
     let mut c = d.client();
     for i in 1..=3 {
         let r = c.ask(&rcpt_request(
@@ -276,6 +280,10 @@ fn dashboard_in_headless_chromium() {
         "#recent tbody",
         |t| t.contains("allow-recipient"),
         "recent decisions",
+    );
+    assert!(
+        s.text("#recent tbody").contains("org-mail"),
+        "the section is shown"
     );
     let points = s.script("return document.querySelectorAll('#chart polyline').length;");
     assert_eq!(points, 2, "pass and defer lines drawn");

@@ -9,6 +9,7 @@ mod cluster;
 mod daemon;
 mod dashboard;
 mod dns;
+mod domains;
 mod exim;
 mod failures;
 mod flood;

@@ -320,3 +320,97 @@ fn replay_an_inbound_log() {
     assert_eq!(code, 0);
     assert!(out.contains("never retried"), "{out}");
 }
+
+/// `[[config.domains]]` sections in a scenario: `off` and `learn` delay nothing, a longer
+/// delay shows in the figures; a bad section is reported at its line.
+#[test]
+fn simulate_compares_domain_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("domains.toml");
+    let section = |name: &str, domain: &str, body: &str| {
+        format!(
+            "[[config]]\nname = \"{name}\"\n[[config.domains]]\nrecipients = [\"{domain}\"]\n{body}\n\n"
+        )
+    };
+    let text = format!(
+        "[simulation]\nduration = \"2d\"\nrecipients = 10\nrecipient_domain = \"site.example\"\n\n\
+         [[config]]\nname = \"global\"\n\n{}{}{}{}\
+         [[sender]]\nname = \"partner\"\nmessages = 40\nmta = \"postfix\"\nnetwork = \"192.0.2.0/24\"\n\
+         domain = \"partner.example\"\n",
+        section("off", "site.example", "mode = \"off\""),
+        section("learn", "SITE.example", "mode = \"learn\""),
+        section("slow", "site.example", "delay = \"30m\""),
+        section("other", "elsewhere.example", "mode = \"off\""),
+    );
+    std::fs::write(&path, &text).unwrap();
+    let r = simulate(&[path.to_str().unwrap()]);
+    let legit = |name: &str| config(&r, name)["legitimate"].clone();
+    let global = legit("global");
+    assert!(u(&global["delayed"]) > 0, "{global}");
+    assert!(u(&global["delay_max"]) < 1800, "{global}");
+    for name in ["off", "learn"] {
+        let l = legit(name);
+        assert_eq!(u(&l["delayed"]), 0, "{name}: {l}");
+        assert_eq!(u(&l["delivered"]), u(&global["delivered"]), "{name}: {l}");
+    }
+    let slow = legit("slow");
+    // Each delayed message waits at least the section's 30 minutes.
+    assert!(u(&slow["delayed"]) >= u(&global["delayed"]), "{slow}");
+    assert!(u(&slow["delay_p95"]) >= 1800, "{slow}");
+    // No delayed message waited 15 minutes or less (buckets: none, ≤ 5 min, 5–15 min, ...).
+    let histogram = slow["histogram"].as_array().unwrap();
+    assert_eq!(u(&histogram[1]) + u(&histogram[2]), 0, "{slow}");
+    // A section for another domain changes nothing.
+    assert_eq!(legit("other"), global);
+
+    let bad = text.replace("mode = \"learn\"", "mode = \"sometimes\"");
+    std::fs::write(&path, &bad).unwrap();
+    let line = bad.lines().position(|l| l.contains("sometimes")).unwrap() + 1;
+    let (code, _, err) = run_cli(&["simulate", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("domains.toml:{line}:")), "{err}");
+}
+
+/// `replay` with `[[domains]]` sections: one recipient `off`, one `learn`, one with a
+/// longer delay; the report adds a table per section.
+#[test]
+fn replay_with_domain_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("domains.toml");
+    std::fs::write(
+        &cfg,
+        "[dns]\nenabled = false\n\n[[domains]]\nname = \"bob-off\"\nrecipients = [\"bob@site.example\"]\nmode = \"off\"\n\n\
+         [[domains]]\nname = \"carol-learn\"\nrecipients = [\"carol@site.example\"]\nmode = \"learn\"\n\n\
+         [[domains]]\nname = \"dave-slow\"\nrecipients = [\"dave@site.example\"]\ndelay = \"15m\"\n",
+    )
+    .unwrap();
+    let r = replay(&["--config", cfg.to_str().unwrap(), &fixture()]);
+    let t = &r["total"];
+    // Bob's three messages and Carol's: at once (without sections: all four delayed).
+    assert_eq!(u(&t["messages"]), 6, "{t}");
+    assert_eq!(u(&t["at_once"]), 4, "{t}");
+    assert_eq!(u(&t["never_retried"]), 1, "{t}");
+    let section = |name: &str| {
+        r["domain_sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("no section {name}: {r}"))
+            .clone()
+    };
+    assert_eq!(u(&section("bob-off")["messages"]), 3);
+    assert_eq!(u(&section("bob-off")["at_once"]), 3);
+    assert_eq!(u(&section("carol-learn")["at_once"]), 1);
+    // orders@supplier.de retried after 10 min: too early for 15 min; passes on a later
+    // (assumed) retry.
+    let dave = section("dave-slow");
+    assert_eq!(u(&dave["messages"]), 2, "{dave}");
+    assert!(u(&dave["delay_max"]) >= 900, "{dave}");
+    assert_eq!(u(&dave["retry_in_log"]), 0, "{dave}");
+
+    let (code, out, _) = run_cli(&["replay", "--config", cfg.to_str().unwrap(), &fixture()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("DOMAIN SECTION"), "{out}");
+    assert!(out.contains("dave-slow"), "{out}");
+}

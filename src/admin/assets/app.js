@@ -183,6 +183,7 @@ function showRecent(list) {
     cell(tr, d.group);
     cell(tr, d.sender || "<>");
     cell(tr, d.recipient);
+    cell(tr, d.domain || "");
     const td = document.createElement("td");
     // A deferral that left a pending triplet: releasing it accepts the next retry at once.
     if (d.verdict === "defer" && (d.rule === "new" || d.rule === "early-retry")) {

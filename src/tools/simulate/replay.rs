@@ -24,7 +24,7 @@ use super::inbound::{Inbound, parse_inbound};
 use super::mta::Schedule;
 use super::report::{fmt_dur, percentile};
 use super::run::MemState;
-use crate::engine::{Engine, HostName, IdentityFacts, Request, Verdict};
+use crate::engine::{Engine, HostName, IdentityFacts, Mode, Request, Verdict};
 use crate::tools::maillog::{self, Clock};
 
 /// Attempts with one sender and recipient this long after the first belong to a new message
@@ -286,6 +286,10 @@ pub struct ReplayReport {
     pub sender_domains: Vec<Group>,
     /// Per client identity (the key's client part: IP prefix or `org:`), most delayed first.
     pub clients: Vec<Group>,
+    /// Per `[[domains]]` section of the recipient (`(none)`: no section matched), most
+    /// delayed first; empty when the configuration has no sections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domain_sections: Vec<Group>,
 }
 
 /// One message being replayed.
@@ -297,6 +301,8 @@ struct Msg {
     first: u64,
     fate: Option<(Fate, Option<u64>)>,
     client: String,
+    /// The recipient's `[[domains]]` section, from the first decision.
+    section: Option<String>,
 }
 
 /// Replays a log read by `reader` through `engine`. `dns`: whether the configuration has
@@ -322,6 +328,7 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
                     first: a.ts,
                     fate: None,
                     client: String::new(),
+                    section: None,
                 });
                 msgs.len() - 1
             }
@@ -372,6 +379,7 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
         };
         let d = state.check(engine, &req, t);
         if msg.client.is_empty() {
+            msg.section = d.domain.as_ref().map(|s| s.name.to_string());
             msg.client = d
                 .key
                 .as_ref()
@@ -382,7 +390,8 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
             msg.next_real += 1;
         }
         let elapsed = t - msg.first;
-        if d.verdict != Verdict::Defer {
+        // A `learn` section records the deferral but accepts, as the daemon does.
+        if d.verdict != Verdict::Defer || !d.enforced(Mode::Enforce) {
             let fate = if first_attempt {
                 Fate::AtOnce
             } else if real {
@@ -416,6 +425,7 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
     };
     let mut domains: BTreeMap<String, Group> = BTreeMap::new();
     let mut clients: BTreeMap<String, Group> = BTreeMap::new();
+    let mut sections: BTreeMap<String, Group> = BTreeMap::new();
     for msg in &msgs {
         let (fate, delay) = msg.fate.unwrap_or((Fate::GaveUp, None));
         let a = &attempts[msg.attempts[0]];
@@ -430,6 +440,12 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
         let g = clients.entry(msg.client.clone()).or_default();
         g.name.clone_from(&msg.client);
         g.add(fate, delay);
+        if !engine.domains.is_empty() {
+            let name = msg.section.as_deref().unwrap_or("(none)");
+            let g = sections.entry(name.to_string()).or_default();
+            name.clone_into(&mut g.name);
+            g.add(fate, delay);
+        }
     }
     let ranked = |map: BTreeMap<String, Group>| {
         let mut v: Vec<Group> = map.into_values().map(Group::finish).collect();
@@ -447,6 +463,7 @@ pub fn replay(reader: Reader, engine: &Engine, dns: bool, assumed: &Schedule) ->
         total: total.finish(),
         sender_domains: ranked(domains),
         clients: ranked(clients),
+        domain_sections: ranked(sections),
     }
 }
 
@@ -539,6 +556,10 @@ pub fn render_text(r: &ReplayReport, limit: usize) -> String {
     group_table(&mut s, "sender domain", &r.sender_domains, limit);
     s.push('\n');
     group_table(&mut s, "client", &r.clients, limit);
+    if !r.domain_sections.is_empty() {
+        s.push('\n');
+        group_table(&mut s, "domain section", &r.domain_sections, limit);
+    }
     s
 }
 

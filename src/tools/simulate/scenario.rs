@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use super::mta::Schedule;
 use crate::config::{
-    ConfigErrors, Problems, RawAllow, RawConfig, RawDns, RawDnsbl, RawDnswl, RawGreylist,
-    RawIdentity, Source,
+    ConfigErrors, Problems, RawAllow, RawConfig, RawDns, RawDnsbl, RawDnswl, RawDomain,
+    RawGreylist, RawIdentity, Source,
 };
 use crate::dur::Dur;
 use crate::engine::{Engine, SpfResult};
@@ -82,6 +82,8 @@ pub struct RawEngineConfig {
     pub dnswl: RawDnswl,
     pub dnsbl: RawDnsbl,
     pub allow: RawAllow,
+    /// `[[config.domains]]`: per-recipient-domain sections, as the daemon's `[[domains]]`.
+    pub domains: Vec<RawDomain>,
     /// `[config.smtp]`: mail comes through the SMTP front and its pregreet test; absent,
     /// the configuration is a policy service behind the site's own MTA (no test).
     pub smtp: Option<RawSmtp>,
@@ -409,6 +411,7 @@ impl RawScenario {
                 dnswl: c.dnswl.clone(),
                 dnsbl: c.dnsbl.clone(),
                 allow: c.allow.clone(),
+                domains: c.domains.clone(),
                 ..RawConfig::default()
             };
             let pregreet = c.smtp.as_ref().and_then(|smtp| {
