@@ -94,6 +94,14 @@ impl Breaker {
         Admit::Probe
     }
 
+    /// Whether a request now would ask nothing ([`Admit::Skip`]), without claiming a probe.
+    pub(crate) fn skipping(&self) -> bool {
+        self.state()
+            .down
+            .as_ref()
+            .is_some_and(|d| d.probing || Instant::now() < d.next_try)
+    }
+
     /// How long the resolver has been considered down, or `None` while it answers.
     pub(crate) fn down_for(&self) -> Option<Duration> {
         self.state().down.as_ref().map(|d| d.since.elapsed())

@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
@@ -176,6 +176,12 @@ enum Asking {
     /// In the background only, as the breaker's probe.
     Probe(Arc<Probe>),
     No,
+    /// Not at all, for a request decided without waiting if the cache holds every fact it
+    /// needs: `missed` says it did not; `hits` is counted only if it did.
+    CacheOnly {
+        missed: AtomicBool,
+        hits: AtomicU64,
+    },
 }
 
 /// Looks up DNS facts with one resolver and one cache; shared by every connection.
@@ -281,36 +287,74 @@ impl Gatherer {
         if let Classified::Decided(_) = engine.classify(req, now) {
             return None;
         }
-        let order = &engine.selective.identity_order;
-        let gathered = self
-            .gather(&Ask {
-                ip,
-                sender: &req.sender,
-                helo: &req.helo,
-                client_name: &req.client_name,
-                reverse_client_name: &req.reverse_client_name,
-                spf: order.contains(&IdentityKind::Spf),
-                name: order.contains(&IdentityKind::Org),
-            })
-            .await;
+        let gathered = self.gather(&ask_for(ip, engine, req)).await;
         let mut with = req.clone();
         with.facts = Some(gathered.facts.clone());
         Some((with, gathered))
     }
 
+    /// [`Gatherer::facts_for`] without waiting, when nothing has to be waited for: the
+    /// cache holds every fact the request needs, or the resolver is not being asked (its
+    /// breaker is open). `Err(NeedsLookups)`: it does not; use `facts_for`.
+    pub fn facts_now(
+        &self,
+        engine: &Engine,
+        req: &Request,
+        now: u64,
+    ) -> Result<Option<(Request, Gathered)>, NeedsLookups> {
+        let Some(ip) = req.client_ip else {
+            return Ok(None);
+        };
+        if req.facts.is_some() {
+            return Ok(None);
+        }
+        if let Classified::Decided(_) = engine.classify(req, now) {
+            return Ok(None);
+        }
+        let asking = if self.breaker.skipping() {
+            Asking::No
+        } else {
+            Asking::CacheOnly {
+                missed: AtomicBool::new(false),
+                hits: AtomicU64::new(0),
+            }
+        };
+        let ask = ask_for(ip, engine, req);
+        // Neither mode starts a lookup, so nothing is waited on: ready at the first poll.
+        let gathered = poll_once(self.gather_with(&ask, &asking)).ok_or(NeedsLookups)?;
+        if let Asking::CacheOnly { missed, hits } = &asking {
+            if missed.load(Ordering::Relaxed) {
+                return Err(NeedsLookups);
+            }
+            self.stats
+                .cache_hits
+                .fetch_add(hits.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        self.stats.gather_seconds.observe(gathered.elapsed);
+        let mut with = req.clone();
+        with.facts = Some(gathered.facts.clone());
+        Ok(Some((with, gathered)))
+    }
+
     /// Gathers the facts of one request within the budget. Never fails: what is not known
     /// in time is marked as such.
     pub async fn gather(&self, ask: &Ask<'_>) -> Gathered {
-        let started = Instant::now();
-        let deadline = started + self.settings.budget;
         self.stats.gathers.fetch_add(1, Ordering::Relaxed);
-        let ip = canonical_ip(ask.ip);
         let asking = match self.breaker.admit() {
             Admit::Ask => Asking::Yes,
             Admit::Probe => Asking::Probe(Probe::new(self.breaker.clone())),
             Admit::Skip => Asking::No,
         };
-        let asking = &asking;
+        let gathered = self.gather_with(ask, &asking).await;
+        self.stats.gather_seconds.observe(gathered.elapsed);
+        gathered
+    }
+
+    async fn gather_with(&self, ask: &Ask<'_>, asking: &Asking) -> Gathered {
+        let started = Instant::now();
+        let deadline = started + self.settings.budget;
+        let ip = canonical_ip(ask.ip);
 
         // Start every lookup before waiting for any: they run side by side.
         let sender = strip_envelope(ask.sender).to_ascii_lowercase();
@@ -406,7 +450,6 @@ impl Gatherer {
             self.breaker.gathered(answered, timed_out);
         }
         let elapsed = started.elapsed();
-        self.stats.gather_seconds.observe(elapsed);
         Gathered {
             facts,
             trouble,
@@ -429,7 +472,10 @@ impl Gatherer {
         work: impl Future<Output = Answer> + Send + 'static,
     ) -> Pending {
         if let Some(v) = self.cache.get(&key, std::time::Instant::now()) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            match asking {
+                Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
+                _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
+            };
             return Pending::Ready(v);
         }
         let probe = match asking {
@@ -437,6 +483,10 @@ impl Gatherer {
             Asking::Probe(p) => Some(p.clone()),
             Asking::No => {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                return Pending::Skipped;
+            }
+            Asking::CacheOnly { missed, .. } => {
+                missed.store(true, Ordering::Relaxed);
                 return Pending::Skipped;
             }
         };
@@ -575,6 +625,34 @@ impl Gatherer {
                 Err(e) => Err(e.to_string()),
             }
         })
+    }
+}
+
+/// A request's facts need lookups: they cannot be had without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedsLookups;
+
+/// What `req` asks about: the lookups its identity order uses.
+fn ask_for<'r>(ip: IpAddr, engine: &Engine, req: &'r Request) -> Ask<'r> {
+    let order = &engine.selective.identity_order;
+    Ask {
+        ip,
+        sender: &req.sender,
+        helo: &req.helo,
+        client_name: &req.client_name,
+        reverse_client_name: &req.reverse_client_name,
+        spf: order.contains(&IdentityKind::Spf),
+        name: order.contains(&IdentityKind::Org),
+    }
+}
+
+/// Polls `f` once: its output if it is ready at once.
+fn poll_once<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 

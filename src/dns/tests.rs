@@ -439,3 +439,52 @@ async fn a_resolver_that_stops_answering_is_not_waited_on_until_it_answers_again
     assert_eq!(got.facts.spf.as_ref().unwrap().result, SpfResult::Pass);
     assert!(got.note().is_none(), "{:?}", got.note());
 }
+
+#[tokio::test]
+async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
+    let addr = table_server(Duration::ZERO, records).await;
+    let mut s = settings(addr, 2000);
+    s.dnsbl_zones.clear();
+    s.ptr_lookup = false;
+    let (g, stats) = gatherer(&s);
+    let engine = Engine::default();
+    let req = Request {
+        stage: "RCPT".into(),
+        client_ip: Some("198.51.100.7".parse().unwrap()),
+        client_name: "unknown".into(),
+        sender: "a@pool.test".into(),
+        recipient: "b@rcpt.test".into(),
+        ..Request::default()
+    };
+    // Nothing cached: lookups are needed, and none was started.
+    assert_eq!(g.facts_now(&engine, &req, 0).err(), Some(NeedsLookups));
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+    let (_, waited) = g.facts_for(&engine, &req, 0).await.expect("gathered");
+    // Now cached: the same facts without waiting.
+    let (with, now) = g
+        .facts_now(&engine, &req, 0)
+        .expect("cached")
+        .expect("gathered");
+    assert_eq!(now.facts, waited.facts);
+    assert_eq!(with.facts.unwrap().spf.unwrap().result, SpfResult::Pass);
+    // An authenticated client needs no facts at all.
+    let authenticated = Request {
+        sasl_username: "alice".into(),
+        ..req.clone()
+    };
+    assert_eq!(g.facts_now(&engine, &authenticated, 0), Ok(None));
+    // With the breaker open, an uncached request is answered at once, without facts.
+    for _ in 0..breaker::OPEN_AFTER {
+        g.breaker.gathered(false, true);
+    }
+    let other = Request {
+        client_ip: Some("203.0.113.9".parse().unwrap()),
+        ..req.clone()
+    };
+    let (_, open) = g
+        .facts_now(&engine, &other, 0)
+        .expect("open")
+        .expect("gathered");
+    assert_eq!(open.facts.spf.unwrap().result, SpfResult::Timeout);
+    assert!(open.resolver_down.is_some());
+}
