@@ -400,7 +400,11 @@ impl Greylister {
         };
         // DNS facts that need no waiting (cached, or the resolver's breaker is open), for
         // records in this process: decided at once too.
-        if !self.store.present().is_none_or(|s| s.in_memory().is_some()) {
+        if self
+            .store
+            .present()
+            .is_some_and(|s| s.in_memory().is_none())
+        {
             return Err(req);
         }
         match dns.facts_now(&live.engine, &req, now) {
