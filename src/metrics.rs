@@ -229,6 +229,12 @@ pub struct DnsStats {
     pub timeouts: AtomicU64,
     /// Lookups that failed (SERVFAIL, refused, network errors).
     pub failures: AtomicU64,
+    /// Lookups not made because the resolver was not answering (its breaker was open).
+    pub skipped: AtomicU64,
+    /// 1 while the resolver is considered down (breaker open), else 0.
+    pub resolver_down: AtomicU64,
+    /// Times the resolver's breaker opened.
+    pub breaker_opened: AtomicU64,
     /// Time spent gathering, per request.
     pub gather_seconds: Histogram,
 }

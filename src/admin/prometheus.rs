@@ -385,10 +385,30 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
             "DNS fact lookups that failed (server failure, network error).",
             &dns.failures,
         ),
+        (
+            "greygate_dns_skipped_total",
+            "DNS fact lookups not made because the resolver was not answering (breaker open).",
+            &dns.skipped,
+        ),
+        (
+            "greygate_dns_breaker_opened_total",
+            "Times the resolver stopped answering and requests stopped asking it.",
+            &dns.breaker_opened,
+        ),
     ] {
         o.head(name, "counter", help);
         o.sample(name, &[], v.load(Ordering::Relaxed));
     }
+    o.head(
+        "greygate_dns_resolver_down",
+        "gauge",
+        "1 while the DNS resolver is considered down (breaker open: requests do not ask it), else 0.",
+    );
+    o.sample(
+        "greygate_dns_resolver_down",
+        &[],
+        dns.resolver_down.load(Ordering::Relaxed),
+    );
     o.head(
         "greygate_dns_gather_seconds",
         "histogram",

@@ -77,9 +77,17 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         .collect();
     if cfg.dns.enabled {
         println!(
-            "  client identity: {}; DNS budget {} ms, {} DNSWL and {} DNSBL zone(s)",
+            "  client identity: {}; DNS budget {} ms via {}, host names {}, {} DNSWL and {} DNSBL zone(s)",
             order.join(", "),
             cfg.dns.budget.as_millis(),
+            cfg.dns
+                .resolver
+                .map_or_else(|| "the system's resolver".to_string(), |a| a.to_string()),
+            if cfg.dns.ptr_lookup {
+                "the MTA's or looked up"
+            } else {
+                "the MTA's only"
+            },
             cfg.dns.dnswl_zones.len(),
             cfg.dns.dnsbl_zones.len()
         );

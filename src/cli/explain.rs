@@ -24,8 +24,9 @@ pub struct ExplainArgs {
     /// Client IP address
     #[arg(long, value_name = "IP")]
     pub client: IpAddr,
-    /// Verified client host name (Postfix's client_name); with [dns] enabled and no name
-    /// given, the client's reverse DNS is looked up as the milter front end would
+    /// Verified client host name (Postfix's client_name), the source of org: identities;
+    /// without it the host name is not known, unless [dns] ptr_lookup = true looks it up as
+    /// the daemon would for a milter MTA that gives none
     #[arg(long, value_name = "HOST", default_value = "unknown")]
     pub name: String,
     /// Envelope sender; "" or "<>" for the null sender

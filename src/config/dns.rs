@@ -42,7 +42,8 @@ impl Default for RawIdentity {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawDns {
-    /// Look up SPF, forward-confirmed reverse DNS and the `[dnswl]`/`[dnsbl]` zones.
+    /// Look up SPF (and, with `ptr_lookup`, forward-confirmed reverse DNS) and the
+    /// `[dnswl]`/`[dnsbl]` zones. On by default: big senders are keyed by `spf:`/`org:`.
     pub enabled: bool,
     /// Most time all lookups of one request may take together.
     pub budget: Dur,
@@ -50,15 +51,20 @@ pub struct RawDns {
     pub resolver: Option<String>,
     /// Answers kept in memory; 0 keeps none.
     pub cache_size: usize,
+    /// Look up the client's host name (PTR, then A/AAAA) when the front end gave none (a
+    /// milter without `{client_ptr}`, `explain` without `--name`). Off: `org:` comes only
+    /// from the name the MTA verified, and costs no query.
+    pub ptr_lookup: bool,
 }
 
 impl Default for RawDns {
     fn default() -> Self {
         RawDns {
-            enabled: false,
+            enabled: true,
             budget: Dur(Duration::from_millis(300)),
             resolver: None,
             cache_size: 10_000,
+            ptr_lookup: false,
         }
     }
 }
@@ -219,7 +225,8 @@ impl RawConfig {
         let dnsbl_zones = zones("dnsbl", &self.dnsbl.zones);
         // Settings that only DNS facts can trigger would silently do nothing.
         if !d.enabled {
-            let unused: [(&[&str], bool); 5] = [
+            let unused: [(&[&str], bool); 6] = [
+                (&["dns", "ptr_lookup"], d.ptr_lookup),
                 (&["dnswl", "zones"], !dnswl_zones.is_empty()),
                 (&["dnsbl", "zones"], !dnsbl_zones.is_empty()),
                 (&["dnsbl", "delay"], dnsbl_delay.is_some()),
@@ -248,6 +255,7 @@ impl RawConfig {
             budget: d.budget.0,
             resolver,
             cache_size: d.cache_size,
+            ptr_lookup: d.ptr_lookup,
             dnswl_zones,
             dnsbl_zones,
         };

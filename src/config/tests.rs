@@ -119,16 +119,17 @@ fn assert_default_config(c: &Config) {
     assert_eq!(c.store.timeout, Duration::from_secs(1));
     assert_eq!(c.store.max_entries, 2_000_000);
     assert_eq!((c.log.level.as_str(), c.log.json), ("info", false));
-    // DNS is off; identities would be tried in the default order, but without facts every
-    // client is its prefix.
+    // DNS is on, with the system's resolver: identities are tried in the default order
+    // (spf, org, prefix); the host name is the MTA's, never looked up.
     assert_eq!(c.engine.selective, Selective::default());
     assert_eq!(
         c.dns,
         DnsSettings {
-            enabled: false,
+            enabled: true,
             budget: Duration::from_millis(300),
             resolver: None,
             cache_size: 10_000,
+            ptr_lookup: false,
             dnswl_zones: vec![],
             dnsbl_zones: vec![],
         }
@@ -527,6 +528,7 @@ delay = "1h"
             budget: Duration::from_millis(250),
             resolver: Some("127.0.0.1:53".parse().expect("addr")),
             cache_size: 0,
+            ptr_lookup: false,
             dnswl_zones: vec!["list.dnswl.org".into()],
             dnsbl_zones: vec!["zen.spamhaus.org".into(), "bl.example.net".into()],
         }
@@ -557,6 +559,7 @@ resolver = "[::1]:5353"
 #[test]
 fn identity_and_dns_errors_point_at_the_bad_setting() {
     const ON: &str = "[dns]\nenabled = true\n";
+    const OFF: &str = "[dns]\nenabled = false\n";
     let cases: Vec<(String, usize, &str)> = vec![
         (
             format!("[identity]\norder = [\"spf\", \"spf\"]\n{ON}"),
@@ -612,24 +615,33 @@ fn identity_and_dns_errors_point_at_the_bad_setting() {
         ),
         // Settings that only DNS facts could trigger are refused while DNS is off.
         (
-            "[dnsbl]\nzones = [\"zen.spamhaus.org\"]\n".into(),
+            format!("[dnsbl]\nzones = [\"zen.spamhaus.org\"]\n{OFF}"),
             2,
             "[dns] enabled",
         ),
         (
-            "[dnswl]\nzones = [\"list.dnswl.org\"]\n".into(),
-            2,
-            "[dns] enabled",
-        ),
-        ("[dnsbl]\ndelay = \"1h\"\n".into(), 2, "[dns] enabled"),
-        (
-            "[identity]\nverified_skip = true\n".into(),
+            format!("[dnswl]\nzones = [\"list.dnswl.org\"]\n{OFF}"),
             2,
             "[dns] enabled",
         ),
         (
-            "[identity]\nverified_delay = 0\n".into(),
+            format!("[dnsbl]\ndelay = \"1h\"\n{OFF}"),
             2,
+            "[dns] enabled",
+        ),
+        (
+            format!("[identity]\nverified_skip = true\n{OFF}"),
+            2,
+            "[dns] enabled",
+        ),
+        (
+            format!("[identity]\nverified_delay = 0\n{OFF}"),
+            2,
+            "[dns] enabled",
+        ),
+        (
+            "[dns]\nenabled = false\nptr_lookup = true\n".into(),
+            3,
             "[dns] enabled",
         ),
     ];

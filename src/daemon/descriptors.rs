@@ -161,9 +161,12 @@ mod tests {
         let n = needed(&cfg);
         assert_eq!(n.mail, 250);
         assert_eq!(n.admin, 8);
-        assert_eq!((n.store, n.dns), (0, 0));
+        // DNS is on by default: every lookup in flight may hold a socket.
+        assert_eq!((n.store, n.dns), (0, 4096));
         assert_eq!(n.other, 4 * 2 + MARGIN);
-        assert_eq!(n.total(), 250 + 8 + 8 + MARGIN);
+        assert_eq!(n.total(), 250 + 8 + 4096 + 8 + MARGIN);
+        let off = config("[store]\nbackend = \"memory\"\n[dns]\nenabled = false\n");
+        assert_eq!(needed(&off).dns, 0);
     }
 
     #[test]

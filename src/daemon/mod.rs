@@ -46,6 +46,7 @@ fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
             tracing::info!(
                 %resolver,
                 budget_ms = cfg.dns.budget.as_millis(),
+                ptr_lookup = cfg.dns.ptr_lookup,
                 dnswl = ?cfg.dns.dnswl_zones,
                 dnsbl = ?cfg.dns.dnsbl_zones,
                 "DNS facts enabled"

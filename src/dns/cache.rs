@@ -1,8 +1,9 @@
 //! A bounded cache of DNS results with per-entry expiry, for the facts gatherer.
 //!
 //! Time is a value: callers pass `now`, so tests step it. Entries past their expiry are
-//! never returned; when the cache is full, expired entries go first, then the entry that
-//! would expire soonest (it has the least life left to give).
+//! never returned; when the cache is full, expired entries go first, then the entries that
+//! would expire soonest (they have the least life left to give), an eighth of the capacity
+//! at a time.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -55,14 +56,15 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
         if map.len() >= self.capacity && !map.contains_key(&key) {
             map.retain(|_, (_, expires)| *expires > now);
             if map.len() >= self.capacity {
-                // A linear scan, but only when full of live entries, and only on a DNS answer
-                // (which took milliseconds of network anyway).
-                let soonest = map
-                    .iter()
-                    .min_by_key(|(_, (_, expires))| *expires)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = soonest {
-                    map.remove(&k);
+                // Full of live entries: make room for the next inserts too (an eighth of
+                // the capacity), so that the linear pass is paid once per that many
+                // inserts, not on every one (a busy MX can add thousands a second).
+                let batch = (self.capacity / 8).max(1);
+                let mut by_expiry: Vec<(Instant, K)> =
+                    map.iter().map(|(k, (_, e))| (*e, k.clone())).collect();
+                by_expiry.select_nth_unstable_by_key(batch - 1, |(e, _)| *e);
+                for (_, k) in &by_expiry[..batch] {
+                    map.remove(k);
                 }
             }
         }
@@ -138,5 +140,24 @@ mod tests {
         c.insert("long", 5, Duration::from_secs(10), t1);
         assert_eq!(c.get(&"long", t1), Some(5));
         assert_eq!(c.get(&"later", t1), Some(4));
+    }
+
+    #[test]
+    fn a_full_cache_makes_room_an_eighth_at_a_time() {
+        let c = TtlCache::new(16);
+        let t0 = Instant::now();
+        for i in 0..16u64 {
+            c.insert(i, i, Duration::from_secs(100 + i), t0);
+        }
+        // The two soonest to expire go, and the next insert needs no eviction.
+        c.insert(100, 100, Duration::from_secs(200), t0);
+        assert_eq!(c.len(), 15);
+        assert_eq!(
+            (c.get(&0, t0), c.get(&1, t0), c.get(&2, t0)),
+            (None, None, Some(2))
+        );
+        c.insert(101, 101, Duration::from_secs(200), t0);
+        assert_eq!(c.len(), 16);
+        assert_eq!(c.get(&2, t0), Some(2));
     }
 }

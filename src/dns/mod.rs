@@ -7,7 +7,13 @@
 //! back to the IP prefix and the delay to the configured one. A lookup cut short keeps
 //! running in the background (bounded by [`LOOKUP_LIMIT`]) so that its answer is cached
 //! for the next request — the retry of a slow sender then finds it.
+//!
+//! **A resolver that stops answering stops being waited on.** After
+//! [`breaker::OPEN_AFTER`] requests in a row got no answer within the budget, requests ask
+//! it nothing (cached answers still count) until a background probe gets an answer again:
+//! see [`breaker`].
 
+pub mod breaker;
 pub mod cache;
 pub mod query;
 
@@ -15,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
@@ -34,6 +40,7 @@ use crate::engine::{
     Classified, Engine, HostName, IdentityFacts, IdentityKind, Request, SpfFact, SpfResult,
 };
 use crate::metrics::DnsStats;
+use breaker::{Admit, Breaker, Probe};
 use cache::{DEFAULT_NEGATIVE_TTL, MAX_TTL, TtlCache};
 use query::{ListAnswer, classify_list_answer, list_query_name, mta_host_name, spf_canaries};
 
@@ -45,6 +52,9 @@ pub struct DnsSettings {
     /// `None`: the system's resolver configuration.
     pub resolver: Option<SocketAddr>,
     pub cache_size: usize,
+    /// Look up the host name (PTR, then A/AAAA) when the front end gave none; otherwise
+    /// `org:` comes only from the name the MTA verified.
+    pub ptr_lookup: bool,
     /// Lower-case zone names, without a trailing dot.
     pub dnswl_zones: Vec<String>,
     pub dnsbl_zones: Vec<String>,
@@ -92,6 +102,9 @@ pub struct Gathered {
     pub trouble: Vec<String>,
     /// Some lookup was still unanswered when the budget ran out.
     pub timed_out: bool,
+    /// The resolver was not answering (its breaker open) for this long: what the cache did
+    /// not hold was not asked.
+    pub resolver_down: Option<Duration>,
     pub elapsed: Duration,
 }
 
@@ -100,6 +113,13 @@ impl Gathered {
     pub fn note(&self) -> Option<String> {
         if self.trouble.is_empty() {
             return None;
+        }
+        if let Some(down) = self.resolver_down {
+            return Some(format!(
+                "DNS resolver not answering for {} s (breaker open), not asked: {}",
+                down.as_secs(),
+                self.trouble.join(", ")
+            ));
         }
         let what = if self.timed_out {
             "DNS timed out"
@@ -139,12 +159,29 @@ enum Pending {
     Running(JoinHandle<Result<Value, String>>),
     /// Not started: too many lookups in flight.
     Refused,
+    /// Not waited on: the resolver is not answering (asked in the background, if at all).
+    Skipped,
 }
 
 enum Outcome {
     Answer(Value),
     Failed(String),
     TimedOut,
+    Skipped,
+}
+
+/// Whether a request's lookups go to the resolver, per its breaker.
+enum Asking {
+    Yes,
+    /// In the background only, as the breaker's probe.
+    Probe(Arc<Probe>),
+    No,
+    /// Not at all, for a request decided without waiting if the cache holds every fact it
+    /// needs: `missed` says it did not; `hits` is counted only if it did.
+    CacheOnly {
+        missed: AtomicBool,
+        hits: AtomicU64,
+    },
 }
 
 /// Looks up DNS facts with one resolver and one cache; shared by every connection.
@@ -156,6 +193,7 @@ pub struct Gatherer {
     cache: Arc<TtlCache<Key, Value>>,
     stats: Arc<DnsStats>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Gatherer {
@@ -175,6 +213,9 @@ impl Gatherer {
         host_domain: &str,
         stats: Arc<DnsStats>,
     ) -> Result<Gatherer, DnsSetupError> {
+        let resolver_name = settings
+            .resolver
+            .map_or_else(|| "system resolver".to_string(), |a| a.to_string());
         let (config, mut opts) = match settings.resolver {
             Some(addr) => {
                 let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
@@ -209,6 +250,7 @@ impl Gatherer {
             settings: settings.clone(),
             host_domain: host_domain.to_string(),
             cache: Arc::new(TtlCache::new(settings.cache_size)),
+            breaker: Arc::new(Breaker::new(resolver_name, settings.budget, stats.clone())),
             stats,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
@@ -222,6 +264,11 @@ impl Gatherer {
 
     pub fn host_domain(&self) -> &str {
         &self.host_domain
+    }
+
+    /// How long the resolver has not been answering (its breaker open), or `None`.
+    pub fn resolver_down_for(&self) -> Option<Duration> {
+        self.breaker.down_for()
     }
 
     /// Gathers DNS facts for `req` when it gets as far as the stored state (rules 1–3 do
@@ -240,29 +287,73 @@ impl Gatherer {
         if let Classified::Decided(_) = engine.classify(req, now) {
             return None;
         }
-        let order = &engine.selective.identity_order;
-        let gathered = self
-            .gather(&Ask {
-                ip,
-                sender: &req.sender,
-                helo: &req.helo,
-                client_name: &req.client_name,
-                reverse_client_name: &req.reverse_client_name,
-                spf: order.contains(&IdentityKind::Spf),
-                name: order.contains(&IdentityKind::Org),
-            })
-            .await;
+        let gathered = self.gather(&ask_for(ip, engine, req)).await;
         let mut with = req.clone();
         with.facts = Some(gathered.facts.clone());
         Some((with, gathered))
     }
 
+    /// [`Gatherer::facts_for`] without waiting, when nothing has to be waited for: the
+    /// cache holds every fact the request needs, or the resolver is not being asked (its
+    /// breaker is open). `Err(NeedsLookups)`: it does not; use `facts_for`.
+    pub fn facts_now(
+        &self,
+        engine: &Engine,
+        req: &Request,
+        now: u64,
+    ) -> Result<Option<(Request, Gathered)>, NeedsLookups> {
+        let Some(ip) = req.client_ip else {
+            return Ok(None);
+        };
+        if req.facts.is_some() {
+            return Ok(None);
+        }
+        if let Classified::Decided(_) = engine.classify(req, now) {
+            return Ok(None);
+        }
+        let asking = if self.breaker.skipping() {
+            Asking::No
+        } else {
+            Asking::CacheOnly {
+                missed: AtomicBool::new(false),
+                hits: AtomicU64::new(0),
+            }
+        };
+        let ask = ask_for(ip, engine, req);
+        // Neither mode starts a lookup, so nothing is waited on: ready at the first poll.
+        let gathered = poll_once(self.gather_with(&ask, &asking)).ok_or(NeedsLookups)?;
+        if let Asking::CacheOnly { missed, hits } = &asking {
+            if missed.load(Ordering::Relaxed) {
+                return Err(NeedsLookups);
+            }
+            self.stats
+                .cache_hits
+                .fetch_add(hits.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        self.stats.gather_seconds.observe(gathered.elapsed);
+        let mut with = req.clone();
+        with.facts = Some(gathered.facts.clone());
+        Ok(Some((with, gathered)))
+    }
+
     /// Gathers the facts of one request within the budget. Never fails: what is not known
     /// in time is marked as such.
     pub async fn gather(&self, ask: &Ask<'_>) -> Gathered {
+        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        let asking = match self.breaker.admit() {
+            Admit::Ask => Asking::Yes,
+            Admit::Probe => Asking::Probe(Probe::new(self.breaker.clone())),
+            Admit::Skip => Asking::No,
+        };
+        let gathered = self.gather_with(ask, &asking).await;
+        self.stats.gather_seconds.observe(gathered.elapsed);
+        gathered
+    }
+
+    async fn gather_with(&self, ask: &Ask<'_>, asking: &Asking) -> Gathered {
         let started = Instant::now();
         let deadline = started + self.settings.budget;
-        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
         let ip = canonical_ip(ask.ip);
 
         // Start every lookup before waiting for any: they run side by side.
@@ -272,18 +363,18 @@ impl Gatherer {
             .map(|(_, d)| d.trim_end_matches('.').to_string())
             .filter(|d| !d.is_empty());
         let spf = match &domain {
-            Some(d) if ask.spf => Some((d.clone(), self.start_spf(ip, &sender, ask.helo))),
+            Some(d) if ask.spf => Some((d.clone(), self.start_spf(asking, ip, &sender, ask.helo))),
             _ => None,
         };
         let name = match mta_host_name(ask.client_name, ask.reverse_client_name) {
             Some(known) => Err(known),
-            None if ask.name => Ok(self.start_name(ip)),
+            None if ask.name && self.settings.ptr_lookup => Ok(self.start_name(asking, ip)),
             None => Err(HostName::Unknown),
         };
         let start_lists = |zones: &[String]| -> Vec<(String, Pending)> {
             zones
                 .iter()
-                .map(|z| (z.clone(), self.start_list(z, ip)))
+                .map(|z| (z.clone(), self.start_list(asking, z, ip)))
                 .collect()
         };
         let dnswl = start_lists(&self.settings.dnswl_zones);
@@ -291,6 +382,7 @@ impl Gatherer {
 
         let mut trouble = Vec::new();
         let mut timed_out = false;
+        let mut skipped = false;
         let mut note = |what: &str, o: &Outcome| match o {
             Outcome::Answer(_) => {}
             Outcome::TimedOut => {
@@ -298,15 +390,24 @@ impl Gatherer {
                 trouble.push(format!("{what} (timed out)"));
             }
             Outcome::Failed(e) => trouble.push(format!("{what} ({e})")),
+            Outcome::Skipped => {
+                skipped = true;
+                trouble.push(what.to_string());
+            }
         };
+        // Whether the resolver was waited on, and answered something in time.
+        let mut waited = false;
+        let mut answered = false;
 
         let mut facts = IdentityFacts::default();
         if let Some((domain, pending)) = spf {
-            let o = self.finish(pending, deadline).await;
+            let o = self
+                .finish(pending, deadline, &mut waited, &mut answered)
+                .await;
             note("spf", &o);
             let result = match o {
                 Outcome::Answer(Value::Spf(r)) => r,
-                Outcome::TimedOut => SpfResult::Timeout,
+                Outcome::TimedOut | Outcome::Skipped => SpfResult::Timeout,
                 _ => SpfResult::TempError,
             };
             facts.spf = Some(SpfFact { domain, result });
@@ -314,7 +415,9 @@ impl Gatherer {
         facts.name = match name {
             Err(known) => known,
             Ok(pending) => {
-                let o = self.finish(pending, deadline).await;
+                let o = self
+                    .finish(pending, deadline, &mut waited, &mut answered)
+                    .await;
                 note("host name", &o);
                 match o {
                     Outcome::Answer(Value::Name(n)) => n,
@@ -328,7 +431,9 @@ impl Gatherer {
         ] {
             listing.complete = true;
             for (zone, pending) in lookups {
-                let o = self.finish(pending, deadline).await;
+                let o = self
+                    .finish(pending, deadline, &mut waited, &mut answered)
+                    .await;
                 note(&format!("{kind} {zone}"), &o);
                 match o {
                     Outcome::Answer(Value::List(ListAnswer::Listed(_))) => {
@@ -341,48 +446,98 @@ impl Gatherer {
                 }
             }
         }
+        if waited {
+            self.breaker.gathered(answered, timed_out);
+        }
         let elapsed = started.elapsed();
-        self.stats.gather_seconds.observe(elapsed);
         Gathered {
             facts,
             trouble,
             timed_out,
+            resolver_down: if skipped {
+                Some(self.breaker.down_for().unwrap_or_default())
+            } else {
+                None
+            },
             elapsed,
         }
     }
 
-    /// Answers from the cache, or starts `work` as a task that caches what it finds.
-    fn start(&self, key: Key, work: impl Future<Output = Answer> + Send + 'static) -> Pending {
+    /// Answers from the cache, or starts `work` as a task that caches what it finds (unless
+    /// the resolver is not being asked).
+    fn start(
+        &self,
+        asking: &Asking,
+        key: Key,
+        work: impl Future<Output = Answer> + Send + 'static,
+    ) -> Pending {
         if let Some(v) = self.cache.get(&key, std::time::Instant::now()) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            match asking {
+                Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
+                _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
+            };
             return Pending::Ready(v);
         }
+        let probe = match asking {
+            Asking::Yes => None,
+            Asking::Probe(p) => Some(p.clone()),
+            Asking::No => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                return Pending::Skipped;
+            }
+            Asking::CacheOnly { missed, .. } => {
+                missed.store(true, Ordering::Relaxed);
+                return Pending::Skipped;
+            }
+        };
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             return Pending::Refused;
         };
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
-        Pending::Running(tokio::spawn(async move {
+        if let Some(p) = &probe {
+            p.asked();
+        }
+        let task = tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(LOOKUP_LIMIT, work).await {
                 Ok(Ok((value, ttl))) => {
+                    if let Some(p) = &probe
+                        && is_answer(&value)
+                    {
+                        p.answered();
+                    }
                     cache.insert(key, value.clone(), ttl, std::time::Instant::now());
                     Ok(value)
                 }
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(format!("no answer within {} s", LOOKUP_LIMIT.as_secs())),
             }
-        }))
+        });
+        if matches!(asking, Asking::Probe(_)) {
+            // A probe runs in the background: the request does not wait on it.
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Pending::Skipped;
+        }
+        Pending::Running(task)
     }
 
     /// Waits for a lookup until `deadline`; the task goes on without us after that.
-    async fn finish(&self, pending: Pending, deadline: Instant) -> Outcome {
+    /// `waited`: a lookup went to the resolver; `answered`: one got its answer in time.
+    async fn finish(
+        &self,
+        pending: Pending,
+        deadline: Instant,
+        waited: &mut bool,
+        answered: &mut bool,
+    ) -> Outcome {
         let failed = |e: String| {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             Outcome::Failed(e)
         };
         let handle = match pending {
             Pending::Ready(v) => return Outcome::Answer(v),
+            Pending::Skipped => return Outcome::Skipped,
             Pending::Running(h) => h,
             Pending::Refused => {
                 return failed(format!(
@@ -390,8 +545,12 @@ impl Gatherer {
                 ));
             }
         };
+        *waited = true;
         match tokio::time::timeout_at(deadline, handle).await {
-            Ok(Ok(Ok(v))) => Outcome::Answer(v),
+            Ok(Ok(Ok(v))) => {
+                *answered |= is_answer(&v);
+                Outcome::Answer(v)
+            }
             Ok(Ok(Err(e))) => failed(e),
             Ok(Err(e)) => failed(format!("lookup task failed: {e}")),
             Err(_) => {
@@ -401,13 +560,13 @@ impl Gatherer {
         }
     }
 
-    fn start_spf(&self, ip: IpAddr, sender: &str, helo: &str) -> Pending {
+    fn start_spf(&self, asking: &Asking, ip: IpAddr, sender: &str, helo: &str) -> Pending {
         let auth = self.auth.clone();
         let key = Key::Spf(ip, sender.to_string());
         let sender = sender.to_string();
         let helo = if helo.is_empty() { "unknown" } else { helo }.to_string();
         let host = self.host_domain.clone();
-        self.start(key, async move {
+        self.start(asking, key, async move {
             let check = |ip| spf_check(&auth, ip, &sender, &helo, &host);
             let mut result = check(ip).await;
             if result == SpfResult::Pass {
@@ -433,18 +592,18 @@ impl Gatherer {
         })
     }
 
-    fn start_name(&self, ip: IpAddr) -> Pending {
+    fn start_name(&self, asking: &Asking, ip: IpAddr) -> Pending {
         let resolver = self.auth.0.clone();
-        self.start(Key::Name(ip), async move {
+        self.start(asking, Key::Name(ip), async move {
             let (name, ttl) = confirmed_name(&resolver, ip).await?;
             Ok((Value::Name(name), ttl))
         })
     }
 
-    fn start_list(&self, zone: &str, ip: IpAddr) -> Pending {
+    fn start_list(&self, asking: &Asking, zone: &str, ip: IpAddr) -> Pending {
         let resolver = self.auth.0.clone();
         let qname = list_query_name(ip, zone);
-        self.start(Key::List(zone.to_string(), ip), async move {
+        self.start(asking, Key::List(zone.to_string(), ip), async move {
             match resolver.ipv4_lookup(qname.as_str()).await {
                 Ok(lookup) => {
                     let addrs: Vec<_> = lookup
@@ -467,6 +626,40 @@ impl Gatherer {
             }
         })
     }
+}
+
+/// A request's facts need lookups: they cannot be had without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedsLookups;
+
+/// What `req` asks about: the lookups its identity order uses.
+fn ask_for<'r>(ip: IpAddr, engine: &Engine, req: &'r Request) -> Ask<'r> {
+    let order = &engine.selective.identity_order;
+    Ask {
+        ip,
+        sender: &req.sender,
+        helo: &req.helo,
+        client_name: &req.client_name,
+        reverse_client_name: &req.reverse_client_name,
+        spf: order.contains(&IdentityKind::Spf),
+        name: order.contains(&IdentityKind::Org),
+    }
+}
+
+/// Polls `f` once: its output if it is ready at once.
+fn poll_once<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Whether a lookup's value shows the resolver answering: SPF's `temperror` is what a
+/// check that got no answer ends with too, so it says nothing.
+fn is_answer(v: &Value) -> bool {
+    !matches!(v, Value::Spf(SpfResult::TempError))
 }
 
 /// RFC 7208 `check_host()` of the MAIL FROM identity.

@@ -74,7 +74,8 @@ fn is_listing_code(a: Ipv4Addr) -> bool {
 ///   Postfix looked, and no name confirmed → unverified;
 /// - neither is known (empty `reverse_client_name`): a milter front end whose MTA gave no
 ///   name (Sendmail's `[192.0.2.1]`, Postfix's `unknown` at connect), or `explain` without
-///   `--name` → the gatherer does PTR and A/AAAA itself.
+///   `--name` → the gatherer does PTR and A/AAAA itself with `[dns] ptr_lookup`, and
+///   otherwise leaves the name unknown (no `org:` identity).
 pub fn mta_host_name(client_name: &str, reverse_client_name: &str) -> Option<HostName> {
     let name = client_name.trim();
     if !name.is_empty() && !name.eq_ignore_ascii_case("unknown") && !name.starts_with('[') {

@@ -18,6 +18,7 @@ fn settings(server: SocketAddr, budget_ms: u64) -> DnsSettings {
         budget: Duration::from_millis(budget_ms),
         resolver: Some(server),
         cache_size: 100,
+        ptr_lookup: true,
         dnswl_zones: Vec::new(),
         dnsbl_zones: vec!["bl.test".into()],
     }
@@ -316,4 +317,174 @@ async fn lookups_beyond_the_in_flight_cap_are_not_started() {
     let again = g.gather(&ask("198.51.100.8", "a@pool.test")).await;
     assert_eq!(stats.lookups.load(Ordering::Relaxed), 3);
     assert!(again.timed_out);
+}
+
+#[tokio::test]
+async fn without_ptr_lookup_the_host_name_is_only_the_mtas() {
+    let server = silent_server().await;
+    let mut s = settings(server.local_addr().unwrap(), 200);
+    s.ptr_lookup = false;
+    s.dnsbl_zones.clear();
+    let (g, stats) = gatherer(&s);
+    // No name from the front end, null sender: nothing to ask.
+    let got = g.gather(&ask("192.0.2.7", "<>")).await;
+    assert_eq!(got.facts.name, HostName::Unknown);
+    assert!(got.trouble.is_empty(), "{:?}", got.trouble);
+    assert!(got.elapsed < Duration::from_millis(50), "{:?}", got.elapsed);
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+    // A name the MTA verified is still used.
+    let got = g
+        .gather(&Ask {
+            client_name: "mta7.example.net",
+            ..ask("192.0.2.7", "<>")
+        })
+        .await;
+    assert_eq!(
+        got.facts.name,
+        HostName::Verified("mta7.example.net".into())
+    );
+}
+
+/// Answers from `records` while `answering` is set, and drops every query otherwise.
+async fn switchable_server(answering: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            if !answering.load(Ordering::Relaxed) {
+                continue;
+            }
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            r.add_queries(q.queries.clone());
+            match q.queries.first().and_then(records) {
+                Some(data) => {
+                    let name = q.queries[0].name().clone();
+                    r.add_answers(
+                        data.into_iter()
+                            .map(|d| Record::from_rdata(name.clone(), 60, d)),
+                    );
+                }
+                None => r.metadata.response_code = ResponseCode::NXDomain,
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_resolver_that_stops_answering_is_not_waited_on_until_it_answers_again() {
+    let answering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = switchable_server(answering.clone()).await;
+    let mut s = settings(addr, 150);
+    s.dnsbl_zones.clear();
+    let (g, stats) = gatherer(&s);
+    // Every request waits the budget until the breaker opens...
+    for i in 0..breaker::OPEN_AFTER {
+        let got = g
+            .gather(&ask(&format!("198.51.100.{i}"), "a@pool.test"))
+            .await;
+        assert!(got.timed_out && got.elapsed >= Duration::from_millis(150));
+    }
+    assert!(g.resolver_down_for().is_some());
+    assert_eq!(stats.resolver_down.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.breaker_opened.load(Ordering::Relaxed), 1);
+    // ... and then none does: the facts say "not known", as a timeout would.
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(600) {
+        let got = g
+            .gather(&ask(&format!("203.0.113.{n}"), "a@pool.test"))
+            .await;
+        assert!(got.elapsed < Duration::from_millis(20), "{:?}", got.elapsed);
+        assert_eq!(got.facts.spf.as_ref().unwrap().result, SpfResult::Timeout);
+        assert_eq!(got.facts.name, HostName::Timeout);
+        let note = got.note().unwrap();
+        assert!(
+            note.starts_with(
+                "DNS resolver not answering for 0 s (breaker open), not asked: spf, host name"
+            ),
+            "{note}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stats.skipped.load(Ordering::Relaxed) >= 2 * n);
+    // Probes went out in the background (200 ms after opening, then 400 ms after that).
+    assert!(stats.lookups.load(Ordering::Relaxed) > u64::from(2 * breaker::OPEN_AFTER));
+    assert!(g.resolver_down_for().is_some());
+
+    // The resolver answers again: the next probe (at most 2 s away) closes the breaker,
+    // and requests get their facts.
+    answering.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + breaker::MAX_BACKOFF * 3;
+    let mut k = 0;
+    while g.resolver_down_for().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "never closed");
+        g.gather(&ask(&format!("192.0.2.{k}"), "a@pool.test")).await;
+        k = (k + 1) % 250;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.resolver_down.load(Ordering::Relaxed), 0);
+    let got = g.gather(&ask("198.51.100.77", "a@pool.test")).await;
+    assert_eq!(got.facts.spf.as_ref().unwrap().result, SpfResult::Pass);
+    assert!(got.note().is_none(), "{:?}", got.note());
+}
+
+#[tokio::test]
+async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
+    let addr = table_server(Duration::ZERO, records).await;
+    let mut s = settings(addr, 2000);
+    s.dnsbl_zones.clear();
+    s.ptr_lookup = false;
+    let (g, stats) = gatherer(&s);
+    let engine = Engine::default();
+    let req = Request {
+        stage: "RCPT".into(),
+        client_ip: Some("198.51.100.7".parse().unwrap()),
+        client_name: "unknown".into(),
+        sender: "a@pool.test".into(),
+        recipient: "b@rcpt.test".into(),
+        ..Request::default()
+    };
+    // Nothing cached: lookups are needed, and none was started.
+    assert_eq!(g.facts_now(&engine, &req, 0).err(), Some(NeedsLookups));
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+    let (_, waited) = g.facts_for(&engine, &req, 0).await.expect("gathered");
+    // Now cached: the same facts without waiting.
+    let (with, now) = g
+        .facts_now(&engine, &req, 0)
+        .expect("cached")
+        .expect("gathered");
+    assert_eq!(now.facts, waited.facts);
+    assert_eq!(with.facts.unwrap().spf.unwrap().result, SpfResult::Pass);
+    // An authenticated client needs no facts at all.
+    let authenticated = Request {
+        sasl_username: "alice".into(),
+        ..req.clone()
+    };
+    assert_eq!(g.facts_now(&engine, &authenticated, 0), Ok(None));
+    // With the breaker open, an uncached request is answered at once, without facts.
+    for _ in 0..breaker::OPEN_AFTER {
+        g.breaker.gathered(false, true);
+    }
+    let other = Request {
+        client_ip: Some("203.0.113.9".parse().unwrap()),
+        ..req.clone()
+    };
+    let (_, open) = g
+        .facts_now(&engine, &other, 0)
+        .expect("open")
+        .expect("gathered");
+    assert_eq!(open.facts.spf.unwrap().result, SpfResult::Timeout);
+    assert!(open.resolver_down.is_some());
 }

@@ -356,7 +356,7 @@ pub async fn serve_connection<S: Io>(mut stream: S, peer: &str, ctx: &MilterCont
 /// name, or `[192.0.2.1]` when there is none, and says in `{client_resolve}` whether the
 /// name was confirmed (`OK`) or not (`FORGED`, `FAIL`, `TEMP`). `{client_ptr}`, when sent,
 /// is the unconfirmed PTR name. Without either macro an unnamed client's reverse name stays
-/// unknown (empty), and DNS facts look it up themselves.
+/// unknown (empty): no `org:` identity, unless `[dns] ptr_lookup` looks the name up.
 fn connect_names(
     hostname: String,
     client_ptr: Option<&str>,

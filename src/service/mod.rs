@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::dns::Gatherer;
+use crate::dns::{Gatherer, NeedsLookups};
 use crate::engine::{
     Classified, ClientRecord, Decision, Engine, ListKind, Lookup, Mode, Request, Rule,
     RuntimeEntry, Target, Triplet, TripletKey, TripletOutcome, Verdict,
@@ -391,11 +391,29 @@ impl Greylister {
     ) -> Result<Decided<'r>, Cow<'r, Request>> {
         let started = Instant::now();
         let live = self.live.load();
-        if live.dns.is_some() {
+        let Some(dns) = &live.dns else {
+            return self
+                .decide_here(&live, req, None, now, started)
+                .map_err(|(req, _)| req);
+        };
+        // DNS facts that need no waiting (cached, or the resolver's breaker is open), for
+        // records in this process: decided at once too.
+        if self
+            .store
+            .present()
+            .is_some_and(|s| s.in_memory().is_none())
+        {
             return Err(req);
         }
-        self.decide_here(&live, req, None, now, started)
-            .map_err(|(req, _)| req)
+        match dns.facts_now(&live.engine, &req, now) {
+            Err(NeedsLookups) => Err(req),
+            Ok(None) => self
+                .decide_here(&live, req, None, now, started)
+                .map_err(|(req, _)| req),
+            Ok(Some((with, gathered))) => self
+                .decide_here(&live, Cow::Owned(with), gathered.note(), now, started)
+                .map_err(|(req, _)| req),
+        }
     }
 
     /// DNS facts gathered (when `[dns]` is on), then decided: in this process when the

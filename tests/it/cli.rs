@@ -26,6 +26,25 @@ fn check_config_accepts_the_shipped_sample() {
     let (code, out, err) = run_cli(&["check-config", "--config", sample]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("configuration OK"), "{out}");
+    // The sample shows the defaults: pool-aware, SPF through the system's resolver, host
+    // names from the MTA.
+    assert!(
+        out.contains(
+            "client identity: spf, org, prefix; DNS budget 300 ms via the system's resolver, host names the MTA's only"
+        ),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let (code, defaults, err) = run_cli(&["check-config", "--config", empty.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let line = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("client identity:"))
+            .map(str::to_string)
+    };
+    assert_eq!(line(&out), line(&defaults), "{defaults}");
 }
 
 #[test]

@@ -13,7 +13,8 @@ fn write_config(path: &Path, socket: &Path, defer_text: &str) {
     let toml = format!(
         "[policy]\nlisten = [\"unix:{}\"]\ndefer_text = \"{defer_text}\"\n\
          [store]\nbackend = \"memory\"\n\
-         [admin]\nlisten = []\n",
+         [admin]\nlisten = []\n\
+         [dns]\nenabled = false\n",
         socket.display()
     );
     std::fs::write(path, toml).expect("write config");

@@ -1,6 +1,7 @@
 //! DNS facts end to end: the daemon resolves SPF, forward-confirmed reverse DNS and DNS
 //! lists through a real DNS server on loopback (dnsmasq with records for test domains), or
-//! through one that never answers; and a pool sender's retry through a real Postfix.
+//! through one that never answers; and, with the defaults, a pool sender's retry through a
+//! real Postfix (policy service and milter).
 
 use std::time::{Duration, Instant};
 
@@ -125,7 +126,8 @@ fn dns_forward_confirmed_names_when_the_front_end_gives_none() {
     }
     let dns = Dnsmasq::start(&zone());
     let dir = tempfile::tempdir().unwrap();
-    let d = daemon(dir.path(), &dns.addr(), "2s", "");
+    // Off by default: org: comes from the MTA's verified name without a query.
+    let d = daemon(dir.path(), &dns.addr(), "2s", "ptr_lookup = true\n");
     let mut c = d.client();
     // No SPF record for the sender's domain: the host's organisation is the identity.
     let started = Instant::now();
@@ -234,7 +236,7 @@ fn dns_that_never_answers_falls_back_to_the_prefix_within_the_budget() {
         dir.path(),
         &silent.addr().to_string(),
         "300ms",
-        "[dnsbl]\nzones = [\"bl.test\"]\n",
+        "ptr_lookup = true\n[dnsbl]\nzones = [\"bl.test\"]\n",
     );
     let mut c = d.client();
     let mut took = Vec::new();
@@ -305,7 +307,9 @@ fn dns_settings_change_on_sighup() {
     // DNS off: back to the prefix, no lookups.
     std::fs::write(
         &config,
-        format!("hostname = \"gw.test.invalid\"\n[greylist]\ndelay = {DELAY}\n"),
+        format!(
+            "hostname = \"gw.test.invalid\"\n[greylist]\ndelay = {DELAY}\n[dns]\nenabled = false\n"
+        ),
     )
     .unwrap();
     d.hup();
@@ -329,8 +333,9 @@ fn dns_explain_gathers_the_facts_it_explains() {
     }
     let dns = Dnsmasq::start(&zone());
     let dir = tempfile::tempdir().unwrap();
-    // A daemon with the embedded store sees the pool's first attempt, then stops.
-    let cfg = DaemonConfig::new(dir.path()).toml(&toml(&dns.addr(), "2s", ""));
+    // A daemon with the defaults (only the resolver set) and the embedded store sees the
+    // pool's first attempt, then stops.
+    let cfg = DaemonConfig::new(dir.path()).toml(&defaults(&dns.addr()));
     let d = cfg.start();
     let r = d.client().ask(&request_with(
         "198.51.100.7",
@@ -361,45 +366,174 @@ fn dns_explain_gathers_the_facts_it_explains() {
     assert!(out.contains("client spf:pool.test"), "{out}");
     assert!(out.contains("record:     pending"), "{out}");
     assert!(out.contains("dns facts:  spf pass (pool.test)"), "{out}");
+    // No name given and no PTR lookup by default: org: would need the MTA's name.
+    assert!(out.contains("host name not looked up"), "{out}");
 }
 
+/// A configuration file with nothing but where DNS is: everything else is the default, as
+/// in a fresh installation (the delay comes from `serve --delay`).
+fn defaults(resolver: &str) -> String {
+    format!("[dns]\nresolver = \"{resolver}\"\n")
+}
+
+fn default_daemon(dir: &std::path::Path, resolver: &str, milter: bool) -> Daemon {
+    let cfg = DaemonConfig::new(dir).toml(&defaults(resolver)).args(&[
+        "--memory",
+        "--delay",
+        &DELAY.to_string(),
+    ]);
+    if milter {
+        cfg.listen(&[]).milter(&["127.0.0.1:0"]).start()
+    } else {
+        cfg.start()
+    }
+}
+
+/// With the defaults, a pool sender deferred from one /24 is accepted on its retry from
+/// another /24 of its SPF range: through a real Postfix, as a policy service and as a
+/// milter.
 #[test]
-fn dns_postfix_pool_sender_retry_from_another_slash24_is_accepted() {
-    if !postfix::available("dns_postfix_pool") || !dnsmasq_available("dns_postfix_pool") {
+fn dns_defaults_postfix_pool_sender_retry_from_another_slash24_is_accepted() {
+    let test = "dns_defaults_postfix_pool";
+    if !postfix::available(test) || !dnsmasq_available(test) {
         return;
     }
     let dns = Dnsmasq::start(&zone());
+    for milter in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let gg = default_daemon(dir.path(), &dns.addr(), milter);
+        let policy = if milter {
+            Policy::Milter(format!("inet:{}", gg.milter_tcp()))
+        } else {
+            Policy::Service(format!("inet:{}", gg.tcp()))
+        };
+        let pf = Postfix::start(policy, &[]);
+        let rcpt = |ip: &str, name: &str| {
+            pf.swaks()
+                .client(ip, name)
+                .from("news@pool.test")
+                .to("eve@example.org")
+                .rcpt_only()
+                .run()
+        };
+        let first = rcpt("198.51.100.7", "out-7.mailer.example.net");
+        assert_eq!(
+            first.code, 24,
+            "milter {milter}, deferred:\n{}",
+            first.transcript
+        );
+        assert!(first.rcpt_reply().contains("4.7.1"), "{}", first.transcript);
+        gg.expect_log("group=\"spf:pool.test\"");
+        std::thread::sleep(Duration::from_millis(DELAY * 1000 + 300));
+        let retry = rcpt("203.0.113.9", "out-9.mailer.example.net");
+        assert_eq!(
+            retry.code,
+            0,
+            "milter {milter}: the pool's retry from another /24 is accepted:\n{}\n{}",
+            retry.transcript,
+            gg.log()
+        );
+        // Without DNS facts the same retry would be a new triplet (another /24).
+        let stranger = rcpt("192.0.2.50", "out-50.mailer.example.net");
+        assert_eq!(stranger.code, 24, "{}", stranger.transcript);
+        // The MTA's names were used as they came: no PTR query.
+        assert!(!gg.log().contains("host name ("), "{}", gg.log());
+    }
+}
+
+/// An HTTP GET on the daemon's admin listener; the body.
+fn admin_get(d: &Daemon, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(d.admin.expect("admin listener")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// With the defaults and a resolver that never answers: every request answers within the
+/// budget (plus scheduling), as the prefix would decide it; after a few such requests the
+/// resolver's breaker opens, and requests stop waiting on it altogether. `explain --live`
+/// and the metrics say so.
+#[test]
+fn dns_defaults_with_a_dead_resolver_cost_at_most_the_budget_then_nothing() {
+    const BUDGET: Duration = Duration::from_millis(300);
+    let silent = SilentDns::start();
     let dir = tempfile::tempdir().unwrap();
-    let gg = DaemonConfig::new(dir.path())
-        .toml(&toml(&dns.addr(), "2s", ""))
-        .start();
-    let pf = Postfix::start(Policy::Service(format!("inet:{}", gg.tcp())), &[]);
-    let rcpt = |ip: &str, name: &str| {
-        pf.swaks()
-            .client(ip, name)
-            .from("news@pool.test")
-            .to("eve@example.org")
-            .rcpt_only()
-            .run()
+    let d = default_daemon(dir.path(), &silent.addr().to_string(), false);
+    let mut c = d.client();
+    let ask = |c: &mut crate::harness::PolicyClient, i: usize| {
+        let started = Instant::now();
+        let r = c.ask(&request_with(
+            &format!("198.51.100.{}", 10 + i),
+            &format!("n{i}@pool.test"),
+            "bob@rcpt.test",
+            &[],
+        ));
+        // Deferred by greylisting as without DNS, for the configured delay.
+        assert!(
+            r.starts_with("DEFER_IF_PERMIT") && r.contains(&format!("{DELAY} seconds")),
+            "{r}"
+        );
+        started.elapsed()
     };
-    let first = rcpt("198.51.100.7", "out-7.mailer.example.net");
-    assert_eq!(first.code, 24, "deferred:\n{}", first.transcript);
+    let i = greygate::dns::breaker::OPEN_AFTER as usize;
+    let waited: Vec<Duration> = (0..i).map(|i| ask(&mut c, i)).collect();
+    d.expect_log("DNS resolver not answering; requests stop asking it");
+    eprintln!("before the breaker opened: {waited:?}");
+    for t in &waited {
+        // The budget, plus a margin for a loaded test machine.
+        assert!(*t >= BUDGET - Duration::from_millis(10), "{waited:?}");
+        assert!(*t < BUDGET + Duration::from_millis(150), "{waited:?}");
+    }
+    d.expect_log("group=\"198.51.100.0/24\"");
+    d.expect_log("dns=\"DNS timed out after 3");
+
+    // Open: no request waits on the resolver, background probes included.
+    let mut open = Vec::new();
+    for k in 0..40 {
+        open.push(ask(&mut c, i + k));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    open.sort();
+    eprintln!(
+        "with the breaker open: median {:?}, max {:?}",
+        open[20], open[39]
+    );
+    assert!(open[20] < Duration::from_millis(30), "{open:?}");
+    assert!(open[39] < BUDGET / 2, "{open:?}");
+    d.expect_log("DNS resolver not answering for 0 s (breaker open), not asked: spf");
+
+    let metrics = admin_get(&d, "/metrics");
     assert!(
-        first.rcpt_reply().contains("450 4.7.1"),
-        "{}",
-        first.transcript
+        metrics.contains("greygate_dns_resolver_down 1"),
+        "{metrics}"
     );
-    gg.expect_log("group=\"spf:pool.test\"");
-    std::thread::sleep(Duration::from_millis(DELAY * 1000 + 300));
-    let retry = rcpt("203.0.113.9", "out-9.mailer.example.net");
-    assert_eq!(
-        retry.code,
-        0,
-        "the pool's retry from another /24 is accepted:\n{}\n{}",
-        retry.transcript,
-        gg.log()
+    assert!(
+        metrics.contains("greygate_dns_breaker_opened_total 1"),
+        "{metrics}"
     );
-    // Without DNS facts the same retry would be a new triplet (another /24).
-    let stranger = rcpt("192.0.2.50", "out-50.mailer.example.net");
-    assert_eq!(stranger.code, 24, "{}", stranger.transcript);
+    let (code, out, err) = run_cli(&[
+        "explain",
+        "--live",
+        "--admin",
+        &format!("http://{}", d.admin.unwrap()),
+        "--client",
+        "203.0.113.9",
+        "--from",
+        "news@pool.test",
+        "--to",
+        "bob@rcpt.test",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("client 203.0.113.0/24"), "{out}");
+    assert!(
+        out.contains("DNS resolver not answering for") && out.contains("(breaker open)"),
+        "{out}"
+    );
 }

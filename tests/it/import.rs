@@ -298,7 +298,10 @@ fn postgrey_import_passes_what_postgrey_passed() {
     let config = dir.path().join("redis.toml");
     std::fs::write(
         &config,
-        format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url()),
+        crate::harness::without_dns(&format!(
+            "[store]\nbackend = \"redis\"\nurl = \"{}\"\n",
+            redis.url()
+        )),
     )
     .unwrap();
     let config = config.to_str().unwrap();

@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::dns::SilentDns;
 use crate::harness::{PolicyClient, greygate_bin, peers_required, rcpt_request, tool_available};
 
 const UNIT: &str = "/usr/lib/systemd/system/greygate.service";
@@ -438,6 +439,22 @@ fn debian_package_installs_serves_and_purges() {
         check.stdout
     );
 
+    // The shipped configuration has DNS on, with the system's resolver, which tests must
+    // never query: the one setting changed is the resolver, a loopback server that never
+    // answers (requests then fall back to the prefix within the budget).
+    let silent = SilentDns::start();
+    let shipped = std::fs::read_to_string(CONFIG).unwrap();
+    assert!(shipped.contains("\n[dns]\n") && shipped.contains("\nenabled = true\n"));
+    std::fs::write(
+        CONFIG,
+        shipped.replacen(
+            "\n[dns]\n",
+            &format!("\n[dns]\nresolver = \"{}\"\n", silent.addr()),
+            1,
+        ),
+    )
+    .unwrap();
+
     // The unit as systemd would run it.
     let unit = std::fs::read_to_string(UNIT).unwrap();
     let service = service_settings(&unit);
@@ -511,6 +528,8 @@ fn debian_package_installs_serves_and_purges() {
     assert!(reply.starts_with("DEFER_IF_PERMIT Greylisted"), "{reply}");
     drop(client);
     wait_log(daemon, &log, "rule=\"new\"", Duration::from_secs(10));
+    // DNS is on out of the box: the SPF check was tried.
+    wait_log(daemon, &log, "DNS timed out", Duration::from_secs(10));
     // SAFETY: kill(2) on the child this test started and has not reaped.
     let pid = i32::try_from(pid).expect("pid fits i32");
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);

@@ -260,7 +260,12 @@ fn replay(args: &[&str]) -> Value {
 fn replay_an_inbound_log() {
     let dir = tempfile::tempdir().unwrap();
     let postgrey = dir.path().join("postgrey.toml");
-    std::fs::write(&postgrey, "[greylist]\ndelay = \"5m\"\n").unwrap();
+    // postgrey's keys: no DNS facts (on by default in greygate).
+    std::fs::write(
+        &postgrey,
+        "[greylist]\ndelay = \"5m\"\n[dns]\nenabled = false\n",
+    )
+    .unwrap();
     let r = replay(&["--config", postgrey.to_str().unwrap(), &fixture()]);
     assert_eq!(u(&r["read"]["accepted"]), 5, "{r}");
     assert_eq!(u(&r["read"]["temp_rejected"]), 2);

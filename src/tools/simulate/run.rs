@@ -598,10 +598,10 @@ seed = 5
 recipients = 20
 [[config]]
 name = "postgrey-like"
+[config.dns]
+enabled = false
 [[config]]
 name = "pool-aware"
-[config.dns]
-enabled = true
 [[sender]]
 name = "pool"
 messages = 200

@@ -748,7 +748,10 @@ domain = "friends.example"
         assert_eq!(s.name, "s");
         assert_eq!(s.duration, 86_400);
         assert_eq!(s.configs.len(), 1);
-        assert!(!s.configs[0].dns);
+        assert!(
+            s.configs[0].dns,
+            "DNS facts are on by default, as in the daemon"
+        );
         assert_eq!(s.configs[0].engine.policy.delay, 300);
         let c = &s.classes[0];
         assert_eq!(c.schedule, Schedule::postfix());

@@ -40,6 +40,17 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `toml` with `[dns] enabled = false` added unless it has a `[dns]` table of its own:
+/// DNS is on by default, with the system's resolver, which tests must never query. A test
+/// of DNS writes its own `[dns]` with a resolver on loopback.
+pub fn without_dns(toml: &str) -> String {
+    if toml.lines().any(|l| l.trim() == "[dns]") {
+        toml.to_string()
+    } else {
+        format!("{toml}\n[dns]\nenabled = false\n")
+    }
+}
+
 /// A running daemon. Killed on drop.
 pub struct Daemon {
     child: Child,
@@ -138,7 +149,7 @@ impl DaemonConfig {
 
     pub fn start(&self) -> Daemon {
         let config = self.dir.join("greygate.toml");
-        std::fs::write(&config, &self.toml).expect("write config");
+        std::fs::write(&config, without_dns(&self.toml)).expect("write config");
         let mut cmd = Command::new(greygate_bin());
         cmd.arg("serve").arg("--config").arg(&config);
         // `--db` forces the embedded store: not when the config names its own backend.
