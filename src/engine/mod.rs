@@ -8,6 +8,7 @@
 pub mod allow;
 pub mod identity;
 pub mod normalize;
+pub mod privacy;
 pub mod record;
 pub mod runtime;
 
@@ -21,6 +22,7 @@ pub use allow::{AllowKind, AllowLists, Origin};
 pub use identity::{
     HostName, Identity, IdentityFacts, IdentityKind, IdentityReason, Listing, SpfFact, SpfResult,
 };
+pub use privacy::AddressKeys;
 pub use record::{ClientRecord, Triplet};
 pub use runtime::{ListKind, RuntimeEntry, RuntimeLists, Target};
 
@@ -484,6 +486,8 @@ pub struct Engine {
     /// Operator entries made while running; shared so a reload keeps them.
     pub runtime: Arc<RuntimeLists>,
     pub selective: Selective,
+    /// How sender and recipient go into keys: as text or as keyed digests.
+    pub addresses: AddressKeys,
 }
 
 impl Engine {
@@ -493,7 +497,30 @@ impl Engine {
             allow: Arc::new(allow),
             runtime: Arc::default(),
             selective: Selective::default(),
+            addresses: AddressKeys::plain(),
         }
+    }
+
+    /// The same engine keying addresses as `addresses` says.
+    #[must_use]
+    pub fn with_addresses(self, addresses: AddressKeys) -> Self {
+        Engine { addresses, ..self }
+    }
+
+    /// A sender as keys hold it: normalised, then hashed when addresses are hashed.
+    pub fn sender_key(&self, sender: &str) -> String {
+        self.addresses.address(&normalize::normalize_sender(
+            sender,
+            &self.policy.recipient_delimiter,
+        ))
+    }
+
+    /// A recipient as keys hold it: normalised, then hashed when addresses are hashed.
+    pub fn recipient_key(&self, recipient: &str) -> String {
+        self.addresses.address(&normalize::normalize_recipient(
+            recipient,
+            &self.policy.recipient_delimiter,
+        ))
     }
 
     /// The same engine with other selective-greylisting settings.
@@ -522,8 +549,8 @@ impl Engine {
         });
         let key = TripletKey {
             client: identity.key,
-            sender: normalize::normalize_sender(sender, &p.recipient_delimiter),
-            recipient: normalize::normalize_recipient(recipient, &p.recipient_delimiter),
+            sender: self.sender_key(sender),
+            recipient: self.recipient_key(recipient),
         };
         (key, identity.why)
     }

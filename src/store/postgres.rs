@@ -64,10 +64,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         "ALTER TABLE greygate_triplets ADD COLUMN key_text bytea;",
     ),
+    // The store's own settings: its address mode (see `store::mode`).
+    (
+        3,
+        "CREATE TABLE greygate_meta (name text PRIMARY KEY, value text NOT NULL);",
+    ),
 ];
 
 /// The schema this greygate writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Advisory lock key held while migrating ("greygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6772_6579_6761_7465;
@@ -718,6 +723,35 @@ impl Store for PostgresStore {
 
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         self.remove::<ClientRecord>(&client).await
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        self.run(async |client| {
+            let row = client
+                .query_opt(
+                    "SELECT value FROM greygate_meta WHERE name = $1",
+                    &[&super::mode::MODE_NAME],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            row.map(|r| column::<String>(&r, 0)).transpose()
+        })
+        .await
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        self.run(async |client| {
+            client
+                .execute(
+                    "INSERT INTO greygate_meta (name, value) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    &[&super::mode::MODE_NAME, &mode],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            Ok(())
+        })
+        .await
     }
 }
 

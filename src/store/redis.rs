@@ -55,6 +55,8 @@ use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 const TRIPLET_PREFIX: &str = "gg:t:";
 const CLIENT_PREFIX: &str = "gg:c:";
+/// The key of the store's address mode (see `store::mode`); no TTL.
+pub const MODE_KEY: &str = "gg:meta:addresses";
 
 /// Compare-and-set: KEYS[1] is set to ARGV[2] (with a TTL of ARGV[3] seconds, 0 = none)
 /// only if it holds ARGV[1] ('' = the key must be absent; encoded records are never
@@ -629,6 +631,29 @@ impl Store for RedisStore {
 
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         self.remove(&client_key(client)).await
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        self.run(async |conn| {
+            redis::cmd("GET")
+                .arg(MODE_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)
+        })
+        .await
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        self.run(async |conn| {
+            redis::cmd("SET")
+                .arg(MODE_KEY)
+                .arg(mode)
+                .query_async(conn)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 }
 

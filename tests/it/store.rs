@@ -27,6 +27,15 @@ async fn capped_stores_conform() {
     conformance::run(store).await;
 }
 
+/// Keyed addresses on the local backends (`conformance::run_hashed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_stores_conform_with_hashed_addresses() {
+    conformance::run_hashed(Arc::new(MemoryStore::new())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 0).unwrap());
+    conformance::run_hashed(store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_scans_a_bounded_number_per_call() {
     conformance::scan_examines_a_bounded_number(&MemoryStore::new()).await;
@@ -347,6 +356,14 @@ async fn redis_store_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_conforms_with_hashed_addresses() {
+    let Some(redis) = Redis::start("redis_store_conforms_with_hashed_addresses") else {
+        return;
+    };
+    conformance::run_hashed(Arc::new(redis_store(&redis, 2 * SECOND))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_two_hosts_race_is_settled_by_compare_and_set() {
     let Some(redis) = Redis::start("redis_two_hosts_race_is_settled_by_compare_and_set") else {
         return;
@@ -566,6 +583,14 @@ async fn postgres_store_conforms() {
         return;
     };
     conformance::run(Arc::new(postgres_store(&pg, 5 * SECOND))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_conforms_with_hashed_addresses() {
+    let Some(pg) = Postgres::start("postgres_store_conforms_with_hashed_addresses") else {
+        return;
+    };
+    conformance::run_hashed(Arc::new(postgres_store(&pg, 5 * SECOND))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
