@@ -19,6 +19,7 @@ mod outbound;
 mod package;
 mod policy;
 mod postfix;
+mod privacy;
 mod probe_batch;
 mod release;
 mod simulate;
