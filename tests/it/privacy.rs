@@ -101,6 +101,8 @@ fn mail_and_queries(d: &Daemon) -> String {
     assert_eq!(alice.len(), 1, "{alice:?}");
     let by_rcpt = listed(d, &["--recipient", BOB]);
     assert_eq!(by_rcpt, alice);
+    // A digest matches a whole address, not a part of one.
+    assert!(listed(d, &["--sender", "alice.privacy@"]).is_empty());
 
     let (code, out, err) = cli(
         d,
@@ -199,9 +201,34 @@ fn embedded_store_holds_no_address_when_hashing() {
         .listen(&["127.0.0.1:0"]);
     let d = cfg.start();
     let digest = mail_and_queries(&d);
+    // A reload that turns hashing off keeps the mode the store was opened in until a
+    // restart: ALICE's triplet is still found (an early retry, not a new triplet).
+    std::fs::write(
+        d.dir.join("greygate.toml"),
+        config(dir.path(), &store, false),
+    )
+    .unwrap();
+    d.hup();
+    assert!(d.wait_log("configuration reloaded", Duration::from_secs(10)));
+    let before = d.log().matches("rule=\"early-retry\"").count();
+    assert!(
+        d.client()
+            .ask(&rcpt_request("192.0.2.10", ALICE, BOB))
+            .starts_with("DEFER")
+    );
+    assert!(
+        d.wait_log_count("rule=\"early-retry\"", before + 1, Duration::from_secs(10)),
+        "{}",
+        d.log()
+    );
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
     assert_no_addresses("the embedded file", &std::fs::read(&db).unwrap(), &digest);
+    std::fs::write(
+        dir.path().join("greygate.toml"),
+        config(dir.path(), &store, true),
+    )
+    .unwrap();
 
     // Explain without a daemon reads the file, hashing its query.
     let config_path = dir.path().join("greygate.toml");
@@ -241,6 +268,21 @@ fn embedded_store_holds_no_address_when_hashing() {
     assert_refusal(&err);
     let err = refused_start(dir.path(), &config(dir.path(), &store, false), &[]);
     assert!(err.contains("hashed addresses"), "{err}");
+    // Commands that read the file refuse it too.
+    let plain_config = dir.path().join("refused.toml");
+    let (code, _, err) = run_cli(&[
+        "explain",
+        "--config",
+        plain_config.to_str().unwrap(),
+        "--client",
+        "192.0.2.10",
+        "--from",
+        ALICE,
+        "--to",
+        BOB,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("hash_addresses"), "{err}");
 }
 
 #[test]
@@ -292,6 +334,18 @@ fn redis_store_holds_no_address_when_hashing() {
     assert!(
         err.contains("hash_addresses") && err.contains("hashed addresses"),
         "{err}"
+    );
+    let refused = dir.path().join("refused.toml");
+    let (code, out, err) = run_cli(&[
+        "check-config",
+        "--connect",
+        "--config",
+        refused.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        format!("{out}{err}").contains("hash_addresses"),
+        "{out}{err}"
     );
 }
 
