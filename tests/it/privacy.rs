@@ -449,4 +449,8 @@ fn secret_files_are_checked() {
     set(&format!("{SECRET}\n"), 0o600);
     let (code, out, err) = check();
     assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("addresses stored as keyed digests (hmac-sha256:"),
+        "{out}"
+    );
 }
