@@ -1,14 +1,19 @@
 //! The `postgres` backend: the trust database in PostgreSQL, for sites that keep their
 //! state there (one primary; any number of MX hosts).
 //!
-//! Two tables, created and migrated on first use (`greygate_schema` holds the version;
+//! Tables created and migrated on first use (`greygate_schema` holds the version;
 //! an advisory lock keeps hosts that start together from migrating twice):
 //! - `greygate_triplets (key bytea PRIMARY KEY, record bytea, expires_at bigint, passed boolean,
 //!   key_text bytea)`, keyed by the SHA-256 of the joined triplet key (a short key of fixed
 //!   length whatever the addresses); `key_text` is the joined key itself, for `scan`, as
 //!   bytes (text cannot hold the NUL that joins the parts). Rows written before schema
 //!   version 2 have none until their next write, and are not listed until then;
-//! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`.
+//! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`;
+//! - `greygate_meta (name text PRIMARY KEY, value text)`: the address mode the keys were
+//!   made in (`store::mode`; schema version 3).
+//!
+//! `key_text` holds the addresses as the engine gives them: text, or keyed digests with
+//! `[store] hash_addresses`.
 //!
 //! `record` is `Record::to_bytes`; `expires_at` and `passed` are copies for the expiry
 //! index and for counts. An update reads the row; when the engine's step wants a write it

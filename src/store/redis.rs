@@ -10,7 +10,12 @@
 //!   value with key text as undecodable, so hosts sharing one server should be upgraded
 //!   together.) Keeping the text in the value rather than the key keeps every existing
 //!   key valid;
-//! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group.
+//! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group;
+//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`).
+//!
+//! The joined key holds the addresses as the engine gives them: text, or keyed digests
+//! with `[store] hash_addresses` (the SHA-256 of the key name is not keyed: it hides
+//! nothing from someone who can guess a triplet).
 //!
 //! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to (in a
 //! Cluster: of that node only). SCAN may return a key more than once in a walk (when Redis
