@@ -714,6 +714,14 @@ mod tests {
         async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
             self.inner.remove_client(client).await
         }
+
+        async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+            self.inner.address_mode().await
+        }
+
+        async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+            self.inner.set_address_mode(mode).await
+        }
     }
 
     /// A store failing in the middle of a recipient's walk: what was released before stays

@@ -246,15 +246,12 @@ pub trait Store: Send + Sync + 'static {
     /// Removes one client group record; true if it existed (as for `remove_triplet`).
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError>;
 
-    /// The address mode recorded in the store (see [`mode`]), if any.
-    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
-        Ok(None)
-    }
+    /// The address mode recorded in the store (see [`mode`]), if any. No default: a
+    /// backend that did not keep it could never refuse keys of another mode.
+    async fn address_mode(&self) -> Result<Option<String>, StoreError>;
 
     /// Records the address mode, durably (callers go through [`mode::claim`]).
-    async fn set_address_mode(&self, _mode: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError>;
 }
 
 /// Opaque scan cursors: key text may hold any character (NUL joins a triplet's parts), so
