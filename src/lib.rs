@@ -11,6 +11,7 @@ pub mod dns;
 pub mod dur;
 pub mod engine;
 pub mod import;
+pub mod lists;
 pub mod logfmt;
 pub mod metrics;
 pub mod proto;

@@ -208,13 +208,23 @@ fn context(a: &DaemonArgs) -> anyhow::Result<Result<Ctx, ExitCode>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(config_failed(&e))),
     };
-    let url = a.admin.clone().or_else(|| cfg.admin.url());
-    let token = a.token.clone().or_else(|| cfg.admin.token.resolve());
-    let client = match (a.offline, url) {
-        (false, Some(url)) => Some(AdminClient::new(&url, token, Duration::from_secs(30))),
-        _ => None,
+    let client = match a.offline {
+        false => admin_client(&cfg, a.admin.clone(), a.token.clone()),
+        true => None,
     };
     Ok(Ok(Ctx { cfg, client }))
+}
+
+/// The client for the daemon's admin API: `url` or the first `[admin] listen` address,
+/// `token` or the configured one; `None` when the daemon has no admin listener.
+pub(super) fn admin_client(
+    cfg: &Config,
+    url: Option<String>,
+    token: Option<String>,
+) -> Option<AdminClient> {
+    let url = url.or_else(|| cfg.admin.url())?;
+    let token = token.or_else(|| cfg.admin.token.resolve());
+    Some(AdminClient::new(&url, token, Duration::from_secs(30)))
 }
 
 /// Asks the daemon; `Ok(None)` when none answers (the caller falls back).
@@ -222,7 +232,15 @@ fn ask<T>(
     ctx: &Ctx,
     f: impl FnOnce(&AdminClient) -> Result<T, ClientError>,
 ) -> anyhow::Result<Option<T>> {
-    let Some(c) = &ctx.client else {
+    ask_client(ctx.client.as_ref(), f)
+}
+
+/// [`ask`] with a client of its own (or none).
+fn ask_client<T>(
+    client: Option<&AdminClient>,
+    f: impl FnOnce(&AdminClient) -> Result<T, ClientError>,
+) -> anyhow::Result<Option<T>> {
+    let Some(c) = client else {
         return Ok(None);
     };
     match f(c) {
@@ -855,7 +873,13 @@ pub fn reload(a: ReloadArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    match ask(&ctx, |c| {
+    reload_through(ctx.client.as_ref())
+}
+
+/// Asks the daemon behind `client` to reload its configuration and allow-list files, and
+/// says what it answered: `greygate reload` and `greygate lists update --reload`.
+pub(super) fn reload_through(client: Option<&AdminClient>) -> anyhow::Result<ExitCode> {
+    match ask_client(client, |c| {
         c.post::<_, ReloadReport>("/api/reload", &ReloadRequest {})
     })? {
         Some(r) => {

@@ -9,6 +9,7 @@ mod common;
 mod explain;
 mod generate;
 mod import;
+mod lists;
 mod probe;
 mod serve;
 mod simulate;
@@ -65,6 +66,8 @@ pub enum Command {
     Deny(admin::RuntimeArgs),
     /// Make the running daemon reload its configuration and allow-list files.
     Reload(admin::ReloadArgs),
+    /// Client allow lists of the big senders' ranges, from their own SPF records.
+    Lists(lists::ListsArgs),
     /// Benchmarks: load a policy server, run a null responder, or preload a store.
     Bench(bench::BenchArgs),
     /// Replay a scenario of senders and their MTAs through the engine on a simulated clock;
@@ -111,6 +114,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Allow(args) => admin::runtime_entries(greygate::engine::ListKind::Allow, args),
         Command::Deny(args) => admin::runtime_entries(greygate::engine::ListKind::Deny, args),
         Command::Reload(args) => admin::reload(args),
+        Command::Lists(args) => lists::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Simulate(args) => simulate::simulate(&args),
         Command::Replay(args) => simulate::replay(&args),

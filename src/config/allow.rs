@@ -1,7 +1,7 @@
 //! `[allow]`: static allow lists, inline and in files, checked into the engine's
 //! `AllowLists`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -39,8 +39,9 @@ impl Default for RawAllow {
 
 impl RawAllow {
     /// The allow lists, files read; a bad line of a file is reported at its line, after
-    /// every other problem.
-    pub(super) fn check(&self, p: &mut Problems<'_>) -> AllowLists {
+    /// every other problem. `lists_output` (`[lists] output`) is read as one more client
+    /// file when it exists: until `greygate lists update` first writes it, it is none.
+    pub(super) fn check(&self, lists_output: &Path, p: &mut Problems<'_>) -> AllowLists {
         let mut allow = AllowLists::default();
         let mut file_errors = Vec::new();
         type Add = fn(&mut AllowLists, &str, Origin) -> Result<(), String>;
@@ -87,6 +88,22 @@ impl RawAllow {
                     ),
                 }
             }
+        }
+
+        match std::fs::read_to_string(lists_output) {
+            Ok(text) => {
+                if let Err(list) = allow.add_file(lists_output, &text, AllowLists::add_client) {
+                    file_errors.extend(list.into_iter().map(|e| ConfigError {
+                        location: format!("{}:{}", e.source_name, e.line),
+                        message: e.message,
+                    }));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => p.at(
+                &["lists", "output"],
+                format!("cannot read {}: {e}", lists_output.display()),
+            ),
         }
 
         for e in file_errors {

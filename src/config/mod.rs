@@ -13,6 +13,7 @@ mod diff;
 mod dns;
 mod greylist;
 mod listeners;
+mod lists;
 mod log;
 mod smtp;
 mod store;
@@ -27,6 +28,7 @@ pub use diagnostics::{ConfigError, ConfigErrors, Problems, Source};
 pub use dns::{RawDns, RawDnsbl, RawDnswl, RawIdentity};
 pub use greylist::RawGreylist;
 pub use listeners::{RawMilter, RawPolicyServer};
+pub use lists::{RawLists, built_in_comment};
 pub use log::RawLog;
 pub use smtp::RawSmtp;
 pub use store::RawStore;
@@ -34,6 +36,7 @@ pub use store::RawStore;
 use crate::admin::AdminConfig;
 use crate::dns::DnsSettings;
 use crate::engine::{Engine, Mode};
+use crate::lists::ListsSettings;
 use crate::logfmt::LogConfig;
 use crate::server::milter::MilterConfig;
 use crate::server::policy::PolicyConfig;
@@ -69,6 +72,7 @@ pub struct RawConfig {
     pub dns: RawDns,
     pub dnswl: RawDnswl,
     pub dnsbl: RawDnsbl,
+    pub lists: RawLists,
     pub log: RawLog,
 }
 
@@ -88,6 +92,9 @@ pub struct Config {
     pub dns: DnsSettings,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// `greygate lists update`'s domains and file (the daemon reads the file as a client
+    /// allow list, `allow` already holds its entries).
+    pub lists: ListsSettings,
 }
 
 impl Config {
@@ -129,7 +136,8 @@ impl RawConfig {
             p.at(&["hostname"], format!("{h:?} is not a host name"));
         }
         let admin = self.admin.check(&store.kind, &mut p);
-        let allow = self.allow.check(&mut p);
+        let lists = self.lists.check(&mut p);
+        let allow = self.allow.check(&lists.output, &mut p);
         p.finish(|| {
             let hostname = self
                 .hostname
@@ -158,6 +166,7 @@ impl RawConfig {
                 dns,
                 log,
                 admin,
+                lists,
             }
         })
     }
@@ -202,6 +211,7 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             dnswl: RawDnswl::default(),
             dnsbl: RawDnsbl::default(),
+            lists: RawLists::default(),
             log: RawLog::default(),
         }
     }

@@ -1297,3 +1297,68 @@ fn hashed_addresses_need_one_good_secret() {
     ));
     assert!(e.message.contains("chmod 600"), "{}", e.message);
 }
+
+// ---------------------------------------------------------------------------------------
+// [lists]
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn lists_default_to_the_built_in_domains_and_their_file() {
+    let c = valid("");
+    assert_eq!(c.lists, crate::lists::ListsSettings::default());
+    assert!(c.lists.domains.contains(&"_spf.google.com".to_string()));
+    assert_eq!(
+        c.lists.output,
+        std::path::Path::new(crate::lists::DEFAULT_OUTPUT)
+    );
+    assert_eq!(
+        built_in_comment("amazonses.com"),
+        Some("Amazon SES (every region)")
+    );
+    let c =
+        valid("[lists]\ndomains = ['A.example.', 'b.example']\nextra_domains = ['c.example']\n");
+    assert_eq!(c.lists.domains, ["a.example", "b.example", "c.example"]);
+}
+
+#[test]
+fn lists_domains_must_be_names_each_once() {
+    let list = errors(
+        "[lists]\ndomains = ['a.example', 'not a domain']\nextra_domains = ['A.example']\noutput = ''\n",
+    );
+    let messages: Vec<&str> = list.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(list[0].location.starts_with(&at_line(2)), "{list:?}");
+    assert!(messages[0].contains("not a domain name"), "{messages:?}");
+    assert!(list[1].location.starts_with(&at_line(3)), "{list:?}");
+    assert!(messages[1].contains("appears twice"), "{messages:?}");
+    assert!(messages[2].contains("needs a path"), "{messages:?}");
+}
+
+#[test]
+fn lists_output_is_a_client_allow_list_when_it_exists() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("big-senders");
+    let text = format!("[lists]\noutput = '{}'\n", out.display());
+    // Missing: no entries, no error.
+    assert_eq!(valid(&text).engine.allow.counts(), (0, 2, 0));
+    std::fs::write(&out, "# generated\n192.0.2.0/24  # a.example\n").expect("write");
+    let c = valid(&text);
+    assert_eq!(c.engine.allow.counts(), (1, 2, 0));
+    let req = Request {
+        client_ip: Some("192.0.2.9".parse().expect("ip")),
+        ..rcpt("bob@rcpt.example")
+    };
+    let Classified::Decided(d) = c.engine.classify(&req, 0) else {
+        panic!("client should be allow-listed");
+    };
+    assert_eq!(d.rule, Rule::AllowClientAddress);
+    assert!(
+        d.detail
+            .expect("origin")
+            .contains(&format!("{}:2", out.display()))
+    );
+    // A damaged file is reported at its line, as any allow list.
+    std::fs::write(&out, "192.0.2.0/24\nnot an entry\n").expect("write");
+    let e = single_error(&text);
+    assert_eq!(e.location, format!("{}:2", out.display()));
+}

@@ -14,6 +14,7 @@ mod failures;
 mod flood;
 mod harness;
 mod import;
+mod lists;
 mod milter;
 mod outbound;
 mod package;

@@ -2,6 +2,7 @@
 //! used as an administrator and systemd would: `greygate check-config` against the shipped
 //! configuration, the daemon started as the unit starts it (its ExecStartPre and ExecStart,
 //! as its User and Group, read from the installed unit file) answering a policy request,
+//! the lists timer enabled,
 //! every manual page rendered by `man` without a warning, the bash completion loaded,
 //! lintian without errors, then `dpkg --remove` (keeps the data) and `dpkg --purge` (leaves
 //! nothing behind).
@@ -27,6 +28,9 @@ use std::time::{Duration, Instant};
 use crate::harness::{PolicyClient, greygate_bin, peers_required, rcpt_request, tool_available};
 
 const UNIT: &str = "/usr/lib/systemd/system/greygate.service";
+const LISTS_SERVICE: &str = "/usr/lib/systemd/system/greygate-lists.service";
+const LISTS_TIMER: &str = "/usr/lib/systemd/system/greygate-lists.timer";
+const LISTS_WANTS: &str = "/etc/systemd/system/timers.target.wants/greygate-lists.timer";
 const CONFIG: &str = "/etc/greygate/greygate.toml";
 const STATE: &str = "/var/lib/greygate";
 
@@ -344,6 +348,8 @@ fn debian_package_installs_serves_and_purges() {
         "/usr/sbin/greygate",
         CONFIG,
         UNIT,
+        LISTS_SERVICE,
+        LISTS_TIMER,
         "/usr/share/man/man8/greygate.8.gz",
         "/usr/share/man/man8/greygate-serve.8.gz",
         "/usr/share/bash-completion/completions/greygate",
@@ -382,6 +388,21 @@ fn debian_package_installs_serves_and_purges() {
         wants.display(),
         target.display()
     );
+
+    // The daily refresh of the big senders' list: its timer enabled, its service running
+    // the installed binary as the daemon's user (not started here: it asks real DNS).
+    let target = std::fs::read_link(LISTS_WANTS).expect("postinst enables the lists timer");
+    assert!(target.ends_with("systemd/system/greygate-lists.timer"));
+    let lists_unit = std::fs::read_to_string(LISTS_SERVICE).unwrap();
+    let lists_service = service_settings(&lists_unit);
+    assert_eq!(
+        setting(&lists_service, "ExecStart"),
+        "/usr/sbin/greygate lists update --config /etc/greygate/greygate.toml --reload"
+    );
+    assert_eq!(setting(&lists_service, "User"), "greygate");
+    assert_eq!(setting(&lists_service, "ReadWritePaths"), STATE);
+    let timer = std::fs::read_to_string(LISTS_TIMER).unwrap();
+    assert!(timer.contains("\nOnCalendar=daily\n"), "{timer}");
 
     // Installing again (dpkg's reconfigure of an installed version) keeps the user.
     let user = getent("passwd", "greygate").expect("postinst creates the user greygate");
@@ -619,6 +640,8 @@ fn debian_package_installs_serves_and_purges() {
         "/usr/share/doc/greygate",
         "/etc/systemd/system/multi-user.target.wants/greygate.service",
         "/var/lib/systemd/deb-systemd-helper-enabled/greygate.service.dsh-also",
+        LISTS_WANTS,
+        "/var/lib/systemd/deb-systemd-helper-enabled/greygate-lists.timer.dsh-also",
     ] {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
