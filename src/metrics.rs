@@ -151,6 +151,8 @@ fn error_kind(e: &StoreError) -> usize {
         // metric's labels stay as they were.
         StoreError::Backend(_) | StoreError::BadCursor(_) => 4,
         StoreError::Corrupt { .. } => 5,
+        // Refused at start or at the first use: counted with configuration-like trouble.
+        StoreError::AddressMode(_) => 4,
     }
 }
 

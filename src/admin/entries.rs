@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::wire::{PurgeReport, ReleaseReport, ReleaseRequest};
-use crate::engine::normalize::{normalize_recipient, normalize_sender};
+use crate::engine::normalize::normalize_recipient;
 use crate::engine::{Engine, ReleaseOutcome, TripletKey};
 use crate::store::{Entry, EntryKind, SCAN_EXAMINE, Store, StoreError};
 
@@ -118,12 +118,21 @@ impl EntryQuery {
             Ok(ip) => ClientMatch::Group(engine.key(ip, "", "").client),
             Err(_) => ClientMatch::Part(c),
         });
+        // Hashed keys hold digests: an address is found by its digest, as a whole.
+        let (sender, recipient) = if engine.addresses.is_hashed() {
+            (
+                part(&self.sender).map(|s| engine.sender_key(&s)),
+                part(&self.recipient).map(|r| engine.recipient_key(&r)),
+            )
+        } else {
+            (part(&self.sender), part(&self.recipient))
+        };
         Ok(Matcher {
             kind,
             passed,
             client,
-            sender: part(&self.sender),
-            recipient: part(&self.recipient),
+            sender,
+            recipient,
         })
     }
 }
@@ -259,14 +268,13 @@ impl ReleaseTarget {
     /// facts give), anything else is taken as a client key as listed.
     pub fn of(req: &ReleaseRequest, engine: &Engine) -> Result<ReleaseTarget, String> {
         let delimiters = &engine.policy.recipient_delimiter;
-        let recipient = normalize_recipient(&req.recipient, delimiters);
-        if recipient.is_empty() {
+        let shown = normalize_recipient(&req.recipient, delimiters);
+        if shown.is_empty() {
             return Err("name the recipient whose pending triplets to release".into());
         }
-        let sender = req
-            .sender
-            .as_deref()
-            .map(|s| normalize_sender(s, delimiters));
+        // As keys hold them: digests when addresses are hashed.
+        let recipient = engine.recipient_key(&req.recipient);
+        let sender = req.sender.as_deref().map(|s| engine.sender_key(s));
         let client = req
             .client
             .as_deref()
@@ -278,7 +286,7 @@ impl ReleaseTarget {
         let Some(sender) = sender else {
             return Err(format!(
                 "a client names one triplet: give its sender too (<> for the null sender), \
-                 or leave out the client to release every pending triplet of {recipient}"
+                 or leave out the client to release every pending triplet of {shown}"
             ));
         };
         let client = match client.parse::<IpAddr>() {
@@ -705,6 +713,14 @@ mod tests {
         }
         async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
             self.inner.remove_client(client).await
+        }
+
+        async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+            self.inner.address_mode().await
+        }
+
+        async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+            self.inner.set_address_mode(mode).await
         }
     }
 

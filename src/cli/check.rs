@@ -38,6 +38,12 @@ pub fn run(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         "  client groups IPv4 /{} IPv6 /{}; store {store}; fail mode {:?}",
         p.ipv4_prefix, p.ipv6_prefix, cfg.fail_mode
     );
+    if cfg.engine.addresses.is_hashed() {
+        println!(
+            "  addresses stored as keyed digests ({})",
+            cfg.store.addresses
+        );
+    }
     let listen: Vec<String> = cfg.policy.listen.iter().map(ToString::to_string).collect();
     println!("  policy listeners: {}", listen.join(", "));
     if !cfg.milter.listen.is_empty() {

@@ -129,7 +129,9 @@ impl RawConfig {
         );
         let (milter, milter_code) = self.milter.check(&mut p);
         let mut smtp = self.smtp.check(self.hostname.as_deref(), &mut p);
-        let store = self.store.check(&mut p);
+        let mut store = self.store.check(&mut p);
+        let addresses = self.store.address_keys(&mut p);
+        store.addresses = addresses.store_mode();
         let (selective, dns) = self.check_dns(&policy, &mut p);
         let log = self.log.check(&mut p);
         if let Some(h) = &self.hostname
@@ -160,7 +162,8 @@ impl RawConfig {
                 hostname,
                 engine: Engine::new(policy, allow)
                     .with_selective(selective)
-                    .with_domains(domains),
+                    .with_domains(domains)
+                    .with_addresses(addresses),
                 policy: policy_listeners,
                 milter,
                 smtp,

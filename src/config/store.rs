@@ -7,6 +7,8 @@ use serde::Deserialize;
 
 use super::{DEFAULT_DB_PATH, Problems};
 use crate::dur::Dur;
+use crate::engine::AddressKeys;
+use crate::engine::privacy::MIN_SECRET_LEN;
 use crate::service::FailMode;
 use crate::store::{ServerStore, StoreKind, StoreSpec};
 
@@ -37,6 +39,14 @@ pub struct RawStore {
     /// triplets are evicted first. Not for `redis`/`postgres`, whose servers bound their
     /// own memory.
     pub max_entries: Option<u64>,
+    /// Store sender and recipient only as keyed digests (HMAC-SHA256 under the secret),
+    /// never as text, in every backend.
+    pub hash_addresses: bool,
+    /// The hashing secret, inline (at least 16 bytes).
+    pub hash_secret: Option<String>,
+    /// A file holding the hashing secret (readable by its owner only; a trailing newline
+    /// is not part of the secret).
+    pub hash_secret_file: Option<PathBuf>,
 }
 
 /// The default cap on stored records: about 0.55 GB of RAM and 1.1 GB of file at most on
@@ -58,6 +68,9 @@ impl Default for RawStore {
             timeout: Dur(Duration::from_secs(1)),
             fail_mode: FailMode::Open,
             max_entries: None,
+            hash_addresses: false,
+            hash_secret: None,
+            hash_secret_file: None,
         }
     }
 }
@@ -74,6 +87,63 @@ impl RawStore {
     pub fn use_memory(&mut self) {
         self.backend = "memory".into();
         self.url.clear();
+    }
+
+    /// How addresses go into keys: `hash_addresses` with its secret, checked.
+    pub(super) fn address_keys(&self, p: &mut Problems<'_>) -> AddressKeys {
+        let secret = match (&self.hash_secret, &self.hash_secret_file) {
+            (Some(_), Some(_)) => {
+                p.at(
+                    &["store", "hash_secret_file"],
+                    "give the hashing secret once: hash_secret or hash_secret_file, not both"
+                        .into(),
+                );
+                return AddressKeys::plain();
+            }
+            (Some(inline), None) => Some(("hash_secret", inline.as_bytes().to_vec())),
+            (None, Some(path)) => match read_secret_file(path) {
+                Ok(bytes) => Some(("hash_secret_file", bytes)),
+                Err(e) => {
+                    p.at(&["store", "hash_secret_file"], e);
+                    return AddressKeys::plain();
+                }
+            },
+            (None, None) => None,
+        };
+        match (self.hash_addresses, secret) {
+            (false, None) => AddressKeys::plain(),
+            (false, Some((key, _))) => {
+                p.at(
+                    &["store", key],
+                    format!(
+                        "{key} is set but hash_addresses is false: addresses would be stored as \
+                         plain text; set hash_addresses = true (or remove {key})"
+                    ),
+                );
+                AddressKeys::plain()
+            }
+            (true, None) => {
+                p.at(
+                    &["store", "hash_addresses"],
+                    "hash_addresses needs a secret: hash_secret_file (a file readable by \
+                     greygate only) or hash_secret"
+                        .into(),
+                );
+                AddressKeys::plain()
+            }
+            (true, Some((key, bytes))) if bytes.len() < MIN_SECRET_LEN => {
+                p.at(
+                    &["store", key],
+                    format!(
+                        "the hashing secret is {} bytes; it needs at least {MIN_SECRET_LEN} \
+                         (e.g. the output of `openssl rand -hex 32`)",
+                        bytes.len()
+                    ),
+                );
+                AddressKeys::plain()
+            }
+            (true, Some((_, bytes))) => AddressKeys::hashed(&bytes),
+        }
     }
 
     pub(super) fn check(&self, p: &mut Problems<'_>) -> StoreSpec {
@@ -184,6 +254,34 @@ impl RawStore {
             flush_interval: self.flush_interval.0,
             timeout: self.timeout.0,
             max_entries,
+            // Set from `address_keys` by the caller.
+            addresses: AddressKeys::plain().store_mode(),
         }
     }
+}
+
+/// Reads the hashing secret from `path`: refused when group or others may read the file;
+/// one trailing newline (`\n` or `\r\n`) is not part of it.
+fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the hashing secret {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the hashing secret {} is readable by others than its owner (mode {mode:03o}); \
+             make it private: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read the hashing secret {}: {e}", path.display()))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    Ok(bytes)
 }

@@ -1553,3 +1553,55 @@ fn lists_output_is_a_client_allow_list_when_it_exists() {
     let e = single_error(&text);
     assert_eq!(e.location, format!("{}:2", out.display()));
 }
+
+#[test]
+fn hashed_addresses_need_one_good_secret() {
+    let plain = valid("[store]\nbackend = \"memory\"\n");
+    assert!(!plain.engine.addresses.is_hashed());
+    assert_eq!(plain.store.addresses, "plain");
+
+    let hashed = valid(
+        "[store]\nbackend = \"memory\"\nhash_addresses = true\nhash_secret = \"0123456789abcdef\"\n",
+    );
+    assert!(hashed.engine.addresses.is_hashed());
+    assert!(hashed.store.addresses.starts_with("hmac-sha256:"));
+    assert_eq!(hashed.store.addresses, hashed.engine.addresses.store_mode());
+    assert!(
+        !format!("{hashed:?}").contains("0123456789abcdef"),
+        "the secret is never printed"
+    );
+
+    let e = single_error("[store]\nhash_addresses = true\n");
+    assert!(e.message.contains("needs a secret"), "{}", e.message);
+    let e = single_error("[store]\nhash_addresses = true\nhash_secret = \"short\"\n");
+    assert!(e.message.contains("at least 16"), "{}", e.message);
+    assert!(e.location.starts_with(&at_line(3)), "{}", e.location);
+    let e = single_error("[store]\nhash_secret = \"0123456789abcdef\"\n");
+    assert!(
+        e.message.contains("hash_addresses is false"),
+        "{}",
+        e.message
+    );
+    let e = single_error(
+        "[store]\nhash_addresses = true\nhash_secret = \"0123456789abcdef\"\n\
+         hash_secret_file = \"/nonexistent\"\n",
+    );
+    assert!(e.message.contains("not both"), "{}", e.message);
+
+    // From a file: private, its trailing newline trimmed (the same key as inline).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "0123456789abcdef\r\n").unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let from_file = valid(&format!(
+        "[store]\nbackend = \"memory\"\nhash_addresses = true\nhash_secret_file = {:?}\n",
+        file.display().to_string()
+    ));
+    assert_eq!(from_file.engine.addresses, hashed.engine.addresses);
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o604)).unwrap();
+    let e = single_error(&format!(
+        "[store]\nhash_addresses = true\nhash_secret_file = {:?}\n",
+        file.display().to_string()
+    ));
+    assert!(e.message.contains("chmod 600"), "{}", e.message);
+}

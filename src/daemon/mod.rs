@@ -76,7 +76,20 @@ pub async fn run(
     let slot = {
         let open = opener.clone();
         match tokio::task::spawn_blocking(move || open()).await? {
-            Ok(store) => StoreSlot::new(store),
+            // A store written in another address mode is a configuration mistake that no
+            // retry mends: refuse to start, naming the setting.
+            Err(store::StoreError::AddressMode(msg)) => {
+                anyhow::bail!("store {}: {msg}", cfg.store.kind)
+            }
+            Ok(store) => {
+                // A shared store checks its mode at its first operation: ask now, so that a
+                // mismatch stops the start rather than failing every request. A server that
+                // does not answer yet is checked when it does.
+                if let Err(store::StoreError::AddressMode(msg)) = store.address_mode().await {
+                    anyhow::bail!("store {}: {msg}", cfg.store.kind);
+                }
+                StoreSlot::new(store)
+            }
             Err(e) => {
                 tracing::error!(
                     error = %e, fail_mode = ?cfg.fail_mode,

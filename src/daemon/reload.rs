@@ -116,7 +116,11 @@ impl Control for Reloader {
         };
         self.svc.replace_live(Live {
             options: cfg.service_options(),
-            engine: cfg.engine,
+            // Keys keep the address mode the store was opened in (a changed [store] waits
+            // for a restart, which checks the store against it).
+            engine: cfg
+                .engine
+                .with_addresses(self.svc.live().engine.addresses.clone()),
             dns,
         });
         self.replies.store(Arc::new(cfg.replies));

@@ -9,6 +9,7 @@ pub mod allow;
 pub mod domains;
 pub mod identity;
 pub mod normalize;
+pub mod privacy;
 pub mod record;
 pub mod runtime;
 
@@ -23,6 +24,7 @@ pub use domains::{DomainApplied, DomainMode, DomainPolicies, DomainSection, Shar
 pub use identity::{
     HostName, Identity, IdentityFacts, IdentityKind, IdentityReason, Listing, SpfFact, SpfResult,
 };
+pub use privacy::AddressKeys;
 pub use record::{ClientRecord, Triplet};
 pub use runtime::{ListKind, RuntimeEntry, RuntimeLists, Target};
 
@@ -510,6 +512,8 @@ pub struct Engine {
     pub selective: Selective,
     /// Per-recipient-domain sections (`[[domains]]`), in precedence order.
     pub domains: Arc<DomainPolicies>,
+    /// How sender and recipient go into keys: as text or as keyed digests.
+    pub addresses: AddressKeys,
 }
 
 impl Engine {
@@ -520,6 +524,7 @@ impl Engine {
             runtime: Arc::default(),
             selective: Selective::default(),
             domains: Arc::default(),
+            addresses: AddressKeys::plain(),
         }
     }
 
@@ -536,6 +541,28 @@ impl Engine {
     pub fn domain_section(&self, recipient: &str) -> Option<&DomainSection> {
         self.domains
             .find(recipient, &self.policy.recipient_delimiter)
+    }
+
+    /// The same engine keying addresses as `addresses` says.
+    #[must_use]
+    pub fn with_addresses(self, addresses: AddressKeys) -> Self {
+        Engine { addresses, ..self }
+    }
+
+    /// A sender as keys hold it: normalised, then hashed when addresses are hashed.
+    pub fn sender_key(&self, sender: &str) -> String {
+        self.addresses.address(&normalize::normalize_sender(
+            sender,
+            &self.policy.recipient_delimiter,
+        ))
+    }
+
+    /// A recipient as keys hold it: normalised, then hashed when addresses are hashed.
+    pub fn recipient_key(&self, recipient: &str) -> String {
+        self.addresses.address(&normalize::normalize_recipient(
+            recipient,
+            &self.policy.recipient_delimiter,
+        ))
     }
 
     /// The same engine with other selective-greylisting settings.
@@ -564,8 +591,8 @@ impl Engine {
         });
         let key = TripletKey {
             client: identity.key,
-            sender: normalize::normalize_sender(sender, &p.recipient_delimiter),
-            recipient: normalize::normalize_recipient(recipient, &p.recipient_delimiter),
+            sender: self.sender_key(sender),
+            recipient: self.recipient_key(recipient),
         };
         (key, identity.why)
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::engine::normalize::{canonical_ip, client_group, normalize_recipient, normalize_sender};
+use crate::engine::normalize::{canonical_ip, client_group};
 use crate::engine::{ClientRecord, Engine, Triplet, TripletKey};
 use crate::store::{Store, StoreError};
 
@@ -247,7 +247,8 @@ pub fn group_of(engine: &Engine, net: SourceNet) -> Result<String, Bad> {
 }
 
 /// greygate's triplet key for a source's network, sender and recipient (as the source kept
-/// them; greygate's own normalisation is applied over the source's).
+/// them; greygate's own normalisation is applied over the source's, and its keyed hashing
+/// when `[store] hash_addresses` is on).
 ///
 /// # Errors
 ///
@@ -258,11 +259,11 @@ pub fn key_of(
     sender: &str,
     recipient: &str,
 ) -> Result<TripletKey, Bad> {
-    let delimiters = &engine.policy.recipient_delimiter;
+    // As the engine keys them: normalised, then hashed when the store holds digests.
     Ok(TripletKey {
         client: group_of(engine, net)?,
-        sender: normalize_sender(sender, delimiters),
-        recipient: normalize_recipient(recipient, delimiters),
+        sender: engine.sender_key(sender),
+        recipient: engine.recipient_key(recipient),
     })
 }
 

@@ -278,6 +278,26 @@ fn auto_allow_off_skips_client_counts() {
     assert_eq!(r.clients.new, 0);
 }
 
+/// Into a store of hashed addresses, imported triplets are keyed as the daemon keys them:
+/// digests of the normalised addresses, never the text.
+#[test]
+fn imports_into_a_hashed_store_write_digests() {
+    let e = engine().with_addresses(crate::engine::AddressKeys::hashed(
+        b"import-secret-0123456789",
+    ));
+    let net = SourceNet {
+        ip: "192.0.2.9".parse().unwrap(),
+        prefix: 32,
+    };
+    let k = key_of(&e, net, "Alice+tag@Example.NET", "bob@example.org").unwrap();
+    assert_eq!(k, e.key(net.ip, "alice@example.net", "BOB@example.org"));
+    assert!(
+        k.sender.starts_with("h:") && k.recipient.starts_with("h:"),
+        "{k}"
+    );
+    assert!(!k.joined().contains('@'), "{k}");
+}
+
 fn triplet() -> impl Strategy<Value = Triplet> {
     // Times over the last 40 days: live and dead records of both kinds.
     (NOW - 3_500_000..=NOW, 0..3_500_000u64, any::<bool>()).prop_map(|(first, gap, p)| {

@@ -136,6 +136,16 @@ impl Store for BadStore {
         self.trouble().await?;
         self.inner.remove_client(client).await
     }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        self.trouble().await?;
+        self.inner.address_mode().await
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        self.trouble().await?;
+        self.inner.set_address_mode(mode).await
+    }
 }
 
 #[tokio::test]

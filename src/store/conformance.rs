@@ -701,3 +701,104 @@ async fn release_passes_the_next_retry(s: &dyn Store) {
     assert_eq!((now.passed, now.passes), (true, 2));
     assert!(s.remove_triplet(&k).await.unwrap(), "cleaned up");
 }
+
+/// The secret [`run_hashed`] keys addresses with.
+pub const HASHED_SECRET: &[u8] = b"conformance-secret-0123456789";
+
+/// Keyed addresses (`[store] hash_addresses`) on `store`, which must start empty: it
+/// records the address mode it is first claimed in, keeps keys made of digests and lists
+/// them as such, finds a record by the digest of its address, refuses another mode or
+/// secret while it holds triplets, and takes a new mode once emptied of them.
+pub async fn run_hashed(store: Arc<dyn Store>) {
+    use super::{StoreError, mode};
+    use crate::engine::AddressKeys;
+    use crate::engine::privacy::PLAIN_MODE;
+
+    let s = &*store;
+    let keys = AddressKeys::hashed(HASHED_SECRET);
+    let hashed = keys.store_mode();
+    mode::claim(s, &hashed)
+        .await
+        .expect("an empty store takes a mode");
+    assert_eq!(
+        s.address_mode().await.unwrap().as_deref(),
+        Some(hashed.as_str()),
+        "the mode is recorded"
+    );
+
+    let engine = Engine::default().with_addresses(keys.clone());
+    let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let rec = Triplet {
+        first_seen: 1,
+        last_seen: 1,
+        expires_at: LIVE,
+        attempts: 1,
+        passes: 0,
+        passed: false,
+    };
+    let written: Vec<TripletKey> = (0..20)
+        .map(|i| {
+            engine.key(
+                ip,
+                &format!("Sender{i}@Example.NET"),
+                "rcpt+tag@example.org",
+            )
+        })
+        .collect();
+    for k in &written {
+        s.update_triplet(k, &|_| Some(rec)).await.unwrap();
+    }
+    s.flush().await.unwrap();
+
+    let all = scan_all(s, EntryKind::Triplets, 7, 0, &|_| true).await;
+    assert_eq!(all.len(), written.len(), "every triplet listed");
+    let rcpt = engine.recipient_key("rcpt@example.org");
+    for e in &all {
+        let (k, _) = triplet_of(e).expect("a triplet");
+        assert!(
+            k.sender.starts_with("h:") && k.recipient == rcpt && !format!("{k}").contains('@'),
+            "listed with digests only: {k}"
+        );
+        assert_eq!(k.client, "192.0.2.0/24", "the client group stays readable");
+    }
+    // A query by address: normalised and hashed as the engine keys it.
+    let asked = engine.key(ip, "sender3@example.net", "RCPT@example.org");
+    assert_eq!(
+        s.get_triplet(&asked).await.unwrap(),
+        Some(rec),
+        "found by the digest of its address"
+    );
+    let sender = engine.sender_key("sender3@EXAMPLE.net");
+    let found = scan_all(s, EntryKind::Triplets, 50, 0, &|e| {
+        triplet_of(e).is_some_and(|(k, _)| k.sender == sender)
+    })
+    .await;
+    assert_eq!(found.len(), 1, "one triplet of that sender");
+
+    // Another mode or secret is refused while the store holds triplets.
+    let other = AddressKeys::hashed(b"another-conformance-secret-42").store_mode();
+    for wanted in [PLAIN_MODE.to_string(), other] {
+        for r in [mode::claim(s, &wanted).await, mode::check(s, &wanted).await] {
+            assert!(
+                matches!(&r, Err(StoreError::AddressMode(m)) if m.contains("hash_")),
+                "{wanted} refused: {r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        s.address_mode().await.unwrap().as_deref(),
+        Some(hashed.as_str()),
+        "a refusal leaves the recorded mode"
+    );
+    mode::claim(s, &hashed).await.expect("the same mode again");
+
+    // Emptied of triplets, the store takes another mode.
+    for k in &written {
+        assert!(s.remove_triplet(k).await.unwrap());
+    }
+    s.flush_fully().await.unwrap();
+    mode::claim(s, PLAIN_MODE)
+        .await
+        .expect("an emptied store takes a new mode");
+    assert_eq!(s.address_mode().await.unwrap().as_deref(), Some(PLAIN_MODE));
+}

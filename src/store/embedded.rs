@@ -29,6 +29,26 @@ use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 const TRIPLETS: TableDefinition<&str, &[u8]> = TableDefinition::new("triplets");
 const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
+/// The store's own settings: its address mode (see `store::mode`).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The recorded address mode and whether the triplet table has rows (dead ones too).
+fn read_mode(tx: &redb::ReadTransaction) -> Result<(Option<String>, bool), StoreError> {
+    let recorded = match tx.open_table(META) {
+        Ok(t) => t
+            .get(super::mode::MODE_NAME)
+            .map_err(backend)?
+            .map(|v| v.value().to_string()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(backend(e)),
+    };
+    let has_triplets = match tx.open_table(TRIPLETS) {
+        Ok(t) => !t.is_empty().map_err(backend)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => false,
+        Err(e) => return Err(backend(e)),
+    };
+    Ok((recorded, has_triplets))
+}
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -382,6 +402,27 @@ impl EmbeddedStore {
 
     pub fn load_report(&self) -> LoadReport {
         self.load
+    }
+
+    /// Checks the file against the address mode `wanted` and records it (see
+    /// `store::mode`): refused when the file holds triplets of another mode.
+    pub fn claim_addresses(&self, wanted: &str) -> Result<(), StoreError> {
+        let db = self.db.get()?;
+        let (recorded, has_triplets) = read_mode(&db.begin_read().map_err(backend)?)?;
+        match super::mode::decide(recorded.as_deref(), has_triplets, wanted)? {
+            super::mode::Verdict::Keep => Ok(()),
+            super::mode::Verdict::Record => self.write_mode(&db, wanted),
+        }
+    }
+
+    fn write_mode(&self, db: &Database, mode: &str) -> Result<(), StoreError> {
+        let mut tx = db.begin_write().map_err(backend)?;
+        tx.set_durability(Durability::Immediate).map_err(backend)?;
+        tx.open_table(META)
+            .map_err(backend)?
+            .insert(super::mode::MODE_NAME, mode)
+            .map_err(backend)?;
+        tx.commit().map_err(backend)
     }
 
     pub fn path(&self) -> &Path {
@@ -976,6 +1017,16 @@ impl Store for EmbeddedStore {
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         Ok(self.hot.clients.remove(client))
     }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        let db = self.db.get()?;
+        Ok(read_mode(&db.begin_read().map_err(backend)?)?.0)
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        let db = self.db.get()?;
+        self.write_mode(&db, mode)
+    }
 }
 
 /// What `verify` found in a store file.
@@ -1208,6 +1259,23 @@ impl Store for EmbeddedReader {
 
     async fn remove_client(&self, _: &str) -> Result<bool, StoreError> {
         Err(StoreError::ReadOnly)
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        Ok(read_mode(&self.db.begin_read().map_err(backend)?)?.0)
+    }
+
+    async fn set_address_mode(&self, _: &str) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+}
+
+impl EmbeddedReader {
+    /// Checks the file against the address mode `wanted` without writing (see
+    /// `store::mode`).
+    pub fn check_addresses(&self, wanted: &str) -> Result<(), StoreError> {
+        let (recorded, has_triplets) = read_mode(&self.db.begin_read().map_err(backend)?)?;
+        super::mode::decide(recorded.as_deref(), has_triplets, wanted).map(|_| ())
     }
 }
 

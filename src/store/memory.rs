@@ -21,6 +21,8 @@ pub struct MemoryStore {
     max_entries: usize,
     /// Records evicted so far: pending triplets, passed triplets, client groups.
     evicted: [AtomicU64; 3],
+    /// The recorded address mode (see `store::mode`).
+    mode: std::sync::Mutex<Option<String>>,
 }
 
 /// The record just inserted, spared by the eviction it causes unless nothing else is left:
@@ -51,6 +53,7 @@ impl MemoryStore {
             clients: HotMap::with_queue(key_text, queued),
             max_entries,
             evicted: Default::default(),
+            mode: std::sync::Mutex::default(),
         }
     }
 
@@ -312,6 +315,15 @@ impl Store for MemoryStore {
 
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         Ok(self.clients.remove(client))
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        Ok(crate::lock(&self.mode).clone())
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        *crate::lock(&self.mode) = Some(mode.to_string());
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod embedded;
 mod hot;
 pub mod memory;
+pub mod mode;
 pub mod postgres;
 pub mod redis;
 mod spec;
@@ -51,6 +52,10 @@ pub enum StoreError {
     /// The embedded file cannot be read as a store (damaged, or not a greygate store).
     #[error("store file {path} cannot be read: {reason}")]
     Corrupt { path: String, reason: String },
+    /// The store was written with addresses in another mode (`[store] hash_addresses`,
+    /// or another secret): see [`mode`].
+    #[error("{0}")]
+    AddressMode(String),
 }
 
 /// How a store is doing beyond answering requests (the embedded store's writes; stores that
@@ -240,6 +245,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes one client group record; true if it existed (as for `remove_triplet`).
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError>;
+
+    /// The address mode recorded in the store (see [`mode`]), if any. No default: a
+    /// backend that did not keep it could never refuse keys of another mode.
+    async fn address_mode(&self) -> Result<Option<String>, StoreError>;
+
+    /// Records the address mode, durably (callers go through [`mode::claim`]).
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError>;
 }
 
 /// Opaque scan cursors: key text may hold any character (NUL joins a triplet's parts), so

@@ -1,14 +1,19 @@
 //! The `postgres` backend: the trust database in PostgreSQL, for sites that keep their
 //! state there (one primary; any number of MX hosts).
 //!
-//! Two tables, created and migrated on first use (`greygate_schema` holds the version;
+//! Tables created and migrated on first use (`greygate_schema` holds the version;
 //! an advisory lock keeps hosts that start together from migrating twice):
 //! - `greygate_triplets (key bytea PRIMARY KEY, record bytea, expires_at bigint, passed boolean,
 //!   key_text bytea)`, keyed by the SHA-256 of the joined triplet key (a short key of fixed
 //!   length whatever the addresses); `key_text` is the joined key itself, for `scan`, as
 //!   bytes (text cannot hold the NUL that joins the parts). Rows written before schema
 //!   version 2 have none until their next write, and are not listed until then;
-//! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`.
+//! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`;
+//! - `greygate_meta (name text PRIMARY KEY, value text)`: the address mode the keys were
+//!   made in (`store::mode`; schema version 3).
+//!
+//! `key_text` holds the addresses as the engine gives them: text, or keyed digests with
+//! `[store] hash_addresses`.
 //!
 //! `record` is `Record::to_bytes`; `expires_at` and `passed` are copies for the expiry
 //! index and for counts. An update reads the row; when the engine's step wants a write it
@@ -64,10 +69,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         "ALTER TABLE greygate_triplets ADD COLUMN key_text bytea;",
     ),
+    // The store's own settings: its address mode (see `store::mode`).
+    (
+        3,
+        "CREATE TABLE greygate_meta (name text PRIMARY KEY, value text NOT NULL);",
+    ),
 ];
 
 /// The schema this greygate writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Advisory lock key held while migrating ("greygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6772_6579_6761_7465;
@@ -718,6 +728,35 @@ impl Store for PostgresStore {
 
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         self.remove::<ClientRecord>(&client).await
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        self.run(async |client| {
+            let row = client
+                .query_opt(
+                    "SELECT value FROM greygate_meta WHERE name = $1",
+                    &[&super::mode::MODE_NAME],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            row.map(|r| column::<String>(&r, 0)).transpose()
+        })
+        .await
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        self.run(async |client| {
+            client
+                .execute(
+                    "INSERT INTO greygate_meta (name, value) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    &[&super::mode::MODE_NAME, &mode],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -10,7 +10,12 @@
 //!   value with key text as undecodable, so hosts sharing one server should be upgraded
 //!   together.) Keeping the text in the value rather than the key keeps every existing
 //!   key valid;
-//! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group.
+//! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group;
+//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`).
+//!
+//! The joined key holds the addresses as the engine gives them: text, or keyed digests
+//! with `[store] hash_addresses` (the SHA-256 of the key name is not keyed: it hides
+//! nothing from someone who can guess a triplet).
 //!
 //! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to (in a
 //! Cluster: of that node only). SCAN may return a key more than once in a walk (when Redis
@@ -55,6 +60,8 @@ use crate::engine::{ClientRecord, Triplet, TripletKey};
 
 const TRIPLET_PREFIX: &str = "gg:t:";
 const CLIENT_PREFIX: &str = "gg:c:";
+/// The key of the store's address mode (see `store::mode`); no TTL.
+pub const MODE_KEY: &str = "gg:meta:addresses";
 
 /// Compare-and-set: KEYS[1] is set to ARGV[2] (with a TTL of ARGV[3] seconds, 0 = none)
 /// only if it holds ARGV[1] ('' = the key must be absent; encoded records are never
@@ -629,6 +636,29 @@ impl Store for RedisStore {
 
     async fn remove_client(&self, client: &str) -> Result<bool, StoreError> {
         self.remove(&client_key(client)).await
+    }
+
+    async fn address_mode(&self) -> Result<Option<String>, StoreError> {
+        self.run(async |conn| {
+            redis::cmd("GET")
+                .arg(MODE_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)
+        })
+        .await
+    }
+
+    async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError> {
+        self.run(async |conn| {
+            redis::cmd("SET")
+                .arg(MODE_KEY)
+                .arg(mode)
+                .query_async(conn)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 }
 

@@ -22,6 +22,9 @@ pub struct StoreSpec {
     /// Most records the memory and embedded stores hold (triplets and client groups
     /// together); 0: no cap. The shared stores ignore it: their servers bound their memory.
     pub max_entries: usize,
+    /// The address mode the store must be in (`AddressKeys::store_mode`: `plain`, or keyed
+    /// digests under one secret): [`open`] refuses a store written in another.
+    pub addresses: String,
 }
 
 /// The backend and where it keeps its records.
@@ -136,6 +139,7 @@ pub enum Access {
 /// file held by a running daemon is `StoreError::Locked`: ask the daemon instead.
 pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreError> {
     match (&spec.kind, access) {
+        // A new store: it takes the configured mode (no address was stored before).
         (StoreKind::Memory, Access::Serve) => Ok(Arc::new(MemoryStore::with_cap(spec.max_entries))),
         (StoreKind::Memory, _) => Err(StoreError::Unavailable(
             "the memory store lives only inside the running daemon".into(),
@@ -173,14 +177,21 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
                      evicted, and leave the file at the first commit"
                 );
             }
+            s.claim_addresses(&spec.addresses)?;
             Ok(Arc::new(s))
         }
         // A command changes a few records while no daemon runs: it evicts nothing (the
         // daemon applies the cap when it loads the file).
         (StoreKind::Embedded(path), Access::Write) => {
-            Ok(Arc::new(EmbeddedStore::open(path, unix_now())?))
+            let s = EmbeddedStore::open(path, unix_now())?;
+            s.claim_addresses(&spec.addresses)?;
+            Ok(Arc::new(s))
         }
-        (StoreKind::Embedded(path), Access::Read) => Ok(Arc::new(EmbeddedReader::open(path)?)),
+        (StoreKind::Embedded(path), Access::Read) => {
+            let s = EmbeddedReader::open(path)?;
+            s.check_addresses(&spec.addresses)?;
+            Ok(Arc::new(s))
+        }
         (StoreKind::Redis(server), _) => {
             let s = RedisStore::new(
                 &server.url,
@@ -190,7 +201,7 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             if access == Access::Serve {
                 tracing::info!(store = %s.describe(), "store ready (connects on first use)");
             }
-            Ok(Arc::new(s))
+            Ok(claimed(Arc::new(s), spec, access))
         }
         (StoreKind::Postgres(server), _) => {
             // The daemon needs a pool for its requests; a command one connection.
@@ -208,9 +219,19 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             if access == Access::Serve {
                 tracing::info!(store = %s.describe(), pool_size = pool, "store ready (connects on first use)");
             }
-            Ok(Arc::new(s))
+            Ok(claimed(Arc::new(s), spec, access))
         }
     }
+}
+
+/// A shared store that checks its address mode (and records it, unless `access` only
+/// reads) before its first operation: it connects on first use.
+fn claimed(store: Arc<dyn Store>, spec: &StoreSpec, access: Access) -> Arc<dyn Store> {
+    Arc::new(super::mode::Claimed::new(
+        store,
+        spec.addresses.clone(),
+        access != Access::Read,
+    ))
 }
 
 /// Renames an unreadable store file aside, untouched, so that a new store can start in its
@@ -254,7 +275,9 @@ pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
         StoreKind::Redis(s) => {
             let store =
                 RedisStore::new(&s.url, s.connect_timeout, op_limit(spec, s, Access::Read))?;
-            store.check().await.map(Some)
+            let who = store.check().await?;
+            super::mode::check(&store, &spec.addresses).await?;
+            Ok(Some(who))
         }
         StoreKind::Postgres(s) => {
             let store = PostgresStore::new(
@@ -263,7 +286,9 @@ pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
                 s.connect_timeout,
                 op_limit(spec, s, Access::Read),
             )?;
-            store.check().await.map(Some)
+            let who = store.check().await?;
+            super::mode::check(&store, &spec.addresses).await?;
+            Ok(Some(who))
         }
         StoreKind::Memory | StoreKind::Embedded(_) => Ok(None),
     }

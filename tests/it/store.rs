@@ -27,6 +27,15 @@ async fn capped_stores_conform() {
     conformance::run(store).await;
 }
 
+/// Keyed addresses on the local backends (`conformance::run_hashed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_stores_conform_with_hashed_addresses() {
+    conformance::run_hashed(Arc::new(MemoryStore::new())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 0).unwrap());
+    conformance::run_hashed(store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_scans_a_bounded_number_per_call() {
     conformance::scan_examines_a_bounded_number(&MemoryStore::new()).await;
@@ -347,6 +356,94 @@ async fn redis_store_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_conforms_with_hashed_addresses() {
+    let Some(redis) = Redis::start("redis_store_conforms_with_hashed_addresses") else {
+        return;
+    };
+    conformance::run_hashed(Arc::new(redis_store(&redis, 2 * SECOND))).await;
+}
+
+/// A shared store opened through `store::open` checks its address mode at its first
+/// operation (it connects on first use): a host in the other mode gets every operation
+/// refused with the setting named, and writes nothing; the same mode works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_stores_refuse_every_operation_in_the_other_mode() {
+    use greygate::engine::AddressKeys;
+    use greygate::store::{Access, ServerStore, StoreKind, StoreSpec};
+    let Some(redis) = Redis::start("shared_stores_refuse_every_operation_in_the_other_mode") else {
+        return;
+    };
+    let Some(pg) = Postgres::start("shared_stores_refuse_every_operation_in_the_other_mode") else {
+        return;
+    };
+    let hashed = AddressKeys::hashed(conformance::HASHED_SECRET);
+    let server = |url: String| ServerStore {
+        url,
+        pool_size: 2,
+        connect_timeout: SECOND,
+    };
+    for kind in [
+        StoreKind::Redis(server(redis.url())),
+        StoreKind::Postgres(server(pg.url())),
+    ] {
+        let spec = |addresses: String| StoreSpec {
+            kind: kind.clone(),
+            flush_interval: SECOND,
+            timeout: 5 * SECOND,
+            max_entries: 0,
+            addresses,
+        };
+        let engine = Engine::default().with_addresses(hashed.clone());
+        let key = engine.key(
+            "192.0.2.1".parse().unwrap(),
+            "a@example.net",
+            "b@example.org",
+        );
+        let rec = Triplet {
+            first_seen: 1,
+            last_seen: 1,
+            expires_at: 4_000_000_000,
+            attempts: 1,
+            passes: 0,
+            passed: false,
+        };
+        let a = greygate::store::open(&spec(hashed.store_mode()), Access::Serve).unwrap();
+        a.update_triplet(&key, &|_| Some(rec)).await.unwrap();
+
+        let plain = AddressKeys::plain().store_mode();
+        for access in [Access::Serve, Access::Read] {
+            let b = greygate::store::open(&spec(plain.clone()), access).unwrap();
+            let plain_key = Engine::default().key(
+                "192.0.2.1".parse().unwrap(),
+                "a@example.net",
+                "b@example.org",
+            );
+            let refused = |r: Result<(), StoreError>| {
+                assert!(
+                    matches!(&r, Err(StoreError::AddressMode(m)) if m.contains("hash_addresses")),
+                    "{kind}: {r:?}"
+                );
+            };
+            refused(b.get_triplet(&plain_key).await.map(|_| ()));
+            refused(
+                b.update_triplet(&plain_key, &|_| Some(rec))
+                    .await
+                    .map(|_| ()),
+            );
+            refused(b.counts().await.map(|_| ()));
+            refused(b.address_mode().await.map(|_| ()));
+        }
+        assert_eq!(
+            a.counts().await.unwrap().triplets_pending,
+            1,
+            "{kind}: nothing written by the refused host"
+        );
+        let c = greygate::store::open(&spec(hashed.store_mode()), Access::Read).unwrap();
+        assert_eq!(c.get_triplet(&key).await.unwrap(), Some(rec), "{kind}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_two_hosts_race_is_settled_by_compare_and_set() {
     let Some(redis) = Redis::start("redis_two_hosts_race_is_settled_by_compare_and_set") else {
         return;
@@ -566,6 +663,14 @@ async fn postgres_store_conforms() {
         return;
     };
     conformance::run(Arc::new(postgres_store(&pg, 5 * SECOND))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_conforms_with_hashed_addresses() {
+    let Some(pg) = Postgres::start("postgres_store_conforms_with_hashed_addresses") else {
+        return;
+    };
+    conformance::run_hashed(Arc::new(postgres_store(&pg, 5 * SECOND))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -50,6 +50,7 @@ pub fn preload(
         flush_interval: std::time::Duration::from_secs(1),
         timeout: std::time::Duration::from_secs(60),
         max_entries: 0,
+        addresses: crate::engine::AddressKeys::plain().store_mode(),
     };
     let store = crate::store::open(&spec, Access::Write)?;
     let engine = Engine::default();
