@@ -94,6 +94,17 @@ pub struct Ask<'a> {
     pub name: bool,
 }
 
+/// What [`Gatherer::facts_now`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FactsNow {
+    /// The request needs no facts: it has some already, has no client address, or is
+    /// decided without them — then with the engine's classification (`Decided`), which the
+    /// caller can use instead of classifying again.
+    NotNeeded(Option<Classified>),
+    /// The facts, every one from the cache or "not known" (breaker open).
+    Gathered(Gathered),
+}
+
 /// The facts of one request, and what DNS could not say in time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gathered {
@@ -293,23 +304,24 @@ impl Gatherer {
         Some((with, gathered))
     }
 
-    /// [`Gatherer::facts_for`] without waiting, when nothing has to be waited for: the
-    /// cache holds every fact the request needs, or the resolver is not being asked (its
-    /// breaker is open). `Err(NeedsLookups)`: it does not; use `facts_for`.
+    /// What [`Gatherer::facts_for`] gathers, without waiting, when nothing has to be waited
+    /// for: the cache holds every fact the request needs, or the resolver is not being
+    /// asked (its breaker is open). The caller puts `facts` into its request (no copy of
+    /// the request here). `Err(NeedsLookups)`: lookups are needed; use `facts_for`.
     pub fn facts_now(
         &self,
         engine: &Engine,
         req: &Request,
         now: u64,
-    ) -> Result<Option<(Request, Gathered)>, NeedsLookups> {
+    ) -> Result<FactsNow, NeedsLookups> {
         let Some(ip) = req.client_ip else {
-            return Ok(None);
+            return Ok(FactsNow::NotNeeded(None));
         };
         if req.facts.is_some() {
-            return Ok(None);
+            return Ok(FactsNow::NotNeeded(None));
         }
-        if let Classified::Decided(_) = engine.classify(req, now) {
-            return Ok(None);
+        if let decided @ Classified::Decided(_) = engine.classify(req, now) {
+            return Ok(FactsNow::NotNeeded(Some(decided)));
         }
         let asking = if self.breaker.skipping() {
             Asking::No
@@ -332,9 +344,7 @@ impl Gatherer {
         }
         self.stats.gathers.fetch_add(1, Ordering::Relaxed);
         self.stats.gather_seconds.observe(gathered.elapsed);
-        let mut with = req.clone();
-        with.facts = Some(gathered.facts.clone());
-        Ok(Some((with, gathered)))
+        Ok(FactsNow::Gathered(gathered))
     }
 
     /// Gathers the facts of one request within the budget. Never fails: what is not known

@@ -461,18 +461,20 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
     assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
     let (_, waited) = g.facts_for(&engine, &req, 0).await.expect("gathered");
     // Now cached: the same facts without waiting.
-    let (with, now) = g
-        .facts_now(&engine, &req, 0)
-        .expect("cached")
-        .expect("gathered");
+    let Ok(FactsNow::Gathered(now)) = g.facts_now(&engine, &req, 0) else {
+        panic!("cached facts expected");
+    };
     assert_eq!(now.facts, waited.facts);
-    assert_eq!(with.facts.unwrap().spf.unwrap().result, SpfResult::Pass);
+    assert_eq!(now.facts.spf.unwrap().result, SpfResult::Pass);
     // An authenticated client needs no facts at all.
     let authenticated = Request {
         sasl_username: "alice".into(),
         ..req.clone()
     };
-    assert_eq!(g.facts_now(&engine, &authenticated, 0), Ok(None));
+    assert!(matches!(
+        g.facts_now(&engine, &authenticated, 0),
+        Ok(FactsNow::NotNeeded(Some(Classified::Decided(_))))
+    ));
     // With the breaker open, an uncached request is answered at once, without facts.
     for _ in 0..breaker::OPEN_AFTER {
         g.breaker.gathered(false, true);
@@ -481,10 +483,9 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
         client_ip: Some("203.0.113.9".parse().unwrap()),
         ..req.clone()
     };
-    let (_, open) = g
-        .facts_now(&engine, &other, 0)
-        .expect("open")
-        .expect("gathered");
+    let Ok(FactsNow::Gathered(open)) = g.facts_now(&engine, &other, 0) else {
+        panic!("facts without lookups expected while the breaker is open");
+    };
     assert_eq!(open.facts.spf.unwrap().result, SpfResult::Timeout);
     assert!(open.resolver_down.is_some());
 }

@@ -197,7 +197,8 @@ pub fn choose(
             },
         };
     };
-    let mut passed_over: Vec<String> = Vec::new();
+    // Why earlier kinds were passed over, written as they are (one buffer, no list).
+    let mut passed_over = String::new();
     for &kind in order {
         let attempt = match kind {
             IdentityKind::Spf => spf_identity(sender, facts.spf.as_ref()),
@@ -214,7 +215,12 @@ pub fn choose(
                     },
                 };
             }
-            Err(why_not) => passed_over.push(format!("{kind}: {why_not}")),
+            Err(why_not) => {
+                passed_over.push_str(if passed_over.is_empty() { "" } else { "; not " });
+                passed_over.push_str(kind.as_str());
+                passed_over.push_str(": ");
+                passed_over.push_str(&why_not);
+            }
         }
     }
     Identity {
@@ -226,10 +232,12 @@ pub fn choose(
     }
 }
 
-fn with_passed_over(mut reason: String, passed_over: &[String]) -> String {
+/// `reason (not KIND: WHY; not KIND: WHY)`, or `reason` when nothing was passed over.
+fn with_passed_over(mut reason: String, passed_over: &str) -> String {
     if !passed_over.is_empty() {
+        reason.reserve(passed_over.len() + 6);
         reason.push_str(" (not ");
-        reason.push_str(&passed_over.join("; not "));
+        reason.push_str(passed_over);
         reason.push(')');
     }
     reason
@@ -272,7 +280,13 @@ fn org_identity(ip: IpAddr, name: &HostName) -> Result<(String, String), String>
         HostName::Unverified => return Err("no forward-confirmed host name".into()),
         HostName::Timeout => return Err("reverse DNS timed out".into()),
     };
-    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    // The front ends hand names over lower-cased already: no copy then.
+    let trimmed = name.trim_end_matches('.');
+    let lower: Cow<'_, str> = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(trimmed.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(trimmed)
+    };
     if let Some(why) = dynamic_name(&lower, ip) {
         return Err(format!("{lower} looks dynamic ({why})"));
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::dns::{Gatherer, NeedsLookups};
+use crate::dns::{FactsNow, Gatherer, NeedsLookups};
 use crate::engine::{
     Classified, ClientRecord, Decision, Engine, ListKind, Lookup, Mode, Request, Rule,
     RuntimeEntry, Target, Triplet, TripletKey, TripletOutcome, Verdict,
@@ -407,12 +407,18 @@ impl Greylister {
         }
         match dns.facts_now(&live.engine, &req, now) {
             Err(NeedsLookups) => Err(req),
-            Ok(None) => self
-                .decide_here(&live, req, None, now, started)
+            Ok(FactsNow::NotNeeded(classified)) => self
+                .decide_classified(&live, req, classified, None, now, started)
                 .map_err(|(req, _)| req),
-            Ok(Some((with, gathered))) => self
-                .decide_here(&live, Cow::Owned(with), gathered.note(), now, started)
-                .map_err(|(req, _)| req),
+            Ok(FactsNow::Gathered(mut gathered)) => {
+                // The facts go into the request itself: no copy of a request the front end
+                // handed over (the policy and milter front ends do).
+                let note = gathered.note();
+                let mut req = req;
+                req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
+                self.decide_here(&live, req, note, now, started)
+                    .map_err(|(req, _)| req)
+            }
         }
     }
 
@@ -463,6 +469,22 @@ impl Greylister {
         now: u64,
         started: Instant,
     ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>)> {
+        self.decide_classified(live, req, None, dns_note, now, started)
+    }
+
+    /// [`Self::decide_here`] with the engine's classification of `req` when the caller
+    /// has it already (`None`: classified here).
+    // The error is the caller's request handed back (moved, as it came in).
+    #[allow(clippy::result_large_err)]
+    fn decide_classified<'r>(
+        &self,
+        live: &Live,
+        req: Cow<'r, Request>,
+        classified: Option<Classified>,
+        dns_note: Option<String>,
+        now: u64,
+        started: Instant,
+    ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>)> {
         // Missing: the store's error is spelled only for a request that needs the store.
         let store = self.store.present();
         let records = match &store {
@@ -473,7 +495,8 @@ impl Greylister {
             None => None,
         };
         let mut finished = None;
-        let decision = match live.engine.classify(&req, now) {
+        let classified = classified.unwrap_or_else(|| live.engine.classify(&req, now));
+        let decision = match classified {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let result = match records {
