@@ -78,6 +78,12 @@ const MAX_PTR_NAMES: usize = 5;
 #[error("cannot set up the DNS resolver: {0}")]
 pub struct DnsSetupError(String);
 
+impl DnsSetupError {
+    pub fn new(why: impl Into<String>) -> Self {
+        DnsSetupError(why.into())
+    }
+}
+
 /// What one request asks about.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
@@ -216,6 +222,27 @@ impl fmt::Debug for Gatherer {
     }
 }
 
+/// The configuration of a resolver asking `server` (UDP, then TCP for truncated answers),
+/// or the system's resolvers (`/etc/resolv.conf`) when `None`.
+pub fn resolver_config(
+    server: Option<SocketAddr>,
+) -> Result<(ResolverConfig, ResolverOpts), DnsSetupError> {
+    match server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            Ok((
+                ResolverConfig::from_name_servers(vec![ns]),
+                ResolverOpts::default(),
+            ))
+        }
+        None => hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| DnsSetupError(format!("reading the system configuration: {e}"))),
+    }
+}
+
 impl Gatherer {
     /// A gatherer asking `settings.resolver` (or the system's resolvers). Must be called
     /// inside a Tokio runtime.
@@ -227,20 +254,7 @@ impl Gatherer {
         let resolver_name = settings
             .resolver
             .map_or_else(|| "system resolver".to_string(), |a| a.to_string());
-        let (config, mut opts) = match settings.resolver {
-            Some(addr) => {
-                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-                for c in &mut ns.connections {
-                    c.port = addr.port();
-                }
-                (
-                    ResolverConfig::from_name_servers(vec![ns]),
-                    ResolverOpts::default(),
-                )
-            }
-            None => hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| DnsSetupError(format!("reading the system configuration: {e}")))?,
-        };
+        let (config, mut opts) = resolver_config(settings.resolver)?;
         // One try per server, not the resolv.conf default of 5 s × 2: the request stops
         // waiting after `budget` anyway, and a background lookup should end soon.
         opts.timeout = Duration::from_secs(2).max(settings.budget);

@@ -268,8 +268,8 @@ fn find_either<'a>(list: &'a AddressList, normalised: &str, raw: &str) -> Option
 }
 
 /// IPv4-mapped IPv6 networks (`::ffff:192.0.2.0/120`) become IPv4 networks, since client
-/// addresses are matched in their IPv4 form.
-fn canonical_net(net: IpNet) -> IpNet {
+/// addresses are matched in their IPv4 form; host bits are cleared.
+pub fn canonical_net(net: IpNet) -> IpNet {
     if let IpNet::V6(v6) = net
         && v6.prefix_len() >= 96
         && let Some(v4) = v6.addr().to_ipv4_mapped()

@@ -22,10 +22,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::ResolveHosts;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use ipnet::IpNet;
+
+use crate::dns::{DnsSetupError, resolver_config};
+use crate::engine::allow::canonical_net;
 
 pub use walk::{Found, WalkError, Walked};
 
@@ -66,35 +69,17 @@ impl Default for ListsSettings {
     }
 }
 
-/// Why the resolver could not be built.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot set up the DNS resolver: {0}")]
-pub struct SetupError(String);
-
 /// A resolver asking `server` (or the system's resolvers), each query tried twice within
 /// 5 s; the hosts file is not read (SPF names are DNS names).
-pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, SetupError> {
-    let (config, mut opts) = match server {
-        Some(addr) => {
-            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-            for c in &mut ns.connections {
-                c.port = addr.port();
-            }
-            (
-                ResolverConfig::from_name_servers(vec![ns]),
-                ResolverOpts::default(),
-            )
-        }
-        None => hickory_resolver::system_conf::read_system_conf()
-            .map_err(|e| SetupError(format!("reading the system configuration: {e}")))?,
-    };
+pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, DnsSetupError> {
+    let (config, mut opts) = resolver_config(server)?;
     opts.timeout = Duration::from_secs(5);
     opts.attempts = 2;
     opts.use_hosts_file = ResolveHosts::Never;
     Resolver::builder_with_config(config, TokioRuntimeProvider::default())
         .with_options(opts)
         .build()
-        .map_err(|e| SetupError(e.to_string()))
+        .map_err(|e| DnsSetupError::new(e.to_string()))
 }
 
 /// One domain's walk and what came of it.
@@ -205,18 +190,6 @@ fn order_key(n: &IpNet) -> (u8, u128) {
         IpNet::V4(v4) => (4, u128::from(u32::from(v4.network()))),
         IpNet::V6(v6) => (6, u128::from(v6.network())),
     }
-}
-
-/// Host bits cleared; `::ffff:a.b.c.d/N` (N >= 96) as the IPv4 range the daemon matches.
-fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net
-        && v6.prefix_len() >= 96
-        && let Some(v4) = v6.addr().to_ipv4_mapped()
-        && let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
-    {
-        return IpNet::V4(n.trunc());
-    }
-    net.trunc()
 }
 
 /// A domain whose walk failed in this update, and the ranges the previous file gave it.
