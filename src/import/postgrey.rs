@@ -650,33 +650,9 @@ pub fn import(
 ) -> Result<(), ImportError> {
     check_dbdir(dbdir)?;
     let now = imp.now();
-    let t = imp.table("postgrey.db");
-    let mut n = 0u64;
-    dump_file(tool, dbdir, "postgrey.db", STALL, |item| {
-        n += 1;
-        imp.read(t);
-        let what = || format!("record {n}");
-        let (k, v) = match item {
-            DumpItem::Pair(k, v) => (k, v),
-            DumpItem::Bad(why) => {
-                imp.skip(t, Bad::unparseable(why), what);
-                return Ok(());
-            }
-        };
-        let r = match parse_triplet(&k, &v, opts) {
-            Ok(r) => r,
-            Err(bad) => {
-                imp.skip(t, bad, what);
-                return Ok(());
-            }
-        };
-        let key = match super::key_of(imp.engine(), r.net, &r.sender, &r.recipient) {
-            Ok(key) => key,
-            Err(bad) => {
-                imp.skip(t, bad, what);
-                return Ok(());
-            }
-        };
+    each_record(imp, tool, dbdir, "postgrey.db", |imp, t, k, v| {
+        let r = parse_triplet(k, v, opts)?;
+        let key = super::key_of(imp.engine(), r.net, &r.sender, &r.recipient)?;
         let (first, last) = (clamp_time(r.first, now), clamp_time(r.last, now));
         let first = first.min(last);
         let record = if r.last.saturating_sub(r.first) >= opts.delay {
@@ -684,7 +660,7 @@ pub fn import(
         } else {
             super::pending(imp.engine(), first, last)
         };
-        rt.block_on(imp.triplet(t, key, record))
+        Ok(rt.block_on(imp.triplet(t, key, record)))
     })?;
     if !dbdir.join("postgrey_clients.db").is_file() {
         imp.note(
@@ -692,43 +668,43 @@ pub fn import(
         );
         return Ok(());
     }
-    let t = imp.table("postgrey_clients.db");
+    each_record(imp, tool, dbdir, "postgrey_clients.db", |imp, t, k, v| {
+        let c = parse_client(k, v)?;
+        let full = if c.ip.is_ipv4() { 32 } else { 128 };
+        let net = SourceNet {
+            ip: c.ip,
+            prefix: full,
+        };
+        let group = super::group_of(imp.engine(), net)?;
+        Ok(imp.client_passes(t, group, c.count, clamp_time(c.last, now)))
+    })
+}
+
+/// Each record of postgrey's `file`, as table `file` of the report: counted as read, and
+/// skipped as `record N` when `db_dump` could not give it as a key and value or `each`
+/// finds it bad (`Err(Bad)`); `each` stores it otherwise (`Ok` of what storing gave).
+fn each_record(
+    imp: &mut Importer,
+    tool: &Path,
+    dbdir: &Path,
+    file: &str,
+    mut each: impl FnMut(&mut Importer, usize, &[u8], &[u8]) -> Result<Result<(), ImportError>, Bad>,
+) -> Result<(), ImportError> {
+    let t = imp.table(file);
     let mut n = 0u64;
-    dump_file(tool, dbdir, "postgrey_clients.db", STALL, |item| {
+    dump_file(tool, dbdir, file, STALL, |item| {
         n += 1;
         imp.read(t);
         let what = || format!("record {n}");
-        let (k, v) = match item {
-            DumpItem::Pair(k, v) => (k, v),
-            DumpItem::Bad(why) => {
-                imp.skip(t, Bad::unparseable(why), what);
-                return Ok(());
-            }
+        let stored = match item {
+            DumpItem::Pair(k, v) => each(imp, t, &k, &v),
+            DumpItem::Bad(why) => Err(Bad::unparseable(why)),
         };
-        let c = match parse_client(&k, &v) {
-            Ok(c) => c,
-            Err(bad) => {
-                imp.skip(t, bad, what);
-                return Ok(());
-            }
-        };
-        let full = if c.ip.is_ipv4() { 32 } else { 128 };
-        let group = match super::group_of(
-            imp.engine(),
-            SourceNet {
-                ip: c.ip,
-                prefix: full,
-            },
-        ) {
-            Ok(g) => g,
-            Err(bad) => {
-                imp.skip(t, bad, what);
-                return Ok(());
-            }
-        };
-        imp.client_passes(t, group, c.count, clamp_time(c.last, now))
-    })?;
-    Ok(())
+        stored.unwrap_or_else(|bad| {
+            imp.skip(t, bad, what);
+            Ok(())
+        })
+    })
 }
 
 #[cfg(test)]
