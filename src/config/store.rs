@@ -47,6 +47,10 @@ pub struct RawStore {
     /// A file holding the hashing secret (readable by its owner only; a trailing newline
     /// is not part of the secret).
     pub hash_secret_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the store server's certificate: `postgres` checks
+    /// the chain with it (`sslmode=verify-ca`, `require`) and the host name too
+    /// (`sslmode=verify-full`).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The default cap on stored records: about 0.55 GB of RAM and 1.1 GB of file at most on
@@ -71,6 +75,7 @@ impl Default for RawStore {
             hash_addresses: false,
             hash_secret: None,
             hash_secret_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -157,6 +162,7 @@ impl RawStore {
             url: self.url.clone(),
             pool_size: self.pool_size,
             connect_timeout: self.connect_timeout.0,
+            tls_ca_file: self.tls_ca_file.clone(),
         };
         let store = match self.backend.as_str() {
             "embedded" => StoreKind::Embedded(self.path.clone()),
@@ -194,6 +200,18 @@ impl RawStore {
                         &["store", "url"],
                         e.replace(&server.url, &server.redacted_url()),
                     );
+                } else if name == "postgres"
+                    && let Err(e) = crate::store::postgres::check_tls(
+                        &server.url,
+                        server.tls_ca_file.as_deref(),
+                    )
+                {
+                    let key = if server.tls_ca_file.is_some() {
+                        "tls_ca_file"
+                    } else {
+                        "url"
+                    };
+                    p.at(&["store", key], e);
                 }
                 if server.pool_size == 0 {
                     p.at(

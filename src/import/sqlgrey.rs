@@ -327,6 +327,7 @@ impl Source {
                 url: url.clone(),
                 pool_size: 1,
                 connect_timeout: Duration::ZERO,
+                tls_ca_file: None,
             }
             .redacted_url(),
             Source::Sqlite(path) => format!("sqlite:{}", path.display()),

@@ -11,6 +11,7 @@ mod hot;
 pub mod memory;
 pub mod mode;
 pub mod postgres;
+mod postgres_tls;
 pub mod redis;
 mod spec;
 

@@ -33,11 +33,11 @@ use deadpool_postgres::{
 };
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::breaker::Breaker;
+use super::postgres_tls;
 use super::{
     Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
     UpdateFn, cursor,
@@ -174,7 +174,16 @@ pub fn check_url(url: &str) -> Result<(), String> {
     parse_url(url).map(drop)
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+/// Checks the TLS settings of a URL with `tls_ca_file` (see [`PostgresStore::with_tls_ca`]),
+/// reading the CA file, without connecting.
+pub fn check_tls(url: &str, tls_ca_file: Option<&std::path::Path>) -> Result<(), String> {
+    let (config, tls) = parse_url(url)?;
+    postgres_tls::connector(config.get_ssl_mode(), tls, tls_ca_file).map(drop)
+}
+
+/// The URL as tokio-postgres reads it, and the TLS settings it does not know
+/// (`sslmode=verify-ca|verify-full`, `sslrootcert`).
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, postgres_tls::UrlTls), String> {
     // tokio-postgres also reads `key=value` strings; a URL of another scheme must not
     // be taken for one (it would fail later with a confusing message).
     if url.contains("://") && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
@@ -184,7 +193,9 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
             url.split("://").next().unwrap_or_default()
         ));
     }
-    url.parse().map_err(|e| format!("bad postgres URL: {e}"))
+    let (rest, tls) = postgres_tls::split_url(url).map_err(|e| format!("bad postgres URL: {e}"))?;
+    let config = rest.parse().map_err(|e| format!("bad postgres URL: {e}"))?;
+    Ok((config, tls))
 }
 
 /// Connection-level trouble (refused, lost, timed out, server shutting down, a standby
@@ -214,7 +225,25 @@ fn classify(e: &tokio_postgres::Error) -> StoreError {
 fn pool_error(e: PoolError, timeout: Duration) -> StoreError {
     match e {
         PoolError::Timeout(_) => StoreError::Timeout(timeout),
-        PoolError::Backend(e) => StoreError::Unavailable(format!("postgres: cannot connect: {e}")),
+        PoolError::Backend(e) => {
+            // The cause (a TLS handshake's, say) is not part of the error's own text.
+            let mut said = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !said.contains(&text) {
+                    said = format!("{said}: {text}");
+                }
+                cause = c.source();
+            }
+            if said.contains("server does not support TLS") {
+                said.push_str(
+                    " (the url's sslmode requires TLS: turn ssl on in the server, or change \
+                     sslmode)",
+                );
+            }
+            StoreError::Unavailable(format!("postgres: cannot connect: {said}"))
+        }
         other => StoreError::Unavailable(format!("postgres: {other}")),
     }
 }
@@ -250,6 +279,7 @@ fn decode<R: Record>(bytes: &[u8]) -> Option<R> {
 /// The postgres store.
 pub struct PostgresStore {
     shown: String,
+    tls: &'static str,
     pool: Pool,
     timeout: Duration,
     breaker: Breaker,
@@ -268,7 +298,27 @@ impl PostgresStore {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut config = parse_url(url).map_err(StoreError::Unavailable)?;
+        Self::with_tls_ca(url, None, pool_size, connect_timeout, timeout)
+    }
+
+    /// [`new`](Self::new) with the CA that verifies the server's certificate
+    /// (`[store] tls_ca_file`). TLS follows the URL's `sslmode`, as libpq: `disable`;
+    /// `prefer` (the default) and `require`, which encrypt without checking the certificate
+    /// unless a CA is given (then `require` checks the chain); `verify-ca`, the chain must
+    /// lead to the CA; `verify-full`, and name the URL's host. The CA may also come as
+    /// `sslrootcert=` in the URL. A CA that cannot be read, or a verify mode without one,
+    /// is an error here.
+    pub fn with_tls_ca(
+        url: &str,
+        tls_ca_file: Option<&std::path::Path>,
+        pool_size: usize,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let (mut config, tls) = parse_url(url).map_err(StoreError::Unavailable)?;
+        let tls = postgres_tls::connector(config.get_ssl_mode(), tls, tls_ca_file)
+            .map_err(|e| StoreError::Unavailable(format!("postgres: {e}")))?;
+        let tls_shown = tls.describe(config.get_ssl_mode());
         let host = config.get_hosts().first().map_or_else(
             || "localhost".to_string(),
             |h| match h {
@@ -297,7 +347,7 @@ impl PostgresStore {
             .application_name("greygate");
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -313,6 +363,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             breaker: Breaker::new(shown.clone()),
             shown,
+            tls: tls_shown,
             pool,
             timeout,
             schema: tokio::sync::OnceCell::new(),
@@ -320,8 +371,16 @@ impl PostgresStore {
         })
     }
 
+    /// The TLS of its connections as the URL's `sslmode` and the CA make it: `off`,
+    /// `prefer (certificate not checked)`, `require (certificate not checked)`,
+    /// `verify-ca` or `verify-full`.
+    pub fn tls(&self) -> &'static str {
+        self.tls
+    }
+
     /// Connects, migrates the schema if needed and reports the server (for
-    /// `check-config --connect`), e.g. `PostgreSQL 15.8, schema version 1`.
+    /// `check-config --connect`), e.g. `PostgreSQL 15.8, schema version 3, TLS TLSv1.3
+    /// (verify-full)` (the server's own view of the connection, `pg_stat_ssl`).
     pub async fn check(&self) -> Result<String, StoreError> {
         self.run(async |client| {
             let row = client
@@ -329,8 +388,24 @@ impl PostgresStore {
                 .await
                 .map_err(|e| classify(&e))?;
             let version: String = column(&row, 0)?;
+            // What the server sees of this very connection.
+            let row = client
+                .query_opt(
+                    "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+                    &[],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            let tls = match row {
+                Some(row) => format!(
+                    "TLS {} ({})",
+                    column::<Option<String>>(&row, 0)?.unwrap_or_default(),
+                    self.tls
+                ),
+                None => "no TLS".to_string(),
+            };
             Ok(format!(
-                "PostgreSQL {version}, schema version {SCHEMA_VERSION}"
+                "PostgreSQL {version}, schema version {SCHEMA_VERSION}, {tls}"
             ))
         })
         .await
@@ -771,7 +846,7 @@ mod tests {
         assert!(check_url("host=/run/postgresql user=greygate").is_ok());
         assert!(check_url("redis://127.0.0.1/").is_err());
         assert!(check_url("postgres://h:notaport/db").is_err());
-        let c = parse_url("postgres://u@db1,db2/gg?options=-csearch_path%3Dgreygate").unwrap();
+        let (c, _) = parse_url("postgres://u@db1,db2/gg?options=-csearch_path%3Dgreygate").unwrap();
         assert_eq!(c.get_options(), Some("-csearch_path=greygate"));
         assert_eq!(c.get_hosts().len(), 2);
     }

@@ -44,6 +44,7 @@ pub struct ServerStore {
     pub url: String,
     pub pool_size: usize,
     pub connect_timeout: Duration,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl ServerStore {
@@ -66,6 +67,7 @@ impl fmt::Debug for ServerStore {
             .field("url", &self.redacted_url())
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -210,14 +212,18 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             } else {
                 1
             };
-            let s = PostgresStore::new(
+            let s = PostgresStore::with_tls_ca(
                 &server.url,
+                server.tls_ca_file.as_deref(),
                 pool,
                 server.connect_timeout,
                 op_limit(spec, server, access),
             )?;
             if access == Access::Serve {
-                tracing::info!(store = %s.describe(), pool_size = pool, "store ready (connects on first use)");
+                tracing::info!(
+                    store = %s.describe(), pool_size = pool, tls = s.tls(),
+                    "store ready (connects on first use)"
+                );
             }
             Ok(claimed(Arc::new(s), spec, access))
         }
@@ -280,8 +286,9 @@ pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
             Ok(Some(who))
         }
         StoreKind::Postgres(s) => {
-            let store = PostgresStore::new(
+            let store = PostgresStore::with_tls_ca(
                 &s.url,
+                s.tls_ca_file.as_deref(),
                 1,
                 s.connect_timeout,
                 op_limit(spec, s, Access::Read),

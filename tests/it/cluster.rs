@@ -557,6 +557,7 @@ fn store_urls_are_shown_without_passwords() {
             url: url.into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
+            tls_ca_file: None,
         }
         .to_string()
     };
@@ -579,6 +580,7 @@ fn store_urls_are_shown_without_passwords() {
             url: "postgres://gg:s3cret@db/gg".into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
+            tls_ca_file: None,
         }
     );
     assert!(!debug.contains("s3cret"), "{debug}");

@@ -21,6 +21,7 @@ mod outbound;
 mod package;
 mod policy;
 mod postfix;
+mod postgres_tls;
 mod privacy;
 mod probe_batch;
 mod release;

@@ -381,6 +381,7 @@ async fn shared_stores_refuse_every_operation_in_the_other_mode() {
         url,
         pool_size: 2,
         connect_timeout: SECOND,
+        tls_ca_file: None,
     };
     for kind in [
         StoreKind::Redis(server(redis.url())),

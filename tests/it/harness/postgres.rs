@@ -42,12 +42,34 @@ pub struct Postgres {
     bin: PathBuf,
     running: bool,
     dir: tempfile::TempDir,
+    /// `ssl = on` with this certificate and key (`start_tls`).
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Postgres {
     /// Creates and starts one, or returns `None` (after printing why) when PostgreSQL is
     /// missing and real peers are not required; panics when they are.
     pub fn start(test: &str) -> Option<Postgres> {
+        Self::start_with(test, None)
+    }
+
+    /// Like `start`, with `ssl = on`: the server's certificate, for `names` (`DNS:localhost`,
+    /// `IP:127.0.0.1`...), is signed by a test CA made for it; returns the server and the
+    /// CA's certificate (PEM). Plain connections are still accepted.
+    pub fn start_tls(test: &str, names: &str) -> Option<(Postgres, PathBuf)> {
+        if !super::tool_available(test, "/usr/bin/openssl") {
+            return None;
+        }
+        let certs = tempfile::tempdir().expect("temp dir");
+        let ca = TestCa::new(certs.path(), "server-ca");
+        let (cert, key) = ca.issue(certs.path(), "server", names);
+        let pg = Self::start_with(test, Some((cert, key)))?;
+        let ca_file = pg.dir().join("ca.pem");
+        std::fs::copy(&ca.cert, &ca_file).expect("copy CA");
+        Some((pg, ca_file))
+    }
+
+    fn start_with(test: &str, tls: Option<(PathBuf, PathBuf)>) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             let why = "PostgreSQL server binaries (initdb, pg_ctl) not installed \
                        (scripts/test installs postgresql)";
@@ -82,6 +104,7 @@ impl Postgres {
             bin,
             running: false,
             dir,
+            tls: None,
         };
         let data = pg.data();
         pg.run(
@@ -98,6 +121,25 @@ impl Postgres {
             ],
         );
         let mut pg = pg;
+        if let Some((cert, key)) = tls {
+            // In the server's directory, owned by the server's user, the key private: the
+            // server refuses a key others can read.
+            let (c, k) = (pg.dir().join("server.pem"), pg.dir().join("server.key"));
+            std::fs::copy(cert, &c).expect("copy certificate");
+            std::fs::copy(key, &k).expect("copy key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            if is_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&c)
+                    .arg(&k)
+                    .status()
+                    .expect("chown");
+                assert!(status.success());
+            }
+            pg.tls = Some((c, k));
+        }
         pg.start_again();
         Some(pg)
     }
@@ -147,11 +189,18 @@ impl Postgres {
     pub fn start_again(&mut self) {
         let data = self.data();
         let dir = self.dir.path().display().to_string();
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c full_page_writes=off -c max_connections=200",
             self.port
         );
+        if let Some((cert, key)) = &self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         let log = format!("{dir}/server.log");
         self.run(
             "pg_ctl",
@@ -190,5 +239,104 @@ impl Drop for Postgres {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// A certificate authority for tests, made with the openssl CLI (EC P-256, valid 2 days).
+pub struct TestCa {
+    /// The CA's certificate (PEM): what a client trusts.
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("/usr/bin/openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestCa {
+    /// A new CA in `dir`, its files named after `name`.
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN=greygate test {name}"),
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        TestCa { cert, key }
+    }
+
+    /// A server certificate and key signed by this CA, for `names`
+    /// (`DNS:localhost,IP:127.0.0.1`): (certificate, key).
+    pub fn issue(&self, dir: &Path, name: &str, names: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        let csr = dir.join(format!("{name}.csr"));
+        let ext = dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName={names}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            self.cert.to_str().unwrap(),
+            "-CAkey",
+            self.key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        (cert, key)
     }
 }
