@@ -28,11 +28,15 @@
 //! (the layout is Redis Cluster safe). Records expire by TTL, set from their `expires_at`
 //! on each write; `expire` has nothing to do.
 //!
-//! An update is an optimistic compare-and-set: `GET`, run the engine's pure step in Rust,
-//! then a Lua script writes the new value only if the key still holds what was read. On a
-//! mismatch the script returns the current value and the step runs again on it (bounded).
-//! Within one process, updates of one key also take a striped lock first, so the retries
-//! only ever race other hosts, never the requests of this one.
+//! An update is an optimistic compare-and-set: run the engine's pure step in Rust on the
+//! value this process last saw at the key (absent for a key it never saw), then a Lua
+//! script writes the new value only if the key still holds that value. On a mismatch the
+//! script returns the current value and the step runs again on it (bounded). So an update
+//! is one round trip when no other host changed the key meanwhile, and two otherwise, as
+//! with a `GET` first. A step that writes nothing on a remembered value is not trusted:
+//! a `GET` reads the server's value and the step runs on it. Within one process, updates
+//! of one key also take a striped lock first, so the retries only ever race other hosts,
+//! never the requests of this one.
 //!
 //! All requests share one multiplexed connection, made on first use. A connection that
 //! fails or stops answering is dropped at once (a silently dead TCP connection would
@@ -100,6 +104,8 @@ const MAX_TTL: u64 = 10 * 365 * 86_400;
 
 /// In-process lock stripes for updates (see the module documentation).
 const STRIPES: usize = 256;
+/// Values remembered per stripe (see [`Stripe`]): 65,536 keys in all, about 8 MB.
+const SEEN_PER_STRIPE: usize = 256;
 
 /// Keys scanned per `SCAN` call when counting (and at most when listing).
 const SCAN_BATCH: usize = 1000;
@@ -187,6 +193,38 @@ fn decode<R: Record>(key: &str, bytes: Option<&[u8]>) -> Option<R> {
     }
 }
 
+/// One lock stripe: updates of its keys take turns, and it remembers the value each of
+/// its keys held when this process last read or wrote it. An update sends its
+/// compare-and-set against that value straight away (a key never seen: against absence),
+/// one round trip where a `GET` first would take two; a wrong guess costs nothing more,
+/// since the script answers a mismatch with the current value. Keys are held as their
+/// 64-bit keyed hash: two keys that share one only make a wrong guess. Bounded: when full,
+/// an arbitrary entry makes room.
+#[derive(Default)]
+struct Stripe {
+    seen: std::collections::HashMap<u64, Box<[u8]>>,
+}
+
+impl Stripe {
+    fn guess(&self, key: u64) -> Option<Vec<u8>> {
+        self.seen.get(&key).map(|v| v.to_vec())
+    }
+
+    fn remember(&mut self, key: u64, value: Option<&[u8]>) {
+        let Some(value) = value else {
+            self.seen.remove(&key);
+            return;
+        };
+        if self.seen.len() >= SEEN_PER_STRIPE
+            && !self.seen.contains_key(&key)
+            && let Some(&any) = self.seen.keys().next()
+        {
+            self.seen.remove(&any);
+        }
+        self.seen.insert(key, value.into());
+    }
+}
+
 /// The redis store.
 pub struct RedisStore {
     shown: String,
@@ -200,7 +238,7 @@ pub struct RedisStore {
     cas: Script,
     timeout: Duration,
     breaker: Breaker,
-    stripes: Box<[tokio::sync::Mutex<()>]>,
+    stripes: Box<[tokio::sync::Mutex<Stripe>]>,
     // Keys are attacker-influenced; stripe choice uses a randomly keyed hash.
     hasher: RandomState,
 }
@@ -232,7 +270,9 @@ impl RedisStore {
             connecting: tokio::sync::Mutex::new(()),
             cas: Script::new(CAS_LUA),
             timeout,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| tokio::sync::Mutex::new(Stripe::default()))
+                .collect(),
             hasher: RandomState::new(),
         })
     }
@@ -351,19 +391,31 @@ impl RedisStore {
         f: UpdateFn<'_, R>,
     ) -> Result<Option<R>, StoreError> {
         self.run(async |conn| {
-            let stripe = (self.hasher.hash_one(key) as usize) % STRIPES;
-            let _turn = self.stripes[stripe].lock().await;
-            let mut current: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(key)
-                .query_async(conn)
-                .await
-                .map_err(classify)?;
+            let hash = self.hasher.hash_one(key);
+            let mut stripe = self.stripes[(hash as usize) % STRIPES].lock().await;
+            // The value this process last saw at the key, or absent: a guess that the
+            // compare-and-set checks, so it is never trusted for a write.
+            let mut current: Option<Vec<u8>> = stripe.guess(hash);
+            let mut confirmed = false;
             for _ in 0..MAX_CAS_ROUNDS {
                 let old = decode::<R>(key, current.as_deref());
                 let new = match f(old.as_ref()) {
                     Some(new) if Some(new) != old => new,
-                    // Nothing to write (an unchanged record keeps its TTL too).
-                    _ => return Ok(old),
+                    // Nothing to write (an unchanged record keeps its TTL too), on what
+                    // the server holds.
+                    _ if confirmed => return Ok(old),
+                    // Nothing to write on a guess: read what the server holds, and step
+                    // again on that.
+                    _ => {
+                        current = redis::cmd("GET")
+                            .arg(key)
+                            .query_async(conn)
+                            .await
+                            .map_err(classify)?;
+                        confirmed = true;
+                        stripe.remember(hash, current.as_deref());
+                        continue;
+                    }
                 };
                 let ttl = ttl_for(new.expires_at(), unix_now()).unwrap_or(0);
                 let mut value = new.to_bytes();
@@ -372,13 +424,16 @@ impl RedisStore {
                     .cas
                     .key(key)
                     .arg(current.as_deref().unwrap_or_default())
-                    .arg(value)
+                    .arg(&value)
                     .arg(ttl)
                     .invoke_async(conn)
                     .await
                     .map_err(classify)?;
                 current = match reply {
-                    Value::Int(1) => return Ok(old),
+                    Value::Int(1) => {
+                        stripe.remember(hash, Some(&value));
+                        return Ok(old);
+                    }
                     Value::Int(0) | Value::Nil => None,
                     Value::BulkString(now) => Some(now),
                     other => {
@@ -387,6 +442,8 @@ impl RedisStore {
                         )));
                     }
                 };
+                confirmed = true;
+                stripe.remember(hash, current.as_deref());
             }
             Err(StoreError::Backend(format!(
                 "redis: {key} changed under {MAX_CAS_ROUNDS} update attempts in a row; gave up"
@@ -397,6 +454,12 @@ impl RedisStore {
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.run(async |conn| {
+            // What this process removed is not guessed back by its next update.
+            let hash = self.hasher.hash_one(key);
+            self.stripes[(hash as usize) % STRIPES]
+                .lock()
+                .await
+                .remember(hash, None);
             let n: u64 = redis::cmd("DEL")
                 .arg(key)
                 .query_async(conn)

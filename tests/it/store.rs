@@ -456,6 +456,94 @@ async fn redis_two_hosts_race_is_settled_by_compare_and_set() {
     .await;
 }
 
+/// An update sends its compare-and-set straight away, against the value this process last
+/// saw (absent for a key it never saw): no `GET` first. When another host changed the key
+/// meanwhile, the script's answer (the current value) is what the step runs on next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_updates_skip_the_read_and_still_see_other_hosts_writes() {
+    let Some(redis) = Redis::start("redis_updates_skip_the_read_and_still_see_other_hosts_writes")
+    else {
+        return;
+    };
+    let (mx1, mx2) = (
+        redis_store(&redis, 5 * SECOND),
+        redis_store(&redis, 5 * SECOND),
+    );
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Calls of a command so far (INFO commandstats), 0 when never called.
+    let mut calls = async |cmd: &str| -> u64 {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let key = TripletKey {
+        client: "192.0.2.0/24".into(),
+        sender: "a@example.net".into(),
+        recipient: "b@example.org".into(),
+    };
+    let now = unix_now();
+    // Adds one attempt (a first sighting: one).
+    let step = |old: Option<&Triplet>| {
+        Some(match old {
+            Some(t) => Triplet {
+                attempts: t.attempts + 1,
+                ..*t
+            },
+            None => Triplet {
+                first_seen: now,
+                last_seen: now,
+                expires_at: now + 3600,
+                attempts: 1,
+                passes: 0,
+                passed: false,
+            },
+        })
+    };
+    // Loads the script once, so that every update below is one EVALSHA.
+    mx1.update_triplet(&key, &step).await.unwrap();
+    mx2.update_triplet(&key, &step).await.unwrap();
+    mx1.update_triplet(&key, &step).await.unwrap();
+    let (gets, evals) = (calls("get").await, calls("evalsha").await);
+    for _ in 0..10 {
+        mx1.update_triplet(&key, &step).await.unwrap();
+    }
+    assert_eq!(
+        calls("evalsha").await,
+        evals + 10,
+        "one round trip per update"
+    );
+    // Redis counts the commands a script runs too: the script's own GET, one per call.
+    assert_eq!(
+        calls("get").await,
+        gets + 10,
+        "no GET before a compare-and-set"
+    );
+    // mx2 last saw attempts = 2; the server holds 13: its guess is refused, and the
+    // step runs again on what the script answered.
+    let old = mx2.update_triplet(&key, &step).await.unwrap();
+    assert_eq!(old.map(|t| t.attempts), Some(13));
+    assert_eq!(
+        calls("evalsha").await,
+        evals + 12,
+        "a wrong guess: two round trips"
+    );
+    assert_eq!(calls("get").await, gets + 12, "and no GET of its own");
+    assert_eq!(
+        mx1.get_triplet(&key).await.unwrap().map(|t| t.attempts),
+        Some(14)
+    );
+    // A step that writes nothing is never answered from a guess: mx1 last saw 13.
+    let seen = mx1.update_triplet(&key, &|_| None).await.unwrap();
+    assert_eq!(seen.map(|t| t.attempts), Some(14), "read from the server");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_records_get_ttls_from_their_expiry() {
     let Some(redis) = Redis::start("redis_records_get_ttls_from_their_expiry") else {
@@ -580,13 +668,21 @@ async fn redis_scan_lists_old_values_once_rewritten_and_never_foreign_ones() {
         attempts: 2,
         ..rec
     };
+    // The step may first run on this process's guess (see `store::redis`); the run that
+    // wrote is the last, on the value the server held.
+    let seen = std::sync::Mutex::new(Vec::new());
     store
         .update_triplet(&key("old@x"), &|old| {
-            assert_eq!(old, Some(&rec), "old value read");
+            seen.lock().unwrap().push(old.copied());
             Some(later)
         })
         .await
         .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().last(),
+        Some(&Some(rec)),
+        "old value read"
+    );
     let got = listed().await;
     assert_eq!(
         got,
