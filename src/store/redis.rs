@@ -30,7 +30,8 @@
 //!
 //! An update is an optimistic compare-and-set: run the engine's pure step in Rust on the
 //! value this process last saw at the key (absent for a key it never saw), then a Lua
-//! script writes the new value only if the key still holds that value. On a mismatch the
+//! script writes the new value only if the key still holds that value (against absence,
+//! `SET ... NX GET` does the same without a script: Redis 7 or Valkey). On a mismatch the
 //! script returns the current value and the step runs again on it (bounded). So an update
 //! is one round trip when no other host changed the key meanwhile, and two otherwise, as
 //! with a `GET` first. A step that writes nothing on a remembered value is not trusted:
@@ -420,15 +421,31 @@ impl RedisStore {
                 let ttl = ttl_for(new.expires_at(), unix_now()).unwrap_or(0);
                 let mut value = new.to_bytes();
                 value.extend_from_slice(suffix);
-                let reply: Value = self
-                    .cas
-                    .key(key)
-                    .arg(current.as_deref().unwrap_or_default())
-                    .arg(&value)
-                    .arg(ttl)
-                    .invoke_async(conn)
-                    .await
-                    .map_err(classify)?;
+                let reply: Value = match &current {
+                    // Against absence, Redis's own compare-and-set: `SET ... NX GET` writes
+                    // only a missing key and answers what it held (nil: written), at a
+                    // fraction of a script's cost.
+                    None => {
+                        let mut set = redis::cmd("SET");
+                        set.arg(key).arg(&value).arg("NX").arg("GET");
+                        if ttl > 0 {
+                            set.arg("EX").arg(ttl);
+                        }
+                        match set.query_async(conn).await.map_err(classify)? {
+                            Value::Nil => Value::Int(1),
+                            other => other,
+                        }
+                    }
+                    Some(expected) => self
+                        .cas
+                        .key(key)
+                        .arg(expected.as_slice())
+                        .arg(&value)
+                        .arg(ttl)
+                        .invoke_async(conn)
+                        .await
+                        .map_err(classify)?,
+                };
                 current = match reply {
                     Value::Int(1) => {
                         stripe.remember(hash, Some(&value));

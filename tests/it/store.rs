@@ -506,8 +506,12 @@ async fn redis_updates_skip_the_read_and_still_see_other_hosts_writes() {
             },
         })
     };
-    // Loads the script once, so that every update below is one EVALSHA.
+    // A first sighting is one SET NX GET; mx2's first update, whose guess (absent) is
+    // wrong, gets the current value from it and loads the script.
+    let sets = calls("set").await;
     mx1.update_triplet(&key, &step).await.unwrap();
+    assert_eq!(calls("set").await, sets + 1, "a first sighting: one SET NX");
+    assert_eq!(calls("evalsha").await, 0, "and no script");
     mx2.update_triplet(&key, &step).await.unwrap();
     mx1.update_triplet(&key, &step).await.unwrap();
     let (gets, evals) = (calls("get").await, calls("evalsha").await);
