@@ -461,7 +461,7 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
     assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
     let (_, waited) = g.facts_for(&engine, &req, 0).await.expect("gathered");
     // Now cached: the same facts without waiting.
-    let Ok(FactsNow::Gathered(now)) = g.facts_now(&engine, &req, 0) else {
+    let Ok(FactsNow::Gathered(now, _)) = g.facts_now(&engine, &req, 0) else {
         panic!("cached facts expected");
     };
     assert_eq!(now.facts, waited.facts);
@@ -483,7 +483,7 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
         client_ip: Some("203.0.113.9".parse().unwrap()),
         ..req.clone()
     };
-    let Ok(FactsNow::Gathered(open)) = g.facts_now(&engine, &other, 0) else {
+    let Ok(FactsNow::Gathered(open, _)) = g.facts_now(&engine, &other, 0) else {
         panic!("facts without lookups expected while the breaker is open");
     };
     assert_eq!(open.facts.spf.unwrap().result, SpfResult::Timeout);

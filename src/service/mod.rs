@@ -410,13 +410,14 @@ impl Greylister {
             Ok(FactsNow::NotNeeded(classified)) => self
                 .decide_classified(&live, req, classified, None, now, started)
                 .map_err(|(req, _)| req),
-            Ok(FactsNow::Gathered(mut gathered)) => {
+            Ok(FactsNow::Gathered(mut gathered, unkeyed)) => {
                 // The facts go into the request itself: no copy of a request the front end
                 // handed over (the policy and milter front ends do).
                 let note = gathered.note();
                 let mut req = req;
                 req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
-                self.decide_here(&live, req, note, now, started)
+                let classified = live.engine.classify_keyed(unkeyed, &req);
+                self.decide_classified(&live, req, Some(classified), note, now, started)
                     .map_err(|(req, _)| req)
             }
         }
