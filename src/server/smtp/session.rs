@@ -1156,28 +1156,23 @@ async fn trapped(ctx: &SmtpContext, ip: IpAddr, req: &Request, now: u64) {
         "greytrap: sent to {}",
         recipient.chars().take(200).collect::<String>()
     );
-    let svc = ctx.svc.clone();
-    let value = ip.to_string();
-    let added = tokio::task::spawn_blocking(move || {
-        svc.add_entry(
+    let added = ctx
+        .svc
+        .add_entry(
             ListKind::Deny,
             Target::Client,
-            &value,
+            &ip.to_string(),
             Some(ttl),
             &comment,
             now,
         )
-    })
-    .await;
+        .await;
     match added {
-        Ok(Ok(_)) => tracing::warn!(
+        Ok(_) => tracing::warn!(
             rule = "greytrap", client = %ip, recipient, deny_for = ?ctx.config.traps.deny_for,
             "client sent to a trap address; denied on every front end"
         ),
-        Ok(Err(e)) => {
-            tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry")
-        }
-        Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed"),
+        Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry"),
     }
 }
 
