@@ -938,6 +938,20 @@ mod tests {
         assert_eq!(client_key("192.0.2.0/24"), "gg:c:{192.0.2.0/24}");
     }
 
+    /// The entries' keys share one hash tag: each script touches a single Cluster slot.
+    #[test]
+    fn entries_keys_share_one_hash_slot() {
+        for k in [
+            ENTRIES_KEY,
+            ENTRIES_INDEX_KEY,
+            ENTRIES_VERSION_KEY,
+            ENTRIES_NEXT_ID_KEY,
+        ] {
+            let tag = &k[k.find('{').unwrap() + 1..k.find('}').unwrap()];
+            assert_eq!(tag, "entries", "{k}");
+        }
+    }
+
     #[test]
     fn ttls_round_up_never_down() {
         assert_eq!(ttl_for(1_000_000 + 300, 1_000_000), Some(300));
