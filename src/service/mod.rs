@@ -364,12 +364,31 @@ impl Greylister {
                 self.poll_entries(now).await;
                 e
             }
-            None => {
-                let e = self.entries.add(list, target, value, ttl, comment, now)?;
-                self.refresh_runtime(now);
-                e
-            }
+            None => return self.add_file_entry(list, target, value, ttl, comment, now),
         };
+        tracing::info!(entry = %e, "runtime entry added");
+        Ok(e)
+    }
+
+    /// [`Greylister::add_entry`] for entries kept in a file (or memory): synchronous, as it
+    /// writes and syncs the file, so a caller that must not hold up its runtime runs it on
+    /// a blocking thread. With a shared store it is an error (`EntriesError::Store`).
+    pub fn add_file_entry(
+        &self,
+        list: ListKind,
+        target: Target,
+        value: &str,
+        ttl: Option<u64>,
+        comment: &str,
+        now: u64,
+    ) -> Result<RuntimeEntry, EntriesError> {
+        if self.entries.is_shared() {
+            return Err(EntriesError::Store(StoreError::Unavailable(
+                "runtime entries are kept in the shared store".into(),
+            )));
+        }
+        let e = self.entries.add(list, target, value, ttl, comment, now)?;
+        self.refresh_runtime(now);
         tracing::info!(entry = %e, "runtime entry added");
         Ok(e)
     }

@@ -1156,17 +1156,41 @@ async fn trapped(ctx: &SmtpContext, ip: IpAddr, req: &Request, now: u64) {
         "greytrap: sent to {}",
         recipient.chars().take(200).collect::<String>()
     );
-    let added = ctx
-        .svc
-        .add_entry(
-            ListKind::Deny,
-            Target::Client,
-            &ip.to_string(),
-            Some(ttl),
-            &comment,
-            now,
-        )
-        .await;
+    let value = ip.to_string();
+    let added = if ctx.svc.entries.is_shared() {
+        // Into the store every daemon reads (bounded by the store timeout).
+        ctx.svc
+            .add_entry(
+                ListKind::Deny,
+                Target::Client,
+                &value,
+                Some(ttl),
+                &comment,
+                now,
+            )
+            .await
+    } else {
+        // The entries file is written and synced: off the runtime's threads.
+        let svc = ctx.svc.clone();
+        match tokio::task::spawn_blocking(move || {
+            svc.add_file_entry(
+                ListKind::Deny,
+                Target::Client,
+                &value,
+                Some(ttl),
+                &comment,
+                now,
+            )
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed");
+                return;
+            }
+        }
+    };
     match added {
         Ok(_) => tracing::warn!(
             rule = "greytrap", client = %ip, recipient, deny_for = ?ctx.config.traps.deny_for,
