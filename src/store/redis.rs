@@ -11,7 +11,9 @@
 //!   together.) Keeping the text in the value rather than the key keeps every existing
 //!   key valid;
 //! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group;
-//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`).
+//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`);
+//! - `gg:{entries}`, `gg:{entries}:index`, `gg:{entries}:version`, `gg:{entries}:next_id`:
+//!   the runtime allow/deny entries (see [`SharedEntries`]), one hash slot for all four.
 //!
 //! The joined key holds the addresses as the engine gives them: text, or keyed digests
 //! with `[store] hash_addresses` (the SHA-256 of the key name is not keyed: it hides
@@ -52,11 +54,11 @@ use sha2::{Digest, Sha256};
 
 use super::breaker::Breaker;
 use super::{
-    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
-    UpdateFn, cursor,
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, SharedEntries, Store,
+    StoreError, StoredEntry, UpdateFn, cursor,
 };
 use crate::engine::record::Record;
-use crate::engine::{ClientRecord, Triplet, TripletKey};
+use crate::engine::{ClientRecord, RuntimeEntry, Triplet, TripletKey};
 
 const TRIPLET_PREFIX: &str = "gg:t:";
 const CLIENT_PREFIX: &str = "gg:c:";
@@ -660,6 +662,204 @@ impl Store for RedisStore {
         })
         .await
     }
+
+    fn shared_entries(&self) -> Option<&dyn SharedEntries> {
+        Some(self)
+    }
+}
+
+/// The runtime entries: `gg:{entries}` maps an id to `<added_at> <StoredEntry JSON>`;
+/// `gg:{entries}:index` maps `<list> <target> <value>` to the id, so that the same entry
+/// added again is updated in place; `gg:{entries}:next_id` hands out ids and
+/// `gg:{entries}:version` counts changes. The hash tag keeps the four in one Cluster slot,
+/// so each change is one script over its own keys. No TTLs: expired entries are removed by
+/// the daemons (they stop matching at their `expires_at` either way).
+pub const ENTRIES_KEY: &str = "gg:{entries}";
+const ENTRIES_INDEX_KEY: &str = "gg:{entries}:index";
+/// The change counter of the runtime entries.
+pub const ENTRIES_VERSION_KEY: &str = "gg:{entries}:version";
+const ENTRIES_NEXT_ID_KEY: &str = "gg:{entries}:next_id";
+
+/// Adds or updates one entry: ARGV[1] the index field, ARGV[2] `added_at` for a new
+/// entry, ARGV[3] the JSON, ARGV[4] the most entries. Returns {id, added_at}, or {} when
+/// full.
+const PUT_ENTRY_LUA: &str = r"
+local id = redis.call('HGET', KEYS[2], ARGV[1])
+local added = ARGV[2]
+local cur = false
+if id then
+  cur = redis.call('HGET', KEYS[1], id)
+end
+if cur then
+  added = string.match(cur, '^(%d+) ') or added
+else
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+    return {}
+  end
+  if not id then
+    id = tostring(redis.call('INCR', KEYS[4]))
+    redis.call('HSET', KEYS[2], ARGV[1], id)
+  end
+end
+redis.call('HSET', KEYS[1], id, added .. ' ' .. ARGV[3])
+redis.call('INCR', KEYS[3])
+return {id, added}
+";
+
+/// Removes the entries whose ids are ARGV, with their index fields; returns {id, value}
+/// pairs of those that existed, and bumps the version when there was one.
+const REMOVE_ENTRIES_LUA: &str = r"
+local gone = {}
+for _, id in ipairs(ARGV) do
+  local cur = redis.call('HGET', KEYS[1], id)
+  if cur then
+    redis.call('HDEL', KEYS[1], id)
+    local ok, e = pcall(cjson.decode, string.match(cur, '^%d+ (.*)$') or '')
+    if ok and type(e) == 'table' then
+      local field = tostring(e.list) .. ' ' .. tostring(e.target) .. ' ' .. tostring(e.value)
+      if redis.call('HGET', KEYS[2], field) == id then
+        redis.call('HDEL', KEYS[2], field)
+      end
+    end
+    table.insert(gone, id)
+    table.insert(gone, cur)
+  end
+end
+if #gone > 0 then
+  redis.call('INCR', KEYS[3])
+end
+return gone
+";
+
+/// The index field of an entry: list, target and value (which may hold spaces: it is last).
+fn entry_field(e: &RuntimeEntry) -> String {
+    format!("{} {} {}", e.list.as_str(), e.target.as_str(), e.value)
+}
+
+/// An entry from its id and stored value; `None` for a value greygate did not write.
+fn stored_entry(id: &[u8], value: &[u8]) -> Option<RuntimeEntry> {
+    let id = std::str::from_utf8(id).ok()?.parse().ok()?;
+    let (added, json) = std::str::from_utf8(value).ok()?.split_once(' ')?;
+    let e: StoredEntry = serde_json::from_str(json).ok()?;
+    Some(RuntimeEntry {
+        id,
+        list: e.list,
+        target: e.target,
+        value: e.value,
+        added_at: added.parse().ok()?,
+        expires_at: e.expires_at,
+        comment: e.comment,
+    })
+}
+
+/// `{id, value, id, value, ...}` as entries, leaving out what does not read as one.
+fn stored_entries(pairs: Vec<Vec<u8>>) -> Vec<RuntimeEntry> {
+    let mut out: Vec<RuntimeEntry> = pairs
+        .chunks_exact(2)
+        .filter_map(|p| {
+            let e = stored_entry(&p[0], &p[1]);
+            if e.is_none() {
+                tracing::warn!(
+                    id = %String::from_utf8_lossy(&p[0]),
+                    "unreadable runtime entry in redis; ignored"
+                );
+            }
+            e
+        })
+        .collect();
+    out.sort_by_key(|e| e.id);
+    out
+}
+
+#[async_trait]
+impl SharedEntries for RedisStore {
+    async fn entries_version(&self) -> Result<u64, StoreError> {
+        self.run(async |conn| {
+            let v: Option<u64> = redis::cmd("GET")
+                .arg(ENTRIES_VERSION_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok(v.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn list_entries(&self) -> Result<(u64, Vec<RuntimeEntry>), StoreError> {
+        self.run(async |conn| {
+            // Pipelined, not MULTI: the version is read first, which is all a poller needs.
+            let (version, pairs): (Option<u64>, Vec<Vec<u8>>) = redis::pipe()
+                .cmd("GET")
+                .arg(ENTRIES_VERSION_KEY)
+                .cmd("HGETALL")
+                .arg(ENTRIES_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok((version.unwrap_or(0), stored_entries(pairs)))
+        })
+        .await
+    }
+
+    async fn put_entry(
+        &self,
+        entry: &RuntimeEntry,
+        max: usize,
+    ) -> Result<Option<RuntimeEntry>, StoreError> {
+        let json = serde_json::to_string(&StoredEntry {
+            list: entry.list,
+            target: entry.target,
+            value: entry.value.clone(),
+            expires_at: entry.expires_at,
+            comment: entry.comment.clone(),
+        })
+        .map_err(|e| StoreError::Backend(format!("runtime entry: {e}")))?;
+        let script = Script::new(PUT_ENTRY_LUA);
+        let reply: Vec<u64> = self
+            .run(async |conn| {
+                script
+                    .key(ENTRIES_KEY)
+                    .key(ENTRIES_INDEX_KEY)
+                    .key(ENTRIES_VERSION_KEY)
+                    .key(ENTRIES_NEXT_ID_KEY)
+                    .arg(entry_field(entry))
+                    .arg(entry.added_at)
+                    .arg(&json)
+                    .arg(max)
+                    .invoke_async(conn)
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        Ok(match reply[..] {
+            [id, added_at] => Some(RuntimeEntry {
+                id,
+                added_at,
+                ..entry.clone()
+            }),
+            _ => None,
+        })
+    }
+
+    async fn remove_entries(&self, ids: &[u64]) -> Result<Vec<RuntimeEntry>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = Script::new(REMOVE_ENTRIES_LUA);
+        let pairs: Vec<Vec<u8>> = self
+            .run(async |conn| {
+                script
+                    .key(ENTRIES_KEY)
+                    .key(ENTRIES_INDEX_KEY)
+                    .key(ENTRIES_VERSION_KEY)
+                    .arg(ids)
+                    .invoke_async(conn)
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        Ok(stored_entries(pairs))
+    }
 }
 
 /// The entry a scanned key and its value stand for, if they make one: a key gone since
@@ -736,6 +936,20 @@ mod tests {
         };
         assert_ne!(t, triplet_key(&other), "keys are exact");
         assert_eq!(client_key("192.0.2.0/24"), "gg:c:{192.0.2.0/24}");
+    }
+
+    /// The entries' keys share one hash tag: each script touches a single Cluster slot.
+    #[test]
+    fn entries_keys_share_one_hash_slot() {
+        for k in [
+            ENTRIES_KEY,
+            ENTRIES_INDEX_KEY,
+            ENTRIES_VERSION_KEY,
+            ENTRIES_NEXT_ID_KEY,
+        ] {
+            let tag = &k[k.find('{').unwrap() + 1..k.find('}').unwrap()];
+            assert_eq!(tag, "entries", "{k}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod postfix;
 mod privacy;
 mod probe_batch;
 mod release;
+mod shared_entries;
 mod simulate;
 mod slots;
 mod smtp;
