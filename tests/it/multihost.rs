@@ -405,3 +405,54 @@ fn test_bed_links_cuts_and_cleans_up() {
     drop(bed);
     assert!(names.iter().all(|n| !netns::exists(n)), "{names:?} removed");
 }
+
+/// A run killed before dropping its beds leaves namespaces, and processes in them: the
+/// next run removes both, and leaves the beds of live test processes alone.
+#[test]
+fn stale_namespaces_of_a_killed_run_are_removed() {
+    let test = "stale_namespaces_of_a_killed_run_are_removed";
+    if !netns::available(test) {
+        return;
+    }
+    // The run's own cleanup, which the first bed starts, must not take the stale
+    // namespace made below before this test has looked.
+    netns::clean_stale_once();
+    // The id of a process that has exited stands for the killed run.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = format!("ggtb-{}-0-mx1", gone.id());
+    let live = format!("ggtb-{}-999-mx1", std::process::id());
+    for ns in [&stale, &live] {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", ns])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {ns}");
+    }
+    let mut left = std::process::Command::new("sleep");
+    left.arg("30");
+    netns::enter(&mut left, &stale);
+    let mut left = left.spawn().unwrap();
+
+    netns::clean_stale();
+    let stale_gone = !netns::exists(&stale);
+    let live_kept = netns::exists(&live);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &live])
+        .status();
+    assert!(stale_gone, "{stale} removed");
+    assert!(live_kept, "{live} (a live process's) kept");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = left.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = left.kill();
+            panic!("the process left in {stale} was not killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+}

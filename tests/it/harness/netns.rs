@@ -159,8 +159,12 @@ fn alive(pid: i32) -> bool {
 }
 
 /// Deletes the namespaces of beds whose test process is gone (a run killed before its
-/// beds were dropped). Beds of live processes, this one's included, are left alone.
-fn clean_stale(bin: &str) {
+/// beds were dropped), with the processes still in them. Beds of live processes, this
+/// one's included, are left alone. The first bed of a run calls it.
+pub fn clean_stale() {
+    let Some(bin) = ip_bin() else {
+        return;
+    };
     let Ok(dir) = std::fs::read_dir("/run/netns") else {
         return;
     };
@@ -183,6 +187,28 @@ fn clean_stale(bin: &str) {
             remove_ns(bin, &name);
         }
     }
+}
+
+/// [`clean_stale`], the first time this process calls it (every bed does); returns once
+/// that cleanup is over, whichever thread ran it.
+pub fn clean_stale_once() {
+    STALE.call_once(clean_stale);
+}
+
+/// Whether this machine can build a bed (root, iproute2): false (after printing why) when
+/// the test should be skipped; panics instead when real peers are required.
+pub fn available(test: &str) -> bool {
+    let why = match ip_bin() {
+        None => "iproute2's ip is not installed (scripts/test installs iproute2)",
+        Some(_) if !is_root() => "network namespaces need root",
+        Some(_) => return true,
+    };
+    assert!(
+        !peers_required(),
+        "{test}: a multi-host test bed needs {why}"
+    );
+    eprintln!("skipped {test}: {why}");
+    false
 }
 
 /// One host of the bed.
@@ -223,21 +249,11 @@ impl Bed {
     /// Builds a bed, or returns `None` (after printing why) when this machine cannot and
     /// real peers are not required; panics when they are.
     pub fn start(test: &str) -> Option<Bed> {
-        let why = match ip_bin() {
-            None => Some("iproute2's ip is not installed (scripts/test installs iproute2)"),
-            Some(_) if !is_root() => Some("network namespaces need root"),
-            Some(_) => None,
-        };
-        if let Some(why) = why {
-            assert!(
-                !peers_required(),
-                "{test}: a multi-host test bed needs {why}"
-            );
-            eprintln!("skipped {test}: {why}");
+        if !available(test) {
             return None;
         }
-        let bin = ip_bin().expect("ip found above");
-        STALE.call_once(|| clean_stale(bin));
+        let bin = ip_bin().expect("available");
+        clean_stale_once();
 
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
         let base = format!("{PREFIX}{}-{n}", std::process::id());
