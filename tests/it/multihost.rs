@@ -392,6 +392,7 @@ fn test_bed_links_cuts_and_cleans_up() {
             restored.elapsed() < Duration::from_secs(5),
             "mx2 never reached the store again"
         );
+        std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
         "mx2 reached the store again {:?} after the restore",
