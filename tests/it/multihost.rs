@@ -195,6 +195,13 @@ fn partition_and_rejoin(kind: Kind, test: &str) {
         assert!(is_defer(reply), "mx1/mx3 keep greylisting: {reply}");
         assert!(*took < limit, "mx1/mx3 answered in {took:?}");
     }
+    // The cut loses packets without a word (no reset, no unreachable): the first request
+    // on mx2 had to wait out the store timeout; later ones are refused by the breaker.
+    assert!(
+        mx2_answers[0].1 >= STORE_TIMEOUT - Duration::from_millis(50),
+        "the first answer after the cut came in {:?}, before the store timeout",
+        mx2_answers[0].1
+    );
     let fail_opens = mx2_answers.len();
     assert!(
         m2.wait_log_count(
