@@ -79,6 +79,11 @@ async fn health(State(st): State<Arc<AdminState>>) -> Response {
         Some(h) if h.writes_failing => {
             (StatusCode::SERVICE_UNAVAILABLE, "store writes failing\n").into_response()
         }
+        Some(h) if h.server_unreachable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store server unreachable\n",
+        )
+            .into_response(),
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
     }
 }

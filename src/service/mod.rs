@@ -186,9 +186,13 @@ impl StoreSlot {
     }
 
     /// True while the store is open and writing what changes: a store whose commits fail
-    /// (a full disk) still answers from memory, but is not available in this sense.
+    /// (a full disk) still answers from memory, and a shared store whose server is
+    /// unreachable answers per `fail_mode`, but neither is available in this sense.
     pub fn available(&self) -> bool {
-        self.present().is_some_and(|s| !s.health().writes_failing)
+        self.present().is_some_and(|s| {
+            let h = s.health();
+            !h.writes_failing && !h.server_unreachable
+        })
     }
 
     /// The open store's health; `None` while the store is missing.

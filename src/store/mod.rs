@@ -58,10 +58,14 @@ pub enum StoreError {
     AddressMode(String),
 }
 
-/// How a store is doing beyond answering requests (the embedded store's writes; stores that
-/// write through have nothing to tell).
+/// How a store is doing beyond answering requests: the embedded store's writes, and
+/// whether a shared store's server answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoreHealth {
+    /// The shared store's server (Redis, PostgreSQL) is unreachable: requests are answered
+    /// per `fail_mode` until it answers again.
+    #[serde(default)]
+    pub server_unreachable: bool,
     /// The last commit failed (a full or failing disk): requests are still answered from
     /// memory, and the changes wait there for a commit that succeeds.
     pub writes_failing: bool,

@@ -636,6 +636,13 @@ impl Store for PostgresStore {
         self.shown.clone()
     }
 
+    fn health(&self) -> super::StoreHealth {
+        super::StoreHealth {
+            server_unreachable: self.breaker.is_down(),
+            ..super::StoreHealth::default()
+        }
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
         self.get(&triplet_key(key)).await
     }

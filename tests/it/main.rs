@@ -17,6 +17,7 @@ mod harness;
 mod import;
 mod lists;
 mod milter;
+mod multihost;
 mod outbound;
 mod package;
 mod policy;

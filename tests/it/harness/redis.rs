@@ -1,16 +1,19 @@
 //! A private `redis-server` per test: a free loopback port, a temp directory, no
 //! persistence unless asked for. It can be killed and restarted on the same port, or paused (SIGSTOP) to
 //! play a server that stopped answering. Stopped on drop; never the system's service.
+//! [`Redis::start_on`] runs one on a host of a multi-host test bed instead (`netns.rs`),
+//! listening on that host's address.
 //!
 //! Without `redis-server` the tests that need it skip with a printed reason under plain
 //! `cargo test` and fail under the README's test command (`GREYGATE_REQUIRE_PEERS=1`).
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::netns::{self, Host};
 use super::peers_required;
 use super::postfix::free_port;
 
@@ -30,6 +33,10 @@ pub struct Redis {
     /// Keeps an append-only file synced at every write, so that a killed server comes
     /// back with everything it acknowledged.
     persistent: bool,
+    /// The address it listens on: 127.0.0.1, or its bed host's address.
+    host: Ipv4Addr,
+    /// The network namespace it runs in, when on a bed host.
+    netns: Option<String>,
 }
 
 impl Redis {
@@ -44,7 +51,17 @@ impl Redis {
         Self::start_with(test, true)
     }
 
+    /// One on `host` of a multi-host test bed, listening on the host's address and port
+    /// 6379 (the namespace is its own), or `None` as for `start`.
+    pub fn start_on(test: &str, host: &Host) -> Option<Redis> {
+        Self::start_at(test, false, Some(host))
+    }
+
     fn start_with(test: &str, persistent: bool) -> Option<Redis> {
+        Self::start_at(test, persistent, None)
+    }
+
+    fn start_at(test: &str, persistent: bool, on: Option<&Host>) -> Option<Redis> {
         let Some(bin) = binary() else {
             let why = "redis-server not installed (scripts/test installs redis-server)";
             assert!(!peers_required(), "{test}: real Redis required but {why}");
@@ -56,18 +73,20 @@ impl Redis {
             .tempdir()
             .expect("temp dir");
         let mut r = Redis {
-            port: free_port(),
+            port: if on.is_some() { 6379 } else { free_port() },
             bin,
             child: None,
             dir,
             persistent,
+            host: on.map_or(Ipv4Addr::LOCALHOST, |h| h.addr),
+            netns: on.map(|h| h.ns.clone()),
         };
         r.spawn();
         Some(r)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}:{}/", self.host, self.port)
     }
 
     pub fn dir(&self) -> &Path {
@@ -76,9 +95,13 @@ impl Redis {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(ns) = &self.netns {
+            netns::enter(&mut cmd, ns);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+            .args(["--bind", &self.host.to_string()])
             .args(["--save", ""])
             .args(if self.persistent {
                 ["--appendonly", "yes", "--appendfsync", "always"]
@@ -108,7 +131,12 @@ impl Redis {
 
     /// Whether the server answers PING.
     pub fn answers(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let addr = SocketAddr::from((self.host, self.port));
+        let conn = match &self.netns {
+            Some(ns) => netns::try_connect(ns, addr, Duration::from_millis(500)),
+            None => TcpStream::connect(addr),
+        };
+        let Ok(mut s) = conn else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
