@@ -132,9 +132,9 @@ impl RawStore {
             [] => {
                 p.at(
                     &["store", "backend"],
-                    "the redis backend needs its server in [store]: url = \"redis://host:6379\", \
-                     or sentinels = [\"host:26379\", ...] with master_name, or cluster_nodes = \
-                     [\"host:6379\", ...]"
+                    "the redis backend needs the server's url in [store] (url = \
+                     \"redis://host:6379\"), or sentinels = [\"host:26379\", ...] with \
+                     master_name, or cluster_nodes = [\"host:6379\", ...]"
                         .into(),
                 );
                 RedisTopology::Single
@@ -158,7 +158,7 @@ impl RawStore {
                 },
                 _ => {
                     p.at(
-                        &["store", "master_name"],
+                        &["store", "sentinels"],
                         "sentinels needs master_name: the name the sentinels monitor the master \
                          under (sentinel monitor <master_name> ...)"
                             .into(),

@@ -474,15 +474,10 @@ impl RedisStore {
     pub async fn check(&self) -> Result<String, StoreError> {
         let info: String = self
             .run(async |conn| {
-                let _: String = redis::cmd("PING")
-                    .query_async(conn)
-                    .await
-                    .map_err(classify)?;
-                redis::cmd("INFO")
-                    .arg("server")
-                    .query_async(conn)
-                    .await
-                    .map_err(classify)
+                let _: String = on_one_node(conn, redis::cmd("PING")).await?;
+                let mut info = redis::cmd("INFO");
+                info.arg("server");
+                on_one_node(conn, info).await
             })
             .await?;
         let field = |name: &str| {
@@ -622,11 +617,9 @@ impl RedisStore {
         }
         let text: String = self
             .run(async |conn| {
-                redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(conn)
-                    .await
-                    .map_err(classify)
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("NODES");
+                on_one_node(conn, cmd).await
             })
             .await?;
         let mut masters = cluster_masters(&text);
@@ -1038,6 +1031,23 @@ fn scanned_entry(kind: EntryKind, key: &[u8], value: Option<&[u8]>) -> Option<En
             })
         }
     }
+}
+
+/// The answer of one server to `cmd` (in a cluster, of any node: commands without a key
+/// would otherwise go to every node).
+async fn on_one_node<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    cmd: redis::Cmd,
+) -> Result<T, StoreError> {
+    let value = match conn {
+        Conn::One(c) => cmd.query_async(c).await,
+        Conn::Cluster(c) => {
+            c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+                .await
+        }
+    }
+    .map_err(classify)?;
+    redis::from_redis_value(value).map_err(|e| StoreError::Backend(format!("redis: {e}")))
 }
 
 /// The masters of a cluster (`host:port`) in a `CLUSTER NODES` answer: one line per node,

@@ -23,6 +23,7 @@ mod policy;
 mod postfix;
 mod privacy;
 mod probe_batch;
+mod redis_ha;
 mod release;
 mod simulate;
 mod slots;

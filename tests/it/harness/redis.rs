@@ -30,6 +30,12 @@ pub struct Redis {
     /// Keeps an append-only file synced at every write, so that a killed server comes
     /// back with everything it acknowledged.
     persistent: bool,
+    /// More arguments for `redis-server` (a replica, a cluster node, TLS).
+    extra: Vec<String>,
+    /// A sentinel: `redis-server <this file> --sentinel`.
+    sentinel_conf: Option<PathBuf>,
+    /// The TLS port (the plain `port` is then 0).
+    pub tls_port: Option<u16>,
 }
 
 impl Redis {
@@ -45,6 +51,67 @@ impl Redis {
     }
 
     fn start_with(test: &str, persistent: bool) -> Option<Redis> {
+        Self::start_full(test, persistent, Vec::new(), None, None)
+    }
+
+    /// A server started with more `redis-server` arguments (e.g. `--replicaof`).
+    pub fn start_args(test: &str, extra: &[String]) -> Option<Redis> {
+        Self::start_full(test, false, extra.to_vec(), None, None)
+    }
+
+    /// A cluster node (cluster-enabled, its bus on a free port of its own); the cluster
+    /// is made with `redis-cli --cluster create` (see `RedisCluster`).
+    pub fn start_cluster_node(test: &str) -> Option<Redis> {
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-port",
+            &free_port().to_string(),
+        ];
+        Self::start_args(test, &extra.map(String::from))
+    }
+
+    /// A server answering TLS only (`tls-port`, plain port 0) with `cert`/`key`.
+    pub fn start_tls(test: &str, cert: &Path, key: &Path, ca: &Path) -> Option<Redis> {
+        let port = free_port();
+        let extra = vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        Self::start_full(test, false, extra, None, Some(port))
+    }
+
+    /// A sentinel watching `master_port` as `mymaster` (quorum 2), quick to act:
+    /// down after 500 ms, failover timeout 3 s.
+    pub fn start_sentinel(test: &str, master_port: u16) -> Option<Redis> {
+        let conf = format!(
+            "sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds mymaster 500\n\
+             sentinel failover-timeout mymaster 3000\n\
+             sentinel parallel-syncs mymaster 1\n"
+        );
+        Self::start_full(test, false, Vec::new(), Some(conf), None)
+    }
+
+    fn start_full(
+        test: &str,
+        persistent: bool,
+        extra: Vec<String>,
+        sentinel_conf: Option<String>,
+        tls_port: Option<u16>,
+    ) -> Option<Redis> {
         let Some(bin) = binary() else {
             let why = "redis-server not installed (scripts/test installs redis-server)";
             assert!(!peers_required(), "{test}: real Redis required but {why}");
@@ -55,12 +122,21 @@ impl Redis {
             .prefix("gg-redis-")
             .tempdir()
             .expect("temp dir");
+        // Sentinel rewrites its file: it lives beside the server's other files.
+        let sentinel_conf = sentinel_conf.map(|c| {
+            let path = dir.path().join("sentinel.conf");
+            std::fs::write(&path, c).expect("sentinel.conf");
+            path
+        });
         let mut r = Redis {
-            port: free_port(),
+            port: if tls_port.is_some() { 0 } else { free_port() },
             bin,
             child: None,
             dir,
             persistent,
+            extra,
+            sentinel_conf,
+            tls_port,
         };
         r.spawn();
         Some(r)
@@ -76,7 +152,11 @@ impl Redis {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(conf) = &self.sentinel_conf {
+            cmd.arg(conf).arg("--sentinel");
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -88,6 +168,7 @@ impl Redis {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(Stdio::null())
@@ -95,7 +176,7 @@ impl Redis {
             .expect("spawn redis-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
+        while !self.ready() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer on port {}:\n{}",
@@ -104,6 +185,26 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the server is up: answers PING, or (TLS only) says so in its log.
+    fn ready(&self) -> bool {
+        if self.tls_port.is_some() {
+            return std::fs::read_to_string(self.dir.path().join("redis.log"))
+                .is_ok_and(|l| l.contains("Ready to accept connections"));
+        }
+        self.answers()
+    }
+
+    /// Runs `redis-cli -p <port> <args>` (plain ports only) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("/usr/bin/redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
     /// Whether the server answers PING.
