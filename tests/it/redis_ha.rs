@@ -219,7 +219,11 @@ fn sentinel_failover_under_load_is_followed() {
     // Followed once a new triplet is greylisted again (written on the new master).
     let mut probe = d.client();
     let mut n = 0;
+    let mut promoted = None;
     let followed = loop {
+        if promoted.is_none() && set.named_master() != old_master {
+            promoted = Some(killed.elapsed());
+        }
         n += 1;
         let req = rcpt_request("203.0.113.1", &format!("probe{n}@x"), "r@example.org");
         if is_defer(&probe.ask(&req)) {
@@ -274,8 +278,9 @@ fn sentinel_failover_under_load_is_followed() {
     }
     d.expect_log("greylisting resumes");
     eprintln!(
-        "{test}: {} requests, {during} while following; greylisting back {followed:?} after \
-         the master was killed (sentinel down-after 500 ms, failover-timeout 3 s)",
+        "{test}: {} requests, {during} while following; the sentinels named the new master \
+         {promoted:?} and greylisting was back {followed:?} after the master was killed \
+         (sentinel down-after 500 ms, failover-timeout 3 s)",
         seen.len()
     );
 }
