@@ -17,8 +17,9 @@
 //! with `[store] hash_addresses` (the SHA-256 of the key name is not keyed: it hides
 //! nothing from someone who can guess a triplet).
 //!
-//! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to (in a
-//! Cluster: of that node only). SCAN may return a key more than once in a walk (when Redis
+//! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to; in a
+//! Cluster, of each master in turn (listed by `CLUSTER NODES`, sorted by address; the
+//! cursor names the node walked). SCAN may return a key more than once in a walk (when Redis
 //! resizes its table meanwhile); a page never holds a key twice, but a walk may list a
 //! record on two pages. A SCAN batch with more matches than the page takes leaves the rest
 //! in the cursor, so no batch is cut short and SCAN's guarantee holds: every record that
@@ -34,7 +35,15 @@
 //! Within one process, updates of one key also take a striped lock first, so the retries
 //! only ever race other hosts, never the requests of this one.
 //!
-//! All requests share one multiplexed connection, made on first use. A connection that
+//! The server is one of three set-ups (`RedisTopology`): one server at a URL; the master
+//! that Redis Sentinel names, asked afresh at every (re)connection, so that a failover is
+//! followed once the connection to the old master fails or is refused a write
+//! (`READONLY`); or a Redis Cluster, whose client routes each key to its slot's master and
+//! follows `MOVED`/`ASK` itself. TLS (`rediss://`) verifies the server against
+//! `tls_ca_file` or the system's roots.
+//!
+//! All requests share one multiplexed connection (in a cluster: one per node),
+//! made on first use. A connection that
 //! fails or stops answering is dropped at once (a silently dead TCP connection would
 //! otherwise be kept until the kernel gives up on it) and the next admitted operation
 //! connects afresh; while the server is down the breaker (`breaker.rs`) answers for it and

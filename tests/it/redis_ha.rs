@@ -349,9 +349,14 @@ impl ClusterSet {
         let nodes: Vec<Redis> = (0..3)
             .map(|_| Redis::start_cluster_node(test))
             .collect::<Option<_>>()?;
+        Some(Self::start_from(nodes))
+    }
+
+    /// Makes one cluster of `nodes` (started with `Redis::cluster_args`).
+    fn start_from(nodes: Vec<Redis>) -> ClusterSet {
         let addrs: Vec<String> = nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
             .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
@@ -363,7 +368,7 @@ impl ClusterSet {
                 n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
             });
         }
-        Some(ClusterSet { nodes })
+        ClusterSet { nodes }
     }
 
     fn topology(&self) -> RedisTopology {
@@ -572,8 +577,9 @@ fn test_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     );
     std::fs::write(
         dir.join(f("ext.cnf")),
+        // clientAuth too: a TLS cluster's nodes present it to each other on the bus.
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         extendedKeyUsage=serverAuth\n",
+         extendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
     openssl(
@@ -684,6 +690,62 @@ fn rediss_is_verified_against_tls_ca_file() {
         "the log says why:\n{}",
         d.log()
     );
+}
+
+// Done when: TLS to a cluster (rediss:// entries, tls_ca_file), with the servers'
+// password from `password`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_over_tls_with_a_password() {
+    let test = "cluster_over_tls_with_a_password";
+    const PASSWORD: &str = "s3cret-cluster";
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, cert_key) = test_ca(certs.path(), "good");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut args = Redis::cluster_args();
+        args.extend(
+            [
+                "--tls-cluster",
+                "yes",
+                "--requirepass",
+                PASSWORD,
+                "--masterauth",
+                PASSWORD,
+            ]
+            .map(String::from),
+        );
+        let Some(mut node) = Redis::start_tls_with(test, &cert, &cert_key, &ca, &args) else {
+            return;
+        };
+        node.cli_password(PASSWORD);
+        nodes.push(node);
+    }
+    let cluster = ClusterSet::start_from(nodes);
+    let first = format!("rediss://127.0.0.1:{}", cluster.nodes[0].tls_port.unwrap());
+    let topology = |password: &str| RedisTopology::Cluster {
+        nodes: vec![first.clone()],
+        auth: RedisAuth {
+            username: None,
+            password: Some(password.into()),
+        },
+    };
+    let store =
+        RedisStore::with_server(&server(topology(PASSWORD), "", Some(&ca)), 5 * SECOND).unwrap();
+    let who = store.check().await.unwrap();
+    assert!(who.contains("cluster of 3 masters"), "{who}");
+    let now = unix_now();
+    for n in 0..60 {
+        put(&store, &key(n), now).await.unwrap();
+    }
+    let listed = conformance::scan_all(&store, EntryKind::Triplets, 9, now, &|_| true).await;
+    assert_eq!(listed.len(), 60);
+    for node in &cluster.nodes {
+        let size: u32 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(size > 0, "keys on every master over TLS");
+    }
+    let wrong =
+        RedisStore::with_server(&server(topology("wrong"), "", Some(&ca)), 2 * SECOND).unwrap();
+    assert!(wrong.check().await.is_err(), "a wrong password is refused");
 }
 
 // Done when: check-config names the mode and explains mistakes in the new keys.

@@ -36,6 +36,8 @@ pub struct Redis {
     sentinel_conf: Option<PathBuf>,
     /// The TLS port (the plain `port` is then 0).
     pub tls_port: Option<u16>,
+    /// How `cli` reaches the server (`-p <port>`, or the TLS port with its CA) and logs in.
+    cli_args: Vec<String>,
 }
 
 impl Redis {
@@ -62,7 +64,12 @@ impl Redis {
     /// A cluster node (cluster-enabled, its bus on a free port of its own); the cluster
     /// is made with `redis-cli --cluster create` (see `RedisCluster`).
     pub fn start_cluster_node(test: &str) -> Option<Redis> {
-        let extra = [
+        Self::start_args(test, &Self::cluster_args())
+    }
+
+    /// The arguments of a cluster node.
+    pub fn cluster_args() -> Vec<String> {
+        [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -71,14 +78,26 @@ impl Redis {
             "2000",
             "--cluster-port",
             &free_port().to_string(),
-        ];
-        Self::start_args(test, &extra.map(String::from))
+        ]
+        .map(String::from)
+        .into()
     }
 
     /// A server answering TLS only (`tls-port`, plain port 0) with `cert`/`key`.
     pub fn start_tls(test: &str, cert: &Path, key: &Path, ca: &Path) -> Option<Redis> {
+        Self::start_tls_with(test, cert, key, ca, &[])
+    }
+
+    /// As `start_tls`, with more `redis-server` arguments.
+    pub fn start_tls_with(
+        test: &str,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        more: &[String],
+    ) -> Option<Redis> {
         let port = free_port();
-        let extra = vec![
+        let mut extra = vec![
             "--tls-port".into(),
             port.to_string(),
             "--tls-cert-file".into(),
@@ -90,7 +109,19 @@ impl Redis {
             "--tls-auth-clients".into(),
             "no".into(),
         ];
-        Self::start_full(test, false, extra, None, Some(port))
+        extra.extend_from_slice(more);
+        let mut r = Self::start_full(test, false, extra, None, Some(port))?;
+        r.cli_args = ["-p", &port.to_string(), "--tls", "--cacert"]
+            .map(String::from)
+            .into();
+        r.cli_args.push(ca.display().to_string());
+        Some(r)
+    }
+
+    /// `cli` logs in with `password` from now on.
+    pub fn cli_password(&mut self, password: &str) {
+        self.cli_args
+            .extend(["-a", password, "--no-auth-warning"].map(String::from));
     }
 
     /// A sentinel watching `master_port` as `mymaster` (quorum 2), quick to act:
@@ -137,6 +168,7 @@ impl Redis {
             extra,
             sentinel_conf,
             tls_port,
+            cli_args: Vec::new(),
         };
         r.spawn();
         Some(r)
@@ -196,10 +228,18 @@ impl Redis {
         self.answers()
     }
 
-    /// Runs `redis-cli -p <port> <args>` (plain ports only) and returns its output.
+    /// Runs `redis-cli -p <port> <args>` (or over TLS, see `cli_args`) and returns its
+    /// output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("/usr/bin/redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+        // Bounded: `--cluster create` waits for the cluster to join as long as it takes.
+        let mut cmd = Command::new("/usr/bin/timeout");
+        cmd.args(["30", "/usr/bin/redis-cli", "-h", "127.0.0.1"]);
+        if self.cli_args.is_empty() {
+            cmd.args(["-p", &self.port.to_string()]);
+        } else {
+            cmd.args(&self.cli_args);
+        }
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
