@@ -748,6 +748,56 @@ async fn cluster_over_tls_with_a_password() {
     assert!(wrong.check().await.is_err(), "a wrong password is refused");
 }
 
+// Done when: TLS to the sentinels and to the master they name (rediss:// entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_names_a_tls_master() {
+    let test = "sentinel_over_tls_names_a_tls_master";
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, cert_key) = test_ca(certs.path(), "good");
+    let Some(master) = Redis::start_tls_with(
+        test,
+        &cert,
+        &cert_key,
+        &ca,
+        &["--tls-replication".into(), "yes".into()],
+    ) else {
+        return;
+    };
+    let master_port = master.tls_port.unwrap();
+    let sentinel =
+        Redis::start_sentinel_tls(test, master_port, &cert, &cert_key, &ca).expect("sentinel");
+    wait_for("the sentinel to see the master", 15 * SECOND, || {
+        sentinel
+            .cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"])
+            .contains(&master_port.to_string())
+    });
+    let topology = RedisTopology::Sentinel {
+        sentinels: vec![format!("rediss://127.0.0.1:{}", sentinel.tls_port.unwrap())],
+        master_name: "mymaster".into(),
+        auth: RedisAuth::default(),
+    };
+    let store =
+        RedisStore::with_server(&server(topology.clone(), "", Some(&ca)), 5 * SECOND).unwrap();
+    let who = store.check().await.unwrap();
+    assert!(
+        who.contains(&format!(
+            "sentinel master mymaster at 127.0.0.1:{master_port}"
+        )),
+        "{who}"
+    );
+    let now = unix_now();
+    put(&store, &key(1), now).await.unwrap();
+    assert_eq!(
+        master.cli(&["DBSIZE"]).trim(),
+        "1",
+        "the record, on the TLS master"
+    );
+    // The test CA is not among the system's roots: without tls_ca_file, refused.
+    let untrusted = RedisStore::with_server(&server(topology, "", None), 2 * SECOND).unwrap();
+    let err = untrusted.check().await.unwrap_err().to_string();
+    assert!(err.contains("not trusted"), "{err}");
+}
+
 // Done when: check-config names the mode and explains mistakes in the new keys.
 #[test]
 fn check_config_names_the_redis_set_up_and_its_mistakes() {

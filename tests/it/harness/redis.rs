@@ -136,6 +136,41 @@ impl Redis {
         Self::start_full(test, false, Vec::new(), Some(conf), None)
     }
 
+    /// A sentinel on a TLS port watching the TLS master at `master_port` as `mymaster`
+    /// (quorum 1), reaching it over TLS (`tls-replication`).
+    pub fn start_sentinel_tls(
+        test: &str,
+        master_port: u16,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+    ) -> Option<Redis> {
+        let conf = format!("sentinel monitor mymaster 127.0.0.1 {master_port} 1\n");
+        let port = free_port();
+        let extra = [
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert.display().to_string(),
+            "--tls-key-file",
+            &key.display().to_string(),
+            "--tls-ca-cert-file",
+            &ca.display().to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ]
+        .map(String::from)
+        .into();
+        let mut r = Self::start_full(test, false, extra, Some(conf), Some(port))?;
+        r.cli_args = ["-p", &port.to_string(), "--tls", "--cacert"]
+            .map(String::from)
+            .into();
+        r.cli_args.push(ca.display().to_string());
+        Some(r)
+    }
+
     fn start_full(
         test: &str,
         persistent: bool,
@@ -223,7 +258,10 @@ impl Redis {
     fn ready(&self) -> bool {
         if self.tls_port.is_some() {
             return std::fs::read_to_string(self.dir.path().join("redis.log"))
-                .is_ok_and(|l| l.contains("Ready to accept connections"));
+                // A sentinel says who it is instead.
+                .is_ok_and(|l| {
+                    l.contains("Ready to accept connections") || l.contains("Sentinel ID is")
+                });
         }
         self.answers()
     }
