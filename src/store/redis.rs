@@ -502,10 +502,12 @@ impl RedisStore {
         Ok(match &self.connector {
             Connector::One(_) => who,
             Connector::Sentinel(client) => {
-                let master = client.lock().await.async_get_client().await.map_or_else(
-                    |_| "?".to_owned(),
-                    |c| c.get_connection_info().addr().to_string(),
-                );
+                // Asked again for the answer (bounded like any operation).
+                let ask = async { client.lock().await.async_get_client().await };
+                let master = match tokio::time::timeout(self.timeout, ask).await {
+                    Ok(Ok(c)) => c.get_connection_info().addr().to_string(),
+                    _ => "?".to_owned(),
+                };
                 let name = self.shown.trim_start_matches("redis sentinel master ");
                 format!("{who} (sentinel master {name} at {master})")
             }

@@ -722,15 +722,16 @@ async fn cluster_over_tls_with_a_password() {
     }
     let cluster = ClusterSet::start_from(nodes);
     let first = format!("rediss://127.0.0.1:{}", cluster.nodes[0].tls_port.unwrap());
-    let topology = |password: &str| RedisTopology::Cluster {
+    let topology = |username: Option<&str>, password: &str| RedisTopology::Cluster {
         nodes: vec![first.clone()],
         auth: RedisAuth {
-            username: None,
+            username: username.map(String::from),
             password: Some(password.into()),
         },
     };
     let store =
-        RedisStore::with_server(&server(topology(PASSWORD), "", Some(&ca)), 5 * SECOND).unwrap();
+        RedisStore::with_server(&server(topology(None, PASSWORD), "", Some(&ca)), 5 * SECOND)
+            .unwrap();
     let who = store.check().await.unwrap();
     assert!(who.contains("cluster of 3 masters"), "{who}");
     let now = unix_now();
@@ -743,9 +744,17 @@ async fn cluster_over_tls_with_a_password() {
         let size: u32 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
         assert!(size > 0, "keys on every master over TLS");
     }
-    let wrong =
-        RedisStore::with_server(&server(topology("wrong"), "", Some(&ca)), 2 * SECOND).unwrap();
-    assert!(wrong.check().await.is_err(), "a wrong password is refused");
+    // The ACL user goes with the password: `default` is the user requirepass sets.
+    for (username, password, works) in [
+        (Some("default"), PASSWORD, true),
+        (Some("nobody"), PASSWORD, false),
+        (None, "wrong", false),
+    ] {
+        let s = server(topology(username, password), "", Some(&ca));
+        let store = RedisStore::with_server(&s, 2 * SECOND).unwrap();
+        let answer = store.check().await;
+        assert_eq!(answer.is_ok(), works, "{username:?}/{password}: {answer:?}");
+    }
 }
 
 // Done when: TLS to the sentinels and to the master they name (rediss:// entries).
