@@ -306,6 +306,30 @@ async fn sentinel_switchover_leaves_a_read_only_old_master() {
         )),
         "{who}"
     );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("greygate.toml");
+    let list = set
+        .addrs()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        &cfg,
+        format!("[store]\nbackend = \"redis\"\nsentinels = [{list}]\nmaster_name = \"mymaster\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--connect",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("(sentinel master mymaster at 127.0.0.1:"),
+        "{out}"
+    );
     let now = unix_now();
     put(&store, &key(1), now).await.unwrap();
     // A failover the old master lives through: it becomes a replica and refuses writes.
@@ -398,6 +422,28 @@ async fn cluster_spreads_keys_lists_across_nodes_and_follows_a_migration() {
     let store = Arc::new(cluster.store());
     let who = store.check().await.unwrap();
     assert!(who.contains("cluster of 3 masters"), "{who}");
+    // The same through the configuration: check-config --connect names the set-up.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("greygate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\nbackend = \"redis\"\ncluster_nodes = [\"127.0.0.1:{}\"]\n",
+            cluster.nodes[1].port
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--connect",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("store server answered: Redis ") && out.contains("(cluster of 3 masters)"),
+        "{out}"
+    );
     let now = unix_now();
     const N: usize = 300;
     for n in 0..N {
@@ -512,7 +558,7 @@ async fn cluster_spreads_keys_lists_across_nodes_and_follows_a_migration() {
     eprintln!("{test}: {ok} operations during the migration of slot {slot}, none failed");
 }
 
-// The store conformance suite on a cluster.
+// The store conformance suite on a cluster (plain and hashed addresses, the mode key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_store_conformance() {
     let Some(cluster) = ClusterSet::start("cluster_store_conformance") else {
@@ -520,6 +566,11 @@ async fn cluster_store_conformance() {
     };
     conformance::run_with(Arc::new(cluster.store()), Expiry::ServerTtl).await;
     conformance::scan_examines_a_bounded_number(&cluster.store()).await;
+    // The address-mode key and hashed addresses, on a cluster emptied first.
+    for node in &cluster.nodes {
+        assert!(node.cli(&["FLUSHALL"]).contains("OK"));
+    }
+    conformance::run_hashed(Arc::new(cluster.store())).await;
 }
 
 // ---------------------------------------------------------------- TLS
