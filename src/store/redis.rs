@@ -256,11 +256,21 @@ enum Connector {
 
 /// The parsed entry of a `sentinels` or `cluster_nodes` list: `host:port`,
 /// `redis://host:port` or `rediss://host:port` (TLS), without credentials or database.
-fn node_addr(entry: &str) -> Result<ConnectionAddr, String> {
-    let url = if entry.contains("://") {
-        entry.to_owned()
+fn node_addr(raw: &str) -> Result<ConnectionAddr, String> {
+    // Error messages quote the entry: never with credentials.
+    let entry = &match raw.split_once("://") {
+        Some((scheme, rest)) if rest.contains('@') => {
+            format!(
+                "{scheme}://***@{}",
+                rest.rsplit_once('@').map_or("", |(_, h)| h)
+            )
+        }
+        _ => raw.to_owned(),
+    };
+    let url = if raw.contains("://") {
+        raw.to_owned()
     } else {
-        format!("redis://{entry}")
+        format!("redis://{raw}")
     };
     let info = url
         .as_str()
@@ -1157,6 +1167,71 @@ mod tests {
         assert_eq!(ttl_for(1_000_000 + 5, 1_000_000), Some(MIN_TTL));
         assert_eq!(ttl_for(10, 1_000_000), Some(MIN_TTL), "already dead");
         assert_eq!(ttl_for(u64::MAX - 1, 1_000_000), None, "beyond MAX_TTL");
+    }
+
+    #[test]
+    fn cluster_masters_are_read_from_cluster_nodes() {
+        let text = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 :0@0 master,noaddr - 0 0 0 disconnected
+";
+        assert_eq!(cluster_masters(text), ["127.0.0.1:7001", "127.0.0.1:7002"]);
+    }
+
+    #[test]
+    fn cluster_cursors_name_their_node_and_survive_its_departure() {
+        let nodes = [
+            Some("127.0.0.1:7001".to_owned()),
+            Some("127.0.0.1:7003".to_owned()),
+        ];
+        let c = format_scan_cursor(
+            Some("127.0.0.1:7003"),
+            42,
+            &[b"gg:t:{ab}".to_vec()],
+            "gg:t:",
+        );
+        assert_eq!(
+            parse_scan_cursor(&c, "gg:t:", &nodes).unwrap(),
+            (1, 42, vec![b"gg:t:{ab}".to_vec()])
+        );
+        // 7002 is gone: the walk goes on with the next node in order, from its start.
+        assert_eq!(
+            parse_scan_cursor("127.0.0.1:7002/9", "gg:t:", &nodes).unwrap(),
+            (1, 0, vec![])
+        );
+        assert_eq!(
+            parse_scan_cursor("127.0.0.1:7009/9", "gg:t:", &nodes).unwrap(),
+            (2, 0, vec![]),
+            "past the last node: done"
+        );
+        // A one-server cursor on a cluster, and the other way round, are refused.
+        assert!(parse_scan_cursor("42", "gg:t:", &nodes).is_err());
+        assert!(parse_scan_cursor("127.0.0.1:7001/4", "gg:t:", &[None]).is_err());
+        assert_eq!(
+            parse_scan_cursor("7", "gg:t:", &[None]).unwrap(),
+            (0, 7, vec![])
+        );
+    }
+
+    #[test]
+    fn node_lists_take_host_port_or_redis_urls_without_credentials() {
+        assert!(check_nodes(&["10.0.0.1:26379".into(), "redis://[::1]:26379".into()]).is_ok());
+        assert!(check_nodes(&["rediss://a:1".into(), "rediss://b:2".into()]).is_ok());
+        let mixed = check_nodes(&["a:1".into(), "rediss://b:2".into()]).unwrap_err();
+        assert!(mixed.contains("TLS is for all nodes or none"), "{mixed}");
+        let creds = check_nodes(&["redis://:pw@a:1".into()]).unwrap_err();
+        assert!(
+            creds.contains("username and password") && !creds.contains("pw@"),
+            "{creds}"
+        );
+        assert!(
+            check_nodes(&["redis://a:1/3".into()]).is_err(),
+            "no database"
+        );
+        assert!(check_nodes(&["unix:///run/redis.sock".into()]).is_err());
     }
 
     #[test]

@@ -924,6 +924,7 @@ fn check_config_names_the_redis_set_up_and_its_mistakes() {
             err.contains(&format!("greygate.toml:{line}:")) && err.contains(fragment),
             "{text:?}: {err}"
         );
+        assert!(!err.contains("pw@"), "never the password: {err}");
     }
     std::fs::write(&cfg, "[store]\nsentinels = [\"h:26379\"]\n").unwrap();
     let (code, _, err) = run_cli(&["check-config", "--config", cfg_arg]);
