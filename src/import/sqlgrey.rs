@@ -324,9 +324,11 @@ impl Source {
     pub fn shown(&self) -> String {
         match self {
             Source::Postgres(url) => crate::store::ServerStore {
+                redis: crate::store::RedisTopology::Single,
                 url: url.clone(),
                 pool_size: 1,
                 connect_timeout: Duration::ZERO,
+                tls_ca_file: None,
             }
             .redacted_url(),
             Source::Sqlite(path) => format!("sqlite:{}", path.display()),

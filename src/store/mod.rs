@@ -25,7 +25,7 @@ pub use embedded::{EmbeddedReader, EmbeddedStore, Verified, verify};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use redis::RedisStore;
-pub use spec::{Access, ServerStore, StoreKind, StoreSpec, check, open};
+pub use spec::{Access, RedisAuth, RedisTopology, ServerStore, StoreKind, StoreSpec, check, open};
 
 /// An atomic read-modify-write step: gets the current record (if any) and returns the record
 /// to store, or `None` to leave the store as it is. It may run more than once (optimistic

@@ -554,9 +554,11 @@ fn check_config_explains_store_setting_mistakes() {
 fn store_urls_are_shown_without_passwords() {
     let shown = |url: &str| {
         greygate::store::ServerStore {
+            redis: greygate::store::RedisTopology::Single,
             url: url.into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
+            tls_ca_file: None,
         }
         .to_string()
     };
@@ -576,9 +578,11 @@ fn store_urls_are_shown_without_passwords() {
     let debug = format!(
         "{:?}",
         greygate::store::ServerStore {
+            redis: greygate::store::RedisTopology::Single,
             url: "postgres://gg:s3cret@db/gg".into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
+            tls_ca_file: None,
         }
     );
     assert!(!debug.contains("s3cret"), "{debug}");

@@ -24,6 +24,7 @@ mod policy;
 mod postfix;
 mod privacy;
 mod probe_batch;
+mod redis_ha;
 mod release;
 mod shared_entries;
 mod simulate;
