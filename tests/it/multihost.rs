@@ -16,6 +16,7 @@ use crate::admin::{Http, TOKEN, scrape};
 use crate::harness::netns::{self, Bed};
 use crate::harness::postgres::Postgres;
 use crate::harness::redis::Redis;
+use crate::harness::shared::{Kind, Server};
 use crate::harness::{Daemon, DaemonConfig, PolicyClient, rcpt_request};
 
 /// The daemons' `[store] timeout`: no answer may wait longer (plus [`SLACK`]).
@@ -29,34 +30,6 @@ const PARTITION: Duration = Duration::from_secs(3);
 /// The store breaker retries at least every 2 s: after the link returns, greylisting is back
 /// within that, one store timeout and slack.
 const REJOIN_LIMIT: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Redis,
-    Postgres,
-}
-
-/// The store server of a bed.
-enum Server {
-    Redis(Redis),
-    Postgres(Postgres),
-}
-
-impl Server {
-    fn url(&self) -> String {
-        match self {
-            Server::Redis(r) => r.url(),
-            Server::Postgres(p) => p.url(),
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Server::Redis(_) => "redis",
-            Server::Postgres(_) => "postgres",
-        }
-    }
-}
 
 /// A bed with its store server and a daemon on each MX host. Fields drop in order: the
 /// daemons, then the server, then the bed's namespaces.

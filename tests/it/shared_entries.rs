@@ -12,8 +12,7 @@ use serde_json::json;
 
 use crate::admin::{Http, TOKEN};
 use crate::harness::postfix::free_port;
-use crate::harness::postgres::Postgres;
-use crate::harness::redis::Redis;
+use crate::harness::shared::{Kind, Server};
 use crate::harness::{Daemon, DaemonConfig, PolicyClient, connect_from, rcpt_request, run_cli};
 
 /// The most an entry may take to reach the other daemon (the issue's figure); the daemons
@@ -21,69 +20,24 @@ use crate::harness::{Daemon, DaemonConfig, PolicyClient, connect_from, rcpt_requ
 const PROPAGATION: Duration = Duration::from_secs(5);
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Redis,
-    Postgres,
+/// The configuration of a daemon on `server`: entries file in `dir`, admin token, `extra`.
+fn site_toml(server: &Server, dir: &Path, extra: &str) -> String {
+    format!(
+        "hostname = \"mx.test.invalid\"\n\n[greylist]\ndelay = 300\n\n[store]\n\
+         backend = \"{}\"\nurl = \"{}\"\ntimeout = \"{}ms\"\n\n[admin]\ntoken = \"{TOKEN}\"\n\
+         entries_file = \"{}\"\n\n{extra}",
+        server.backend(),
+        server.url(),
+        STORE_TIMEOUT.as_millis(),
+        dir.join("entries.json").display()
+    )
 }
 
-enum Server {
-    Redis(Redis),
-    Postgres(Postgres),
-}
-
-impl Server {
-    /// Redis with an append-only file, so that a killed server comes back with the entries.
-    fn start(kind: Kind, test: &str) -> Option<Server> {
-        match kind {
-            Kind::Redis => Redis::start_persistent(test).map(Server::Redis),
-            Kind::Postgres => Postgres::start(test).map(Server::Postgres),
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Server::Redis(_) => "redis",
-            Server::Postgres(_) => "postgres",
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Server::Redis(r) => r.url(),
-            Server::Postgres(p) => p.url(),
-        }
-    }
-
-    fn crash(&mut self) {
-        match self {
-            Server::Redis(r) => r.kill(),
-            Server::Postgres(p) => p.crash(),
-        }
-    }
-
-    fn revive(&mut self) {
-        match self {
-            Server::Redis(r) => r.restart(),
-            Server::Postgres(p) => p.start_again(),
-        }
-    }
-
-    fn toml(&self, dir: &Path, extra: &str) -> String {
-        format!(
-            "hostname = \"mx.test.invalid\"\n\n[greylist]\ndelay = 300\n\n[store]\n\
-             backend = \"{}\"\nurl = \"{}\"\ntimeout = \"{}ms\"\n\n[admin]\ntoken = \"{TOKEN}\"\n\
-             entries_file = \"{}\"\n\n{extra}",
-            self.backend(),
-            self.url(),
-            STORE_TIMEOUT.as_millis(),
-            dir.join("entries.json").display()
-        )
-    }
-
-    fn daemon(&self, dir: &Path) -> Daemon {
-        DaemonConfig::new(dir).toml(&self.toml(dir, "")).start()
-    }
+/// A daemon on `server` with the usual configuration.
+fn start_daemon(server: &Server, dir: &Path) -> Daemon {
+    DaemonConfig::new(dir)
+        .toml(&site_toml(server, dir, ""))
+        .start()
 }
 
 /// How long `cond` took to hold, asked every 100 ms; `None` if not within `limit`.
@@ -128,12 +82,12 @@ fn add(http: &Http, list: &str, body: serde_json::Value) -> serde_json::Value {
 }
 
 fn entries_reach_every_daemon(kind: Kind, test: &str) {
-    let Some(server) = Server::start(kind, test) else {
+    let Some(server) = Server::start_persistent(kind, test) else {
         return;
     };
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.daemon(da.path());
-    let mut b = server.daemon(db.path());
+    let a = start_daemon(&server, da.path());
+    let mut b = start_daemon(&server, db.path());
     let (ha, hb) = (Http::new(&a), Http::new(&b));
     let (mut ca, mut cb) = (a.client(), b.client());
 
@@ -231,7 +185,7 @@ fn entries_reach_every_daemon(kind: Kind, test: &str) {
     // A restarted daemon has the entries before its first request.
     let (status, _) = b.terminate();
     assert!(status.success());
-    b = server.daemon(db.path());
+    b = start_daemon(&server, db.path());
     let mut cb = b.client();
     assert_eq!(cb.ask(&cli), "DUNNO", "allow kept across the restart");
     cb.ask(&spam);
@@ -252,11 +206,11 @@ fn postgres_runtime_entries_reach_every_daemon() {
 }
 
 fn store_down_keeps_the_entries(kind: Kind, test: &str) {
-    let Some(mut server) = Server::start(kind, test) else {
+    let Some(mut server) = Server::start_persistent(kind, test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let d = server.daemon(dir.path());
+    let d = start_daemon(&server, dir.path());
     let http = Http::new(&d);
     let mut c = d.client();
     add(
@@ -352,7 +306,7 @@ fn smtp_ask(
 /// A greytrap hit on A's SMTP front defers that client on B's policy front end.
 #[test]
 fn redis_greytrap_on_one_daemon_denies_on_the_other() {
-    let Some(server) = Server::start(
+    let Some(server) = Server::start_persistent(
         Kind::Redis,
         "redis_greytrap_on_one_daemon_denies_on_the_other",
     ) else {
@@ -361,10 +315,10 @@ fn redis_greytrap_on_one_daemon_denies_on_the_other() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let smtp = "[smtp]\npregreet_wait = \"0s\"\ntraps = [\"trap@example.org\"]\n";
     let a = DaemonConfig::new(da.path())
-        .toml(&server.toml(da.path(), smtp))
+        .toml(&site_toml(&server, da.path(), smtp))
         .smtp(&["127.0.0.1:0"], &format!("127.0.0.1:{}", free_port()))
         .start();
-    let b = server.daemon(db.path());
+    let b = start_daemon(&server, db.path());
     let mut cb = b.client();
 
     let trapped = Ipv4Addr::new(127, 0, 0, 3);
@@ -403,7 +357,7 @@ fn redis_greytrap_on_one_daemon_denies_on_the_other() {
 fn redis_imports_an_old_entries_file_into_an_empty_store_once() {
     use greygate::engine::{ListKind, Target};
     use greygate::service::RuntimeEntries;
-    let Some(server) = Server::start(
+    let Some(server) = Server::start_persistent(
         Kind::Redis,
         "redis_imports_an_old_entries_file_into_an_empty_store_once",
     ) else {
@@ -424,11 +378,11 @@ fn redis_imports_an_old_entries_file_into_an_empty_store_once() {
             )
             .unwrap();
     }
-    let a = server.daemon(da.path());
+    let a = start_daemon(&server, da.path());
     a.expect_log("runtime entries file imported into the store");
     assert!(da.path().join("entries.json.imported").exists());
     assert!(!da.path().join("entries.json").exists());
-    let b = server.daemon(db.path());
+    let b = start_daemon(&server, db.path());
     b.expect_log("runtime entries file ignored");
     assert!(db.path().join("entries.json").exists(), "left alone");
     let mut cb = b.client();

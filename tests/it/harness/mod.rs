@@ -12,6 +12,7 @@ pub mod postfix;
 pub mod postgres;
 pub mod postgrey;
 pub mod redis;
+pub mod shared;
 pub mod sqlgrey;
 
 use std::io::{BufRead, BufReader, Read, Write};
