@@ -79,6 +79,11 @@ async fn health(State(st): State<Arc<AdminState>>) -> Response {
         Some(h) if h.writes_failing => {
             (StatusCode::SERVICE_UNAVAILABLE, "store writes failing\n").into_response()
         }
+        Some(h) if h.server_unreachable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store server unreachable\n",
+        )
+            .into_response(),
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
     }
 }
@@ -232,8 +237,8 @@ async fn list_runtime(State(st): State<Arc<AdminState>>) -> Json<RuntimeList> {
     let now = unix_now();
     let entries = st
         .svc
-        .entries
-        .list()
+        .list_entries()
+        .await
         .into_iter()
         .filter(|e| e.alive(now))
         .collect();
@@ -256,6 +261,7 @@ fn entries_error(e: EntriesError) -> Response {
         EntriesError::Invalid { .. } | EntriesError::Full => StatusCode::BAD_REQUEST,
         EntriesError::NotFound { .. } => StatusCode::NOT_FOUND,
         EntriesError::Read { .. } | EntriesError::Write { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        EntriesError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }
@@ -277,6 +283,7 @@ async fn add_runtime(
     match st
         .svc
         .add_entry(list, a.target, &a.value, ttl, &a.comment, unix_now())
+        .await
     {
         Ok(e) => (StatusCode::CREATED, Json(e)).into_response(),
         Err(e) => entries_error(e),
@@ -288,22 +295,22 @@ async fn remove_runtime_by_value(
     Path(list): Path<String>,
     Query(q): Query<ValueQuery>,
 ) -> Response {
-    remove_runtime(&st, &list, Selector::Value(q.value))
+    remove_runtime(&st, &list, Selector::Value(q.value)).await
 }
 
 async fn remove_runtime_by_id(
     State(st): State<Arc<AdminState>>,
     Path((list, id)): Path<(String, u64)>,
 ) -> Response {
-    remove_runtime(&st, &list, Selector::Id(id))
+    remove_runtime(&st, &list, Selector::Id(id)).await
 }
 
-fn remove_runtime(st: &AdminState, list: &str, sel: Selector) -> Response {
+async fn remove_runtime(st: &AdminState, list: &str, sel: Selector) -> Response {
     let list = match list_kind(list) {
         Ok(l) => l,
         Err(r) => return *r,
     };
-    match st.svc.remove_entries(list, &sel, unix_now()) {
+    match st.svc.remove_entries(list, &sel, unix_now()).await {
         Ok(removed) => Json(Removed { removed }).into_response(),
         Err(e) => entries_error(e),
     }

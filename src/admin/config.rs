@@ -27,6 +27,8 @@ pub struct AdminConfig {
     pub token: TokenSource,
     pub token_for_reads: bool,
     pub entries_file: Option<PathBuf>,
+    /// How often a daemon of a shared store reads the entries' change marker.
+    pub entries_poll: Duration,
     pub max_connections: usize,
     /// Connections of one client address.
     pub max_connections_per_peer: usize,

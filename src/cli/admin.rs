@@ -744,12 +744,83 @@ fn selector(what: &str) -> Selector {
     }
 }
 
-/// The entries file a command edits when no daemon runs.
-fn entries_file(cfg: &Config) -> anyhow::Result<RuntimeEntries> {
+/// Where a command changes runtime entries when no daemon answers: the shared store
+/// (redis, postgres), or the entries file.
+enum OfflineEntries {
+    Store(std::sync::Arc<dyn store::Store>),
+    File(RuntimeEntries),
+}
+
+fn offline_entries(cfg: &Config) -> anyhow::Result<OfflineEntries> {
+    if matches!(
+        cfg.store.kind,
+        store::StoreKind::Redis(_) | store::StoreKind::Postgres(_)
+    ) {
+        return Ok(OfflineEntries::Store(store::open(
+            &cfg.store,
+            Access::Write,
+        )?));
+    }
     let Some(path) = &cfg.admin.entries_file else {
         bail!("no daemon answers and this store keeps runtime entries only in the daemon's memory");
     };
-    Ok(RuntimeEntries::load(path)?)
+    Ok(OfflineEntries::File(RuntimeEntries::load(path)?))
+}
+
+impl OfflineEntries {
+    fn shared(store: &dyn store::Store) -> anyhow::Result<&dyn store::SharedEntries> {
+        store
+            .shared_entries()
+            .ok_or_else(|| anyhow::anyhow!("this store does not keep runtime entries"))
+    }
+
+    fn add(
+        &self,
+        list: ListKind,
+        t: Target,
+        value: &str,
+        ttl: Option<u64>,
+        comment: &str,
+    ) -> anyhow::Result<RuntimeEntry> {
+        Ok(match self {
+            OfflineEntries::Store(s) => {
+                runtime()?.block_on(greygate::service::entries::add_shared(
+                    Self::shared(s.as_ref())?,
+                    list,
+                    t,
+                    value,
+                    ttl,
+                    comment,
+                    unix_now(),
+                ))?
+            }
+            OfflineEntries::File(f) => f.add(list, t, value, ttl, comment, unix_now())?,
+        })
+    }
+
+    fn remove(&self, list: ListKind, sel: &Selector) -> anyhow::Result<usize> {
+        Ok(match self {
+            OfflineEntries::Store(s) => runtime()?
+                .block_on(greygate::service::entries::remove_shared(
+                    Self::shared(s.as_ref())?,
+                    list,
+                    sel,
+                ))?
+                .len(),
+            OfflineEntries::File(f) => f.remove(list, sel)?.len(),
+        })
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<RuntimeEntry>> {
+        Ok(match self {
+            OfflineEntries::Store(s) => {
+                runtime()?
+                    .block_on(Self::shared(s.as_ref())?.list_entries())?
+                    .1
+            }
+            OfflineEntries::File(f) => f.list(),
+        })
+    }
 }
 
 fn runtime_text(entries: &[RuntimeEntry]) -> String {
@@ -797,18 +868,14 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
                 ttl: ttl_secs.map(|s| Dur(Duration::from_secs(s))),
                 comment,
             };
-            let e: RuntimeEntry =
-                match ask(&ctx, |c| c.post(&format!("/api/runtime/{name}"), &body))? {
-                    Some(e) => e,
-                    None => entries_file(&ctx.cfg)?.add(
-                        list,
-                        t,
-                        &body.value,
-                        ttl_secs,
-                        &body.comment,
-                        unix_now(),
-                    )?,
-                };
+            let e: RuntimeEntry = match ask(&ctx, |c| {
+                c.post(&format!("/api/runtime/{name}"), &body)
+            })? {
+                Some(e) => e,
+                None => {
+                    offline_entries(&ctx.cfg)?.add(list, t, &body.value, ttl_secs, &body.comment)?
+                }
+            };
             println!("{}", added_text(name, &e));
             Ok(ExitCode::SUCCESS)
         }
@@ -829,7 +896,7 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
             })?;
             let gone = match asked {
                 Some(r) => r.removed.len(),
-                None => entries_file(&ctx.cfg)?.remove(list, &sel)?.len(),
+                None => offline_entries(&ctx.cfg)?.remove(list, &sel)?,
             };
             println!(
                 "removed {gone} {name} entr{}",
@@ -847,8 +914,8 @@ pub fn runtime_entries(list: ListKind, a: RuntimeArgs) -> anyhow::Result<ExitCod
                 Some(r) => r.entries,
                 None => {
                     let now = unix_now();
-                    entries_file(&ctx.cfg)?
-                        .list()
+                    offline_entries(&ctx.cfg)?
+                        .list()?
                         .into_iter()
                         .filter(|e| e.alive(now))
                         .collect()

@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// New triplets each connection remembers for retries
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub retry_pool: usize,
+    /// Sender domains new triplets draw from, uniformly (each also names its own list
+    /// domain for bounces); with DNS facts on, each one's SPF is looked up once per cache
+    /// lifetime
+    #[arg(long, value_name = "N", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub domains: u64,
     /// Closed-loop generator threads (1: a single-threaded runtime, lightest on small machines)
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
@@ -124,6 +129,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             mix: args.mix,
             ipv6: args.ipv6,
             retry_pool: args.retry_pool,
+            domains: args.domains,
         },
         threads: args.threads,
         protocol: args.protocol,

@@ -11,6 +11,10 @@ use crate::admin::{AdminConfig, DEFAULT_ADMIN_LISTEN, TokenSource};
 use crate::dur::Dur;
 use crate::store::StoreKind;
 
+/// Bounds of `[admin] entries_poll`.
+const ENTRIES_POLL_MIN: Duration = Duration::from_millis(100);
+const ENTRIES_POLL_MAX: Duration = Duration::from_secs(60);
+
 /// `[admin]`: the HTTP API, Prometheus `/metrics` and the dashboard.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,9 +32,14 @@ pub struct RawAdmin {
     /// Also require the token for reads (stats, entries, explain, metrics, dashboard data).
     pub token_for_reads: bool,
     /// File that keeps runtime allow/deny entries across restarts. Default: beside the
-    /// embedded store (`<path>.entries.json`), /var/lib/greygate/runtime-entries.json for
-    /// redis and postgres, none (memory only) for the memory store.
+    /// embedded store (`<path>.entries.json`), none (memory only) for the memory store.
+    /// With redis and postgres the store keeps the entries for every daemon, and this file
+    /// (default /var/lib/greygate/runtime-entries.json) is only imported once, when the
+    /// store has no entries yet.
     pub entries_file: Option<PathBuf>,
+    /// With redis and postgres: how often a daemon looks whether the runtime entries in
+    /// the store changed (one small read), 100ms to 60s.
+    pub entries_poll: Dur,
     /// Concurrent admin connections. When reached, the connection idle longest (a
     /// keep-alive one, or one whose request has not arrived whole) is closed for the new
     /// one; a new one is closed at once only when every connection is answering.
@@ -50,6 +59,7 @@ impl Default for RawAdmin {
             token_file: None,
             token_for_reads: false,
             entries_file: None,
+            entries_poll: Dur(Duration::from_secs(1)),
             max_connections: 64,
             // A browser opens at most 6 connections to a host, a scraper and each CLI
             // command one: room for two dashboards and the scrapers, while one address
@@ -91,6 +101,12 @@ impl RawAdmin {
             p.at(
                 &["admin", "max_connections_per_peer"],
                 format!("max_connections_per_peer must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
+        if !(ENTRIES_POLL_MIN..=ENTRIES_POLL_MAX).contains(&self.entries_poll.0) {
+            p.at(
+                &["admin", "entries_poll"],
+                "entries_poll must be between 100ms and 60s".into(),
             );
         }
         if self.request_timeout.0.is_zero() {
@@ -136,6 +152,7 @@ impl RawAdmin {
                 }
                 _ => store.state_dir().map(|d| d.join("runtime-entries.json")),
             }),
+            entries_poll: self.entries_poll.0,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
             request_timeout: self.request_timeout.0,

@@ -10,7 +10,7 @@ use crate::dur::Dur;
 use crate::engine::AddressKeys;
 use crate::engine::privacy::MIN_SECRET_LEN;
 use crate::service::FailMode;
-use crate::store::{ServerStore, StoreKind, StoreSpec};
+use crate::store::{RedisAuth, RedisTopology, ServerStore, StoreKind, StoreSpec};
 
 /// `[store]`: the trust database.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +24,20 @@ pub struct RawStore {
     /// Server of the `redis` or `postgres` backend: `redis://[[user]:password@]host[:port][/db]`,
     /// `redis+unix:///path/to/socket`, `postgres://user[:password]@host[:port]/database`.
     pub url: String,
+    /// The `redis` backend through Redis Sentinel (instead of `url`): the sentinels to ask,
+    /// `host:port` (or `rediss://host:port` for TLS to the sentinels and the servers).
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under (with `sentinels`).
+    pub master_name: Option<String>,
+    /// The `redis` backend on a Redis Cluster (instead of `url`): some of its nodes,
+    /// `host:port` (or `rediss://host:port` for TLS).
+    pub cluster_nodes: Vec<String>,
+    /// ACL user for the Redis servers of `sentinels` or `cluster_nodes` (a single server's
+    /// goes in its `url`).
+    pub username: Option<String>,
+    /// Password for the Redis servers of `sentinels` or `cluster_nodes` (a single server's
+    /// goes in its `url`).
+    pub password: Option<String>,
     /// Most connections to the `postgres` server (the `redis` backend multiplexes one).
     pub pool_size: usize,
     /// How long one connection attempt to a `redis` or `postgres` server may take.
@@ -47,9 +61,9 @@ pub struct RawStore {
     /// A file holding the hashing secret (readable by its owner only; a trailing newline
     /// is not part of the secret).
     pub hash_secret_file: Option<PathBuf>,
-    /// PEM file of the CA that signed the store server's certificate: `postgres` checks
-    /// the chain with it (`sslmode=verify-ca`, `require`) and the host name too
-    /// (`sslmode=verify-full`).
+    /// CA certificates (PEM) that verify the store server's TLS certificate: for `redis`,
+    /// instead of the system's roots; for `postgres`, the chain (`sslmode=verify-ca`, or
+    /// `require` with this file) and the host name too (`sslmode=verify-full`).
     pub tls_ca_file: Option<PathBuf>,
 }
 
@@ -66,6 +80,11 @@ impl Default for RawStore {
             backend: "embedded".into(),
             path: DEFAULT_DB_PATH.into(),
             url: String::new(),
+            sentinels: Vec::new(),
+            master_name: None,
+            cluster_nodes: Vec::new(),
+            username: None,
+            password: None,
             pool_size: 16,
             connect_timeout: Dur(Duration::from_secs(2)),
             flush_interval: Dur(Duration::from_secs(1)),
@@ -81,6 +100,128 @@ impl Default for RawStore {
 }
 
 impl RawStore {
+    /// The redis-only keys that are set.
+    fn redis_keys(&self) -> Vec<&'static str> {
+        [
+            ("sentinels", !self.sentinels.is_empty()),
+            ("master_name", self.master_name.is_some()),
+            ("cluster_nodes", !self.cluster_nodes.is_empty()),
+            ("username", self.username.is_some()),
+            ("password", self.password.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+
+    /// The redis backend's way to its server: exactly one of `url`, `sentinels` (with
+    /// `master_name`) or `cluster_nodes`; `tls_ca_file` only with TLS.
+    fn redis_topology(&self, p: &mut Problems<'_>) -> RedisTopology {
+        let given: Vec<&str> = [
+            ("url", !self.url.is_empty()),
+            ("sentinels", !self.sentinels.is_empty()),
+            ("cluster_nodes", !self.cluster_nodes.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        let auth = RedisAuth {
+            username: self.username.clone(),
+            password: self.password.clone(),
+        };
+        let topology = match given.as_slice() {
+            [] => {
+                p.at(
+                    &["store", "backend"],
+                    "the redis backend needs the server's url in [store] (url = \
+                     \"redis://host:6379\"), or sentinels = [\"host:26379\", ...] with \
+                     master_name, or cluster_nodes = [\"host:6379\", ...]"
+                        .into(),
+                );
+                RedisTopology::Single
+            }
+            [_, second, ..] => {
+                p.at(
+                    &["store", second],
+                    format!(
+                        "give the redis server one way: {}, not several",
+                        given.join(" or ")
+                    ),
+                );
+                RedisTopology::Single
+            }
+            ["url"] => RedisTopology::Single,
+            ["sentinels"] => match &self.master_name {
+                Some(name) if !name.is_empty() => RedisTopology::Sentinel {
+                    sentinels: self.sentinels.clone(),
+                    master_name: name.clone(),
+                    auth,
+                },
+                _ => {
+                    p.at(
+                        &["store", "sentinels"],
+                        "sentinels needs master_name: the name the sentinels monitor the master \
+                         under (sentinel monitor <master_name> ...)"
+                            .into(),
+                    );
+                    RedisTopology::Single
+                }
+            },
+            _ => RedisTopology::Cluster {
+                nodes: self.cluster_nodes.clone(),
+                auth,
+            },
+        };
+        if self.master_name.is_some()
+            && !matches!(topology, RedisTopology::Sentinel { .. })
+            && given.len() == 1
+        {
+            p.at(
+                &["store", "master_name"],
+                "master_name goes with sentinels = [...] only".into(),
+            );
+        }
+        let (list_key, list) = match &topology {
+            RedisTopology::Sentinel { sentinels, .. } => ("sentinels", sentinels),
+            RedisTopology::Cluster { nodes, .. } => ("cluster_nodes", nodes),
+            RedisTopology::Single => {
+                for key in ["username", "password"] {
+                    if self.redis_keys().contains(&key) && given == ["url"] {
+                        p.at(
+                            &["store", key],
+                            format!(
+                                "{key} is for sentinels or cluster_nodes; a single server's \
+                                 goes in its url (redis://user:password@host:port/db)"
+                            ),
+                        );
+                    }
+                }
+                if self.tls_ca_file.is_some()
+                    && given == ["url"]
+                    && !self.url.starts_with("rediss://")
+                {
+                    p.at(
+                        &["store", "tls_ca_file"],
+                        "tls_ca_file verifies a TLS server: use a rediss:// url".into(),
+                    );
+                }
+                return topology;
+            }
+        };
+        if let Err(e) = crate::store::redis::check_nodes(list) {
+            p.at(&["store", list_key], e);
+        } else if self.tls_ca_file.is_some() && !topology.tls() {
+            p.at(
+                &["store", "tls_ca_file"],
+                format!(
+                    "tls_ca_file verifies TLS servers: write the {list_key} entries as \
+                     rediss://host:port"
+                ),
+            );
+        }
+        topology
+    }
+
     /// The embedded store in `path` instead of the configured store (`--db`).
     pub fn use_embedded(&mut self, path: &std::path::Path) {
         self.backend = "embedded".into();
@@ -159,6 +300,7 @@ impl RawStore {
             );
         }
         let server = || ServerStore {
+            redis: RedisTopology::Single,
             url: self.url.clone(),
             pool_size: self.pool_size,
             connect_timeout: self.connect_timeout.0,
@@ -167,7 +309,10 @@ impl RawStore {
         let store = match self.backend.as_str() {
             "embedded" => StoreKind::Embedded(self.path.clone()),
             "memory" => StoreKind::Memory,
-            "redis" => StoreKind::Redis(server()),
+            "redis" => StoreKind::Redis(ServerStore {
+                redis: self.redis_topology(p),
+                ..server()
+            }),
             "postgres" => StoreKind::Postgres(server()),
             other => {
                 p.at(
@@ -189,7 +334,11 @@ impl RawStore {
         };
         match shared {
             Some((name, server, check)) => {
-                if server.url.is_empty() {
+                if server.redis != RedisTopology::Single
+                    || (name == "redis" && server.url.is_empty())
+                {
+                    // Checked by `redis_topology`.
+                } else if server.url.is_empty() {
                     p.at(
                         &["store", "backend"],
                         format!("the {name} backend needs the server's url in [store]"),
@@ -235,6 +384,12 @@ impl RawStore {
                     );
                 }
             }
+            None if let Some(key) = self.redis_keys().first() => {
+                p.at(
+                    &["store", key],
+                    format!("{key} is used by the redis backend only; set backend = \"redis\""),
+                );
+            }
             None if !self.url.is_empty() => {
                 let guess = if self.url.starts_with("redis") || self.url.starts_with("unix") {
                     "redis"
@@ -249,6 +404,11 @@ impl RawStore {
                 );
             }
             None => {}
+        }
+        if let (StoreKind::Redis(_), Some(path)) = (&store, &self.tls_ca_file)
+            && let Err(e) = crate::store::redis::read_ca_file(path)
+        {
+            p.at(&["store", "tls_ca_file"], e);
         }
         for (name, d) in [
             ("flush_interval", self.flush_interval),

@@ -1605,3 +1605,24 @@ fn hashed_addresses_need_one_good_secret() {
     ));
     assert!(e.message.contains("chmod 600"), "{}", e.message);
 }
+
+#[test]
+fn entries_poll_is_bounded_and_shared_stores_default_to_a_file_to_import() {
+    let c = valid("[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1/\"\n");
+    assert_eq!(c.admin.entries_poll, Duration::from_secs(1));
+    assert_eq!(
+        c.admin.entries_file,
+        Some("/var/lib/greygate/runtime-entries.json".into())
+    );
+    let c = valid("[admin]\nentries_poll = \"250ms\"\n");
+    assert_eq!(c.admin.entries_poll, Duration::from_millis(250));
+    for bad in ["\"50ms\"", "\"2m\"", "0"] {
+        let e = single_error(&format!("[admin]\nentries_poll = {bad}\n"));
+        assert!(
+            e.message
+                .contains("entries_poll must be between 100ms and 60s"),
+            "{bad}: {}",
+            e.message
+        );
+    }
+}

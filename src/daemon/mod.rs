@@ -60,6 +60,20 @@ fn gatherer(cfg: &Config, svc: &Greylister) -> Option<Arc<Gatherer>> {
     }
 }
 
+/// Reads the runtime entries of a shared store again every `every` when they changed
+/// (other daemons add and remove them too); off every request's path.
+async fn poll_entries(svc: Arc<Greylister>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        svc.poll_entries(crate::service::unix_now()).await;
+    }
+}
+
 /// Runs the daemon until `stop` completes; each message on `reloads` (naming what asked,
 /// e.g. "SIGHUP") reloads the configuration through `loader`. The binary maps signals onto
 /// both; a test passes its own future and channel.
@@ -99,7 +113,13 @@ pub async fn run(
             }
         }
     };
+    let shared_entries = matches!(
+        cfg.store.kind,
+        store::StoreKind::Redis(_) | store::StoreKind::Postgres(_)
+    );
     let entries = match &cfg.admin.entries_file {
+        // The store keeps the entries for every daemon; a file is only imported, once.
+        _ if shared_entries => RuntimeEntries::shared(cfg.admin.entries_file.clone()),
         Some(path) => RuntimeEntries::load(path).with_context(|| {
             format!(
                 "cannot load runtime entries (fix or move {} and start again)",
@@ -112,6 +132,9 @@ pub async fn run(
     let svc = Greylister::new(engine, slot, cfg.service_options()).with_entries(entries);
     let dns = gatherer(&cfg, &svc);
     let svc = Arc::new(svc.with_dns(dns));
+    // The shared store's entries before the first request (bounded by the store timeout;
+    // a store that does not answer is read by the poller when it does).
+    svc.poll_entries(crate::service::unix_now()).await;
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let stops = server::StopSignals::new(shutdown.clone(), hard_stop.clone());
@@ -235,6 +258,13 @@ pub async fn run(
         Some(opener),
         shutdown.clone(),
     ));
+    if svc.entries.is_shared() {
+        tokio::spawn(poll_entries(
+            svc.clone(),
+            admin_cfg.entries_poll,
+            shutdown.clone(),
+        ));
+    }
     let listeners = listeners.into_iter().map(|(l, _, h)| (l, h)).collect();
     let mut serving = tokio::spawn(server::serve(listeners));
 

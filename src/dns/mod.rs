@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::engine::normalize::{canonical_ip, strip_envelope};
 use crate::engine::{
-    Classified, Engine, HostName, IdentityFacts, IdentityKind, Request, SpfFact, SpfResult,
+    Classified, Engine, HostName, IdentityFacts, IdentityKind, Request, SpfFact, SpfResult, Unkeyed,
 };
 use crate::metrics::DnsStats;
 use breaker::{Admit, Breaker, Probe};
@@ -101,14 +101,16 @@ pub struct Ask<'a> {
 }
 
 /// What [`Gatherer::facts_now`] found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FactsNow {
+#[derive(Debug)]
+pub enum FactsNow<'e> {
     /// The request needs no facts: it has some already, has no client address, or is
     /// decided without them — then with the engine's classification (`Decided`), which the
     /// caller can use instead of classifying again.
     NotNeeded(Option<Classified>),
-    /// The facts, every one from the cache or "not known" (breaker open).
-    Gathered(Gathered),
+    /// The facts, every one from the cache or "not known" (breaker open), and the
+    /// request's classification so far: put the facts into the request, then finish it
+    /// with [`Engine::classify_keyed`].
+    Gathered(Gathered, Unkeyed<'e>),
 }
 
 /// The facts of one request, and what DNS could not say in time.
@@ -156,6 +158,9 @@ enum Key {
     /// The check of one sender (lower-cased: the local part only matters to rare macros)
     /// from one address.
     Spf(IpAddr, String),
+    /// A sender domain that publishes no SPF record: `none` for every address and every
+    /// sender of it, without asking again.
+    SpfNone(String),
     Name(IpAddr),
     List(String, IpAddr),
 }
@@ -322,21 +327,22 @@ impl Gatherer {
     /// for: the cache holds every fact the request needs, or the resolver is not being
     /// asked (its breaker is open). The caller puts `facts` into its request (no copy of
     /// the request here). `Err(NeedsLookups)`: lookups are needed; use `facts_for`.
-    pub fn facts_now(
+    pub fn facts_now<'e>(
         &self,
-        engine: &Engine,
+        engine: &'e Engine,
         req: &Request,
         now: u64,
-    ) -> Result<FactsNow, NeedsLookups> {
+    ) -> Result<FactsNow<'e>, NeedsLookups> {
         let Some(ip) = req.client_ip else {
             return Ok(FactsNow::NotNeeded(None));
         };
         if req.facts.is_some() {
             return Ok(FactsNow::NotNeeded(None));
         }
-        if let decided @ Classified::Decided(_) = engine.classify(req, now) {
-            return Ok(FactsNow::NotNeeded(Some(decided)));
-        }
+        let unkeyed = match engine.classify_unkeyed(req, now) {
+            Ok(unkeyed) => unkeyed,
+            Err(decided) => return Ok(FactsNow::NotNeeded(Some(Classified::Decided(decided)))),
+        };
         let asking = if self.breaker.skipping() {
             Asking::No
         } else {
@@ -358,7 +364,7 @@ impl Gatherer {
         }
         self.stats.gathers.fetch_add(1, Ordering::Relaxed);
         self.stats.gather_seconds.observe(gathered.elapsed);
-        Ok(FactsNow::Gathered(gathered))
+        Ok(FactsNow::Gathered(gathered, unkeyed))
     }
 
     /// Gathers the facts of one request within the budget. Never fails: what is not known
@@ -387,7 +393,9 @@ impl Gatherer {
             .map(|(_, d)| d.trim_end_matches('.').to_string())
             .filter(|d| !d.is_empty());
         let spf = match &domain {
-            Some(d) if ask.spf => Some((d.clone(), self.start_spf(asking, ip, &sender, ask.helo))),
+            Some(d) if ask.spf => {
+                Some((d.clone(), self.start_spf(asking, ip, &sender, d, ask.helo)))
+            }
             _ => None,
         };
         let name = match mta_host_name(ask.client_name, ask.reverse_client_name) {
@@ -487,20 +495,25 @@ impl Gatherer {
         }
     }
 
-    /// Answers from the cache, or starts `work` as a task that caches what it finds (unless
-    /// the resolver is not being asked).
-    fn start(
-        &self,
-        asking: &Asking,
-        key: Key,
-        work: impl Future<Output = Answer> + Send + 'static,
-    ) -> Pending {
-        if let Some(v) = self.cache.get(&key, std::time::Instant::now()) {
-            match asking {
-                Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
-                _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
-            };
-            return Pending::Ready(v);
+    /// The cached value of `key`, counted as a hit, if there is one.
+    fn cached(&self, asking: &Asking, key: &Key) -> Option<Pending> {
+        let v = self.cache.get(key, std::time::Instant::now())?;
+        match asking {
+            Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
+        };
+        Some(Pending::Ready(v))
+    }
+
+    /// Answers from the cache, or starts the lookup `work` makes as a task that caches what
+    /// it finds (unless the resolver is not being asked). `work` is called only when the
+    /// lookup starts: a cached or skipped one copies nothing.
+    fn start<F>(&self, asking: &Asking, key: Key, work: impl FnOnce() -> F) -> Pending
+    where
+        F: Future<Output = Answer> + Send + 'static,
+    {
+        if let Some(ready) = self.cached(asking, &key) {
+            return ready;
         }
         let probe = match asking {
             Asking::Yes => None,
@@ -522,6 +535,7 @@ impl Gatherer {
         if let Some(p) = &probe {
             p.asked();
         }
+        let work = work();
         let task = tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(LOOKUP_LIMIT, work).await {
@@ -584,69 +598,101 @@ impl Gatherer {
         }
     }
 
-    fn start_spf(&self, asking: &Asking, ip: IpAddr, sender: &str, helo: &str) -> Pending {
-        let auth = self.auth.clone();
+    fn start_spf(
+        &self,
+        asking: &Asking,
+        ip: IpAddr,
+        sender: &str,
+        domain: &str,
+        helo: &str,
+    ) -> Pending {
+        // A domain known to publish no SPF record answers `none` for any sender and
+        // address: no lookup (and, on `facts_now`'s path, no wait) for a new one.
+        if let Some(none) = self.cached(asking, &Key::SpfNone(domain.to_string())) {
+            return none;
+        }
         let key = Key::Spf(ip, sender.to_string());
-        let sender = sender.to_string();
-        let helo = if helo.is_empty() { "unknown" } else { helo }.to_string();
-        let host = self.host_domain.clone();
-        self.start(asking, key, async move {
-            let check = |ip| spf_check(&auth, ip, &sender, &helo, &host);
-            let mut result = check(ip).await;
-            if result == SpfResult::Pass {
-                // Over-broad SPF: identities are what auto-allow trusts, and `spf:<domain>`
-                // from a record that passes everybody (`+all`, a bare `all`,
-                // `ip4:0.0.0.0/0`, a wildcard `exists:`) would let anyone who writes that
-                // domain into MAIL FROM share the trust its real mail earned, from any
-                // address. Such a pass names no pool: check addresses nobody can send from
-                // too, and when they pass as well the result is `pass-any`, no identity.
-                let [a, b] = spf_canaries(ip);
-                let (ra, rb) = tokio::join!(check(a), check(b));
-                if ra == SpfResult::Pass || rb == SpfResult::Pass {
-                    result = SpfResult::PassAny;
+        self.start(asking, key, || {
+            let auth = self.auth.clone();
+            let sender = sender.to_string();
+            let domain = domain.to_string();
+            let helo = if helo.is_empty() { "unknown" } else { helo }.to_string();
+            let host = self.host_domain.clone();
+            let cache = self.cache.clone();
+            async move {
+                let check = |ip| spf_check(&auth, ip, &sender, &helo, &host);
+                let mut result = check(ip).await;
+                if result == SpfResult::Pass {
+                    // Over-broad SPF: identities are what auto-allow trusts, and
+                    // `spf:<domain>` from a record that passes everybody (`+all`, a bare
+                    // `all`, `ip4:0.0.0.0/0`, a wildcard `exists:`) would let anyone who
+                    // writes that domain into MAIL FROM share the trust its real mail
+                    // earned, from any address. Such a pass names no pool: check addresses
+                    // nobody can send from too, and when they pass as well the result is
+                    // `pass-any`, no identity.
+                    let [a, b] = spf_canaries(ip);
+                    let (ra, rb) = tokio::join!(check(a), check(b));
+                    if ra == SpfResult::Pass || rb == SpfResult::Pass {
+                        result = SpfResult::PassAny;
+                    }
                 }
+                if result == SpfResult::None {
+                    // `none` is the domain's word, not the address's: no record (or no
+                    // domain). Kept as long as any answer, so a domain that starts
+                    // publishing one is heard of within `MAX_TTL` as for the rest.
+                    cache.insert(
+                        Key::SpfNone(domain),
+                        Value::Spf(SpfResult::None),
+                        MAX_TTL,
+                        std::time::Instant::now(),
+                    );
+                }
+                // A temporary error is not worth keeping; the rest is the domain's word.
+                let ttl = if result == SpfResult::TempError {
+                    Duration::ZERO
+                } else {
+                    MAX_TTL
+                };
+                Ok((Value::Spf(result), ttl))
             }
-            // A temporary error is not worth keeping; the rest is the domain's word.
-            let ttl = if result == SpfResult::TempError {
-                Duration::ZERO
-            } else {
-                MAX_TTL
-            };
-            Ok((Value::Spf(result), ttl))
         })
     }
 
     fn start_name(&self, asking: &Asking, ip: IpAddr) -> Pending {
-        let resolver = self.auth.0.clone();
-        self.start(asking, Key::Name(ip), async move {
-            let (name, ttl) = confirmed_name(&resolver, ip).await?;
-            Ok((Value::Name(name), ttl))
+        self.start(asking, Key::Name(ip), || {
+            let resolver = self.auth.0.clone();
+            async move {
+                let (name, ttl) = confirmed_name(&resolver, ip).await?;
+                Ok((Value::Name(name), ttl))
+            }
         })
     }
 
     fn start_list(&self, asking: &Asking, zone: &str, ip: IpAddr) -> Pending {
-        let resolver = self.auth.0.clone();
-        let qname = list_query_name(ip, zone);
-        self.start(asking, Key::List(zone.to_string(), ip), async move {
-            match resolver.ipv4_lookup(qname.as_str()).await {
-                Ok(lookup) => {
-                    let addrs: Vec<_> = lookup
-                        .answers()
-                        .iter()
-                        .filter_map(|r| match &r.data {
-                            RData::A(a) => Some(a.0),
-                            _ => None,
-                        })
-                        .collect();
-                    Ok((
-                        Value::List(classify_list_answer(&addrs)),
-                        ttl_until(lookup.valid_until()),
-                    ))
+        self.start(asking, Key::List(zone.to_string(), ip), || {
+            let resolver = self.auth.0.clone();
+            let qname = list_query_name(ip, zone);
+            async move {
+                match resolver.ipv4_lookup(qname.as_str()).await {
+                    Ok(lookup) => {
+                        let addrs: Vec<_> = lookup
+                            .answers()
+                            .iter()
+                            .filter_map(|r| match &r.data {
+                                RData::A(a) => Some(a.0),
+                                _ => None,
+                            })
+                            .collect();
+                        Ok((
+                            Value::List(classify_list_answer(&addrs)),
+                            ttl_until(lookup.valid_until()),
+                        ))
+                    }
+                    Err(e) if e.is_no_records_found() => {
+                        Ok((Value::List(ListAnswer::NotListed), negative_ttl(&e)))
+                    }
+                    Err(e) => Err(e.to_string()),
                 }
-                Err(e) if e.is_no_records_found() => {
-                    Ok((Value::List(ListAnswer::NotListed), negative_ttl(&e)))
-                }
-                Err(e) => Err(e.to_string()),
             }
         })
     }

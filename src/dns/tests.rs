@@ -461,7 +461,7 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
     assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
     let (_, waited) = g.facts_for(&engine, &req, 0).await.expect("gathered");
     // Now cached: the same facts without waiting.
-    let Ok(FactsNow::Gathered(now)) = g.facts_now(&engine, &req, 0) else {
+    let Ok(FactsNow::Gathered(now, _)) = g.facts_now(&engine, &req, 0) else {
         panic!("cached facts expected");
     };
     assert_eq!(now.facts, waited.facts);
@@ -483,9 +483,56 @@ async fn facts_without_waiting_come_from_the_cache_or_an_open_breaker() {
         client_ip: Some("203.0.113.9".parse().unwrap()),
         ..req.clone()
     };
-    let Ok(FactsNow::Gathered(open)) = g.facts_now(&engine, &other, 0) else {
+    let Ok(FactsNow::Gathered(open, _)) = g.facts_now(&engine, &other, 0) else {
         panic!("facts without lookups expected while the breaker is open");
     };
     assert_eq!(open.facts.spf.unwrap().result, SpfResult::Timeout);
     assert!(open.resolver_down.is_some());
+}
+
+#[tokio::test]
+async fn a_domain_without_spf_needs_no_lookup_for_its_next_sender() {
+    let addr = table_server(Duration::ZERO, records).await;
+    let mut s = settings(addr, 2000);
+    s.dnsbl_zones.clear();
+    s.ptr_lookup = false;
+    let (g, stats) = gatherer(&s);
+    let engine = Engine::default();
+    let first = Request {
+        stage: "RCPT".into(),
+        client_ip: Some("198.51.100.7".parse().unwrap()),
+        client_name: "unknown".into(),
+        sender: "a@no-spf.test".into(),
+        recipient: "b@rcpt.test".into(),
+        ..Request::default()
+    };
+    let (_, gathered) = g.facts_for(&engine, &first, 0).await.expect("gathered");
+    assert_eq!(gathered.facts.spf.unwrap().result, SpfResult::None);
+    let asked = stats.lookups.load(Ordering::Relaxed);
+    // Another sender of that domain, from another address: `none` at once, no lookup.
+    let next = Request {
+        client_ip: Some("203.0.113.80".parse().unwrap()),
+        sender: "Other@No-SPF.test".into(),
+        ..first.clone()
+    };
+    let Ok(FactsNow::Gathered(now, unkeyed)) = g.facts_now(&engine, &next, 0) else {
+        panic!("a domain known to have no SPF record needs no lookup");
+    };
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), asked);
+    assert_eq!(now.facts.spf.as_ref().unwrap().result, SpfResult::None);
+    // Finishing the classification with the facts is classifying the request with them.
+    let with = Request {
+        facts: Some(now.facts),
+        ..next
+    };
+    assert_eq!(
+        engine.classify_keyed(unkeyed, &with),
+        engine.classify(&with, 0)
+    );
+    // A domain that publishes SPF is still checked per address.
+    let pool = Request {
+        sender: "a@pool.test".into(),
+        ..first
+    };
+    assert_eq!(g.facts_now(&engine, &pool, 0).err(), Some(NeedsLookups));
 }

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -197,30 +198,30 @@ pub fn choose(
             },
         };
     };
-    // Why earlier kinds were passed over, written as they are (one buffer, no list).
-    let mut passed_over = String::new();
+    // Why earlier kinds were passed over, written straight into one buffer as they are.
+    let mut passed_over = String::with_capacity(128);
     for &kind in order {
-        let attempt = match kind {
-            IdentityKind::Spf => spf_identity(sender, facts.spf.as_ref()),
-            IdentityKind::Org => org_identity(ip, &facts.name),
-            IdentityKind::Prefix => break,
+        let mark = passed_over.len();
+        passed_over.push_str(if mark == 0 { "" } else { "; not " });
+        passed_over.push_str(kind.as_str());
+        passed_over.push_str(": ");
+        let found = match kind {
+            IdentityKind::Spf => spf_identity(sender, facts.spf.as_ref(), &mut passed_over),
+            IdentityKind::Org => org_identity(ip, &facts.name, &mut passed_over),
+            IdentityKind::Prefix => {
+                passed_over.truncate(mark);
+                break;
+            }
         };
-        match attempt {
-            Ok((key, reason)) => {
-                return Identity {
-                    key,
-                    why: IdentityReason {
-                        kind,
-                        reason: Cow::Owned(with_passed_over(reason, &passed_over)),
-                    },
-                };
-            }
-            Err(why_not) => {
-                passed_over.push_str(if passed_over.is_empty() { "" } else { "; not " });
-                passed_over.push_str(kind.as_str());
-                passed_over.push_str(": ");
-                passed_over.push_str(&why_not);
-            }
+        if let Some((key, reason)) = found {
+            passed_over.truncate(mark);
+            return Identity {
+                key,
+                why: IdentityReason {
+                    kind,
+                    reason: Cow::Owned(with_passed_over(reason, &passed_over)),
+                },
+            };
         }
     }
     Identity {
@@ -249,36 +250,61 @@ fn sender_domain(sender: &str) -> Option<&str> {
     (!domain.is_empty()).then_some(domain)
 }
 
-fn spf_identity(sender: &str, spf: Option<&SpfFact>) -> Result<(String, String), String> {
+/// The `spf:` identity and why, or `None` with the reason it is not one written to
+/// `why_not`.
+fn spf_identity(
+    sender: &str,
+    spf: Option<&SpfFact>,
+    why_not: &mut String,
+) -> Option<(String, String)> {
     let Some(domain) = sender_domain(sender) else {
-        return Err("null sender, no domain to check".into());
+        why_not.push_str("null sender, no domain to check");
+        return None;
     };
     let Some(fact) = spf else {
-        return Err("not checked".into());
+        why_not.push_str("not checked");
+        return None;
     };
     let checked = fact.domain.trim_end_matches('.');
     if !checked.eq_ignore_ascii_case(domain) {
-        return Err(format!("result is for {checked}, not {domain}"));
+        let _ = write!(why_not, "result is for {checked}, not {domain}");
+        return None;
     }
     if fact.result == SpfResult::PassAny {
-        return Err(format!(
+        let _ = write!(
+            why_not,
             "SPF of {checked} passes any address, so it names no pool"
-        ));
+        );
+        return None;
     }
     if fact.result != SpfResult::Pass {
-        return Err(format!("{} for {}", fact.result.as_str(), checked));
+        why_not.push_str(fact.result.as_str());
+        why_not.push_str(" for ");
+        why_not.push_str(checked);
+        return None;
     }
     let domain = checked.to_ascii_lowercase();
     let reason = format!("SPF of {domain} passes for the client address");
-    Ok((format!("spf:{domain}"), reason))
+    Some((format!("spf:{domain}"), reason))
 }
 
-fn org_identity(ip: IpAddr, name: &HostName) -> Result<(String, String), String> {
+/// The `org:` identity and why, or `None` with the reason it is not one written to
+/// `why_not`.
+fn org_identity(ip: IpAddr, name: &HostName, why_not: &mut String) -> Option<(String, String)> {
     let name = match name {
         HostName::Verified(n) => n,
-        HostName::Unknown => return Err("host name not looked up".into()),
-        HostName::Unverified => return Err("no forward-confirmed host name".into()),
-        HostName::Timeout => return Err("reverse DNS timed out".into()),
+        HostName::Unknown => {
+            why_not.push_str("host name not looked up");
+            return None;
+        }
+        HostName::Unverified => {
+            why_not.push_str("no forward-confirmed host name");
+            return None;
+        }
+        HostName::Timeout => {
+            why_not.push_str("reverse DNS timed out");
+            return None;
+        }
     };
     // The front ends hand names over lower-cased already: no copy then.
     let trimmed = name.trim_end_matches('.');
@@ -287,14 +313,19 @@ fn org_identity(ip: IpAddr, name: &HostName) -> Result<(String, String), String>
     } else {
         Cow::Borrowed(trimmed)
     };
-    if let Some(why) = dynamic_name(&lower, ip) {
-        return Err(format!("{lower} looks dynamic ({why})"));
-    }
+    // The suffix first: a name under no known one is never an identity, dynamic or not,
+    // and the dynamic checks read only the labels left of the registrable domain.
     let Some(domain) = registrable_domain(&lower) else {
-        return Err(format!("{lower} is not under a known public suffix"));
+        why_not.push_str(&lower);
+        why_not.push_str(" is not under a known public suffix");
+        return None;
     };
+    if let Some(why) = dynamic_host(host_part(&lower, domain), ip) {
+        let _ = write!(why_not, "{lower} looks dynamic ({why})");
+        return None;
+    }
     let reason = format!("forward-confirmed host {lower} belongs to {domain}");
-    Ok((format!("org:{domain}"), reason))
+    Some((format!("org:{domain}"), reason))
 }
 
 /// The registrable domain (public suffix plus one label) of a host name, when its suffix is
@@ -357,11 +388,27 @@ const WEAK_WORDS: &[&str] = &["static", "host", "ip", "res", "dip", "home", "use
 /// customers under one `org:` identity, so the checks lean towards "dynamic".
 pub fn dynamic_name(name: &str, ip: IpAddr) -> Option<&'static str> {
     let name = name.trim_end_matches('.');
-    let host = match registrable_domain(name) {
-        Some(d) if d.len() < name.len() => &name[..name.len() - d.len() - 1],
-        Some(_) => return None,
-        None => name,
-    };
+    match registrable_domain(name) {
+        Some(domain) => dynamic_host(host_part(name, domain), ip),
+        None => dynamic_host(name, ip),
+    }
+}
+
+/// The labels of `name` left of its registrable domain `domain` (a suffix of it): empty
+/// when `name` is the registrable domain itself.
+fn host_part<'n>(name: &'n str, domain: &str) -> &'n str {
+    if domain.len() < name.len() {
+        &name[..name.len() - domain.len() - 1]
+    } else {
+        ""
+    }
+}
+
+/// [`dynamic_name`]'s checks of the labels `host` (empty: nothing to suspect).
+fn dynamic_host(host: &str, ip: IpAddr) -> Option<&'static str> {
+    if host.is_empty() {
+        return None;
+    }
     if embeds_address(host, canonical_ip(ip)) {
         return Some("its labels embed the client address");
     }

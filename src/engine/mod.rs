@@ -432,6 +432,16 @@ pub struct Lookup {
     pub domain: Option<DomainApplied>,
 }
 
+/// A request that [`Engine::classify_unkeyed`] left open: its sender and recipient keys,
+/// waiting for the client's identity (which DNS facts may decide).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unkeyed<'e> {
+    ip: IpAddr,
+    section: Option<&'e DomainSection>,
+    sender: String,
+    recipient: String,
+}
+
 /// Rules 1–3 either decide, or yield the lookup that the stored state decides on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classified {
@@ -654,41 +664,53 @@ impl Engine {
     /// decides whether runtime entries have expired. Every decision past the first three
     /// checks names the recipient's section, when one matched.
     pub fn classify(&self, req: &Request, now: u64) -> Classified {
-        if !req.stage.eq_ignore_ascii_case("RCPT") {
-            return Classified::Decided(Decision::new(Verdict::Skip, Rule::NotRcptStage));
-        }
-        if !req.sasl_username.is_empty() {
-            return Classified::Decided(Decision::new(Verdict::Skip, Rule::Authenticated));
-        }
-        let Some(ip) = req.client_ip else {
-            return Classified::Decided(Decision::new(Verdict::Skip, Rule::NoClientAddress));
-        };
-        let section = self.domain_section(&req.recipient);
-        match self.classify_with(req, ip, section, now) {
-            Classified::Decided(mut d) => {
-                d.domain = section.map(|s| s.applied.clone());
-                Classified::Decided(d)
-            }
-            Classified::Lookup(mut l) => {
-                l.domain = section.map(|s| s.applied.clone());
-                Classified::Lookup(l)
-            }
+        match self.classify_unkeyed(req, now) {
+            Err(decided) => Classified::Decided(decided),
+            Ok(unkeyed) => self.classify_keyed(unkeyed, req),
         }
     }
 
-    /// [`Engine::classify`] past its first three checks, for the recipient's `section`.
-    fn classify_with(
-        &self,
+    /// [`Engine::classify`]'s checks that need no DNS facts (everything but the client's
+    /// identity, the DNS lists and the delay): their decision, or what
+    /// [`Engine::classify_keyed`] finishes with the facts. A front end that gathers facts
+    /// only for requests these checks leave open classifies each request once.
+    // The decision is the usual outcome, not a rare error: returned by value, as
+    // `Classified` holds it.
+    #[allow(clippy::result_large_err)]
+    pub fn classify_unkeyed<'e>(
+        &'e self,
+        req: &Request,
+        now: u64,
+    ) -> Result<Unkeyed<'e>, Decision> {
+        if !req.stage.eq_ignore_ascii_case("RCPT") {
+            return Err(Decision::new(Verdict::Skip, Rule::NotRcptStage));
+        }
+        if !req.sasl_username.is_empty() {
+            return Err(Decision::new(Verdict::Skip, Rule::Authenticated));
+        }
+        let Some(ip) = req.client_ip else {
+            return Err(Decision::new(Verdict::Skip, Rule::NoClientAddress));
+        };
+        let section = self.domain_section(&req.recipient);
+        self.unkeyed_with(req, ip, section, now).map_err(|mut d| {
+            d.domain = section.map(|s| s.applied.clone());
+            d
+        })
+    }
+
+    /// [`Engine::classify_unkeyed`] past its first three checks, for the recipient's
+    /// `section`.
+    #[allow(clippy::result_large_err)]
+    fn unkeyed_with<'e>(
+        &'e self,
         req: &Request,
         ip: IpAddr,
-        section: Option<&DomainSection>,
+        section: Option<&'e DomainSection>,
         now: u64,
-    ) -> Classified {
-        let done = |verdict, rule, detail: Option<String>| {
-            Classified::Decided(Decision {
-                detail,
-                ..Decision::new(verdict, rule)
-            })
+    ) -> Result<Unkeyed<'e>, Decision> {
+        let done = |verdict, rule, detail: Option<String>| Decision {
+            detail,
+            ..Decision::new(verdict, rule)
         };
         if !self.runtime.is_empty() {
             let key = self.key(ip, &req.sender, &req.recipient);
@@ -704,14 +726,18 @@ impl Engine {
             };
             // A deny entry outranks every allow list: it is the operator's latest word.
             if let Some(m) = find(ListKind::Deny) {
-                return Classified::Decided(Decision {
+                return Err(Decision {
                     detail: Some(m.entry.to_string()),
                     key: Some(key),
                     ..Decision::new(Verdict::Defer, Rule::Deny)
                 });
             }
             if let Some(m) = find(ListKind::Allow) {
-                return done(Verdict::Pass, Rule::RuntimeAllow, Some(m.entry.to_string()));
+                return Err(done(
+                    Verdict::Pass,
+                    Rule::RuntimeAllow,
+                    Some(m.entry.to_string()),
+                ));
             }
         }
         if let Some(s) = section.filter(|s| s.mode() == Some(DomainMode::Off)) {
@@ -719,27 +745,60 @@ impl Engine {
                 Some(src) => format!("section {:?} ({src}) has mode off", s.name()),
                 None => format!("section {:?} has mode off", s.name()),
             };
-            return done(Verdict::Pass, Rule::DomainOff, Some(detail));
+            return Err(done(Verdict::Pass, Rule::DomainOff, Some(detail)));
         }
         if let Some((kind, origin)) = self.allow.match_client(ip, &req.client_name) {
             let rule = match kind {
                 AllowKind::ClientAddress => Rule::AllowClientAddress,
                 _ => Rule::AllowClientName,
             };
-            return done(Verdict::Pass, rule, Some(origin.to_string()));
+            return Err(done(Verdict::Pass, rule, Some(origin.to_string())));
         }
-        let facts = req.facts.as_ref();
-        let (key, identity) = self.identified_key(ip, &req.sender, &req.recipient, facts);
-        if let Some(origin) = self.allow.match_recipient(&key.recipient, &req.recipient) {
-            return done(
+        let recipient = self.recipient_key(&req.recipient);
+        if let Some(origin) = self.allow.match_recipient(&recipient, &req.recipient) {
+            return Err(done(
                 Verdict::Pass,
                 Rule::AllowRecipient,
                 Some(origin.to_string()),
-            );
+            ));
         }
-        if let Some(origin) = self.allow.match_sender(&key.sender, &req.sender) {
-            return done(Verdict::Pass, Rule::AllowSender, Some(origin.to_string()));
+        let sender = self.sender_key(&req.sender);
+        if let Some(origin) = self.allow.match_sender(&sender, &req.sender) {
+            return Err(done(
+                Verdict::Pass,
+                Rule::AllowSender,
+                Some(origin.to_string()),
+            ));
         }
+        Ok(Unkeyed {
+            ip,
+            section,
+            sender,
+            recipient,
+        })
+    }
+
+    /// Finishes [`Engine::classify_unkeyed`]'s open request `req` with its DNS facts
+    /// (`req.facts`, `None`: none gathered): the client's identity, the DNS lists, the
+    /// delay.
+    pub fn classify_keyed(&self, u: Unkeyed<'_>, req: &Request) -> Classified {
+        let p = &self.policy;
+        let facts = req.facts.as_ref();
+        let ip = u.ip;
+        let identity = identity::choose(
+            &self.selective.identity_order,
+            ip,
+            &req.sender,
+            facts,
+            || normalize::client_group(ip, p.ipv4_prefix, p.ipv6_prefix),
+        );
+        let key = TripletKey {
+            client: identity.key,
+            sender: u.sender,
+            recipient: u.recipient,
+        };
+        let identity = identity.why;
+        let domain = u.section.map(|s| s.applied.clone());
         // DNS lists come after the static lists, whose matches name an operator's own entry.
         // A DNSWL listing wins over a DNSBL one: the operator trusts that zone to vouch.
         if let Some(f) = facts.filter(|f| f.dnswl.listed()) {
@@ -747,14 +806,16 @@ impl Engine {
                 detail: Some(format!("listed by {}", f.dnswl.hits.join(", "))),
                 key: Some(key),
                 identity: Some(identity),
+                domain,
                 ..Decision::new(Verdict::Pass, Rule::Dnswl)
             });
         }
-        let Some((delay, detail)) = self.delay_for(facts, identity.kind, section) else {
+        let Some((delay, detail)) = self.delay_for(facts, identity.kind, u.section) else {
             return Classified::Decided(Decision {
                 detail: Some("verified identity, not listed by any DNSBL zone".into()),
                 key: Some(key),
                 identity: Some(identity),
+                domain,
                 ..Decision::new(Verdict::Pass, Rule::VerifiedUnlisted)
             });
         };
@@ -763,7 +824,7 @@ impl Engine {
             delay,
             identity,
             detail,
-            domain: None,
+            domain,
         })
     }
 

@@ -324,6 +324,7 @@ impl Source {
     pub fn shown(&self) -> String {
         match self {
             Source::Postgres(url) => crate::store::ServerStore {
+                redis: crate::store::RedisTopology::Single,
                 url: url.clone(),
                 pool_size: 1,
                 connect_timeout: Duration::ZERO,

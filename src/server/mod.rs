@@ -481,7 +481,7 @@ pub async fn maintain_store(
                 continue;
             }
         };
-        svc.expire_runtime(unix_now());
+        svc.expire_runtime(unix_now()).await;
         evictions.observe(store.capacity(), tokio::time::Instant::now());
         if let Err(e) = store.expire(unix_now(), EXPIRE_SCAN).await {
             tracing::warn!(error = %e, "expiry step failed");

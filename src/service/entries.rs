@@ -1,8 +1,14 @@
-//! Operator allow/deny entries, kept in a small JSON file so they survive restarts.
+//! Operator allow/deny entries: in a small JSON file beside a store of this host's own
+//! (memory, embedded), or in a store that several daemons share (redis, postgres).
 //!
-//! Every change is written to a temporary file, synced, and renamed over the old one before
-//! it takes effect, so a crash leaves either the old or the new list, never half of one.
-//! The CLI edits the same file when no daemon runs.
+//! File: every change is written to a temporary file, synced, and renamed over the old one
+//! before it takes effect, so a crash leaves either the old or the new list, never half of
+//! one. The CLI edits the same file when no daemon runs.
+//!
+//! Shared store: every change is made in the store ([`add_shared`], [`remove_shared`]),
+//! and each daemon keeps the entries it last read there (this type, then a cache): it reads
+//! them again whenever the store's change marker moved, and keeps what it has while the
+//! store cannot be reached.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -12,6 +18,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{ListKind, RuntimeEntry, RuntimeLists, Target};
+use crate::store::{SharedEntries, StoreError};
 
 /// Largest entries file read (a runaway file must not exhaust memory).
 const MAX_FILE: u64 = 16 << 20;
@@ -37,6 +44,9 @@ pub enum EntriesError {
     Read { path: String, why: String },
     #[error("cannot save {path}: {why}")]
     Write { path: String, why: String },
+    /// The shared store that keeps the entries did not take the change.
+    #[error("runtime entries are kept in the store, which failed: {0}")]
+    Store(StoreError),
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -50,6 +60,10 @@ struct FileFormat {
 struct State {
     next_id: u64,
     entries: Vec<RuntimeEntry>,
+    /// Shared store: the change marker the entries were read at (`None`: not read yet).
+    synced: Option<u64>,
+    /// Shared store: reading the entries failed last time (said once in the log).
+    failing: bool,
 }
 
 /// The entries and where they are kept.
@@ -57,6 +71,100 @@ struct State {
 pub struct RuntimeEntries {
     state: Mutex<State>,
     file: Option<PathBuf>,
+    /// Kept in the shared store; `state` holds the entries last read there.
+    shared: bool,
+    /// Shared store: an entries file from before, to import once (see [`RuntimeEntries::shared`]).
+    import: Mutex<Option<PathBuf>>,
+}
+
+/// Checks an entry's value and comment; returns the value trimmed.
+fn checked<'v>(target: Target, value: &'v str, comment: &str) -> Result<&'v str, EntriesError> {
+    let value = value.trim();
+    let invalid = |why: String| EntriesError::Invalid {
+        target: target.as_str(),
+        value: value.to_string(),
+        why,
+    };
+    if value.len() > MAX_TEXT || comment.len() > MAX_TEXT {
+        return Err(invalid(format!("longer than {MAX_TEXT} bytes")));
+    }
+    if comment.chars().any(char::is_control) {
+        return Err(invalid("comment has control characters".into()));
+    }
+    RuntimeLists::check(target, value).map_err(invalid)?;
+    Ok(value)
+}
+
+/// Adds an entry to a shared store, or updates expiry and comment of the same (list,
+/// target, value); the id comes from the store.
+pub async fn add_shared(
+    store: &dyn SharedEntries,
+    list: ListKind,
+    target: Target,
+    value: &str,
+    ttl: Option<u64>,
+    comment: &str,
+    now: u64,
+) -> Result<RuntimeEntry, EntriesError> {
+    let value = checked(target, value, comment)?;
+    let entry = RuntimeEntry {
+        id: 0,
+        list,
+        target,
+        value: value.to_string(),
+        added_at: now,
+        expires_at: ttl.map(|t| now.saturating_add(t)),
+        comment: comment.to_string(),
+    };
+    store
+        .put_entry(&entry, MAX_ENTRIES)
+        .await
+        .map_err(EntriesError::Store)?
+        .ok_or(EntriesError::Full)
+}
+
+/// Removes the entries of `list` that `sel` names from a shared store; returns them.
+pub async fn remove_shared(
+    store: &dyn SharedEntries,
+    list: ListKind,
+    sel: &Selector,
+) -> Result<Vec<RuntimeEntry>, EntriesError> {
+    let (_, all) = store.list_entries().await.map_err(EntriesError::Store)?;
+    let ids: Vec<u64> = all
+        .iter()
+        .filter(|e| selected(e, list, sel))
+        .map(|e| e.id)
+        .collect();
+    let gone = if ids.is_empty() {
+        Vec::new()
+    } else {
+        store
+            .remove_entries(&ids)
+            .await
+            .map_err(EntriesError::Store)?
+    };
+    if gone.is_empty() {
+        return Err(not_found(list, sel));
+    }
+    Ok(gone)
+}
+
+fn selected(e: &RuntimeEntry, list: ListKind, sel: &Selector) -> bool {
+    e.list == list
+        && match sel {
+            Selector::Id(id) => e.id == *id,
+            Selector::Value(v) => e.value.eq_ignore_ascii_case(v.trim()),
+        }
+}
+
+fn not_found(list: ListKind, sel: &Selector) -> EntriesError {
+    EntriesError::NotFound {
+        list: list.as_str(),
+        what: match sel {
+            Selector::Id(id) => format!("#{id}"),
+            Selector::Value(v) => v.clone(),
+        },
+    }
 }
 
 /// What to remove: one entry by id, or every entry with this value.
@@ -72,10 +180,57 @@ impl RuntimeEntries {
         RuntimeEntries {
             state: Mutex::new(State {
                 next_id: 1,
-                entries: Vec::new(),
+                ..State::default()
             }),
             file: None,
+            shared: false,
+            import: Mutex::new(None),
         }
+    }
+
+    /// Entries kept in a shared store: none until the first read there. `import` is an
+    /// entries file from before the switch to the shared store: imported once, at the first
+    /// read, if the store has no entries yet (the file is then renamed `<name>.imported`);
+    /// left alone, with a warning, if the store has some.
+    pub fn shared(import: Option<PathBuf>) -> Self {
+        RuntimeEntries {
+            shared: true,
+            import: Mutex::new(import),
+            ..Self::in_memory()
+        }
+    }
+
+    /// Whether the entries are kept in a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// The file to import into the shared store, once (see [`RuntimeEntries::shared`]).
+    pub(crate) fn take_import(&self) -> Option<PathBuf> {
+        self.import.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Puts back a file whose import failed, for the next attempt.
+    pub(crate) fn put_import(&self, path: PathBuf) {
+        *self.import.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
+
+    /// The change marker the entries were last read at (shared store).
+    pub fn synced(&self) -> Option<u64> {
+        self.lock().synced
+    }
+
+    /// The entries read from the shared store at change marker `version`.
+    pub fn set_synced(&self, version: u64, entries: Vec<RuntimeEntry>) {
+        let mut st = self.lock();
+        st.synced = Some(version);
+        st.entries = entries;
+    }
+
+    /// Records whether reading the shared store failed; true when that changed.
+    pub(crate) fn set_failing(&self, failing: bool) -> bool {
+        let mut st = self.lock();
+        std::mem::replace(&mut st.failing, failing) != failing
     }
 
     /// Loads `path`; a missing file is an empty list.
@@ -87,7 +242,7 @@ impl RuntimeEntries {
         let state = match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
                 next_id: 1,
-                entries: Vec::new(),
+                ..State::default()
             },
             Err(e) => return Err(read_err(e.to_string())),
             Ok(m) if m.len() > MAX_FILE => {
@@ -101,12 +256,15 @@ impl RuntimeEntries {
                 State {
                     next_id: f.next_id.max(max_id + 1),
                     entries: f.entries,
+                    ..State::default()
                 }
             }
         };
         Ok(RuntimeEntries {
             state: Mutex::new(state),
             file: Some(path.to_path_buf()),
+            shared: false,
+            import: Mutex::new(None),
         })
     }
 
@@ -144,19 +302,7 @@ impl RuntimeEntries {
         comment: &str,
         now: u64,
     ) -> Result<RuntimeEntry, EntriesError> {
-        let value = value.trim();
-        let invalid = |why: String| EntriesError::Invalid {
-            target: target.as_str(),
-            value: value.to_string(),
-            why,
-        };
-        if value.len() > MAX_TEXT || comment.len() > MAX_TEXT {
-            return Err(invalid(format!("longer than {MAX_TEXT} bytes")));
-        }
-        if comment.chars().any(char::is_control) {
-            return Err(invalid("comment has control characters".into()));
-        }
-        RuntimeLists::check(target, value).map_err(invalid)?;
+        let value = checked(target, value, comment)?;
         let expires_at = ttl.map(|t| now.saturating_add(t));
         let mut st = self.lock();
         let mut next = st.entries.clone();
@@ -200,21 +346,13 @@ impl RuntimeEntries {
         sel: &Selector,
     ) -> Result<Vec<RuntimeEntry>, EntriesError> {
         let mut st = self.lock();
-        let (gone, kept): (Vec<_>, Vec<_>) = st.entries.iter().cloned().partition(|e| {
-            e.list == list
-                && match sel {
-                    Selector::Id(id) => e.id == *id,
-                    Selector::Value(v) => e.value.eq_ignore_ascii_case(v.trim()),
-                }
-        });
+        let (gone, kept): (Vec<_>, Vec<_>) = st
+            .entries
+            .iter()
+            .cloned()
+            .partition(|e| selected(e, list, sel));
         if gone.is_empty() {
-            return Err(EntriesError::NotFound {
-                list: list.as_str(),
-                what: match sel {
-                    Selector::Id(id) => format!("#{id}"),
-                    Selector::Value(v) => v.clone(),
-                },
-            });
+            return Err(not_found(list, sel));
         }
         self.save(st.next_id, &kept)?;
         st.entries = kept;

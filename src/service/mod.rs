@@ -186,9 +186,13 @@ impl StoreSlot {
     }
 
     /// True while the store is open and writing what changes: a store whose commits fail
-    /// (a full disk) still answers from memory, but is not available in this sense.
+    /// (a full disk) still answers from memory, and a shared store whose server is
+    /// unreachable answers per `fail_mode`, but neither is available in this sense.
     pub fn available(&self) -> bool {
-        self.present().is_some_and(|s| !s.health().writes_failing)
+        self.present().is_some_and(|s| {
+            let h = s.health();
+            !h.writes_failing && !h.server_unreachable
+        })
     }
 
     /// The open store's health; `None` while the store is missing.
@@ -223,6 +227,8 @@ pub struct Greylister {
     pub activity: Activity,
     /// Operator allow/deny entries; changing them swaps a new engine into `live`.
     pub entries: RuntimeEntries,
+    /// One read of a shared store's entries at a time (the poller, changes, listings).
+    entries_sync: tokio::sync::Mutex<()>,
     /// New triplets per client group, for `new_triplets_per_client`.
     pub throttle: Throttle,
     listeners: Mutex<Vec<Arc<ListenerStats>>>,
@@ -246,6 +252,7 @@ impl Greylister {
             metrics: Metrics::default(),
             activity: Activity::default(),
             entries: RuntimeEntries::in_memory(),
+            entries_sync: tokio::sync::Mutex::new(()),
             throttle: Throttle::default(),
             listeners: Mutex::new(Vec::new()),
             started_at: unix_now(),
@@ -303,16 +310,49 @@ impl Greylister {
     }
 
     /// Rebuilds the engine's runtime lists once an entry has expired (maintenance tick).
-    pub fn expire_runtime(&self, now: u64) {
+    /// With a shared store the expired entries are also removed there (by whichever daemon
+    /// comes first; they stopped matching at their expiry anyway).
+    pub async fn expire_runtime(&self, now: u64) {
         let due = self.live.load().engine.runtime.next_expiry();
-        if due.is_some_and(|t| t <= now) {
-            self.entries.drop_expired(now);
-            self.refresh_runtime(now);
+        if due.is_none_or(|t| t > now) {
+            return;
+        }
+        if self.entries.is_shared() {
+            let expired: Vec<u64> = self
+                .entries
+                .list()
+                .iter()
+                .filter(|e| !e.alive(now))
+                .map(|e| e.id)
+                .collect();
+            if let Ok(store) = self.store.get()
+                && let Some(shared) = store.shared_entries()
+                && let Err(e) = shared.remove_entries(&expired).await
+            {
+                tracing::debug!(error = %e, "could not remove expired runtime entries from the store");
+            }
+        }
+        self.entries.drop_expired(now);
+        self.refresh_runtime(now);
+    }
+
+    /// The shared store's entries interface, for a daemon whose entries live there.
+    fn shared_store(&self) -> Result<Option<Arc<dyn Store>>, EntriesError> {
+        if !self.entries.is_shared() {
+            return Ok(None);
+        }
+        let store = self.store.get().map_err(EntriesError::Store)?;
+        match store.shared_entries() {
+            Some(_) => Ok(Some(store)),
+            None => Err(EntriesError::Store(StoreError::Unavailable(
+                "this store does not keep runtime entries".into(),
+            ))),
         }
     }
 
-    /// Adds (or updates) a runtime entry; it applies to the next request.
-    pub fn add_entry(
+    /// Adds (or updates) a runtime entry; it applies to the next request (on every daemon
+    /// of a shared store once each has read it: within `[admin] entries_poll`).
+    pub async fn add_entry(
         &self,
         list: ListKind,
         target: Target,
@@ -321,6 +361,36 @@ impl Greylister {
         comment: &str,
         now: u64,
     ) -> Result<RuntimeEntry, EntriesError> {
+        let e = match self.shared_store()? {
+            Some(store) => {
+                let shared = store.shared_entries().expect("checked by shared_store");
+                let e = entries::add_shared(shared, list, target, value, ttl, comment, now).await?;
+                self.poll_entries(now).await;
+                e
+            }
+            None => return self.add_file_entry(list, target, value, ttl, comment, now),
+        };
+        tracing::info!(entry = %e, "runtime entry added");
+        Ok(e)
+    }
+
+    /// [`Greylister::add_entry`] for entries kept in a file (or memory): synchronous, as it
+    /// writes and syncs the file, so a caller that must not hold up its runtime runs it on
+    /// a blocking thread. With a shared store it is an error (`EntriesError::Store`).
+    pub fn add_file_entry(
+        &self,
+        list: ListKind,
+        target: Target,
+        value: &str,
+        ttl: Option<u64>,
+        comment: &str,
+        now: u64,
+    ) -> Result<RuntimeEntry, EntriesError> {
+        if self.entries.is_shared() {
+            return Err(EntriesError::Store(StoreError::Unavailable(
+                "runtime entries are kept in the shared store".into(),
+            )));
+        }
         let e = self.entries.add(list, target, value, ttl, comment, now)?;
         self.refresh_runtime(now);
         tracing::info!(entry = %e, "runtime entry added");
@@ -328,18 +398,144 @@ impl Greylister {
     }
 
     /// Removes runtime entries; they stop applying to the next request.
-    pub fn remove_entries(
+    pub async fn remove_entries(
         &self,
         list: ListKind,
         sel: &Selector,
         now: u64,
     ) -> Result<Vec<RuntimeEntry>, EntriesError> {
-        let gone = self.entries.remove(list, sel)?;
-        self.refresh_runtime(now);
+        let gone = match self.shared_store()? {
+            Some(store) => {
+                let shared = store.shared_entries().expect("checked by shared_store");
+                let gone = entries::remove_shared(shared, list, sel).await?;
+                self.poll_entries(now).await;
+                gone
+            }
+            None => {
+                let gone = self.entries.remove(list, sel)?;
+                self.refresh_runtime(now);
+                gone
+            }
+        };
         for e in &gone {
             tracing::info!(entry = %e, "runtime entry removed");
         }
         Ok(gone)
+    }
+
+    /// Every runtime entry (expired ones included until the next clean-up), by id: read
+    /// afresh from a shared store when it answers, else the entries last read.
+    pub async fn list_entries(&self) -> Vec<RuntimeEntry> {
+        if self.entries.is_shared() {
+            self.poll_entries(unix_now()).await;
+        }
+        self.entries.list()
+    }
+
+    /// Reads the entries of a shared store again if its change marker moved, and compiles
+    /// them; while the store cannot be read, the entries last read stay in force (said once
+    /// in the log, and once when the store answers again). Nothing to do for entries kept
+    /// in a file. Bounded by the store's timeout.
+    pub async fn poll_entries(&self, now: u64) {
+        if !self.entries.is_shared() {
+            return;
+        }
+        let _one = self.entries_sync.lock().await;
+        match self.sync_entries(now).await {
+            Ok(changed) => {
+                if self.entries.set_failing(false) && self.entries.synced().is_some() {
+                    tracing::warn!(
+                        entries = self.entries.list().len(),
+                        "runtime entries readable in the store again"
+                    );
+                }
+                if changed {
+                    tracing::info!(
+                        entries = self.entries.list().len(),
+                        version = self.entries.synced().unwrap_or(0),
+                        "runtime entries read from the store"
+                    );
+                }
+            }
+            Err(e) => {
+                if self.entries.set_failing(true) {
+                    tracing::warn!(
+                        error = %e, entries = self.entries.list().len(),
+                        "cannot read the runtime entries in the store; the entries last read stay in force"
+                    );
+                }
+            }
+        }
+    }
+
+    /// [`Greylister::poll_entries`] without the logging; true when the entries changed.
+    async fn sync_entries(&self, now: u64) -> Result<bool, StoreError> {
+        let store = self.store.get()?;
+        let Some(shared) = store.shared_entries() else {
+            return Ok(false);
+        };
+        if let Some(path) = self.entries.take_import() {
+            self.import_entries(shared, &path, now).await?;
+        }
+        let version = shared.entries_version().await?;
+        if self.entries.synced() == Some(version) {
+            return Ok(false);
+        }
+        let (version, list) = shared.list_entries().await?;
+        self.entries.set_synced(version, list);
+        self.refresh_runtime(now);
+        Ok(true)
+    }
+
+    /// Imports an entries file from before the switch to a shared store (see
+    /// [`RuntimeEntries::shared`]); a store error puts it back for the next attempt.
+    async fn import_entries(
+        &self,
+        shared: &dyn crate::store::SharedEntries,
+        path: &std::path::Path,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let file = match RuntimeEntries::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime entries file not imported into the store");
+                return Ok(());
+            }
+        };
+        let alive: Vec<RuntimeEntry> = file.list().into_iter().filter(|e| e.alive(now)).collect();
+        if alive.is_empty() {
+            return Ok(());
+        }
+        let put_back = |e: StoreError| {
+            self.entries.put_import(path.to_path_buf());
+            e
+        };
+        let (_, existing) = shared.list_entries().await.map_err(put_back)?;
+        if !existing.is_empty() {
+            tracing::warn!(
+                file = %path.display(), entries = alive.len(),
+                "runtime entries file ignored: the store keeps the entries and has some already \
+                 (add them with `greygate allow add` / `deny add` if they are still wanted)"
+            );
+            return Ok(());
+        }
+        for e in &alive {
+            match shared.put_entry(e, entries::MAX_ENTRIES).await {
+                Ok(_) => {}
+                Err(err) => return Err(put_back(err)),
+            }
+        }
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".imported");
+        let done = path.with_file_name(name);
+        if let Err(e) = std::fs::rename(path, &done) {
+            tracing::warn!(file = %path.display(), error = %e, "imported runtime entries file could not be renamed");
+        }
+        tracing::warn!(
+            file = %path.display(), renamed = %done.display(), entries = alive.len(),
+            "runtime entries file imported into the store, which keeps them from now on"
+        );
+        Ok(())
     }
 
     /// Counts a new listener's connections from now on.
@@ -410,13 +606,14 @@ impl Greylister {
             Ok(FactsNow::NotNeeded(classified)) => self
                 .decide_classified(&live, req, classified, None, now, started)
                 .map_err(|(req, _)| req),
-            Ok(FactsNow::Gathered(mut gathered)) => {
+            Ok(FactsNow::Gathered(mut gathered, unkeyed)) => {
                 // The facts go into the request itself: no copy of a request the front end
                 // handed over (the policy and milter front ends do).
                 let note = gathered.note();
                 let mut req = req;
                 req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
-                self.decide_here(&live, req, note, now, started)
+                let classified = live.engine.classify_keyed(unkeyed, &req);
+                self.decide_classified(&live, req, Some(classified), note, now, started)
                     .map_err(|(req, _)| req)
             }
         }

@@ -57,6 +57,7 @@ pub async fn run_with(store: Arc<dyn Store>, expiry: Expiry) {
     junk_cursors_are_refused_as_such(&*store).await;
     removal_removes_and_reports(&*store).await;
     release_passes_the_next_retry(&*store).await;
+    shared_entries_keep_one_list(store.clone()).await;
     store.flush().await.expect("flush");
 }
 
@@ -801,4 +802,175 @@ pub async fn run_hashed(store: Arc<dyn Store>) {
         .await
         .expect("an emptied store takes a new mode");
     assert_eq!(s.address_mode().await.unwrap().as_deref(), Some(PLAIN_MODE));
+}
+
+fn runtime_entry(
+    list: crate::engine::ListKind,
+    target: crate::engine::Target,
+    value: &str,
+    added_at: u64,
+    expires_at: Option<u64>,
+    comment: &str,
+) -> crate::engine::RuntimeEntry {
+    crate::engine::RuntimeEntry {
+        id: 0,
+        list,
+        target,
+        value: value.into(),
+        added_at,
+        expires_at,
+        comment: comment.into(),
+    }
+}
+
+/// A store that keeps runtime entries for several daemons (`Store::shared_entries`): ids
+/// from the store, unique under concurrent adds; the same entry added again updated in
+/// place; every change moves the version, a removal of nothing does not; the limit holds.
+async fn shared_entries_keep_one_list(store: Arc<dyn Store>) {
+    use crate::engine::{ListKind, Target};
+    let Some(s) = store.shared_entries() else {
+        return;
+    };
+    let (v0, none) = s.list_entries().await.expect("list entries");
+    assert!(none.is_empty(), "a fresh store has no runtime entries");
+    assert_eq!(s.entries_version().await.unwrap(), v0);
+
+    let a = s
+        .put_entry(
+            &runtime_entry(
+                ListKind::Allow,
+                Target::Client,
+                "192.0.2.0/24",
+                1000,
+                Some(5000),
+                "partner",
+            ),
+            10,
+        )
+        .await
+        .unwrap()
+        .expect("room for it");
+    assert!(a.id > 0);
+    assert_eq!((a.added_at, a.expires_at), (1000, Some(5000)));
+    let v1 = s.entries_version().await.unwrap();
+    assert_ne!(v1, v0, "an add moves the version");
+
+    // Same list, target and value: updated in place, id and added_at kept.
+    let again = s
+        .put_entry(
+            &runtime_entry(
+                ListKind::Allow,
+                Target::Client,
+                "192.0.2.0/24",
+                2000,
+                None,
+                "",
+            ),
+            10,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.id, again.added_at, again.expires_at),
+        (a.id, 1000, None)
+    );
+    let v2 = s.entries_version().await.unwrap();
+    assert_ne!(v2, v1, "an update moves the version");
+
+    // Concurrent adds (as from several hosts): distinct ids, nothing lost. The value has
+    // a space, which the redis index field must keep apart from list and target.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = store.shared_entries().unwrap();
+            s.put_entry(
+                &runtime_entry(
+                    ListKind::Deny,
+                    Target::Sender,
+                    &format!("/spam {i}/"),
+                    1000,
+                    None,
+                    "",
+                ),
+                10,
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 8, "unique ids: {ids:?}");
+    assert!(!ids.contains(&a.id));
+
+    let (v3, all) = s.list_entries().await.unwrap();
+    assert_eq!(all.len(), 9);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "listed by id");
+    assert_eq!(all[0].comment, "", "comment updated");
+    let full = s
+        .put_entry(
+            &runtime_entry(ListKind::Allow, Target::Client, "10.0.0.1", 1, None, ""),
+            9,
+        )
+        .await
+        .unwrap();
+    assert!(full.is_none(), "a new entry beyond the limit is refused");
+    assert_eq!(
+        s.entries_version().await.unwrap(),
+        v3,
+        "a refused add changes nothing"
+    );
+
+    let some: Vec<u64> = ids.iter().copied().take(3).collect();
+    let gone = s
+        .remove_entries(&[some[0], some[1], some[2], 999_999])
+        .await
+        .unwrap();
+    assert_eq!(gone.len(), 3);
+    assert!(
+        gone.iter()
+            .all(|e| e.list == ListKind::Deny && some.contains(&e.id))
+    );
+    let v4 = s.entries_version().await.unwrap();
+    assert_ne!(v4, v3, "a removal moves the version");
+    assert!(s.remove_entries(&[some[0]]).await.unwrap().is_empty());
+    assert_eq!(
+        s.entries_version().await.unwrap(),
+        v4,
+        "removing nothing changes nothing"
+    );
+
+    // A removed entry added again is a new one (its old index entry went with it).
+    let back = s
+        .put_entry(
+            &runtime_entry(
+                ListKind::Deny,
+                Target::Sender,
+                &gone[0].value,
+                3000,
+                None,
+                "",
+            ),
+            10,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !ids.contains(&back.id) && back.id != a.id,
+        "ids are not reused"
+    );
+    assert_eq!(back.added_at, 3000);
+
+    // Leave the store as found for the checks after this one.
+    let (_, all) = s.list_entries().await.unwrap();
+    let every: Vec<u64> = all.iter().map(|e| e.id).collect();
+    assert_eq!(s.remove_entries(&every).await.unwrap().len(), all.len());
+    assert!(s.list_entries().await.unwrap().1.is_empty());
 }

@@ -920,6 +920,7 @@ impl Store for EmbeddedStore {
     fn health(&self) -> super::StoreHealth {
         use std::sync::atomic::Ordering::Relaxed;
         super::StoreHealth {
+            server_unreachable: false,
             writes_failing: self.writes.failing.load(Relaxed),
             failed_commits: self.writes.failed_commits.load(Relaxed),
             pending_changes: self.writes.pending.load(Relaxed),

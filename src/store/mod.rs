@@ -20,13 +20,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ClientRecord, Triplet, TripletKey};
+use crate::engine::{ClientRecord, RuntimeEntry, Triplet, TripletKey};
 
 pub use embedded::{EmbeddedReader, EmbeddedStore, Verified, verify};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use redis::RedisStore;
-pub use spec::{Access, ServerStore, StoreKind, StoreSpec, check, open};
+pub use spec::{Access, RedisAuth, RedisTopology, ServerStore, StoreKind, StoreSpec, check, open};
 
 /// An atomic read-modify-write step: gets the current record (if any) and returns the record
 /// to store, or `None` to leave the store as it is. It may run more than once (optimistic
@@ -59,10 +59,14 @@ pub enum StoreError {
     AddressMode(String),
 }
 
-/// How a store is doing beyond answering requests (the embedded store's writes; stores that
-/// write through have nothing to tell).
+/// How a store is doing beyond answering requests: the embedded store's writes, and
+/// whether a shared store's server answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoreHealth {
+    /// The shared store's server (Redis, PostgreSQL) is unreachable: requests are answered
+    /// per `fail_mode` until it answers again.
+    #[serde(default)]
+    pub server_unreachable: bool,
     /// The last commit failed (a full or failing disk): requests are still answered from
     /// memory, and the changes wait there for a commit that succeeds.
     pub writes_failing: bool,
@@ -253,6 +257,57 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the address mode, durably (callers go through [`mode::claim`]).
     async fn set_address_mode(&self, mode: &str) -> Result<(), StoreError>;
+
+    /// The runtime allow/deny entries this store keeps for every daemon that uses it
+    /// (`redis`, `postgres`); `None`: the store is this host's own, and the entries stay
+    /// in their file.
+    fn shared_entries(&self) -> Option<&dyn SharedEntries> {
+        None
+    }
+}
+
+/// Runtime allow/deny entries kept in a store that several daemons share, so that an
+/// entry made through any of them applies on all.
+///
+/// Every change bumps a version number in the same atomic step, so a daemon polls the
+/// version alone (one small read) and reads the entries only when it moved. Ids come from
+/// the store (a counter or a sequence there), so they are unique across hosts.
+#[async_trait]
+pub trait SharedEntries: Send + Sync {
+    /// The change marker: differs from the last one read whenever an entry was added,
+    /// changed or removed since (0 before the first change).
+    async fn entries_version(&self) -> Result<u64, StoreError>;
+
+    /// The version, then every entry (expired ones included until someone removes them),
+    /// by id. An entry changed between the two reads shows with the older version, so a
+    /// poller reads again next time: never a newer version with older entries.
+    async fn list_entries(&self) -> Result<(u64, Vec<RuntimeEntry>), StoreError>;
+
+    /// Stores `entry` (its `id` is ignored): a new entry gets the next id and keeps
+    /// `added_at`; an existing entry of the same list, target and value keeps its id and
+    /// `added_at` and takes the new `expires_at` and `comment`. Returns the entry as
+    /// stored, or `None` when it is new and `max` entries exist already.
+    async fn put_entry(
+        &self,
+        entry: &RuntimeEntry,
+        max: usize,
+    ) -> Result<Option<RuntimeEntry>, StoreError>;
+
+    /// Removes the entries with these ids; returns those that existed.
+    async fn remove_entries(&self, ids: &[u64]) -> Result<Vec<RuntimeEntry>, StoreError>;
+}
+
+/// What a shared store keeps of an entry beside its id and `added_at`: JSON, written by
+/// greygate only (the `redis` backend).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StoredEntry {
+    pub list: crate::engine::ListKind,
+    pub target: crate::engine::Target,
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
 }
 
 /// Opaque scan cursors: key text may hold any character (NUL joins a triplet's parts), so

@@ -169,6 +169,11 @@ impl Store for Claimed {
         self.inner.capacity()
     }
 
+    /// The entries are operator patterns, not keys: no address mode to check first.
+    fn shared_entries(&self) -> Option<&dyn super::SharedEntries> {
+        self.inner.shared_entries()
+    }
+
     async fn get_triplet(
         &self,
         key: &crate::engine::TripletKey,

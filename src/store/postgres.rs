@@ -10,7 +10,12 @@
 //!   version 2 have none until their next write, and are not listed until then;
 //! - `greygate_clients (client text PRIMARY KEY, record bytea, expires_at bigint)`;
 //! - `greygate_meta (name text PRIMARY KEY, value text)`: the address mode the keys were
-//!   made in (`store::mode`; schema version 3).
+//!   made in (`store::mode`; schema version 3), and `entries_version`, the change counter
+//!   of the runtime entries (schema version 4);
+//! - `greygate_entries (id bigserial PRIMARY KEY, list, target, value, added_at,
+//!   expires_at, comment)`, unique on (list, target, value): the runtime allow/deny
+//!   entries (see [`SharedEntries`]; schema version 4). Each change bumps
+//!   `entries_version` in its own transaction, which also serialises the changes.
 //!
 //! `key_text` holds the addresses as the engine gives them: text, or keyed digests with
 //! `[store] hash_addresses`.
@@ -39,11 +44,11 @@ use tokio_postgres::types::ToSql;
 use super::breaker::Breaker;
 use super::postgres_tls;
 use super::{
-    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
-    UpdateFn, cursor,
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, SharedEntries, Store,
+    StoreError, UpdateFn, cursor,
 };
 use crate::engine::record::Record;
-use crate::engine::{ClientRecord, Triplet, TripletKey};
+use crate::engine::{ClientRecord, ListKind, RuntimeEntry, Target, Triplet, TripletKey};
 
 /// Schema migrations in order; the list only ever grows. Each runs once, in the
 /// transaction that records its version.
@@ -74,10 +79,26 @@ const MIGRATIONS: &[(i32, &str)] = &[
         3,
         "CREATE TABLE greygate_meta (name text PRIMARY KEY, value text NOT NULL);",
     ),
+    // Runtime allow/deny entries shared by every daemon, and their change counter.
+    (
+        4,
+        "CREATE TABLE greygate_entries (
+         id bigserial PRIMARY KEY,
+         list text NOT NULL,
+         target text NOT NULL,
+         value text NOT NULL,
+         added_at bigint NOT NULL,
+         expires_at bigint,
+         comment text NOT NULL,
+         UNIQUE (list, target, value)
+     );
+     INSERT INTO greygate_meta (name, value) VALUES ('entries_version', '0')
+         ON CONFLICT (name) DO NOTHING;",
+    ),
 ];
 
 /// The schema this greygate writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Advisory lock key held while migrating ("greygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6772_6579_6761_7465;
@@ -690,6 +711,13 @@ impl Store for PostgresStore {
         self.shown.clone()
     }
 
+    fn health(&self) -> super::StoreHealth {
+        super::StoreHealth {
+            server_unreachable: self.breaker.is_down(),
+            ..super::StoreHealth::default()
+        }
+    }
+
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
         self.get(&triplet_key(key)).await
     }
@@ -830,6 +858,185 @@ impl Store for PostgresStore {
                 .await
                 .map_err(|e| classify(&e))?;
             Ok(())
+        })
+        .await
+    }
+
+    fn shared_entries(&self) -> Option<&dyn SharedEntries> {
+        Some(self)
+    }
+}
+
+const ENTRIES_VERSION: &str =
+    "SELECT value::bigint FROM greygate_meta WHERE name = 'entries_version'";
+/// Bumps the change counter; run first in a change's transaction, its row lock makes
+/// changes take turns (so the count checked against the limit stays true).
+const BUMP_ENTRIES_VERSION: &str = "UPDATE greygate_meta SET value = (value::bigint + 1)::text \
+                                    WHERE name = 'entries_version'";
+const ENTRY_COLUMNS: &str = "id, list, target, value, added_at, expires_at, comment";
+
+fn list_kind(s: &str) -> Option<ListKind> {
+    match s {
+        "allow" => Some(ListKind::Allow),
+        "deny" => Some(ListKind::Deny),
+        _ => None,
+    }
+}
+
+fn target(s: &str) -> Option<Target> {
+    match s {
+        "client" => Some(Target::Client),
+        "sender" => Some(Target::Sender),
+        "recipient" => Some(Target::Recipient),
+        _ => None,
+    }
+}
+
+/// A `greygate_entries` row (columns as [`ENTRY_COLUMNS`]); `None` for a row greygate did
+/// not write (an unknown list or target).
+fn entry_row(row: &tokio_postgres::Row) -> Result<Option<RuntimeEntry>, StoreError> {
+    let time = |t: i64| u64::try_from(t).unwrap_or(0);
+    let (Some(list), Some(tgt)) = (list_kind(column(row, 1)?), target(column(row, 2)?)) else {
+        tracing::warn!("unreadable runtime entry in postgres; ignored");
+        return Ok(None);
+    };
+    Ok(Some(RuntimeEntry {
+        id: time(column(row, 0)?),
+        list,
+        target: tgt,
+        value: column(row, 3)?,
+        added_at: time(column(row, 4)?),
+        expires_at: column::<Option<i64>>(row, 5)?.map(time),
+        comment: column(row, 6)?,
+    }))
+}
+
+fn entry_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<RuntimeEntry>, StoreError> {
+    Ok(rows
+        .iter()
+        .map(entry_row)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+#[async_trait]
+impl SharedEntries for PostgresStore {
+    async fn entries_version(&self) -> Result<u64, StoreError> {
+        self.run(async |client| {
+            let row = client
+                .query_opt(ENTRIES_VERSION, &[])
+                .await
+                .map_err(|e| classify(&e))?;
+            let v = row.map(|r| column::<i64>(&r, 0)).transpose()?;
+            Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn list_entries(&self) -> Result<(u64, Vec<RuntimeEntry>), StoreError> {
+        self.run(async |client| {
+            let pg = |e: tokio_postgres::Error| classify(&e);
+            // Version first: an entry committed between the two reads comes with the older
+            // version, and the next poll reads again.
+            let v = client.query_opt(ENTRIES_VERSION, &[]).await.map_err(pg)?;
+            let v = v.map(|r| column::<i64>(&r, 0)).transpose()?;
+            let rows = client
+                .query(
+                    &format!("SELECT {ENTRY_COLUMNS} FROM greygate_entries ORDER BY id"),
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            Ok((
+                v.map_or(0, |v| u64::try_from(v).unwrap_or(0)),
+                entry_rows(&rows)?,
+            ))
+        })
+        .await
+    }
+
+    async fn put_entry(
+        &self,
+        entry: &RuntimeEntry,
+        max: usize,
+    ) -> Result<Option<RuntimeEntry>, StoreError> {
+        self.run(async |client| {
+            let pg = |e: tokio_postgres::Error| classify(&e);
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute(BUMP_ENTRIES_VERSION, &[]).await.map_err(pg)?;
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM greygate_entries WHERE list = $1 AND target = $2 AND value = $3",
+                    &[&entry.list.as_str(), &entry.target.as_str(), &entry.value],
+                )
+                .await
+                .map_err(pg)?
+                .is_some();
+            if !exists {
+                let row = tx
+                    .query_one("SELECT count(*) FROM greygate_entries", &[])
+                    .await
+                    .map_err(pg)?;
+                if usize::try_from(column::<i64>(&row, 0)?).unwrap_or(usize::MAX) >= max {
+                    tx.rollback().await.map_err(pg)?;
+                    return Ok(None);
+                }
+            }
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO greygate_entries (list, target, value, added_at, expires_at, \
+                         comment) VALUES ($1, $2, $3, $4, $5, $6) \
+                         ON CONFLICT (list, target, value) DO UPDATE \
+                         SET expires_at = EXCLUDED.expires_at, comment = EXCLUDED.comment \
+                         RETURNING {ENTRY_COLUMNS}"
+                    ),
+                    &[
+                        &entry.list.as_str(),
+                        &entry.target.as_str(),
+                        &entry.value,
+                        &sql_time(entry.added_at),
+                        &entry.expires_at.map(sql_time),
+                        &entry.comment,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            let stored = entry_row(&row)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn remove_entries(&self, ids: &[u64]) -> Result<Vec<RuntimeEntry>, StoreError> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(async |client| {
+            let pg = |e: tokio_postgres::Error| classify(&e);
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute(BUMP_ENTRIES_VERSION, &[]).await.map_err(pg)?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "DELETE FROM greygate_entries WHERE id = ANY($1) RETURNING {ENTRY_COLUMNS}"
+                    ),
+                    &[&ids],
+                )
+                .await
+                .map_err(pg)?;
+            if rows.is_empty() {
+                // Nothing changed: no version bump for the others to chase.
+                tx.rollback().await.map_err(pg)?;
+                return Ok(Vec::new());
+            }
+            let gone = entry_rows(&rows)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(gone)
         })
         .await
     }

@@ -11,14 +11,17 @@
 //!   together.) Keeping the text in the value rather than the key keeps every existing
 //!   key valid;
 //! - `gg:c:{<client group>}`: a client group's auto-allow record; the key gives the group;
-//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`).
+//! - `gg:meta:addresses`: the address mode the keys were made in (`store::mode`);
+//! - `gg:{entries}`, `gg:{entries}:index`, `gg:{entries}:version`, `gg:{entries}:next_id`:
+//!   the runtime allow/deny entries (see [`SharedEntries`]), one hash slot for all four.
 //!
 //! The joined key holds the addresses as the engine gives them: text, or keyed digests
 //! with `[store] hash_addresses` (the SHA-256 of the key name is not keyed: it hides
 //! nothing from someone who can guess a triplet).
 //!
-//! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to (in a
-//! Cluster: of that node only). SCAN may return a key more than once in a walk (when Redis
+//! `scan` walks `SCAN ... MATCH gg:t:*` (or `gg:c:*`) of the one server connected to; in a
+//! Cluster, of each master in turn (listed by `CLUSTER NODES`, sorted by address; the
+//! cursor names the node walked). SCAN may return a key more than once in a walk (when Redis
 //! resizes its table meanwhile); a page never holds a key twice, but a walk may list a
 //! record on two pages. A SCAN batch with more matches than the page takes leaves the rest
 //! in the cursor, so no batch is cut short and SCAN's guarantee holds: every record that
@@ -39,7 +42,15 @@
 //! of one key also take a striped lock first, so the retries only ever race other hosts,
 //! never the requests of this one.
 //!
-//! All requests share one multiplexed connection, made on first use. A connection that
+//! The server is one of three set-ups (`RedisTopology`): one server at a URL; the master
+//! that Redis Sentinel names, asked afresh at every (re)connection, so that a failover is
+//! followed once the connection to the old master fails or is refused a write
+//! (`READONLY`); or a Redis Cluster, whose client routes each key to its slot's master and
+//! follows `MOVED`/`ASK` itself. TLS (`rediss://`) verifies the server against
+//! `tls_ca_file` or the system's roots.
+//!
+//! All requests share one multiplexed connection (in a cluster: one per node),
+//! made on first use. A connection that
 //! fails or stops answering is dropped at once (a silently dead TCP connection would
 //! otherwise be kept until the kernel gives up on it) and the next admitted operation
 //! connects afresh; while the server is down the breaker (`breaker.rs`) answers for it and
@@ -47,21 +58,30 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError, Script, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisError, RedisFuture, Script,
+    TlsCertificates, TlsMode, Value,
+};
 use sha2::{Digest, Sha256};
 
 use super::breaker::Breaker;
+use super::spec::{RedisTopology, ServerStore};
 use super::{
-    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, Store, StoreError,
-    UpdateFn, cursor,
+    Counts, Entry, EntryFilter, EntryKind, ExpireStep, Page, SCAN_EXAMINE, SharedEntries, Store,
+    StoreError, StoredEntry, UpdateFn, cursor,
 };
 use crate::engine::record::Record;
-use crate::engine::{ClientRecord, Triplet, TripletKey};
+use crate::engine::{ClientRecord, RuntimeEntry, Triplet, TripletKey};
 
 const TRIPLET_PREFIX: &str = "gg:t:";
 const CLIENT_PREFIX: &str = "gg:c:";
@@ -226,13 +246,141 @@ impl Stripe {
     }
 }
 
+/// A connection to the server (or the cluster) the store is set up for.
+#[derive(Clone)]
+enum Conn {
+    /// One server: a plain one, or the master the sentinels named.
+    One(MultiplexedConnection),
+    /// A Redis Cluster: the crate routes each key to its slot's master and follows `MOVED`
+    /// and `ASK` redirections itself.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a connection is made.
+enum Connector {
+    One(redis::Client),
+    /// Asks the sentinels for the master at every (re)connection: after a failover, the
+    /// first connection that fails (the old master died) or is refused a write (`READONLY`:
+    /// the old master came back as a replica) is dropped, and the next one goes to the new
+    /// master.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(ClusterClient),
+}
+
+/// The parsed entry of a `sentinels` or `cluster_nodes` list: `host:port`,
+/// `redis://host:port` or `rediss://host:port` (TLS), without credentials or database.
+fn node_addr(raw: &str) -> Result<ConnectionAddr, String> {
+    // Error messages quote the entry: never with credentials.
+    let entry = &match raw.split_once("://") {
+        Some((scheme, rest)) if rest.contains('@') => {
+            format!(
+                "{scheme}://***@{}",
+                rest.rsplit_once('@').map_or("", |(_, h)| h)
+            )
+        }
+        _ => raw.to_owned(),
+    };
+    let url = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("redis://{raw}")
+    };
+    let info = url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("bad redis node {entry:?}: {e}"))?;
+    let settings = info.redis_settings();
+    if settings.username().is_some() || settings.password().is_some() {
+        return Err(format!(
+            "redis node {entry:?}: give credentials in [store] username and password, not in \
+             the node list"
+        ));
+    }
+    if settings.db() != 0 {
+        return Err(format!(
+            "redis node {entry:?}: no database number in a node list (Sentinel and Cluster \
+             set-ups use database 0)"
+        ));
+    }
+    match info.addr() {
+        a @ (ConnectionAddr::Tcp(..) | ConnectionAddr::TcpTls { .. }) => Ok(a.clone()),
+        _ => Err(format!(
+            "redis node {entry:?}: a node list takes host:port entries, not unix sockets"
+        )),
+    }
+}
+
+/// Checks the entries of a `sentinels` or `cluster_nodes` list without connecting: each
+/// parses, and all use one scheme (TLS for all or none).
+pub fn check_nodes(entries: &[String]) -> Result<(), String> {
+    let mut tls = None;
+    for entry in entries {
+        let this = matches!(node_addr(entry)?, ConnectionAddr::TcpTls { .. });
+        if tls.is_some_and(|t| t != this) {
+            return Err(
+                "mixed redis:// and rediss:// entries: TLS is for all nodes or none".into(),
+            );
+        }
+        tls = Some(this);
+    }
+    Ok(())
+}
+
+/// Reads and parses a CA file (PEM, one certificate or more) for TLS to the store.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read tls_ca_file {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_ca_file {}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls_ca_file {}: no certificate in it (PEM, -----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(pem)
+}
+
 /// The redis store.
 pub struct RedisStore {
     shown: String,
-    client: redis::Client,
+    connector: Connector,
     config: AsyncConnectionConfig,
+    /// Which roots verify the server's certificate, for error messages.
+    trust: String,
     /// The shared connection and its generation (which connection an error came from).
-    link: Mutex<Option<(u64, MultiplexedConnection)>>,
+    link: Mutex<Option<(u64, Conn)>>,
     generations: std::sync::atomic::AtomicU64,
     /// One connection attempt at a time; the others wait for its outcome.
     connecting: tokio::sync::Mutex<()>,
@@ -245,27 +393,131 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Creates the store without connecting: the connection is made on first use and
-    /// remade whenever it is lost, so greygate starts (and fails open) while Redis is down.
-    /// Each connection attempt may take `connect_timeout`; every operation is bounded by
-    /// `timeout`.
+    /// Creates the store for the one server at `url`, without connecting: the connection
+    /// is made on first use and remade whenever it is lost, so greygate starts (and fails
+    /// open) while Redis is down. Each connection attempt may take `connect_timeout`; every
+    /// operation is bounded by `timeout`.
     pub fn new(
         url: &str,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("bad redis URL: {e}")))?;
-        let info = client.get_connection_info();
-        let shown = format!("redis {} db {}", info.addr(), info.redis_settings().db());
+        let server = ServerStore {
+            redis: RedisTopology::Single,
+            url: url.to_owned(),
+            pool_size: 1,
+            connect_timeout,
+            tls_ca_file: None,
+        };
+        Self::with_server(&server, timeout)
+    }
+
+    /// As `new`, for any set-up: one server (TLS with `rediss://`), the master the
+    /// sentinels name, or a cluster; TLS certificates verified against the server's
+    /// `tls_ca_file` when set, else the system's root certificates.
+    pub fn with_server(server: &ServerStore, timeout: Duration) -> Result<Self, StoreError> {
+        let bad = |e: String| StoreError::Unavailable(e);
+        let certs = match &server.tls_ca_file {
+            Some(path) => Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(read_ca_file(path).map_err(bad)?),
+            }),
+            None => None,
+        };
+        let trust = match &server.tls_ca_file {
+            Some(path) => format!("tls_ca_file {}", path.display()),
+            None => "the system's root certificates".into(),
+        };
+        let (shown, connector) = match &server.redis {
+            RedisTopology::Single => {
+                let client = match &certs {
+                    Some(certs) => {
+                        redis::Client::build_with_tls(server.url.as_str(), certs.clone())
+                    }
+                    None => redis::Client::open(server.url.as_str()),
+                }
+                .map_err(|e| bad(format!("bad redis URL: {e}")))?;
+                let info = client.get_connection_info();
+                let shown = format!("redis {} db {}", info.addr(), info.redis_settings().db());
+                (shown, Connector::One(client))
+            }
+            RedisTopology::Sentinel {
+                sentinels,
+                master_name,
+                auth,
+            } => {
+                let addrs = sentinels
+                    .iter()
+                    .map(|s| node_addr(s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                let tls = server.redis.tls();
+                let mut b =
+                    SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)
+                        .map_err(|e| bad(format!("redis sentinel: {e}")))?;
+                if tls {
+                    b = b
+                        .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+                        .set_client_to_redis_tls_mode(TlsMode::Secure);
+                    if let Some(certs) = &certs {
+                        b = b
+                            .set_client_to_sentinel_certificates(certs.clone())
+                            .set_client_to_redis_certificates(certs.clone());
+                    }
+                }
+                if let Some(user) = &auth.username {
+                    b = b.set_client_to_redis_username(user);
+                }
+                if let Some(password) = &auth.password {
+                    b = b.set_client_to_redis_password(password);
+                }
+                let client = b.build().map_err(|e| bad(format!("redis sentinel: {e}")))?;
+                (
+                    format!("redis sentinel master {master_name}"),
+                    Connector::Sentinel(tokio::sync::Mutex::new(client)),
+                )
+            }
+            RedisTopology::Cluster { nodes, auth } => {
+                let infos = nodes
+                    .iter()
+                    .map(|s| {
+                        node_addr(s).and_then(|a| {
+                            a.into_connection_info()
+                                .map_err(|e| format!("bad redis node {s:?}: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                let mut b = ClusterClientBuilder::new(infos)
+                    .connection_timeout(server.connect_timeout)
+                    .response_timeout(timeout);
+                if let Some(certs) = &certs {
+                    b = b.certs(certs.clone());
+                }
+                if let Some(user) = &auth.username {
+                    b = b.username(user);
+                }
+                if let Some(password) = &auth.password {
+                    b = b.password(password);
+                }
+                let client = b.build().map_err(|e| bad(format!("redis cluster: {e}")))?;
+                let first = nodes.first().map_or("", String::as_str);
+                let shown = match nodes.len() {
+                    0 | 1 => format!("redis cluster {first}"),
+                    n => format!("redis cluster {first} (+{} nodes)", n - 1),
+                };
+                (shown, Connector::Cluster(client))
+            }
+        };
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
+            .set_connection_timeout(Some(server.connect_timeout))
             .set_response_timeout(Some(timeout));
         Ok(RedisStore {
             breaker: Breaker::new(shown.clone()),
             shown,
-            client,
+            connector,
             config,
+            trust,
             link: Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -279,19 +531,15 @@ impl RedisStore {
     }
 
     /// Connects and asks the server who it is (for `check-config --connect`), e.g.
-    /// `Redis 7.0.15`.
+    /// `Redis 7.0.15`, with the set-up: `Redis 7.0.15 (sentinel master mymaster at
+    /// 127.0.0.1:6380)`, `Redis 7.0.15 (cluster of 3 masters)`.
     pub async fn check(&self) -> Result<String, StoreError> {
         let info: String = self
             .run(async |conn| {
-                let _: String = redis::cmd("PING")
-                    .query_async(conn)
-                    .await
-                    .map_err(classify)?;
-                redis::cmd("INFO")
-                    .arg("server")
-                    .query_async(conn)
-                    .await
-                    .map_err(classify)
+                let _: String = on_one_node(conn, redis::cmd("PING")).await?;
+                let mut info = redis::cmd("INFO");
+                info.arg("server");
+                on_one_node(conn, info).await
             })
             .await?;
         let field = |name: &str| {
@@ -299,19 +547,36 @@ impl RedisStore {
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
                 .map(str::trim)
         };
-        Ok(match (field("valkey_version"), field("redis_version")) {
+        let who = match (field("valkey_version"), field("redis_version")) {
             (Some(v), _) => format!("Valkey {v}"),
             (None, Some(v)) => format!("Redis {v}"),
             (None, None) => "a Redis-compatible server".into(),
+        };
+        Ok(match &self.connector {
+            Connector::One(_) => who,
+            Connector::Sentinel(client) => {
+                // Asked again for the answer (bounded like any operation).
+                let ask = async { client.lock().await.async_get_client().await };
+                let master = match tokio::time::timeout(self.timeout, ask).await {
+                    Ok(Ok(c)) => c.get_connection_info().addr().to_string(),
+                    _ => "?".to_owned(),
+                };
+                let name = self.shown.trim_start_matches("redis sentinel master ");
+                format!("{who} (sentinel master {name} at {master})")
+            }
+            Connector::Cluster(_) => {
+                let masters = self.scan_nodes().await?.len();
+                format!("{who} (cluster of {masters} masters)")
+            }
         })
     }
 
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn current(&self) -> Option<(u64, Conn)> {
         self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The shared connection, connecting first when there is none.
-    async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
+    async fn connection(&self) -> Result<(u64, Conn), StoreError> {
         if let Some(link) = self.current() {
             return Ok(link);
         }
@@ -319,21 +584,57 @@ impl RedisStore {
         if let Some(link) = self.current() {
             return Ok(link);
         }
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await
-            .map_err(|e| {
-                // Whatever went wrong (refused, timed out, a wrong password), no connection
-                // means unreachable: the breaker then paces the next attempts.
-                StoreError::Unavailable(format!("redis: cannot connect: {e}"))
-            })?;
+        let conn = match &self.connector {
+            Connector::One(client) => client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map(Conn::One),
+            Connector::Sentinel(client) => {
+                // The sentinels name the master (checked with ROLE): a fresh answer at
+                // every connection.
+                let master = client.lock().await.async_get_client().await;
+                match master {
+                    Ok(master) => {
+                        tracing::debug!(store = %self.shown, master = %master.get_connection_info().addr(), "sentinels named the master");
+                        master
+                            .get_multiplexed_async_connection_with_config(&self.config)
+                            .await
+                            .map(Conn::One)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Connector::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        }
+        .map_err(|e| {
+            // Whatever went wrong (refused, timed out, a wrong password, an untrusted
+            // certificate), no connection means unreachable: the breaker then paces the
+            // next attempts.
+            StoreError::Unavailable(format!("redis: cannot connect: {}", self.explain(&e)))
+        })?;
         let generation = self
             .generations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
         tracing::debug!(store = %self.shown, generation, "connected");
         Ok((generation, conn))
+    }
+
+    /// A connection error in words: certificate trouble says which roots were used.
+    fn explain(&self, e: &RedisError) -> String {
+        let text = e.to_string();
+        if text.contains("invalid peer certificate") || text.contains("UnknownIssuer") {
+            if text.contains("NotValidForName") {
+                return format!(
+                    "TLS: the server's certificate is not valid for the name connected to: {text}"
+                );
+            }
+            return format!(
+                "TLS: the server's certificate is not trusted ({}): {text}",
+                self.trust
+            );
+        }
+        text
     }
 
     /// Drops connection `generation` (unless it has been replaced already).
@@ -347,7 +648,7 @@ impl RedisStore {
     /// Runs one operation on the shared connection, under the breaker and `timeout`.
     async fn run<T>(
         &self,
-        op: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, StoreError>,
+        op: impl AsyncFnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let attempt = self.breaker.admit()?;
         let mut used = None;
@@ -370,6 +671,100 @@ impl RedisStore {
             _ => attempt.reachable(),
         }
         result
+    }
+
+    /// The nodes a walk over the key space visits, in order: the one server (`None`), or
+    /// each master of a cluster (`host:port`), sorted.
+    async fn scan_nodes(&self) -> Result<Vec<Option<String>>, StoreError> {
+        if !matches!(self.connector, Connector::Cluster(_)) {
+            return Ok(vec![None]);
+        }
+        let text: String = self
+            .run(async |conn| {
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("NODES");
+                on_one_node(conn, cmd).await
+            })
+            .await?;
+        let mut masters = cluster_masters(&text);
+        masters.sort();
+        masters.dedup();
+        if masters.is_empty() {
+            return Err(StoreError::Backend(
+                "redis cluster: CLUSTER NODES lists no master".into(),
+            ));
+        }
+        Ok(masters.into_iter().map(Some).collect())
+    }
+
+    /// One `SCAN` call on `node` (see `scan_nodes`).
+    async fn scan_call(
+        &self,
+        node: Option<&str>,
+        at: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(at)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        self.run(async |conn| match (conn, node) {
+            (Conn::Cluster(c), Some(node)) => {
+                let (host, port) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                    .ok_or_else(|| {
+                        StoreError::Backend(format!("redis cluster: bad node {node:?}"))
+                    })?;
+                let v = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+                    )
+                    .await
+                    .map_err(classify)?;
+                redis::from_redis_value(v)
+                    .map_err(|e| StoreError::Backend(format!("redis: SCAN reply: {e}")))
+            }
+            (conn, _) => cmd.query_async(conn).await.map_err(classify),
+        })
+        .await
+    }
+
+    /// The values of `keys` (`None`: gone). Pipelined on one server; in a cluster, where
+    /// a pipeline must stay in one slot, sent at once as single commands.
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.run(async |conn| match conn {
+            Conn::One(_) => {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd("GET").arg(k);
+                }
+                pipe.query_async(conn).await.map_err(classify)
+            }
+            Conn::Cluster(c) => {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (i, k) in keys.iter().enumerate() {
+                    let mut c = c.clone();
+                    let k = k.clone();
+                    tasks.spawn(async move {
+                        let v: Result<Option<Vec<u8>>, _> =
+                            redis::cmd("GET").arg(k).query_async(&mut c).await;
+                        (i, v)
+                    });
+                }
+                let mut out = vec![None; keys.len()];
+                while let Some(done) = tasks.join_next().await {
+                    let (i, v) = done.map_err(|e| StoreError::Backend(format!("redis: {e}")))?;
+                    out[i] = v.map_err(classify)?;
+                }
+                Ok(out)
+            }
+        })
+        .await
     }
 
     async fn get<R: Record>(&self, key: &str) -> Result<Option<R>, StoreError> {
@@ -489,7 +884,8 @@ impl RedisStore {
 
     /// One page of a walk over the keys of `kind` (see the module documentation). The
     /// cursor is the SCAN cursor, then `.`, hex key suffix (after the prefix), for each key
-    /// of the last batch still to look at.
+    /// of the last batch still to look at; in a cluster, prefixed by the node walked and
+    /// `/`.
     async fn scan_page(
         &self,
         kind: EntryKind,
@@ -503,12 +899,14 @@ impl RedisStore {
             EntryKind::Triplets => TRIPLET_PREFIX,
             EntryKind::Clients => CLIENT_PREFIX,
         };
-        let (mut at, mut pending) = match from {
-            Some(c) => parse_scan_cursor(c, prefix)?,
-            None => (0, Vec::new()),
+        let nodes = self.scan_nodes().await?;
+        let (mut node, mut at, mut pending) = match from {
+            Some(c) => parse_scan_cursor(c, prefix, &nodes)?,
+            None => (0, 0, Vec::new()),
         };
-        // A walk ends when SCAN hands back cursor 0, which is also where it starts.
-        let mut started = from.is_some();
+        // A node's walk ends when SCAN hands back cursor 0, which is also where it starts
+        // (a cursor never stands for a node's end without keys still to look at).
+        let mut started = at != 0 || !pending.is_empty();
         let pattern = format!("{prefix}*");
         let mut entries = Vec::new();
         let mut seen: HashSet<Vec<u8>> = pending.iter().cloned().collect();
@@ -516,33 +914,25 @@ impl RedisStore {
         loop {
             if pending.is_empty() {
                 if started && at == 0 {
+                    node += 1;
+                    at = 0;
+                }
+                let Some(name) = nodes.get(node) else {
                     return Ok(Page {
                         entries,
                         next: None,
                     });
-                }
+                };
                 if examined >= SCAN_EXAMINE || calls >= SCAN_CALLS {
                     return Ok(Page {
                         entries,
-                        next: Some(at.to_string()),
+                        next: Some(format_scan_cursor(name.as_deref(), at, &[], prefix)),
                     });
                 }
                 // Asking for about what the page still needs keeps the keys left over in
                 // the cursor few.
                 let count = (limit - entries.len()).clamp(16, SCAN_BATCH);
-                let (next, keys): (u64, Vec<Vec<u8>>) = self
-                    .run(async |conn| {
-                        redis::cmd("SCAN")
-                            .arg(at)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(count)
-                            .query_async(conn)
-                            .await
-                            .map_err(classify)
-                    })
-                    .await?;
+                let (next, keys) = self.scan_call(name.as_deref(), at, &pattern, count).await?;
                 (at, started) = (next, true);
                 calls += 1;
                 pending = keys
@@ -551,15 +941,7 @@ impl RedisStore {
                     .collect();
                 continue;
             }
-            let values: Vec<Option<Vec<u8>>> = self
-                .run(async |conn| {
-                    let mut pipe = redis::pipe();
-                    for k in &pending {
-                        pipe.cmd("GET").arg(k);
-                    }
-                    pipe.query_async(conn).await.map_err(classify)
-                })
-                .await?;
+            let values = self.get_many(&pending).await?;
             let batch = std::mem::take(&mut pending);
             for (i, (key, value)) in batch.iter().zip(values).enumerate() {
                 examined += 1;
@@ -571,66 +953,50 @@ impl RedisStore {
                 }
                 if entries.len() >= limit {
                     let rest = &batch[i + 1..];
-                    if rest.is_empty() && at == 0 {
-                        return Ok(Page {
-                            entries,
-                            next: None,
-                        });
-                    }
-                    return Ok(Page {
-                        entries,
-                        next: Some(format_scan_cursor(at, rest, prefix)),
-                    });
+                    let next = if rest.is_empty() && at == 0 {
+                        // This node is done: the next one from its start, if any.
+                        nodes
+                            .get(node + 1)
+                            .map(|n| format_scan_cursor(n.as_deref(), 0, &[], prefix))
+                    } else {
+                        let name = nodes.get(node).and_then(Option::as_deref);
+                        Some(format_scan_cursor(name, at, rest, prefix))
+                    };
+                    return Ok(Page { entries, next });
                 }
             }
         }
     }
 
-    /// Counts the keys matching `pattern`; `values`, when given, sees the value of each.
+    /// Counts the keys matching `pattern` on every node; `values`, when given, sees the
+    /// value of each.
     async fn scan(
         &self,
         pattern: &str,
         mut values: Option<&mut (dyn FnMut(Option<Vec<u8>>) + Send)>,
     ) -> Result<u64, StoreError> {
-        let mut cursor: u64 = 0;
         let mut seen = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = self
-                .run(async |conn| {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(SCAN_BATCH)
-                        .query_async(conn)
-                        .await
-                        .map_err(classify)
-                })
-                .await?;
-            seen += keys.len() as u64;
-            if let Some(each) = values.as_mut()
-                && !keys.is_empty()
-            {
-                // One GET per key, pipelined: single-key commands keep Cluster slots apart.
-                let got: Vec<Option<Vec<u8>>> = self
-                    .run(async |conn| {
-                        let mut pipe = redis::pipe();
-                        for k in &keys {
-                            pipe.cmd("GET").arg(k);
-                        }
-                        pipe.query_async(conn).await.map_err(classify)
-                    })
+        for node in self.scan_nodes().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self
+                    .scan_call(node.as_deref(), cursor, pattern, SCAN_BATCH)
                     .await?;
-                for v in got {
-                    each(v);
+                seen += keys.len() as u64;
+                if let Some(each) = values.as_mut()
+                    && !keys.is_empty()
+                {
+                    for v in self.get_many(&keys).await? {
+                        each(v);
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
                 }
             }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(seen);
-            }
         }
+        Ok(seen)
     }
 }
 
@@ -638,6 +1004,13 @@ impl RedisStore {
 impl Store for RedisStore {
     fn describe(&self) -> String {
         self.shown.clone()
+    }
+
+    fn health(&self) -> super::StoreHealth {
+        super::StoreHealth {
+            server_unreachable: self.breaker.is_down(),
+            ..super::StoreHealth::default()
+        }
     }
 
     async fn get_triplet(&self, key: &TripletKey) -> Result<Option<Triplet>, StoreError> {
@@ -740,6 +1113,204 @@ impl Store for RedisStore {
         })
         .await
     }
+
+    fn shared_entries(&self) -> Option<&dyn SharedEntries> {
+        Some(self)
+    }
+}
+
+/// The runtime entries: `gg:{entries}` maps an id to `<added_at> <StoredEntry JSON>`;
+/// `gg:{entries}:index` maps `<list> <target> <value>` to the id, so that the same entry
+/// added again is updated in place; `gg:{entries}:next_id` hands out ids and
+/// `gg:{entries}:version` counts changes. The hash tag keeps the four in one Cluster slot,
+/// so each change is one script over its own keys. No TTLs: expired entries are removed by
+/// the daemons (they stop matching at their `expires_at` either way).
+pub const ENTRIES_KEY: &str = "gg:{entries}";
+const ENTRIES_INDEX_KEY: &str = "gg:{entries}:index";
+/// The change counter of the runtime entries.
+pub const ENTRIES_VERSION_KEY: &str = "gg:{entries}:version";
+const ENTRIES_NEXT_ID_KEY: &str = "gg:{entries}:next_id";
+
+/// Adds or updates one entry: ARGV[1] the index field, ARGV[2] `added_at` for a new
+/// entry, ARGV[3] the JSON, ARGV[4] the most entries. Returns {id, added_at}, or {} when
+/// full.
+const PUT_ENTRY_LUA: &str = r"
+local id = redis.call('HGET', KEYS[2], ARGV[1])
+local added = ARGV[2]
+local cur = false
+if id then
+  cur = redis.call('HGET', KEYS[1], id)
+end
+if cur then
+  added = string.match(cur, '^(%d+) ') or added
+else
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+    return {}
+  end
+  if not id then
+    id = tostring(redis.call('INCR', KEYS[4]))
+    redis.call('HSET', KEYS[2], ARGV[1], id)
+  end
+end
+redis.call('HSET', KEYS[1], id, added .. ' ' .. ARGV[3])
+redis.call('INCR', KEYS[3])
+return {id, added}
+";
+
+/// Removes the entries whose ids are ARGV, with their index fields; returns {id, value}
+/// pairs of those that existed, and bumps the version when there was one.
+const REMOVE_ENTRIES_LUA: &str = r"
+local gone = {}
+for _, id in ipairs(ARGV) do
+  local cur = redis.call('HGET', KEYS[1], id)
+  if cur then
+    redis.call('HDEL', KEYS[1], id)
+    local ok, e = pcall(cjson.decode, string.match(cur, '^%d+ (.*)$') or '')
+    if ok and type(e) == 'table' then
+      local field = tostring(e.list) .. ' ' .. tostring(e.target) .. ' ' .. tostring(e.value)
+      if redis.call('HGET', KEYS[2], field) == id then
+        redis.call('HDEL', KEYS[2], field)
+      end
+    end
+    table.insert(gone, id)
+    table.insert(gone, cur)
+  end
+end
+if #gone > 0 then
+  redis.call('INCR', KEYS[3])
+end
+return gone
+";
+
+/// The index field of an entry: list, target and value (which may hold spaces: it is last).
+fn entry_field(e: &RuntimeEntry) -> String {
+    format!("{} {} {}", e.list.as_str(), e.target.as_str(), e.value)
+}
+
+/// An entry from its id and stored value; `None` for a value greygate did not write.
+fn stored_entry(id: &[u8], value: &[u8]) -> Option<RuntimeEntry> {
+    let id = std::str::from_utf8(id).ok()?.parse().ok()?;
+    let (added, json) = std::str::from_utf8(value).ok()?.split_once(' ')?;
+    let e: StoredEntry = serde_json::from_str(json).ok()?;
+    Some(RuntimeEntry {
+        id,
+        list: e.list,
+        target: e.target,
+        value: e.value,
+        added_at: added.parse().ok()?,
+        expires_at: e.expires_at,
+        comment: e.comment,
+    })
+}
+
+/// `{id, value, id, value, ...}` as entries, leaving out what does not read as one.
+fn stored_entries(pairs: Vec<Vec<u8>>) -> Vec<RuntimeEntry> {
+    let mut out: Vec<RuntimeEntry> = pairs
+        .chunks_exact(2)
+        .filter_map(|p| {
+            let e = stored_entry(&p[0], &p[1]);
+            if e.is_none() {
+                tracing::warn!(
+                    id = %String::from_utf8_lossy(&p[0]),
+                    "unreadable runtime entry in redis; ignored"
+                );
+            }
+            e
+        })
+        .collect();
+    out.sort_by_key(|e| e.id);
+    out
+}
+
+#[async_trait]
+impl SharedEntries for RedisStore {
+    async fn entries_version(&self) -> Result<u64, StoreError> {
+        self.run(async |conn| {
+            let v: Option<u64> = redis::cmd("GET")
+                .arg(ENTRIES_VERSION_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok(v.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn list_entries(&self) -> Result<(u64, Vec<RuntimeEntry>), StoreError> {
+        self.run(async |conn| {
+            // Pipelined, not MULTI: the version is read first, which is all a poller needs.
+            let (version, pairs): (Option<u64>, Vec<Vec<u8>>) = redis::pipe()
+                .cmd("GET")
+                .arg(ENTRIES_VERSION_KEY)
+                .cmd("HGETALL")
+                .arg(ENTRIES_KEY)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            Ok((version.unwrap_or(0), stored_entries(pairs)))
+        })
+        .await
+    }
+
+    async fn put_entry(
+        &self,
+        entry: &RuntimeEntry,
+        max: usize,
+    ) -> Result<Option<RuntimeEntry>, StoreError> {
+        let json = serde_json::to_string(&StoredEntry {
+            list: entry.list,
+            target: entry.target,
+            value: entry.value.clone(),
+            expires_at: entry.expires_at,
+            comment: entry.comment.clone(),
+        })
+        .map_err(|e| StoreError::Backend(format!("runtime entry: {e}")))?;
+        let script = Script::new(PUT_ENTRY_LUA);
+        let reply: Vec<u64> = self
+            .run(async |conn| {
+                script
+                    .key(ENTRIES_KEY)
+                    .key(ENTRIES_INDEX_KEY)
+                    .key(ENTRIES_VERSION_KEY)
+                    .key(ENTRIES_NEXT_ID_KEY)
+                    .arg(entry_field(entry))
+                    .arg(entry.added_at)
+                    .arg(&json)
+                    .arg(max)
+                    .invoke_async(conn)
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        Ok(match reply[..] {
+            [id, added_at] => Some(RuntimeEntry {
+                id,
+                added_at,
+                ..entry.clone()
+            }),
+            _ => None,
+        })
+    }
+
+    async fn remove_entries(&self, ids: &[u64]) -> Result<Vec<RuntimeEntry>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = Script::new(REMOVE_ENTRIES_LUA);
+        let pairs: Vec<Vec<u8>> = self
+            .run(async |conn| {
+                script
+                    .key(ENTRIES_KEY)
+                    .key(ENTRIES_INDEX_KEY)
+                    .key(ENTRIES_VERSION_KEY)
+                    .arg(ids)
+                    .invoke_async(conn)
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        Ok(stored_entries(pairs))
+    }
 }
 
 /// The entry a scanned key and its value stand for, if they make one: a key gone since
@@ -770,8 +1341,45 @@ fn scanned_entry(kind: EntryKind, key: &[u8], value: Option<&[u8]>) -> Option<En
     }
 }
 
-fn format_scan_cursor(at: u64, keys: &[Vec<u8>], prefix: &str) -> String {
-    let mut out = at.to_string();
+/// The answer of one server to `cmd` (in a cluster, of any node: commands without a key
+/// would otherwise go to every node).
+async fn on_one_node<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    cmd: redis::Cmd,
+) -> Result<T, StoreError> {
+    let value = match conn {
+        Conn::One(c) => cmd.query_async(c).await,
+        Conn::Cluster(c) => {
+            c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+                .await
+        }
+    }
+    .map_err(classify)?;
+    redis::from_redis_value(value).map_err(|e| StoreError::Backend(format!("redis: {e}")))
+}
+
+/// The masters of a cluster (`host:port`) in a `CLUSTER NODES` answer: one line per node,
+/// `<id> <host:port@cport[,hostname]> <flags> ...`; failed masters are left out.
+fn cluster_masters(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, addr, flags) = (fields.next()?, fields.next()?, fields.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+                return None;
+            }
+            let addr = addr.split(['@', ',']).next()?;
+            (!addr.is_empty() && !addr.starts_with(':')).then(|| addr.to_owned())
+        })
+        .collect()
+}
+
+fn format_scan_cursor(node: Option<&str>, at: u64, keys: &[Vec<u8>], prefix: &str) -> String {
+    let mut out = match node {
+        Some(node) => format!("{node}/{at}"),
+        None => at.to_string(),
+    };
     for k in keys {
         out.push('.');
         out.push_str(&cursor::hex(k.strip_prefix(prefix.as_bytes()).unwrap_or(k)));
@@ -779,8 +1387,30 @@ fn format_scan_cursor(at: u64, keys: &[Vec<u8>], prefix: &str) -> String {
     out
 }
 
-fn parse_scan_cursor(s: &str, prefix: &str) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
-    let mut parts = s.split('.');
+/// The cursor `s` as (index into `nodes`, SCAN cursor, keys still to look at). A cluster
+/// node gone since the cursor was made is followed by the next one in order.
+fn parse_scan_cursor(
+    s: &str,
+    prefix: &str,
+    nodes: &[Option<String>],
+) -> Result<(usize, u64, Vec<Vec<u8>>), StoreError> {
+    let (node, rest) = match s.split_once('/') {
+        Some((node, rest)) => {
+            let at = nodes.iter().position(|n| n.as_deref() == Some(node));
+            match at {
+                Some(i) => (i, rest),
+                None if nodes.iter().all(Option::is_some) => {
+                    // Gone (a failover renamed it): go on with the next in order, afresh.
+                    let next = nodes.iter().position(|n| n.as_deref() > Some(node));
+                    return Ok((next.unwrap_or(nodes.len()), 0, Vec::new()));
+                }
+                None => return Err(cursor::bad(s)),
+            }
+        }
+        None if nodes.iter().all(Option::is_none) => (0, s),
+        None => return Err(cursor::bad(s)),
+    };
+    let mut parts = rest.split('.');
     let at = parts
         .next()
         .and_then(|a| a.parse().ok())
@@ -792,7 +1422,7 @@ fn parse_scan_cursor(s: &str, prefix: &str) -> Result<(u64, Vec<Vec<u8>>), Store
             Ok(key)
         })
         .collect::<Result<_, StoreError>>()?;
-    Ok((at, keys))
+    Ok((node, at, keys))
 }
 
 #[cfg(test)]
@@ -818,12 +1448,91 @@ mod tests {
         assert_eq!(client_key("192.0.2.0/24"), "gg:c:{192.0.2.0/24}");
     }
 
+    /// The entries' keys share one hash tag: each script touches a single Cluster slot.
+    #[test]
+    fn entries_keys_share_one_hash_slot() {
+        for k in [
+            ENTRIES_KEY,
+            ENTRIES_INDEX_KEY,
+            ENTRIES_VERSION_KEY,
+            ENTRIES_NEXT_ID_KEY,
+        ] {
+            let tag = &k[k.find('{').unwrap() + 1..k.find('}').unwrap()];
+            assert_eq!(tag, "entries", "{k}");
+        }
+    }
+
     #[test]
     fn ttls_round_up_never_down() {
         assert_eq!(ttl_for(1_000_000 + 300, 1_000_000), Some(300));
         assert_eq!(ttl_for(1_000_000 + 5, 1_000_000), Some(MIN_TTL));
         assert_eq!(ttl_for(10, 1_000_000), Some(MIN_TTL), "already dead");
         assert_eq!(ttl_for(u64::MAX - 1, 1_000_000), None, "beyond MAX_TTL");
+    }
+
+    #[test]
+    fn cluster_masters_are_read_from_cluster_nodes() {
+        let text = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 :0@0 master,noaddr - 0 0 0 disconnected
+";
+        assert_eq!(cluster_masters(text), ["127.0.0.1:7001", "127.0.0.1:7002"]);
+    }
+
+    #[test]
+    fn cluster_cursors_name_their_node_and_survive_its_departure() {
+        let nodes = [
+            Some("127.0.0.1:7001".to_owned()),
+            Some("127.0.0.1:7003".to_owned()),
+        ];
+        let c = format_scan_cursor(
+            Some("127.0.0.1:7003"),
+            42,
+            &[b"gg:t:{ab}".to_vec()],
+            "gg:t:",
+        );
+        assert_eq!(
+            parse_scan_cursor(&c, "gg:t:", &nodes).unwrap(),
+            (1, 42, vec![b"gg:t:{ab}".to_vec()])
+        );
+        // 7002 is gone: the walk goes on with the next node in order, from its start.
+        assert_eq!(
+            parse_scan_cursor("127.0.0.1:7002/9", "gg:t:", &nodes).unwrap(),
+            (1, 0, vec![])
+        );
+        assert_eq!(
+            parse_scan_cursor("127.0.0.1:7009/9", "gg:t:", &nodes).unwrap(),
+            (2, 0, vec![]),
+            "past the last node: done"
+        );
+        // A one-server cursor on a cluster, and the other way round, are refused.
+        assert!(parse_scan_cursor("42", "gg:t:", &nodes).is_err());
+        assert!(parse_scan_cursor("127.0.0.1:7001/4", "gg:t:", &[None]).is_err());
+        assert_eq!(
+            parse_scan_cursor("7", "gg:t:", &[None]).unwrap(),
+            (0, 7, vec![])
+        );
+    }
+
+    #[test]
+    fn node_lists_take_host_port_or_redis_urls_without_credentials() {
+        assert!(check_nodes(&["10.0.0.1:26379".into(), "redis://[::1]:26379".into()]).is_ok());
+        assert!(check_nodes(&["rediss://a:1".into(), "rediss://b:2".into()]).is_ok());
+        let mixed = check_nodes(&["a:1".into(), "rediss://b:2".into()]).unwrap_err();
+        assert!(mixed.contains("TLS is for all nodes or none"), "{mixed}");
+        let creds = check_nodes(&["redis://:pw@a:1".into()]).unwrap_err();
+        assert!(
+            creds.contains("username and password") && !creds.contains("pw@"),
+            "{creds}"
+        );
+        assert!(
+            check_nodes(&["redis://a:1/3".into()]).is_err(),
+            "no database"
+        );
+        assert!(check_nodes(&["unix:///run/redis.sock".into()]).is_err());
     }
 
     #[test]

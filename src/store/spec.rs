@@ -39,12 +39,88 @@ pub enum StoreKind {
 /// Where a shared store's server is and how to reach it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerStore {
+    /// How the redis backend finds its server: the one at `url`, the master the sentinels
+    /// name, or a Redis Cluster. Always `Single` for postgres.
+    pub redis: RedisTopology,
     /// The URL as configured, credentials included: show it with `Display`, which hides
     /// the password.
     pub url: String,
     pub pool_size: usize,
     pub connect_timeout: Duration,
     pub tls_ca_file: Option<PathBuf>,
+}
+
+/// How the redis backend finds its server.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum RedisTopology {
+    /// The one server at the store's `url`.
+    #[default]
+    Single,
+    /// The master that Redis Sentinel names `master_name`, asked of `sentinels`
+    /// (`host:port`, or `rediss://host:port` for TLS to the sentinels and the servers).
+    Sentinel {
+        sentinels: Vec<String>,
+        master_name: String,
+        auth: RedisAuth,
+    },
+    /// A Redis Cluster, found from any of `nodes` (as `sentinels`).
+    Cluster { nodes: Vec<String>, auth: RedisAuth },
+}
+
+/// The credentials of the data servers of a Sentinel or Cluster set-up (a single server's
+/// are in its URL).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl RedisTopology {
+    /// Whether connections use TLS: the scheme of the list entries (one for all).
+    pub fn tls(&self) -> bool {
+        let nodes = match self {
+            RedisTopology::Single => return false,
+            RedisTopology::Sentinel { sentinels, .. } => sentinels,
+            RedisTopology::Cluster { nodes, .. } => nodes,
+        };
+        nodes.iter().any(|n| n.starts_with("rediss://"))
+    }
+}
+
+impl fmt::Display for RedisTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisTopology::Single => f.write_str("single server"),
+            RedisTopology::Sentinel {
+                sentinels,
+                master_name,
+                ..
+            } => write!(
+                f,
+                "sentinel: master {master_name:?} via {}",
+                sentinels.join(", ")
+            ),
+            RedisTopology::Cluster { nodes, .. } => write!(f, "cluster: {}", nodes.join(", ")),
+        }
+    }
+}
+
+// Never the password.
+impl fmt::Debug for RedisTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)?;
+        let auth = match self {
+            RedisTopology::Single => return Ok(()),
+            RedisTopology::Sentinel { auth, .. } | RedisTopology::Cluster { auth, .. } => auth,
+        };
+        if let Some(user) = &auth.username {
+            write!(f, " user {user:?}")?;
+        }
+        if auth.password.is_some() {
+            f.write_str(" password ***")?;
+        }
+        Ok(())
+    }
 }
 
 impl ServerStore {
@@ -56,7 +132,10 @@ impl ServerStore {
 
 impl fmt::Display for ServerStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted_url())
+        match &self.redis {
+            RedisTopology::Single => f.write_str(&self.redacted_url()),
+            other => write!(f, "({other})"),
+        }
     }
 }
 
@@ -64,6 +143,7 @@ impl fmt::Display for ServerStore {
 impl fmt::Debug for ServerStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerStore")
+            .field("redis", &self.redis)
             .field("url", &self.redacted_url())
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
@@ -195,11 +275,7 @@ pub fn open(spec: &StoreSpec, access: Access) -> Result<Arc<dyn Store>, StoreErr
             Ok(Arc::new(s))
         }
         (StoreKind::Redis(server), _) => {
-            let s = RedisStore::new(
-                &server.url,
-                server.connect_timeout,
-                op_limit(spec, server, access),
-            )?;
+            let s = RedisStore::with_server(server, op_limit(spec, server, access))?;
             if access == Access::Serve {
                 tracing::info!(store = %s.describe(), "store ready (connects on first use)");
             }
@@ -279,8 +355,7 @@ fn op_limit(spec: &StoreSpec, server: &ServerStore, access: Access) -> Duration 
 pub async fn check(spec: &StoreSpec) -> Result<Option<String>, StoreError> {
     match &spec.kind {
         StoreKind::Redis(s) => {
-            let store =
-                RedisStore::new(&s.url, s.connect_timeout, op_limit(spec, s, Access::Read))?;
+            let store = RedisStore::with_server(s, op_limit(spec, s, Access::Read))?;
             let who = store.check().await?;
             super::mode::check(&store, &spec.addresses).await?;
             Ok(Some(who))

@@ -9,64 +9,14 @@ use std::time::{Duration, Instant};
 use greygate::engine::TripletKey;
 use greygate::store::{PostgresStore, RedisStore, Store};
 
-use crate::harness::postgres::Postgres;
-use crate::harness::redis::Redis;
+use crate::harness::shared::{Kind, Server};
 use crate::harness::{Daemon, DaemonConfig, PolicyClient, rcpt_request, run_cli};
 
 /// The store timeout the daemons run with: every answer during an outage must come
 /// within it (plus scheduling slack).
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Redis,
-    Postgres,
-}
-
-/// The shared server of a test.
-enum Server {
-    Redis(Redis),
-    Postgres(Postgres),
-}
-
 impl Server {
-    fn start(kind: Kind, test: &str) -> Option<Server> {
-        match kind {
-            Kind::Redis => Redis::start(test).map(Server::Redis),
-            Kind::Postgres => Postgres::start(test).map(Server::Postgres),
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Server::Redis(_) => "redis",
-            Server::Postgres(_) => "postgres",
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Server::Redis(r) => r.url(),
-            Server::Postgres(p) => p.url(),
-        }
-    }
-
-    /// Kills the server the hard way (SIGKILL; PostgreSQL's immediate stop).
-    fn crash(&mut self) {
-        match self {
-            Server::Redis(r) => r.kill(),
-            Server::Postgres(p) => p.crash(),
-        }
-    }
-
-    /// Starts it again on the same port (Redis comes back empty, PostgreSQL with its data).
-    fn revive(&mut self) {
-        match self {
-            Server::Redis(r) => r.restart(),
-            Server::Postgres(p) => p.start_again(),
-        }
-    }
-
     /// The store as a daemon sees it, for checking records directly.
     fn store(&self) -> Arc<dyn Store> {
         let second = Duration::from_secs(1);
@@ -554,6 +504,7 @@ fn check_config_explains_store_setting_mistakes() {
 fn store_urls_are_shown_without_passwords() {
     let shown = |url: &str| {
         greygate::store::ServerStore {
+            redis: greygate::store::RedisTopology::Single,
             url: url.into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
@@ -577,6 +528,7 @@ fn store_urls_are_shown_without_passwords() {
     let debug = format!(
         "{:?}",
         greygate::store::ServerStore {
+            redis: greygate::store::RedisTopology::Single,
             url: "postgres://gg:s3cret@db/gg".into(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),

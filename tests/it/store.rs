@@ -378,6 +378,7 @@ async fn shared_stores_refuse_every_operation_in_the_other_mode() {
     };
     let hashed = AddressKeys::hashed(conformance::HASHED_SECRET);
     let server = |url: String| ServerStore {
+        redis: greygate::store::RedisTopology::Single,
         url,
         pool_size: 2,
         connect_timeout: SECOND,

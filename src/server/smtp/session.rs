@@ -1156,28 +1156,47 @@ async fn trapped(ctx: &SmtpContext, ip: IpAddr, req: &Request, now: u64) {
         "greytrap: sent to {}",
         recipient.chars().take(200).collect::<String>()
     );
-    let svc = ctx.svc.clone();
     let value = ip.to_string();
-    let added = tokio::task::spawn_blocking(move || {
-        svc.add_entry(
-            ListKind::Deny,
-            Target::Client,
-            &value,
-            Some(ttl),
-            &comment,
-            now,
-        )
-    })
-    .await;
+    let added = if ctx.svc.entries.is_shared() {
+        // Into the store every daemon reads (bounded by the store timeout).
+        ctx.svc
+            .add_entry(
+                ListKind::Deny,
+                Target::Client,
+                &value,
+                Some(ttl),
+                &comment,
+                now,
+            )
+            .await
+    } else {
+        // The entries file is written and synced: off the runtime's threads.
+        let svc = ctx.svc.clone();
+        match tokio::task::spawn_blocking(move || {
+            svc.add_file_entry(
+                ListKind::Deny,
+                Target::Client,
+                &value,
+                Some(ttl),
+                &comment,
+                now,
+            )
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed");
+                return;
+            }
+        }
+    };
     match added {
-        Ok(Ok(_)) => tracing::warn!(
+        Ok(_) => tracing::warn!(
             rule = "greytrap", client = %ip, recipient, deny_for = ?ctx.config.traps.deny_for,
             "client sent to a trap address; denied on every front end"
         ),
-        Ok(Err(e)) => {
-            tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry")
-        }
-        Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: deny entry task failed"),
+        Err(e) => tracing::error!(client = %ip, error = %e, "greytrap: cannot add the deny entry"),
     }
 }
 

@@ -119,6 +119,9 @@ pub struct StreamConfig {
     /// How many recent new triplets a connection remembers for retries. Postfix retries
     /// come minutes after the first attempt, long after many other requests.
     pub retry_pool: usize,
+    /// How many sender domains new triplets draw from (uniformly): fewer means more of
+    /// them already known to DNS caches, as a site's regular correspondents are.
+    pub domains: u64,
 }
 
 impl Default for StreamConfig {
@@ -127,6 +130,7 @@ impl Default for StreamConfig {
             mix: Mix::default(),
             ipv6: 20,
             retry_pool: 4096,
+            domains: 50_000,
         }
     }
 }
@@ -243,7 +247,7 @@ impl RequestStream {
         };
         let named = r.percent(70);
         let host = r.below(1 << 20);
-        let domain = r.below(50_000);
+        let domain = r.below(self.config.domains.max(1));
         let sender_kind = r.below(100);
         let user = r.below(1000);
         let tag = r.below(1 << 32);
@@ -411,6 +415,35 @@ mod tests {
         let mut s = RequestStream::new(1, 0, cfg);
         let kinds: Vec<Kind> = take(&mut s, 3).into_iter().map(|(k, _)| k).collect();
         assert_eq!(kinds, [Kind::New, Kind::Retry, Kind::Retry]);
+    }
+
+    #[test]
+    fn sender_domains_come_from_the_configured_number() {
+        let cfg = StreamConfig {
+            domains: 3,
+            ..StreamConfig::default()
+        };
+        let mut s = RequestStream::new(1, 0, cfg);
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, block) in take(&mut s, 2000) {
+            let text = String::from_utf8_lossy(&block).into_owned();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("sender=") && l.contains('@'))
+            {
+                let domain = line.rsplit('@').next().unwrap_or_default();
+                seen.insert(
+                    domain
+                        .trim_start_matches("list")
+                        .trim_start_matches('s')
+                        .to_string(),
+                );
+            }
+        }
+        let expected: std::collections::BTreeSet<String> = ["0.example", "1.example", "2.example"]
+            .map(String::from)
+            .into();
+        assert_eq!(seen, expected);
     }
 
     #[test]

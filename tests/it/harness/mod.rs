@@ -7,10 +7,12 @@
 pub mod disk;
 pub mod dns;
 pub mod exim;
+pub mod netns;
 pub mod postfix;
 pub mod postgres;
 pub mod postgrey;
 pub mod redis;
+pub mod shared;
 pub mod sqlgrey;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -64,6 +66,9 @@ pub struct Daemon {
     /// Admin listener (`127.0.0.1:PORT`), when one was started.
     pub admin: Option<SocketAddr>,
     pub dir: PathBuf,
+    /// The network namespace it runs in (a host of a [`netns::Bed`]); its loopback
+    /// listeners are reached from inside it.
+    pub netns: Option<String>,
 }
 
 /// How to start a daemon.
@@ -85,6 +90,8 @@ pub struct DaemonConfig {
     pub nofile: Option<(u64, u64)>,
     /// `GREYGATE_LOG` of the daemon (default `debug`).
     pub log_filter: String,
+    /// The network namespace to run in (default: the test's own).
+    pub netns: Option<String>,
 }
 
 impl DaemonConfig {
@@ -99,7 +106,16 @@ impl DaemonConfig {
             extra_args: Vec::new(),
             nofile: None,
             log_filter: "debug".into(),
+            netns: None,
         }
+    }
+
+    /// Runs the daemon inside network namespace `ns` (a host of a [`netns::Bed`]): its
+    /// listeners, on that namespace's loopback unless told otherwise, are reached from
+    /// inside it ([`Daemon::client`] does).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
     }
 
     /// Starts the daemon with this file descriptor limit (soft, hard).
@@ -199,6 +215,9 @@ impl DaemonConfig {
                 });
             }
         }
+        if let Some(ns) = &self.netns {
+            netns::enter(&mut cmd, ns);
+        }
         cmd.args(&self.extra_args)
             .env("GREYGATE_LOG", &self.log_filter)
             .stdin(Stdio::null())
@@ -224,6 +243,7 @@ impl DaemonConfig {
             smtp_listeners: Vec::new(),
             admin: None,
             dir: self.dir.clone(),
+            netns: self.netns.clone(),
         };
         let want_admin = !self.extra_args.iter().any(|a| a == "--no-admin");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -335,9 +355,13 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
     }
 
-    /// A connected policy client on the first TCP listener.
+    /// A connected policy client on the first TCP listener (from inside the daemon's
+    /// network namespace when it has one).
     pub fn client(&self) -> PolicyClient {
-        PolicyClient::tcp(self.tcp())
+        match &self.netns {
+            Some(ns) => PolicyClient::from_tcp(netns::connect(ns, self.tcp())),
+            None => PolicyClient::tcp(self.tcp()),
+        }
     }
 
     pub fn pid(&self) -> i32 {

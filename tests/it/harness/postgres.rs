@@ -4,15 +4,19 @@
 //! committed). It can be stopped the hard way
 //! (`pg_ctl stop -m immediate`: every backend exits at once, as in a crash) and started
 //! again on the same port and data. Stopped on drop; never the system's cluster.
+//! [`Postgres::start_on`] runs one on a host of a multi-host test bed instead (`netns.rs`),
+//! listening on that host's address and trusting the bed's network.
 //!
 //! PostgreSQL refuses to run as root, so as root the harness runs `initdb` and `pg_ctl` as
 //! the `postgres` user, which owns the temp directory. Without the server binaries the
 //! tests that need them skip with a printed reason under plain `cargo test` and fail under
 //! the README's test command (`GREYGATE_REQUIRE_PEERS=1`).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::netns::{self, Host};
 use super::peers_required;
 use super::postfix::free_port;
 
@@ -42,6 +46,10 @@ pub struct Postgres {
     bin: PathBuf,
     running: bool,
     dir: tempfile::TempDir,
+    /// The address it listens on: 127.0.0.1, or its bed host's address.
+    host: Ipv4Addr,
+    /// The network namespace it runs in, when on a bed host.
+    netns: Option<String>,
     /// `ssl = on` with this certificate and key (`start_tls`).
     tls: Option<(PathBuf, PathBuf)>,
 }
@@ -50,7 +58,14 @@ impl Postgres {
     /// Creates and starts one, or returns `None` (after printing why) when PostgreSQL is
     /// missing and real peers are not required; panics when they are.
     pub fn start(test: &str) -> Option<Postgres> {
-        Self::start_with(test, None)
+        Self::start_at(test, None, None)
+    }
+
+    /// One on `host` of a multi-host test bed, listening on the host's address and port
+    /// 5432 (the namespace is its own), trusting clients from `network` (the bed's /24),
+    /// or `None` as for `start`.
+    pub fn start_on(test: &str, host: &Host, network: &str) -> Option<Postgres> {
+        Self::start_at(test, Some((host, network)), None)
     }
 
     /// Like `start`, with `ssl = on`: the server's certificate, for `names` (`DNS:localhost`,
@@ -63,13 +78,17 @@ impl Postgres {
         let certs = tempfile::tempdir().expect("temp dir");
         let ca = TestCa::new(certs.path(), "server-ca");
         let (cert, key) = ca.issue(certs.path(), "server", names);
-        let pg = Self::start_with(test, Some((cert, key)))?;
+        let pg = Self::start_at(test, None, Some((cert, key)))?;
         let ca_file = pg.dir().join("ca.pem");
         std::fs::copy(&ca.cert, &ca_file).expect("copy CA");
         Some((pg, ca_file))
     }
 
-    fn start_with(test: &str, tls: Option<(PathBuf, PathBuf)>) -> Option<Postgres> {
+    fn start_at(
+        test: &str,
+        on: Option<(&Host, &str)>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             let why = "PostgreSQL server binaries (initdb, pg_ctl) not installed \
                        (scripts/test installs postgresql)";
@@ -100,10 +119,12 @@ impl Postgres {
             assert!(status.success(), "chown postgres {}", dir.path().display());
         }
         let pg = Postgres {
-            port: free_port(),
+            port: if on.is_some() { 5432 } else { free_port() },
             bin,
             running: false,
             dir,
+            host: on.map_or(Ipv4Addr::LOCALHOST, |(h, _)| h.addr),
+            netns: on.map(|(h, _)| h.ns.clone()),
             tls: None,
         };
         let data = pg.data();
@@ -120,6 +141,16 @@ impl Postgres {
                 "--locale=C",
             ],
         );
+        if let Some((_, network)) = on {
+            // initdb trusts loopback only; the bed's hosts connect from their addresses.
+            use std::io::Write;
+            let hba = Path::new(&data).join("pg_hba.conf");
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&hba)
+                .and_then(|mut f| writeln!(f, "host all all {network} trust"))
+                .unwrap_or_else(|e| panic!("{}: {e}", hba.display()));
+        }
         let mut pg = pg;
         if let Some((cert, key)) = tls {
             // In the server's directory, owned by the server's user, the key private: the
@@ -163,6 +194,10 @@ impl Postgres {
         } else {
             Command::new(&path)
         };
+        if let Some(ns) = &self.netns {
+            // The server that `pg_ctl start` forks stays in the namespace.
+            netns::enter(&mut cmd, ns);
+        }
         let out = cmd
             .args(args)
             .current_dir(self.dir.path())
@@ -181,7 +216,7 @@ impl Postgres {
 
     /// Connection URL for the `postgres` superuser's database.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@{}:{}/postgres", self.host, self.port)
     }
 
     /// Starts the server (again) on the same port and data; returns when it accepts
@@ -190,9 +225,9 @@ impl Postgres {
         let data = self.data();
         let dir = self.dir.path().display().to_string();
         let mut options = format!(
-            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off \
+            "-p {} -k {dir} -c listen_addresses={} -c fsync=off \
              -c full_page_writes=off -c max_connections=200",
-            self.port
+            self.port, self.host
         );
         if let Some((cert, key)) = &self.tls {
             options.push_str(&format!(
