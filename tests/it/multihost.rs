@@ -236,11 +236,10 @@ fn partition_and_rejoin(kind: Kind, test: &str) {
         m1.wait_log_count("rule=\"early-retry\"", early + 1, Duration::from_secs(5)),
         "mx2's triplet after the rejoin reached the store"
     );
-    // What mx2 let through while cut off was never written: mx1 sees it for the first time.
-    let new = rule_count(m1, "new");
-    let missed = rcpt_request("198.51.100.7", "cut0-mx2@example.net", "rcpt@example.org");
-    assert!(is_defer(&c1.ask(&missed)));
-    assert!(m1.wait_log_count("rule=\"new\"", new + 1, Duration::from_secs(5)));
+    // What mx2 let through while cut off is not asserted either way: a write it had sent
+    // (a first sighting goes out as one `SET NX`, without a read first) sits in its TCP
+    // send queue during the cut and may land when the link returns. That record is true
+    // (the triplet was seen then) and harmless: the mail was accepted, nobody retries it.
     assert_eq!(site.metrics(2)["greygate_store_available{}"], 1.0);
     assert_eq!(site.admin(2, |http| http.get("/healthz")).0, 200);
 
