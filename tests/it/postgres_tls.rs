@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use greygate::store::{PostgresStore, conformance};
 
-use crate::harness::postgres::{Postgres, TestCa};
+use crate::harness::postgres::Postgres;
+use crate::harness::tls::TestCa;
 use crate::harness::{DaemonConfig, rcpt_request, run_cli, tool_available};
 
 const SECOND: Duration = Duration::from_secs(1);

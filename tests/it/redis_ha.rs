@@ -4,7 +4,6 @@
 //! while traffic runs) and `rediss://` with a test CA.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use greygate::store::conformance::{self, Expiry};
 use greygate::store::{EntryKind, RedisAuth, RedisStore, RedisTopology, ServerStore, Store};
 
 use crate::harness::redis::Redis;
+use crate::harness::tls::TestCa;
 use crate::harness::{DaemonConfig, rcpt_request, run_cli};
 
 /// The store timeout the daemons run with: no answer may wait much longer.
@@ -575,89 +575,12 @@ async fn cluster_store_conformance() {
 
 // ---------------------------------------------------------------- TLS
 
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("/usr/bin/openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`<name>-ca.pem`) and a server certificate for 127.0.0.1 signed by it; returns
-/// (ca, cert, key).
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`, named after
+/// `name`: (ca, cert, key).
 fn test_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let f = |s: &str| format!("{name}-{s}");
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=greygate test CA {name}"),
-            "-keyout",
-            &f("ca.key"),
-            "-out",
-            &f("ca.pem"),
-        ],
-        dir,
-    );
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &f("key.pem"),
-            "-out",
-            &f("csr.pem"),
-        ],
-        dir,
-    );
-    std::fs::write(
-        dir.join(f("ext.cnf")),
-        // clientAuth too: a TLS cluster's nodes present it to each other on the bus.
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         extendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &f("csr.pem"),
-            "-CA",
-            &f("ca.pem"),
-            "-CAkey",
-            &f("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &f("ext.cnf"),
-            "-out",
-            &f("cert.pem"),
-        ],
-        dir,
-    );
-    (
-        dir.join(f("ca.pem")),
-        dir.join(f("cert.pem")),
-        dir.join(f("key.pem")),
-    )
+    let ca = TestCa::new(dir, &format!("{name}-ca"));
+    let (cert, key) = ca.issue(dir, &format!("{name}-server"), "IP:127.0.0.1,DNS:localhost");
+    (ca.cert, cert, key)
 }
 
 // Done when: TLS — Redis with tls-port, test certificates; the right CA works; a wrong CA

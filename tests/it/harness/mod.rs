@@ -14,6 +14,7 @@ pub mod postgrey;
 pub mod redis;
 pub mod shared;
 pub mod sqlgrey;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
