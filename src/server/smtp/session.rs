@@ -96,6 +96,8 @@ fn data_allowance(data_timeout: Duration, size: u64) -> Duration {
 
 /// The reply when the backend session broke in mid-transaction.
 const BACKEND_LOST: &str = "451 4.4.2 Connection to the mail server lost, try again later\r\n";
+/// Message data gathered before it is written to the backend (the rest at its end).
+const DATA_WRITE: usize = 32 * 1024;
 /// Bytes of a BDAT chunk relayed at once.
 const BDAT_PIECE: usize = 64 * 1024;
 
@@ -938,9 +940,13 @@ impl Session<'_> {
             size += bytes.len() as u64;
             if failed.is_none() && size <= max {
                 normalize.feed(bytes, &mut out);
-                let backend = self.backend.as_mut().expect("open while relaying");
-                failed = backend.send(&out).await.err();
-                out.clear();
+                // Small reads are gathered into fewer, bigger writes (a message of a
+                // few KiB goes out in one): fewer wake-ups of greygate and the backend.
+                if done || out.len() >= DATA_WRITE {
+                    let backend = self.backend.as_mut().expect("open while relaying");
+                    failed = backend.send(&out).await.err();
+                    out.clear();
+                }
             }
             if done {
                 break;
