@@ -1158,7 +1158,17 @@ fn wait_log_lines(pf: &Postfix, words: &[&str], want: usize) -> Vec<String> {
 fn relay_one(from: Ipv4Addr, to: SocketAddr, subject: &str) {
     let mut c = Smtp::greeted(from, to);
     transaction(&mut c, subject);
+    quit_and_wait(c);
+}
+
+/// QUIT, then wait for greygate to close the connection: the session is over, its backend
+/// session given back to the pool or closed.
+fn quit_and_wait(mut c: Smtp) {
     assert!(c.ask("QUIT").starts_with("221"));
+    assert!(
+        c.closed_within(Duration::from_secs(10)).is_some(),
+        "greygate closes the connection after QUIT"
+    );
 }
 
 fn transaction(c: &mut Smtp, subject: &str) {
@@ -1304,8 +1314,8 @@ fn backend_pool_keeps_at_most_backend_pool_sessions_and_closes_idle_ones() {
     let mut b = Smtp::greeted(Ipv4Addr::new(127, 0, 0, 2), s.greygate.smtp());
     transaction(&mut a, "bounded-a");
     transaction(&mut b, "bounded-b");
-    assert!(a.ask("QUIT").starts_with("221"));
-    assert!(b.ask("QUIT").starts_with("221"));
+    quit_and_wait(a);
+    quit_and_wait(b);
     // The pool keeps one of them; the other is closed at once.
     let ended = Instant::now();
     wait_log_lines(&s.postfix, &["smtpd", "disconnect from"], base + 1);
@@ -1384,4 +1394,30 @@ fn backend_refusing_data_answers_the_end_of_the_message_and_nothing_is_delivered
         "{summaries:?}"
     );
     assert_eq!(metric(&s.greygate, "greygate_smtp_messages_total{}"), 0.0);
+}
+
+// Backend pool: a backend session left in a transaction (the client quit after RCPT) is
+// reset before the next client session uses it.
+#[test]
+fn backend_session_left_in_a_transaction_is_reset_before_it_is_reused() {
+    let toml = greygate_toml(LONG, NO_XCLIENT, ALLOW_LOOPBACK);
+    let Some(s) = Site::start("backend_session_left_in_a_transaction", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO client.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    quit_and_wait(c);
+    // Had the backend still been in that transaction, this MAIL would be a nested one.
+    relay_one(LOCAL, s.greygate.smtp(), "after-reset");
+    delivered_whole(&s.postfix, "Subject: after-reset", b"");
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
+        1.0
+    );
 }

@@ -786,9 +786,13 @@ impl Session<'_> {
             return;
         }
         let in_tx = self.tx.take().is_some_and(|t| t.backend_has_mail);
-        if in_tx && b.reset().await.is_err() {
-            b.quit().await;
-            return;
+        if in_tx {
+            // As long as a QUIT may take: a slow backend is not worth keeping.
+            let reset = tokio::time::timeout(Duration::from_secs(5), b.reset()).await;
+            if !matches!(reset, Ok(Ok(()))) {
+                b.quit().await;
+                return;
+            }
         }
         self.ctx.pool.put(b);
     }
