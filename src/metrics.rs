@@ -203,6 +203,10 @@ pub struct SmtpStats {
     pub error_disconnects: AtomicU64,
     /// The backend could not be reached or stopped answering.
     pub backend_failures: AtomicU64,
+    /// Backend sessions opened for clients (not those taken from the pool).
+    pub backend_connections: AtomicU64,
+    /// Backend sessions taken from the pool for a client.
+    pub backend_reuses: AtomicU64,
     /// Messages the backend accepted.
     pub messages: AtomicU64,
     pub message_bytes: AtomicU64,

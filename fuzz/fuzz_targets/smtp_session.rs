@@ -12,7 +12,7 @@ use greygate::server::StopSignals;
 use greygate::server::replies::{DeferAction, Replies};
 use greygate::server::slots::Slot;
 use greygate::server::smtp::{
-    BackendOptions, Guard, PregreetAction, PregreetConfig, ProxyProtocol, SmtpConfig,
+    BackendOptions, Guard, Pool, PregreetAction, PregreetConfig, ProxyProtocol, SmtpConfig,
     SmtpContext, SmtpLimits, TarpitConfig, TrapConfig, Traps, serve_connection,
 };
 use greygate::service::{FailMode, Greylister, ServiceOptions, StoreSlot};
@@ -75,6 +75,8 @@ fn world() -> &'static World {
                         proxy: ProxyProtocol::Off,
                         starttls: false,
                         connect_timeout: Duration::from_secs(1),
+                        pool: 0,
+                        pool_idle: Duration::from_secs(1),
                         reply_timeout: Duration::from_secs(1),
                     },
                     hostname: "gw.test".into(),
@@ -104,6 +106,7 @@ fn world() -> &'static World {
                 },
                 tls: Arc::new(arc_swap::ArcSwapOption::empty()),
                 guard: Arc::new(guard),
+                pool: Pool::new(0, Duration::from_secs(1)),
                 stops: StopSignals::new(CancellationToken::new(), CancellationToken::new()),
             })
         });

@@ -452,6 +452,16 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
             &smtp.backend_failures,
         ),
         (
+            "greygate_smtp_backend_connections_total",
+            "Backend sessions the SMTP front opened for clients.",
+            &smtp.backend_connections,
+        ),
+        (
+            "greygate_smtp_backend_reuses_total",
+            "Idle backend sessions the SMTP front took from its pool for a client.",
+            &smtp.backend_reuses,
+        ),
+        (
             "greygate_smtp_messages_total",
             "Messages relayed through the SMTP front and accepted by the backend.",
             &smtp.messages,

@@ -42,6 +42,10 @@ pub struct RawSmtp {
     pub backend_proxy: String,
     /// STARTTLS towards the backend when it offers it.
     pub backend_starttls: bool,
+    /// Most idle backend sessions kept for later clients; `0`: none.
+    pub backend_pool: usize,
+    /// How long an idle backend session is kept.
+    pub backend_idle: Dur,
     /// Hold the banner's last line back this long; a client that talks first is a bot.
     /// `0` turns the test off.
     pub pregreet_wait: Dur,
@@ -86,6 +90,8 @@ impl Default for RawSmtp {
             backend_xclient: true,
             backend_proxy: "off".into(),
             backend_starttls: false,
+            backend_pool: d::BACKEND_POOL,
+            backend_idle: Dur(d::BACKEND_POOL_IDLE),
             pregreet_wait: Dur(d::PREGREET_WAIT),
             pregreet_action: "reject".into(),
             pregreet_suspect_for: Dur(d::PREGREET_SUSPECT_FOR),
@@ -175,6 +181,18 @@ impl RawSmtp {
                 p.at(&at(k), format!("{k} must be positive"));
             }
         }
+        if self.backend_pool > self.max_connections {
+            p.at(
+                &at("backend_pool"),
+                "backend_pool must be between 0 and max_connections".into(),
+            );
+        }
+        if self.backend_idle.0 > Duration::from_secs(300) {
+            p.at(
+                &at("backend_idle"),
+                "backend_idle over 5 minutes outlasts mail servers' own idle timeouts".into(),
+            );
+        }
         let proxy = self.backend_proxy.parse().unwrap_or_else(|e| {
             p.at(&at("backend_proxy"), e);
             crate::server::smtp::ProxyProtocol::Off
@@ -239,6 +257,8 @@ impl RawSmtp {
                 proxy,
                 starttls: self.backend_starttls,
                 connect_timeout: self.backend_connect_timeout.0,
+                pool: self.backend_pool,
+                pool_idle: self.backend_idle.0,
                 reply_timeout: self.backend_timeout.0,
             },
             hostname: self

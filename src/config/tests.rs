@@ -1156,6 +1156,8 @@ backend_timeout = "1m"
 backend_xclient = false
 backend_proxy = "v2"
 backend_starttls = true
+backend_pool = 4
+backend_idle = "30s"
 pregreet_wait = "3s"
 pregreet_action = "defer"
 pregreet_suspect_for = "12h"
@@ -1197,6 +1199,10 @@ trap_deny_for = "6h"
         crate::server::smtp::ProxyProtocol::V2
     );
     assert_eq!(s.backend_options.connect_timeout, Duration::from_secs(5));
+    assert_eq!(
+        (s.backend_options.pool, s.backend_options.pool_idle),
+        (4, Duration::from_secs(30))
+    );
     assert_eq!(s.pregreet.wait, Duration::from_secs(3));
     assert_eq!(
         s.pregreet.action,
@@ -1214,6 +1220,8 @@ trap_deny_for = "6h"
     );
     assert!(only.policy.listen.is_empty());
     assert!(valid("").smtp.listen.is_empty());
+    let d = valid("").smtp.backend_options;
+    assert_eq!((d.pool, d.pool_idle), (32, Duration::from_secs(5)));
 }
 
 #[test]
@@ -1236,6 +1244,8 @@ fn smtp_errors_point_at_the_bad_setting() {
         (2, "traps = [\"nobody\"]", "address or @domain"),
         (2, "tls_cert = \"/nonexistent.pem\"", "set both"),
         (2, "command_timeout = 0", "positive"),
+        (2, "backend_pool = 100000", "backend_pool"),
+        (2, "backend_idle = \"10m\"", "5 minutes"),
     ] {
         let e = single_error(&format!("[smtp]\n{bad}\n"));
         assert!(e.location.starts_with(&at_line(line)), "{bad}: {e}");

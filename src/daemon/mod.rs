@@ -168,6 +168,7 @@ pub async fn run(
         config: cfg.smtp.clone(),
         tls: tls.clone(),
         guard: guard.clone(),
+        pool: SmtpContext::pool_for(&cfg.smtp),
         stops: stops.clone(),
     });
 
@@ -224,6 +225,8 @@ pub async fn run(
     if let Some(backend) = cfg.smtp.backend.clone()
         && !cfg.smtp.listen.is_empty()
     {
+        let ctx = smtp.clone();
+        tokio::spawn(async move { ctx.pool.reap(ctx.stops.shutdown.cancelled()).await });
         tokio::spawn(smtp::check_backend(
             backend,
             cfg.smtp.clone(),

@@ -1126,3 +1126,298 @@ fn quoted_local_parts_and_postmaster_reach_the_backend_as_written() {
         got.headers
     );
 }
+
+/// Lines of the backend Postfix's log that contain all of `words`.
+fn log_lines(pf: &Postfix, words: &[&str]) -> Vec<String> {
+    pf.maillog()
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (bounded) until the backend Postfix has logged `want` lines with all of `words`.
+fn wait_log_lines(pf: &Postfix, words: &[&str], want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines = log_lines(pf, words);
+        if lines.len() >= want {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {want} log lines with {words:?}:\n{}",
+            lines.len(),
+            pf.maillog()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One whole transaction on a raw connection, ended by QUIT.
+fn relay_one(from: Ipv4Addr, to: SocketAddr, subject: &str) {
+    let mut c = Smtp::greeted(from, to);
+    transaction(&mut c, subject);
+    quit_and_wait(c);
+}
+
+/// QUIT, then wait for greygate to close the connection: the session is over, its backend
+/// session given back to the pool or closed.
+fn quit_and_wait(mut c: Smtp) {
+    assert!(c.ask("QUIT").starts_with("221"));
+    assert!(
+        c.closed_within(Duration::from_secs(10)).is_some(),
+        "greygate closes the connection after QUIT"
+    );
+}
+
+fn transaction(c: &mut Smtp, subject: &str) {
+    assert!(c.ask("EHLO client.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    let rcpt = c.ask("RCPT TO:<bob@example.org>");
+    assert!(rcpt.starts_with("250"), "{subject}: {rcpt}");
+    assert!(c.ask("DATA").starts_with("354"));
+    let end = c.ask(&format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n."));
+    assert!(end.starts_with("250"), "{subject}: {end}");
+}
+
+/// The count of `connect from` lines of the backend Postfix's smtpd once greygate's
+/// start-up check (EHLO, QUIT) is over: what the test's own sessions add to.
+fn connects_after_the_check(pf: &Postfix) -> usize {
+    wait_log_lines(pf, &["smtpd", "disconnect from", "quit=1"], 1);
+    connects(pf)
+}
+
+fn connects(pf: &Postfix) -> usize {
+    log_lines(pf, &["smtpd", "connect from"])
+        .iter()
+        .filter(|l| !l.contains("disconnect from"))
+        .count()
+}
+
+/// No XCLIENT towards the backend: its sessions name no client and can be shared.
+const NO_XCLIENT: &str = "backend_xclient = false\nbackend_idle = \"60s\"\n";
+
+// Backend pool: later client sessions reuse an idle backend session.
+#[test]
+fn pooled_backend_session_serves_later_clients() {
+    let toml = greygate_toml(LONG, NO_XCLIENT, ALLOW_LOOPBACK);
+    let Some(s) = Site::start("pooled_backend_session_serves_later_clients", &toml, &[]) else {
+        return;
+    };
+    let before = connects_after_the_check(&s.postfix);
+    let clients = [2u8, 3, 4].map(|i| Ipv4Addr::new(127, 0, 0, i));
+    for (i, from) in clients.iter().enumerate() {
+        relay_one(*from, s.greygate.smtp(), &format!("pooled-{i}"));
+    }
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        1.0,
+        "one backend session for three client sessions"
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
+        2.0
+    );
+    wait_log_lines(&s.postfix, &["smtpd", ": client="], 3);
+    assert_eq!(
+        connects(&s.postfix) - before,
+        1,
+        "the backend saw one connection:\n{}",
+        s.postfix.maillog()
+    );
+    // Each message carries its own client's Received: header.
+    for (i, from) in clients.iter().enumerate() {
+        let got = delivered_whole(&s.postfix, &format!("Subject: pooled-{i}"), b"");
+        let received = got.greygate_received_text();
+        assert!(
+            received.contains(&format!("(unknown [{from}])")),
+            "{received}"
+        );
+    }
+}
+
+// Backend pool: a session that named its client by XCLIENT is never shared (Postfix would
+// refuse a second XCLIENT on it, and the next client would pass as the last).
+#[test]
+fn backend_session_that_named_its_client_by_xclient_is_never_shared() {
+    let toml = greygate_toml(LONG, "backend_idle = \"60s\"\n", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("backend_session_that_named_its_client", &toml, &[]) else {
+        return;
+    };
+    let before = connects_after_the_check(&s.postfix);
+    let clients = [2u8, 3, 4].map(|i| Ipv4Addr::new(127, 0, 0, i));
+    for (i, from) in clients.iter().enumerate() {
+        relay_one(*from, s.greygate.smtp(), &format!("xclient-{i}"));
+    }
+    let lines = wait_log_lines(&s.postfix, &["smtpd", ": client="], 3);
+    for (line, from) in lines.iter().zip(clients) {
+        assert!(
+            line.contains(&format!("client=unknown[{from}]")),
+            "each message under its own client ({from}): {line}\n{}",
+            s.postfix.maillog()
+        );
+    }
+    assert_eq!(connects(&s.postfix) - before, 3, "{}", s.postfix.maillog());
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
+        0.0
+    );
+}
+
+// Backend pool: a pooled session the backend closed meanwhile is replaced unnoticed.
+#[test]
+fn pooled_backend_session_the_backend_closed_is_replaced_transparently() {
+    let toml = greygate_toml(LONG, NO_XCLIENT, ALLOW_LOOPBACK);
+    let Some(s) = Site::start(
+        "pooled_backend_session_the_backend_closed",
+        &toml,
+        &["smtpd_timeout = 1s"],
+    ) else {
+        return;
+    };
+    relay_one(LOCAL, s.greygate.smtp(), "before-timeout");
+    // Postfix gives up on the idle pooled session (421, then closes).
+    wait_log_lines(&s.postfix, &["smtpd", "timeout after"], 1);
+    relay_one(LOCAL, s.greygate.smtp(), "after-timeout");
+    delivered_whole(&s.postfix, "Subject: after-timeout", b"");
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_failures_total{}"),
+        0.0,
+        "the closed session never reached a client"
+    );
+}
+
+// Backend pool: bounded in size, and idle sessions closed after backend_idle.
+#[test]
+fn backend_pool_keeps_at_most_backend_pool_sessions_and_closes_idle_ones() {
+    let toml = greygate_toml(
+        LONG,
+        "backend_xclient = false\nbackend_pool = 1\nbackend_idle = \"2s\"\n",
+        ALLOW_LOOPBACK,
+    );
+    let Some(s) = Site::start("backend_pool_keeps_at_most", &toml, &[]) else {
+        return;
+    };
+    connects_after_the_check(&s.postfix);
+    let base = log_lines(&s.postfix, &["smtpd", "disconnect from"]).len();
+    // Two clients at once: two backend sessions.
+    let mut a = Smtp::greeted(LOCAL, s.greygate.smtp());
+    let mut b = Smtp::greeted(Ipv4Addr::new(127, 0, 0, 2), s.greygate.smtp());
+    transaction(&mut a, "bounded-a");
+    transaction(&mut b, "bounded-b");
+    quit_and_wait(a);
+    quit_and_wait(b);
+    // The pool keeps one of them; the other is closed at once.
+    let ended = Instant::now();
+    wait_log_lines(&s.postfix, &["smtpd", "disconnect from"], base + 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        log_lines(&s.postfix, &["smtpd", "disconnect from"]).len(),
+        base + 1,
+        "one backend session kept idle:\n{}",
+        s.postfix.maillog()
+    );
+    // ... until backend_idle (2 s) has passed.
+    wait_log_lines(&s.postfix, &["smtpd", "disconnect from"], base + 2);
+    let idle = ended.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1500) && idle < Duration::from_secs(6),
+        "closed after {idle:?}"
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        2.0
+    );
+    // A client after that opens a new one.
+    relay_one(LOCAL, s.greygate.smtp(), "bounded-c");
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
+        0.0
+    );
+}
+
+// The client's 354 goes out before the backend's: a backend that refuses DATA gets no
+// message data, and its refusal is the client's answer to the end of the message.
+#[test]
+fn backend_refusing_data_answers_the_end_of_the_message_and_nothing_is_delivered() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start(
+        "backend_refusing_data_answers",
+        &toml,
+        &["smtpd_data_restrictions = reject"],
+    ) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO client.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    // Lines that would be commands, were they taken for any: they are message data.
+    let end = c.ask("Subject: refused-data\r\n\r\nRSET\r\nQUIT\r\n.");
+    assert!(end.starts_with("554"), "the backend's refusal: {end}");
+    // The session goes on: the next message of the client reaches the backend's DATA
+    // again (and is refused again), and the daemon still answers.
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    assert!(
+        c.ask("Subject: refused-again\r\n\r\nbody\r\n.")
+            .starts_with("554")
+    );
+    assert!(c.ask("QUIT").starts_with("221"));
+    let rejects = wait_log_lines(&s.postfix, &["reject: DATA"], 2);
+    assert_eq!(rejects.len(), 2, "{}", s.postfix.maillog());
+    assert!(
+        log_lines(&s.postfix, &["cleanup"]).is_empty(),
+        "no message reached the backend's queue:\n{}",
+        s.postfix.maillog()
+    );
+    // Had the message's lines reached the backend as commands, its session summary
+    // would count an RSET.
+    let summaries = wait_log_lines(&s.postfix, &["smtpd", "disconnect from", "data=0/1"], 1);
+    assert!(
+        summaries.iter().all(|l| !l.contains("rset=")),
+        "{summaries:?}"
+    );
+    assert_eq!(metric(&s.greygate, "greygate_smtp_messages_total{}"), 0.0);
+}
+
+// Backend pool: a backend session left in a transaction (the client quit after RCPT) is
+// reset before the next client session uses it.
+#[test]
+fn backend_session_left_in_a_transaction_is_reset_before_it_is_reused() {
+    let toml = greygate_toml(LONG, NO_XCLIENT, ALLOW_LOOPBACK);
+    let Some(s) = Site::start("backend_session_left_in_a_transaction", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(c.ask("EHLO client.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    quit_and_wait(c);
+    // Had the backend still been in that transaction, this MAIL would be a nested one.
+    relay_one(LOCAL, s.greygate.smtp(), "after-reset");
+    delivered_whole(&s.postfix, "Subject: after-reset", b"");
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
+        1.0
+    );
+}

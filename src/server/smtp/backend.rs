@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead as _, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{BackendOptions, ProxyProtocol};
@@ -122,6 +122,8 @@ pub struct Backend {
     buf: Vec<u8>,
     pub caps: Capabilities,
     timeout: Duration,
+    /// A client was named by XCLIENT: the backend no longer sees greygate's address.
+    pub introduced: bool,
 }
 
 impl Backend {
@@ -145,6 +147,7 @@ impl Backend {
             buf: Vec::with_capacity(1024),
             caps: Capabilities::default(),
             timeout: opts.reply_timeout,
+            introduced: false,
         };
         // A connection of greygate's own (the start-up check) has no client: the header
         // says so (v1 UNKNOWN, v2 LOCAL), as a backend that expects one needs it.
@@ -164,20 +167,60 @@ impl Backend {
         if opts.starttls && b.caps.starttls {
             b.start_tls(hostname).await?;
         }
-        if opts.xclient && !b.caps.xclient.is_empty() {
-            let line = xclient_line(&b.caps.xclient, client);
-            let r = b.command(&line).await?;
-            // Postfix answers with a new greeting (220); some servers say 250.
-            if r.is_positive() && r.code < 300 {
-                b.ehlo(&client.helo_or(hostname)).await?;
-            } else {
-                tracing::warn!(
-                    backend = target, reply = %r.text(),
-                    "backend refused XCLIENT (allow this host in smtpd_authorized_xclient_hosts); it sees greygate's address"
-                );
-            }
+        if opts.xclient && !b.caps.xclient.is_empty() && !b.introduce(hostname, client).await? {
+            tracing::warn!(
+                backend = target,
+                "backend refused XCLIENT (allow this host in smtpd_authorized_xclient_hosts); it sees greygate's address"
+            );
         }
         Ok(b)
+    }
+
+    /// Tells the backend who the client is by XCLIENT (which it offers), and greets it
+    /// again when it answers with a new greeting (Postfix: 220). `Ok(false)`: refused.
+    pub async fn introduce(
+        &mut self,
+        hostname: &str,
+        client: &ClientFacts,
+    ) -> Result<bool, BackendError> {
+        let line = xclient_line(&self.caps.xclient, client);
+        let r = self.command(&line).await?;
+        if r.code == 421 {
+            return Err(BackendError::Refused(r));
+        }
+        // Postfix answers with a new greeting (220); some servers say 250.
+        if !(r.is_positive() && r.code < 300) {
+            tracing::debug!(reply = %r.text(), "backend refused XCLIENT");
+            return Ok(false);
+        }
+        self.introduced = true;
+        self.ehlo(&client.helo_or(hostname)).await?;
+        Ok(true)
+    }
+
+    /// Whether the backend closed the connection or said something (a `421` on its idle
+    /// timeout) while nobody asked: an idle session that is no use any more. Never waits.
+    pub fn is_stale(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 64];
+        let mut probe = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Pending: nothing to read, still open.
+        !std::pin::Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+
+    /// Ends the transaction in progress, if any: the session is then as good as new.
+    pub async fn reset(&mut self) -> Result<(), BackendError> {
+        let r = self.command("RSET").await?;
+        if r.code == 250 {
+            Ok(())
+        } else {
+            Err(BackendError::Refused(r))
+        }
     }
 
     /// Connects, reads the banner and EHLOs, without telling the backend any client: what
@@ -353,6 +396,18 @@ impl Backend {
                 return Err(BackendError::Closed);
             }
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A session over any stream, as if greeted (for tests).
+    #[cfg(test)]
+    pub fn over(io: Box<dyn Io>) -> Backend {
+        Backend {
+            io,
+            buf: Vec::new(),
+            caps: Capabilities::default(),
+            timeout: Duration::from_secs(1),
+            introduced: false,
         }
     }
 
@@ -546,6 +601,7 @@ mod tests {
             buf: Vec::new(),
             caps: Capabilities::default(),
             timeout: Duration::from_secs(1),
+            introduced: false,
         };
         b.write_all(b"250-first\r\n250 second\r\n550 5.1.1 unknown\r\nbad\r\n")
             .await

@@ -8,12 +8,15 @@
 //! - `backend.rs`: the session towards the backend, opened at the first recipient the
 //!   engine passes; XCLIENT or PROXY tells it the client's address.
 //! - `wire.rs`: bounded line reading, reply writing (tarpitted or not) and the DATA relay.
+//! - `pool.rs`: backend sessions that name no client (no XCLIENT, no PROXY) kept between
+//!   client sessions (bounded, idle ones closed).
 //! - `guard.rs`: what the front remembers about clients: pregreet suspects and passes,
 //!   greytraps, the tarpit's budget.
 //! - `tls.rs`: STARTTLS towards clients, with a certificate a reload can replace.
 
 mod backend;
 mod guard;
+mod pool;
 mod session;
 mod tls;
 mod wire;
@@ -24,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use guard::{Guard, Traps};
+pub use pool::Pool;
 pub use session::serve_connection;
 pub use tls::{TlsFiles, load_acceptor};
 
@@ -126,6 +130,11 @@ pub struct BackendOptions {
     /// the backend is the operator's own server, usually with a self-signed certificate).
     pub starttls: bool,
     pub connect_timeout: Duration,
+    /// Most idle backend sessions kept for later clients (`0`: none, each client session
+    /// opens its own). Never used with the PROXY protocol.
+    pub pool: usize,
+    /// How long an idle backend session is kept.
+    pub pool_idle: Duration,
     /// Longest wait for one backend reply; the reply to the end of data may take twice as
     /// long (RFC 5321 §4.5.3.2: 10 minutes against 5).
     pub reply_timeout: Duration,
@@ -201,6 +210,10 @@ pub mod defaults {
     pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
     pub const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
     pub const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const BACKEND_POOL: usize = 32;
+    /// Postfix's own SMTP client keeps a cached connection idle for 2 s
+    /// (`smtp_connection_cache_time_limit`); far below any server's idle timeout.
+    pub const BACKEND_POOL_IDLE: Duration = Duration::from_secs(5);
     /// Postscreen's `postscreen_greet_wait`.
     pub const PREGREET_WAIT: Duration = Duration::from_secs(6);
     pub const PREGREET_SUSPECT_FOR: Duration = Duration::from_secs(24 * 3600);
@@ -219,8 +232,24 @@ pub struct SmtpContext {
     /// STARTTLS towards clients; swapped whole by a reload (a renewed certificate).
     pub tls: Arc<arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>>,
     pub guard: Arc<Guard>,
+    /// Backend sessions kept between client sessions.
+    pub pool: Pool,
     /// Shutdown and hard stop.
     pub stops: Arc<super::StopSignals>,
+}
+
+impl SmtpContext {
+    /// The pool for these settings: none with the PROXY protocol (its header names one
+    /// client for the whole connection).
+    pub fn pool_for(config: &SmtpConfig) -> Pool {
+        let o = &config.backend_options;
+        let max = if o.proxy == ProxyProtocol::Off {
+            o.pool
+        } else {
+            0
+        };
+        Pool::new(max, o.pool_idle)
+    }
 }
 
 /// Asks the backend what it offers, once at start: logs whether it answers (mail is

@@ -96,6 +96,8 @@ fn data_allowance(data_timeout: Duration, size: u64) -> Duration {
 
 /// The reply when the backend session broke in mid-transaction.
 const BACKEND_LOST: &str = "451 4.4.2 Connection to the mail server lost, try again later\r\n";
+/// Message data gathered before it is written to the backend (the rest at its end).
+const DATA_WRITE: usize = 32 * 1024;
 /// Bytes of a BDAT chunk relayed at once.
 const BDAT_PIECE: usize = 64 * 1024;
 
@@ -134,6 +136,9 @@ struct Session<'a> {
     suspect: bool,
     tx: Option<Transaction>,
     backend: Option<Backend>,
+    /// The backend session was opened for this transaction (not kept from an earlier one
+    /// of this client or another): if it fails, a fresh one would fail as well.
+    backend_fresh: bool,
     commands: usize,
     errors: usize,
 }
@@ -176,6 +181,7 @@ pub async fn serve_connection<S: Io + 'static>(
         tls: None,
         tx: None,
         backend: None,
+        backend_fresh: false,
         commands: 0,
         errors: 0,
     };
@@ -191,7 +197,7 @@ pub async fn serve_connection<S: Io + 'static>(
         () = hard_stop.cancelled() => End::Closed("shutting down".into()),
     };
     if let Some(b) = s.backend.take() {
-        b.quit().await;
+        s.release(b).await;
     }
     match end {
         End::Quit => tracing::debug!(peer = %s.peer, "SMTP session ended"),
@@ -638,28 +644,38 @@ impl Session<'_> {
     /// Opens the backend session if needed, gives it the MAIL command if it has not got
     /// it, and the recipient.
     async fn relay_rcpt(&mut self, recipient: &str) -> Result<Reply, BackendError> {
-        let reused = self.backend.is_some();
+        if self.backend.is_some() {
+            // Kept from this session's earlier message.
+            self.backend_fresh = false;
+        }
         let first = self.tx.as_ref().is_some_and(|t| !t.backend_has_mail);
-        let attempt = self.relay_rcpt_once(recipient).await;
-        // A backend session kept from an earlier message may have been closed by the
-        // backend meanwhile (its idle timeout): with nothing of this message given to it
-        // yet, open a fresh one and try once more.
+        let attempt = self.relay_rcpt_once(recipient, false).await;
+        // A backend session kept from an earlier message (this client's or another's, in
+        // the pool) may have been closed by the backend meanwhile (its idle timeout): with
+        // nothing of this message accepted by it yet, open a fresh one and try once more.
         let stale = match &attempt {
             Err(_) => true,
             Ok(r) => r.code == 421,
         };
-        if reused && first && stale {
-            self.backend = None;
+        if !self.backend_fresh && first && stale {
+            tracing::debug!(peer = %self.peer, "kept backend session failed; trying a fresh one");
+            if let Some(b) = self.backend.take() {
+                tokio::spawn(b.quit());
+            }
             if let Some(tx) = self.tx.as_mut() {
                 tx.backend_has_mail = false;
             }
-            return self.relay_rcpt_once(recipient).await;
+            return self.relay_rcpt_once(recipient, true).await;
         }
         attempt
     }
 
-    async fn relay_rcpt_once(&mut self, recipient: &str) -> Result<Reply, BackendError> {
-        self.ensure_backend().await?;
+    async fn relay_rcpt_once(
+        &mut self,
+        recipient: &str,
+        fresh: bool,
+    ) -> Result<Reply, BackendError> {
+        self.ensure_backend(fresh).await?;
         let tx = self.tx.as_mut().expect("in a transaction");
         let backend = self.backend.as_mut().expect("opened");
         let rcpt = format!("RCPT TO:<{}>", path(recipient).unwrap_or_default());
@@ -692,7 +708,9 @@ impl Session<'_> {
         backend.command(&rcpt).await
     }
 
-    async fn ensure_backend(&mut self) -> Result<(), BackendError> {
+    /// A backend session for this client: the one it has, one from the pool (unless
+    /// `fresh`) told who the client is, or a new one.
+    async fn ensure_backend(&mut self, fresh: bool) -> Result<(), BackendError> {
         if self.backend.is_some() {
             return Ok(());
         }
@@ -707,10 +725,76 @@ impl Session<'_> {
             helo: self.helo.clone().unwrap_or_default(),
             esmtp: self.esmtp,
         };
+        if !fresh && let Some(b) = self.pooled(&facts).await {
+            self.svc_stats()
+                .backend_reuses
+                .fetch_add(1, Ordering::Relaxed);
+            self.backend = Some(b);
+            self.backend_fresh = false;
+            return Ok(());
+        }
         let b = Backend::open(target, &cfg.backend_options, &cfg.hostname, &facts).await?;
         self.ctx.guard.learn_backend(&b.caps);
+        self.svc_stats()
+            .backend_connections
+            .fetch_add(1, Ordering::Relaxed);
         self.backend = Some(b);
+        self.backend_fresh = true;
         Ok(())
+    }
+
+    /// A backend session from the pool, told by XCLIENT who this client is (when the
+    /// backend offers it and it is wanted; pooled sessions never named a client, see
+    /// `release`). One whose XCLIENT fails is closed; one refused XCLIENT sees greygate's
+    /// address, as a new one would.
+    async fn pooled(&mut self, facts: &ClientFacts) -> Option<Backend> {
+        let mut b = self.ctx.pool.take()?;
+        let opts = &self.ctx.config.backend_options;
+        if !opts.xclient || b.caps.xclient.is_empty() {
+            return Some(b);
+        }
+        match b.introduce(&self.ctx.config.hostname, facts).await {
+            Ok(true) => Some(b),
+            // Never told another client's address: it sees greygate's, as a new one would.
+            Ok(false) if !b.introduced => Some(b),
+            Ok(false) => {
+                tokio::spawn(b.quit());
+                None
+            }
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "pooled backend session failed at XCLIENT; opening a fresh one");
+                None
+            }
+        }
+    }
+
+    fn svc_stats(&self) -> &crate::metrics::SmtpStats {
+        &self.ctx.svc.metrics.smtp
+    }
+
+    /// Gives the backend session back to the pool when the session ends, reset if it
+    /// holds a transaction; closes it when shutting down or when it cannot be reset.
+    async fn release(&mut self, mut b: Backend) {
+        let stopping =
+            self.ctx.stops.shutdown.is_cancelled() || self.ctx.stops.hard_stop.is_cancelled();
+        // A session that named its client by XCLIENT stays that client's: Postfix checks
+        // `smtpd_authorized_xclient_hosts` against the address it was last told, so it
+        // refuses a second XCLIENT on the connection, and the next client would be
+        // logged and checked as this one.
+        if stopping || b.introduced || !self.ctx.pool.enabled() {
+            b.quit().await;
+            return;
+        }
+        let in_tx = self.tx.take().is_some_and(|t| t.backend_has_mail);
+        if in_tx {
+            // As long as a QUIT may take: a slow backend is not worth keeping.
+            let reset = tokio::time::timeout(Duration::from_secs(5), b.reset()).await;
+            if !matches!(reset, Ok(Ok(()))) {
+                b.quit().await;
+                return;
+            }
+        }
+        self.ctx.pool.put(b);
     }
 
     fn backend_failed(&mut self, e: &BackendError) {
@@ -811,21 +895,31 @@ impl Session<'_> {
             return Ok(());
         }
         let headers = self.trace_headers();
+        // The client gets its 354 while the backend's is on its way (one round trip
+        // instead of two). Nothing reaches the backend before its own 354: should it
+        // refuse DATA, the client's message is read and dropped, and the client gets the
+        // backend's refusal as the answer to the end of its data — nothing is accepted
+        // that the backend did not accept.
         let backend = self.backend.as_mut().expect("checked");
-        match backend.command("DATA").await {
-            Ok(r) if r.code == 354 => {}
-            Ok(r) => {
-                self.relay(&r);
-                return Ok(());
-            }
-            Err(e) => {
-                self.backend_failed(&e);
-                self.client.reply(BACKEND_LOST);
-                return Ok(());
-            }
-        }
+        let mut failed: Option<BackendError> = match backend.send(b"DATA\r\n").await {
+            Ok(()) => backend.flush().await.err(),
+            Err(e) => Some(e),
+        };
         self.client.reply("354 End data with <CR><LF>.<CR><LF>\r\n");
-        self.client.flush(WRITE_TIMEOUT).await?;
+        if let Err(e) = self.client.flush(WRITE_TIMEOUT).await {
+            // The backend waits for message data: that session is no use to anyone.
+            self.backend = None;
+            return Err(e);
+        }
+        if failed.is_none() {
+            let backend = self.backend.as_mut().expect("checked");
+            let timeout = self.ctx.config.backend_options.reply_timeout;
+            failed = match backend.reply(timeout).await {
+                Ok(r) if r.code == 354 => None,
+                Ok(r) => Some(BackendError::Refused(r)),
+                Err(e) => Some(e),
+            };
+        }
         let limits = &self.ctx.config.limits;
         let max = limits.max_message_size;
         // The trace headers go out with the message's first bytes, in one write.
@@ -833,7 +927,6 @@ impl Session<'_> {
         // follows has its bare line endings made CRLF (see `Normalize`).
         let mut out = headers.into_bytes();
         let mut normalize = Normalize::default();
-        let mut failed: Option<BackendError> = None;
         let mut scan = DataScan::default();
         let mut size = 0u64;
         let started = Instant::now();
@@ -851,9 +944,13 @@ impl Session<'_> {
             size += bytes.len() as u64;
             if failed.is_none() && size <= max {
                 normalize.feed(bytes, &mut out);
-                let backend = self.backend.as_mut().expect("open while relaying");
-                failed = backend.send(&out).await.err();
-                out.clear();
+                // Small reads are gathered into fewer, bigger writes (a message of a
+                // few KiB goes out in one): fewer wake-ups of greygate and the backend.
+                if done || out.len() >= DATA_WRITE {
+                    let backend = self.backend.as_mut().expect("open while relaying");
+                    failed = backend.send(&out).await.err();
+                    out.clear();
+                }
             }
             if done {
                 break;
@@ -892,10 +989,21 @@ impl Session<'_> {
                 .reply("552 5.3.4 Message size exceeds fixed limit\r\n");
             return;
         }
-        if let Some(e) = failed {
-            self.backend_failed(&e);
-            self.client.reply(BACKEND_LOST);
-            return;
+        match failed {
+            // The backend refused DATA (the client had its 354 already): its refusal is
+            // the answer to the message, which went nowhere.
+            Some(BackendError::Refused(r)) if r.code != 421 => {
+                tracing::debug!(peer = %self.peer, reply = %r.text(), "backend refused DATA; message dropped");
+                self.relay(&r);
+                self.backend_needs_reset();
+                return;
+            }
+            Some(e) => {
+                self.backend_failed(&e);
+                self.client.reply(BACKEND_LOST);
+                return;
+            }
+            None => {}
         }
         let backend = self.backend.as_mut().expect("open after relaying");
         match backend.final_reply().await {
@@ -1120,10 +1228,10 @@ impl Session<'_> {
             .fetch_add(1, Ordering::Relaxed);
         // RFC 3207 §4.2: everything known before is forgotten; the client greets again.
         self.helo = None;
-        self.tx = None;
         if let Some(b) = self.backend.take() {
-            tokio::spawn(b.quit());
+            self.release(b).await;
         }
+        self.tx = None;
         Ok(None)
     }
 }
