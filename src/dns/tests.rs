@@ -50,6 +50,25 @@ async fn silent_server() -> UdpSocket {
 
 type Table = fn(&Query) -> Option<Vec<RData>>;
 
+/// The response to `q` from `table` (`None`: NXDOMAIN), TTL 60, encoded.
+fn answer(q: &Message, table: Table) -> Vec<u8> {
+    let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    r.add_queries(q.queries.clone());
+    match q.queries.first().and_then(table) {
+        Some(data) => {
+            let name = q.queries[0].name().clone();
+            r.add_answers(
+                data.into_iter()
+                    .map(|d| Record::from_rdata(name.clone(), 60, d)),
+            );
+        }
+        None => r.metadata.response_code = ResponseCode::NXDomain,
+    }
+    r.to_vec().unwrap()
+}
+
 /// Answers every query after `delay` from `table` (`None`: NXDOMAIN), TTL 60.
 async fn table_server(delay: Duration, table: Table) -> SocketAddr {
     let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -66,21 +85,7 @@ async fn table_server(delay: Duration, table: Table) -> SocketAddr {
             let sock = sock.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-                r.metadata.recursion_desired = q.metadata.recursion_desired;
-                r.metadata.recursion_available = true;
-                r.add_queries(q.queries.clone());
-                match q.queries.first().and_then(table) {
-                    Some(data) => {
-                        let name = q.queries[0].name().clone();
-                        r.add_answers(
-                            data.into_iter()
-                                .map(|d| Record::from_rdata(name.clone(), 60, d)),
-                        );
-                    }
-                    None => r.metadata.response_code = ResponseCode::NXDomain,
-                }
-                let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+                let _ = sock.send_to(&answer(&q, table), peer).await;
             });
         }
     });
@@ -361,21 +366,7 @@ async fn switchable_server(answering: Arc<std::sync::atomic::AtomicBool>) -> Soc
             let Ok(q) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            r.metadata.recursion_available = true;
-            r.add_queries(q.queries.clone());
-            match q.queries.first().and_then(records) {
-                Some(data) => {
-                    let name = q.queries[0].name().clone();
-                    r.add_answers(
-                        data.into_iter()
-                            .map(|d| Record::from_rdata(name.clone(), 60, d)),
-                    );
-                }
-                None => r.metadata.response_code = ResponseCode::NXDomain,
-            }
-            let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+            let _ = sock.send_to(&answer(&q, records), peer).await;
         }
     });
     addr
