@@ -1,27 +1,47 @@
 //! TLS towards mail servers whose certificates are not checked: `probe` diagnoses delivery
 //! to MX hosts with self-signed or mismatched certificates, and the SMTP front's backend
 //! is the operator's own server. Signatures are still checked, so the handshake is real.
-//! Also how a session's version and cipher are named in logs and headers.
+//! The one certificate verifier, which the PostgreSQL store's connector also uses with
+//! its CA. Also how a session's version and cipher are named in logs and headers.
 
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
 
-/// Accepts any server certificate: a probe diagnoses delivery, and MX hosts with
-/// self-signed or mismatched certificates still take mail from opportunistic-TLS senders.
-/// Signatures are still checked, so the handshake itself is real.
+/// Checks a server's certificate against `roots` (and its name, with `check_name`), or
+/// accepts any certificate without roots: a probe diagnoses delivery, MX hosts with
+/// self-signed or mismatched certificates still take mail from opportunistic-TLS senders,
+/// and PostgreSQL's `sslmode=require` encrypts without verifying. Signatures of the
+/// handshake are always checked, so the session is real whatever the mode.
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct Verifier {
+    pub(crate) roots: Option<Arc<rustls::RootCertStore>>,
+    pub(crate) check_name: bool,
+    pub(crate) provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+impl rustls::client::danger::ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
+        now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+            if self.check_name {
+                rustls::client::verify_server_name(&cert, server_name)?;
+            }
+        }
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
@@ -35,7 +55,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -49,12 +69,14 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -64,7 +86,11 @@ pub fn unverified_connector() -> Result<tokio_rustls::TlsConnector, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_custom_certificate_verifier(Arc::new(Verifier {
+            roots: None,
+            check_name: false,
+            provider,
+        }))
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
