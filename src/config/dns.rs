@@ -49,7 +49,9 @@ pub struct RawDns {
     pub budget: Dur,
     /// DNS server (`IP` or `IP:port`); default: the system's resolver configuration.
     pub resolver: Option<String>,
-    /// Answers kept in memory; 0 keeps none.
+    /// Answers kept in memory (an SPF result per sender and address, a host name per
+    /// address, a list answer per zone and address, and as many sender domains that
+    /// publish no SPF record); 0 keeps none.
     pub cache_size: usize,
     /// Look up the client's host name (PTR, then A/AAAA) when the front end gave none (a
     /// milter without `{client_ptr}`, `explain` without `--name`). Off: `org:` comes only
@@ -63,7 +65,7 @@ impl Default for RawDns {
             enabled: true,
             budget: Dur(Duration::from_millis(300)),
             resolver: None,
-            cache_size: 10_000,
+            cache_size: 200_000,
             ptr_lookup: false,
         }
     }

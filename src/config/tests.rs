@@ -128,7 +128,7 @@ fn assert_default_config(c: &Config) {
             enabled: true,
             budget: Duration::from_millis(300),
             resolver: None,
-            cache_size: 10_000,
+            cache_size: 200_000,
             ptr_lookup: false,
             dnswl_zones: vec![],
             dnsbl_zones: vec![],

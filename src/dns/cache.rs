@@ -5,6 +5,7 @@
 //! would expire soonest (they have the least life left to give), an eighth of the capacity
 //! at a time.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -32,8 +33,13 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
-    /// The live value of `key` at `now`.
-    pub fn get(&self, key: &K, now: Instant) -> Option<V> {
+    /// The live value of `key` at `now` (asked by any borrowed form of the key: a `&str`
+    /// for a `String` key needs no allocation).
+    pub fn get<Q>(&self, key: &Q, now: Instant) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(key) {
             Some((v, expires)) if *expires > now => Some(v.clone()),

@@ -17,6 +17,7 @@ pub mod breaker;
 pub mod cache;
 pub mod query;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +69,11 @@ pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 /// thousand. Beyond this, a request's lookup is not started and counts as failed (the
 /// identity falls back to the prefix, as for any DNS trouble).
 pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Most DNS records the resolver keeps (fewer when `cache_size` is smaller): the answers
+/// made of them are kept by the gatherer, up to `cache_size`, and the records are only
+/// asked again when a known sender writes from a new address.
+pub const RESOLVER_CACHE_MAX: usize = 20_000;
 
 /// PTR names of one address checked forward; RFC 8601's `iprev` stops at 10, and real mail
 /// servers have one.
@@ -158,9 +164,6 @@ enum Key {
     /// The check of one sender (lower-cased: the local part only matters to rare macros)
     /// from one address.
     Spf(IpAddr, String),
-    /// A sender domain that publishes no SPF record: `none` for every address and every
-    /// sender of it, without asking again.
-    SpfNone(String),
     Name(IpAddr),
     List(String, IpAddr),
 }
@@ -213,6 +216,10 @@ pub struct Gatherer {
     /// This host's name, for SPF's `%{r}` macro.
     host_domain: String,
     cache: Arc<TtlCache<Key, Value>>,
+    /// Sender domains that publish no SPF record: `none` for every address and every
+    /// sender of them, without asking again (and without an entry per address and sender
+    /// in `cache`). Asked by `&str`: no allocation per request.
+    no_spf: Arc<TtlCache<String, ()>>,
     stats: Arc<DnsStats>,
     in_flight: Arc<tokio::sync::Semaphore>,
     breaker: Arc<Breaker>,
@@ -264,7 +271,9 @@ impl Gatherer {
         // waiting after `budget` anyway, and a background lookup should end soon.
         opts.timeout = Duration::from_secs(2).max(settings.budget);
         opts.attempts = 1;
-        opts.cache_size = settings.cache_size as u64;
+        // The records behind the answers (a domain's SPF record and its includes, for the
+        // next address of a known sender): the answers themselves are in `cache`.
+        opts.cache_size = settings.cache_size.min(RESOLVER_CACHE_MAX) as u64;
         opts.positive_max_ttl = Some(MAX_TTL);
         opts.negative_max_ttl = Some(MAX_TTL);
         opts.use_hosts_file = ResolveHosts::Never;
@@ -280,6 +289,7 @@ impl Gatherer {
             settings: settings.clone(),
             host_domain: host_domain.to_string(),
             cache: Arc::new(TtlCache::new(settings.cache_size)),
+            no_spf: Arc::new(TtlCache::new(settings.cache_size)),
             breaker: Arc::new(Breaker::new(resolver_name, settings.budget, stats.clone())),
             stats,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
@@ -387,15 +397,19 @@ impl Gatherer {
         let ip = canonical_ip(ask.ip);
 
         // Start every lookup before waiting for any: they run side by side.
-        let sender = strip_envelope(ask.sender).to_ascii_lowercase();
+        // Lower-cased for the cache's keys; senders nearly always are already (no copy).
+        let stripped = strip_envelope(ask.sender);
+        let sender: Cow<'_, str> = if stripped.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(stripped.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(stripped)
+        };
         let domain = sender
             .rsplit_once('@')
-            .map(|(_, d)| d.trim_end_matches('.').to_string())
+            .map(|(_, d)| d.trim_end_matches('.'))
             .filter(|d| !d.is_empty());
-        let spf = match &domain {
-            Some(d) if ask.spf => {
-                Some((d.clone(), self.start_spf(asking, ip, &sender, d, ask.helo)))
-            }
+        let spf = match domain {
+            Some(d) if ask.spf => Some((d, self.start_spf(asking, ip, &sender, d, ask.helo))),
             _ => None,
         };
         let name = match mta_host_name(ask.client_name, ask.reverse_client_name) {
@@ -442,7 +456,10 @@ impl Gatherer {
                 Outcome::TimedOut | Outcome::Skipped => SpfResult::Timeout,
                 _ => SpfResult::TempError,
             };
-            facts.spf = Some(SpfFact { domain, result });
+            facts.spf = Some(SpfFact {
+                domain: domain.to_string(),
+                result,
+            });
         }
         facts.name = match name {
             Err(known) => known,
@@ -498,11 +515,16 @@ impl Gatherer {
     /// The cached value of `key`, counted as a hit, if there is one.
     fn cached(&self, asking: &Asking, key: &Key) -> Option<Pending> {
         let v = self.cache.get(key, std::time::Instant::now())?;
+        Some(self.hit(asking, v))
+    }
+
+    /// An answer from the cache, counted.
+    fn hit(&self, asking: &Asking, v: Value) -> Pending {
         match asking {
             Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
             _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
         };
-        Some(Pending::Ready(v))
+        Pending::Ready(v)
     }
 
     /// Answers from the cache, or starts the lookup `work` makes as a task that caches what
@@ -608,8 +630,8 @@ impl Gatherer {
     ) -> Pending {
         // A domain known to publish no SPF record answers `none` for any sender and
         // address: no lookup (and, on `facts_now`'s path, no wait) for a new one.
-        if let Some(none) = self.cached(asking, &Key::SpfNone(domain.to_string())) {
-            return none;
+        if self.no_spf.get(domain, std::time::Instant::now()).is_some() {
+            return self.hit(asking, Value::Spf(SpfResult::None));
         }
         let key = Key::Spf(ip, sender.to_string());
         self.start(asking, key, || {
@@ -618,7 +640,7 @@ impl Gatherer {
             let domain = domain.to_string();
             let helo = if helo.is_empty() { "unknown" } else { helo }.to_string();
             let host = self.host_domain.clone();
-            let cache = self.cache.clone();
+            let no_spf = self.no_spf.clone();
             async move {
                 let check = |ip| spf_check(&auth, ip, &sender, &helo, &host);
                 let mut result = check(ip).await;
@@ -636,22 +658,19 @@ impl Gatherer {
                         result = SpfResult::PassAny;
                     }
                 }
-                if result == SpfResult::None {
+                let ttl = match result {
                     // `none` is the domain's word, not the address's: no record (or no
-                    // domain). Kept as long as any answer, so a domain that starts
-                    // publishing one is heard of within `MAX_TTL` as for the rest.
-                    cache.insert(
-                        Key::SpfNone(domain),
-                        Value::Spf(SpfResult::None),
-                        MAX_TTL,
-                        std::time::Instant::now(),
-                    );
-                }
-                // A temporary error is not worth keeping; the rest is the domain's word.
-                let ttl = if result == SpfResult::TempError {
-                    Duration::ZERO
-                } else {
-                    MAX_TTL
+                    // domain). Kept once for the domain, as long as any answer, so a
+                    // domain that starts publishing one is heard of within `MAX_TTL` as
+                    // for the rest; not again for this address and sender.
+                    SpfResult::None => {
+                        no_spf.insert(domain, (), MAX_TTL, std::time::Instant::now());
+                        Duration::ZERO
+                    }
+                    // A temporary error is not worth keeping.
+                    SpfResult::TempError => Duration::ZERO,
+                    // The rest is the domain's word for this address.
+                    _ => MAX_TTL,
                 };
                 Ok((Value::Spf(result), ttl))
             }

@@ -224,11 +224,20 @@ pub fn choose(
             };
         }
     }
+    // `IP prefix (not ...)` written around the reasons already in the buffer: no second
+    // string (most requests of most sites end here).
+    let reason = if passed_over.is_empty() {
+        Cow::Borrowed("IP prefix")
+    } else {
+        passed_over.insert_str(0, "IP prefix (not ");
+        passed_over.push(')');
+        Cow::Owned(passed_over)
+    };
     Identity {
         key: prefix(),
         why: IdentityReason {
             kind: IdentityKind::Prefix,
-            reason: Cow::Owned(with_passed_over("IP prefix".into(), &passed_over)),
+            reason,
         },
     }
 }
