@@ -106,15 +106,15 @@ pub struct Ask<'a> {
     pub name: bool,
 }
 
-/// What [`Gatherer::facts_now`] found.
+/// What [`Gatherer::facts_now`] or [`Gatherer::gather_for`] found.
 #[derive(Debug)]
 pub enum FactsNow<'e> {
     /// The request needs no facts: it has some already, has no client address, or is
     /// decided without them — then with the engine's classification (`Decided`), which the
     /// caller can use instead of classifying again.
     NotNeeded(Option<Classified>),
-    /// The facts, every one from the cache or "not known" (breaker open), and the
-    /// request's classification so far: put the facts into the request, then finish it
+    /// The facts (from `facts_now`: every one from the cache or "not known", breaker
+    /// open), and the request's classification so far: put the facts into the request, then finish it
     /// with [`Engine::classify_keyed`].
     Gathered(Gathered, Unkeyed<'e>),
 }
@@ -320,38 +320,46 @@ impl Gatherer {
         req: &Request,
         now: u64,
     ) -> Option<(Request, Gathered)> {
-        let ip = req.client_ip?;
-        if req.facts.is_some() {
-            return None;
+        match self.gather_for(engine, req, now).await {
+            FactsNow::NotNeeded(_) => None,
+            FactsNow::Gathered(gathered, _) => {
+                let mut with = req.clone();
+                with.facts = Some(gathered.facts.clone());
+                Some((with, gathered))
+            }
         }
-        if let Classified::Decided(_) = engine.classify(req, now) {
-            return None;
+    }
+
+    /// [`Gatherer::facts_for`] for a caller that decides the request: the facts (waited
+    /// for, within the budget) and the classification so far, as [`Gatherer::facts_now`]
+    /// gives them, so that the request is classified once.
+    pub async fn gather_for<'e>(
+        &self,
+        engine: &'e Engine,
+        req: &Request,
+        now: u64,
+    ) -> FactsNow<'e> {
+        match needs_facts(engine, req, now) {
+            Ok((ip, unkeyed)) => {
+                FactsNow::Gathered(self.gather(&ask_for(ip, engine, req)).await, unkeyed)
+            }
+            Err(not_needed) => not_needed,
         }
-        let gathered = self.gather(&ask_for(ip, engine, req)).await;
-        let mut with = req.clone();
-        with.facts = Some(gathered.facts.clone());
-        Some((with, gathered))
     }
 
     /// What [`Gatherer::facts_for`] gathers, without waiting, when nothing has to be waited
     /// for: the cache holds every fact the request needs, or the resolver is not being
     /// asked (its breaker is open). The caller puts `facts` into its request (no copy of
-    /// the request here). `Err(NeedsLookups)`: lookups are needed; use `facts_for`.
+    /// the request here). `Err(NeedsLookups)`: lookups are needed; use `gather_for`.
     pub fn facts_now<'e>(
         &self,
         engine: &'e Engine,
         req: &Request,
         now: u64,
     ) -> Result<FactsNow<'e>, NeedsLookups> {
-        let Some(ip) = req.client_ip else {
-            return Ok(FactsNow::NotNeeded(None));
-        };
-        if req.facts.is_some() {
-            return Ok(FactsNow::NotNeeded(None));
-        }
-        let unkeyed = match engine.classify_unkeyed(req, now) {
-            Ok(unkeyed) => unkeyed,
-            Err(decided) => return Ok(FactsNow::NotNeeded(Some(Classified::Decided(decided)))),
+        let (ip, unkeyed) = match needs_facts(engine, req, now) {
+            Ok(needed) => needed,
+            Err(not_needed) => return Ok(not_needed),
         };
         let asking = if self.breaker.skipping() {
             Asking::No
@@ -720,6 +728,27 @@ impl Gatherer {
 /// A request's facts need lookups: they cannot be had without waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NeedsLookups;
+
+/// The client address and the classification so far of a request that needs DNS facts,
+/// or why it needs none.
+// The error is the callers' answer, handed straight on.
+#[allow(clippy::result_large_err)]
+fn needs_facts<'e>(
+    engine: &'e Engine,
+    req: &Request,
+    now: u64,
+) -> Result<(IpAddr, Unkeyed<'e>), FactsNow<'e>> {
+    let Some(ip) = req.client_ip else {
+        return Err(FactsNow::NotNeeded(None));
+    };
+    if req.facts.is_some() {
+        return Err(FactsNow::NotNeeded(None));
+    }
+    match engine.classify_unkeyed(req, now) {
+        Ok(unkeyed) => Ok((ip, unkeyed)),
+        Err(decided) => Err(FactsNow::NotNeeded(Some(Classified::Decided(decided)))),
+    }
+}
 
 /// What `req` asks about: the lookups its identity order uses.
 fn ask_for<'r>(ip: IpAddr, engine: &Engine, req: &'r Request) -> Ask<'r> {

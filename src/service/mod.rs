@@ -589,8 +589,8 @@ impl Greylister {
         let live = self.live.load();
         let Some(dns) = &live.dns else {
             return self
-                .decide_here(&live, req, None, now, started)
-                .map_err(|(req, _)| req);
+                .decide_classified(&live, req, None, None, now, started)
+                .map_err(|(req, ..)| req);
         };
         // DNS facts that need no waiting (cached, or the resolver's breaker is open), for
         // records in this process: decided at once too.
@@ -605,7 +605,7 @@ impl Greylister {
             Err(NeedsLookups) => Err(req),
             Ok(FactsNow::NotNeeded(classified)) => self
                 .decide_classified(&live, req, classified, None, now, started)
-                .map_err(|(req, _)| req),
+                .map_err(|(req, ..)| req),
             Ok(FactsNow::Gathered(mut gathered, unkeyed)) => {
                 // The facts go into the request itself: no copy of a request the front end
                 // handed over (the policy and milter front ends do).
@@ -614,7 +614,7 @@ impl Greylister {
                 req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
                 let classified = live.engine.classify_keyed(unkeyed, &req);
                 self.decide_classified(&live, req, Some(classified), note, now, started)
-                    .map_err(|(req, _)| req)
+                    .map_err(|(req, ..)| req)
             }
         }
     }
@@ -624,19 +624,26 @@ impl Greylister {
     async fn decide_waiting<'r>(&self, req: Cow<'r, Request>, now: u64) -> Decided<'r> {
         let started = Instant::now();
         let live = self.live.load();
-        let (req, dns_note) = match &live.dns {
-            Some(dns) => match dns.facts_for(&live.engine, &req, now).await {
-                Some((with, gathered)) => (Cow::Owned(with), gathered.note()),
-                None => (req, None),
+        let (req, dns_note, classified) = match &live.dns {
+            Some(dns) => match dns.gather_for(&live.engine, &req, now).await {
+                FactsNow::NotNeeded(classified) => (req, None, classified),
+                FactsNow::Gathered(mut gathered, unkeyed) => {
+                    let note = gathered.note();
+                    let mut req = req;
+                    req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
+                    let classified = live.engine.classify_keyed(unkeyed, &req);
+                    (req, note, Some(classified))
+                }
             },
-            None => (req, None),
+            None => (req, None, None),
         };
-        let (req, dns_note) = match self.decide_here(&live, req, dns_note, now, started) {
-            Ok(decided) => return decided,
-            Err(back) => back,
-        };
+        let (req, dns_note, classified) =
+            match self.decide_classified(&live, req, classified, dns_note, now, started) {
+                Ok(decided) => return decided,
+                Err(back) => back,
+            };
         let mut finished = None;
-        let decision = match live.engine.classify(&req, now) {
+        let decision = match classified.unwrap_or_else(|| live.engine.classify(&req, now)) {
             Classified::Decided(d) => d,
             Classified::Lookup(lookup) => {
                 let limit = live.options.store_timeout;
@@ -656,23 +663,11 @@ impl Greylister {
     }
 
     /// Decides `req` when its records are in this process, or the store is missing (the
-    /// fail mode's answer); hands the request back for a store across the network.
-    #[allow(clippy::result_large_err)]
-    fn decide_here<'r>(
-        &self,
-        live: &Live,
-        req: Cow<'r, Request>,
-        dns_note: Option<String>,
-        now: u64,
-        started: Instant,
-    ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>)> {
-        self.decide_classified(live, req, None, dns_note, now, started)
-    }
-
-    /// [`Self::decide_here`] with the engine's classification of `req` when the caller
-    /// has it already (`None`: classified here).
+    /// fail mode's answer), with the engine's classification of `req` when the caller has
+    /// it already (`None`: classified here); hands the request back, with what came with
+    /// it, for a store across the network.
     // The error is the caller's request handed back (moved, as it came in).
-    #[allow(clippy::result_large_err)]
+    #[allow(clippy::result_large_err, clippy::type_complexity)]
     fn decide_classified<'r>(
         &self,
         live: &Live,
@@ -681,13 +676,13 @@ impl Greylister {
         dns_note: Option<String>,
         now: u64,
         started: Instant,
-    ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>)> {
+    ) -> Result<Decided<'r>, (Cow<'r, Request>, Option<String>, Option<Classified>)> {
         // Missing: the store's error is spelled only for a request that needs the store.
         let store = self.store.present();
         let records = match &store {
             Some(store) => match store.in_memory() {
                 Some(records) => Some(records),
-                None => return Err((req, dns_note)),
+                None => return Err((req, dns_note, classified)),
             },
             None => None,
         };
