@@ -21,9 +21,16 @@ impl Default for Limits {
 }
 
 /// One request: attributes in arrival order (duplicate names: the last one wins in `get`).
+///
+/// Names and values are kept back to back in one string, with their ends beside it: a
+/// request of some 30 attributes costs two buffers (whose sizes the decoder reuses), not
+/// sixty strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyRequest {
-    attributes: Vec<(String, String)>,
+    text: String,
+    /// Per attribute: where its name ends and where its value ends in `text` (the name
+    /// starts where the previous value ended, the value where the name ended).
+    ends: Vec<(usize, usize)>,
 }
 
 impl PolicyRequest {
@@ -31,36 +38,44 @@ impl PolicyRequest {
         Self::default()
     }
 
-    pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.attributes.push((name.into(), value.into()));
+    /// An empty request with room for `text` bytes of names and values and `attributes`
+    /// attributes.
+    fn with_capacity(text: usize, attributes: usize) -> Self {
+        PolicyRequest {
+            text: String::with_capacity(text),
+            ends: Vec::with_capacity(attributes),
+        }
+    }
+
+    pub fn push(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) {
+        self.text.push_str(name.as_ref());
+        let name_end = self.text.len();
+        self.text.push_str(value.as_ref());
+        self.ends.push((name_end, self.text.len()));
     }
 
     /// The value of the last attribute called `name`.
-    /// The attributes in the order received, moved out (no copies).
-    pub fn into_attributes(self) -> Vec<(String, String)> {
-        self.attributes
-    }
-
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.attributes
-            .iter()
+        self.attributes()
             .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
     }
 
-    pub fn attributes(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.attributes
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
+    /// The attributes in the order received.
+    pub fn attributes(&self) -> impl DoubleEndedIterator<Item = (&str, &str)> {
+        self.ends.iter().enumerate().map(|(i, &(name_end, end))| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1].1 };
+            (&self.text[start..name_end], &self.text[name_end..end])
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.attributes.len()
+        self.ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.attributes.is_empty()
+        self.ends.is_empty()
     }
 
     /// Serialises back to protocol bytes (name=value lines + empty line); used by tests, load generators, fuzz round-trips.
@@ -71,7 +86,7 @@ impl PolicyRequest {
     /// LF and NUL in values become spaces so a value can never split or corrupt the framing;
     /// names are written as given, so a name the decoder would reject still encodes but will not decode.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        for (name, value) in &self.attributes {
+        for (name, value) in self.attributes() {
             out.extend_from_slice(name.as_bytes());
             out.push(b'=');
             out.extend(value.bytes().map(|b| match b {
@@ -157,7 +172,11 @@ impl Decoder {
                     continue; // stray blank line between requests
                 }
                 self.partial_line = false;
-                return Ok((consumed, Some(std::mem::take(&mut self.request))));
+                // The next request gets buffers the size of this one's: clients send the
+                // same attributes every time.
+                let next =
+                    PolicyRequest::with_capacity(self.request.text.len(), self.request.len());
+                return Ok((consumed, Some(std::mem::replace(&mut self.request, next))));
             }
             self.push_line(line)?;
         }
@@ -215,12 +234,22 @@ impl Decoder {
                 limit: self.limits.max_attributes,
             });
         }
-        // The name is ASCII by now; values may be 8-bit (SMTPUTF8 addresses) and must not cost the request.
-        self.request.push(
-            String::from_utf8_lossy(name),
-            String::from_utf8_lossy(value),
-        );
+        // The name is ASCII by now; values may be 8-bit (SMTPUTF8 addresses) and must not
+        // cost the request: invalid UTF-8 is replaced (U+FFFD), valid text copied as is.
+        let request = &mut self.request;
+        push_lossy(&mut request.text, name);
+        let name_end = request.text.len();
+        push_lossy(&mut request.text, value);
+        request.ends.push((name_end, request.text.len()));
         Ok(())
+    }
+}
+
+/// Appends `bytes` to `text`, each invalid UTF-8 sequence as U+FFFD.
+fn push_lossy(text: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(valid) => text.push_str(valid),
+        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 
