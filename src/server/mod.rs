@@ -359,11 +359,14 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
         let stats = stats.clone();
+        // The connection's future is kilobytes (an SMTP session's is about 10 KiB): boxed,
+        // it is built once on the heap, where spawning it unboxed copied it whole about ten
+        // times per connection (into the task, its cell, its stages).
         tracker.spawn(async move {
             let slot = lease.slot();
             match stream {
-                Stream::Tcp(s) => handler.serve(s, &peer, local, slot).await,
-                Stream::Unix(s) => handler.serve(s, &peer, local, slot).await,
+                Stream::Tcp(s) => Box::pin(handler.serve(s, &peer, local, slot)).await,
+                Stream::Unix(s) => Box::pin(handler.serve(s, &peer, local, slot)).await,
             }
             stats.open.fetch_sub(1, Ordering::Relaxed);
             drop(lease);
