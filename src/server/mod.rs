@@ -253,6 +253,14 @@ impl Handler {
         }
     }
 
+    /// The SMTP front's PROXY header names the address the client connected to.
+    fn wants_local_address(&self) -> bool {
+        match self {
+            Handler::Smtp(c) => c.config.backend_options.proxy != smtp::ProxyProtocol::Off,
+            Handler::Policy(_) | Handler::Milter(_) => false,
+        }
+    }
+
     fn shutdown(&self) -> &CancellationToken {
         match self {
             Handler::Policy(c) => &c.stops.shutdown,
@@ -309,7 +317,7 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             _ = handler.shutdown().cancelled() => break,
             r = accept(&l) => r,
         };
-        let (stream, peer, key, local) = match accepted {
+        let (stream, peer, key) = match accepted {
             Ok(x) => {
                 backoff = Duration::from_millis(10);
                 x
@@ -355,6 +363,12 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
                 continue;
             }
         };
+        // The address it came in on, only where a handler uses it (a system call saved
+        // on every other connection).
+        let local = match &stream {
+            Stream::Tcp(s) if handler.wants_local_address() => s.local_addr().ok(),
+            _ => None,
+        };
         let handler = handler.clone();
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
@@ -390,8 +404,8 @@ fn poll_accept(l: &Bound, cx: &mut std::task::Context<'_>) -> std::task::Poll<io
     }
 }
 
-/// A connection, its peer's name and key, and the address it came in on (TCP only).
-type Accepted = (Stream, String, PeerKey, Option<std::net::SocketAddr>);
+/// A connection, its peer's name and key.
+type Accepted = (Stream, String, PeerKey);
 
 async fn accept(l: &Bound) -> io::Result<Accepted> {
     match l {
@@ -401,13 +415,7 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
             // IPv4 address to every front end, limit and log.
             let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let _ = s.set_nodelay(true);
-            let local = s.local_addr().ok();
-            Ok((
-                Stream::Tcp(s),
-                peer.to_string(),
-                PeerKey::Ip(peer.ip()),
-                local,
-            ))
+            Ok((Stream::Tcp(s), peer.to_string(), PeerKey::Ip(peer.ip())))
         }
         Bound::Unix(l, path) => {
             let (s, _) = l.accept().await?;
@@ -415,12 +423,7 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
             let key = s
                 .peer_cred()
                 .map_or(PeerKey::Local, |c| PeerKey::Uid(c.uid()));
-            Ok((
-                Stream::Unix(s),
-                format!("unix:{}", path.display()),
-                key,
-                None,
-            ))
+            Ok((Stream::Unix(s), format!("unix:{}", path.display()), key))
         }
     }
 }

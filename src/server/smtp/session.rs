@@ -149,7 +149,8 @@ enum End {
     Closed(String),
 }
 
-/// Serves one SMTP client. `local` is the address it connected to.
+/// Serves one SMTP client. `local` is the address it connected to, when the PROXY protocol
+/// needs it (otherwise unspecified, `0.0.0.0:0`).
 pub async fn serve_connection<S: Io + 'static>(
     stream: S,
     peer: &str,
