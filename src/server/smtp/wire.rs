@@ -368,15 +368,17 @@ enum Col {
 /// Pieces shorter than this go through the byte-wise scans: the fast paths would not pay.
 const FAST_PIECE: usize = 16;
 
-/// Every CR in `bytes` is followed by an LF and every LF follows a CR.
+/// Every CR in `bytes` is followed by an LF and every LF follows a CR: each LF follows a
+/// CR of its own, and there are no more CRs than LFs (counted without visiting each).
 fn crlf_only(bytes: &[u8]) -> bool {
-    memchr::memchr2_iter(b'\r', b'\n', bytes).all(|i| {
-        if bytes[i] == b'\r' {
-            bytes.get(i + 1) == Some(&b'\n')
-        } else {
-            i > 0 && bytes[i - 1] == b'\r'
+    let mut lfs = 0;
+    for i in memchr::memchr_iter(b'\n', bytes) {
+        if i == 0 || bytes[i - 1] != b'\r' {
+            return false;
         }
-    })
+        lfs += 1;
+    }
+    memchr::memchr_iter(b'\r', bytes).count() == lfs
 }
 
 impl Normalize {
