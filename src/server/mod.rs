@@ -168,6 +168,9 @@ impl Bound {
                     std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
                 };
                 sock.set_reuseaddr(true)?;
+                // Replies go out at once (no Nagle delay). Set here, Linux's accepted
+                // sockets inherit it: no system call per connection (see `NoDelay`).
+                let _ = sock.set_nodelay(true);
                 sock.bind(*a)?;
                 Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
             }
@@ -253,6 +256,14 @@ impl Handler {
         }
     }
 
+    /// The SMTP front's PROXY header names the address the client connected to.
+    fn wants_local_address(&self) -> bool {
+        match self {
+            Handler::Smtp(c) => c.config.backend_options.proxy != smtp::ProxyProtocol::Off,
+            Handler::Policy(_) | Handler::Milter(_) => false,
+        }
+    }
+
     fn shutdown(&self) -> &CancellationToken {
         match self {
             Handler::Policy(c) => &c.stops.shutdown,
@@ -304,12 +315,13 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
     let mut reserve = accept::Reserve::default();
     let mut backoff = Duration::from_millis(10);
     let mut pause = accept::FIRST_PAUSE;
+    let mut nodelay = NoDelay::Unknown;
     loop {
         let accepted = tokio::select! {
             _ = handler.shutdown().cancelled() => break,
-            r = accept(&l) => r,
+            r = accept(&l, &mut nodelay) => r,
         };
-        let (stream, peer, key, local) = match accepted {
+        let (stream, peer, key) = match accepted {
             Ok(x) => {
                 backoff = Duration::from_millis(10);
                 x
@@ -355,15 +367,24 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
                 continue;
             }
         };
+        // The address it came in on, only where a handler uses it (a system call saved
+        // on every other connection).
+        let local = match &stream {
+            Stream::Tcp(s) if handler.wants_local_address() => s.local_addr().ok(),
+            _ => None,
+        };
         let handler = handler.clone();
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
         let stats = stats.clone();
+        // The connection's future is kilobytes (an SMTP session's is about 10 KiB): boxed,
+        // it is built once on the heap, where spawning it unboxed copied it whole about ten
+        // times per connection (into the task, its cell, its stages).
         tracker.spawn(async move {
             let slot = lease.slot();
             match stream {
-                Stream::Tcp(s) => handler.serve(s, &peer, local, slot).await,
-                Stream::Unix(s) => handler.serve(s, &peer, local, slot).await,
+                Stream::Tcp(s) => Box::pin(handler.serve(s, &peer, local, slot)).await,
+                Stream::Unix(s) => Box::pin(handler.serve(s, &peer, local, slot)).await,
             }
             stats.open.fetch_sub(1, Ordering::Relaxed);
             drop(lease);
@@ -387,24 +408,36 @@ fn poll_accept(l: &Bound, cx: &mut std::task::Context<'_>) -> std::task::Poll<io
     }
 }
 
-/// A connection, its peer's name and key, and the address it came in on (TCP only).
-type Accepted = (Stream, String, PeerKey, Option<std::net::SocketAddr>);
+/// A connection, its peer's name and key.
+type Accepted = (Stream, String, PeerKey);
 
-async fn accept(l: &Bound) -> io::Result<Accepted> {
+/// Whether a TCP listener's connections come with TCP_NODELAY from the listening socket
+/// (Linux copies it to accepted sockets): asked of the first, then trusted or set on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoDelay {
+    Unknown,
+    Inherited,
+    SetEach,
+}
+
+async fn accept(l: &Bound, nodelay: &mut NoDelay) -> io::Result<Accepted> {
     match l {
         Bound::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d: it is the
             // IPv4 address to every front end, limit and log.
             let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let _ = s.set_nodelay(true);
-            let local = s.local_addr().ok();
-            Ok((
-                Stream::Tcp(s),
-                peer.to_string(),
-                PeerKey::Ip(peer.ip()),
-                local,
-            ))
+            if *nodelay == NoDelay::Unknown {
+                *nodelay = if s.nodelay().unwrap_or(false) {
+                    NoDelay::Inherited
+                } else {
+                    NoDelay::SetEach
+                };
+            }
+            if *nodelay == NoDelay::SetEach {
+                let _ = s.set_nodelay(true);
+            }
+            Ok((Stream::Tcp(s), peer.to_string(), PeerKey::Ip(peer.ip())))
         }
         Bound::Unix(l, path) => {
             let (s, _) = l.accept().await?;
@@ -412,12 +445,7 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
             let key = s
                 .peer_cred()
                 .map_or(PeerKey::Local, |c| PeerKey::Uid(c.uid()));
-            Ok((
-                Stream::Unix(s),
-                format!("unix:{}", path.display()),
-                key,
-                None,
-            ))
+            Ok((Stream::Unix(s), format!("unix:{}", path.display()), key))
         }
     }
 }
@@ -575,6 +603,36 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_have_nodelay_set() {
+        let addr = ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        let l = Bound::bind(&addr, 0o600).await.unwrap();
+        let Bound::Tcp(listener) = &l else {
+            panic!("a TCP listener")
+        };
+        let to = listener.local_addr().unwrap();
+        let mut nodelay = NoDelay::Unknown;
+        for _ in 0..3 {
+            let _client = tokio::net::TcpStream::connect(to).await.unwrap();
+            let (stream, _, _) =
+                tokio::time::timeout(Duration::from_secs(5), accept(&l, &mut nodelay))
+                    .await
+                    .expect("accepted")
+                    .unwrap();
+            let Stream::Tcp(s) = stream else {
+                panic!("a TCP connection")
+            };
+            assert!(s.nodelay().unwrap(), "TCP_NODELAY on the accepted socket");
+        }
+        assert_ne!(nodelay, NoDelay::Unknown);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            nodelay,
+            NoDelay::Inherited,
+            "Linux copies TCP_NODELAY from the listening socket"
+        );
+    }
 
     #[tokio::test]
     async fn stop_waits_follow_their_tokens() {

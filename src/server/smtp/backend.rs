@@ -17,6 +17,8 @@ use crate::server::Io;
 const MAX_LINE: usize = 4096;
 /// Most lines in one backend reply (an EHLO reply has a dozen).
 const MAX_LINES: usize = 100;
+/// Bytes read from the backend at once, at most.
+const READ_CHUNK: usize = 2048;
 
 /// Why the backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -349,26 +351,30 @@ impl Backend {
         let mut lines = Vec::new();
         let mut code = 0;
         loop {
-            let line = self.line(deadline).await?;
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches(['\r', '\n']);
-            let (c, rest) = text.split_at_checked(3).unwrap_or((text, ""));
-            let this: u16 = c
-                .parse()
-                .ok()
-                .filter(|c| (200..600).contains(c))
-                .ok_or_else(|| BackendError::Malformed(text.to_string()))?;
-            if !lines.is_empty() && this != code {
-                return Err(BackendError::Malformed(text.to_string()));
-            }
-            code = this;
-            let (more, body) = match rest.as_bytes().first() {
-                Some(b'-') => (true, &rest[1..]),
-                Some(b' ') => (false, &rest[1..]),
-                None => (false, ""),
-                Some(_) => return Err(BackendError::Malformed(text.to_string())),
+            let end = self.line(deadline).await?;
+            let more = {
+                let text = String::from_utf8_lossy(&self.buf[..end]);
+                let text = text.trim_end_matches(['\r', '\n']);
+                let (c, rest) = text.split_at_checked(3).unwrap_or((text, ""));
+                let this: u16 = c
+                    .parse()
+                    .ok()
+                    .filter(|c| (200..600).contains(c))
+                    .ok_or_else(|| BackendError::Malformed(text.to_string()))?;
+                if !lines.is_empty() && this != code {
+                    return Err(BackendError::Malformed(text.to_string()));
+                }
+                code = this;
+                let (more, body) = match rest.as_bytes().first() {
+                    Some(b'-') => (true, &rest[1..]),
+                    Some(b' ') => (false, &rest[1..]),
+                    None => (false, ""),
+                    Some(_) => return Err(BackendError::Malformed(text.to_string())),
+                };
+                lines.push(body.to_string());
+                more
             };
-            lines.push(body.to_string());
+            self.buf.drain(..end);
             if !more {
                 return Ok(Reply { code, lines });
             }
@@ -378,24 +384,28 @@ impl Backend {
         }
     }
 
-    async fn line(&mut self, deadline: tokio::time::Instant) -> Result<Vec<u8>, BackendError> {
+    /// Reads until a whole line is buffered; returns where it ends (after its LF).
+    ///
+    /// Straight into the session's buffer: a read buffer on the stack would be carried
+    /// (and copied) in every future that waits for a backend reply.
+    async fn line(&mut self, deadline: tokio::time::Instant) -> Result<usize, BackendError> {
+        let mut searched = 0;
         loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let rest = self.buf.split_off(i + 1);
-                return Ok(std::mem::replace(&mut self.buf, rest));
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[searched..]) {
+                return Ok(searched + i + 1);
             }
+            searched = self.buf.len();
             if self.buf.len() > MAX_LINE {
                 return Err(BackendError::Malformed("reply line too long".into()));
             }
-            let mut chunk = [0u8; 2048];
-            let n = match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {
+            self.buf.reserve(READ_CHUNK);
+            let n = match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
                 Err(_) => return Err(BackendError::Timeout),
                 Ok(r) => r?,
             };
             if n == 0 {
                 return Err(BackendError::Closed);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -149,7 +149,8 @@ enum End {
     Closed(String),
 }
 
-/// Serves one SMTP client. `local` is the address it connected to.
+/// Serves one SMTP client. `local` is the address it connected to, when the PROXY protocol
+/// needs it (otherwise unspecified, `0.0.0.0:0`).
 pub async fn serve_connection<S: Io + 'static>(
     stream: S,
     peer: &str,
@@ -911,21 +912,16 @@ impl Session<'_> {
             self.backend = None;
             return Err(e);
         }
-        if failed.is_none() {
-            let backend = self.backend.as_mut().expect("checked");
-            let timeout = self.ctx.config.backend_options.reply_timeout;
-            failed = match backend.reply(timeout).await {
-                Ok(r) if r.code == 354 => None,
-                Ok(r) => Some(BackendError::Refused(r)),
-                Err(e) => Some(e),
-            };
-        }
+        // The backend's 354 is read when the first message bytes are ready to go, not
+        // before the client's data is read: by then it has come, and the session wakes
+        // up once (for the client's data) instead of twice.
+        let mut awaiting_354 = failed.is_none();
         let limits = &self.ctx.config.limits;
         let max = limits.max_message_size;
-        // The trace headers go out with the message's first bytes, in one write.
         // The trace headers go out with the message's first bytes, in one write; what
         // follows has its bare line endings made CRLF (see `Normalize`).
-        let mut out = headers.into_bytes();
+        let mut out = Vec::with_capacity(headers.len() + DATA_WRITE);
+        out.extend_from_slice(headers.as_bytes());
         let mut normalize = Normalize::default();
         let mut scan = DataScan::default();
         let mut size = 0u64;
@@ -948,7 +944,17 @@ impl Session<'_> {
                 // few KiB goes out in one): fewer wake-ups of greygate and the backend.
                 if done || out.len() >= DATA_WRITE {
                     let backend = self.backend.as_mut().expect("open while relaying");
-                    failed = backend.send(&out).await.err();
+                    if std::mem::take(&mut awaiting_354) {
+                        let timeout = self.ctx.config.backend_options.reply_timeout;
+                        failed = match backend.reply(timeout).await {
+                            Ok(r) if r.code == 354 => None,
+                            Ok(r) => Some(BackendError::Refused(r)),
+                            Err(e) => Some(e),
+                        };
+                    }
+                    if failed.is_none() {
+                        failed = backend.send(&out).await.err();
+                    }
                     out.clear();
                 }
             }

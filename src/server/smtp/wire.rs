@@ -283,7 +283,33 @@ impl Default for DataScan {
 impl DataScan {
     /// Consumes `bytes` up to and including the end-of-data line; returns how many were
     /// consumed and whether the end was found.
+    ///
+    /// The state machine only takes a piece's first bytes (an end that began in an earlier
+    /// piece ends within them) and, when there is no end, its last ones; the rest is
+    /// searched for `CRLF . CRLF` at once. A CR puts the scan in the same state whatever
+    /// came before, so an end that starts within the piece is that sequence, and no state
+    /// depends on more than the last four bytes.
     pub fn feed(&mut self, bytes: &[u8]) -> (usize, bool) {
+        const EDGE: usize = 4;
+        if bytes.len() < FAST_PIECE {
+            return self.feed_bytewise(bytes);
+        }
+        let (used, done) = self.feed_bytewise(&bytes[..EDGE]);
+        if done {
+            return (used, true);
+        }
+        if let Some(at) = memchr::memmem::find(bytes, b"\r\n.\r\n") {
+            self.state = Scan::LineStart;
+            return (at + 5, true);
+        }
+        self.state = Scan::Mid;
+        let (_, done) = self.feed_bytewise(&bytes[bytes.len() - EDGE..]);
+        debug_assert!(!done, "an end within the piece was found above");
+        (bytes.len(), false)
+    }
+
+    /// [`DataScan::feed`] a byte at a time (with a skip to the next CR inside lines).
+    fn feed_bytewise(&mut self, bytes: &[u8]) -> (usize, bool) {
         let mut i = 0;
         while i < bytes.len() {
             if self.state == Scan::Mid {
@@ -339,9 +365,42 @@ enum Col {
     Mid,
 }
 
+/// Pieces shorter than this go through the byte-wise scans: the fast paths would not pay.
+const FAST_PIECE: usize = 16;
+
+/// Every CR in `bytes` is followed by an LF and every LF follows a CR: each LF follows a
+/// CR of its own, and there are no more CRs than LFs (counted without visiting each).
+fn crlf_only(bytes: &[u8]) -> bool {
+    let mut lfs = 0;
+    for i in memchr::memchr_iter(b'\n', bytes) {
+        if i == 0 || bytes[i - 1] != b'\r' {
+            return false;
+        }
+        lfs += 1;
+    }
+    memchr::memchr_iter(b'\r', bytes).count() == lfs
+}
+
 impl Normalize {
     /// Appends `bytes`, normalised, to `out`.
+    ///
+    /// A piece with CRLF line endings only, that does not follow a bare ending or a CR,
+    /// goes out as it is (nothing in it is rewritten or stuffed): a copy, and the column
+    /// it ends in, read from its last line.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.cr || self.after_bare || bytes.len() < FAST_PIECE || !crlf_only(bytes) {
+            return self.feed_bytewise(bytes, out);
+        }
+        out.extend_from_slice(bytes);
+        self.col = match memchr::memrchr(b'\n', bytes).map(|at| &bytes[at + 1..]) {
+            Some([]) => Col::Start,
+            Some([b'.']) => Col::Dot,
+            _ => Col::Mid,
+        };
+    }
+
+    /// [`Normalize::feed`] a byte at a time (with a skip to the next CR or LF inside lines).
+    fn feed_bytewise(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         let mut i = 0;
         while i < bytes.len() {
             if !self.cr && self.col == Col::Mid {
@@ -480,6 +539,41 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The scans' fast paths for longer pieces find the same end, make the same output
+        /// and leave the same state as the byte-wise ones, however the data is cut.
+        #[test]
+        fn fast_scans_agree_with_the_bytewise_ones(
+            data in proptest::collection::vec(
+                proptest::sample::select(vec![b'\r', b'\n', b'.', b'a']), 0..120),
+            cuts in proptest::collection::vec(1usize..48, 1..12),
+        ) {
+            let (mut fast, mut slow) = (DataScan::default(), DataScan::default());
+            let (mut nfast, mut nslow) = (Normalize::default(), Normalize::default());
+            let (mut out_fast, mut out_slow) = (Vec::new(), Vec::new());
+            let mut at = 0;
+            for piece in cuts.iter().cycle() {
+                if at >= data.len() {
+                    break;
+                }
+                let chunk = &data[at..(at + piece).min(data.len())];
+                let (f, s) = (fast.feed(chunk), slow.feed_bytewise(chunk));
+                proptest::prop_assert_eq!(f, s);
+                proptest::prop_assert_eq!(fast, slow);
+                nfast.feed(&chunk[..f.0], &mut out_fast);
+                nslow.feed_bytewise(&chunk[..f.0], &mut out_slow);
+                proptest::prop_assert_eq!(&out_fast, &out_slow);
+                proptest::prop_assert_eq!(
+                    (nfast.cr, nfast.col, nfast.after_bare, nfast.rewritten),
+                    (nslow.cr, nslow.col, nslow.after_bare, nslow.rewritten)
+                );
+                at += f.0;
+                if f.1 {
+                    fast = DataScan::default();
+                    slow = DataScan::default();
+                }
+            }
+        }
+
         /// Whatever the client sends before its end of data, the backend never sees an end
         /// of data in what greygate forwards.
         #[test]
