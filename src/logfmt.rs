@@ -98,14 +98,42 @@ pub fn write_quoted(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
     // Addresses and names almost never need an escape: one byte scan decides, and the
     // plain string is copied at once. Anything else (quotes, backslashes, controls, any
     // non-ASCII character) takes Debug's own path, so the output is the same either way.
-    if s.bytes()
-        .any(|b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\')
-    {
+    if !is_plain(s.as_bytes()) {
         return write!(w, "{s:?}");
     }
     w.write_char('"')?;
     w.write_str(s)?;
     w.write_char('"')
+}
+
+/// Whether every byte of `s` is printable ASCII other than `"` and `\\`: eight bytes at a
+/// time (a decision line has some 300 bytes of values to check).
+fn is_plain(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte of `x` is zero (exact as a test of "any": a borrow only ever follows a zero).
+    let any_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut words = s.chunks_exact(8);
+    for word in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(word);
+        let v = u64::from_le_bytes(b);
+        // Non-ASCII; then, all bytes below 0x80, one below 0x20 (borrows from its high
+        // bit only); DEL, '"' or '\\'.
+        if v & HIGH != 0
+            || v.wrapping_sub(ONES * 0x20) & !v & HIGH != 0
+            || any_zero(v ^ (ONES * 0x7f))
+            || any_zero(v ^ (ONES * u64::from(b'"')))
+            || any_zero(v ^ (ONES * u64::from(b'\\')))
+        {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| is_plain_byte(b))
+}
+
+fn is_plain_byte(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
 }
 
 impl Visit for Visitor<'_> {
@@ -611,6 +639,31 @@ pub(crate) fn capture_text(f: impl FnOnce()) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_word_scan_agrees_with_the_byte_scan() {
+        // Every byte value at every position of a word and of the tail, in plain text.
+        for len in [8, 13, 16, 24] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    assert_eq!(
+                        is_plain(&s),
+                        s.iter().all(|&b| is_plain_byte(b)),
+                        "byte {b:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+        // Pairs of neighbours that could borrow into each other.
+        for x in 0..=255u8 {
+            for y in [0u8, 0x1f, 0x20, 0x21, 0x22, 0x5c, 0x7e, 0x7f, 0x80, 0xff] {
+                let s = [b'a', x, y, b'a', b'a', b'a', b'a', b'a'];
+                assert_eq!(is_plain(&s), s.iter().all(|&b| is_plain_byte(b)), "{s:?}");
+            }
+        }
+    }
 
     #[test]
     fn quoting_matches_rust_debug() {
