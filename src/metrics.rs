@@ -55,6 +55,20 @@ impl<T> Striped<T> {
     }
 }
 
+/// A counter that every worker adds to: striped (see [`Striped`]), summed when read.
+#[derive(Debug, Default)]
+pub struct Counter(Striped<AtomicU64>);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.mine().fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.all().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// A fixed-bucket latency histogram, striped (see [`Striped`]); a snapshot sums the stripes.
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -222,25 +236,26 @@ struct HotCounters {
     store_ops: [AtomicU64; StoreOp::ALL.len()],
 }
 
-/// Counters of the DNS facts gatherer.
+/// Counters of the DNS facts gatherer, counted by every request that gathers facts: striped,
+/// so that the two workers of a busy daemon do not pass these cache lines back and forth.
 #[derive(Debug, Default)]
 pub struct DnsStats {
     /// Requests whose facts were gathered.
-    pub gathers: AtomicU64,
+    pub gathers: Counter,
     /// Lookups sent (an SPF check, a host name check, one DNS list zone).
-    pub lookups: AtomicU64,
+    pub lookups: Counter,
     /// Lookups answered from the cache.
-    pub cache_hits: AtomicU64,
+    pub cache_hits: Counter,
     /// Lookups still unanswered when the request's budget ran out.
-    pub timeouts: AtomicU64,
+    pub timeouts: Counter,
     /// Lookups that failed (SERVFAIL, refused, network errors).
-    pub failures: AtomicU64,
+    pub failures: Counter,
     /// Lookups not made because the resolver was not answering (its breaker was open).
-    pub skipped: AtomicU64,
+    pub skipped: Counter,
     /// 1 while the resolver is considered down (breaker open), else 0.
     pub resolver_down: AtomicU64,
     /// Times the resolver's breaker opened.
-    pub breaker_opened: AtomicU64,
+    pub breaker_opened: Counter,
     /// Time spent gathering, per request.
     pub gather_seconds: Histogram,
 }

@@ -397,7 +397,7 @@ pub fn render(svc: &Greylister, counts: Option<Counts>, now: u64) -> String {
         ),
     ] {
         o.head(name, "counter", help);
-        o.sample(name, &[], v.load(Ordering::Relaxed));
+        o.sample(name, &[], v.get());
     }
     o.head(
         "greygate_dns_resolver_down",

@@ -125,7 +125,7 @@ impl Breaker {
                     probing: false,
                 });
                 self.stats.resolver_down.store(1, Ordering::Relaxed);
-                self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                self.stats.breaker_opened.add(1);
                 tracing::error!(
                     resolver = %self.name,
                     requests = state.silent,
@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(b.admit(), Admit::Skip, "open after {OPEN_AFTER} in a row");
         assert!(b.down_for().is_some());
         assert_eq!(b.stats.resolver_down.load(Ordering::Relaxed), 1);
-        assert_eq!(b.stats.breaker_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(b.stats.breaker_opened.get(), 1);
 
         tokio::time::advance(MIN_BACKOFF).await;
         assert_eq!(b.admit(), Admit::Probe);

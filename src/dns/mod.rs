@@ -376,11 +376,9 @@ impl Gatherer {
             if missed.load(Ordering::Relaxed) {
                 return Err(NeedsLookups);
             }
-            self.stats
-                .cache_hits
-                .fetch_add(hits.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.stats.cache_hits.add(hits.load(Ordering::Relaxed));
         }
-        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        self.stats.gathers.add(1);
         self.stats.gather_seconds.observe(gathered.elapsed);
         Ok(FactsNow::Gathered(gathered, unkeyed))
     }
@@ -388,7 +386,7 @@ impl Gatherer {
     /// Gathers the facts of one request within the budget. Never fails: what is not known
     /// in time is marked as such.
     pub async fn gather(&self, ask: &Ask<'_>) -> Gathered {
-        self.stats.gathers.fetch_add(1, Ordering::Relaxed);
+        self.stats.gathers.add(1);
         let asking = match self.breaker.admit() {
             Admit::Ask => Asking::Yes,
             Admit::Probe => Asking::Probe(Probe::new(self.breaker.clone())),
@@ -529,9 +527,11 @@ impl Gatherer {
     /// An answer from the cache, counted.
     fn hit(&self, asking: &Asking, v: Value) -> Pending {
         match asking {
-            Asking::CacheOnly { hits, .. } => hits.fetch_add(1, Ordering::Relaxed),
-            _ => self.stats.cache_hits.fetch_add(1, Ordering::Relaxed),
-        };
+            Asking::CacheOnly { hits, .. } => {
+                hits.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => self.stats.cache_hits.add(1),
+        }
         Pending::Ready(v)
     }
 
@@ -549,7 +549,7 @@ impl Gatherer {
             Asking::Yes => None,
             Asking::Probe(p) => Some(p.clone()),
             Asking::No => {
-                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.stats.skipped.add(1);
                 return Pending::Skipped;
             }
             Asking::CacheOnly { missed, .. } => {
@@ -560,7 +560,7 @@ impl Gatherer {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             return Pending::Refused;
         };
-        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        self.stats.lookups.add(1);
         let cache = self.cache.clone();
         if let Some(p) = &probe {
             p.asked();
@@ -584,7 +584,7 @@ impl Gatherer {
         });
         if matches!(asking, Asking::Probe(_)) {
             // A probe runs in the background: the request does not wait on it.
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.stats.skipped.add(1);
             return Pending::Skipped;
         }
         Pending::Running(task)
@@ -600,7 +600,7 @@ impl Gatherer {
         answered: &mut bool,
     ) -> Outcome {
         let failed = |e: String| {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            self.stats.failures.add(1);
             Outcome::Failed(e)
         };
         let handle = match pending {
@@ -622,7 +622,7 @@ impl Gatherer {
             Ok(Ok(Err(e))) => failed(e),
             Ok(Err(e)) => failed(format!("lookup task failed: {e}")),
             Err(_) => {
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.stats.timeouts.add(1);
                 Outcome::TimedOut
             }
         }
