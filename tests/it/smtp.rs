@@ -86,6 +86,14 @@ impl Site {
     }
 
     /// A file in the test's directory.
+    /// Backend sessions greygate opened and pooled sessions it reused, from its metrics.
+    fn backend_sessions(&self) -> (f64, f64) {
+        (
+            metric(&self.greygate, "greygate_smtp_backend_connections_total{}"),
+            metric(&self.greygate, "greygate_smtp_backend_reuses_total{}"),
+        )
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -618,21 +626,21 @@ fn pipelined_session_is_greylisted_then_relayed() {
 /// A self-signed certificate for `localhost`, made with openssl in `dir`: (cert, key).
 fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
-    let out = std::process::Command::new("/usr/bin/openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
-        .args(["-subj", "/CN=localhost", "-days", "2"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::harness::tls::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-days",
+        "2",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
     (cert, key)
 }
 
@@ -1211,13 +1219,9 @@ fn pooled_backend_session_serves_later_clients() {
         relay_one(*from, s.greygate.smtp(), &format!("pooled-{i}"));
     }
     assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        1.0,
+        s.backend_sessions(),
+        (1.0, 2.0),
         "one backend session for three client sessions"
-    );
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
-        2.0
     );
     wait_log_lines(&s.postfix, &["smtpd", ": client="], 3);
     assert_eq!(
@@ -1259,14 +1263,7 @@ fn backend_session_that_named_its_client_by_xclient_is_never_shared() {
         );
     }
     assert_eq!(connects(&s.postfix) - before, 3, "{}", s.postfix.maillog());
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        3.0
-    );
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
-        0.0
-    );
+    assert_eq!(s.backend_sessions(), (3.0, 0.0));
 }
 
 // Backend pool: a pooled session the backend closed meanwhile is replaced unnoticed.
@@ -1285,10 +1282,7 @@ fn pooled_backend_session_the_backend_closed_is_replaced_transparently() {
     wait_log_lines(&s.postfix, &["smtpd", "timeout after"], 1);
     relay_one(LOCAL, s.greygate.smtp(), "after-timeout");
     delivered_whole(&s.postfix, "Subject: after-timeout", b"");
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        2.0
-    );
+    assert_eq!(s.backend_sessions().0, 2.0);
     assert_eq!(
         metric(&s.greygate, "greygate_smtp_backend_failures_total{}"),
         0.0,
@@ -1333,20 +1327,10 @@ fn backend_pool_keeps_at_most_backend_pool_sessions_and_closes_idle_ones() {
         idle >= Duration::from_millis(1500) && idle < Duration::from_secs(6),
         "closed after {idle:?}"
     );
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        2.0
-    );
+    assert_eq!(s.backend_sessions().0, 2.0);
     // A client after that opens a new one.
     relay_one(LOCAL, s.greygate.smtp(), "bounded-c");
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        3.0
-    );
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
-        0.0
-    );
+    assert_eq!(s.backend_sessions(), (3.0, 0.0));
 }
 
 // The client's 354 goes out before the backend's: a backend that refuses DATA gets no
@@ -1412,12 +1396,5 @@ fn backend_session_left_in_a_transaction_is_reset_before_it_is_reused() {
     // Had the backend still been in that transaction, this MAIL would be a nested one.
     relay_one(LOCAL, s.greygate.smtp(), "after-reset");
     delivered_whole(&s.postfix, "Subject: after-reset", b"");
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_connections_total{}"),
-        1.0
-    );
-    assert_eq!(
-        metric(&s.greygate, "greygate_smtp_backend_reuses_total{}"),
-        1.0
-    );
+    assert_eq!(s.backend_sessions(), (1.0, 1.0));
 }

@@ -1,5 +1,6 @@
 //! Test certificates made with the openssl CLI: a CA per test and server certificates
-//! signed by it, for the TLS tests of the stores (Redis, PostgreSQL).
+//! signed by it, for the TLS tests of the stores (Redis, PostgreSQL); the runner for
+//! other tests' own certificates.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,7 +12,8 @@ pub struct TestCa {
     key: PathBuf,
 }
 
-fn openssl(args: &[&str]) {
+/// Runs the openssl CLI with `args`; panics with its error output when it fails.
+pub fn openssl(args: &[&str]) {
     let out = Command::new("/usr/bin/openssl")
         .args(args)
         .stdin(Stdio::null())
