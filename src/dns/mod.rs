@@ -114,8 +114,8 @@ pub enum FactsNow<'e> {
     /// caller can use instead of classifying again.
     NotNeeded(Option<Classified>),
     /// The facts (from `facts_now`: every one from the cache or "not known", breaker
-    /// open), and the request's classification so far: put the facts into the request, then finish it
-    /// with [`Engine::classify_keyed`].
+    /// open), and the request's classification so far: put the facts into the request,
+    /// then finish it with [`Engine::classify_keyed`].
     Gathered(Gathered, Unkeyed<'e>),
 }
 

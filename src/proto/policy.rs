@@ -48,9 +48,15 @@ impl PolicyRequest {
     }
 
     pub fn push(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) {
-        self.text.push_str(name.as_ref());
+        self.push_bytes(name.as_ref().as_bytes(), value.as_ref().as_bytes());
+    }
+
+    /// Appends an attribute as received: each invalid UTF-8 sequence becomes U+FFFD, valid
+    /// text is copied as is.
+    fn push_bytes(&mut self, name: &[u8], value: &[u8]) {
+        push_lossy(&mut self.text, name);
         let name_end = self.text.len();
-        self.text.push_str(value.as_ref());
+        push_lossy(&mut self.text, value);
         self.ends.push((name_end, self.text.len()));
     }
 
@@ -235,12 +241,8 @@ impl Decoder {
             });
         }
         // The name is ASCII by now; values may be 8-bit (SMTPUTF8 addresses) and must not
-        // cost the request: invalid UTF-8 is replaced (U+FFFD), valid text copied as is.
-        let request = &mut self.request;
-        push_lossy(&mut request.text, name);
-        let name_end = request.text.len();
-        push_lossy(&mut request.text, value);
-        request.ends.push((name_end, request.text.len()));
+        // cost the request.
+        self.request.push_bytes(name, value);
         Ok(())
     }
 }

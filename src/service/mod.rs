@@ -603,17 +603,9 @@ impl Greylister {
         }
         match dns.facts_now(&live.engine, &req, now) {
             Err(NeedsLookups) => Err(req),
-            Ok(FactsNow::NotNeeded(classified)) => self
-                .decide_classified(&live, req, classified, None, now, started)
-                .map_err(|(req, ..)| req),
-            Ok(FactsNow::Gathered(mut gathered, unkeyed)) => {
-                // The facts go into the request itself: no copy of a request the front end
-                // handed over (the policy and milter front ends do).
-                let note = gathered.note();
-                let mut req = req;
-                req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
-                let classified = live.engine.classify_keyed(unkeyed, &req);
-                self.decide_classified(&live, req, Some(classified), note, now, started)
+            Ok(found) => {
+                let (req, note, classified) = with_facts(&live.engine, req, found);
+                self.decide_classified(&live, req, classified, note, now, started)
                     .map_err(|(req, ..)| req)
             }
         }
@@ -625,16 +617,10 @@ impl Greylister {
         let started = Instant::now();
         let live = self.live.load();
         let (req, dns_note, classified) = match &live.dns {
-            Some(dns) => match dns.gather_for(&live.engine, &req, now).await {
-                FactsNow::NotNeeded(classified) => (req, None, classified),
-                FactsNow::Gathered(mut gathered, unkeyed) => {
-                    let note = gathered.note();
-                    let mut req = req;
-                    req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
-                    let classified = live.engine.classify_keyed(unkeyed, &req);
-                    (req, note, Some(classified))
-                }
-            },
+            Some(dns) => {
+                let found = dns.gather_for(&live.engine, &req, now).await;
+                with_facts(&live.engine, req, found)
+            }
             None => (req, None, None),
         };
         let (req, dns_note, classified) =
@@ -1056,6 +1042,26 @@ impl DecisionLine<'_> {
             out.push_str(" tls=true");
         }
         text(out, "detail", d.detail.as_deref());
+    }
+}
+
+/// `req` with what the gatherer found put into it (the facts go into the request itself:
+/// no copy of a request the front end handed over), what DNS could not say, and the
+/// engine's classification when the gatherer began or finished one.
+fn with_facts<'r>(
+    engine: &Engine,
+    req: Cow<'r, Request>,
+    found: FactsNow<'_>,
+) -> (Cow<'r, Request>, Option<String>, Option<Classified>) {
+    match found {
+        FactsNow::NotNeeded(classified) => (req, None, classified),
+        FactsNow::Gathered(mut gathered, unkeyed) => {
+            let note = gathered.note();
+            let mut req = req;
+            req.to_mut().facts = Some(std::mem::take(&mut gathered.facts));
+            let classified = engine.classify_keyed(unkeyed, &req);
+            (req, note, Some(classified))
+        }
     }
 }
 
