@@ -557,8 +557,9 @@ fn dump_file(
     // The watch ends before the child is reaped, so it never signals a reused pid.
     let stalled = watch.stop();
     // A failure while db_dump still runs is ours (the store, a bound, its output): it
-    // need not finish. One after it ended comes second to how it ended.
-    let ours = parsed.is_err() && !matches!(child.try_wait(), Ok(Some(_)));
+    // need not finish. One after it ended comes second to how it ended. Its output may end
+    // (no header, say) a moment before it can be reaped: it gets a short while to exit.
+    let ours = parsed.is_err() && !exits_within(&mut child, EXIT_GRACE);
     if ours {
         let _ = child.kill();
     }
@@ -599,6 +600,23 @@ fn dump_file(
         )));
     }
     parsed
+}
+
+/// How long a `db_dump` whose output was found wrong may take to exit before it is
+/// stopped (a failing one closes its output as it exits).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// Whether `child` has exited, or does within `limit`.
+fn exits_within(child: &mut std::process::Child, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Err(_) => return false,
+            Ok(None) if Instant::now() >= until => return false,
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 impl From<DumpError> for ImportError {
