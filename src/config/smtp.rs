@@ -68,6 +68,8 @@ pub struct RawSmtp {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
     pub tls_key: Option<PathBuf>,
+    /// Threads that run the front's sessions (each a single-threaded runtime).
+    pub threads: usize,
 }
 
 impl Default for RawSmtp {
@@ -103,6 +105,7 @@ impl Default for RawSmtp {
             trap_deny_for: Dur(d::TRAP_DENY_FOR),
             tls_cert: None,
             tls_key: None,
+            threads: d::THREADS,
         }
     }
 }
@@ -207,6 +210,12 @@ impl RawSmtp {
                 "pregreet_wait over 60 s would make real mail servers give up".into(),
             );
         }
+        if !(1..=d::MAX_THREADS).contains(&self.threads) {
+            p.at(
+                &at("threads"),
+                format!("threads must be between 1 and {}", d::MAX_THREADS),
+            );
+        }
         if self.tarpit_max_sessions == 0 {
             p.at(
                 &at("tarpit_max_sessions"),
@@ -289,6 +298,7 @@ impl RawSmtp {
             },
             traps,
             tls,
+            threads: self.threads.clamp(1, d::MAX_THREADS),
         }
     }
 }

@@ -1167,6 +1167,7 @@ tarpit_max_sessions = 8
 traps = ["trap@example.org"]
 traps_file = "{}"
 trap_deny_for = "6h"
+threads = 2
 "#,
         toml_path(&traps)
     ));
@@ -1211,6 +1212,7 @@ trap_deny_for = "6h"
     assert_eq!(s.pregreet.pass_for, Duration::from_secs(2 * 86400));
     assert_eq!((s.tarpit.rate, s.tarpit.max_sessions), (10, 8));
     assert_eq!(s.traps.deny_for, Duration::from_secs(6 * 3600));
+    assert_eq!(s.threads, 2);
     let t = crate::server::smtp::Traps::load(&s.traps).unwrap();
     assert!(t.catches("trap@example.org") && t.catches("SPAM@trap.example"));
     assert!(t.catches("x@honeypot.example") && !t.catches("x@example.org"));
@@ -1222,6 +1224,7 @@ trap_deny_for = "6h"
     assert!(valid("").smtp.listen.is_empty());
     let d = valid("").smtp.backend_options;
     assert_eq!((d.pool, d.pool_idle), (32, Duration::from_secs(5)));
+    assert_eq!(valid("").smtp.threads, 1);
 }
 
 #[test]
@@ -1246,6 +1249,8 @@ fn smtp_errors_point_at_the_bad_setting() {
         (2, "command_timeout = 0", "positive"),
         (2, "backend_pool = 100000", "backend_pool"),
         (2, "backend_idle = \"10m\"", "5 minutes"),
+        (2, "threads = 0", "between 1 and 64"),
+        (2, "threads = 65", "between 1 and 64"),
     ] {
         let e = single_error(&format!("[smtp]\n{bad}\n"));
         assert!(e.location.starts_with(&at_line(line)), "{bad}: {e}");
@@ -1266,6 +1271,9 @@ fn smtp_traps_reload_but_its_listeners_need_a_restart() {
     assert!(base.needs_restart(&traps).is_empty());
     let moved = valid("[smtp]\nlisten = [\"127.0.0.1:2526\"]\nbackend = \"127.0.0.1:25\"\n");
     assert_eq!(base.needs_restart(&moved), ["smtp"]);
+    let threads =
+        valid("[smtp]\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"127.0.0.1:25\"\nthreads = 2\n");
+    assert_eq!(base.needs_restart(&threads), ["smtp"]);
 }
 
 /// The section that applies to `recipient`, its mode and delay (None: inherited).

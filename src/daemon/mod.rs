@@ -21,7 +21,8 @@ use crate::dns::Gatherer;
 use crate::server::milter::MilterContext;
 use crate::server::policy::PolicyContext;
 use crate::server::smtp::{self, Guard, SmtpContext, Traps, load_acceptor};
-use crate::server::{self, Bound, Handler, ListenAddr, StoreOpener};
+use crate::server::threads::Threads;
+use crate::server::{self, Bound, Handler, StoreOpener};
 use crate::service::{Greylister, RuntimeEntries, StoreSlot};
 use crate::store::{self, Access};
 
@@ -187,18 +188,30 @@ pub async fn run(
             .iter()
             .map(|a| (a, "milter", &milter_handler)),
     );
-    let smtp_listen: Vec<_> = cfg
-        .smtp
-        .listen
-        .iter()
-        .map(|a| ListenAddr::Tcp(*a))
-        .collect();
-    let wanted = wanted.chain(smtp_listen.iter().map(|a| (a, "smtp", &smtp_handler)));
     for (addr, kind, handler) in wanted {
         let bound = Bound::bind(addr, cfg.policy.socket_mode)
             .await
             .with_context(|| format!("cannot listen on {addr} ({kind})"))?;
-        listeners.push((bound, kind, handler.clone()));
+        listeners.push((vec![(bound, None)], kind, handler.clone()));
+    }
+    // The SMTP front's sessions run on threads of their own (see `server::threads`), with
+    // a socket per thread on each address.
+    let smtp_threads = match cfg.smtp.listen.is_empty() {
+        true => None,
+        false => Some(
+            Threads::start(cfg.smtp.threads, "gg-smtp")
+                .context("cannot start the SMTP front's threads")?,
+        ),
+    };
+    for addr in &cfg.smtp.listen {
+        let runtimes = smtp_threads.as_ref().map_or(&[][..], |t| t.handles());
+        let sockets = Bound::bind_shared(*addr, runtimes.len())
+            .with_context(|| format!("cannot listen on {addr} (smtp)"))?;
+        let sockets = sockets
+            .into_iter()
+            .zip(runtimes.iter().cloned().map(Some))
+            .collect();
+        listeners.push((sockets, "smtp", smtp_handler.clone()));
     }
     let mut admin_listeners = Vec::new();
     for addr in &cfg.admin.listen {
@@ -215,8 +228,10 @@ pub async fn run(
             }
         }
     }
-    for (l, kind, _) in &listeners {
-        tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");
+    for (sockets, kind, _) in &listeners {
+        if let Some((l, _)) = sockets.first() {
+            tracing::info!(listener = %l.local_addr(), mode = ?cfg.mode, "{kind} listener ready");
+        }
     }
 
     let token = cfg.admin.token.resolve_or_create();
@@ -268,7 +283,10 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let listeners = listeners.into_iter().map(|(l, _, h)| (l, h)).collect();
+    let listeners = listeners
+        .into_iter()
+        .map(|(sockets, _, handler)| server::Listener { sockets, handler })
+        .collect();
     let mut serving = tokio::spawn(server::serve(listeners));
 
     // Reloads run one after another until the stop; a bad file keeps the running
@@ -294,6 +312,8 @@ pub async fn run(
         // in after it.
         let _ = serving.await;
     }
+    // Every connection has ended: the SMTP front's threads have nothing left to run.
+    drop(smtp_threads);
     let _ = maintenance.await;
     let _ = admin_task.await;
     if let Ok(store) = svc.store.get() {

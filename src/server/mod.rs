@@ -14,10 +14,12 @@ pub mod policy;
 pub mod replies;
 pub mod slots;
 pub mod smtp;
+pub mod threads;
 
 pub use addr::ListenAddr;
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,20 +162,7 @@ impl Bound {
     /// a live process still answers on is an error.
     pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Bound> {
         match addr {
-            ListenAddr::Tcp(a) => {
-                // A backlog for bursts of connections (std's default is 128; the kernel
-                // caps it at net.core.somaxconn).
-                let sock = match a {
-                    std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                    std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-                };
-                sock.set_reuseaddr(true)?;
-                // Replies go out at once (no Nagle delay). Set here, Linux's accepted
-                // sockets inherit it: no system call per connection (see `NoDelay`).
-                let _ = sock.set_nodelay(true);
-                sock.bind(*a)?;
-                Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
-            }
+            ListenAddr::Tcp(a) => bind_tcp(*a, false),
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
                 let l = UnixListener::bind(path)?;
@@ -181,6 +170,36 @@ impl Bound {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
                 Ok(Bound::Unix(l, path.clone()))
             }
+        }
+    }
+
+    /// `n` sockets listening on one TCP address, bound with `SO_REUSEPORT` when there are
+    /// several, so that the kernel spreads new connections among them; port 0 is the port
+    /// the first one got.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bound::bind`].
+    pub fn bind_shared(addr: SocketAddr, n: usize) -> io::Result<Vec<Bound>> {
+        let shared = n > 1;
+        let first = bind_tcp(addr, shared)?;
+        let addr = match &first {
+            Bound::Tcp(l) => l.local_addr()?,
+            Bound::Unix(..) => unreachable!("bound to a TCP address"),
+        };
+        let mut all = vec![first];
+        for _ in 1..n {
+            all.push(bind_tcp(addr, shared)?);
+        }
+        Ok(all)
+    }
+
+    /// This socket, registered with the runtime this is called on: its readiness is
+    /// then told to the thread that accepts on it.
+    fn moved_here(self) -> io::Result<Bound> {
+        match self {
+            Bound::Tcp(l) => Ok(Bound::Tcp(TcpListener::from_std(l.into_std()?)?)),
+            Bound::Unix(l, path) => Ok(Bound::Unix(UnixListener::from_std(l.into_std()?)?, path)),
         }
     }
 
@@ -193,6 +212,24 @@ impl Bound {
             Bound::Unix(_, p) => format!("unix:{}", p.display()),
         }
     }
+}
+
+fn bind_tcp(a: SocketAddr, reuse_port: bool) -> io::Result<Bound> {
+    let sock = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    if reuse_port {
+        sock.set_reuseport(true)?;
+    }
+    // Replies go out at once (no Nagle delay). Set here, Linux's accepted sockets inherit
+    // it: no system call per connection (see `NoDelay`).
+    let _ = sock.set_nodelay(true);
+    sock.bind(a)?;
+    // A backlog for bursts of connections (std's default is 128; the kernel caps it at
+    // net.core.somaxconn).
+    Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
 }
 
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -287,31 +324,81 @@ impl Handler {
     }
 }
 
+/// A listening address, its handler, and its sockets: one, or one per thread of a front
+/// end that runs on threads of its own (bound with `SO_REUSEPORT`, see
+/// [`Bound::bind_shared`]), each with the runtime its accept loop and connections run on
+/// (`None`: the daemon's).
+pub struct Listener {
+    pub sockets: Vec<(Bound, Option<tokio::runtime::Handle>)>,
+    pub handler: Handler,
+}
+
+/// What the sockets of one listening address share: its connection limits (the whole
+/// address's, whichever socket a connection came in on), counters and admission log.
+struct Admission {
+    name: String,
+    slots: Arc<Slots>,
+    stats: Arc<ListenerStats>,
+    log: accept::AdmissionLog,
+}
+
 /// Serves every listener with its handler until the handlers' `shutdown` is cancelled,
 /// then waits for open connections to finish their current request (their `hard_stop`
 /// closes them even mid-request). Returns when every connection task has ended.
-pub async fn serve(listeners: Vec<(Bound, Handler)>) {
+pub async fn serve(listeners: Vec<Listener>) {
     let tracker = TaskTracker::new();
-    for (l, handler) in listeners {
-        tracker.spawn(accept_loop(l, handler, tracker.clone()));
+    for Listener { sockets, handler } in listeners {
+        let Some((first, _)) = sockets.first() else {
+            continue;
+        };
+        let name = first.local_addr();
+        let slots = Slots::new(
+            handler.max_connections(),
+            handler.max_connections_per_peer(),
+        );
+        let stats = Arc::new(ListenerStats::new(
+            name.clone(),
+            handler.protocol(),
+            slots.limit(),
+        ));
+        handler.svc().register_listener(stats.clone());
+        let log = accept::AdmissionLog::new(&name, handler.protocol());
+        let admission = Arc::new(Admission {
+            name,
+            slots,
+            stats,
+            log,
+        });
+        for (l, runtime) in sockets {
+            let (handler, admission, t) = (handler.clone(), admission.clone(), tracker.clone());
+            match runtime {
+                None => tracker.spawn(accept_loop(l, handler, admission, t)),
+                Some(rt) => tracker.spawn_on(
+                    async move {
+                        match l.moved_here() {
+                            Ok(l) => accept_loop(l, handler, admission, t).await,
+                            Err(e) => tracing::error!(
+                                listener = %admission.name, error = %e,
+                                "cannot move a listening socket to its thread; it takes no connections"
+                            ),
+                        }
+                    },
+                    &rt,
+                ),
+            };
+        }
     }
     tracker.close();
     tracker.wait().await;
 }
 
-async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
-    let name = l.local_addr();
-    let slots = Slots::new(
-        handler.max_connections(),
-        handler.max_connections_per_peer(),
-    );
-    let stats = Arc::new(ListenerStats::new(
-        name.clone(),
-        handler.protocol(),
-        slots.limit(),
-    ));
-    handler.svc().register_listener(stats.clone());
-    let log = accept::AdmissionLog::new(&name, handler.protocol());
+async fn accept_loop(l: Bound, handler: Handler, admission: Arc<Admission>, tracker: TaskTracker) {
+    let Admission {
+        name,
+        slots,
+        stats,
+        log,
+    } = &*admission;
     let mut reserve = accept::Reserve::default();
     let mut backoff = Duration::from_millis(10);
     let mut pause = accept::FIRST_PAUSE;
@@ -328,7 +415,7 @@ async fn accept_loop(l: Bound, handler: Handler, tracker: TaskTracker) {
             }
             Err(e) if accept::out_of_descriptors(&e) => {
                 if reserve
-                    .out_of_descriptors(|cx| poll_accept(&l, cx), &log, &e, &mut pause)
+                    .out_of_descriptors(|cx| poll_accept(&l, cx), log, &e, &mut pause)
                     .await
                 {
                     stats.refused.fetch_add(1, Ordering::Relaxed);

@@ -1062,6 +1062,91 @@ fn two_thousand_idle_connections_and_a_client_still_completes_its_session() {
     drop(idle);
 }
 
+/// CPU time (nanoseconds) of each of the daemon's threads named `gg-smtp-N`, by name.
+fn smtp_thread_cpu(d: &Daemon) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let name = name.trim();
+        if name.starts_with("gg-smtp-") {
+            let stat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
+            let ns = stat
+                .split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap();
+            out.insert(name.to_string(), ns);
+        }
+    }
+    out
+}
+
+// `[smtp] threads`: sessions on threads of the front's own, a socket each (SO_REUSEPORT);
+// the address's connection limits hold across them.
+#[test]
+fn smtp_front_runs_on_its_threads_and_keeps_one_limit_across_their_sockets() {
+    const PER_PEER: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(
+            LONG,
+            &format!(
+                "threads = 2
+max_connections_per_peer = {PER_PEER}
+"
+            ),
+            "",
+        ),
+    );
+    let before = smtp_thread_cpu(&d);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["gg-smtp-0", "gg-smtp-1"],
+        "the front's threads"
+    );
+    // Sessions from many source ports: the kernel spreads them over both sockets, and
+    // every one is served (greylisted at RCPT: this front has no backend to reach).
+    let addr = d.smtp();
+    for i in 0..60 {
+        let mut c = Smtp::greeted(Ipv4Addr::new(127, 0, 3, (i % 50) as u8 + 1), addr);
+        assert!(c.ask("EHLO client.example").starts_with("250"));
+        assert!(c.ask("MAIL FROM:<a@example.net>").starts_with("250"));
+        let r = c.ask(&format!("RCPT TO:<user{i}@example.org>"));
+        assert!(r.starts_with("451 4.7.1"), "session {i}: {r}");
+        quit_and_wait(c);
+    }
+    let after = smtp_thread_cpu(&d);
+    for (name, ns) in &after {
+        assert!(
+            *ns > before[name],
+            "{name} ran nothing of 60 sessions: {before:?} -> {after:?}"
+        );
+    }
+    // One client's connections count against one per-peer limit whichever socket they
+    // came in on: of 4 × PER_PEER, only PER_PEER stay open (the idle longest make room).
+    let from = Ipv4Addr::new(127, 0, 4, 1);
+    let mut conns: Vec<Smtp> = (0..4 * PER_PEER)
+        .map(|_| {
+            let mut c = Smtp::connect(from, addr);
+            let _ = c.line();
+            c
+        })
+        .collect();
+    let closed = conns
+        .iter_mut()
+        .map(|c| c.closed_within(Duration::from_secs(2)))
+        .filter(Option::is_some)
+        .count();
+    assert_eq!(
+        closed,
+        3 * PER_PEER,
+        "connections from one client beyond max_connections_per_peer = {PER_PEER}"
+    );
+}
+
 /// SMTP smuggling (CVE-2023-51764 and kin): a bare LF before a dot must not end the message
 /// at the backend while greygate reads on. The would-be second message stays text of the
 /// first; the backend gets exactly one message, with the line endings made CRLF.

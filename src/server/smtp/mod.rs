@@ -101,6 +101,10 @@ pub struct SmtpConfig {
     pub traps: TrapConfig,
     /// Certificate and key for STARTTLS; `None`: STARTTLS is not offered.
     pub tls: Option<TlsFiles>,
+    /// Threads of the front's own: each runs a single-threaded runtime with a listening
+    /// socket per address of its own (`SO_REUSEPORT` when more than one), and the sessions
+    /// that socket accepts stay on that thread.
+    pub threads: usize,
 }
 
 impl SmtpConfig {
@@ -221,6 +225,9 @@ pub mod defaults {
     pub const PREGREET_PASS_FOR: Duration = Duration::from_secs(24 * 3600);
     pub const TARPIT_MAX_SESSIONS: usize = 64;
     pub const TRAP_DENY_FOR: Duration = Duration::from_secs(24 * 3600);
+    /// One thread serves some 9,000 messages of 10 KB a second (BENCHMARKS.md).
+    pub const THREADS: usize = 1;
+    pub const MAX_THREADS: usize = 64;
 }
 
 /// What an SMTP session needs.

@@ -207,6 +207,7 @@ mod tests {
                 deny_for: Duration::ZERO,
             },
             tls: None,
+            threads: 1,
         };
         use crate::server::smtp::SmtpContext;
         assert!(SmtpContext::pool_for(&cfg(opts(ProxyProtocol::Off, 8))).enabled());
