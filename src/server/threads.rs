@@ -3,9 +3,9 @@
 //! The SMTP front's sessions run here rather than on the daemon's work-stealing runtime.
 //! An SMTP session is a chain of short steps, each woken by the client or the backend;
 //! on a multi-threaded runtime each wake-up may hand the task to the other worker and wake
-//! that one too. Kept on one thread, a message costs greygate about a fifth less CPU and the
-//! front passes some 7 % more messages a second on two cores (BENCHMARKS.md, "The SMTP
-//! front"). More than one thread: each has listening sockets of its own (`SO_REUSEPORT`),
+//! that one too. Kept on one thread, a message costs greygate about a quarter less CPU and
+//! the front relays some 10 % more messages a second on two cores (BENCHMARKS.md, "The
+//! SMTP front"). More than one thread: each has listening sockets of its own (`SO_REUSEPORT`),
 //! so the kernel spreads connections and none crosses threads.
 
 use std::io;
