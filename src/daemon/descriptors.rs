@@ -59,9 +59,10 @@ impl fmt::Display for Needed {
 /// The descriptors `cfg`'s limits can use at once.
 pub fn needed(cfg: &Config) -> Needed {
     let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
+    // Each of the SMTP front's threads has a socket of its own on every address.
     let listeners = cfg.policy.listen.len()
         + cfg.milter.listen.len()
-        + cfg.smtp.listen.len()
+        + cfg.smtp.listen.len() * cfg.smtp.threads
         + cfg.admin.listen.len();
     // An SMTP session holds two: the client's and the backend's.
     let mail = n(cfg.policy.listen.len()).saturating_mul(n(cfg.policy.limits.max_connections))
@@ -167,6 +168,14 @@ mod tests {
         assert_eq!(n.total(), 250 + 8 + 4096 + 8 + MARGIN);
         let off = config("[store]\nbackend = \"memory\"\n[dns]\nenabled = false\n");
         assert_eq!(needed(&off).dns, 0);
+        // A listening socket (and its spare descriptor) per SMTP thread and address.
+        let smtp = config(
+            "[policy]\nlisten = []\n[admin]\nlisten = []\n[store]\nbackend = \"memory\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:25\", \"[::1]:25\"]\nbackend = \"127.0.0.1:2525\"\n\
+             threads = 3\nmax_connections = 10\nbackend_pool = 4\n",
+        );
+        assert_eq!(needed(&smtp).other, 6 * 2 + MARGIN);
+        assert_eq!(needed(&smtp).mail, 2 * 10 * 2);
     }
 
     #[test]
