@@ -625,7 +625,13 @@ fn pipelined_session_is_greylisted_then_relayed() {
 
 /// A self-signed certificate for `localhost`, made with openssl in `dir`: (cert, key).
 fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    test_certificate_named(dir, "localhost")
+}
+
+/// A self-signed certificate whose subject is `CN=cn`, made with openssl in `dir`.
+fn test_certificate_named(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    let subject = format!("/CN={cn}");
     crate::harness::tls::openssl(&[
         "req",
         "-x509",
@@ -633,7 +639,7 @@ fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
         "rsa:2048",
         "-nodes",
         "-subj",
-        "/CN=localhost",
+        &subject,
         "-days",
         "2",
         "-keyout",
@@ -684,6 +690,63 @@ fn starttls_session_is_relayed_with_an_esmtps_received_header() {
     );
     assert!(received.contains("version=TLS"), "{received}");
     wait_metric(&s.greygate, "greygate_smtp_tls_sessions_total{}", 1.0);
+}
+
+/// The subject of the certificate greygate's SMTP front presents after STARTTLS, as
+/// `openssl s_client` prints it.
+fn presented_subject(addr: SocketAddr) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["20", "openssl", "s_client", "-starttls", "smtp", "-connect"])
+        .arg(addr.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .unwrap_or_else(|| panic!("no certificate presented: {text}"))
+        .to_string()
+}
+
+// Scope, TLS: the operator's certificate is read again on SIGHUP (a renewal needs no
+// restart); a reload with an unreadable one keeps the running certificate.
+#[test]
+fn renewed_certificate_is_presented_after_sighup() {
+    if !tool_available("renewed_certificate", "/usr/bin/openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    let (cert, key) = test_certificate_named(&live, "mx-old.test");
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(
+            LONG,
+            &format!("tls_cert = {cert:?}\ntls_key = {key:?}\n"),
+            "",
+        ),
+    );
+    assert!(presented_subject(d.smtp()).contains("mx-old.test"));
+    // A broken renewal: the running certificate stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    d.hup();
+    assert!(d.wait_log("configuration reload refused", Duration::from_secs(10)));
+    assert!(
+        d.log()
+            .contains(&format!("no certificate in {}", cert.display())),
+        "the refusal names the file"
+    );
+    assert!(presented_subject(d.smtp()).contains("mx-old.test"));
+    // The renewed pair moved into place, then SIGHUP.
+    let renewed = dir.path().join("renewed");
+    std::fs::create_dir(&renewed).unwrap();
+    let (new_cert, new_key) = test_certificate_named(&renewed, "mx-new.test");
+    std::fs::rename(new_key, &key).unwrap();
+    std::fs::rename(new_cert, &cert).unwrap();
+    d.hup();
+    assert!(d.wait_log("configuration reloaded", Duration::from_secs(10)));
+    assert!(presented_subject(d.smtp()).contains("mx-new.test"));
 }
 
 // Done when 7: A big message streams through: the daemon never holds it.
