@@ -103,6 +103,7 @@ fn world() -> &'static World {
                     },
                     traps,
                     tls: None,
+                    threads: 1,
                 },
                 tls: Arc::new(arc_swap::ArcSwapOption::empty()),
                 guard: Arc::new(guard),
