@@ -1249,6 +1249,106 @@ fn bare_line_endings_cannot_smuggle_a_second_message_past_greylisting() {
     s.greygate.expect_log("bare_line_endings=1");
 }
 
+// Scope, listener: BDAT/CHUNKING (RFC 3030), offered when the backend offers it (Postfix
+// does): chunks pass on as they are — no dot-stuffing, a line's leading dots kept, a chunk
+// ending mid-line — and the backend's reply to each chunk reaches the client.
+#[test]
+fn bdat_chunks_are_relayed_byte_for_byte() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("bdat_chunks", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    let ehlo = c.ask("EHLO mx.example.net");
+    assert!(
+        ehlo.lines().any(|l| l[4..].starts_with("CHUNKING")),
+        "{ehlo}"
+    );
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    let first: &[u8] =
+        b"Subject: bdat-chunks\r\n\r\n.a line that starts with a dot\r\n..two dots\r\nhalf a ";
+    let second: &[u8] = b"line, ended in the second chunk\r\n.\r\nthe line above is one dot\r\n";
+    c.stream
+        .write_all(format!("BDAT {}\r\n", first.len()).as_bytes())
+        .unwrap();
+    c.stream.write_all(first).unwrap();
+    let r = c.reply();
+    assert!(r.starts_with("250"), "first chunk: {r}");
+    c.stream
+        .write_all(format!("BDAT {} LAST\r\n", second.len()).as_bytes())
+        .unwrap();
+    c.stream.write_all(second).unwrap();
+    let r = c.reply();
+    assert!(r.starts_with("250"), "last chunk: {r}");
+    // A second transaction on the session, by DATA.
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: after-bdat\r\n\r\nby DATA\r\n.\r\n")
+        .unwrap();
+    assert!(c.reply().starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+    let mut sent = first.to_vec();
+    sent.extend_from_slice(second);
+    let body_sent = &sent[sent.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let got = delivered_whole(&s.postfix, "Subject: bdat-chunks", b"one dot\n");
+    assert_eq!(got.body(), lf(body_sent), "the chunks as sent");
+    got.greygate_received();
+    delivered_whole(&s.postfix, "Subject: after-bdat", b"by DATA\n");
+}
+
+// Scope, limits: a message over max_message_size gets 552 5.3.4 and nothing of it is
+// delivered; a MAIL whose SIZE is over the limit is refused at once; a session past
+// max_recipients gets 452.
+#[test]
+fn message_and_recipient_limits_are_enforced() {
+    let toml = greygate_toml(
+        LONG,
+        "max_message_size = 65536\nmax_recipients = 100\n",
+        ALLOW_LOOPBACK,
+    );
+    let Some(s) = Site::start("message_and_recipient_limits", &toml, &[]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    let ehlo = c.ask("EHLO mx.example.net");
+    assert!(ehlo.contains("SIZE 65536"), "{ehlo}");
+    let big = c.ask("MAIL FROM:<alice@example.net> SIZE=100000");
+    assert!(big.starts_with("552 5.3.4"), "{big}");
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    for i in 0..100 {
+        let r = c.ask(&format!("RCPT TO:<user{i}@example.org>"));
+        assert!(r.starts_with("250"), "recipient {i}: {r}");
+    }
+    let over = c.ask("RCPT TO:<user100@example.org>");
+    assert!(over.starts_with("452 4.5.3"), "{over}");
+    assert!(c.ask("DATA").starts_with("354"));
+    let line = "x".repeat(998);
+    c.stream.write_all(b"Subject: too-big\r\n\r\n").unwrap();
+    for _ in 0..100 {
+        c.send(&line);
+    }
+    c.stream.write_all(b".\r\n").unwrap();
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    // The session goes on: a message within the limit passes.
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: within-limit\r\n\r\nsmall\r\n.\r\n")
+        .unwrap();
+    assert!(c.reply().starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+    delivered_whole(&s.postfix, "Subject: within-limit", b"small\n");
+    assert!(
+        !s.postfix.delivered_now("Subject: too-big"),
+        "nothing of the message over the limit was delivered"
+    );
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]

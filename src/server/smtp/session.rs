@@ -834,13 +834,14 @@ impl Session<'_> {
         }
     }
 
-    /// Checks that the transaction can take message data; the error reply otherwise.
-    fn ready_for_data(&self) -> Result<(), &'static str> {
+    /// Checks that the transaction can take message data (by DATA, or a BDAT chunk: the
+    /// first or a later one); the error reply otherwise.
+    fn ready_for_data(&self, bdat: bool) -> Result<(), &'static str> {
         match &self.tx {
             None => Err("503 5.5.1 Error: need MAIL command\r\n"),
             Some(tx) if tx.broken => Err(BACKEND_LOST),
             // RFC 3030 §2: DATA after BDAT in one transaction is an error.
-            Some(tx) if tx.chunks > 0 => {
+            Some(tx) if tx.chunks > 0 && !bdat => {
                 Err("503 5.5.1 Error: BDAT already began this message\r\n")
             }
             Some(tx) if tx.accepted == 0 => Err("554 5.5.1 Error: no valid recipients\r\n"),
@@ -891,7 +892,7 @@ impl Session<'_> {
     }
 
     async fn data(&mut self) -> std::io::Result<()> {
-        if let Err(reply) = self.ready_for_data() {
+        if let Err(reply) = self.ready_for_data(false) {
             self.error(reply);
             return Ok(());
         }
@@ -1036,7 +1037,7 @@ impl Session<'_> {
     }
 
     async fn bdat(&mut self, chunk: usize, last: bool) -> std::io::Result<Option<End>> {
-        let refusal = match self.ready_for_data() {
+        let refusal = match self.ready_for_data(true) {
             Err(r) => Some(r),
             Ok(()) if !self.backend.as_ref().is_some_and(|b| b.caps.chunking) => {
                 Some("451 4.4.2 The mail server does not take BDAT now, try again later\r\n")

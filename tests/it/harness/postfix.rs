@@ -243,6 +243,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         }
     }
 
+    /// Whether a message whose headers contain `marker` has reached smtp-sink by now.
+    pub fn delivered_now(&self, marker: &str) -> bool {
+        std::fs::read_dir(self.dir.join("sink")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|text| text.contains(marker)))
+        })
+    }
+
     /// A swaks conversation with this instance.
     pub fn swaks(&self) -> Swaks {
         Swaks::at(&format!("127.0.0.1:{}", self.smtp_port))
