@@ -1349,6 +1349,63 @@ fn message_and_recipient_limits_are_enforced() {
     );
 }
 
+// Scope, limits: RFC 5321 §4.5.3.2's wait for the next command is for the whole line —
+// a client that trickles a byte now and then is closed when it runs out, as a silent one
+// is — and a session gets max_commands commands.
+#[test]
+fn silent_trickling_and_chatty_sessions_are_closed_at_their_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(LONG, "command_timeout = \"2s\"\nmax_commands = 10\n", ""),
+    );
+    let addr = d.smtp();
+    let mut silent = Smtp::greeted(LOCAL, addr);
+    // A byte every 250 ms, for up to 8 s: never 2 s without one.
+    let mut trickling = Smtp::greeted(LOCAL, addr);
+    trickling
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "a client trickling a command a byte at a time is still connected"
+        );
+        if trickling.stream.write_all(b"N").is_err() {
+            break started.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match trickling.reader.read(&mut buf) {
+            Ok(0) => break started.elapsed(),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break started.elapsed(),
+        }
+    };
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("421 4.4.2"), "trickling: {got:?}");
+    assert!(
+        closed_after < Duration::from_millis(3500),
+        "closed {closed_after:?} after its line began (command_timeout 2 s)"
+    );
+    let got = silent
+        .closed_within(Duration::from_secs(5))
+        .expect("the silent client is still connected");
+    assert!(got.contains("421 4.4.2"), "silent: {got:?}");
+
+    let mut chatty = Smtp::greeted(LOCAL, addr);
+    for i in 0..10 {
+        assert!(chatty.ask("NOOP").starts_with("250"), "command {i}");
+    }
+    let r = chatty.ask("NOOP");
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    assert!(chatty.closed_within(Duration::from_secs(5)).is_some());
+    assert!(d.wait_log("client timed out", Duration::from_secs(5)));
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]

@@ -121,8 +121,11 @@ impl Client {
         memchr::memchr(b'\n', self.buffered()).is_some()
     }
 
-    /// The next command line. A line longer than `max` is read to its end and dropped.
+    /// The next command line, whole within `limit` however it trickles in (a byte now
+    /// and then does not hold the session). A line longer than `max` is read to its end
+    /// and dropped.
     pub async fn line(&mut self, max: usize, limit: Duration) -> Result<Line, ReadError> {
+        let deadline = tokio::time::Instant::now() + limit;
         let mut too_long = false;
         loop {
             let rest = &self.buf[self.start..];
@@ -140,7 +143,11 @@ impl Client {
                 too_long = true;
                 self.start = self.buf.len();
             }
-            self.fill(limit, LINE_CHUNK).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            self.fill(left, LINE_CHUNK).await?;
         }
     }
 
@@ -614,5 +621,38 @@ mod tests {
         }
         drop(b);
         assert!(matches!(c.line(512, t).await, Err(ReadError::Closed)));
+    }
+
+    /// A line that trickles in a byte at a time, each well within the timeout, still has
+    /// the timeout for the whole line; so has one that never ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_line_has_one_deadline() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut c = Client::new(Box::new(a));
+        let limit = Duration::from_secs(300);
+        let writer = tokio::spawn(async move {
+            for _ in 0..100 {
+                b.write_all(b"x").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            b
+        });
+        let started = tokio::time::Instant::now();
+        assert!(matches!(c.line(512, limit).await, Err(ReadError::Timeout)));
+        assert_eq!(started.elapsed(), limit);
+        // Endless: more than `max` with no line end, fast.
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut c = Client::new(Box::new(a));
+        let flood = tokio::spawn(async move {
+            while b.write_all(&[b'y'; 4096]).await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert!(matches!(c.line(512, limit).await, Err(ReadError::Timeout)));
+        assert_eq!(started.elapsed(), limit);
+        drop(c);
+        flood.await.unwrap();
+        writer.abort();
     }
 }
