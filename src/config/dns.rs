@@ -231,7 +231,11 @@ impl RawConfig {
                 (&["dns", "ptr_lookup"], d.ptr_lookup),
                 (&["dnswl", "zones"], !dnswl_zones.is_empty()),
                 (&["dnsbl", "zones"], !dnsbl_zones.is_empty()),
-                (&["dnsbl", "delay"], dnsbl_delay.is_some()),
+                // The SMTP front's pregreet suspects serve it as well, DNS or not.
+                (
+                    &["dnsbl", "delay"],
+                    dnsbl_delay.is_some() && self.smtp.listen.is_empty(),
+                ),
                 (&["identity", "verified_delay"], verified_delay.is_some()),
                 (&["identity", "verified_skip"], id.verified_skip),
             ];

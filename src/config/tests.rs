@@ -658,6 +658,11 @@ fn identity_and_dns_errors_point_at_the_bad_setting() {
             e.message
         );
     }
+    // ... except `[dnsbl] delay` beside the SMTP front: its pregreet suspects serve it.
+    let c = valid(&format!(
+        "[dnsbl]\ndelay = \"1h\"\n{OFF}[smtp]\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"127.0.0.1:25\"\n"
+    ));
+    assert_eq!(c.engine.selective.dnsbl_delay, Some(3600));
     // An unknown identity kind is a type error at its line.
     let e = single_error("[identity]\norder = [\"spf\", \"helo\"]\n");
     assert!(e.location.starts_with(&at_line(2)), "{}", e.location);

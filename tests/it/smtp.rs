@@ -818,9 +818,14 @@ fn without_backend(dir: &Path, toml: &str) -> Daemon {
 fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     const WAIT: Duration = Duration::from_secs(2);
     let dir = tempfile::tempdir().unwrap();
+    // DNS is off (as in every test): `[dnsbl] delay` is for pregreet suspects here.
     let d = without_backend(
         dir.path(),
-        &greygate_toml(LONG, "pregreet_wait = \"2s\"\n", ""),
+        &greygate_toml(
+            LONG,
+            "pregreet_wait = \"2s\"\n",
+            "[dnsbl]\ndelay = \"7h\"\n",
+        ),
     );
 
     // A bot: talks as soon as the first banner line is there.
@@ -882,6 +887,15 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     let rcpt = mta.ask("RCPT TO:<b@example.org>");
     assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
     d.expect_log("rule=\"new\" client=127.0.1.2");
+    let ordinary = d.log();
+    let ordinary = ordinary
+        .lines()
+        .find(|l| l.contains("client=127.0.1.2"))
+        .unwrap();
+    assert!(
+        ordinary.contains(&format!("remaining={LONG}")),
+        "{ordinary}"
+    );
     assert!(
         !d.log().contains("listed by pregreet"),
         "the checker's hang-up made no one suspect"
@@ -898,6 +912,13 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     assert!(back.ask("MAIL FROM:<a@example.net>").starts_with("250"));
     assert!(back.ask("RCPT TO:<b@example.org>").starts_with("451 4.7.1"));
     d.expect_log("listed by pregreet");
+    // ... for `[dnsbl] delay`, not the ordinary one.
+    let log = d.log();
+    let suspect = log
+        .lines()
+        .find(|l| l.contains("listed by pregreet"))
+        .unwrap();
+    assert!(suspect.contains("remaining=25200"), "{suspect}");
 }
 
 // Done when 9: A greytrap denies its sender on every front end, the policy service's too.
