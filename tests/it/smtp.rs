@@ -1427,6 +1427,110 @@ fn silent_trickling_and_chatty_sessions_are_closed_at_their_limits() {
     assert!(d.wait_log("client timed out", Duration::from_secs(5)));
 }
 
+/// A backend that answers the end of every message with `final_reply` (and each command
+/// as Postfix would): for replies a real server gives only when it is failing.
+fn scripted_backend(final_reply: &'static str) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // The daemon's start-up check, then the client's session.
+        for _ in 0..2 {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            w.write_all(b"220 scripted ESMTP\r\n").unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-scripted\r\n250 PIPELINING\r\n",
+                    "DATA" => b"354 go on\r\n",
+                    "QUIT" => b"221 bye\r\n",
+                    _ => b"250 ok\r\n",
+                };
+                w.write_all(reply).unwrap();
+                if verb == "DATA" {
+                    let mut data = String::new();
+                    while r.read_line(&mut data).is_ok_and(|n| n > 0)
+                        && !data.ends_with("\r\n.\r\n")
+                    {}
+                    w.write_all(final_reply.as_bytes()).unwrap();
+                    break;
+                }
+                line.clear();
+            }
+        }
+    });
+    (addr, server)
+}
+
+// Scope, relay: a backend that says 421 (closing) in answer to the end of a message took
+// nothing; the client is told to try again later (451 4.4.2), not that the channel closes.
+#[test]
+fn backend_closing_at_the_end_of_a_message_defers_it() {
+    let (backend, server) = scripted_backend("421 4.3.0 scripted server closing\r\n");
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_greygate(
+        dir.path(),
+        &greygate_toml(LONG, "backend_xclient = false\n", ALLOW_LOOPBACK),
+        &backend.to_string(),
+    );
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all(b"Subject: closing\r\n\r\nbody\r\n.\r\n")
+        .unwrap();
+    let r = c.reply();
+    assert!(r.starts_with("451 4.4.2"), "{r}");
+    assert!(
+        c.ask("NOOP").starts_with("250"),
+        "the client's session goes on"
+    );
+    assert!(c.ask("QUIT").starts_with("221"));
+    assert_eq!(
+        wait_metric(&d, "greygate_smtp_backend_failures_total{}", 1.0),
+        1.0
+    );
+    server.join().unwrap();
+}
+
+// Scope, relay: a backend that takes the connection and then says nothing (hung) costs
+// the client backend_timeout, then 451 4.4.1; nothing is accepted.
+#[test]
+fn silent_backend_defers_at_rcpt_after_backend_timeout() {
+    // Connections complete in the kernel's backlog; nobody ever answers them.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_greygate(
+        dir.path(),
+        &greygate_toml(LONG, "backend_timeout = \"1s\"\n", ALLOW_LOOPBACK),
+        &hung.local_addr().unwrap().to_string(),
+    );
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+    let started = Instant::now();
+    let r = c.ask("RCPT TO:<bob@example.org>");
+    let took = started.elapsed();
+    assert!(r.starts_with("451 4.4.1"), "{r}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "answered after {took:?} (backend_timeout 1 s)"
+    );
+    let data = c.ask("DATA");
+    assert!(data.starts_with('5') || data.starts_with('4'), "{data}");
+    assert!(c.ask("QUIT").starts_with("221"));
+    drop(hung);
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]

@@ -1014,6 +1014,11 @@ impl Session<'_> {
         }
         let backend = self.backend.as_mut().expect("open after relaying");
         match backend.final_reply().await {
+            // The backend is closing its session and took nothing: try again later.
+            Ok(r) if r.code == 421 => {
+                self.backend_failed(&BackendError::Refused(r));
+                self.client.reply(BACKEND_LOST);
+            }
             Ok(r) => {
                 if r.is_positive() {
                     stats.messages.fetch_add(1, Ordering::Relaxed);
@@ -1157,6 +1162,11 @@ impl Session<'_> {
             }
             let timeout = self.ctx.config.backend_options.reply_timeout;
             match self.backend.as_mut().expect("open").reply(timeout).await {
+                Ok(r) if r.code == 421 => {
+                    self.tx = None;
+                    self.backend_failed(&BackendError::Refused(r));
+                    self.client.reply(BACKEND_LOST);
+                }
                 Ok(r) => {
                     if !r.is_positive() {
                         self.tx = None;
