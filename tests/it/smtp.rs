@@ -1531,6 +1531,62 @@ fn silent_backend_defers_at_rcpt_after_backend_timeout() {
     drop(hung);
 }
 
+// Scope, listener: IPv4 and IPv6, several `--smtp-listen` addresses; an IPv6 client is
+// named to the backend by XCLIENT and in `Received:` as an RFC 5321 address literal.
+#[test]
+fn ipv6_and_ipv4_listeners_relay_and_name_the_client() {
+    if !postfix::available("ipv6_and_ipv4_listeners") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let postfix = Postfix::start(Policy::None, &[]);
+    let greygate = DaemonConfig::new(dir.path())
+        .toml(&greygate_toml(
+            LONG,
+            "",
+            "[allow]\nclients = [\"127.0.0.0/8\", \"::1/128\"]\n",
+        ))
+        .smtp(
+            &["127.0.0.1:0", "[::1]:0"],
+            &format!("127.0.0.1:{}", postfix.smtp_port),
+        )
+        .start();
+    let addrs: Vec<SocketAddr> = greygate
+        .smtp_listeners
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    for (addr, subject) in [(addrs[0], "over-ipv4"), (addrs[1], "over-ipv6")] {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut c = Smtp { stream, reader };
+        assert!(c.reply().starts_with("220 "));
+        transaction(&mut c, subject);
+        assert!(c.ask("QUIT").starts_with("221"));
+    }
+    assert!(addrs[1].is_ipv6());
+    let v4 = delivered_whole(&postfix, "Subject: over-ipv4", b"");
+    assert!(
+        v4.greygate_received_text()
+            .contains("(unknown [127.0.0.1])"),
+        "{}",
+        v4.greygate_received_text()
+    );
+    let v6 = delivered_whole(&postfix, "Subject: over-ipv6", b"");
+    assert!(
+        v6.greygate_received_text().contains("(unknown [IPv6:::1])"),
+        "{}",
+        v6.greygate_received_text()
+    );
+    // Postfix took the IPv6 client's address from XCLIENT.
+    let lines = wait_log_lines(&postfix, &["client=unknown[::1]"], 1);
+    assert!(!lines.is_empty());
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]

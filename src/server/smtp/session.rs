@@ -875,8 +875,10 @@ impl Session<'_> {
             .map(|t| format!(" ({t})"))
             .unwrap_or_default();
         let now = unix_now();
+        // RFC 5321's address literal: `[192.0.2.1]`, `[IPv6:2001:db8::1]`.
+        let v6 = if ip.is_ipv6() { "IPv6:" } else { "" };
         let mut h = format!(
-            "Received: from {helo} (unknown [{ip}])\r\n\tby {} (greygate) with {proto}{tls};\r\n\t",
+            "Received: from {helo} (unknown [{v6}{ip}])\r\n\tby {} (greygate) with {proto}{tls};\r\n\t",
             cfg.hostname
         );
         write_date(&mut h, now);
