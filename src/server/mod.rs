@@ -220,6 +220,11 @@ fn bind_tcp(a: SocketAddr, reuse_port: bool) -> io::Result<Bound> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     sock.set_reuseaddr(true)?;
+    if a.is_ipv6() {
+        // `[::]` takes IPv4 too (one dual-stack socket), whatever the host's
+        // net.ipv6.bindv6only says.
+        set_v6_only(&sock, false)?;
+    }
     if reuse_port {
         sock.set_reuseport(true)?;
     }
@@ -230,6 +235,27 @@ fn bind_tcp(a: SocketAddr, reuse_port: bool) -> io::Result<Bound> {
     // A backlog for bursts of connections (std's default is 128; the kernel caps it at
     // net.core.somaxconn).
     Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
+}
+
+fn set_v6_only(sock: &tokio::net::TcpSocket, only: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::from(only);
+    // SAFETY: setsockopt on a socket this process owns, with a pointer to a c_int that
+    // lives for the call and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -719,6 +745,42 @@ mod tests {
             NoDelay::Inherited,
             "Linux copies TCP_NODELAY from the listening socket"
         );
+    }
+
+    /// `[::]` is one dual-stack socket (IPV6_V6ONLY cleared, whatever the host's default):
+    /// an IPv4 client reaches it, as the address of an IPv4 peer.
+    #[tokio::test]
+    async fn an_ipv6_wildcard_listener_takes_ipv4_clients() {
+        let addr = ListenAddr::Tcp("[::]:0".parse().unwrap());
+        let l = Bound::bind(&addr, 0o600).await.unwrap();
+        let Bound::Tcp(listener) = &l else {
+            panic!("a TCP listener")
+        };
+        use std::os::fd::AsRawFd;
+        let mut only: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int of ours, with its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                std::ptr::from_mut(&mut only).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, only), (0, 0), "IPV6_V6ONLY");
+        let port = listener.local_addr().unwrap().port();
+        let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut nodelay = NoDelay::Unknown;
+        let (_, peer, key) = tokio::time::timeout(Duration::from_secs(5), accept(&l, &mut nodelay))
+            .await
+            .expect("accepted")
+            .unwrap();
+        assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+        assert_eq!(key, PeerKey::Ip("127.0.0.1".parse().unwrap()));
     }
 
     #[tokio::test]
