@@ -1587,6 +1587,58 @@ fn ipv6_and_ipv4_listeners_relay_and_name_the_client() {
     assert!(!lines.is_empty());
 }
 
+// Scope, listener: MAIL's SIZE, BODY=8BITMIME and SMTPUTF8 go on to the backend; an
+// internationalised sender and 8-bit text arrive as sent.
+#[test]
+fn mail_parameters_and_eight_bit_text_reach_the_backend() {
+    let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("mail_parameters", &toml, &["smtputf8_enable = yes"]) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    let ehlo = c.ask("EHLO mx.example.net");
+    for ext in ["8BITMIME", "SMTPUTF8", "SIZE"] {
+        assert!(ehlo.contains(ext), "{ext} offered: {ehlo}");
+    }
+    // 8-bit text, declared: delivered as sent, and Postfix passes the declaration on.
+    let body = "Grüße aus Köln, ünïcödé\r\n";
+    let message = format!("Subject: eight-bit\r\n\r\n{body}");
+    let mail = c.ask(&format!(
+        "MAIL FROM:<alice@example.net> SIZE={} BODY=8BITMIME",
+        message.len()
+    ));
+    assert!(mail.starts_with("250"), "{mail}");
+    assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream.write_all(message.as_bytes()).unwrap();
+    c.stream.write_all(b".\r\n").unwrap();
+    assert!(c.reply().starts_with("250"));
+    // An internationalised sender with SMTPUTF8: Postfix takes it from greygate as an
+    // SMTPUTF8 message (and, relaying it on to smtp-sink, which does not offer SMTPUTF8,
+    // says that it is one).
+    let mail = c.ask("MAIL FROM:<jörg@example.net> SMTPUTF8");
+    assert!(mail.starts_with("250"), "{mail}");
+    assert!(c.ask("RCPT TO:<zoë@example.org>").starts_with("250"));
+    assert!(c.ask("DATA").starts_with("354"));
+    c.stream
+        .write_all("Subject: utf8-sender\r\n\r\nhallo\r\n.\r\n".as_bytes())
+        .unwrap();
+    assert!(c.reply().starts_with("250"));
+    assert!(c.ask("QUIT").starts_with("221"));
+
+    let got = delivered_whole(&s.postfix, "Subject: eight-bit", "ünïcödé\n".as_bytes());
+    assert_eq!(got.body(), lf(body.as_bytes()));
+    let args = got.header("X-Mail-Args:").unwrap_or_default().to_string();
+    assert!(args.contains("BODY=8BITMIME"), "{args}");
+    let log = wait_log_lines(
+        &s.postfix,
+        &["to=<zoë@example.org>", "SMTPUTF8 is required"],
+        1,
+    );
+    assert!(!log.is_empty());
+    assert!(s.postfix.maillog().contains("from=<jörg@example.net>"));
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]
