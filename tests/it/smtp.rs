@@ -1639,6 +1639,68 @@ fn mail_parameters_and_eight_bit_text_reach_the_backend() {
     assert!(s.postfix.maillog().contains("from=<jörg@example.net>"));
 }
 
+// Scope, relay: with `backend_proxy`, the client's address reaches a backend that takes
+// the PROXY protocol (Postfix's smtpd_upstream_proxy_protocol = haproxy), v1 and v2.
+#[test]
+fn proxy_protocol_v1_and_v2_name_the_client_to_postfix() {
+    if !postfix::available("proxy_protocol") {
+        return;
+    }
+    let postfix = Postfix::start(Policy::None, &["smtpd_upstream_proxy_protocol = haproxy"]);
+    let backend = format!("127.0.0.1:{}", postfix.smtp_port);
+    for (version, client) in [
+        ("v1", Ipv4Addr::new(127, 0, 5, 1)),
+        ("v2", Ipv4Addr::new(127, 0, 5, 2)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_greygate(
+            dir.path(),
+            &greygate_toml(
+                LONG,
+                &format!("backend_proxy = \"{version}\"\nbackend_xclient = false\n"),
+                ALLOW_LOOPBACK,
+            ),
+            &backend,
+        );
+        let mut c = Smtp::greeted(client, d.smtp());
+        let subject = format!("proxy-{version}");
+        transaction(&mut c, &subject);
+        assert!(c.ask("QUIT").starts_with("221"));
+        delivered_whole(&postfix, &format!("Subject: {subject}"), b"");
+        let connects = wait_log_lines(&postfix, &[&format!("connect from unknown[{client}]")], 1);
+        assert!(!connects.is_empty(), "{version}");
+    }
+}
+
+// Scope, TLS: `backend_starttls` encrypts the relay to a backend that offers STARTTLS.
+#[test]
+fn backend_starttls_encrypts_the_relay_to_postfix() {
+    if !postfix::available("backend_starttls")
+        || !tool_available("backend_starttls", "/usr/bin/openssl")
+    {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_certificate(certs.path());
+    let toml = greygate_toml(LONG, "backend_starttls = true\n", ALLOW_LOOPBACK);
+    let tls = [
+        "smtpd_tls_security_level = may".to_string(),
+        format!("smtpd_tls_cert_file = {}", cert.display()),
+        format!("smtpd_tls_key_file = {}", key.display()),
+        "smtpd_tls_loglevel = 1".to_string(),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let Some(s) = Site::start("backend_starttls", &toml, &tls) else {
+        return;
+    };
+    let mut c = Smtp::greeted(LOCAL, s.greygate.smtp());
+    transaction(&mut c, "tls-to-backend");
+    assert!(c.ask("QUIT").starts_with("221"));
+    delivered_whole(&s.postfix, "Subject: tls-to-backend", b"");
+    let lines = wait_log_lines(&s.postfix, &["TLS connection established from"], 1);
+    assert!(!lines.is_empty());
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]
