@@ -1701,6 +1701,68 @@ fn backend_starttls_encrypts_the_relay_to_postfix() {
     assert!(!lines.is_empty());
 }
 
+// Bad input: a client that stops sending in mid-message but keeps the connection is
+// closed after data_timeout; the backend discards the part it has, others are served.
+#[test]
+fn client_stalled_mid_data_is_closed_after_data_timeout_and_nothing_is_delivered() {
+    let toml = greygate_toml(LONG, "data_timeout = \"1s\"\n", ALLOW_LOOPBACK);
+    let Some(s) = Site::start("client_stalled_mid_data", &toml, &[]) else {
+        return;
+    };
+    let mut stalled = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(stalled.ask("EHLO mx.example.net").starts_with("250"));
+    assert!(
+        stalled
+            .ask("MAIL FROM:<alice@example.net>")
+            .starts_with("250")
+    );
+    assert!(stalled.ask("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(stalled.ask("DATA").starts_with("354"));
+    stalled
+        .stream
+        .write_all(b"Subject: stalled\r\n\r\nthe first half, and then nothing")
+        .unwrap();
+    let started = Instant::now();
+    // Meanwhile another client is served.
+    relay_one(
+        Ipv4Addr::new(127, 0, 0, 3),
+        s.greygate.smtp(),
+        "while-one-stalls",
+    );
+    assert!(
+        stalled.closed_within(Duration::from_secs(5)).is_some(),
+        "the stalled client is still connected"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    delivered_whole(&s.postfix, "Subject: while-one-stalls", b"");
+    s.greygate.expect_log("during DATA");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!s.postfix.delivered_now("Subject: stalled"));
+}
+
+// Pregreet with `pregreet_action = "defer"`: the talker gets 421 4.7.1 and is closed.
+#[test]
+fn pregreet_defer_action_defers_the_talker() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(
+            LONG,
+            "pregreet_wait = \"1s\"\npregreet_action = \"defer\"\n",
+            "",
+        ),
+    );
+    let mut bot = Smtp::connect(LOCAL, d.smtp());
+    assert!(bot.line().unwrap().starts_with("220-"));
+    bot.send("EHLO x");
+    let rest = bot
+        .closed_within(Duration::from_secs(5))
+        .expect("the talker's connection is closed");
+    assert!(rest.starts_with("421 4.7.1"), "{rest:?}");
+    assert_eq!(wait_metric(&d, "greygate_smtp_pregreets_total{}", 1.0), 1.0);
+}
+
 /// A quoted local part reaches the backend quoted, `<postmaster>` as postmaster, and an
 /// address that would read as more parameters is refused.
 #[test]
