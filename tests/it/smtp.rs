@@ -999,6 +999,42 @@ fn deferred_client_gets_its_later_replies_at_the_tarpit_rate() {
     );
 }
 
+// Tarpit: at most tarpit_max_sessions sessions are slowed at once (tarpitting can never
+// hold the daemon's sessions); a later deferred client gets its replies at full speed, and
+// once the tarpitted session ends, its permit serves the next.
+#[test]
+fn tarpit_slows_at_most_tarpit_max_sessions_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(LONG, "tarpit_rate = 20\ntarpit_max_sessions = 1\n", ""),
+    );
+    let deferred = |from: Ipv4Addr| {
+        let mut c = Smtp::greeted(from, d.smtp());
+        assert!(c.ask("EHLO mx.example.net").starts_with("250"));
+        assert!(c.ask("MAIL FROM:<alice@example.net>").starts_with("250"));
+        assert!(c.ask("RCPT TO:<bob@example.org>").starts_with("451 4.7.1"));
+        c
+    };
+    let timed = |c: &mut Smtp| {
+        let started = Instant::now();
+        assert!(c.ask("NOOP").starts_with("250"));
+        started.elapsed()
+    };
+    let mut first = deferred(Ipv4Addr::new(127, 0, 6, 1));
+    let mut second = deferred(Ipv4Addr::new(127, 0, 6, 2));
+    assert_eq!(metric(&d, "greygate_smtp_tarpitted_total{}"), 1.0);
+    // "250 2.0.0 Ok" and CRLF at 20 bytes/s: more than half a second.
+    assert!(timed(&mut first) > Duration::from_millis(500));
+    assert!(timed(&mut second) < Duration::from_millis(300));
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut third = deferred(Ipv4Addr::new(127, 0, 6, 3));
+    assert_eq!(metric(&d, "greygate_smtp_tarpitted_total{}"), 2.0);
+    assert!(timed(&mut third) > Duration::from_millis(500));
+    drop(second);
+}
+
 // Done when 11: Bad input: junk commands up to the error limit.
 #[test]
 fn junk_commands_get_500_until_max_errors_then_421_and_close() {
