@@ -21,10 +21,10 @@ pub struct ServeArgs {
     /// Listen here instead of the configured addresses (repeatable): 127.0.0.1:10023, [::1]:10023, unix:/path
     #[arg(short, long, value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// Serve the milter protocol here instead of the configured milter addresses (repeatable)
+    /// Serve the milter protocol here instead of the configured milter addresses (repeatable; without --listen, no policy listener)
     #[arg(long, value_name = "ADDR")]
     pub milter_listen: Vec<String>,
-    /// Take SMTP here (e.g. 0.0.0.0:25) and relay what passes to --smtp-backend, instead of the configured [smtp] addresses (repeatable)
+    /// Take SMTP here (e.g. [::]:25) and relay what passes to --smtp-backend, instead of the configured [smtp] addresses (repeatable; without --listen, no policy listener)
     #[arg(long, value_name = "ADDR")]
     pub smtp_listen: Vec<String>,
     /// The mail server the SMTP front relays to, instead of [smtp] backend

@@ -1203,6 +1203,22 @@ fn smtp_thread_cpu(d: &Daemon) -> std::collections::BTreeMap<String, u64> {
     out
 }
 
+// `serve --smtp-listen` without `--listen`: a daemon in front of a mail server only, no
+// policy listener (as `serve --help` says).
+#[test]
+fn smtp_listen_alone_starts_no_policy_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DaemonConfig::new(dir.path())
+        .toml(&greygate_toml(LONG, "", ""))
+        .listen(&[])
+        .smtp(&["127.0.0.1:0"], &format!("127.0.0.1:{}", free_port()))
+        .start();
+    assert!(d.listeners.is_empty(), "{:?}", d.listeners);
+    assert!(!d.log().contains("policy listener ready"), "{}", d.log());
+    let mut c = Smtp::greeted(LOCAL, d.smtp());
+    assert!(c.ask("QUIT").starts_with("221"));
+}
+
 // `[smtp] threads`: sessions on threads of the front's own, a socket each (SO_REUSEPORT);
 // the address's connection limits hold across them.
 #[test]
