@@ -1035,6 +1035,40 @@ fn tarpit_slows_at_most_tarpit_max_sessions_at_once() {
     drop(second);
 }
 
+// Tarpit: a client of a group caught pregreeting gets every reply slowly from its first;
+// a client of another group at full speed.
+#[test]
+fn pregreet_suspects_are_tarpitted_from_their_first_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = without_backend(
+        dir.path(),
+        &greygate_toml(LONG, "pregreet_wait = \"1s\"\ntarpit_rate = 50\n", ""),
+    );
+    let mut bot = Smtp::connect(Ipv4Addr::new(127, 0, 7, 1), d.smtp());
+    assert!(bot.line().unwrap().starts_with("220-"));
+    bot.send("EHLO x");
+    assert!(bot.closed_within(Duration::from_secs(5)).is_some());
+    let ehlo_time = |from: Ipv4Addr| {
+        let mut c = Smtp::connect(from, d.smtp());
+        let banner = c.reply();
+        assert!(banner.contains("220 "), "{banner}");
+        let started = Instant::now();
+        let ehlo = c.ask("EHLO mx.example.net");
+        assert!(ehlo.starts_with("250"), "{ehlo}");
+        (started.elapsed(), ehlo.len())
+    };
+    // Same /24 as the bot: suspect.
+    let (slow, bytes) = ehlo_time(Ipv4Addr::new(127, 0, 7, 2));
+    let expected = Duration::from_secs_f64(bytes as f64 / 50.0);
+    assert!(
+        slow >= expected.mul_f64(0.8),
+        "a suspect's {bytes}-byte EHLO reply took {slow:?} (at 50 bytes/s: {expected:?})"
+    );
+    let (fast, _) = ehlo_time(Ipv4Addr::new(127, 0, 8, 2));
+    assert!(fast < Duration::from_millis(500), "{fast:?}");
+    assert_eq!(metric(&d, "greygate_smtp_tarpitted_total{}"), 1.0);
+}
+
 // Done when 11: Bad input: junk commands up to the error limit.
 #[test]
 fn junk_commands_get_500_until_max_errors_then_421_and_close() {
