@@ -223,7 +223,7 @@ fn bind_tcp(a: SocketAddr, reuse_port: bool) -> io::Result<Bound> {
     if a.is_ipv6() {
         // `[::]` takes IPv4 too (one dual-stack socket), whatever the host's
         // net.ipv6.bindv6only says.
-        set_v6_only(&sock, false)?;
+        socket2::SockRef::from(&sock).set_only_v6(false)?;
     }
     if reuse_port {
         sock.set_reuseport(true)?;
@@ -235,27 +235,6 @@ fn bind_tcp(a: SocketAddr, reuse_port: bool) -> io::Result<Bound> {
     // A backlog for bursts of connections (std's default is 128; the kernel caps it at
     // net.core.somaxconn).
     Ok(Bound::Tcp(sock.listen(LISTEN_BACKLOG)?))
-}
-
-fn set_v6_only(sock: &tokio::net::TcpSocket, only: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::from(only);
-    // SAFETY: setsockopt on a socket this process owns, with a pointer to a c_int that
-    // lives for the call and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -756,20 +735,10 @@ mod tests {
         let Bound::Tcp(listener) = &l else {
             panic!("a TCP listener")
         };
-        use std::os::fd::AsRawFd;
-        let mut only: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into a c_int of ours, with its size.
-        let rc = unsafe {
-            libc::getsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                std::ptr::from_mut(&mut only).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!((rc, only), (0, 0), "IPV6_V6ONLY");
+        assert!(
+            !socket2::SockRef::from(listener).only_v6().unwrap(),
+            "IPV6_V6ONLY"
+        );
         let port = listener.local_addr().unwrap().port();
         let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
