@@ -5,7 +5,7 @@
 //! lost (the embedded store loses at most its `flush_interval` to a SIGKILL, so the check
 //! covers what passed earlier than that). Every phase is bounded in time.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::failures::wait_for;
 use crate::harness::disk::SmallDisk;
 use crate::harness::redis::Redis;
-use crate::harness::{Daemon, DaemonConfig, rcpt_request};
+use crate::harness::{Daemon, DaemonConfig, rcpt_request, read_some};
 
 /// The store timeout of these daemons; no request may take longer than this plus 1 s.
 const STORE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,7 +31,7 @@ fn ask(socket: &Path, request: &str) -> Option<String> {
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
     while !got.ends_with(b"\n\n") {
-        let n = s.read(&mut buf).ok()?;
+        let n = read_some(&mut s, &mut buf).ok()?;
         if n == 0 {
             return None;
         }

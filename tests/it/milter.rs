@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::postfix::{self, Policy, Postfix};
-use crate::harness::{DaemonConfig, peers_required};
+use crate::harness::{DaemonConfig, peers_required, read_some};
 
 const MILTERTEST: &str = "/usr/bin/miltertest";
 
@@ -214,7 +214,7 @@ fn milter_ask(
     answer: bool,
 ) -> Option<greygate::proto::milter::Reply> {
     use greygate::proto::milter::{DEFAULT_MAX_FRAME, Decoded, decode_reply};
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut out = Vec::new();
     cmd.encode(&mut out);
     c.write_all(&out).unwrap();
@@ -227,7 +227,7 @@ fn milter_ask(
         if let Decoded::Frame(r, _) = decode_reply(&buf, DEFAULT_MAX_FRAME).unwrap() {
             return Some(r);
         }
-        let n = c.read(&mut chunk).unwrap();
+        let n = read_some(c, &mut chunk).unwrap();
         assert!(n > 0, "milter closed the connection");
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -10,7 +10,7 @@
 //! and before its next connection to that server may start, so a relay never sees the end
 //! of one session late and the next one early.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::harness::dns::have;
 use crate::harness::postfix::{self, Policy, Postfix, free_port};
 use crate::harness::postgrey::Postgrey;
-use crate::harness::run_cli;
+use crate::harness::{read_some, run_cli};
 use crate::outbound::{DELAY, greygate_site};
 
 /// How long a relay holds each connection before the server's banner: sessions overlap
@@ -156,7 +156,7 @@ fn relay(client: TcpStream, upstream: u16, gauges: [&Gauge; 2]) {
     let mut client_r = client;
     let mut buf = [0u8; 4096];
     loop {
-        let n = match client_r.read(&mut buf) {
+        let n = match read_some(&mut client_r, &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use greygate::proto::milter::{Command, DEFAULT_MAX_FRAME, Decoded, Family, Reply, decode_reply};
 
-use crate::harness::{Daemon, DaemonConfig, PolicyClient, connect_from, rcpt_request};
+use crate::harness::{Daemon, DaemonConfig, PolicyClient, connect_from, rcpt_request, read_some};
 
 /// The address the floods come from (Postfix on the same host would be here too).
 const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
@@ -96,11 +96,10 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let mut buf = [0u8; 1024];
     while Instant::now() < deadline {
-        match s.read(&mut buf) {
+        match read_some(s, &mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return true,
         }
     }
@@ -197,7 +196,7 @@ impl Mta {
                 self.buf.drain(..used);
                 return Some(r);
             }
-            match self.s.read(&mut chunk) {
+            match read_some(&mut self.s, &mut chunk) {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }

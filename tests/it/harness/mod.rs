@@ -523,17 +523,9 @@ impl PolicyClient {
     }
 
     fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let r = match &mut self.conn {
-                Conn::Tcp(s) => s.read(buf),
-                Conn::Unix(s) => s.read(buf),
-            };
-            // A signal to the test process (children of parallel tests come and go) may
-            // interrupt a read that waits long; that is no answer from the server.
-            match r {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
+        match &mut self.conn {
+            Conn::Tcp(s) => read_some(s, buf),
+            Conn::Unix(s) => read_some(s, buf),
         }
     }
 
@@ -641,6 +633,18 @@ pub fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
         let rc = libc::connect(fd, (&raw const remote).cast(), len);
         assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
         stream
+    }
+}
+
+/// One `read`, again when a signal interrupted it. The test process gets signals (children
+/// of parallel tests come and go), and a socket read with a timeout (`SO_RCVTIMEO`) is not
+/// restarted after one: `EINTR` is no answer from the server, and not a closed connection.
+pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! Without `redis-server` the tests that need it skip with a printed reason under plain
 //! `cargo test` and fail under the README's test command (`GREYGATE_REQUIRE_PEERS=1`).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -323,8 +323,7 @@ impl Redis {
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut buf = [0u8; 16];
         s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf)
-                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+            && super::read_some(&mut s, &mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
     }
 
     /// Kills the server hard (SIGKILL): its clients see the connection drop.
