@@ -17,6 +17,13 @@ fn find(names: &[&str]) -> Option<PathBuf> {
     names.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
+/// The end of ChromeDriver's log, for a failure message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 /// A ChromeDriver on a free loopback port, killed on drop.
 struct Driver {
     child: Child,
@@ -32,7 +39,23 @@ impl Drop for Driver {
 }
 
 impl Driver {
+    /// Starts ChromeDriver and waits until it is ready. The port is free when chosen but
+    /// may be taken before ChromeDriver binds it (the suite starts servers in parallel): a
+    /// driver that exits before it is ready is started again on another port.
     fn start(bin: &Path, log: &Path) -> Driver {
+        for _ in 0..3 {
+            if let Some(d) = Driver::try_start(bin, log) {
+                return d;
+            }
+        }
+        panic!(
+            "chromedriver exited before it was ready, three times; its log:\n{}",
+            log_tail(log)
+        );
+    }
+
+    /// `None` when ChromeDriver exited before it was ready.
+    fn try_start(bin: &Path, log: &Path) -> Option<Driver> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -47,7 +70,7 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
-        let d = Driver {
+        let mut d = Driver {
             child,
             base: format!("http://127.0.0.1:{port}"),
             agent: ureq::Agent::config_builder()
@@ -63,9 +86,17 @@ impl Driver {
             if let Ok(v) = d.call("GET", "/status", None)
                 && v["value"]["ready"] == true
             {
-                return d;
+                return Some(d);
             }
-            assert!(Instant::now() < deadline, "chromedriver never became ready");
+            if let Ok(Some(status)) = d.child.try_wait() {
+                eprintln!("chromedriver on port {port} exited ({status}) before it was ready");
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver never became ready; its log:\n{}",
+                log_tail(log)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
