@@ -823,7 +823,6 @@ fn cli_commands_use_the_store_when_no_daemon_runs() {
 /// Starts `greygate serve ARGS` without the harness's admin override; returns the child
 /// and its stderr collected so far once `ready` shows up (or the process ended).
 fn serve_raw(args: &[&str], ready: &str) -> (std::process::Child, String) {
-    use std::io::Read as _;
     let mut child = std::process::Command::new(crate::harness::greygate_bin())
         .arg("serve")
         .args(args)
@@ -836,7 +835,7 @@ fn serve_raw(args: &[&str], ready: &str) -> (std::process::Child, String) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
+        while let Ok(n) = crate::harness::read_some(&mut err, &mut buf) {
             if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
                 break;
             }
