@@ -1687,7 +1687,8 @@ fn ipv6_and_ipv4_listeners_relay_and_name_the_client() {
 }
 
 // Scope, listener: MAIL's SIZE, BODY=8BITMIME and SMTPUTF8 go on to the backend; an
-// internationalised sender and 8-bit text arrive as sent.
+// internationalised sender and 8-bit text arrive as sent; parameters greygate cannot pass
+// on are refused.
 #[test]
 fn mail_parameters_and_eight_bit_text_reach_the_backend() {
     let toml = greygate_toml(LONG, "", ALLOW_LOOPBACK);
@@ -1723,7 +1724,19 @@ fn mail_parameters_and_eight_bit_text_reach_the_backend() {
         .write_all("Subject: utf8-sender\r\n\r\nhallo\r\n.\r\n".as_bytes())
         .unwrap();
     assert!(c.reply().starts_with("250"));
+    // What greygate cannot pass on as asked is refused, not dropped: binary content and
+    // a hold were never offered.
+    for refused in ["BODY=BINARYMIME", "HOLDFOR=600"] {
+        let r = c.ask(&format!("MAIL FROM:<alice@example.net> {refused}"));
+        assert!(r.starts_with("555 5.5.4"), "{refused}: {r}");
+    }
     assert!(c.ask("QUIT").starts_with("221"));
+    // SMTPUTF8 is offered in an EHLO reply only: after HELO it is refused.
+    let mut helo = Smtp::greeted(LOCAL, s.greygate.smtp());
+    assert!(helo.ask("HELO mx.example.net").starts_with("250"));
+    let r = helo.ask("MAIL FROM:<jörg@example.net> SMTPUTF8");
+    assert!(r.starts_with("555 5.5.4"), "{r}");
+    assert!(helo.ask("QUIT").starts_with("221"));
 
     let got = delivered_whole(&s.postfix, "Subject: eight-bit", "ünïcödé\n".as_bytes());
     assert_eq!(got.body(), lf(body.as_bytes()));

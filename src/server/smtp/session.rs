@@ -26,6 +26,31 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// may last `data_timeout` plus one second per this many bytes, however it trickles in.
 const MIN_DATA_RATE: u64 = 500;
 
+/// A MAIL parameter that asks for what greygate did not offer and cannot pass on as asked:
+/// binary content, onward TLS, a delivery deadline or a hold, or SMTPUTF8 when the backend
+/// did not offer it. Dropping one would relay the message against its sender's terms, so
+/// it is refused (RFC 5321 §4.1.1.11: 555). DSN's parameters, also unoffered, only ask
+/// for notices: they are passed over, and the backend's own DSN rules apply.
+fn unoffered(from: &smtp_proto::MailFrom<String>, smtputf8_offered: bool) -> Option<&'static str> {
+    use smtp_proto::{
+        MAIL_BODY_BINARYMIME, MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, MAIL_REQUIRETLS,
+        MAIL_SMTPUTF8,
+    };
+    if from.flags & MAIL_BODY_BINARYMIME != 0 {
+        Some("BODY=BINARYMIME")
+    } else if from.flags & MAIL_REQUIRETLS != 0 {
+        Some("REQUIRETLS")
+    } else if from.flags & MAIL_SMTPUTF8 != 0 && !smtputf8_offered {
+        Some("SMTPUTF8")
+    } else if from.by != 0 || from.flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE) != 0 {
+        Some("BY")
+    } else if from.hold_for != 0 || from.hold_until != 0 {
+        Some("HOLDFOR/HOLDUNTIL")
+    } else {
+        None
+    }
+}
+
 /// The address as an SMTP path (RFC 5321 §4.1.2) between `<>`: `smtp-proto` hands over a
 /// quoted local part unquoted, so it is quoted again when it is not a dot-atom (a
 /// `"john smith"@example.org` stays one). `None` for what no path may hold: control
@@ -131,6 +156,8 @@ struct Session<'a> {
     group: String,
     helo: Option<String>,
     esmtp: bool,
+    /// SMTPUTF8 was in the EHLO reply (the backend offered it then).
+    smtputf8_offered: bool,
     /// Protocol and cipher once STARTTLS is done.
     tls: Option<String>,
     suspect: bool,
@@ -179,6 +206,7 @@ pub async fn serve_connection<S: Io + 'static>(
         group,
         helo: None,
         esmtp: false,
+        smtputf8_offered: false,
         tls: None,
         tx: None,
         backend: None,
@@ -481,9 +509,21 @@ impl Session<'_> {
             Command::Vrfy { .. } => self.client.reply(
                 "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
             ),
-            Command::Help { .. } => self.client.reply(
-                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS\r\n",
-            ),
+            Command::Help { .. } => {
+                let bdat = if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
+                    " BDAT"
+                } else {
+                    ""
+                };
+                let starttls = if self.tls.is_none() && self.ctx.tls.load().is_some() {
+                    " STARTTLS"
+                } else {
+                    ""
+                };
+                self.client.reply(&format!(
+                    "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA{bdat} RSET NOOP QUIT{starttls}\r\n"
+                ));
+            }
             Command::Auth { .. } => {
                 self.error("502 5.5.1 AUTH not available: this is a mail exchanger\r\n")
             }
@@ -506,6 +546,7 @@ impl Session<'_> {
         }
         self.helo = Some(host);
         self.esmtp = esmtp;
+        self.smtputf8_offered = false;
         let cfg = &self.ctx.config;
         if !esmtp {
             self.client.reply(&format!("250 {}\r\n", cfg.hostname));
@@ -520,6 +561,7 @@ impl Session<'_> {
         ];
         if self.ctx.guard.backend_smtputf8.load(Ordering::Relaxed) {
             caps.push("SMTPUTF8".into());
+            self.smtputf8_offered = true;
         }
         if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
             caps.push("CHUNKING".into());
@@ -541,6 +583,10 @@ impl Session<'_> {
         }
         if self.tx.is_some() {
             self.error("503 5.5.1 Error: nested MAIL command\r\n");
+            return;
+        }
+        if let Some(param) = unoffered(&from, self.smtputf8_offered) {
+            self.error(&format!("555 5.5.4 Unsupported parameter {param}\r\n"));
             return;
         }
         let max = self.ctx.config.limits.max_message_size;
@@ -1330,6 +1376,47 @@ async fn trapped(ctx: &SmtpContext, ip: IpAddr, req: &Request, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mail(line: &str) -> smtp_proto::MailFrom<String> {
+        match Command::parse(&mut line.as_bytes().iter())
+            .unwrap()
+            .into_owned()
+        {
+            Command::Mail { from } => from,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn mail_parameters_greygate_cannot_honour_are_refused() {
+        for (line, param) in [
+            (
+                "MAIL FROM:<a@b.example> BODY=BINARYMIME\r\n",
+                "BODY=BINARYMIME",
+            ),
+            ("MAIL FROM:<a@b.example> REQUIRETLS\r\n", "REQUIRETLS"),
+            ("MAIL FROM:<a@b.example> SMTPUTF8\r\n", "SMTPUTF8"),
+            ("MAIL FROM:<a@b.example> BY=120;R\r\n", "BY"),
+            (
+                "MAIL FROM:<a@b.example> HOLDFOR=600\r\n",
+                "HOLDFOR/HOLDUNTIL",
+            ),
+        ] {
+            assert_eq!(unoffered(&mail(line), false), Some(param), "{line}");
+        }
+        for line in [
+            "MAIL FROM:<a@b.example>\r\n",
+            "MAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME\r\n",
+            "MAIL FROM:<a@b.example> BODY=7BIT RET=HDRS ENVID=x1\r\n",
+        ] {
+            assert_eq!(unoffered(&mail(line), false), None, "{line}");
+        }
+        // Offered in the EHLO reply (the backend had it): passed on.
+        assert_eq!(
+            unoffered(&mail("MAIL FROM:<a@b.example> SMTPUTF8\r\n"), true),
+            None
+        );
+    }
 
     #[test]
     fn paths_are_requoted_and_injections_refused() {
