@@ -667,12 +667,7 @@ impl Session<'_> {
             tx.delayed = Some(tx.delayed.map_or(by, |d| d.max(by)));
         }
         match self.relay_rcpt(&recipient).await {
-            Ok(reply) if reply.code == 421 => {
-                // The backend is closing its session: the client may try again later,
-                // on this connection or another.
-                self.backend_failed(&BackendError::Refused(reply));
-                self.client.reply(BACKEND_LOST);
-            }
+            Ok(reply) if reply.code == 421 => self.backend_closing(reply),
             Ok(reply) => {
                 let tx = self.tx.as_mut().expect("still in a transaction");
                 if reply.is_positive() {
@@ -858,6 +853,14 @@ impl Session<'_> {
             tx.broken = tx.accepted > 0;
             tx.backend_has_mail = false;
         }
+    }
+
+    /// The backend answered `421`: it is closing its session. Not its answer to the
+    /// client's command but the loss of the backend: the client may try again later, on
+    /// this connection or another.
+    fn backend_closing(&mut self, reply: Reply) {
+        self.backend_failed(&BackendError::Refused(reply));
+        self.client.reply(BACKEND_LOST);
     }
 
     /// The backend is in a transaction that is over on the client's side.
@@ -1062,11 +1065,8 @@ impl Session<'_> {
         }
         let backend = self.backend.as_mut().expect("open after relaying");
         match backend.final_reply().await {
-            // The backend is closing its session and took nothing: try again later.
-            Ok(r) if r.code == 421 => {
-                self.backend_failed(&BackendError::Refused(r));
-                self.client.reply(BACKEND_LOST);
-            }
+            // Closing its session, the backend took nothing.
+            Ok(r) if r.code == 421 => self.backend_closing(r),
             Ok(r) => {
                 if r.is_positive() {
                     stats.messages.fetch_add(1, Ordering::Relaxed);
@@ -1212,8 +1212,7 @@ impl Session<'_> {
             match self.backend.as_mut().expect("open").reply(timeout).await {
                 Ok(r) if r.code == 421 => {
                     self.tx = None;
-                    self.backend_failed(&BackendError::Refused(r));
-                    self.client.reply(BACKEND_LOST);
+                    self.backend_closing(r);
                 }
                 Ok(r) => {
                     if !r.is_positive() {
