@@ -170,6 +170,14 @@ struct Session<'a> {
     errors: usize,
 }
 
+/// What a session offers beyond the fixed extensions: SMTPUTF8 and CHUNKING as the
+/// backend offered them at its last session, STARTTLS with a certificate and no TLS yet.
+struct Offered {
+    smtputf8: bool,
+    chunking: bool,
+    starttls: bool,
+}
+
 /// How a session ended, for the log.
 enum End {
     Quit,
@@ -510,16 +518,9 @@ impl Session<'_> {
                 "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
             ),
             Command::Help { .. } => {
-                let bdat = if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
-                    " BDAT"
-                } else {
-                    ""
-                };
-                let starttls = if self.tls.is_none() && self.ctx.tls.load().is_some() {
-                    " STARTTLS"
-                } else {
-                    ""
-                };
+                let offered = self.offered();
+                let bdat = if offered.chunking { " BDAT" } else { "" };
+                let starttls = if offered.starttls { " STARTTLS" } else { "" };
                 self.client.reply(&format!(
                     "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA{bdat} RSET NOOP QUIT{starttls}\r\n"
                 ));
@@ -534,6 +535,15 @@ impl Session<'_> {
             | Command::Lhlo { .. } => self.error("502 5.5.1 Command not implemented\r\n"),
         }
         Ok(None)
+    }
+
+    /// The extensions offered now beyond the fixed ones, for the EHLO reply and HELP.
+    fn offered(&self) -> Offered {
+        Offered {
+            smtputf8: self.ctx.guard.backend_smtputf8.load(Ordering::Relaxed),
+            chunking: self.ctx.guard.backend_chunking.load(Ordering::Relaxed),
+            starttls: self.tls.is_none() && self.ctx.tls.load().is_some(),
+        }
     }
 
     fn hello(&mut self, host: String, esmtp: bool) {
@@ -559,16 +569,17 @@ impl Session<'_> {
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
-        if self.ctx.guard.backend_smtputf8.load(Ordering::Relaxed) {
+        let offered = self.offered();
+        if offered.smtputf8 {
             caps.push("SMTPUTF8".into());
-            self.smtputf8_offered = true;
         }
-        if self.ctx.guard.backend_chunking.load(Ordering::Relaxed) {
+        if offered.chunking {
             caps.push("CHUNKING".into());
         }
-        if self.tls.is_none() && self.ctx.tls.load().is_some() {
+        if offered.starttls {
             caps.push("STARTTLS".into());
         }
+        self.smtputf8_offered = offered.smtputf8;
         let last = caps.len() - 1;
         for (i, c) in caps.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
