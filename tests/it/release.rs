@@ -106,12 +106,7 @@ fn a_triplet_released_through_the_cli_passes_at_its_next_retry() {
     assert!(passed_at_last(&reply), "{reply}");
     d.expect_log("rule=\"released\"");
     // The audit line: who (the token, from which peer, for which local user), when, what.
-    d.expect_log("released who=\"admin token from 127.0.0.1:");
-    let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("released who="))
-        .expect("audit line");
+    let line = d.log_line("released who=\"admin token from 127.0.0.1:");
     let uid = unsafe { libc::getuid() };
     assert!(line.contains(&format!("uid {uid}")), "{line}");
     assert!(line.contains("at=") && line.contains("count=1"), "{line}");

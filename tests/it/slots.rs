@@ -462,12 +462,7 @@ fn soft_nofile(d: &Daemon) -> u64 {
 fn the_descriptor_limit_is_raised_to_what_the_limits_need() {
     let dir = tempfile::tempdir().unwrap();
     let d = with_nofile(dir.path(), 64, 4096);
-    d.expect_log("file descriptor limit raised");
-    let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("file descriptor limit raised"))
-        .unwrap();
+    let line = d.log_line("file descriptor limit raised");
     assert!(line.contains("from=64"), "{line}");
     // One policy listener of 512, one admin of 64, and the rest.
     let to: u64 = line

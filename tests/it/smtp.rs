@@ -886,12 +886,7 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     assert!(mta.ask("MAIL FROM:<a@example.net>").starts_with("250"));
     let rcpt = mta.ask("RCPT TO:<b@example.org>");
     assert!(rcpt.starts_with("451 4.7.1"), "{rcpt}");
-    d.expect_log("rule=\"new\" client=127.0.1.2");
-    let ordinary = d.log();
-    let ordinary = ordinary
-        .lines()
-        .find(|l| l.contains("client=127.0.1.2"))
-        .unwrap();
+    let ordinary = d.log_line("rule=\"new\" client=127.0.1.2");
     assert!(
         ordinary.contains(&format!("remaining={LONG}")),
         "{ordinary}"
@@ -911,13 +906,8 @@ fn client_talking_before_the_banner_is_rejected_and_a_patient_one_is_greeted() {
     assert!(back.ask("EHLO x").starts_with("250"));
     assert!(back.ask("MAIL FROM:<a@example.net>").starts_with("250"));
     assert!(back.ask("RCPT TO:<b@example.org>").starts_with("451 4.7.1"));
-    d.expect_log("listed by pregreet");
     // ... for `[dnsbl] delay`, not the ordinary one.
-    let log = d.log();
-    let suspect = log
-        .lines()
-        .find(|l| l.contains("listed by pregreet"))
-        .unwrap();
+    let suspect = d.log_line("listed by pregreet");
     assert!(suspect.contains("remaining=25200"), "{suspect}");
 }
 

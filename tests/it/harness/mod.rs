@@ -321,6 +321,18 @@ impl Daemon {
         );
     }
 
+    /// The first log line that contains `needle`, once there is one (as
+    /// [`Daemon::expect_log`]).
+    #[track_caller]
+    pub fn log_line(&self, needle: &str) -> String {
+        self.expect_log(needle);
+        self.log()
+            .lines()
+            .find(|l| l.contains(needle))
+            .expect("logged")
+            .to_string()
+    }
+
     /// The first TCP listener.
     pub fn tcp(&self) -> SocketAddr {
         self.listeners
